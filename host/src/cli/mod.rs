@@ -1,0 +1,369 @@
+//! The `riffle` command line.
+//!
+//! ```text
+//! riffle udf inspect fraud.wasm [--json]
+//! riffle sql --table tx=data/tx.parquet --udf fraud.wasm "SELECT risk_score(amount, country) FROM tx"
+//! riffle sql --config riffle.toml --file report.sql --output out.parquet
+//! riffle generate fraud --rows 1000000 --out data/tx.parquet
+//! ```
+
+mod config;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::connectors::files::{pretty, write_file};
+use crate::connectors::generator::{FraudConfig, FraudGenerator};
+use crate::error::{Blame, Result, RiffleError};
+use crate::session::{RiffleSession, SessionOptions};
+use crate::udf::{EngineOptions, RowErrorPolicy, UdfEngine, UdfLimits};
+
+/// Riffle: SQL pipelines with sandboxed WebAssembly UDFs.
+#[derive(Parser, Debug)]
+#[command(name = "riffle", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Work with UDF modules.
+    #[command(subcommand)]
+    Udf(UdfCommand),
+    /// Run SQL over Parquet/CSV/JSON files, with Wasm UDFs.
+    Sql(SqlArgs),
+    /// Generate demo data.
+    #[command(subcommand)]
+    Generate(GenerateCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum UdfCommand {
+    /// Show a module's functions, signatures, content hash, ABI version and sandbox mode.
+    Inspect {
+        /// The `.wasm` component.
+        path: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Debug, Clone, Default)]
+struct UdfOptions {
+    /// Register every function of a UDF module (repeatable).
+    #[arg(long = "udf", value_name = "PATH")]
+    udfs: Vec<PathBuf>,
+    /// Init configuration for a module, as MODULE_PATH=FILE (repeatable).
+    #[arg(long = "udf-config", value_name = "MODULE=FILE")]
+    udf_configs: Vec<String>,
+    /// What a row error from a UDF does: fail the query, or set the value to NULL.
+    #[arg(long, value_name = "fail|null")]
+    on_row_error: Option<RowErrorPolicy>,
+    /// CPU deadline of one UDF call (one batch), in milliseconds.
+    #[arg(long, value_name = "MS")]
+    udf_timeout_ms: Option<u64>,
+    /// Memory cap of one UDF instance, in MiB.
+    #[arg(long, value_name = "MIB")]
+    udf_memory_mb: Option<usize>,
+    /// Directory for compiled UDF artifacts (default: ~/.cache/riffle/wasm).
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Compile UDF modules on every run instead of caching them.
+    #[arg(long)]
+    no_cache: bool,
+}
+
+#[derive(Args, Debug)]
+struct SqlArgs {
+    /// The query (several statements separated by `;` are run in order; the last one's rows
+    /// are printed or written).
+    query: Option<String>,
+    /// Read the query from a file instead.
+    #[arg(long, short = 'f', value_name = "FILE", conflicts_with = "query")]
+    file: Option<PathBuf>,
+    /// A table as NAME=PATH (a file or a directory of .parquet/.csv/.json files; repeatable).
+    #[arg(long = "table", value_name = "NAME=PATH")]
+    tables: Vec<String>,
+    /// A riffle.toml with tables, UDFs and limits.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Write the result to a .parquet, .csv or .json file instead of printing it.
+    #[arg(long, short = 'o', value_name = "FILE")]
+    output: Option<PathBuf>,
+    /// Rows per batch (one UDF call per batch).
+    #[arg(long, value_name = "ROWS")]
+    batch_size: Option<usize>,
+    #[command(flatten)]
+    udf: UdfOptions,
+}
+
+#[derive(Subcommand, Debug)]
+enum GenerateCommand {
+    /// Card transactions with fraud labels.
+    Fraud {
+        /// Number of rows.
+        #[arg(long, default_value_t = 100_000)]
+        rows: u64,
+        /// Output file (.parquet, .csv or .json).
+        #[arg(long)]
+        out: PathBuf,
+        /// Random seed; the same seed gives the same rows.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Number of distinct cards.
+        #[arg(long, default_value_t = 10_000)]
+        cards: u64,
+    },
+}
+
+/// Entry point of the `riffle` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,riffle=info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let whose = match e.blame() {
+                Blame::User => "check the input",
+                Blame::Udf => "a UDF failed",
+                Blame::External => "an external failure",
+                Blame::Internal => "a Riffle bug; please report it",
+            };
+            eprintln!("error: {e}\n  ({whose})");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Udf(UdfCommand::Inspect { path, json }) => inspect(&path, json),
+        Command::Sql(args) => sql(args).await,
+        Command::Generate(GenerateCommand::Fraud {
+            rows,
+            out,
+            seed,
+            cards,
+        }) => generate_fraud(rows, &out, seed, cards),
+    }
+}
+
+fn engine_options(udf: &UdfOptions, file: &config::LimitsConfig) -> EngineOptions {
+    let mut limits = UdfLimits::default();
+    if let Some(ms) = udf.udf_timeout_ms.or(file.udf_timeout_ms) {
+        limits.call_timeout = Duration::from_millis(ms);
+    }
+    if let Some(mb) = udf.udf_memory_mb.or(file.udf_memory_mb) {
+        limits.memory_bytes = mb << 20;
+    }
+    let cache_dir = if udf.no_cache {
+        None
+    } else {
+        udf.cache_dir.clone().or_else(EngineOptions::default_cache_dir)
+    };
+    EngineOptions { cache_dir, limits }
+}
+
+fn inspect(path: &Path, json: bool) -> Result<()> {
+    let engine = UdfEngine::new(engine_options(&UdfOptions::default(), &Default::default()))?;
+    let module = engine.load(path)?;
+    let spec = module.spec();
+    if json {
+        let value = serde_json::json!({
+            "path": path,
+            "sha256": module.hash(),
+            "abi_version": spec.abi_version,
+            "sdk": spec.sdk,
+            "has_init": spec.has_init,
+            "deterministic": spec.deterministic,
+            "functions": spec.functions,
+        });
+        println!("{}", serde_json::to_string_pretty(&value).expect("serializable"));
+        return Ok(());
+    }
+    println!("module   {}", path.display());
+    println!("sha256   {}", module.hash());
+    println!("abi      {} ({})", spec.abi_version, spec.sdk);
+    println!("init     {}", if spec.has_init { "yes (takes configuration bytes)" } else { "no" });
+    println!(
+        "sandbox  {}",
+        if spec.deterministic {
+            "deterministic: frozen clock (1970-01-01T00:00:00Z), fixed random seed"
+        } else {
+            "NONDETERMINISTIC: real clock and real randomness (a function declared it)"
+        }
+    );
+    println!("         no files, no environment, no network; stdout/stderr to the log");
+    println!("functions ({}):", spec.functions.len());
+    for f in &spec.functions {
+        let det = if f.deterministic { "" } else { "  [nondeterministic]" };
+        println!("  {}{det}", f.signature());
+        for line in f.doc.lines() {
+            println!("      {line}");
+        }
+    }
+    Ok(())
+}
+
+/// `NAME=VALUE`, with a clear error naming the flag.
+fn split_pair<'a>(flag: &str, pair: &'a str) -> Result<(&'a str, &'a str)> {
+    pair.split_once('=')
+        .filter(|(k, v)| !k.is_empty() && !v.is_empty())
+        .ok_or_else(|| RiffleError::Config(format!("{flag} {pair:?}: expected NAME=VALUE")))
+}
+
+async fn sql(args: SqlArgs) -> Result<()> {
+    let file_config = match &args.config {
+        Some(path) => config::RiffleConfig::load(path)?,
+        None => config::RiffleConfig::default(),
+    };
+    let policy = args
+        .udf
+        .on_row_error
+        .or(file_config.limits.on_row_error)
+        .unwrap_or_default();
+    let session = RiffleSession::new(SessionOptions {
+        engine: engine_options(&args.udf, &file_config.limits),
+        row_error_policy: policy,
+        batch_size: args.batch_size,
+    })?;
+
+    for (name, path) in &file_config.tables {
+        session.register_table(name, path).await?;
+    }
+    for pair in &args.tables {
+        let (name, path) = split_pair("--table", pair)?;
+        session.register_table(name, Path::new(path)).await?;
+    }
+
+    for udf in &file_config.udfs {
+        let config = match &udf.config {
+            Some(file) => std::fs::read(file).map_err(|e| RiffleError::io("reading UDF config", file, e))?,
+            None => Vec::new(),
+        };
+        session.load_udfs(&udf.path, config, udf.functions.as_deref())?;
+    }
+    let mut configs = std::collections::HashMap::new();
+    for pair in &args.udf.udf_configs {
+        let (module, file) = split_pair("--udf-config", pair)?;
+        configs.insert(PathBuf::from(module), PathBuf::from(file));
+    }
+    for path in &args.udf.udfs {
+        let config = match configs.remove(path) {
+            Some(file) => std::fs::read(&file).map_err(|e| RiffleError::io("reading UDF config", file, e))?,
+            None => Vec::new(),
+        };
+        session.load_udfs(path, config, None)?;
+    }
+    if let Some(unused) = configs.keys().next() {
+        return Err(RiffleError::Config(format!(
+            "--udf-config names {}, which no --udf loads",
+            unused.display()
+        )));
+    }
+
+    let query = match (&args.query, &args.file) {
+        (Some(q), _) => q.clone(),
+        (None, Some(file)) => {
+            std::fs::read_to_string(file).map_err(|e| RiffleError::io("reading", file, e))?
+        }
+        (None, None) => {
+            return Err(RiffleError::Config(
+                "no query: pass it as an argument or with --file".into(),
+            ));
+        }
+    };
+
+    let started = Instant::now();
+    let batches = session.sql(&query).await?;
+    let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+    match &args.output {
+        Some(path) => {
+            let schema = match batches.first() {
+                Some(b) => b.schema(),
+                None => {
+                    return Err(RiffleError::Config(
+                        "the last statement returned no result to write".into(),
+                    ));
+                }
+            };
+            write_file(path, schema, batches)?;
+            eprintln!(
+                "wrote {rows} rows to {} in {:.2?}",
+                path.display(),
+                started.elapsed()
+            );
+        }
+        None => {
+            if !batches.is_empty() {
+                println!("{}", pretty(&batches)?);
+            }
+            eprintln!("{rows} rows in {:.2?}", started.elapsed());
+        }
+    }
+    for module in session.modules() {
+        for (i, f) in module.spec().functions.iter().enumerate() {
+            let s = module.stats(i);
+            if s.calls > 0 {
+                tracing::info!(
+                    udf = %f.name,
+                    calls = s.calls,
+                    rows = s.rows,
+                    ms = s.nanos as f64 / 1e6,
+                    row_errors = s.row_errors,
+                    "UDF usage"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn generate_fraud(rows: u64, out: &Path, seed: u64, cards: u64) -> Result<()> {
+    const BATCH: u64 = 8192;
+    let mut generator = FraudGenerator::new(FraudConfig {
+        seed,
+        cards: cards.max(1),
+        ..FraudConfig::default()
+    });
+    let started = Instant::now();
+    let mut last_report = Instant::now();
+    let mut done = 0u64;
+    let batches = std::iter::from_fn(|| {
+        if done >= rows {
+            return None;
+        }
+        let n = BATCH.min(rows - done);
+        done += n;
+        if last_report.elapsed() > Duration::from_secs(1) {
+            eprintln!("generated {done} / {rows} rows ({:.0}%)", done as f64 * 100.0 / rows as f64);
+            last_report = Instant::now();
+        }
+        Some(generator.next_batch(n as usize))
+    });
+    let written = write_file(out, FraudGenerator::schema(), batches)?;
+    eprintln!(
+        "wrote {written} fraud transactions to {} in {:.2?}",
+        out.display(),
+        started.elapsed()
+    );
+    Ok(())
+}

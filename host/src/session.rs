@@ -1,0 +1,390 @@
+//! A batch SQL session: DataFusion over files, with Wasm UDFs registered from `.wasm` modules.
+//!
+//! Besides DataFusion's SQL, a session understands one statement of its own that registers UDFs
+//! from a module (DataFusion's `CREATE FUNCTION` wants the signature spelled out, which a Riffle
+//! module already describes):
+//!
+//! ```sql
+//! CREATE FUNCTIONS FROM 'udfs/fraud.wasm';                     -- every function in the module
+//! CREATE FUNCTION risk_score, haversine_km FROM 'fraud.wasm';  -- only these
+//! CREATE FUNCTIONS FROM 'fraud.wasm' WITH CONFIG 'model.txt';  -- bytes for the init hook
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use arrow::record_batch::RecordBatch;
+use datafusion::execution::context::SessionContext;
+use datafusion::prelude::{CsvReadOptions, DataFrame, JsonReadOptions, ParquetReadOptions, SessionConfig};
+use datafusion::sql::sqlparser::dialect::GenericDialect;
+use datafusion::sql::sqlparser::keywords::Keyword;
+use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
+
+use crate::error::{Result, RiffleError};
+use crate::udf::{EngineOptions, RowErrorPolicy, UdfEngine, UdfModule, WasmScalarUdf};
+
+/// Settings of a [`RiffleSession`].
+#[derive(Clone, Debug, Default)]
+pub struct SessionOptions {
+    /// UDF engine settings (cache, limits).
+    pub engine: EngineOptions,
+    /// What a row error from a UDF does.
+    pub row_error_policy: RowErrorPolicy,
+    /// Rows per batch (one UDF call each); DataFusion's default (8192) when `None`.
+    pub batch_size: Option<usize>,
+}
+
+/// DataFusion plus Riffle's UDF runtime.
+pub struct RiffleSession {
+    ctx: SessionContext,
+    engine: UdfEngine,
+    policy: RowErrorPolicy,
+    modules: Mutex<Vec<Arc<UdfModule>>>,
+}
+
+/// File formats a table can be read from, chosen by extension.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileFormat {
+    /// Apache Parquet.
+    Parquet,
+    /// CSV with a header row.
+    Csv,
+    /// Newline-delimited JSON.
+    Json,
+}
+
+impl FileFormat {
+    /// The format of `path` by extension (for a directory: of the first file in it).
+    ///
+    /// # Errors
+    /// [`RiffleError::Config`] for unknown extensions.
+    pub fn of(path: &Path) -> Result<FileFormat> {
+        let probe = if path.is_dir() {
+            std::fs::read_dir(path)
+                .map_err(|e| RiffleError::io("listing", path, e))?
+                .flatten()
+                .map(|e| e.path())
+                .find(|p| p.is_file() && Self::by_extension(p).is_some())
+                .unwrap_or_else(|| path.to_path_buf())
+        } else {
+            path.to_path_buf()
+        };
+        Self::by_extension(&probe).ok_or_else(|| {
+            RiffleError::Config(format!(
+                "{}: unknown file format (expected .parquet, .csv, .json, .jsonl or .ndjson)",
+                path.display()
+            ))
+        })
+    }
+
+    fn by_extension(path: &Path) -> Option<FileFormat> {
+        match path.extension()?.to_str()?.to_ascii_lowercase().as_str() {
+            "parquet" | "pq" => Some(FileFormat::Parquet),
+            "csv" => Some(FileFormat::Csv),
+            "json" | "jsonl" | "ndjson" => Some(FileFormat::Json),
+            _ => None,
+        }
+    }
+
+    fn extension(self) -> &'static str {
+        match self {
+            FileFormat::Parquet => ".parquet",
+            FileFormat::Csv => ".csv",
+            FileFormat::Json => ".json",
+        }
+    }
+}
+
+impl RiffleSession {
+    /// A session with no tables and no UDFs.
+    ///
+    /// # Errors
+    /// Only if the Wasm engine cannot start (a Riffle bug).
+    pub fn new(options: SessionOptions) -> Result<Self> {
+        let mut config = SessionConfig::new()
+            // Plain Utf8 strings cross into UDFs without a cast; views would be copied anyway.
+            .set_bool("datafusion.execution.parquet.schema_force_view_types", false);
+        if let Some(rows) = options.batch_size {
+            config = config.with_batch_size(rows);
+        }
+        Ok(RiffleSession {
+            ctx: SessionContext::new_with_config(config),
+            engine: UdfEngine::new(options.engine)?,
+            policy: options.row_error_policy,
+            modules: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The DataFusion context, for the DataFrame API.
+    pub fn context(&self) -> &SessionContext {
+        &self.ctx
+    }
+
+    /// The UDF engine.
+    pub fn engine(&self) -> &UdfEngine {
+        &self.engine
+    }
+
+    /// Modules loaded so far.
+    pub fn modules(&self) -> Vec<Arc<UdfModule>> {
+        self.modules.lock().expect("modules lock").clone()
+    }
+
+    /// Registers a file or directory of files as table `name`.
+    ///
+    /// # Errors
+    /// [`RiffleError::Config`] for a missing path or unknown format; query errors for files
+    /// DataFusion cannot read.
+    pub async fn register_table(&self, name: &str, path: &Path) -> Result<()> {
+        if !path.exists() {
+            return Err(RiffleError::Config(format!(
+                "table {name}: {} does not exist",
+                path.display()
+            )));
+        }
+        let format = FileFormat::of(path)?;
+        let location = path.to_string_lossy();
+        match format {
+            FileFormat::Parquet => {
+                self.ctx
+                    .register_parquet(name, location.as_ref(), ParquetReadOptions::default())
+                    .await?
+            }
+            FileFormat::Csv => {
+                let options = CsvReadOptions::new().file_extension(format.extension());
+                self.ctx.register_csv(name, location.as_ref(), options).await?
+            }
+            FileFormat::Json => {
+                let ext = path
+                    .extension()
+                    .map(|e| format!(".{}", e.to_string_lossy()))
+                    .unwrap_or_else(|| ".json".into());
+                let options = JsonReadOptions::default().file_extension(&ext);
+                self.ctx.register_json(name, location.as_ref(), options).await?
+            }
+        }
+        Ok(())
+    }
+
+    /// Loads a module and registers its functions (all, or those named in `only`).
+    ///
+    /// # Errors
+    /// Module errors from [`UdfEngine::load_with_config`]; [`RiffleError::Config`] when `only`
+    /// names a function the module does not export.
+    pub fn load_udfs(
+        &self,
+        path: &Path,
+        config: Vec<u8>,
+        only: Option<&[String]>,
+    ) -> Result<Arc<UdfModule>> {
+        let module = self.engine.load_with_config(path, config)?;
+        if let Some(names) = only {
+            for name in names {
+                if module.function_index(name).is_none() {
+                    let available: Vec<&str> =
+                        module.spec().functions.iter().map(|f| f.name.as_str()).collect();
+                    return Err(RiffleError::Config(format!(
+                        "{} exports no function {name} (it has: {})",
+                        path.display(),
+                        available.join(", ")
+                    )));
+                }
+            }
+        }
+        for (i, _) in module.spec().functions.iter().enumerate().filter(|(_, f)| {
+            only.is_none_or(|names| names.iter().any(|n| *n == f.name))
+        }) {
+            self.ctx
+                .register_udf(datafusion::logical_expr::ScalarUDF::new_from_impl(
+                    WasmScalarUdf::new(module.clone(), i, self.policy),
+                ));
+        }
+        tracing::info!(
+            module = %path.display(),
+            sha256 = module.hash(),
+            functions = module.spec().functions.len(),
+            "loaded UDF module"
+        );
+        self.modules.lock().expect("modules lock").push(module.clone());
+        Ok(module)
+    }
+
+    /// Runs every statement in `sql` and returns the rows of the last one.
+    ///
+    /// # Errors
+    /// The first statement that fails stops the run.
+    pub async fn sql(&self, sql: &str) -> Result<Vec<RecordBatch>> {
+        let mut last = Vec::new();
+        for statement in split_statements(sql)? {
+            last = match statement {
+                Statement::CreateFunctions { only, path, config } => {
+                    let config = match config {
+                        Some(file) => std::fs::read(&file)
+                            .map_err(|e| RiffleError::io("reading UDF config", file, e))?,
+                        None => Vec::new(),
+                    };
+                    self.load_udfs(&path, config, only.as_deref())?;
+                    Vec::new()
+                }
+                Statement::Sql(text) => self.ctx.sql(&text).await?.collect().await?,
+            };
+        }
+        Ok(last)
+    }
+
+    /// Plans one SQL statement as a DataFrame (for streaming results or writing them out).
+    ///
+    /// # Errors
+    /// Planning errors.
+    pub async fn dataframe(&self, sql: &str) -> Result<DataFrame> {
+        Ok(self.ctx.sql(sql).await?)
+    }
+}
+
+/// A statement of a SQL script.
+#[derive(Debug, PartialEq, Eq)]
+enum Statement {
+    /// Riffle's `CREATE FUNCTION[S] ... FROM 'module.wasm' [WITH CONFIG 'file']`.
+    CreateFunctions {
+        only: Option<Vec<String>>,
+        path: PathBuf,
+        config: Option<PathBuf>,
+    },
+    /// Anything else, for DataFusion.
+    Sql(String),
+}
+
+/// Splits a script on `;` (outside strings and comments) and recognises Riffle's statements.
+fn split_statements(sql: &str) -> Result<Vec<Statement>> {
+    let tokens = Tokenizer::new(&GenericDialect {}, sql)
+        .tokenize()
+        .map_err(|e| RiffleError::Config(format!("SQL: {e}")))?;
+    let mut statements = Vec::new();
+    for group in tokens.split(|t| *t == Token::SemiColon) {
+        let words: Vec<&Token> = group
+            .iter()
+            .filter(|t| !matches!(t, Token::Whitespace(_)))
+            .collect();
+        if words.is_empty() {
+            continue;
+        }
+        match parse_create_functions(&words)? {
+            Some(statement) => statements.push(statement),
+            None => {
+                let text: String = group.iter().map(|t| t.to_string()).collect();
+                statements.push(Statement::Sql(text.trim().to_string()));
+            }
+        }
+    }
+    Ok(statements)
+}
+
+fn keyword(token: &Token, kw: Keyword) -> bool {
+    matches!(token, Token::Word(w) if w.keyword == kw)
+}
+
+fn parse_create_functions(words: &[&Token]) -> Result<Option<Statement>> {
+    let is_functions = |t: &Token| matches!(t, Token::Word(w) if w.value.eq_ignore_ascii_case("functions"));
+    let mut i = 0;
+    if !words.first().is_some_and(|t| keyword(t, Keyword::CREATE)) {
+        return Ok(None);
+    }
+    i += 1;
+    if words.get(i).is_some_and(|t| keyword(t, Keyword::OR))
+        && words.get(i + 1).is_some_and(|t| keyword(t, Keyword::REPLACE))
+    {
+        i += 2;
+    }
+    let Some(kind) = words.get(i) else {
+        return Ok(None);
+    };
+    let plural = is_functions(kind);
+    if !plural && !keyword(kind, Keyword::FUNCTION) {
+        return Ok(None);
+    }
+    i += 1;
+    // Names up to FROM; without FROM this is DataFusion's own CREATE FUNCTION.
+    let Some(from) = words.iter().position(|t| keyword(t, Keyword::FROM)) else {
+        return Ok(None);
+    };
+    let bad = |what: &str| {
+        RiffleError::Config(format!(
+            "CREATE FUNCTION ... FROM: {what}; expected CREATE FUNCTION name[, name...] FROM \
+             'module.wasm' [WITH CONFIG 'file'] or CREATE FUNCTIONS FROM 'module.wasm'"
+        ))
+    };
+    let mut names = Vec::new();
+    for (n, t) in words[i..from].iter().enumerate() {
+        match (n % 2, t) {
+            (0, Token::Word(w)) => names.push(w.value.clone()),
+            (1, Token::Comma) => {}
+            _ => return Err(bad(&format!("unexpected {t}"))),
+        }
+    }
+    if names.is_empty() && !plural {
+        return Err(bad("no function named"));
+    }
+    let string = |t: Option<&&Token>| match t {
+        Some(Token::SingleQuotedString(s)) => Ok(PathBuf::from(s)),
+        _ => Err(bad("the module path must be a single-quoted string")),
+    };
+    let path = string(words.get(from + 1))?;
+    let rest = &words[from + 2..];
+    let config = match rest {
+        [] => None,
+        [with, cfg, file] if keyword(with, Keyword::WITH) && matches!(cfg, Token::Word(w) if w.value.eq_ignore_ascii_case("config")) => {
+            Some(string(Some(file))?)
+        }
+        _ => return Err(bad("unexpected text after the module path")),
+    };
+    Ok(Some(Statement::CreateFunctions {
+        only: (!names.is_empty()).then_some(names),
+        path,
+        config,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_scripts_and_recognises_create_functions() {
+        let script = "create functions from 'a.wasm'; \
+                      CREATE FUNCTION f, g FROM 'b;c.wasm' WITH CONFIG 'm.txt';\n\
+                      SELECT ';' AS x -- ; comment\n;;";
+        let statements = split_statements(script).unwrap();
+        assert_eq!(
+            statements,
+            vec![
+                Statement::CreateFunctions {
+                    only: None,
+                    path: "a.wasm".into(),
+                    config: None
+                },
+                Statement::CreateFunctions {
+                    only: Some(vec!["f".into(), "g".into()]),
+                    path: "b;c.wasm".into(),
+                    config: Some("m.txt".into())
+                },
+                Statement::Sql("SELECT ';' AS x -- ; comment".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn rejects_malformed_create_functions_clearly() {
+        for bad in [
+            "CREATE FUNCTION FROM 'a.wasm'",
+            "CREATE FUNCTION f FROM a.wasm",
+            "CREATE FUNCTION f g FROM 'a.wasm'",
+            "CREATE FUNCTIONS FROM 'a.wasm' WITH 'x'",
+        ] {
+            let err = split_statements(bad).unwrap_err().to_string();
+            assert!(err.contains("expected CREATE FUNCTION"), "{bad}: {err}");
+        }
+        // DataFusion's own CREATE FUNCTION passes through untouched.
+        let s = split_statements("CREATE FUNCTION f(x INT) RETURNS INT RETURN x").unwrap();
+        assert!(matches!(&s[0], Statement::Sql(_)));
+    }
+}

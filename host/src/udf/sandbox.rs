@@ -1,0 +1,222 @@
+//! The capability-free world a UDF instance lives in.
+//!
+//! Rust's standard library links WASI imports (clocks, random, environment, stdio, filesystem,
+//! sockets) even into pure functions, so the host must provide them to instantiate a module at
+//! all. It provides them empty: no preopened directories, no environment variables, no
+//! arguments, no network, and stdout/stderr captured into the host's log under the UDF's name.
+//!
+//! Determinism: a module whose functions are all declared deterministic sees a frozen clock
+//! (the Unix epoch, never advancing) and randomness from a fixed seed, so std's `HashMap` seeds
+//! and any accidental `SystemTime::now()` give the same result in a backfill and in a live
+//! stream. Modules that declare a nondeterministic function get the real clock and real
+//! randomness.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use wasmtime::ResourceLimiter;
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
+use wasmtime_wasi::{
+    Deterministic, HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView,
+    WasiView,
+};
+
+/// Bytes of stdout/stderr kept per call; a chatty UDF loses the excess, never its call.
+const CAPTURE_LIMIT: usize = 64 * 1024;
+
+/// The store data of one UDF instance.
+pub(crate) struct HostState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub(crate) memory: MemoryCap,
+    pub(crate) stdout: CapturePipe,
+    pub(crate) stderr: CapturePipe,
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl HostState {
+    /// A fresh sandbox; `deterministic` freezes the clock and seeds randomness.
+    pub(crate) fn new(deterministic: bool, memory_limit: usize) -> Self {
+        let stdout = CapturePipe::default();
+        let stderr = CapturePipe::default();
+        let mut builder = WasiCtxBuilder::new();
+        builder
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false);
+        if deterministic {
+            builder
+                .wall_clock(FrozenClock)
+                .monotonic_clock(FrozenClock)
+                .secure_random(Deterministic::new(seeded_bytes(0x5249_4646_4c45_0001)))
+                .insecure_random(Deterministic::new(seeded_bytes(0x5249_4646_4c45_0002)))
+                .insecure_random_seed(0x5249_4646_4c45_5345_4544);
+        }
+        HostState {
+            wasi: builder.build(),
+            table: ResourceTable::new(),
+            memory: MemoryCap {
+                limit: memory_limit,
+                refused: None,
+            },
+            stdout,
+            stderr,
+        }
+    }
+}
+
+/// 4 KiB of splitmix64 output from `seed`: the cycle wasmtime's `Deterministic` generator
+/// repeats. Plenty for hash seeds; a UDF that needs real randomness is nondeterministic.
+fn seeded_bytes(mut seed: u64) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(4096);
+    while bytes.len() < 4096 {
+        seed = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = seed;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        bytes.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+    }
+    bytes
+}
+
+/// A clock stopped at the Unix epoch (wall) and at zero (monotonic).
+struct FrozenClock;
+
+impl HostWallClock for FrozenClock {
+    fn resolution(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+    fn now(&self) -> Duration {
+        Duration::ZERO
+    }
+}
+
+impl HostMonotonicClock for FrozenClock {
+    fn resolution(&self) -> u64 {
+        1_000_000_000
+    }
+    fn now(&self) -> u64 {
+        0
+    }
+}
+
+/// Memory cap for one instance; remembers a refused growth so a resulting trap can be reported
+/// as out-of-memory rather than as a generic trap.
+pub(crate) struct MemoryCap {
+    limit: usize,
+    pub(crate) refused: Option<usize>,
+}
+
+impl ResourceLimiter for MemoryCap {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.limit {
+            self.refused = Some(desired);
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 1 << 20)
+    }
+}
+
+/// Captures what a UDF writes to stdout or stderr during a call; the module drains it into the
+/// log after each call and quotes stderr in trap reports (a Rust panic message lands there).
+#[derive(Clone, Default)]
+pub(crate) struct CapturePipe(Arc<Mutex<Vec<u8>>>);
+
+impl CapturePipe {
+    /// Everything captured since the last call, as text.
+    pub(crate) fn take(&self) -> String {
+        let bytes = std::mem::take(&mut *self.0.lock().expect("capture lock"));
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+impl OutputStream for CapturePipe {
+    fn write(&mut self, bytes: Bytes) -> Result<(), StreamError> {
+        let mut buf = self.0.lock().expect("capture lock");
+        let room = CAPTURE_LIMIT.saturating_sub(buf.len());
+        buf.extend_from_slice(&bytes[..bytes.len().min(room)]);
+        Ok(())
+    }
+    fn flush(&mut self) -> Result<(), StreamError> {
+        Ok(())
+    }
+    fn check_write(&mut self) -> Result<usize, StreamError> {
+        // Always writable: excess output is dropped rather than blocking or failing the guest.
+        Ok(CAPTURE_LIMIT)
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl Pollable for CapturePipe {
+    async fn ready(&mut self) {}
+}
+
+impl IsTerminal for CapturePipe {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for CapturePipe {
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(AsyncCapture(self.clone()))
+    }
+}
+
+/// The same capture for WASI's async stream interface.
+struct AsyncCapture(CapturePipe);
+
+impl tokio::io::AsyncWrite for AsyncCapture {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let mut buf = self.0.0.lock().expect("capture lock");
+        let room = CAPTURE_LIMIT.saturating_sub(buf.len());
+        buf.extend_from_slice(&data[..data.len().min(room)]);
+        std::task::Poll::Ready(Ok(data.len()))
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}

@@ -1,0 +1,182 @@
+//! Wasm functions as DataFusion scalar UDFs.
+//!
+//! Each function a module exports becomes a `ScalarUDF` with its real signature, usable anywhere
+//! in SQL and in the DataFrame API. DataFusion calls it once per batch; arguments are cast to the
+//! declared types first (`coerce_types`), so a `Utf8View` or an `INT` column passed where
+//! `VARCHAR` or `BIGINT` is declared just works, and impossible casts fail at planning time.
+
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use arrow::compute::can_cast_types;
+use arrow::datatypes::DataType;
+use datafusion::common::{Result as DfResult, plan_err};
+use datafusion::logical_expr::{
+    ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
+};
+
+use super::module::UdfModule;
+use crate::error::RiffleError;
+
+/// What happens when a UDF returns an error for a row.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum RowErrorPolicy {
+    /// Fail the query with the first row error (the default: nothing is silently lost).
+    #[default]
+    Fail,
+    /// Keep the row with a NULL result; errors are counted and logged.
+    Null,
+}
+
+impl std::str::FromStr for RowErrorPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "fail" => Ok(RowErrorPolicy::Fail),
+            "null" => Ok(RowErrorPolicy::Null),
+            other => Err(format!("unknown row-error policy {other:?}: expected fail or null")),
+        }
+    }
+}
+
+/// One exported Wasm function, as a DataFusion scalar UDF.
+#[derive(Debug)]
+pub struct WasmScalarUdf {
+    module: Arc<UdfModule>,
+    index: usize,
+    signature: Signature,
+    policy: RowErrorPolicy,
+}
+
+impl PartialEq for WasmScalarUdf {
+    fn eq(&self, other: &Self) -> bool {
+        self.module.hash() == other.module.hash()
+            && self.index == other.index
+            && self.policy == other.policy
+    }
+}
+
+impl Eq for WasmScalarUdf {}
+
+impl Hash for WasmScalarUdf {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.module.hash().hash(state);
+        self.index.hash(state);
+        self.policy.hash(state);
+    }
+}
+
+impl WasmScalarUdf {
+    /// Wraps function `index` of `module`.
+    pub fn new(module: Arc<UdfModule>, index: usize, policy: RowErrorPolicy) -> Self {
+        let spec = &module.spec().functions[index];
+        let volatility = if spec.deterministic {
+            Volatility::Immutable
+        } else {
+            Volatility::Volatile
+        };
+        let signature = if spec.args.is_empty() {
+            Signature::nullary(volatility)
+        } else {
+            Signature::user_defined(volatility)
+        };
+        WasmScalarUdf {
+            module,
+            index,
+            signature,
+            policy,
+        }
+    }
+
+    /// All functions of `module`, ready to register.
+    pub fn all(module: &Arc<UdfModule>, policy: RowErrorPolicy) -> Vec<ScalarUDF> {
+        (0..module.spec().functions.len())
+            .map(|i| ScalarUDF::new_from_impl(WasmScalarUdf::new(module.clone(), i, policy)))
+            .collect()
+    }
+
+    fn spec(&self) -> &super::module::FunctionSpec {
+        &self.module.spec().functions[self.index]
+    }
+}
+
+impl ScalarUDFImpl for WasmScalarUdf {
+    fn name(&self) -> &str {
+        &self.spec().name
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _arg_types: &[DataType]) -> DfResult<DataType> {
+        Ok(self.spec().returns.arrow())
+    }
+
+    fn coerce_types(&self, arg_types: &[DataType]) -> DfResult<Vec<DataType>> {
+        let spec = self.spec();
+        if arg_types.len() != spec.args.len() {
+            return plan_err!(
+                "{} takes {} arguments, got {}: {}",
+                spec.name,
+                spec.args.len(),
+                arg_types.len(),
+                spec.signature()
+            );
+        }
+        let mut coerced = Vec::with_capacity(arg_types.len());
+        for (actual, arg) in arg_types.iter().zip(&spec.args) {
+            let wanted = arg.data_type.arrow_for_arg(actual);
+            if actual != &wanted && !can_cast_types(actual, &wanted) {
+                return plan_err!(
+                    "{}: argument {} is {actual}, which cannot be cast to {}: {}",
+                    spec.name,
+                    arg.name,
+                    arg.data_type.sql_name(),
+                    spec.signature()
+                );
+            }
+            coerced.push(wanted);
+        }
+        Ok(coerced)
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
+        let rows = args.number_rows;
+        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
+        // A batch of all-scalar arguments arrives as one-row arrays; widen them to the batch.
+        let arrays = arrays
+            .into_iter()
+            .map(|a| {
+                if a.len() == rows {
+                    Ok(a)
+                } else {
+                    datafusion::common::ScalarValue::try_from_array(&a, 0)?.to_array_of_size(rows)
+                }
+            })
+            .collect::<DfResult<Vec<_>>>()?;
+        let output = self
+            .module
+            .call(self.index, rows, &arrays)
+            .map_err(RiffleError::into_datafusion)?;
+        if let Some((row, message)) = output.row_errors.first() {
+            match self.policy {
+                RowErrorPolicy::Fail => {
+                    return Err(RiffleError::RowError {
+                        function: self.spec().name.clone(),
+                        hash: self.module.hash().to_string(),
+                        row: *row,
+                        message: message.clone(),
+                    }
+                    .into_datafusion());
+                }
+                RowErrorPolicy::Null => tracing::warn!(
+                    udf = %self.spec().name,
+                    errors = output.row_errors.len(),
+                    "rows set to NULL by row errors; first (row {row}): {message}"
+                ),
+            }
+        }
+        Ok(ColumnarValue::Array(output.array))
+    }
+}

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Builds every UDF crate under udfs/ into a wasm32-wasip2 component.
+#
+#   scripts/build-udfs.sh            # prints the directory holding the .wasm files
+#
+# Output goes to $RIFFLE_GUEST_TARGET_DIR (default: <cargo target dir>/wasm-guests), kept apart
+# from the host's target directory so this can run from a build script while the outer cargo
+# holds its lock. Uses rustup's wasm32-wasip2 target when installed, otherwise Debian's
+# rustc-web 1.96 with the standard library built from source (-Zbuild-std). Run
+# scripts/install-guest-toolchain.sh first on a new machine.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+target_dir=${RIFFLE_GUEST_TARGET_DIR:-${CARGO_TARGET_DIR:-$root/target}/wasm-guests}
+
+# When run from a cargo build script, the outer build's settings must not leak in: they would
+# point the inner build at the host's compiler, flags and target.
+unset CARGO_ENCODED_RUSTFLAGS RUSTFLAGS RUSTC RUSTDOC RUSTC_WRAPPER RUSTC_WORKSPACE_WRAPPER \
+    CARGO_BUILD_TARGET CARGO_TARGET_DIR CARGO_BUILD_RUSTFLAGS TARGET HOST OUT_DIR PROFILE \
+    OPT_LEVEL DEBUG NUM_JOBS RUSTC_LINKER CARGO_MANIFEST_DIR CARGO_PRIMARY_PACKAGE
+
+packages=()
+for manifest in "$root"/udfs/*/Cargo.toml; do
+    name=$(sed -n 's/^name *= *"\(.*\)"/\1/p' "$manifest" | head -n1)
+    packages+=(-p "$name")
+done
+
+# Guests are small: optimise them fully (the workspace release profile is tuned for host build time).
+export CARGO_PROFILE_RELEASE_LTO=fat CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1 CARGO_PROFILE_RELEASE_OPT_LEVEL=3 \
+    CARGO_PROFILE_RELEASE_STRIP=debuginfo CARGO_PROFILE_RELEASE_DEBUG=false
+
+# simd128 lets LLVM vectorise batch loops; every engine Riffle supports has it.
+simd="-C target-feature=+simd128"
+
+if command -v rustup >/dev/null 2>&1 &&
+    timeout 20 rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then
+    RUSTFLAGS="$simd" cargo build --manifest-path "$root/Cargo.toml" --release \
+        --target wasm32-wasip2 --target-dir "$target_dir" "${packages[@]}" >&2
+elif [ -x /usr/bin/rustc ] && /usr/bin/rustc --version | grep -q '^rustc 1\.96' &&
+    [ -d /usr/lib/wasm32-wasi ] && [ -x /usr/lib/llvm-22/bin/lld ]; then
+    # Debian's toolchain finds the linker as `rust-lld`; give it LLVM 22's lld under that name.
+    shim="$target_dir/bin"
+    mkdir -p "$shim"
+    ln -sf /usr/lib/llvm-22/bin/lld "$shim/rust-lld"
+    PATH="$shim:/usr/lib/llvm-22/bin:$PATH" RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc \
+        RUSTC_BOOTSTRAP=1 \
+        RUSTFLAGS="-L /usr/lib/wasm32-wasi -C link-self-contained=no $simd" \
+        /usr/bin/cargo build --manifest-path "$root/Cargo.toml" --release \
+        --target wasm32-wasip2 --target-dir "$target_dir" \
+        -Zbuild-std=std,panic_abort "${packages[@]}" >&2
+else
+    echo "error: no Rust toolchain for wasm32-wasip2; run scripts/install-guest-toolchain.sh" >&2
+    exit 1
+fi
+
+echo "$target_dir/wasm32-wasip2/release"

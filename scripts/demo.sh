@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs what Riffle needs, builds the UDFs and the host, generates sample fraud data and runs
+# the fraud demo's SQL with the Wasm UDFs. Needs no external services.
+#
+#   scripts/demo.sh [ROWS]        (default 200000 rows)
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+rows=${1:-200000}
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$root/target}"
+demo_dir="${RIFFLE_DEMO_DIR:-$CARGO_TARGET_DIR/demo}"
+
+echo "==> guest toolchain" >&2
+scripts/install-guest-toolchain.sh
+echo "==> building the UDFs (udfs/*) into Wasm components" >&2
+wasm_dir=$(scripts/build-udfs.sh)
+echo "==> building riffle (the first build compiles DataFusion and wasmtime: 10-20 minutes)" >&2
+cargo build -p riffle --bin riffle
+riffle="$CARGO_TARGET_DIR/debug/riffle"
+
+echo "==> the fraud UDF module" >&2
+"$riffle" udf inspect "$wasm_dir/riffle_udfs_fraud.wasm"
+echo "==> generating $rows transactions" >&2
+mkdir -p "$demo_dir"
+"$riffle" generate fraud --rows "$rows" --out "$demo_dir/transactions.parquet"
+echo "==> running scripts/demo/fraud_report.sql" >&2
+"$riffle" sql \
+    --table "transactions=$demo_dir/transactions.parquet" \
+    --udf "$wasm_dir/riffle_udfs_fraud.wasm" \
+    --udf "$wasm_dir/riffle_udfs_text.wasm" \
+    --on-row-error null \
+    --file scripts/demo/fraud_report.sql

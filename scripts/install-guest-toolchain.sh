@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Makes sure a Rust toolchain that builds wasm32-wasip2 components is available.
+#
+# Prefers rustup's wasm32-wasip2 target. Where rustup cannot download it (machines without
+# internet access to rustup's servers), installs Debian's rustc-web toolchain, whose standard
+# library builds for wasm32-wasip2 from source (see scripts/build-udfs.sh). Idempotent.
+set -euo pipefail
+
+have_rustup_target() {
+    command -v rustup >/dev/null 2>&1 &&
+        timeout 20 rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2
+}
+
+have_debian_route() {
+    [ -x /usr/bin/rustc ] && [ -x /usr/bin/cargo ] && [ -d /usr/lib/wasm32-wasi ] &&
+        [ -x /usr/lib/llvm-22/bin/lld ] && ls /usr/src/rustc-*/library/std/Cargo.toml >/dev/null 2>&1 &&
+        /usr/bin/rustc --version | grep -q '^rustc 1\.96'
+}
+
+if have_rustup_target || have_debian_route; then
+    exit 0
+fi
+
+if command -v rustup >/dev/null 2>&1; then
+    echo "guest toolchain: trying 'rustup target add wasm32-wasip2' (60 s limit)" >&2
+    if timeout 60 rustup target add wasm32-wasip2 >&2 && have_rustup_target; then
+        exit 0
+    fi
+    echo "guest toolchain: rustup could not add the target; using Debian's rustc-web" >&2
+fi
+
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq
+$sudo apt-get install -y -qq rustc-web cargo-web rust-web-src lld-22 wasi-libc >&2
+have_debian_route || { echo "guest toolchain: Debian packages installed but unusable" >&2; exit 1; }
