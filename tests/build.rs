@@ -11,12 +11,18 @@ fn main() {
     for dir in ["udfs", "guest-sdk", "wit"] {
         rerun_if_changed_tree(&root.join(dir));
     }
-    println!("cargo:rerun-if-changed={}", root.join("scripts/build-udfs.sh").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        root.join("scripts/build-udfs.sh").display()
+    );
 
     // OUT_DIR is <target>/<profile>/build/<pkg>-<hash>/out: keep guests beside the host's
     // artifacts, in <target>/wasm-guests, shared by all profiles and by scripts/build-udfs.sh.
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
-    let target = out.ancestors().nth(4).expect("OUT_DIR inside a target directory");
+    let target = out
+        .ancestors()
+        .nth(4)
+        .expect("OUT_DIR inside a target directory");
     let output = Command::new("bash")
         .arg(root.join("scripts/build-udfs.sh"))
         .env("RIFFLE_GUEST_TARGET_DIR", target.join("wasm-guests"))
@@ -30,7 +36,10 @@ fn main() {
         );
     }
     let dir = String::from_utf8(output.stdout).unwrap();
-    let dir = dir.lines().last().expect("build-udfs.sh prints the output directory");
+    let dir = dir
+        .lines()
+        .last()
+        .expect("build-udfs.sh prints the output directory");
     println!("cargo:rustc-env=RIFFLE_UDF_DIR={dir}");
 }
 

@@ -247,7 +247,10 @@ impl<'a> BytesReader<'a> {
     /// non-decreasing and stay inside `data` (relative to the first offset).
     fn new(col: &'a Column, rows: usize, v: &'a VarLen) -> Result<Self, CallError> {
         let validity = Validity::of(col, rows)?;
-        let offsets = v.offsets.get(..rows + 1).ok_or_else(|| bad("too few offsets"))?;
+        let offsets = v
+            .offsets
+            .get(..rows + 1)
+            .ok_or_else(|| bad("too few offsets"))?;
         let base = offsets[0];
         let mut prev = base;
         for &o in offsets {
@@ -401,7 +404,7 @@ impl ValidityBuilder {
 
     #[inline]
     fn push(&mut self, valid: bool) {
-        if self.len % 8 == 0 {
+        if self.len.is_multiple_of(8) {
             self.bits.push(0);
         }
         if valid {
@@ -471,7 +474,7 @@ impl ValueBuffer<bool> for BoolBuffer {
         }
     }
     fn push(&mut self, value: bool) {
-        if self.len % 8 == 0 {
+        if self.len.is_multiple_of(8) {
             self.bits.push(0);
         }
         if value {

@@ -7,8 +7,8 @@ extern crate self as riffle_udf;
 mod column;
 
 pub use column::{
-    Arg, BoolBuffer, BoolReader, BytesReader, Date, FixedBuffer, FixedReader, OptionReader,
-    Output, Reader, StrReader, Timestamp, Value, ValueBuffer, VarBuffer,
+    Arg, BoolBuffer, BoolReader, BytesReader, Date, FixedBuffer, FixedReader, OptionReader, Output,
+    Reader, StrReader, Timestamp, Value, ValueBuffer, VarBuffer,
 };
 /// Bit-exact math functions (`sin`, `exp`, `atan2`, ...): a Rust port of musl's libm that gives
 /// the same bits natively and in Wasm. Use these instead of `f64::sin` and friends when a UDF
@@ -17,7 +17,10 @@ pub use column::{
 pub use libm as math;
 /// Marks a plain Rust function as a Riffle scalar UDF. See the crate documentation.
 pub use riffle_udf_macros::scalar;
-pub use wire::{ArgInfo, CallError, CallOutput, Column, DataType, FunctionInfo, ModuleInfo, RowError, Values, VarLen};
+pub use wire::{
+    ArgInfo, CallError, CallOutput, Column, DataType, FunctionInfo, ModuleInfo, RowError, Values,
+    VarLen,
+};
 
 /// Version of the WIT contract (`wit/udf.wit`) this SDK implements; the host refuses modules
 /// whose version it does not know.

@@ -160,10 +160,10 @@ impl RiffleError {
             if let Some(found) = current.downcast_ref::<RiffleError>() {
                 return Some(found);
             }
-            if let Some(DataFusionError::External(inner)) = current.downcast_ref() {
-                if let Some(found) = inner.downcast_ref::<RiffleError>() {
-                    return Some(found);
-                }
+            if let Some(DataFusionError::External(inner)) = current.downcast_ref()
+                && let Some(found) = inner.downcast_ref::<RiffleError>()
+            {
+                return Some(found);
             }
             current = current.source()?;
         }
@@ -177,7 +177,11 @@ impl RiffleError {
         }
     }
 
-    pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub(crate) fn io(
+        action: &'static str,
+        path: impl Into<PathBuf>,
+        source: std::io::Error,
+    ) -> Self {
         RiffleError::Io {
             action,
             path: path.into(),

@@ -15,7 +15,9 @@ use std::sync::{Arc, Mutex};
 
 use arrow::record_batch::RecordBatch;
 use datafusion::execution::context::SessionContext;
-use datafusion::prelude::{CsvReadOptions, DataFrame, JsonReadOptions, ParquetReadOptions, SessionConfig};
+use datafusion::prelude::{
+    CsvReadOptions, DataFrame, JsonReadOptions, ParquetReadOptions, SessionConfig,
+};
 use datafusion::sql::sqlparser::dialect::GenericDialect;
 use datafusion::sql::sqlparser::keywords::Keyword;
 use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
@@ -103,7 +105,10 @@ impl RiffleSession {
     pub fn new(options: SessionOptions) -> Result<Self> {
         let mut config = SessionConfig::new()
             // Plain Utf8 strings cross into UDFs without a cast; views would be copied anyway.
-            .set_bool("datafusion.execution.parquet.schema_force_view_types", false);
+            .set_bool(
+                "datafusion.execution.parquet.schema_force_view_types",
+                false,
+            );
         if let Some(rows) = options.batch_size {
             config = config.with_batch_size(rows);
         }
@@ -152,7 +157,9 @@ impl RiffleSession {
             }
             FileFormat::Csv => {
                 let options = CsvReadOptions::new().file_extension(format.extension());
-                self.ctx.register_csv(name, location.as_ref(), options).await?
+                self.ctx
+                    .register_csv(name, location.as_ref(), options)
+                    .await?
             }
             FileFormat::Json => {
                 let ext = path
@@ -160,7 +167,9 @@ impl RiffleSession {
                     .map(|e| format!(".{}", e.to_string_lossy()))
                     .unwrap_or_else(|| ".json".into());
                 let options = JsonReadOptions::default().file_extension(&ext);
-                self.ctx.register_json(name, location.as_ref(), options).await?
+                self.ctx
+                    .register_json(name, location.as_ref(), options)
+                    .await?
             }
         }
         Ok(())
@@ -181,8 +190,12 @@ impl RiffleSession {
         if let Some(names) = only {
             for name in names {
                 if module.function_index(name).is_none() {
-                    let available: Vec<&str> =
-                        module.spec().functions.iter().map(|f| f.name.as_str()).collect();
+                    let available: Vec<&str> = module
+                        .spec()
+                        .functions
+                        .iter()
+                        .map(|f| f.name.as_str())
+                        .collect();
                     return Err(RiffleError::Config(format!(
                         "{} exports no function {name} (it has: {})",
                         path.display(),
@@ -191,9 +204,13 @@ impl RiffleSession {
                 }
             }
         }
-        for (i, _) in module.spec().functions.iter().enumerate().filter(|(_, f)| {
-            only.is_none_or(|names| names.iter().any(|n| *n == f.name))
-        }) {
+        for (i, _) in module
+            .spec()
+            .functions
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| only.is_none_or(|names| names.contains(&f.name)))
+        {
             self.ctx
                 .register_udf(datafusion::logical_expr::ScalarUDF::new_from_impl(
                     WasmScalarUdf::new(module.clone(), i, self.policy),
@@ -205,7 +222,10 @@ impl RiffleSession {
             functions = module.spec().functions.len(),
             "loaded UDF module"
         );
-        self.modules.lock().expect("modules lock").push(module.clone());
+        self.modules
+            .lock()
+            .expect("modules lock")
+            .push(module.clone());
         Ok(module)
     }
 
@@ -284,14 +304,17 @@ fn keyword(token: &Token, kw: Keyword) -> bool {
 }
 
 fn parse_create_functions(words: &[&Token]) -> Result<Option<Statement>> {
-    let is_functions = |t: &Token| matches!(t, Token::Word(w) if w.value.eq_ignore_ascii_case("functions"));
+    let is_functions =
+        |t: &Token| matches!(t, Token::Word(w) if w.value.eq_ignore_ascii_case("functions"));
     let mut i = 0;
     if !words.first().is_some_and(|t| keyword(t, Keyword::CREATE)) {
         return Ok(None);
     }
     i += 1;
     if words.get(i).is_some_and(|t| keyword(t, Keyword::OR))
-        && words.get(i + 1).is_some_and(|t| keyword(t, Keyword::REPLACE))
+        && words
+            .get(i + 1)
+            .is_some_and(|t| keyword(t, Keyword::REPLACE))
     {
         i += 2;
     }
@@ -332,7 +355,10 @@ fn parse_create_functions(words: &[&Token]) -> Result<Option<Statement>> {
     let rest = &words[from + 2..];
     let config = match rest {
         [] => None,
-        [with, cfg, file] if keyword(with, Keyword::WITH) && matches!(cfg, Token::Word(w) if w.value.eq_ignore_ascii_case("config")) => {
+        [with, cfg, file]
+            if keyword(with, Keyword::WITH)
+                && matches!(cfg, Token::Word(w) if w.value.eq_ignore_ascii_case("config")) =>
+        {
             Some(string(Some(file))?)
         }
         _ => return Err(bad("unexpected text after the module path")),

@@ -9,7 +9,10 @@ fn riffle(args: &[&str], cwd: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_riffle"))
         .args(args)
         .current_dir(cwd)
-        .env("RIFFLE_CACHE_DIR", std::env::temp_dir().join("riffle-test-wasm-cache"))
+        .env(
+            "RIFFLE_CACHE_DIR",
+            std::env::temp_dir().join("riffle-test-wasm-cache"),
+        )
         .output()
         .expect("riffle runs")
 }
@@ -27,13 +30,28 @@ fn inspect_shows_signatures_hash_and_sandbox_mode() {
     let stdout = text(&out.stdout);
     let hash = sha256_hex(&std::fs::read(&path).unwrap());
     assert!(stdout.contains(&hash), "{stdout}");
-    assert!(stdout.contains("risk_score(amount DOUBLE, country VARCHAR) -> DOUBLE"), "{stdout}");
-    assert!(stdout.contains("amount_bucket(amount DOUBLE) -> VARCHAR or row error"), "{stdout}");
-    assert!(stdout.contains("is_night(ts TIMESTAMP) -> BOOLEAN"), "{stdout}");
+    assert!(
+        stdout.contains("risk_score(amount DOUBLE, country VARCHAR) -> DOUBLE"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("amount_bucket(amount DOUBLE) -> VARCHAR or row error"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("is_night(ts TIMESTAMP) -> BOOLEAN"),
+        "{stdout}"
+    );
     assert!(stdout.contains("deterministic: frozen clock"), "{stdout}");
-    assert!(stdout.contains("Great-circle distance"), "docs are shown: {stdout}");
+    assert!(
+        stdout.contains("Great-circle distance"),
+        "docs are shown: {stdout}"
+    );
 
-    let out = riffle(&["udf", "inspect", "--json", udf("clock").to_str().unwrap()], dir.path());
+    let out = riffle(
+        &["udf", "inspect", "--json", udf("clock").to_str().unwrap()],
+        dir.path(),
+    );
     assert!(out.status.success());
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["deterministic"], false);
@@ -48,13 +66,27 @@ fn sha256_hex(bytes: &[u8]) -> String {
     let file = dir.path().join("f");
     std::fs::write(&file, bytes).unwrap();
     let out = Command::new("sha256sum").arg(&file).output().unwrap();
-    text(&out.stdout).split_whitespace().next().unwrap().to_string()
+    text(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
 }
 
 #[test]
 fn generate_then_query_with_udfs_into_a_file() {
     let dir = tempfile::tempdir().unwrap();
-    let out = riffle(&["generate", "fraud", "--rows", "20000", "--out", "data/tx.parquet"], dir.path());
+    let out = riffle(
+        &[
+            "generate",
+            "fraud",
+            "--rows",
+            "20000",
+            "--out",
+            "data/tx.parquet",
+        ],
+        dir.path(),
+    );
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("wrote 20000 fraud transactions"));
 
@@ -97,32 +129,67 @@ fn scripts_register_udfs_with_create_functions() {
     let out = riffle(&["sql", "--file", "q.sql"], dir.path());
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
-    assert!(stdout.contains("jdoe@gmail.com") && stdout.contains("a@b.org"), "{stdout}");
+    assert!(
+        stdout.contains("jdoe@gmail.com") && stdout.contains("a@b.org"),
+        "{stdout}"
+    );
 }
 
 #[test]
 fn bad_input_gets_a_clear_error_and_a_failing_exit_code() {
     let dir = tempfile::tempdir().unwrap();
-    let out = riffle(&["sql", "--table", "tx=missing.parquet", "SELECT 1"], dir.path());
-    assert!(!out.status.success());
-    let stderr = text(&out.stderr);
-    assert!(stderr.contains("missing.parquet does not exist") && stderr.contains("check the input"), "{stderr}");
-
-    let out = riffle(&["udf", "inspect", "Cargo.toml"], Path::new(env!("CARGO_MANIFEST_DIR")));
-    assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("invalid UDF module"), "{}", text(&out.stderr));
-
-    std::fs::write(dir.path().join("riffle.toml"), "[tables]\ntx = \"a.parquet\"\n[limitz]\n").unwrap();
-    let out = riffle(&["sql", "--config", "riffle.toml", "SELECT 1"], dir.path());
-    assert!(!out.status.success());
-    let stderr = text(&out.stderr);
-    assert!(stderr.contains("riffle.toml") && stderr.contains("line 3"), "{stderr}");
-
     let out = riffle(
-        &["sql", "--udf", udf("hostile").to_str().unwrap(), "--udf-timeout-ms", "100", "SELECT spin(1)"],
+        &["sql", "--table", "tx=missing.parquet", "SELECT 1"],
         dir.path(),
     );
     assert!(!out.status.success());
     let stderr = text(&out.stderr);
-    assert!(stderr.contains("UDF spin") && stderr.contains("CPU deadline") && stderr.contains("a UDF failed"), "{stderr}");
+    assert!(
+        stderr.contains("missing.parquet does not exist") && stderr.contains("check the input"),
+        "{stderr}"
+    );
+
+    let out = riffle(
+        &["udf", "inspect", "Cargo.toml"],
+        Path::new(env!("CARGO_MANIFEST_DIR")),
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("invalid UDF module"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    std::fs::write(
+        dir.path().join("riffle.toml"),
+        "[tables]\ntx = \"a.parquet\"\n[limitz]\n",
+    )
+    .unwrap();
+    let out = riffle(&["sql", "--config", "riffle.toml", "SELECT 1"], dir.path());
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("riffle.toml") && stderr.contains("line 3"),
+        "{stderr}"
+    );
+
+    let out = riffle(
+        &[
+            "sql",
+            "--udf",
+            udf("hostile").to_str().unwrap(),
+            "--udf-timeout-ms",
+            "100",
+            "SELECT spin(1)",
+        ],
+        dir.path(),
+    );
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("UDF spin")
+            && stderr.contains("CPU deadline")
+            && stderr.contains("a UDF failed"),
+        "{stderr}"
+    );
 }

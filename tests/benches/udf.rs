@@ -13,7 +13,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arrow::array::{Array, ArrayRef, AsArray, Float64Array, StringArray};
+use arrow::array::{ArrayRef, AsArray, Float64Array, StringArray};
 use arrow::compute::kernels::arity::unary;
 use arrow::datatypes::Float64Type;
 use riffle::connectors::generator::{FraudConfig, FraudGenerator};
@@ -38,7 +38,7 @@ fn measure(mut f: impl FnMut()) -> Duration {
     best
 }
 
-fn engine(cache: Option<std::path::PathBuf>) -> UdfEngine {
+fn new_engine(cache: Option<std::path::PathBuf>) -> UdfEngine {
     UdfEngine::new(EngineOptions {
         cache_dir: cache,
         limits: UdfLimits {
@@ -67,14 +67,17 @@ fn main() {
         .map(|v| Some(v.unwrap_or("US")))
         .collect();
 
-    let engine = engine(None);
+    let engine = new_engine(None);
     let fraud = engine.load(&udf("fraud")).unwrap();
     let conformance = engine.load(&udf("conformance")).unwrap();
     let risk = fraud.function_index("risk_score").unwrap();
     let affine = conformance.function_index("affine").unwrap();
 
     println!("Wasm UDF vs the same function native, time per batch (best of 7 rounds)\n");
-    println!("{:<12} {:>7} {:>12} {:>12} {:>8}", "function", "rows", "wasm", "native", "ratio");
+    println!(
+        "{:<12} {:>7} {:>12} {:>12} {:>8}",
+        "function", "rows", "wasm", "native", "ratio"
+    );
     for rows in [1usize, 1024, 8192, 65_536] {
         let a: ArrayRef = Arc::new(amount.slice(0, rows));
         let c: ArrayRef = Arc::new(country.slice(0, rows));
@@ -93,7 +96,11 @@ fn main() {
         report("risk_score", rows, wasm, native);
 
         let wasm = measure(|| {
-            black_box(conformance.call(affine, rows, std::slice::from_ref(&a)).unwrap());
+            black_box(
+                conformance
+                    .call(affine, rows, std::slice::from_ref(&a))
+                    .unwrap(),
+            );
         });
         let native = measure(|| {
             black_box(unary::<_, _, Float64Type>(a_typed, |x| x * 2.0 + 1.0));
@@ -107,9 +114,9 @@ fn main() {
     for name in ["fraud", "conformance"] {
         let path = udf(name);
         let uncached = measure_cold(|| {
-            black_box(engine(None).load(&path).unwrap());
+            black_box(engine.load(&path).unwrap());
         });
-        let warm_engine = engine(Some(cache.clone()));
+        let warm_engine = new_engine(Some(cache.clone()));
         warm_engine.load(&path).unwrap();
         let cached = measure_cold(|| {
             black_box(warm_engine.load(&path).unwrap());

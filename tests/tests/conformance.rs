@@ -20,21 +20,87 @@ use riffle::udf::RowErrorPolicy;
 /// used in the fixture function names.
 fn columns() -> Vec<(&'static str, ArrayRef)> {
     vec![
-        ("bool", Arc::new(BooleanArray::from(vec![Some(true), Some(false), None, Some(true)]))),
-        ("int32", Arc::new(Int32Array::from(vec![Some(7), Some(-1), None, Some(i32::MAX)]))),
-        ("int64", Arc::new(Int64Array::from(vec![Some(7), Some(-1), None, Some(i64::MAX)]))),
-        ("float32", Arc::new(Float32Array::from(vec![Some(1.5), Some(f32::NAN), None, Some(0.0)]))),
-        ("float64", Arc::new(Float64Array::from(vec![Some(1.5), Some(-2.0), None, Some(1e300)]))),
-        ("utf8", Arc::new(StringArray::from(vec![Some("héllo"), Some(""), None, Some("z")]))),
+        (
+            "bool",
+            Arc::new(BooleanArray::from(vec![
+                Some(true),
+                Some(false),
+                None,
+                Some(true),
+            ])),
+        ),
+        (
+            "int32",
+            Arc::new(Int32Array::from(vec![
+                Some(7),
+                Some(-1),
+                None,
+                Some(i32::MAX),
+            ])),
+        ),
+        (
+            "int64",
+            Arc::new(Int64Array::from(vec![
+                Some(7),
+                Some(-1),
+                None,
+                Some(i64::MAX),
+            ])),
+        ),
+        (
+            "float32",
+            Arc::new(Float32Array::from(vec![
+                Some(1.5),
+                Some(f32::NAN),
+                None,
+                Some(0.0),
+            ])),
+        ),
+        (
+            "float64",
+            Arc::new(Float64Array::from(vec![
+                Some(1.5),
+                Some(-2.0),
+                None,
+                Some(1e300),
+            ])),
+        ),
+        (
+            "utf8",
+            Arc::new(StringArray::from(vec![
+                Some("héllo"),
+                Some(""),
+                None,
+                Some("z"),
+            ])),
+        ),
         (
             "binary",
-            Arc::new(BinaryArray::from(vec![Some(&b"\x00\xff"[..]), Some(&b""[..]), None, Some(&b"b"[..])])),
+            Arc::new(BinaryArray::from(vec![
+                Some(&b"\x00\xff"[..]),
+                Some(&b""[..]),
+                None,
+                Some(&b"b"[..]),
+            ])),
         ),
         (
             "timestamp",
-            Arc::new(TimestampMicrosecondArray::from(vec![Some(1_700_000_000_000_000), Some(-1), None, Some(0)])),
+            Arc::new(TimestampMicrosecondArray::from(vec![
+                Some(1_700_000_000_000_000),
+                Some(-1),
+                None,
+                Some(0),
+            ])),
         ),
-        ("date", Arc::new(Date32Array::from(vec![Some(20_000), Some(-5), None, Some(0)]))),
+        (
+            "date",
+            Arc::new(Date32Array::from(vec![
+                Some(20_000),
+                Some(-5),
+                None,
+                Some(0),
+            ])),
+        ),
     ]
 }
 
@@ -50,10 +116,16 @@ async fn session_with_columns(policy: RowErrorPolicy) -> riffle::session::Riffle
             .map(|(name, a)| Field::new(*name, a.data_type().clone(), true))
             .collect::<Vec<_>>(),
     ));
-    let batch = RecordBatch::try_new(schema.clone(), cols.into_iter().map(|(_, a)| a).collect()).unwrap();
+    let batch =
+        RecordBatch::try_new(schema.clone(), cols.into_iter().map(|(_, a)| a).collect()).unwrap();
     let table = MemTable::try_new(schema, vec![vec![batch]]).unwrap();
-    session.context().register_table("t", Arc::new(table)).unwrap();
-    session.load_udfs(&udf("conformance"), Vec::new(), None).unwrap();
+    session
+        .context()
+        .register_table("t", Arc::new(table))
+        .unwrap();
+    session
+        .load_udfs(&udf("conformance"), Vec::new(), None)
+        .unwrap();
     session
 }
 
@@ -61,9 +133,12 @@ async fn session_with_columns(policy: RowErrorPolicy) -> riffle::session::Riffle
 async fn identity_functions_round_trip_every_type_with_nulls() {
     let session = session_with_columns(RowErrorPolicy::Fail).await;
     for (ty, input) in columns() {
-        let out = query(&session, &format!("SELECT id_{ty}({ty}) AS v, strict_{ty}({ty}) AS s FROM t"))
-            .await
-            .unwrap();
+        let out = query(
+            &session,
+            &format!("SELECT id_{ty}({ty}) AS v, strict_{ty}({ty}) AS s FROM t"),
+        )
+        .await
+        .unwrap();
         // Option<T> sees the NULL and returns it; T skips the NULL row and yields NULL.
         assert_eq!(out.column(0).to_data(), input.to_data(), "id_{ty}");
         assert_eq!(out.column(1).to_data(), input.to_data(), "strict_{ty}");
@@ -83,12 +158,21 @@ async fn row_errors_follow_the_policy_for_every_type() {
             if row == BAD || row == NULL {
                 assert!(v.is_null(row), "check_{ty} row {row} should be NULL");
             } else {
-                assert_eq!(v.slice(row, 1).to_data(), input.slice(row, 1).to_data(), "check_{ty} row {row}");
+                assert_eq!(
+                    v.slice(row, 1).to_data(),
+                    input.slice(row, 1).to_data(),
+                    "check_{ty} row {row}"
+                );
             }
         }
         let err = fails.sql(&sql).await.unwrap_err();
         match riffle_error(&err) {
-            RiffleError::RowError { function, row, message, .. } => {
+            RiffleError::RowError {
+                function,
+                row,
+                message,
+                ..
+            } => {
                 assert_eq!(function, &format!("check_{ty}"));
                 assert_eq!(*row, BAD);
                 assert!(message.starts_with("bad value"), "{message}");
@@ -101,18 +185,27 @@ async fn row_errors_follow_the_policy_for_every_type() {
 #[tokio::test]
 async fn several_nullable_arguments_and_zero_arguments() {
     let session = session_with_columns(RowErrorPolicy::Fail).await;
-    let out = query(&session, "SELECT count_nulls(int64, utf8, float64) AS n, forty_two() AS c FROM t")
-        .await
-        .unwrap();
+    let out = query(
+        &session,
+        "SELECT count_nulls(int64, utf8, float64) AS n, forty_two() AS c FROM t",
+    )
+    .await
+    .unwrap();
     let n = out.column(0).as_primitive::<Int32Type>();
     assert_eq!(n.values().to_vec(), vec![0, 0, 3, 0]);
     let c = out.column(1).as_primitive::<Int64Type>();
     assert_eq!(c.values().to_vec(), vec![42; 4]);
     // Arguments are cast to the declared types: an INT column where BIGINT is declared.
-    let out = query(&session, "SELECT id_int64(int32) AS v FROM t").await.unwrap();
+    let out = query(&session, "SELECT id_int64(int32) AS v FROM t")
+        .await
+        .unwrap();
     assert_eq!(out.column(0).as_primitive::<Int64Type>().value(0), 7);
     // An impossible cast fails at planning time, quoting the signature.
-    let err = session.sql("SELECT id_date(bool) FROM t").await.unwrap_err().to_string();
+    let err = session
+        .sql("SELECT id_date(bool) FROM t")
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("id_date(x DATE NULL) -> DATE NULL"), "{err}");
 }
 
@@ -128,15 +221,55 @@ fn arrays() -> impl Strategy<Value = (ArrayRef, usize, usize)> {
         (prop::collection::vec(value, len), Just(kind)).prop_flat_map(|(values, kind)| {
             let n = values.len();
             let array: ArrayRef = match kind {
-                0 => Arc::new(values.iter().map(|v| v.map(|x| x & 1 == 0)).collect::<BooleanArray>()),
-                1 => Arc::new(values.iter().map(|v| v.map(|x| x as i32)).collect::<Int32Array>()),
+                0 => Arc::new(
+                    values
+                        .iter()
+                        .map(|v| v.map(|x| x & 1 == 0))
+                        .collect::<BooleanArray>(),
+                ),
+                1 => Arc::new(
+                    values
+                        .iter()
+                        .map(|v| v.map(|x| x as i32))
+                        .collect::<Int32Array>(),
+                ),
                 2 => Arc::new(values.iter().copied().collect::<Int64Array>()),
-                3 => Arc::new(values.iter().map(|v| v.map(|x| x as f32)).collect::<Float32Array>()),
-                4 => Arc::new(values.iter().map(|v| v.map(|x| f64::from_bits(x as u64))).collect::<Float64Array>()),
-                5 => Arc::new(values.iter().map(|v| v.map(|x| format!("ü{}", x % 1000))).collect::<StringArray>()),
-                6 => Arc::new(values.iter().map(|v| v.map(|x| x.to_le_bytes()[..(x as usize & 7)].to_vec())).collect::<BinaryArray>()),
-                7 => Arc::new(values.iter().copied().collect::<TimestampMicrosecondArray>()),
-                _ => Arc::new(values.iter().map(|v| v.map(|x| x as i32)).collect::<Date32Array>()),
+                3 => Arc::new(
+                    values
+                        .iter()
+                        .map(|v| v.map(|x| x as f32))
+                        .collect::<Float32Array>(),
+                ),
+                4 => Arc::new(
+                    values
+                        .iter()
+                        .map(|v| v.map(|x| f64::from_bits(x as u64)))
+                        .collect::<Float64Array>(),
+                ),
+                5 => Arc::new(
+                    values
+                        .iter()
+                        .map(|v| v.map(|x| format!("ü{}", x % 1000)))
+                        .collect::<StringArray>(),
+                ),
+                6 => Arc::new(
+                    values
+                        .iter()
+                        .map(|v| v.map(|x| x.to_le_bytes()[..(x as usize & 7)].to_vec()))
+                        .collect::<BinaryArray>(),
+                ),
+                7 => Arc::new(
+                    values
+                        .iter()
+                        .copied()
+                        .collect::<TimestampMicrosecondArray>(),
+                ),
+                _ => Arc::new(
+                    values
+                        .iter()
+                        .map(|v| v.map(|x| x as i32))
+                        .collect::<Date32Array>(),
+                ),
             };
             (Just(array), 0..=n).prop_flat_map(|(array, start)| {
                 let rest = array.len() - start;
@@ -146,7 +279,17 @@ fn arrays() -> impl Strategy<Value = (ArrayRef, usize, usize)> {
     })
 }
 
-const TYPES: [&str; 9] = ["bool", "int32", "int64", "float32", "float64", "utf8", "binary", "timestamp", "date"];
+const TYPES: [&str; 9] = [
+    "bool",
+    "int32",
+    "int64",
+    "float32",
+    "float64",
+    "utf8",
+    "binary",
+    "timestamp",
+    "date",
+];
 
 proptest! {
     #![proptest_config(ProptestConfig {

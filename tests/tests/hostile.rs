@@ -9,9 +9,9 @@ use std::sync::Arc;
 use arrow::array::{Array, ArrayRef, AsArray, Int64Array, StringArray};
 use arrow::datatypes::{Int64Type, TimestampMicrosecondType};
 use common::*;
+use riffle::RiffleError;
 use riffle::error::{Blame, UdfFailureKind};
 use riffle::udf::{RowErrorPolicy, UdfModule};
-use riffle::RiffleError;
 
 fn ints(n: i64) -> Vec<ArrayRef> {
     vec![Arc::new(Int64Array::from_iter_values(0..n))]
@@ -21,14 +21,24 @@ fn strings(values: &[&str]) -> Vec<ArrayRef> {
     vec![Arc::new(StringArray::from(values.to_vec()))]
 }
 
-fn call(module: &UdfModule, function: &str, args: &[ArrayRef]) -> riffle::Result<riffle::udf::UdfOutput> {
+fn call(
+    module: &UdfModule,
+    function: &str,
+    args: &[ArrayRef],
+) -> riffle::Result<riffle::udf::UdfOutput> {
     let rows = args.first().map_or(3, |a| a.len());
     module.call(module.function_index(function).unwrap(), rows, args)
 }
 
 fn failure(err: &RiffleError) -> (&str, &UdfFailureKind, &str, &str) {
     match err {
-        RiffleError::UdfFailure { function, hash, kind, detail, .. } => (function, kind, hash, detail),
+        RiffleError::UdfFailure {
+            function,
+            hash,
+            kind,
+            detail,
+            ..
+        } => (function, kind, hash, detail),
         other => panic!("expected a UDF failure, got {other}"),
     }
 }
@@ -43,7 +53,10 @@ fn each_hostile_udf_fails_with_its_own_typed_error_and_the_module_keeps_working(
     assert_eq!((function, h), ("spin", hash.as_str()));
     assert_eq!(kind, &UdfFailureKind::Timeout(limits().call_timeout));
     assert_eq!(err.blame(), Blame::Udf);
-    assert!(err.to_string().contains("exceeded its CPU deadline"), "{err}");
+    assert!(
+        err.to_string().contains("exceeded its CPU deadline"),
+        "{err}"
+    );
 
     let err = call(&module, "balloon", &ints(10)).unwrap_err();
     let (function, kind, _, _) = failure(&err);
@@ -54,17 +67,25 @@ fn each_hostile_udf_fails_with_its_own_typed_error_and_the_module_keeps_working(
     let (function, kind, _, detail) = failure(&err);
     assert_eq!((function, kind), ("boom", &UdfFailureKind::Trap));
     // The panic message, from the guest's captured stderr, is in the report.
-    assert!(detail.contains("boom: the UDF panicked on purpose at x = 1"), "{detail}");
+    assert!(
+        detail.contains("boom: the UDF panicked on purpose at x = 1"),
+        "{detail}"
+    );
 
     // After all that, the same module serves the next call.
     let ok = call(&module, "boom", &[Arc::new(Int64Array::from(vec![0, -5]))]).unwrap();
-    assert_eq!(ok.array.as_primitive::<Int64Type>().values().to_vec(), vec![0, -5]);
+    assert_eq!(
+        ok.array.as_primitive::<Int64Type>().values().to_vec(),
+        vec![0, -5]
+    );
 }
 
 #[tokio::test]
 async fn a_failing_query_leaves_the_session_serving_the_next_one() {
     let session = session(RowErrorPolicy::Fail);
-    session.load_udfs(&udf("hostile"), Vec::new(), None).unwrap();
+    session
+        .load_udfs(&udf("hostile"), Vec::new(), None)
+        .unwrap();
     session.load_udfs(&udf("fraud"), Vec::new(), None).unwrap();
     let err = session
         .sql("SELECT spin(x) FROM (VALUES (1), (2)) AS t(x)")
@@ -73,9 +94,12 @@ async fn a_failing_query_leaves_the_session_serving_the_next_one() {
     let (function, kind, _, _) = failure(riffle_error(&err));
     assert_eq!(function, "spin");
     assert!(matches!(kind, UdfFailureKind::Timeout(_)));
-    let out = query(&session, "SELECT risk_score(x, 'US') AS r FROM (VALUES (10.0), (20.0)) AS t(x)")
-        .await
-        .unwrap();
+    let out = query(
+        &session,
+        "SELECT risk_score(x, 'US') AS r FROM (VALUES (10.0), (20.0)) AS t(x)",
+    )
+    .await
+    .unwrap();
     assert_eq!(out.num_rows(), 2);
 }
 
@@ -93,7 +117,10 @@ fn the_sandbox_has_no_files_environment_or_network() {
     let out = call(&module, "read_env", &strings(&["HOME", "PATH", "USER"])).unwrap();
     assert_eq!(out.array.null_count(), 3);
     let out = call(&module, "env_count", &[]).unwrap();
-    assert_eq!(out.array.as_primitive::<Int64Type>().values().to_vec(), vec![0; 3]);
+    assert_eq!(
+        out.array.as_primitive::<Int64Type>().values().to_vec(),
+        vec![0; 3]
+    );
 
     // A real listener on loopback that the UDF is asked to reach.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -101,8 +128,15 @@ fn the_sandbox_has_no_files_environment_or_network() {
     let addr = listener.local_addr().unwrap().to_string();
     let out = call(&module, "connect", &strings(&[&addr])).unwrap();
     assert_eq!(out.row_errors.len(), 1);
-    assert!(out.row_errors[0].1.contains("connect") || out.row_errors[0].1.contains("socket"), "{:?}", out.row_errors);
-    assert!(listener.accept().is_err(), "the UDF must not have connected");
+    assert!(
+        out.row_errors[0].1.contains("connect") || out.row_errors[0].1.contains("socket"),
+        "{:?}",
+        out.row_errors
+    );
+    assert!(
+        listener.accept().is_err(),
+        "the UDF must not have connected"
+    );
 }
 
 #[test]
@@ -115,18 +149,28 @@ fn deterministic_modules_see_a_frozen_clock_and_fixed_randomness() {
 
     let a = call(&first, "random_hash", &ints(100)).unwrap();
     let b = call(&second, "random_hash", &ints(100)).unwrap();
-    assert_eq!(a.array.to_data(), b.array.to_data(), "same seed in every instance");
+    assert_eq!(
+        a.array.to_data(),
+        b.array.to_data(),
+        "same seed in every instance"
+    );
 
     // A module that declares itself nondeterministic gets the real clock.
     let clock_module = module("clock");
     assert!(!clock_module.spec().deterministic);
     let now = call(&clock_module, "now", &[]).unwrap();
-    let now = now.array.as_primitive::<TimestampMicrosecondType>().value(0);
+    let now = now
+        .array
+        .as_primitive::<TimestampMicrosecondType>()
+        .value(0);
     let real = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_micros() as i64;
-    assert!((real - now).abs() < 60_000_000, "real clock: {now} vs {real}");
+    assert!(
+        (real - now).abs() < 60_000_000,
+        "real clock: {now} vs {real}"
+    );
 }
 
 #[test]
@@ -166,14 +210,28 @@ fn compiled_modules_are_cached_by_content_hash_and_a_corrupt_cache_is_survived()
     })
     .unwrap();
     let module = engine.load(&udf("text")).unwrap();
-    let cached: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.path()).collect();
+    let cached: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
     assert_eq!(cached.len(), 1);
-    let name = cached[0].file_name().unwrap().to_string_lossy().into_owned();
-    assert!(name.starts_with(module.hash()) && name.ends_with(".cwasm"), "{name}");
+    let name = cached[0]
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    assert!(
+        name.starts_with(module.hash()) && name.ends_with(".cwasm"),
+        "{name}"
+    );
 
     std::fs::write(&cached[0], b"corrupted").unwrap();
     let again = engine.load(&udf("text")).unwrap();
     let out = call(&again, "slugify", &strings(&["Hello World"])).unwrap();
     assert_eq!(out.array.as_string::<i32>().value(0), "hello-world");
-    assert!(std::fs::metadata(&cached[0]).unwrap().len() > 1000, "rewritten");
+    assert!(
+        std::fs::metadata(&cached[0]).unwrap().len() > 1000,
+        "rewritten"
+    );
 }

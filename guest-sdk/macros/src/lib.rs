@@ -9,8 +9,7 @@ use proc_macro::TokenStream;
 use proc_macro2::Span;
 use quote::{format_ident, quote};
 use syn::{
-    Expr, ExprLit, FnArg, ItemFn, Lit, LitStr, Meta, Pat, ReturnType, Token,
-    punctuated::Punctuated,
+    Expr, ExprLit, FnArg, ItemFn, Lit, LitStr, Meta, Pat, ReturnType, Token, punctuated::Punctuated,
 };
 
 /// Turns `fn name(a: A, b: B) -> R` into a Riffle scalar UDF.

@@ -64,7 +64,8 @@ fn policy<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<RowErrorPolic
 impl RiffleConfig {
     /// Reads and validates `path`; relative paths inside are resolved against its directory.
     pub(crate) fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| RiffleError::io("reading", path, e))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| RiffleError::io("reading", path, e))?;
         Self::parse(&text, path.parent().unwrap_or(Path::new(".")))
             .map_err(|e| RiffleError::Config(format!("{}: {e}", path.display())))
     }
@@ -109,7 +110,8 @@ mod tests {
     fn unknown_keys_and_bad_values_point_at_the_line() {
         let e = RiffleConfig::parse("[tables]\nx = \"a\"\n[limit]\n", Path::new(".")).unwrap_err();
         assert!(e.contains("line 3"), "{e}");
-        let e = RiffleConfig::parse("[limits]\non_row_error = \"skip\"\n", Path::new(".")).unwrap_err();
+        let e =
+            RiffleConfig::parse("[limits]\non_row_error = \"skip\"\n", Path::new(".")).unwrap_err();
         assert!(e.contains("line 2") && e.contains("skip"), "{e}");
     }
 }

@@ -131,7 +131,10 @@ pub fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: starting the async runtime: {e}");
@@ -177,7 +180,9 @@ fn engine_options(udf: &UdfOptions, file: &config::LimitsConfig) -> EngineOption
     let cache_dir = if udf.no_cache {
         None
     } else {
-        udf.cache_dir.clone().or_else(EngineOptions::default_cache_dir)
+        udf.cache_dir
+            .clone()
+            .or_else(EngineOptions::default_cache_dir)
     };
     EngineOptions { cache_dir, limits }
 }
@@ -196,13 +201,23 @@ fn inspect(path: &Path, json: bool) -> Result<()> {
             "deterministic": spec.deterministic,
             "functions": spec.functions,
         });
-        println!("{}", serde_json::to_string_pretty(&value).expect("serializable"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&value).expect("serializable")
+        );
         return Ok(());
     }
     println!("module   {}", path.display());
     println!("sha256   {}", module.hash());
     println!("abi      {} ({})", spec.abi_version, spec.sdk);
-    println!("init     {}", if spec.has_init { "yes (takes configuration bytes)" } else { "no" });
+    println!(
+        "init     {}",
+        if spec.has_init {
+            "yes (takes configuration bytes)"
+        } else {
+            "no"
+        }
+    );
     println!(
         "sandbox  {}",
         if spec.deterministic {
@@ -214,7 +229,11 @@ fn inspect(path: &Path, json: bool) -> Result<()> {
     println!("         no files, no environment, no network; stdout/stderr to the log");
     println!("functions ({}):", spec.functions.len());
     for f in &spec.functions {
-        let det = if f.deterministic { "" } else { "  [nondeterministic]" };
+        let det = if f.deterministic {
+            ""
+        } else {
+            "  [nondeterministic]"
+        };
         println!("  {}{det}", f.signature());
         for line in f.doc.lines() {
             println!("      {line}");
@@ -256,7 +275,9 @@ async fn sql(args: SqlArgs) -> Result<()> {
 
     for udf in &file_config.udfs {
         let config = match &udf.config {
-            Some(file) => std::fs::read(file).map_err(|e| RiffleError::io("reading UDF config", file, e))?,
+            Some(file) => {
+                std::fs::read(file).map_err(|e| RiffleError::io("reading UDF config", file, e))?
+            }
             None => Vec::new(),
         };
         session.load_udfs(&udf.path, config, udf.functions.as_deref())?;
@@ -268,7 +289,9 @@ async fn sql(args: SqlArgs) -> Result<()> {
     }
     for path in &args.udf.udfs {
         let config = match configs.remove(path) {
-            Some(file) => std::fs::read(&file).map_err(|e| RiffleError::io("reading UDF config", file, e))?,
+            Some(file) => {
+                std::fs::read(&file).map_err(|e| RiffleError::io("reading UDF config", file, e))?
+            }
             None => Vec::new(),
         };
         session.load_udfs(path, config, None)?;
@@ -354,7 +377,10 @@ fn generate_fraud(rows: u64, out: &Path, seed: u64, cards: u64) -> Result<()> {
         let n = BATCH.min(rows - done);
         done += n;
         if last_report.elapsed() > Duration::from_secs(1) {
-            eprintln!("generated {done} / {rows} rows ({:.0}%)", done as f64 * 100.0 / rows as f64);
+            eprintln!(
+                "generated {done} / {rows} rows ({:.0}%)",
+                done as f64 * 100.0 / rows as f64
+            );
             last_report = Instant::now();
         }
         Some(generator.next_batch(n as usize))

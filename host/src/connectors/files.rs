@@ -53,7 +53,8 @@ fn write_batches(
             let props = WriterProperties::builder()
                 .set_compression(Compression::ZSTD(ZstdLevel::default()))
                 .build();
-            let mut writer = ArrowWriter::try_new(file, schema, Some(props)).map_err(|e| fail(&e))?;
+            let mut writer =
+                ArrowWriter::try_new(file, schema, Some(props)).map_err(|e| fail(&e))?;
             for batch in batches {
                 rows += batch.num_rows() as u64;
                 writer.write(&batch).map_err(|e| fail(&e))?;

@@ -68,8 +68,16 @@ const COUNTRIES: &[(&str, f64, f64, f64)] = &[
 ];
 const RISKY: &[&str] = &["NG", "RU", "BR"];
 const CHANNELS: &[&str] = &["pos", "web", "app"];
-const FIRST: &[&str] = &["ann", "bob", "carla", "dev", "eve", "finn", "gita", "hugo", "ines", "jon"];
-const DOMAINS: &[&str] = &["gmail.com", "example.org", "mail.de", "yahoo.com", "corp.example"];
+const FIRST: &[&str] = &[
+    "ann", "bob", "carla", "dev", "eve", "finn", "gita", "hugo", "ines", "jon",
+];
+const DOMAINS: &[&str] = &[
+    "gmail.com",
+    "example.org",
+    "mail.de",
+    "yahoo.com",
+    "corp.example",
+];
 
 /// Deterministic stream of fraud transactions.
 pub struct FraudGenerator {
@@ -99,7 +107,11 @@ impl FraudGenerator {
     pub fn schema() -> SchemaRef {
         Arc::new(Schema::new(vec![
             Field::new("tx_id", DataType::Int64, false),
-            Field::new("ts", DataType::Timestamp(TimeUnit::Microsecond, None), false),
+            Field::new(
+                "ts",
+                DataType::Timestamp(TimeUnit::Microsecond, None),
+                false,
+            ),
             Field::new("card_id", DataType::Int64, false),
             Field::new("merchant_id", DataType::Int64, false),
             Field::new("amount", DataType::Float64, true),

@@ -14,7 +14,7 @@ use serde::Serialize;
 use wasmtime::component::{Component, InstancePre, TypedFunc};
 use wasmtime::{Store, Trap};
 
-use super::abi::{ColumnIn, UdfType, lift_column, lower_column};
+use super::abi::{CallErrorOut, CallOutputOut, ColumnIn, UdfType, lift_column, lower_column};
 use super::bindings::{Udf, riffle::udf::types as wire};
 use super::engine::UdfEngine;
 use super::sandbox::HostState;
@@ -128,7 +128,7 @@ pub struct UdfOutput {
     pub row_errors: Vec<(usize, String)>,
 }
 
-type CallFunc = TypedFunc<(u32, u32, Vec<ColumnIn>), (Result<wire::CallOutput, wire::CallError>,)>;
+type CallFunc = TypedFunc<(u32, u32, Vec<ColumnIn>), (Result<CallOutputOut, CallErrorOut>,)>;
 
 /// A live instance with its own store (memory, sandbox, limits).
 struct Instance {
@@ -192,7 +192,11 @@ impl UdfModule {
             .instantiate(&mut store)
             .and_then(|instance| Udf::new(&mut store, &instance))
             .and_then(|udf| udf.call_describe(&mut store))
-            .map_err(|e| invalid(format!("it is not a Riffle UDF module (describe failed): {e:#}")))?;
+            .map_err(|e| {
+                invalid(format!(
+                    "it is not a Riffle UDF module (describe failed): {e:#}"
+                ))
+            })?;
         let spec = validate(info).map_err(invalid)?;
 
         let module = UdfModule {
@@ -200,7 +204,11 @@ impl UdfModule {
             path: path.to_path_buf(),
             file_name,
             hash,
-            stats: spec.functions.iter().map(|_| FunctionStats::default()).collect(),
+            stats: spec
+                .functions
+                .iter()
+                .map(|_| FunctionStats::default())
+                .collect(),
             spec,
             config,
             pre,
@@ -270,9 +278,13 @@ impl UdfModule {
             }
         }
         self.drain_output("<init>", &mut store);
-        let call = instance
-            .get_typed_func(&mut store, "call")
-            .map_err(|e| self.error("<instantiate>", UdfFailureKind::AbiViolation, format!("{e:#}")))?;
+        let call = instance.get_typed_func(&mut store, "call").map_err(|e| {
+            self.error(
+                "<instantiate>",
+                UdfFailureKind::AbiViolation,
+                format!("{e:#}"),
+            )
+        })?;
         Ok(Instance { store, call })
     }
 
@@ -306,7 +318,14 @@ impl UdfModule {
         let mut detail = format!("{error:#}");
         let stderr = stderr.trim();
         if !stderr.is_empty() {
-            let tail: String = stderr.chars().rev().take(2000).collect::<Vec<_>>().into_iter().rev().collect();
+            let tail: String = stderr
+                .chars()
+                .rev()
+                .take(2000)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
             detail.push_str(&format!("; stderr: {tail}"));
         }
         self.error(function, kind, detail)
@@ -380,7 +399,11 @@ impl UdfModule {
             .zip(&function.args)
             .map(|(array, arg)| {
                 if array.len() != rows {
-                    return Err(format!("argument {} has {} rows, not {rows}", arg.name, array.len()));
+                    return Err(format!(
+                        "argument {} has {} rows, not {rows}",
+                        arg.name,
+                        array.len()
+                    ));
                 }
                 lower_column(array, arg.data_type)
             })
@@ -392,10 +415,9 @@ impl UdfModule {
         instance
             .store
             .set_epoch_deadline(UdfEngine::deadline_ticks(timeout));
-        let result = instance.call.call(
-            &mut instance.store,
-            (index as u32, rows as u32, columns),
-        );
+        let result = instance
+            .call
+            .call(&mut instance.store, (index as u32, rows as u32, columns));
         let output = match result {
             Ok((output,)) => {
                 self.drain_output(&function.name, &mut instance.store);
@@ -408,13 +430,13 @@ impl UdfModule {
             }
         };
         let output = output.map_err(|e| match e {
-            wire::CallError::Failed(message) => {
+            CallErrorOut::Failed(message) => {
                 self.error(&function.name, UdfFailureKind::Guest, message)
             }
-            wire::CallError::NoSuchFunction(i) => {
+            CallErrorOut::NoSuchFunction(i) => {
                 RiffleError::Internal(format!("module has no function {i}"))
             }
-            wire::CallError::BadArguments(message) => RiffleError::Internal(format!(
+            CallErrorOut::BadArguments(message) => RiffleError::Internal(format!(
                 "{} rejected the arguments the host passed: {message}",
                 function.name
             )),
@@ -466,10 +488,15 @@ fn validate(info: wire::ModuleInfo) -> std::result::Result<ModuleSpec, String> {
     let mut functions: Vec<FunctionSpec> = Vec::with_capacity(info.functions.len());
     for f in info.functions {
         let valid_name = !f.name.is_empty()
-            && f.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && f.name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_')
             && !f.name.starts_with(|c: char| c.is_ascii_digit());
         if !valid_name {
-            return Err(format!("function name {:?} is not a valid SQL identifier", f.name));
+            return Err(format!(
+                "function name {:?} is not a valid SQL identifier",
+                f.name
+            ));
         }
         if functions.iter().any(|g| g.name == f.name) {
             return Err(format!("function {} is exported twice", f.name));

@@ -34,7 +34,9 @@ impl std::str::FromStr for RowErrorPolicy {
         match s {
             "fail" => Ok(RowErrorPolicy::Fail),
             "null" => Ok(RowErrorPolicy::Null),
-            other => Err(format!("unknown row-error policy {other:?}: expected fail or null")),
+            other => Err(format!(
+                "unknown row-error policy {other:?}: expected fail or null"
+            )),
         }
     }
 }

@@ -52,7 +52,10 @@ conformance! {
 /// different types at once.
 #[scalar]
 pub fn count_nulls(a: Option<i64>, b: Option<&str>, c: Option<f64>) -> i32 {
-    [a.is_none(), b.is_none(), c.is_none()].iter().filter(|n| **n).count() as i32
+    [a.is_none(), b.is_none(), c.is_none()]
+        .iter()
+        .filter(|n| **n)
+        .count() as i32
 }
 
 /// A constant, for functions without arguments.
@@ -69,9 +72,34 @@ pub fn affine(x: f64) -> f64 {
 }
 
 export_udfs!(
-    id_bool, strict_bool, check_bool, id_int32, strict_int32, check_int32, id_int64,
-    strict_int64, check_int64, id_float32, strict_float32, check_float32, id_float64,
-    strict_float64, check_float64, id_utf8, strict_utf8, check_utf8, id_binary, strict_binary,
-    check_binary, id_timestamp, strict_timestamp, check_timestamp, id_date, strict_date,
-    check_date, count_nulls, forty_two, affine,
+    id_bool,
+    strict_bool,
+    check_bool,
+    id_int32,
+    strict_int32,
+    check_int32,
+    id_int64,
+    strict_int64,
+    check_int64,
+    id_float32,
+    strict_float32,
+    check_float32,
+    id_float64,
+    strict_float64,
+    check_float64,
+    id_utf8,
+    strict_utf8,
+    check_utf8,
+    id_binary,
+    strict_binary,
+    check_binary,
+    id_timestamp,
+    strict_timestamp,
+    check_timestamp,
+    id_date,
+    strict_date,
+    check_date,
+    count_nulls,
+    forty_two,
+    affine,
 );

@@ -126,7 +126,7 @@ pub fn risk_score(amount: f64, country: &str) -> f64 {
 /// Great-circle distance in kilometres between two points given in degrees.
 #[scalar]
 pub fn haversine_km(lat1: f64, lon1: f64, lat2: f64, lon2: f64) -> f64 {
-    const EARTH_RADIUS_KM: f64 = 6_371.0088;
+    const EARTH_RADIUS_KM: f64 = 6_371.008_8;
     let (p1, p2) = (lat1.to_radians(), lat2.to_radians());
     let dp = p2 - p1;
     let dl = (lon2 - lon1).to_radians();
@@ -177,7 +177,11 @@ mod tests {
         assert_eq!(m.intercept, -1.0);
         assert_eq!(m.country_weight("US"), 3.0);
         assert!(Model::parse("bogus = 1").unwrap_err().contains("line 1"));
-        assert!(Model::parse("intercept = x").unwrap_err().contains("intercept"));
+        assert!(
+            Model::parse("intercept = x")
+                .unwrap_err()
+                .contains("intercept")
+        );
     }
 
     #[test]

@@ -117,5 +117,14 @@ pub fn chatty(x: i64) -> i64 {
 }
 
 export_udfs!(
-    spin, balloon, boom, read_file, read_env, env_count, connect, wall_clock, random_hash, chatty,
+    spin,
+    balloon,
+    boom,
+    read_file,
+    read_env,
+    env_count,
+    connect,
+    wall_clock,
+    random_hash,
+    chatty,
 );

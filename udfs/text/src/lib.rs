@@ -16,7 +16,11 @@ pub fn normalize_email(email: &str) -> Result<String, String> {
         .filter(|(l, d)| !l.is_empty() && d.contains('.') && !d.starts_with('.'))
         .ok_or_else(|| format!("not an email address: {email:?}"))?;
     let local = local.split('+').next().unwrap_or(local);
-    let domain = if domain == "googlemail.com" { "gmail.com" } else { domain };
+    let domain = if domain == "googlemail.com" {
+        "gmail.com"
+    } else {
+        domain
+    };
     let local = if DOTLESS_PROVIDERS.contains(&domain) {
         local.replace('.', "")
     } else {
@@ -50,10 +54,17 @@ mod tests {
 
     #[test]
     fn normalizes_gmail_aliases_to_one_address() {
-        for alias in ["J.Doe+shop@gmail.com", " jdoe@GoogleMail.com ", "j.d.o.e@gmail.com"] {
+        for alias in [
+            "J.Doe+shop@gmail.com",
+            " jdoe@GoogleMail.com ",
+            "j.d.o.e@gmail.com",
+        ] {
             assert_eq!(normalize_email(alias).unwrap(), "jdoe@gmail.com");
         }
-        assert_eq!(normalize_email("J.Doe@Example.org").unwrap(), "j.doe@example.org");
+        assert_eq!(
+            normalize_email("J.Doe@Example.org").unwrap(),
+            "j.doe@example.org"
+        );
         assert!(normalize_email("no-at-sign").is_err());
         assert!(normalize_email("@example.org").is_err());
     }
