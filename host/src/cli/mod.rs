@@ -118,6 +118,9 @@ enum GenerateCommand {
         /// Number of distinct cards.
         #[arg(long, default_value_t = 10_000)]
         cards: u64,
+        /// Event-time span the rows are spread over, in days.
+        #[arg(long, default_value_t = 7.0)]
+        days: f64,
     },
 }
 
@@ -130,6 +133,7 @@ pub fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,riffle=info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -165,7 +169,8 @@ async fn run(cli: Cli) -> Result<()> {
             out,
             seed,
             cards,
-        }) => generate_fraud(rows, &out, seed, cards),
+            days,
+        }) => generate_fraud(rows, &out, seed, cards, days),
     }
 }
 
@@ -360,11 +365,17 @@ async fn sql(args: SqlArgs) -> Result<()> {
     Ok(())
 }
 
-fn generate_fraud(rows: u64, out: &Path, seed: u64, cards: u64) -> Result<()> {
+fn generate_fraud(rows: u64, out: &Path, seed: u64, cards: u64, days: f64) -> Result<()> {
     const BATCH: u64 = 8192;
+    if !(days > 0.0 && days.is_finite()) {
+        return Err(RiffleError::Config(format!(
+            "--days {days}: must be a positive number"
+        )));
+    }
     let mut generator = FraudGenerator::new(FraudConfig {
         seed,
         cards: cards.max(1),
+        rows_per_second: rows.max(1) as f64 / (days * 86_400.0),
         ..FraudConfig::default()
     });
     let started = Instant::now();

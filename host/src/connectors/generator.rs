@@ -45,7 +45,9 @@ impl Default for FraudConfig {
             merchants: 2_000,
             // 2026-01-01T00:00:00Z
             start_micros: 1_767_225_600_000_000,
-            rows_per_second: 1_000.0,
+            // About 86,000 transactions a day: a spread of days and nights in a few hundred
+            // thousand rows.
+            rows_per_second: 1.0,
             fraud_rate: 0.01,
             max_disorder_micros: 0,
         }
@@ -282,6 +284,24 @@ mod tests {
         assert_eq!(a, b);
         assert_ne!(a, c);
         assert_eq!(a.num_rows(), 500);
+    }
+
+    #[test]
+    fn default_rows_cover_days_and_nights() {
+        // Three whole days at the default rate of one row per second.
+        let batch = FraudGenerator::new(FraudConfig::default()).next_batch(3 * 86_400);
+        let ts = batch
+            .column(1)
+            .as_any()
+            .downcast_ref::<arrow::array::TimestampMicrosecondArray>()
+            .unwrap();
+        let night = ts
+            .values()
+            .iter()
+            .filter(|t| t.rem_euclid(86_400_000_000) < 6 * 3_600_000_000)
+            .count();
+        // A quarter of each day (64,800 rows), plus the fraud that clusters at night.
+        assert!((62_000..70_000).contains(&night), "{night} night rows");
     }
 
     #[test]
