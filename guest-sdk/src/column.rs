@@ -166,36 +166,31 @@ fixed_args! {
     f64 => Float64, Float64;
 }
 
-impl<'a> Arg<'a> for Timestamp {
-    const DATA_TYPE: DataType = DataType::Timestamp;
-    const NULLABLE: bool = false;
-    type Reader = FixedReader<'a, Timestamp>;
-    fn reader(col: &'a Column, rows: usize) -> Result<Self::Reader, CallError> {
-        match &col.values {
-            Values::Timestamp(v) => {
-                // SAFETY: Timestamp is repr(transparent) over i64.
-                let v = unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), v.len()) };
-                fixed(col, rows, v)
+/// Arguments of the `repr(transparent)` wrappers over fixed-width wire types.
+macro_rules! wrapper_args {
+    ($($t:ident over $inner:ty);* $(;)?) => {$(
+        impl<'a> Arg<'a> for $t {
+            const DATA_TYPE: DataType = DataType::$t;
+            const NULLABLE: bool = false;
+            type Reader = FixedReader<'a, $t>;
+            fn reader(col: &'a Column, rows: usize) -> Result<Self::Reader, CallError> {
+                match &col.values {
+                    Values::$t(v) => {
+                        let v: &[$inner] = v;
+                        // SAFETY: the wrapper is repr(transparent) over the wire type.
+                        let v = unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), v.len()) };
+                        fixed(col, rows, v)
+                    }
+                    _ => Err(bad(concat!("expected a ", stringify!($t), " column"))),
+                }
             }
-            _ => Err(bad("expected a Timestamp column")),
         }
-    }
+    )*};
 }
 
-impl<'a> Arg<'a> for Date {
-    const DATA_TYPE: DataType = DataType::Date;
-    const NULLABLE: bool = false;
-    type Reader = FixedReader<'a, Date>;
-    fn reader(col: &'a Column, rows: usize) -> Result<Self::Reader, CallError> {
-        match &col.values {
-            Values::Date(v) => {
-                // SAFETY: Date is repr(transparent) over i32.
-                let v = unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), v.len()) };
-                fixed(col, rows, v)
-            }
-            _ => Err(bad("expected a Date column")),
-        }
-    }
+wrapper_args! {
+    Timestamp over i64;
+    Date over i32;
 }
 
 /// Reader over a bit-packed boolean column.

@@ -157,19 +157,26 @@ impl UdfType {
 /// the wasmtime version is pinned exactly in Cargo.toml.
 pub(crate) struct WitList<T: ArrowNativeType>(ScalarBuffer<T>);
 
-// SAFETY: every item delegates to the implementation for `[T]`, whose lowered representation
-// (a pointer and a length) is exactly what this type produces.
-unsafe impl<T> ComponentType for WitList<T>
-where
-    T: ComponentType + ArrowNativeType,
-{
-    type Lower = <[T] as ComponentType>::Lower;
-    const ABI: CanonicalAbiInfo = <[T] as ComponentType>::ABI;
+/// `ComponentType` for a newtype that crosses the boundary exactly as `list<T>` does.
+macro_rules! list_component_type {
+    ($($name:ident),*) => {$(
+        // SAFETY: every item delegates to the implementation for `[T]`; the newtype is lowered
+        // and lifted as the same pointer/length pair.
+        unsafe impl<T> ComponentType for $name<T>
+        where
+            T: ComponentType + ArrowNativeType,
+        {
+            type Lower = <[T] as ComponentType>::Lower;
+            const ABI: CanonicalAbiInfo = <[T] as ComponentType>::ABI;
 
-    fn typecheck(ty: &InterfaceType, types: &InstanceType<'_>) -> wasmtime::Result<()> {
-        <[T] as ComponentType>::typecheck(ty, types)
-    }
+            fn typecheck(ty: &InterfaceType, types: &InstanceType<'_>) -> wasmtime::Result<()> {
+                <[T] as ComponentType>::typecheck(ty, types)
+            }
+        }
+    )*};
 }
+
+list_component_type!(WitList, ArrowOut);
 
 // SAFETY: as above; lowering writes the same pointer/length pair `[T]` would.
 unsafe impl<T> Lower for WitList<T>
@@ -235,19 +242,6 @@ impl<T: ArrowNativeType> ArrowOut<T> {
     }
 }
 
-// SAFETY: the lifted representation is exactly that of `[T]` (a pointer and a length).
-unsafe impl<T> ComponentType for ArrowOut<T>
-where
-    T: ComponentType + ArrowNativeType,
-{
-    type Lower = <[T] as ComponentType>::Lower;
-    const ABI: CanonicalAbiInfo = <[T] as ComponentType>::ABI;
-
-    fn typecheck(ty: &InterfaceType, types: &InstanceType<'_>) -> wasmtime::Result<()> {
-        <[T] as ComponentType>::typecheck(ty, types)
-    }
-}
-
 // SAFETY: reads the same pointer/length pair wasmtime's list lifting reads, with the same checks.
 unsafe impl<T> Lift for ArrowOut<T>
 where
@@ -289,29 +283,44 @@ pub(crate) struct VarLenIn {
     data: WitList<u8>,
 }
 
-/// `variant values` of the contract.
-#[derive(ComponentType, Lower)]
-#[component(variant)]
-pub(crate) enum ValuesIn {
-    #[component(name = "boolean")]
-    Boolean(WitList<u8>),
-    #[component(name = "int32")]
-    Int32(WitList<i32>),
-    #[component(name = "int64")]
-    Int64(WitList<i64>),
-    #[component(name = "float32")]
-    Float32(WitList<f32>),
-    #[component(name = "float64")]
-    Float64(WitList<f64>),
-    #[component(name = "utf8")]
-    Utf8(VarLenIn),
-    #[component(name = "binary")]
-    Binary(VarLenIn),
-    #[component(name = "timestamp")]
-    Timestamp(WitList<i64>),
-    #[component(name = "date")]
-    Date(WitList<i32>),
+/// Declares a Rust mirror of `variant values`, whose cases must follow the WIT order; one
+/// definition serves both directions so they cannot drift apart.
+macro_rules! wit_values {
+    ($(#[$meta:meta])* $name:ident, $derive:ident, $list:ident, $var_len:ident) => {
+        $(#[$meta])*
+        #[derive(ComponentType, $derive)]
+        #[component(variant)]
+        pub(crate) enum $name {
+            #[component(name = "boolean")]
+            Boolean($list<u8>),
+            #[component(name = "int32")]
+            Int32($list<i32>),
+            #[component(name = "int64")]
+            Int64($list<i64>),
+            #[component(name = "float32")]
+            Float32($list<f32>),
+            #[component(name = "float64")]
+            Float64($list<f64>),
+            #[component(name = "utf8")]
+            Utf8($var_len),
+            #[component(name = "binary")]
+            Binary($var_len),
+            #[component(name = "timestamp")]
+            Timestamp($list<i64>),
+            #[component(name = "date")]
+            Date($list<i32>),
+        }
+    };
 }
+
+wit_values!(
+    /// `variant values` of the contract, lowered from Arrow.
+    ValuesIn, Lower, WitList, VarLenIn
+);
+wit_values!(
+    /// `variant values` of the contract, lifted into Arrow buffers.
+    ValuesOut, Lift, ArrowOut, VarLenOut
+);
 
 /// `record column` of the contract, lifted into Arrow buffers.
 #[derive(ComponentType, Lift)]
@@ -328,30 +337,6 @@ pub(crate) struct ColumnOut {
 pub(crate) struct VarLenOut {
     offsets: ArrowOut<i32>,
     data: ArrowOut<u8>,
-}
-
-/// `variant values`, lifted.
-#[derive(ComponentType, Lift)]
-#[component(variant)]
-pub(crate) enum ValuesOut {
-    #[component(name = "boolean")]
-    Boolean(ArrowOut<u8>),
-    #[component(name = "int32")]
-    Int32(ArrowOut<i32>),
-    #[component(name = "int64")]
-    Int64(ArrowOut<i64>),
-    #[component(name = "float32")]
-    Float32(ArrowOut<f32>),
-    #[component(name = "float64")]
-    Float64(ArrowOut<f64>),
-    #[component(name = "utf8")]
-    Utf8(VarLenOut),
-    #[component(name = "binary")]
-    Binary(VarLenOut),
-    #[component(name = "timestamp")]
-    Timestamp(ArrowOut<i64>),
-    #[component(name = "date")]
-    Date(ArrowOut<i32>),
 }
 
 /// `record row-error`, lifted.
