@@ -8,13 +8,13 @@ use std::process::Command;
 fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
     let root = manifest.parent().unwrap().to_path_buf();
-    for dir in ["udfs", "guest-sdk", "wit"] {
-        rerun_if_changed_tree(&root.join(dir));
+    // Relative paths (cargo resolves them against this package): one target directory shared
+    // by several clones (CI reuses one) must watch the sources of the clone being built, not
+    // those of whichever clone ran this script last.
+    for dir in ["../udfs", "../guest-sdk", "../wit"] {
+        rerun_if_changed_tree(Path::new(dir));
     }
-    println!(
-        "cargo:rerun-if-changed={}",
-        root.join("scripts/build-udfs.sh").display()
-    );
+    println!("cargo:rerun-if-changed=../scripts/build-udfs.sh");
 
     // OUT_DIR is <target>/<profile>/build/<pkg>-<hash>/out: keep guests beside the host's
     // artifacts, in <target>/wasm-guests, shared by all profiles and by scripts/build-udfs.sh.
@@ -43,6 +43,7 @@ fn main() {
     println!("cargo:rustc-env=RIFFLE_UDF_DIR={dir}");
 }
 
+/// Watches every file under `dir` (relative to this package: build scripts run there).
 fn rerun_if_changed_tree(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;

@@ -235,3 +235,66 @@ fn compiled_modules_are_cached_by_content_hash_and_a_corrupt_cache_is_survived()
         "rewritten"
     );
 }
+
+/// Blocking WASI calls (stdout, sleeping) inside a query on either kind of tokio runtime must
+/// neither panic the host nor fail the call.
+async fn chatty_and_napping_udfs_inside_a_query() {
+    let session = session(RowErrorPolicy::Fail);
+    session
+        .load_udfs(&udf("hostile"), Vec::new(), None)
+        .unwrap();
+    let out = query(
+        &session,
+        "SELECT chatty(x) AS c, nap(0) AS n FROM (VALUES (1), (2)) AS t(x)",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        out.column(0).as_primitive::<Int64Type>().values().to_vec(),
+        vec![1, 2]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_wasi_calls_work_on_a_multi_threaded_runtime() {
+    chatty_and_napping_udfs_inside_a_query().await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn blocking_wasi_calls_work_on_a_current_thread_runtime() {
+    chatty_and_napping_udfs_inside_a_query().await;
+}
+
+/// Ten years, in milliseconds: were sleeps unbounded, these tests would hang (and CI fail).
+const DECADE_MS: i64 = 10 * 365 * 24 * 3_600 * 1_000;
+
+#[test]
+fn sleeping_in_a_frozen_world_completes_at_once() {
+    let module = module("hostile");
+    let out = call(
+        &module,
+        "nap",
+        &[Arc::new(Int64Array::from(vec![DECADE_MS]))],
+    )
+    .unwrap();
+    assert_eq!(out.array.as_primitive::<Int64Type>().value(0), DECADE_MS);
+}
+
+#[test]
+fn sleeping_in_real_time_is_cut_off_at_the_call_deadline() {
+    let module = module("clock");
+    let err = call(
+        &module,
+        "sleep_ms",
+        &[Arc::new(Int64Array::from(vec![DECADE_MS]))],
+    )
+    .unwrap_err();
+    let (function, kind, _, _) = failure(&err);
+    assert_eq!(
+        (function, kind),
+        ("sleep_ms", &UdfFailureKind::Timeout(limits().call_timeout))
+    );
+    // And short real sleeps just work.
+    let ok = call(&module, "sleep_ms", &[Arc::new(Int64Array::from(vec![1]))]).unwrap();
+    assert_eq!(ok.array.as_primitive::<Int64Type>().value(0), 1);
+}

@@ -11,8 +11,8 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, OptLevel};
 
-use super::module::UdfModule;
-use super::sandbox::HostState;
+use super::module::{UdfModule, outside_async_runtime};
+use super::sandbox::{HostState, bound_sleeps};
 use crate::error::{Result, RiffleError};
 
 /// How often the engine's epoch advances. A call's CPU deadline is checked at this granularity,
@@ -113,6 +113,7 @@ impl UdfEngine {
 
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+            .and_then(|()| bound_sleeps(&mut linker))
             .map_err(|e| RiffleError::Internal(format!("linking WASI: {e}")))?;
 
         let mut hasher = ShaHasher(Sha256::new());
@@ -156,10 +157,13 @@ impl UdfEngine {
     /// # Errors
     /// As [`UdfEngine::load`], plus a [`RiffleError::UdfFailure`] when init rejects `config`.
     pub fn load_with_config(&self, path: &Path, config: Vec<u8>) -> Result<Arc<UdfModule>> {
-        let bytes = std::fs::read(path).map_err(|e| RiffleError::io("reading", path, e))?;
-        let hash = hex::encode(Sha256::digest(&bytes));
-        let component = self.compile(path, &bytes, &hash)?;
-        UdfModule::new(self.clone(), path, hash, &component, config).map(Arc::new)
+        // Compiling blocks for a while and describe/init run Wasm: keep both off async workers.
+        outside_async_runtime(|| {
+            let bytes = std::fs::read(path).map_err(|e| RiffleError::io("reading", path, e))?;
+            let hash = hex::encode(Sha256::digest(&bytes));
+            let component = self.compile(path, &bytes, &hash)?;
+            UdfModule::new(self.clone(), path, hash, &component, config).map(Arc::new)
+        })
     }
 
     /// Compiles a component, or loads the artifact cached under its content hash.

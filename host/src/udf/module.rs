@@ -262,6 +262,7 @@ impl UdfModule {
         store.limiter(|s| &mut s.memory);
         store.set_epoch_deadline(UdfEngine::deadline_ticks(limits.init_timeout));
         store.epoch_deadline_trap();
+        store.data_mut().deadline = Some(Instant::now() + limits.init_timeout);
         let instance = self
             .pre
             .instantiate(&mut store)
@@ -310,7 +311,9 @@ impl UdfModule {
         let stderr = self.drain_output(function, store);
         let kind = if store.data_mut().memory.refused.take().is_some() {
             UdfFailureKind::OutOfMemory(self.engine.limits().memory_bytes)
-        } else if error.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
+        } else if error.downcast_ref::<Trap>() == Some(&Trap::Interrupt)
+            || store.data().overslept.load(Ordering::Relaxed)
+        {
             UdfFailureKind::Timeout(timeout)
         } else {
             UdfFailureKind::Trap
@@ -359,7 +362,7 @@ impl UdfModule {
             .get(index)
             .ok_or_else(|| RiffleError::Internal(format!("no UDF with index {index}")))?;
         let started = Instant::now();
-        let result = self.call_inner(function, index, rows, args);
+        let result = outside_async_runtime(|| self.call_inner(function, index, rows, args));
         let stats = &self.stats[index];
         stats.calls.fetch_add(1, Ordering::Relaxed);
         stats.rows.fetch_add(rows as u64, Ordering::Relaxed);
@@ -415,10 +418,25 @@ impl UdfModule {
         instance
             .store
             .set_epoch_deadline(UdfEngine::deadline_ticks(timeout));
+        instance.store.data_mut().deadline = Some(Instant::now() + timeout);
+        instance
+            .store
+            .data()
+            .overslept
+            .store(false, Ordering::Relaxed);
         let result = instance
             .call
             .call(&mut instance.store, (index as u32, rows as u32, columns));
+        let overslept = instance.store.data().overslept.load(Ordering::Relaxed);
         let output = match result {
+            Ok(_) if overslept => {
+                self.drain_output(&function.name, &mut instance.store);
+                return Err(self.error(
+                    &function.name,
+                    UdfFailureKind::Timeout(timeout),
+                    "slept past the deadline".into(),
+                ));
+            }
             Ok((output,)) => {
                 self.drain_output(&function.name, &mut instance.store);
                 self.checkin(instance);
@@ -471,6 +489,28 @@ impl UdfModule {
         if pool.len() < MAX_IDLE_INSTANCES {
             pool.push(instance);
         }
+    }
+}
+
+/// Runs `f`, which calls into Wasm, outside any tokio runtime's context.
+///
+/// wasmtime-wasi's synchronous bindings serve blocking WASI calls (a UDF's `println!`, a sleep)
+/// by `block_on` with the ambient tokio runtime. On a runtime's worker thread, where DataFusion
+/// runs operators, that panics ("Cannot start a runtime from within a runtime"), so one
+/// `println!` in a UDF would bring the host down. On a multi-threaded runtime `block_in_place`
+/// makes blocking legal (and hands the worker's other tasks to another thread); a
+/// current-thread runtime cannot do that, so the call hops to a scoped helper thread.
+pub(crate) fn outside_async_runtime<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Err(_) => f(),
+        Ok(handle) if handle.runtime_flavor() == RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        Ok(_) => std::thread::scope(|scope| match scope.spawn(f).join() {
+            Ok(result) => result,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }),
     }
 }
 

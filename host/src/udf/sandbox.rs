@@ -10,15 +10,20 @@
 //! and any accidental `SystemTime::now()` give the same result in a backfill and in a live
 //! stream. Modules that declare a nondeterministic function get the real clock and real
 //! randomness.
+//!
+//! Sleeping: CPU deadlines interrupt Wasm code, not a guest blocked in a host call, so waiting
+//! on a clock is bounded here (see [`bound_sleeps`]): in a frozen world it completes at once,
+//! in a real one it never outlasts the call's deadline.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use wasmtime::ResourceLimiter;
-use wasmtime::component::ResourceTable;
+use wasmtime::component::{Linker, Resource, ResourceTable};
+use wasmtime::{ResourceLimiter, StoreContextMut};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
-use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
+use wasmtime_wasi::p2::{DynPollable, OutputStream, Pollable, StreamError};
 use wasmtime_wasi::{
     Deterministic, HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView,
     WasiView,
@@ -31,6 +36,14 @@ const CAPTURE_LIMIT: usize = 64 * 1024;
 pub(crate) struct HostState {
     wasi: WasiCtx,
     table: ResourceTable,
+    deterministic: bool,
+    /// Origin of the real monotonic clock nondeterministic modules see.
+    clock_origin: Instant,
+    /// When the current call's CPU deadline expires.
+    pub(crate) deadline: Option<Instant>,
+    /// Set when a sleep was cut short at the deadline: the call overran, even if the guest
+    /// got back to its own code before the epoch ticker noticed.
+    pub(crate) overslept: Arc<AtomicBool>,
     pub(crate) memory: MemoryCap,
     pub(crate) stdout: CapturePipe,
     pub(crate) stderr: CapturePipe,
@@ -57,6 +70,7 @@ impl HostState {
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false);
+        let clock_origin = Instant::now();
         if deterministic {
             builder
                 .wall_clock(FrozenClock)
@@ -64,10 +78,16 @@ impl HostState {
                 .secure_random(Deterministic::new(seeded_bytes(0x5249_4646_4c45_0001)))
                 .insecure_random(Deterministic::new(seeded_bytes(0x5249_4646_4c45_0002)))
                 .insecure_random_seed(0x5249_4646_4c45_5345_4544);
+        } else {
+            builder.monotonic_clock(RealMonotonicClock(clock_origin));
         }
         HostState {
             wasi: builder.build(),
             table: ResourceTable::new(),
+            deterministic,
+            clock_origin,
+            deadline: None,
+            overslept: Arc::new(AtomicBool::new(false)),
             memory: MemoryCap {
                 limit: memory_limit,
                 refused: None,
@@ -110,6 +130,99 @@ impl HostMonotonicClock for FrozenClock {
     }
     fn now(&self) -> u64 {
         0
+    }
+}
+
+/// The real monotonic clock, counted from a known origin so sleeps until an instant can be
+/// bounded (wasmtime-wasi's own clock keeps its origin private).
+struct RealMonotonicClock(Instant);
+
+impl HostMonotonicClock for RealMonotonicClock {
+    fn resolution(&self) -> u64 {
+        1
+    }
+    fn now(&self) -> u64 {
+        self.0.elapsed().as_nanos() as u64
+    }
+}
+
+/// The WASI clock interface whose subscriptions are replaced; must match wasmtime-wasi's.
+const MONOTONIC_CLOCK: &str = "wasi:clocks/monotonic-clock@0.2.12";
+
+/// Replaces `subscribe-duration` and `subscribe-instant` of WASI's monotonic clock (what
+/// `std::thread::sleep` and timed polls wait on) with bounded versions.
+pub(crate) fn bound_sleeps(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    linker.allow_shadowing(true);
+    let mut clock = linker.instance(MONOTONIC_CLOCK)?;
+    clock.func_wrap(
+        "subscribe-duration",
+        |mut store: StoreContextMut<'_, HostState>, (nanos,): (u64,)| {
+            store
+                .data_mut()
+                .nap(Duration::from_nanos(nanos))
+                .map(|p| (p,))
+        },
+    )?;
+    clock.func_wrap(
+        "subscribe-instant",
+        |mut store: StoreContextMut<'_, HostState>, (when,): (u64,)| {
+            let state = store.data_mut();
+            let now = if state.deterministic {
+                0
+            } else {
+                state.clock_origin.elapsed().as_nanos() as u64
+            };
+            state
+                .nap(Duration::from_nanos(when.saturating_sub(now)))
+                .map(|p| (p,))
+        },
+    )?;
+    linker.allow_shadowing(false);
+    Ok(())
+}
+
+impl HostState {
+    /// A pollable that becomes ready after `duration`: at once when time is frozen, and never
+    /// later than the current call's deadline.
+    fn nap(&mut self, duration: Duration) -> wasmtime::Result<Resource<DynPollable>> {
+        let nap = if self.deterministic {
+            Nap {
+                until: None,
+                cut: None,
+            }
+        } else {
+            let wanted = Instant::now() + duration;
+            match self.deadline {
+                Some(deadline) if deadline < wanted => Nap {
+                    until: Some(deadline.into()),
+                    cut: Some(self.overslept.clone()),
+                },
+                _ => Nap {
+                    until: Some(wanted.into()),
+                    cut: None,
+                },
+            }
+        };
+        let nap = self.table.push(nap)?;
+        wasmtime_wasi::p2::subscribe(&mut self.table, nap)
+    }
+}
+
+/// A bounded sleep; `cut` is raised if it ends at the deadline instead of when asked.
+struct Nap {
+    until: Option<tokio::time::Instant>,
+    cut: Option<Arc<AtomicBool>>,
+}
+
+#[wasmtime_wasi::async_trait]
+impl Pollable for Nap {
+    async fn ready(&mut self) {
+        if let Some(until) = self.until {
+            tokio::time::sleep_until(until).await;
+        }
+        if let Some(cut) = &self.cut {
+            cut.store(true, Ordering::Relaxed);
+        }
     }
 }
 

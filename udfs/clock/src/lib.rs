@@ -1,5 +1,5 @@
 //! A module that declares itself nondeterministic: it gets the real clock, which the host's
-//! tests compare with the frozen clock deterministic modules see.
+//! tests compare with the frozen clock deterministic modules see, and real sleeps.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -15,4 +15,12 @@ pub fn now() -> Timestamp {
     Timestamp(micros)
 }
 
-export_udfs!(now);
+/// Really sleeps (this module lives in real time): the host bounds the sleep by the call's CPU
+/// deadline.
+#[scalar(nondeterministic)]
+pub fn sleep_ms(ms: i64) -> i64 {
+    std::thread::sleep(std::time::Duration::from_millis(ms as u64));
+    ms
+}
+
+export_udfs!(now, sleep_ms);

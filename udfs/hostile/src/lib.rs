@@ -37,6 +37,13 @@ pub fn boom(x: i64) -> i64 {
     x
 }
 
+/// Sleeps for `ms` milliseconds inside a host call, where CPU deadlines cannot interrupt it.
+#[scalar]
+pub fn nap(ms: i64) -> i64 {
+    std::thread::sleep(std::time::Duration::from_millis(ms as u64));
+    ms
+}
+
 /// Tries to read a file; the sandbox has no preopened directories.
 #[scalar]
 pub fn read_file(path: &str) -> Result<String, String> {
@@ -120,6 +127,7 @@ export_udfs!(
     spin,
     balloon,
     boom,
+    nap,
     read_file,
     read_env,
     env_count,
