@@ -2,7 +2,7 @@
 //! always run against guests built from the current source (never prebuilt binaries).
 //! The directory of `.wasm` files reaches the tests as `RIFFLE_UDF_DIR`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 fn main() {
@@ -10,11 +10,17 @@ fn main() {
     let root = manifest.parent().unwrap().to_path_buf();
     // Relative paths (cargo resolves them against this package): one target directory shared
     // by several clones (CI reuses one) must watch the sources of the clone being built, not
-    // those of whichever clone ran this script last.
-    for dir in ["../udfs", "../guest-sdk", "../wit"] {
-        rerun_if_changed_tree(Path::new(dir));
+    // those of whichever clone ran this script last. Cargo scans directories recursively, so
+    // a new UDF crate is noticed too.
+    for path in [
+        "../udfs",
+        "../guest-sdk",
+        "../wit",
+        "../scripts/build-udfs.sh",
+        "../Cargo.lock",
+    ] {
+        println!("cargo:rerun-if-changed={path}");
     }
-    println!("cargo:rerun-if-changed=../scripts/build-udfs.sh");
 
     // OUT_DIR is <target>/<profile>/build/<pkg>-<hash>/out: keep guests beside the host's
     // artifacts, in <target>/wasm-guests, shared by all profiles and by scripts/build-udfs.sh.
@@ -41,22 +47,4 @@ fn main() {
         .last()
         .expect("build-udfs.sh prints the output directory");
     println!("cargo:rustc-env=RIFFLE_UDF_DIR={dir}");
-}
-
-/// Watches every file under `dir` (relative to this package: build scripts run there).
-fn rerun_if_changed_tree(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if path.file_name().is_some_and(|n| n == "target") {
-            continue;
-        }
-        if path.is_dir() {
-            rerun_if_changed_tree(&path);
-        } else {
-            println!("cargo:rerun-if-changed={}", path.display());
-        }
-    }
 }

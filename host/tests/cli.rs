@@ -48,6 +48,14 @@ fn inspect_shows_signatures_hash_and_sandbox_mode() {
         "docs are shown: {stdout}"
     );
 
+    // A module whose init hook requires configuration is still described.
+    let out = riffle(
+        &["udf", "inspect", udf("configured").to_str().unwrap()],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("scaled(x DOUBLE) -> DOUBLE"));
+
     let out = riffle(
         &["udf", "inspect", "--json", udf("clock").to_str().unwrap()],
         dir.path(),

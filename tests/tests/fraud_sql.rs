@@ -288,3 +288,45 @@ async fn csv_and_json_tables_work_too_and_bad_tables_are_clear() {
     let err = session.register_table("t", &unknown).await.unwrap_err();
     assert!(err.to_string().contains("unknown file format"), "{err}");
 }
+
+#[tokio::test]
+async fn a_module_that_needs_configuration_says_so_and_can_still_be_described() {
+    let engine = engine();
+    // Describing runs no init hook.
+    let (hash, spec) = engine.describe(&udf("configured")).unwrap();
+    assert!(spec.has_init && hash.len() == 64);
+    assert_eq!(spec.functions[0].signature(), "scaled(x DOUBLE) -> DOUBLE");
+
+    // Loading without its configuration fails with the module's own words.
+    let err = engine.load(&udf("configured")).unwrap_err();
+    match &err {
+        RiffleError::UdfFailure {
+            kind: UdfFailureKind::Init,
+            detail,
+            ..
+        } => {
+            assert!(detail.contains("configuration required"), "{detail}");
+        }
+        other => panic!("expected an init failure, got {other}"),
+    }
+
+    // With it, every instance (here: two concurrent queries' worth) is configured.
+    let session = session(RowErrorPolicy::Fail);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("scale.txt");
+    std::fs::write(&config, "scale = 2.5\n").unwrap();
+    let script = format!(
+        "CREATE FUNCTIONS FROM '{}' WITH CONFIG '{}';
+         SELECT scaled(x) AS y FROM (VALUES (1.0), (4.0)) AS t(x)",
+        udf("configured").display(),
+        config.display()
+    );
+    let out = query(&session, &script).await.unwrap();
+    assert_eq!(
+        out.column(0)
+            .as_primitive::<Float64Type>()
+            .values()
+            .to_vec(),
+        vec![2.5, 10.0]
+    );
+}

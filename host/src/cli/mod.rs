@@ -194,12 +194,11 @@ fn engine_options(udf: &UdfOptions, file: &config::LimitsConfig) -> EngineOption
 
 fn inspect(path: &Path, json: bool) -> Result<()> {
     let engine = UdfEngine::new(engine_options(&UdfOptions::default(), &Default::default()))?;
-    let module = engine.load(path)?;
-    let spec = module.spec();
+    let (hash, spec) = engine.describe(path)?;
     if json {
         let value = serde_json::json!({
             "path": path,
-            "sha256": module.hash(),
+            "sha256": hash,
             "abi_version": spec.abi_version,
             "sdk": spec.sdk,
             "has_init": spec.has_init,
@@ -213,7 +212,7 @@ fn inspect(path: &Path, json: bool) -> Result<()> {
         return Ok(());
     }
     println!("module   {}", path.display());
-    println!("sha256   {}", module.hash());
+    println!("sha256   {hash}");
     println!("abi      {} ({})", spec.abi_version, spec.sdk);
     println!(
         "init     {}",

@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, OptLevel};
 
-use super::module::{UdfModule, outside_async_runtime};
+use super::module::{ModuleSpec, UdfModule, describe, outside_async_runtime};
 use super::sandbox::{HostState, bound_sleeps};
 use crate::error::{Result, RiffleError};
 
@@ -163,6 +163,20 @@ impl UdfEngine {
             let hash = hex::encode(Sha256::digest(&bytes));
             let component = self.compile(path, &bytes, &hash)?;
             UdfModule::new(self.clone(), path, hash, &component, config).map(Arc::new)
+        })
+    }
+
+    /// What a module file says about itself, and its sha256, without running its init hook
+    /// (which may need configuration the caller does not have): for `riffle udf inspect`.
+    ///
+    /// # Errors
+    /// As [`UdfEngine::load`].
+    pub fn describe(&self, path: &Path) -> Result<(String, ModuleSpec)> {
+        outside_async_runtime(|| {
+            let bytes = std::fs::read(path).map_err(|e| RiffleError::io("reading", path, e))?;
+            let hash = hex::encode(Sha256::digest(&bytes));
+            let component = self.compile(path, &bytes, &hash)?;
+            describe(self, path, &component).map(|(_, spec)| (hash, spec))
         })
     }
 

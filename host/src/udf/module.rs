@@ -166,38 +166,11 @@ impl UdfModule {
         component: &Component,
         config: Vec<u8>,
     ) -> Result<Self> {
-        let invalid = |reason: String| RiffleError::InvalidModule {
-            path: path.to_path_buf(),
-            reason,
-        };
-        let pre = engine.linker().instantiate_pre(component).map_err(|e| {
-            invalid(format!(
-                "it needs imports the Riffle sandbox does not provide: {e:#}"
-            ))
-        })?;
+        let (pre, spec) = describe(&engine, path, component)?;
         let file_name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| path.display().to_string());
-
-        // Ask the module to describe itself, in a throwaway deterministic instance.
-        let mut store = Store::new(
-            engine.engine(),
-            HostState::new(true, engine.limits().memory_bytes),
-        );
-        store.limiter(|s| &mut s.memory);
-        store.set_epoch_deadline(UdfEngine::deadline_ticks(engine.limits().init_timeout));
-        store.epoch_deadline_trap();
-        let info = pre
-            .instantiate(&mut store)
-            .and_then(|instance| Udf::new(&mut store, &instance))
-            .and_then(|udf| udf.call_describe(&mut store))
-            .map_err(|e| {
-                invalid(format!(
-                    "it is not a Riffle UDF module (describe failed): {e:#}"
-                ))
-            })?;
-        let spec = validate(info).map_err(invalid)?;
 
         let module = UdfModule {
             engine,
@@ -512,6 +485,42 @@ pub(crate) fn outside_async_runtime<R: Send>(f: impl FnOnce() -> R + Send) -> R 
             Err(panic) => std::panic::resume_unwind(panic),
         }),
     }
+}
+
+/// Links a compiled module against the sandbox and asks it to describe itself, in a throwaway
+/// deterministic instance (no init hook runs: describing needs no configuration).
+pub(crate) fn describe(
+    engine: &UdfEngine,
+    path: &Path,
+    component: &Component,
+) -> Result<(InstancePre<HostState>, ModuleSpec)> {
+    let invalid = |reason: String| RiffleError::InvalidModule {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let pre = engine.linker().instantiate_pre(component).map_err(|e| {
+        invalid(format!(
+            "it needs imports the Riffle sandbox does not provide: {e:#}"
+        ))
+    })?;
+    let mut store = Store::new(
+        engine.engine(),
+        HostState::new(true, engine.limits().memory_bytes),
+    );
+    store.limiter(|s| &mut s.memory);
+    store.set_epoch_deadline(UdfEngine::deadline_ticks(engine.limits().init_timeout));
+    store.epoch_deadline_trap();
+    let info = pre
+        .instantiate(&mut store)
+        .and_then(|instance| Udf::new(&mut store, &instance))
+        .and_then(|udf| udf.call_describe(&mut store))
+        .map_err(|e| {
+            invalid(format!(
+                "it is not a Riffle UDF module (describe failed): {e:#}"
+            ))
+        })?;
+    let spec = validate(info).map_err(invalid)?;
+    Ok((pre, spec))
 }
 
 /// Checks a module's self-description before anything is registered.
