@@ -238,11 +238,7 @@ impl RiffleSession {
         for statement in split_statements(sql)? {
             last = match statement {
                 Statement::CreateFunctions { only, path, config } => {
-                    let config = match config {
-                        Some(file) => std::fs::read(&file)
-                            .map_err(|e| RiffleError::io("reading UDF config", file, e))?,
-                        None => Vec::new(),
-                    };
+                    let config = read_udf_config(config.as_deref())?;
                     self.load_udfs(&path, config, only.as_deref())?;
                     Vec::new()
                 }
@@ -258,6 +254,19 @@ impl RiffleSession {
     /// Planning errors.
     pub async fn dataframe(&self, sql: &str) -> Result<DataFrame> {
         Ok(self.ctx.sql(sql).await?)
+    }
+}
+
+/// The init configuration bytes in `file`, or none.
+///
+/// # Errors
+/// [`RiffleError::Io`] when the file cannot be read.
+pub fn read_udf_config(file: Option<&Path>) -> Result<Vec<u8>> {
+    match file {
+        Some(file) => {
+            std::fs::read(file).map_err(|e| RiffleError::io("reading UDF config", file, e))
+        }
+        None => Ok(Vec::new()),
     }
 }
 

@@ -18,7 +18,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::connectors::files::{pretty, write_file};
 use crate::connectors::generator::{FraudConfig, FraudGenerator};
 use crate::error::{Blame, Result, RiffleError};
-use crate::session::{RiffleSession, SessionOptions};
+use crate::session::{RiffleSession, SessionOptions, read_udf_config};
 use crate::udf::{EngineOptions, RowErrorPolicy, UdfEngine, UdfLimits};
 
 /// Riffle: SQL pipelines with sandboxed WebAssembly UDFs.
@@ -278,12 +278,7 @@ async fn sql(args: SqlArgs) -> Result<()> {
     }
 
     for udf in &file_config.udfs {
-        let config = match &udf.config {
-            Some(file) => {
-                std::fs::read(file).map_err(|e| RiffleError::io("reading UDF config", file, e))?
-            }
-            None => Vec::new(),
-        };
+        let config = read_udf_config(udf.config.as_deref())?;
         session.load_udfs(&udf.path, config, udf.functions.as_deref())?;
     }
     let mut configs = std::collections::HashMap::new();
@@ -292,12 +287,7 @@ async fn sql(args: SqlArgs) -> Result<()> {
         configs.insert(PathBuf::from(module), PathBuf::from(file));
     }
     for path in &args.udf.udfs {
-        let config = match configs.remove(path) {
-            Some(file) => {
-                std::fs::read(&file).map_err(|e| RiffleError::io("reading UDF config", file, e))?
-            }
-            None => Vec::new(),
-        };
+        let config = read_udf_config(configs.remove(path).as_deref())?;
         session.load_udfs(path, config, None)?;
     }
     if let Some(unused) = configs.keys().next() {

@@ -263,6 +263,13 @@ impl ResourceLimiter for MemoryCap {
 pub(crate) struct CapturePipe(Arc<Mutex<Vec<u8>>>);
 
 impl CapturePipe {
+    /// Appends up to the capture limit; the rest is dropped.
+    fn append(&self, data: &[u8]) {
+        let mut buf = self.0.lock().expect("capture lock");
+        let room = CAPTURE_LIMIT.saturating_sub(buf.len());
+        buf.extend_from_slice(&data[..data.len().min(room)]);
+    }
+
     /// Everything captured since the last call, as text.
     pub(crate) fn take(&self) -> String {
         let bytes = std::mem::take(&mut *self.0.lock().expect("capture lock"));
@@ -272,9 +279,7 @@ impl CapturePipe {
 
 impl OutputStream for CapturePipe {
     fn write(&mut self, bytes: Bytes) -> Result<(), StreamError> {
-        let mut buf = self.0.lock().expect("capture lock");
-        let room = CAPTURE_LIMIT.saturating_sub(buf.len());
-        buf.extend_from_slice(&bytes[..bytes.len().min(room)]);
+        self.append(&bytes);
         Ok(())
     }
     fn flush(&mut self) -> Result<(), StreamError> {
@@ -315,9 +320,7 @@ impl tokio::io::AsyncWrite for AsyncCapture {
         _cx: &mut std::task::Context<'_>,
         data: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        let mut buf = self.0.0.lock().expect("capture lock");
-        let room = CAPTURE_LIMIT.saturating_sub(buf.len());
-        buf.extend_from_slice(&data[..data.len().min(room)]);
+        self.0.append(data);
         std::task::Poll::Ready(Ok(data.len()))
     }
     fn poll_flush(
