@@ -189,3 +189,9 @@ impl RiffleError {
         }
     }
 }
+
+impl From<arrow::error::ArrowError> for RiffleError {
+    fn from(e: arrow::error::ArrowError) -> Self {
+        RiffleError::Query(DataFusionError::ArrowError(Box::new(e), None))
+    }
+}

@@ -9,7 +9,15 @@
 //!   or streaming) calls [`udf::UdfModule::call`] the same way.
 //! - [`session`]: batch SQL over files with UDFs registered from `.wasm` modules, including the
 //!   `CREATE FUNCTIONS FROM 'module.wasm'` statement.
-//! - [`connectors`]: sources and sinks: the demo data generator, file writers.
+//! - [`plan`]: event-time window functions (`window`, `session_window`), their batch rewrite,
+//!   and the compilation of a query into a streaming plan with Spark's output-mode rules.
+//! - [`exec`]: streaming operators: the stateless DataFusion stage run per micro-batch, window
+//!   and session aggregation, de-duplication, and the post-aggregation stage.
+//! - [`stream`]: the epoch driver: triggers, watermarks, late rows, recovery, progress.
+//! - [`checkpoint`]: write-ahead offsets, commits and incremental operator state on disk.
+//! - [`pipeline`]: pipeline files (`riffle run PIPELINE --mode batch|stream`).
+//! - [`connectors`]: sources and sinks: the data generator, files, a directory source, static
+//!   tables for joins, Parquet/console/memory sinks.
 //! - [`cli`]: the `riffle` command line (`udf inspect`, `sql`, `generate`); `main.rs` is a
 //!   one-line wrapper.
 //! - [`error`]: [`RiffleError`], which says whose fault every error is.
@@ -20,10 +28,15 @@
 
 #![warn(missing_docs)]
 
+pub mod checkpoint;
 pub mod cli;
 pub mod connectors;
 pub mod error;
+pub mod exec;
+pub mod pipeline;
+pub mod plan;
 pub mod session;
+pub mod stream;
 pub mod udf;
 
 pub use error::{Blame, Result, RiffleError};

@@ -112,8 +112,12 @@ impl RiffleSession {
         if let Some(rows) = options.batch_size {
             config = config.with_batch_size(rows);
         }
+        let ctx = SessionContext::new_with_config(config);
+        for f in crate::plan::window::functions() {
+            ctx.register_udf(f);
+        }
         Ok(RiffleSession {
-            ctx: SessionContext::new_with_config(config),
+            ctx,
             engine: UdfEngine::new(options.engine)?,
             policy: options.row_error_policy,
             modules: Mutex::new(Vec::new()),
@@ -242,7 +246,7 @@ impl RiffleSession {
                     self.load_udfs(&path, config, only.as_deref())?;
                     Vec::new()
                 }
-                Statement::Sql(text) => self.ctx.sql(&text).await?.collect().await?,
+                Statement::Sql(text) => self.dataframe(&text).await?.collect().await?,
             };
         }
         Ok(last)
@@ -253,7 +257,18 @@ impl RiffleSession {
     /// # Errors
     /// Planning errors.
     pub async fn dataframe(&self, sql: &str) -> Result<DataFrame> {
-        Ok(self.ctx.sql(sql).await?)
+        self.batch(self.ctx.sql(sql).await?)
+    }
+
+    /// Prepares a DataFrame for batch execution: hopping windows and session windows in
+    /// `GROUP BY` become plans DataFusion can run (see [`crate::plan::window`]).
+    ///
+    /// # Errors
+    /// Planning errors for unsupported window use.
+    pub fn batch(&self, df: DataFrame) -> Result<DataFrame> {
+        let (state, plan) = df.into_parts();
+        let plan = crate::plan::window::rewrite_for_batch(plan)?;
+        Ok(DataFrame::new(state, plan))
     }
 }
 

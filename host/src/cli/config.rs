@@ -56,7 +56,9 @@ pub(crate) struct LimitsConfig {
     pub on_row_error: Option<RowErrorPolicy>,
 }
 
-fn policy<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<RowErrorPolicy>, D::Error> {
+pub(crate) fn policy<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<RowErrorPolicy>, D::Error> {
     let s = String::deserialize(d)?;
     s.parse().map(Some).map_err(serde::de::Error::custom)
 }

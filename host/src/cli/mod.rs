@@ -7,7 +7,7 @@
 //! riffle generate fraud --rows 1000000 --out data/tx.parquet
 //! ```
 
-mod config;
+pub(crate) mod config;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -39,6 +39,32 @@ enum Command {
     /// Generate demo data.
     #[command(subcommand)]
     Generate(GenerateCommand),
+    /// Run a pipeline file in batch or stream mode.
+    Run(RunArgs),
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// The pipeline file (TOML).
+    pipeline: PathBuf,
+    /// Batch over the source's files, or incremental streaming with checkpoints.
+    #[arg(long, value_enum, default_value = "batch")]
+    mode: RunMode,
+    /// Directory for compiled UDF artifacts (default: ~/.cache/riffle/wasm).
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// No live progress line on stderr.
+    #[arg(long)]
+    quiet: bool,
+    /// Stream mode: stop after this many epochs (the next run resumes from the checkpoint).
+    #[arg(long, value_name = "N")]
+    max_epochs: Option<u64>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum RunMode {
+    Batch,
+    Stream,
 }
 
 #[derive(Subcommand, Debug)]
@@ -171,7 +197,44 @@ async fn run(cli: Cli) -> Result<()> {
             cards,
             days,
         }) => generate_fraud(rows, &out, seed, cards, days),
+        Command::Run(args) => run_pipeline(args).await,
     }
+}
+
+async fn run_pipeline(args: RunArgs) -> Result<()> {
+    let pipeline = crate::pipeline::Pipeline::load(&args.pipeline)?;
+    let options = crate::pipeline::RunOptions {
+        cache_dir: args.cache_dir.or_else(EngineOptions::default_cache_dir),
+        live: !args.quiet,
+        max_epochs: args.max_epochs,
+    };
+    match args.mode {
+        RunMode::Batch => {
+            let started = std::time::Instant::now();
+            let batches = pipeline.run_batch(&options).await?;
+            if !batches.is_empty() {
+                println!("{}", crate::connectors::files::pretty(&batches)?);
+            }
+            eprintln!("batch run done in {:.2} s", started.elapsed().as_secs_f64());
+        }
+        RunMode::Stream => {
+            let stop = crate::stream::ctrl_c_flag();
+            let summary = pipeline.run_stream(&options, &stop).await?;
+            eprintln!(
+                "stream run {}: {} epochs, {} rows in, {} rows out, {} late",
+                if summary.finished {
+                    "finished"
+                } else {
+                    "stopped"
+                },
+                summary.epochs,
+                summary.input_rows,
+                summary.output_rows,
+                summary.late_rows
+            );
+        }
+    }
+    Ok(())
 }
 
 fn engine_options(udf: &UdfOptions, file: &config::LimitsConfig) -> EngineOptions {

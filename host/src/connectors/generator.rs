@@ -35,6 +35,9 @@ pub struct FraudConfig {
     /// Largest amount of event-time disorder, in microseconds (a row's time is moved back by up
     /// to this much).
     pub max_disorder_micros: i64,
+    /// Fraction of rows delivered twice (an exact copy right after the original), as
+    /// at-least-once feeds do; what streaming de-duplication is for.
+    pub duplicate_rate: f64,
 }
 
 impl Default for FraudConfig {
@@ -50,6 +53,7 @@ impl Default for FraudConfig {
             rows_per_second: 1.0,
             fraud_rate: 0.01,
             max_disorder_micros: 0,
+            duplicate_rate: 0.0,
         }
     }
 }
@@ -81,11 +85,20 @@ const DOMAINS: &[&str] = &[
     "corp.example",
 ];
 
+/// Rows per independently seeded block: a generator can start at any row by seeding that row's
+/// block and skipping at most this many rows, which is how a streaming source resumes from a
+/// checkpointed offset without replaying everything before it.
+const BLOCK_ROWS: i64 = 4096;
+
 /// Deterministic stream of fraud transactions.
 pub struct FraudGenerator {
     config: FraudConfig,
     rng: ChaCha8Rng,
     next_id: i64,
+}
+
+fn block_rng(seed: u64, block: i64) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(mix(seed ^ mix(block as u64)))
 }
 
 fn mix(x: u64) -> u64 {
@@ -99,10 +112,26 @@ impl FraudGenerator {
     /// A generator starting at row 0.
     pub fn new(config: FraudConfig) -> Self {
         FraudGenerator {
-            rng: ChaCha8Rng::seed_from_u64(config.seed),
+            rng: block_rng(config.seed, 0),
             config,
             next_id: 0,
         }
+    }
+
+    /// A generator whose next row is row `row` (the same row a generator started at 0 would
+    /// produce there).
+    pub fn starting_at(config: FraudConfig, row: i64) -> Self {
+        let block = row.div_euclid(BLOCK_ROWS);
+        let mut generator = FraudGenerator {
+            rng: block_rng(config.seed, block),
+            config,
+            next_id: block * BLOCK_ROWS,
+        };
+        let skip = row - generator.next_id;
+        if skip > 0 {
+            generator.next_batch_of_ids(skip as usize);
+        }
+        generator
     }
 
     /// The schema of every batch.
@@ -158,8 +187,35 @@ impl FraudGenerator {
         (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
     }
 
-    /// The next `rows` rows.
+    /// The rows of the next `ids` transaction ids: `ids` rows plus any duplicated deliveries
+    /// (see [`FraudConfig::duplicate_rate`]).
+    pub fn next_batch_of_ids(&mut self, ids: usize) -> RecordBatch {
+        let batch = self.generate(ids);
+        if self.config.duplicate_rate <= 0.0 {
+            return batch;
+        }
+        // Whether a row is delivered twice depends on its id only, so it does not disturb the
+        // rows themselves and a resumed generator makes the same choice.
+        let first_id = self.next_id - ids as i64;
+        let mut take = Vec::with_capacity(ids + ids / 8);
+        for i in 0..ids {
+            take.push(i as u32);
+            let u = mix(self.config.seed ^ 0xD0B1 ^ (first_id + i as i64) as u64) as f64
+                / u64::MAX as f64;
+            if u < self.config.duplicate_rate {
+                take.push(i as u32);
+            }
+        }
+        let indices = arrow::array::UInt32Array::from(take);
+        arrow::compute::take_record_batch(&batch, &indices).expect("indices in range")
+    }
+
+    /// The next `rows` rows (no duplicated deliveries, whatever the config says).
     pub fn next_batch(&mut self, rows: usize) -> RecordBatch {
+        self.generate(rows)
+    }
+
+    fn generate(&mut self, rows: usize) -> RecordBatch {
         let mut tx_id = Int64Builder::with_capacity(rows);
         let mut ts = TimestampMicrosecondBuilder::with_capacity(rows);
         let mut card = Int64Builder::with_capacity(rows);
@@ -177,20 +233,25 @@ impl FraudGenerator {
 
         for _ in 0..rows {
             let id = self.next_id;
+            if id % BLOCK_ROWS == 0 {
+                self.rng = block_rng(self.config.seed, id / BLOCK_ROWS);
+            }
             self.next_id += 1;
-            let is_fraud = self.rng.gen_bool(self.config.fraud_rate);
-            let card_id = self.rng.gen_range(0..self.config.cards) as i64;
-            let merchant_id = self.rng.gen_range(0..self.config.merchants) as i64;
-
             let mut t = self.config.start_micros + (id as f64 * step) as i64;
             if self.config.max_disorder_micros > 0 {
                 t -= self.rng.gen_range(0..=self.config.max_disorder_micros);
             }
-            if is_fraud && self.rng.gen_bool(0.5) {
-                // Fraud clusters at night: move to the same instant's 01:00-05:00 UTC window.
-                let day = t.div_euclid(86_400_000_000) * 86_400_000_000;
-                t = day + self.rng.gen_range(3_600_000_000..18_000_000_000);
-            }
+            // Fraud clusters at night (01:00-05:00 UTC): three times the rate there, less
+            // elsewhere. Times are never moved, so disorder stays within its bound.
+            let hour = t.rem_euclid(86_400_000_000) / 3_600_000_000;
+            let rate = if (1..5).contains(&hour) {
+                self.config.fraud_rate * 3.0
+            } else {
+                self.config.fraud_rate * 0.8
+            };
+            let is_fraud = self.rng.gen_bool(rate.min(1.0));
+            let card_id = self.rng.gen_range(0..self.config.cards) as i64;
+            let merchant_id = self.rng.gen_range(0..self.config.merchants) as i64;
 
             let mu = if is_fraud { 6.0 } else { 3.6 };
             let value = (mu + 1.1 * self.normal()).exp().min(50_000.0);
@@ -322,5 +383,53 @@ mod tests {
             let nominal = config.start_micros + (i as f64 * step) as i64;
             assert!(*t <= nominal && nominal - *t <= config.max_disorder_micros);
         }
+    }
+
+    #[test]
+    fn a_generator_resumes_at_any_row() {
+        let config = FraudConfig {
+            max_disorder_micros: 5_000_000,
+            ..FraudConfig::default()
+        };
+        let all = FraudGenerator::new(config.clone()).next_batch(10_000);
+        for start in [0, 1, 4095, 4096, 4097, 9000] {
+            let mut resumed = FraudGenerator::starting_at(config.clone(), start);
+            let rest = resumed.next_batch(10_000 - start as usize);
+            assert_eq!(
+                rest,
+                all.slice(start as usize, 10_000 - start as usize),
+                "{start}"
+            );
+        }
+    }
+
+    #[test]
+    fn duplicates_are_exact_copies_of_the_row_before() {
+        let config = FraudConfig {
+            duplicate_rate: 0.1,
+            ..FraudConfig::default()
+        };
+        let batch = FraudGenerator::new(config.clone()).next_batch_of_ids(2000);
+        assert!(
+            (2150..2250).contains(&batch.num_rows()),
+            "{}",
+            batch.num_rows()
+        );
+        let ids = batch
+            .column(0)
+            .as_any()
+            .downcast_ref::<arrow::array::Int64Array>()
+            .unwrap();
+        for i in 1..batch.num_rows() {
+            if ids.value(i) == ids.value(i - 1) {
+                assert_eq!(batch.slice(i, 1), batch.slice(i - 1, 1));
+            }
+        }
+        // Split anywhere, the same rows come out.
+        let mut g = FraudGenerator::new(config.clone());
+        let a = g.next_batch_of_ids(700);
+        let b = FraudGenerator::starting_at(config, 700).next_batch_of_ids(1300);
+        let joined = arrow::compute::concat_batches(&batch.schema(), [&a, &b]).unwrap();
+        assert_eq!(joined, batch);
     }
 }

@@ -1,5 +1,7 @@
-//! Sources and sinks. For now: a deterministic demo-data generator and file writers; the
-//! streaming sources (Kafka, directories) and transactional sinks (Delta) join them here.
+//! Sources and sinks: the demo data generator, files, streaming sources and sinks.
 
 pub mod files;
 pub mod generator;
+pub mod sink;
+pub mod source;
+pub mod static_table;

@@ -1,0 +1,243 @@
+//! Per-epoch progress, like Spark's `StreamingQueryProgress`: a JSON line per epoch in a file,
+//! and a compact live line on the terminal.
+
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::checkpoint::EpochPlan;
+use crate::error::{Result, RiffleError};
+use crate::exec::StateRows;
+use crate::udf::UdfModule;
+
+/// Milliseconds spent in each phase of an epoch.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Phases {
+    /// Reading the source.
+    pub read_ms: f64,
+    /// The stateless stage (scans, filters, UDF projections, joins).
+    pub stateless_ms: f64,
+    /// The stateful operator and post stage.
+    pub stateful_ms: f64,
+    /// Writing state changes.
+    pub state_ms: f64,
+    /// Writing the sink.
+    pub sink_ms: f64,
+    /// Writing the commit.
+    pub commit_ms: f64,
+    /// The whole epoch.
+    pub total_ms: f64,
+}
+
+/// One UDF's activity during an epoch.
+#[derive(Clone, Debug, Serialize)]
+pub struct UdfProgress {
+    /// Function name.
+    pub name: String,
+    /// Module content hash (sha256, first 12 hex digits).
+    pub module: String,
+    /// Calls (one per batch).
+    pub calls: u64,
+    /// Rows passed.
+    pub rows: u64,
+    /// Time inside the UDF, milliseconds.
+    pub time_ms: f64,
+    /// Row errors plus failures.
+    pub errors: u64,
+}
+
+/// One epoch's progress record.
+#[derive(Clone, Debug, Serialize)]
+pub struct EpochProgress {
+    /// Epoch number.
+    pub epoch: u64,
+    /// Wall-clock time the epoch finished (RFC 3339).
+    pub timestamp: String,
+    /// Source offsets.
+    pub start_offset: serde_json::Value,
+    /// Source offsets after.
+    pub end_offset: serde_json::Value,
+    /// Input rows.
+    pub input_rows: u64,
+    /// Input rows per second of wall time since the previous epoch.
+    pub input_rows_per_second: f64,
+    /// Input rows per second of processing time.
+    pub processed_rows_per_second: f64,
+    /// Output rows.
+    pub output_rows: u64,
+    /// Rows dropped as late.
+    pub late_rows: u64,
+    /// Watermark after the epoch (RFC 3339), if any.
+    pub watermark: Option<String>,
+    /// Phase durations.
+    pub durations: Phases,
+    /// State of the stateful operator.
+    pub state: Option<StateRows>,
+    /// Bytes of state written to the checkpoint this epoch.
+    pub state_bytes_written: u64,
+    /// Latency from a row's arrival to its commit, fastest and slowest row, milliseconds
+    /// (for sources that know arrival times).
+    pub latency_ms: Option<(f64, f64)>,
+    /// UDF activity.
+    pub udfs: Vec<UdfProgress>,
+}
+
+fn rfc3339(micros: i64) -> Option<String> {
+    if micros == i64::MIN || micros == i64::MAX {
+        return None;
+    }
+    arrow::temporal_conversions::timestamp_us_to_datetime(micros)
+        .map(|t| t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())
+}
+
+impl EpochProgress {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        plan: &EpochPlan,
+        watermark: i64,
+        input_rows: u64,
+        output_rows: u64,
+        late_rows: u64,
+        durations: Phases,
+        state: Option<StateRows>,
+        state_bytes_written: u64,
+        latency_ms: Option<(f64, f64)>,
+        modules: &[Arc<UdfModule>],
+    ) -> Self {
+        let mut udfs = Vec::new();
+        for module in modules {
+            for (i, f) in module.spec().functions.iter().enumerate() {
+                let s = module.stats(i);
+                udfs.push(UdfProgress {
+                    name: f.name.clone(),
+                    module: module.hash().chars().take(12).collect(),
+                    calls: s.calls,
+                    rows: s.rows,
+                    time_ms: s.nanos as f64 / 1e6,
+                    errors: s.row_errors + s.failures,
+                });
+            }
+        }
+        let now_micros = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as i64)
+            .unwrap_or(0);
+        EpochProgress {
+            epoch: plan.epoch,
+            timestamp: rfc3339(now_micros).unwrap_or_default(),
+            start_offset: plan.start.clone(),
+            end_offset: plan.end.clone(),
+            input_rows,
+            input_rows_per_second: 0.0,
+            processed_rows_per_second: input_rows as f64 / (durations.total_ms / 1000.0).max(1e-9),
+            output_rows,
+            late_rows,
+            watermark: rfc3339(watermark),
+            durations,
+            state,
+            state_bytes_written,
+            latency_ms,
+            udfs,
+        }
+    }
+}
+
+/// Writes progress records and the live line.
+pub struct ProgressWriter {
+    file: std::io::BufWriter<std::fs::File>,
+    live: bool,
+    terminal: bool,
+    last_epoch_end: Option<Instant>,
+    last_line: Option<Instant>,
+    previous_udfs: Vec<UdfProgress>,
+}
+
+impl ProgressWriter {
+    /// Appends to `path`.
+    ///
+    /// # Errors
+    /// I/O errors opening the file.
+    pub fn new(path: &Path, live: bool) -> Result<Self> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| RiffleError::io("creating", dir, e))?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| RiffleError::io("opening", path, e))?;
+        Ok(ProgressWriter {
+            file: std::io::BufWriter::new(file),
+            live,
+            terminal: std::io::stderr().is_terminal(),
+            last_epoch_end: None,
+            last_line: None,
+            previous_udfs: Vec::new(),
+        })
+    }
+
+    pub(crate) fn record(&mut self, mut p: EpochProgress) -> Result<()> {
+        let now = Instant::now();
+        if let Some(prev) = self.last_epoch_end {
+            p.input_rows_per_second =
+                p.input_rows as f64 / now.duration_since(prev).as_secs_f64().max(1e-9);
+        }
+        self.last_epoch_end = Some(now);
+        // UDF counters are cumulative in the runtime; report this epoch's share.
+        let cumulative = p.udfs.clone();
+        for u in &mut p.udfs {
+            if let Some(prev) = self
+                .previous_udfs
+                .iter()
+                .find(|q| q.name == u.name && q.module == u.module)
+            {
+                u.calls -= prev.calls.min(u.calls);
+                u.rows -= prev.rows.min(u.rows);
+                u.time_ms -= prev.time_ms.min(u.time_ms);
+                u.errors -= prev.errors.min(u.errors);
+            }
+        }
+        p.udfs.retain(|u| u.calls > 0 || u.errors > 0);
+        self.previous_udfs = cumulative;
+        let line = serde_json::to_string(&p).expect("serialisable");
+        writeln!(self.file, "{line}").map_err(|e| RiffleError::io("writing", "progress", e))?;
+        self.file
+            .flush()
+            .map_err(|e| RiffleError::io("writing", "progress", e))?;
+        if self.live {
+            let throttle = if self.terminal { 0.1 } else { 1.0 };
+            if self
+                .last_line
+                .is_none_or(|t| now.duration_since(t).as_secs_f64() >= throttle)
+            {
+                self.last_line = Some(now);
+                let text = format!(
+                    "epoch {} | in {} rows ({:.0} rows/s) | out {} | late {} | watermark {} | state {} rows | {:.1} ms",
+                    p.epoch,
+                    p.input_rows,
+                    p.processed_rows_per_second,
+                    p.output_rows,
+                    p.late_rows,
+                    p.watermark.as_deref().unwrap_or("-"),
+                    p.state.map(|s| s.rows).unwrap_or(0),
+                    p.durations.total_ms,
+                );
+                if self.terminal {
+                    eprint!("\r\x1b[2K{text}");
+                } else {
+                    eprintln!("{text}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn finish(&mut self) {
+        if self.live && self.terminal {
+            eprintln!();
+        }
+    }
+}
