@@ -64,7 +64,7 @@ use crate::exec::OutputMode;
 use crate::plan::window::parse_duration;
 use crate::session::{RiffleSession, SessionOptions, read_udf_config};
 use crate::stream::{RunSummary, StreamInput, StreamOptions, StreamingQuery, Trigger};
-use crate::udf::{EngineOptions, UdfLimits};
+use crate::udf::EngineOptions;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -260,13 +260,7 @@ impl Pipeline {
 
     async fn session(&self, options: &RunOptions) -> Result<RiffleSession> {
         let limits_file = &self.file_contents.limits;
-        let mut limits = UdfLimits::default();
-        if let Some(ms) = limits_file.udf_timeout_ms {
-            limits.call_timeout = Duration::from_millis(ms);
-        }
-        if let Some(mb) = limits_file.udf_memory_mb {
-            limits.memory_bytes = mb << 20;
-        }
+        let limits = limits_file.udf_limits(None, None);
         let session = RiffleSession::new(SessionOptions {
             engine: EngineOptions {
                 cache_dir: options.cache_dir.clone(),

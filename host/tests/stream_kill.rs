@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use arrow::array::{AsArray, RecordBatch};
 use arrow::datatypes::Int64Type;
+use riffle::connectors::source::read_file;
+use riffle::session::FileFormat;
 
 fn pipeline(dir: &Path, query: &str, mode: &str) -> std::path::PathBuf {
     let path = dir.join(format!("{mode}.toml"));
@@ -47,6 +49,10 @@ interval = "50 milliseconds"
     path
 }
 
+fn read_parquet(path: &Path) -> Vec<RecordBatch> {
+    read_file(path, FileFormat::Parquet, None).unwrap()
+}
+
 fn read_dir(dir: &Path) -> Vec<RecordBatch> {
     let mut files: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
@@ -54,18 +60,7 @@ fn read_dir(dir: &Path) -> Vec<RecordBatch> {
         .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
         .collect();
     files.sort();
-    files
-        .into_iter()
-        .flat_map(|p| {
-            parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
-                std::fs::File::open(p).unwrap(),
-            )
-            .unwrap()
-            .build()
-            .unwrap()
-            .map(|b| b.unwrap())
-        })
-        .collect()
+    files.iter().flat_map(|p| read_parquet(p)).collect()
 }
 
 fn riffle(pipeline: &Path, mode: &str) -> Command {
@@ -142,7 +137,7 @@ fn kill_9_and_restart_writes_every_row_exactly_once() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let expected = read_dir_file(&dir.path().join("stream-batch.parquet"));
+    let expected = read_parquet(&dir.path().join("stream-batch.parquet"));
 
     let count = |batches: &[RecordBatch]| {
         let mut m: HashMap<(i64, i64), usize> = HashMap::new();
@@ -163,15 +158,4 @@ fn kill_9_and_restart_writes_every_row_exactly_once() {
     assert_eq!(got.len(), want.len(), "distinct rows after {kills} kills");
     // Duplicated deliveries in the source appear twice in both; nothing else may.
     assert_eq!(got, want, "each row exactly as often as in batch mode");
-}
-
-fn read_dir_file(path: &Path) -> Vec<RecordBatch> {
-    parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
-        std::fs::File::open(path).unwrap(),
-    )
-    .unwrap()
-    .build()
-    .unwrap()
-    .map(|b| b.unwrap())
-    .collect()
 }

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::error::{Result, RiffleError};
-use crate::udf::RowErrorPolicy;
+use crate::udf::{RowErrorPolicy, UdfLimits};
 
 /// The whole file.
 #[derive(Debug, Default, Deserialize)]
@@ -61,6 +61,25 @@ pub(crate) fn policy<'de, D: serde::Deserializer<'de>>(
 ) -> Result<Option<RowErrorPolicy>, D::Error> {
     let s = String::deserialize(d)?;
     s.parse().map(Some).map_err(serde::de::Error::custom)
+}
+
+impl LimitsConfig {
+    /// The UDF limits this section sets, with command-line values (when given) taking
+    /// precedence.
+    pub(crate) fn udf_limits(
+        &self,
+        timeout_ms: Option<u64>,
+        memory_mb: Option<usize>,
+    ) -> UdfLimits {
+        let mut limits = UdfLimits::default();
+        if let Some(ms) = timeout_ms.or(self.udf_timeout_ms) {
+            limits.call_timeout = std::time::Duration::from_millis(ms);
+        }
+        if let Some(mb) = memory_mb.or(self.udf_memory_mb) {
+            limits.memory_bytes = mb << 20;
+        }
+        limits
+    }
 }
 
 impl RiffleConfig {

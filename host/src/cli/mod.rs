@@ -19,7 +19,7 @@ use crate::connectors::files::{pretty, write_file};
 use crate::connectors::generator::{FraudConfig, FraudGenerator};
 use crate::error::{Blame, Result, RiffleError};
 use crate::session::{RiffleSession, SessionOptions, read_udf_config};
-use crate::udf::{EngineOptions, RowErrorPolicy, UdfEngine, UdfLimits};
+use crate::udf::{EngineOptions, RowErrorPolicy, UdfEngine};
 
 /// Riffle: SQL pipelines with sandboxed WebAssembly UDFs.
 #[derive(Parser, Debug)]
@@ -238,13 +238,7 @@ async fn run_pipeline(args: RunArgs) -> Result<()> {
 }
 
 fn engine_options(udf: &UdfOptions, file: &config::LimitsConfig) -> EngineOptions {
-    let mut limits = UdfLimits::default();
-    if let Some(ms) = udf.udf_timeout_ms.or(file.udf_timeout_ms) {
-        limits.call_timeout = Duration::from_millis(ms);
-    }
-    if let Some(mb) = udf.udf_memory_mb.or(file.udf_memory_mb) {
-        limits.memory_bytes = mb << 20;
-    }
+    let limits = file.udf_limits(udf.udf_timeout_ms, udf.udf_memory_mb);
     let cache_dir = if udf.no_cache {
         None
     } else {

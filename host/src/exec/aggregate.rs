@@ -109,9 +109,32 @@ pub(crate) fn update(
 
 /// Evaluates a timestamp expression as microseconds since the epoch.
 pub(crate) fn micros(expr: &Arc<dyn PhysicalExpr>, batch: &RecordBatch) -> Result<ArrayRef> {
-    let array = expr.evaluate(batch)?.into_array(batch.num_rows())?;
-    let as_ts = cast(&array, &DataType::Timestamp(TimeUnit::Microsecond, None))?;
+    to_micros(&expr.evaluate(batch)?.into_array(batch.num_rows())?)
+}
+
+/// A timestamp or date array as `Int64` microseconds since the epoch.
+pub(crate) fn to_micros(array: &ArrayRef) -> Result<ArrayRef> {
+    let as_ts = cast(array, &DataType::Timestamp(TimeUnit::Microsecond, None))?;
     Ok(cast(&as_ts, &DataType::Int64)?)
+}
+
+/// Appends one column per aggregate (its values for the emitted groups, in order), cast to
+/// the output schema's type where DataFusion's accumulator returns a different one.
+pub(crate) fn append_aggregate_columns(
+    columns: &mut Vec<ArrayRef>,
+    values: Vec<Vec<ScalarValue>>,
+    schema: &SchemaRef,
+) -> Result<()> {
+    for v in values {
+        let field = schema.field(columns.len());
+        let array = ScalarValue::iter_to_array(v)?;
+        columns.push(if array.data_type() == field.data_type() {
+            array
+        } else {
+            cast(&array, field.data_type())?
+        });
+    }
+    Ok(())
 }
 
 /// The group keys of an `Aggregate`: the window call (if any) and the other expressions.
@@ -120,12 +143,14 @@ pub(crate) struct GroupKeys {
     pub window: Option<(usize, WindowKind, Arc<dyn PhysicalExpr>)>,
     /// The other group expressions, in order.
     pub keys: Vec<Arc<dyn PhysicalExpr>>,
-    /// Row format of `[window start (if windowed)] + keys`.
+    /// Row format of `[window start (if `start_in_key`)] + keys`.
     pub converter: RowConverter,
 }
 
 impl GroupKeys {
-    pub fn plan(agg: &Aggregate, state: &SessionState) -> Result<GroupKeys> {
+    /// Plans the group expressions. With `start_in_key` the encoded key begins with the window
+    /// start (fixed windows); sessions encode the other keys only, as their bounds move.
+    pub fn plan(agg: &Aggregate, state: &SessionState, start_in_key: bool) -> Result<GroupKeys> {
         let schema: &DFSchema = agg.input.schema();
         let mut window = None;
         let mut keys = Vec::new();
@@ -139,7 +164,9 @@ impl GroupKeys {
             if let Some(call) = window_call(e)? {
                 let ts = state.create_physical_expr(call.ts.clone(), schema)?;
                 window = Some((i, call.kind, ts));
-                fields.insert(0, SortField::new(DataType::Int64));
+                if start_in_key {
+                    fields.insert(0, SortField::new(DataType::Int64));
+                }
             } else {
                 let physical = state.create_physical_expr(e.clone(), schema)?;
                 fields.push(SortField::new(e.get_type(schema)?));
@@ -160,17 +187,13 @@ impl GroupKeys {
             .converter
             .convert_rows(keys.iter().map(|k| parser.parse(k)))?;
         let mut columns = Vec::with_capacity(decoded.len());
-        if let Some((position, kind, _)) = &self.window {
+        if let Some((position, _, _)) = &self.window {
             let starts = decoded.remove(0);
             let starts: Vec<i64> = starts
                 .as_primitive::<arrow::datatypes::Int64Type>()
                 .values()
                 .to_vec();
             let ends = starts.iter().map(|s| s + size).collect();
-            debug_assert!(
-                matches!(kind, WindowKind::Time(_)),
-                "sessions build their own"
-            );
             columns.extend(decoded);
             columns.insert(*position, window_array(starts, ends));
         } else {
@@ -206,7 +229,7 @@ impl WindowAggregate {
     /// # Errors
     /// [`RiffleError::Config`] for aggregates the streaming engine cannot run.
     pub fn new(agg: &Aggregate, state: &SessionState, mode: OutputMode) -> Result<Self> {
-        let keys = GroupKeys::plan(agg, state)?;
+        let keys = GroupKeys::plan(agg, state, true)?;
         let windows = match &keys.window {
             Some((_, WindowKind::Time(w), _)) => Some(*w),
             Some((_, WindowKind::Session(_), _)) => {
@@ -252,15 +275,7 @@ impl WindowAggregate {
         }
         let size = self.windows.map(|w| w.size).unwrap_or(0);
         let mut columns = self.keys.output_columns(&chosen, size)?;
-        for v in values {
-            let field = self.output_schema.field(columns.len());
-            let array = ScalarValue::iter_to_array(v)?;
-            columns.push(if array.data_type() == field.data_type() {
-                array
-            } else {
-                cast(&array, field.data_type())?
-            });
-        }
+        append_aggregate_columns(&mut columns, values, &self.output_schema)?;
         Ok(Some(RecordBatch::try_new(
             self.output_schema.clone(),
             columns,
@@ -308,8 +323,10 @@ impl Watermarked for WindowAggregate {
                     });
                 }
             }
-            let ids = UInt32Array::from(row_ids.clone());
-            if row_ids.len() != rows || row_ids.iter().enumerate().any(|(j, r)| *r as usize != j) {
+            // Every row with a timestamp has at least one window, in row order, so the
+            // expansion is the identity exactly when no row was dropped or repeated.
+            if row_ids.len() != rows {
+                let ids = UInt32Array::from(row_ids.clone());
                 key_arrays = key_arrays
                     .iter()
                     .map(|a| take(a.as_ref(), &ids, None))

@@ -10,16 +10,16 @@ use std::sync::Arc;
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, UInt32Array};
 use arrow::compute::{concat_batches, take};
 use arrow::datatypes::{Int64Type, SchemaRef};
-use arrow::row::{RowConverter, SortField};
+use arrow::row::RowConverter;
 use datafusion::common::ScalarValue;
 use datafusion::execution::SessionState;
-use datafusion::logical_expr::{Aggregate, Expr, ExprSchemable};
+use datafusion::logical_expr::Aggregate;
 use datafusion::physical_plan::PhysicalExpr;
 
-use super::aggregate::{AggSpec, micros, update};
+use super::aggregate::{AggSpec, GroupKeys, append_aggregate_columns, micros, update};
 use super::{StateRows, Watermarked};
 use crate::error::{Result, RiffleError};
-use crate::plan::window::{WindowKind, window_array, window_call};
+use crate::plan::window::{WindowKind, window_array};
 
 /// Streaming `GROUP BY session_window(ts, gap), keys...`.
 pub struct SessionAggregate {
@@ -41,43 +41,20 @@ impl SessionAggregate {
     /// # Errors
     /// [`RiffleError::Config`] for unsupported aggregates.
     pub fn new(agg: &Aggregate, state: &SessionState) -> Result<Self> {
-        let schema = agg.input.schema();
-        let mut window = None;
-        let mut keys = Vec::new();
-        let mut fields = Vec::new();
-        for (i, e) in agg.group_expr.iter().enumerate() {
-            if let Expr::GroupingSet(_) = e {
-                return Err(RiffleError::Config(
-                    "GROUPING SETS are not supported in streaming mode".into(),
-                ));
-            }
-            match window_call(e)? {
-                Some(call) => match call.kind {
-                    WindowKind::Session(gap) => {
-                        window = Some((i, gap, state.create_physical_expr(call.ts, schema)?))
-                    }
-                    WindowKind::Time(_) => {
-                        return Err(RiffleError::Config(
-                            "window() and session_window() in one GROUP BY".into(),
-                        ));
-                    }
-                },
-                None => {
-                    fields.push(SortField::new(e.get_type(schema)?));
-                    keys.push(state.create_physical_expr(e.clone(), schema)?);
-                }
-            }
-        }
-        let (window_position, gap, ts) =
-            window.ok_or_else(|| RiffleError::Internal("no session_window".into()))?;
+        let keys = GroupKeys::plan(agg, state, false)?;
+        let Some((window_position, WindowKind::Session(gap), ts)) = keys.window else {
+            return Err(RiffleError::Internal(
+                "SessionAggregate planned without a session_window".into(),
+            ));
+        };
         Ok(SessionAggregate {
             window_position,
             gap,
             ts,
-            keys,
-            converter: RowConverter::new(fields)?,
+            keys: keys.keys,
+            converter: keys.converter,
             aggs: AggSpec::plan(agg, state)?,
-            input_schema: Arc::new(schema.as_arrow().clone()),
+            input_schema: Arc::new(agg.input.schema().as_arrow().clone()),
             output_schema: Arc::new(agg.schema.as_arrow().clone()),
             pending: Vec::new(),
             dirty: false,
@@ -167,15 +144,7 @@ impl Watermarked for SessionAggregate {
             .map(|a| take(a.as_ref(), &firsts, None))
             .collect::<std::result::Result<Vec<_>, _>>()?;
         columns.insert(self.window_position, window_array(starts, ends));
-        for v in values {
-            let field = self.output_schema.field(columns.len());
-            let array = ScalarValue::iter_to_array(v)?;
-            columns.push(if array.data_type() == field.data_type() {
-                array
-            } else {
-                arrow::compute::cast(&array, field.data_type())?
-            });
-        }
+        append_aggregate_columns(&mut columns, values, &self.output_schema)?;
         kept.sort_unstable();
         let remaining = take_batch(&all, &kept)?;
         self.pending = if remaining.num_rows() > 0 {
@@ -189,10 +158,10 @@ impl Watermarked for SessionAggregate {
         )?])
     }
 
-    fn checkpoint(&mut self, _full: bool) -> Result<Option<RecordBatch>> {
+    fn checkpoint(&mut self, full: bool) -> Result<Option<RecordBatch>> {
         // The open sessions' rows are small (the watermark delay's worth) and their bounds
         // shift as rows arrive, so every checkpoint is a full snapshot of them.
-        if !self.dirty && !_full {
+        if !self.dirty && !full {
             return Ok(None);
         }
         self.dirty = false;

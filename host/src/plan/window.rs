@@ -111,6 +111,33 @@ impl TimeWindows {
     }
 }
 
+impl TimeWindows {
+    /// Windows from `window()`'s duration arguments: size, optional slide, optional offset.
+    ///
+    /// # Errors
+    /// A message for a wrong argument count or a slide longer than the window.
+    pub fn from_durations(durations: &[i64]) -> Result<TimeWindows, String> {
+        match durations {
+            [size] => Ok(TimeWindows {
+                size: *size,
+                slide: *size,
+                offset: 0,
+            }),
+            [size, slide, rest @ ..] if rest.len() <= 1 => {
+                if slide > size {
+                    return Err("window(): the slide must not be longer than the window".into());
+                }
+                Ok(TimeWindows {
+                    size: *size,
+                    slide: *slide,
+                    offset: rest.first().copied().unwrap_or(0) % slide,
+                })
+            }
+            _ => Err("window(ts, size [, slide [, start offset]]) takes 2 to 4 arguments".into()),
+        }
+    }
+}
+
 /// What a `window`/`session_window` call in `GROUP BY` asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WindowKind {
@@ -169,24 +196,10 @@ pub fn window_call(expr: &Expr) -> DfResult<Option<WindowCall>> {
         (SESSION_WINDOW, _) => {
             return plan_err!("session_window(ts, gap) takes 2 arguments");
         }
-        (_, [size]) => WindowKind::Time(TimeWindows {
-            size: *size,
-            slide: *size,
-            offset: 0,
-        }),
-        (_, [size, slide, rest @ ..]) if rest.len() <= 1 => {
-            if slide > size {
-                return plan_err!("window(): the slide must not be longer than the window");
-            }
-            WindowKind::Time(TimeWindows {
-                size: *size,
-                slide: *slide,
-                offset: rest.first().copied().unwrap_or(0) % slide,
-            })
-        }
-        _ => {
-            return plan_err!("window(ts, size [, slide [, start offset]]) takes 2 to 4 arguments");
-        }
+        _ => WindowKind::Time(
+            TimeWindows::from_durations(&durations)
+                .map_err(datafusion::error::DataFusionError::Plan)?,
+        ),
     };
     Ok(Some(WindowCall {
         ts: args[0].clone(),
@@ -277,17 +290,8 @@ impl ScalarUDFImpl for WindowFunction {
                     "session_window() groups rows, so it can only appear in GROUP BY"
                 );
             }
-            (_, [size]) => TimeWindows {
-                size: *size,
-                slide: *size,
-                offset: 0,
-            },
-            (_, [size, slide, rest @ ..]) => TimeWindows {
-                size: *size,
-                slide: *slide,
-                offset: rest.first().copied().unwrap_or(0) % slide,
-            },
-            _ => return exec_err!("{}(): wrong number of arguments", self.name),
+            _ => TimeWindows::from_durations(&durations)
+                .map_err(datafusion::error::DataFusionError::Execution)?,
         };
         if self.name == WINDOW && windows.slide != windows.size {
             return exec_err!(
@@ -300,11 +304,36 @@ impl ScalarUDFImpl for WindowFunction {
             .as_any()
             .downcast_ref::<TimestampMicrosecondArray>()
             .expect("coerced to microsecond timestamps");
+        let valid = arrow::buffer::NullBuffer::new(arrow::buffer::BooleanBuffer::collect_bool(
+            ts.len(),
+            |i| ts.is_valid(i),
+        ));
+        if self.name == WINDOW {
+            // Tumbling: exactly one window per row (a placeholder under NULL rows).
+            let starts: Vec<i64> = (0..ts.len())
+                .map(|i| {
+                    let mut start = 0;
+                    if ts.is_valid(i) {
+                        windows.for_each(ts.value(i), |s| start = s);
+                    }
+                    start
+                })
+                .collect();
+            let ends: Vec<i64> = starts.iter().map(|s| s + windows.size).collect();
+            let structs = StructArray::new(
+                window_fields(),
+                vec![
+                    Arc::new(TimestampMicrosecondArray::from(starts)),
+                    Arc::new(TimestampMicrosecondArray::from(ends)),
+                ],
+                Some(valid),
+            );
+            return Ok(ColumnarValue::Array(Arc::new(structs)));
+        }
         let mut starts = Vec::with_capacity(ts.len());
         let mut ends = Vec::with_capacity(ts.len());
         let mut offsets = Vec::with_capacity(ts.len() + 1);
         offsets.push(0i32);
-        let mut nulls = arrow::array::BooleanBufferBuilder::new(ts.len());
         for i in 0..ts.len() {
             if ts.is_valid(i) {
                 windows.for_each(ts.value(i), |s| {
@@ -312,56 +341,15 @@ impl ScalarUDFImpl for WindowFunction {
                     ends.push(s + windows.size);
                 });
             }
-            nulls.append(ts.is_valid(i));
             offsets.push(starts.len() as i32);
         }
-        let nulls = arrow::buffer::NullBuffer::new(nulls.finish());
-        let structs = window_array(starts, ends);
-        if self.name == HOP_WINDOWS {
-            let list = ListArray::new(
-                Arc::new(Field::new("item", window_type(), true)),
-                OffsetBuffer::new(offsets.into()),
-                structs,
-                Some(nulls),
-            );
-            return Ok(ColumnarValue::Array(Arc::new(list)));
-        }
-        // Tumbling: exactly one window per valid row; rebuild with the row's validity.
-        let structs = structs
-            .as_any()
-            .downcast_ref::<StructArray>()
-            .expect("struct");
-        let mut full_starts = Vec::with_capacity(ts.len());
-        let mut full_ends = Vec::with_capacity(ts.len());
-        let s = structs
-            .column(0)
-            .as_any()
-            .downcast_ref::<TimestampMicrosecondArray>();
-        let e = structs
-            .column(1)
-            .as_any()
-            .downcast_ref::<TimestampMicrosecondArray>();
-        let (s, e) = (s.expect("ts"), e.expect("ts"));
-        let mut k = 0;
-        for i in 0..ts.len() {
-            if ts.is_valid(i) {
-                full_starts.push(s.value(k));
-                full_ends.push(e.value(k));
-                k += 1;
-            } else {
-                full_starts.push(0);
-                full_ends.push(0);
-            }
-        }
-        let rebuilt = StructArray::new(
-            window_fields(),
-            vec![
-                Arc::new(TimestampMicrosecondArray::from(full_starts)),
-                Arc::new(TimestampMicrosecondArray::from(full_ends)),
-            ],
-            Some(nulls),
+        let list = ListArray::new(
+            Arc::new(Field::new("item", window_type(), true)),
+            OffsetBuffer::new(offsets.into()),
+            window_array(starts, ends),
+            Some(valid),
         );
-        Ok(ColumnarValue::Array(Arc::new(rebuilt)))
+        Ok(ColumnarValue::Array(Arc::new(list)))
     }
 }
 

@@ -21,9 +21,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use arrow::array::{AsArray, BooleanArray, RecordBatch};
-use arrow::compute::{cast, filter_record_batch, max as max_of};
-use arrow::datatypes::{DataType, Int64Type, SchemaRef, TimeUnit};
+use arrow::array::{AsArray, BooleanArray};
+use arrow::compute::{filter_record_batch, max as max_of};
+use arrow::datatypes::{DataType, Int64Type, SchemaRef};
 use datafusion::execution::SessionState;
 use datafusion::logical_expr::LogicalPlan;
 
@@ -32,6 +32,7 @@ use crate::connectors::sink::Sink;
 use crate::connectors::source::StreamSource;
 use crate::connectors::static_table::StaticTable;
 use crate::error::{Result, RiffleError};
+use crate::exec::aggregate::to_micros;
 use crate::exec::stage::{Slot, Stage};
 use crate::exec::{Dedup, OutputMode, PostStage, SessionAggregate, Watermarked, WindowAggregate};
 use crate::plan::StatefulNode;
@@ -151,14 +152,6 @@ pub struct StreamingQuery {
     options: StreamOptions,
     progress: ProgressWriter,
     event_time_index: Option<usize>,
-}
-
-fn micros_column(batch: &RecordBatch, index: usize) -> Result<arrow::array::ArrayRef> {
-    let ts = cast(
-        batch.column(index),
-        &DataType::Timestamp(TimeUnit::Microsecond, None),
-    )?;
-    Ok(cast(&ts, &DataType::Int64)?)
 }
 
 impl StreamingQuery {
@@ -414,7 +407,7 @@ impl StreamingQuery {
                 kept.push(batch);
                 continue;
             };
-            let ts = micros_column(&batch, index)?;
+            let ts = to_micros(batch.column(index))?;
             let ts = ts.as_primitive::<Int64Type>();
             if let Some(m) = max_of(ts) {
                 *max_event_time = (*max_event_time).max(m);
