@@ -30,3 +30,12 @@ echo "==> running scripts/demo/fraud_report.sql" >&2
     --udf "$wasm_dir/riffle_udfs_text.wasm" \
     --on-row-error null \
     --file scripts/demo/fraud_report.sql
+
+echo "==> the same windowed query as a pipeline: stream mode (generator, checkpointed), then batch" >&2
+cp scripts/demo/fraud_windows.toml "$wasm_dir/riffle_udfs_fraud.wasm" "$demo_dir/"
+rm -rf "$demo_dir/stream-windows" "$demo_dir/stream-windows-checkpoint"
+"$riffle" run "$demo_dir/fraud_windows.toml" --mode stream
+echo "    stream output: $demo_dir/stream-windows/ (one Parquet file per epoch)," >&2
+echo "    progress: $demo_dir/stream-windows-checkpoint/progress.jsonl" >&2
+"$riffle" run "$demo_dir/fraud_windows.toml" --mode batch
+echo "    batch output: $demo_dir/batch-windows.parquet" >&2
