@@ -39,3 +39,12 @@ echo "    stream output: $demo_dir/stream-windows/ (one Parquet file per epoch),
 echo "    progress: $demo_dir/stream-windows-checkpoint/progress.jsonl" >&2
 "$riffle" run "$demo_dir/fraud_windows.toml" --mode batch
 echo "    batch output: $demo_dir/batch-windows.parquet" >&2
+
+echo "==> one Delta table, written by a stream and by a backfill (scripts/demo/fraud_delta.toml)" >&2
+cp scripts/demo/fraud_delta.toml "$demo_dir/"
+rm -rf "$demo_dir/risky-table" "$demo_dir/risky-table-checkpoint"
+"$riffle" run "$demo_dir/fraud_delta.toml" --mode stream
+"$riffle" run "$demo_dir/fraud_delta.toml" --mode batch
+"$riffle" sql --table "risky=$demo_dir/risky-table" \
+    "SELECT count(*) AS rows, round(avg(risk), 3) AS avg_risk, min(ts) AS first, max(ts) AS last FROM risky"
+echo "    Delta table: $demo_dir/risky-table" >&2

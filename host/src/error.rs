@@ -114,6 +114,10 @@ pub enum RiffleError {
         source: std::io::Error,
     },
 
+    /// An external system (a Kafka broker, a Delta table's storage) failed or refused.
+    #[error("{0}")]
+    External(String),
+
     /// Query planning or execution failed inside DataFusion.
     #[error(transparent)]
     Query(#[from] DataFusionError),
@@ -137,7 +141,7 @@ impl RiffleError {
         match self {
             RiffleError::InvalidModule { .. } | RiffleError::Config(_) => Blame::User,
             RiffleError::UdfFailure { .. } | RiffleError::RowError { .. } => Blame::Udf,
-            RiffleError::Io { .. } => Blame::External,
+            RiffleError::Io { .. } | RiffleError::External(_) => Blame::External,
             RiffleError::Query(e) => match RiffleError::find_in(e) {
                 Some(inner) => inner.blame(),
                 None => match e.find_root() {

@@ -139,7 +139,8 @@ impl RiffleSession {
         self.modules.lock().expect("modules lock").clone()
     }
 
-    /// Registers a file or directory of files as table `name`.
+    /// Registers a file, a directory of files, or a Delta table (a directory with `_delta_log`,
+    /// read at its newest version) as table `name`.
     ///
     /// # Errors
     /// [`RiffleError::Config`] for a missing path or unknown format; query errors for files
@@ -150,6 +151,10 @@ impl RiffleSession {
                 "table {name}: {} does not exist",
                 path.display()
             )));
+        }
+        if crate::connectors::delta::is_delta_table(path) {
+            let as_of = crate::connectors::delta::AsOf::Latest;
+            return crate::connectors::delta::register(&self.ctx, name, path, &as_of).await;
         }
         let format = FileFormat::of(path)?;
         let location = path.to_string_lossy();

@@ -12,7 +12,8 @@
 //! Recovery restores the state of the last committed epoch (latest snapshot at or before it,
 //! then the deltas after the snapshot) and re-runs an epoch that was planned but not committed
 //! with exactly its recorded offsets, so it produces the same rows, which the sinks overwrite.
-//! Files are written to a temporary name and renamed, so a crash never leaves half a file.
+//! Files are written to a temporary name, synced and renamed, so a crash (or a power loss)
+//! never leaves half a file.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -56,6 +57,7 @@ pub struct EpochCommit {
 pub struct Checkpoint {
     root: PathBuf,
     snapshot_every: u64,
+    id: String,
 }
 
 const EPOCH_DIGITS: usize = 10;
@@ -72,14 +74,36 @@ fn epoch_of(file: &Path) -> Option<u64> {
         .ok()
 }
 
-/// Writes `bytes` to `path` atomically (temporary file + rename).
+/// Writes `bytes` to `path` atomically and durably (temporary file, fsync, rename, fsync of
+/// the directory).
 ///
 /// # Errors
 /// I/O errors, naming the path.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
     fs::write(&tmp, bytes).map_err(|e| RiffleError::io("writing", &tmp, e))?;
-    fs::rename(&tmp, path).map_err(|e| RiffleError::io("renaming", path, e))
+    publish(&tmp, path)
+}
+
+/// Makes a finished temporary file `tmp` durable and renames it to `path`.
+///
+/// The rename alone is atomic, which is enough when only the process dies (kill -9); after a
+/// power loss, the data and the rename are only on disk if the file and then its directory
+/// were synced, and a committed epoch must never point at data that vanished.
+///
+/// # Errors
+/// I/O errors, naming the path.
+pub fn publish(tmp: &Path, path: &Path) -> Result<()> {
+    fs::File::open(tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| RiffleError::io("syncing", tmp, e))?;
+    fs::rename(tmp, path).map_err(|e| RiffleError::io("renaming", path, e))?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| RiffleError::io("syncing", dir, e))?;
+    }
+    Ok(())
 }
 
 fn read_json<T: for<'a> Deserialize<'a>>(path: &Path) -> Result<T> {
@@ -121,23 +145,40 @@ impl Checkpoint {
                 .map_err(|e| RiffleError::io("creating", root.join(sub), e))?;
         }
         let meta = root.join("metadata.json");
-        if meta.exists() {
-            let recorded: serde_json::Value = read_json(&meta)?;
-            if recorded["query"].as_str() != Some(query) {
-                return Err(RiffleError::Config(format!(
-                    "checkpoint {} was written by a different query; restarting from it could \
-                     give wrong results. Use a new checkpoint directory (or delete this one)",
-                    root.display()
-                )));
-            }
+        let mut recorded: serde_json::Value = if meta.exists() {
+            read_json(&meta)?
         } else {
-            let body = serde_json::json!({ "format": 1, "query": query });
-            write_atomic(&meta, body.to_string().as_bytes())?;
+            serde_json::json!({ "format": 1, "query": query })
+        };
+        if recorded["query"].as_str() != Some(query) {
+            return Err(RiffleError::Config(format!(
+                "checkpoint {} was written by a different query; restarting from it could \
+                 give wrong results. Use a new checkpoint directory (or delete this one)",
+                root.display()
+            )));
         }
+        // The query id names the query's transactions in external sinks (Kafka transactional
+        // ids, Delta application ids). It is random, so a fresh checkpoint never inherits an
+        // old run's "already committed" marks, and stored, so a restart keeps it.
+        let id = match recorded["id"].as_str() {
+            Some(id) => id.to_string(),
+            None => {
+                let id = format!("{:016x}", rand::random::<u64>());
+                recorded["id"] = serde_json::Value::String(id.clone());
+                write_atomic(&meta, recorded.to_string().as_bytes())?;
+                id
+            }
+        };
         Ok(Checkpoint {
             root: root.to_path_buf(),
             snapshot_every: 10,
+            id,
         })
+    }
+
+    /// The query's id, stable for the life of this checkpoint.
+    pub fn query_id(&self) -> &str {
+        &self.id
     }
 
     /// The directory.

@@ -15,8 +15,9 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::connectors::clickstream::ClickConfig;
 use crate::connectors::files::{pretty, write_file};
-use crate::connectors::generator::{FraudConfig, FraudGenerator};
+use crate::connectors::generator::{FraudConfig, GeneratorConfig};
 use crate::error::{Blame, Result, RiffleError};
 use crate::session::{RiffleSession, SessionOptions, read_udf_config};
 use crate::udf::{EngineOptions, RowErrorPolicy, UdfEngine};
@@ -41,6 +42,37 @@ enum Command {
     Generate(GenerateCommand),
     /// Run a pipeline file in batch or stream mode.
     Run(RunArgs),
+    /// Produce generated fraud transactions to a Kafka topic as JSON (demo and benchmark
+    /// input); creates the topic if missing.
+    Produce(ProduceArgs),
+}
+
+#[derive(Args, Debug)]
+struct ProduceArgs {
+    /// Topic to write.
+    #[arg(long)]
+    topic: String,
+    /// Brokers (default: $RIFFLE_KAFKA_BOOTSTRAP).
+    #[arg(long, env = "RIFFLE_KAFKA_BOOTSTRAP")]
+    bootstrap: String,
+    /// Number of transactions.
+    #[arg(long, default_value_t = 100_000)]
+    rows: u64,
+    /// Skip this many transactions of the generated sequence first (to continue a stream).
+    #[arg(long, default_value_t = 0)]
+    skip: u64,
+    /// Partitions of a newly created topic.
+    #[arg(long, default_value_t = 6)]
+    partitions: i32,
+    /// Records per second (default: as fast as the broker takes them).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Random seed; the same seed gives the same rows.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Transactions per second of event time.
+    #[arg(long, default_value_t = 1.0)]
+    events_per_second: f64,
 }
 
 #[derive(Args, Debug)]
@@ -148,6 +180,27 @@ enum GenerateCommand {
         #[arg(long, default_value_t = 7.0)]
         days: f64,
     },
+    /// Clickstream events (views, clicks, carts, purchases) in per-user sessions.
+    Clickstream {
+        /// Number of rows.
+        #[arg(long, default_value_t = 100_000)]
+        rows: u64,
+        /// Output file (.parquet, .csv or .json).
+        #[arg(long)]
+        out: PathBuf,
+        /// Random seed; the same seed gives the same rows.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Number of distinct users.
+        #[arg(long, default_value_t = 50_000)]
+        users: u64,
+        /// Number of distinct items.
+        #[arg(long, default_value_t = 5_000)]
+        items: u64,
+        /// Event-time span the rows are spread over, in days.
+        #[arg(long, default_value_t = 1.0)]
+        days: f64,
+    },
 }
 
 /// Entry point of the `riffle` binary.
@@ -196,8 +249,34 @@ async fn run(cli: Cli) -> Result<()> {
             seed,
             cards,
             days,
-        }) => generate_fraud(rows, &out, seed, cards, days),
+        }) => {
+            let config = FraudConfig {
+                seed,
+                cards: cards.max(1),
+                rows_per_second: rate_over(rows, days)?,
+                ..FraudConfig::default()
+            };
+            generate(GeneratorConfig::Fraud(config), rows, &out)
+        }
+        Command::Generate(GenerateCommand::Clickstream {
+            rows,
+            out,
+            seed,
+            users,
+            items,
+            days,
+        }) => {
+            let config = ClickConfig {
+                seed,
+                users: users.max(1),
+                items: items.max(1),
+                rows_per_second: rate_over(rows, days)?,
+                ..ClickConfig::default()
+            };
+            generate(GeneratorConfig::Clickstream(config), rows, &out)
+        }
         Command::Run(args) => run_pipeline(args).await,
+        Command::Produce(args) => produce(args).await,
     }
 }
 
@@ -411,19 +490,59 @@ async fn sql(args: SqlArgs) -> Result<()> {
     Ok(())
 }
 
-fn generate_fraud(rows: u64, out: &Path, seed: u64, cards: u64, days: f64) -> Result<()> {
-    const BATCH: u64 = 8192;
+async fn produce(args: ProduceArgs) -> Result<()> {
+    use crate::connectors::kafka::{KafkaConfig, ensure_topic, produce_json};
+    let kafka = KafkaConfig {
+        bootstrap: args.bootstrap,
+        properties: Default::default(),
+    };
+    ensure_topic(&kafka, &args.topic, args.partitions).await?;
+    let config = GeneratorConfig::Fraud(FraudConfig {
+        seed: args.seed,
+        rows_per_second: args.events_per_second,
+        ..FraudConfig::default()
+    });
+    let mut generator = config.starting_at(args.skip as i64);
+    let (rows, started) = (args.rows, Instant::now());
+    let mut left = rows;
+    let batches = std::iter::from_fn(move || {
+        let n = left.min(8192);
+        left -= n;
+        (n > 0).then(|| generator.next_batch_of_ids(n as usize))
+    });
+    let mut last = Instant::now();
+    let topic = args.topic.clone();
+    let sent = tokio::task::spawn_blocking(move || {
+        produce_json(&kafka, &topic, Some("card_id"), args.rate, batches, |n| {
+            if last.elapsed() > Duration::from_secs(1) {
+                eprintln!("produced {n} / {rows} records");
+                last = Instant::now();
+            }
+        })
+    })
+    .await
+    .map_err(|e| RiffleError::Internal(format!("producer thread: {e}")))??;
+    eprintln!(
+        "produced {sent} fraud transactions to {} in {:.2?}",
+        args.topic,
+        started.elapsed()
+    );
+    Ok(())
+}
+
+/// The event-time rate that spreads `rows` over `days`.
+fn rate_over(rows: u64, days: f64) -> Result<f64> {
     if !(days > 0.0 && days.is_finite()) {
         return Err(RiffleError::Config(format!(
             "--days {days}: must be a positive number"
         )));
     }
-    let mut generator = FraudGenerator::new(FraudConfig {
-        seed,
-        cards: cards.max(1),
-        rows_per_second: rows.max(1) as f64 / (days * 86_400.0),
-        ..FraudConfig::default()
-    });
+    Ok(rows.max(1) as f64 / (days * 86_400.0))
+}
+
+fn generate(config: GeneratorConfig, rows: u64, out: &Path) -> Result<()> {
+    const BATCH: u64 = 8192;
+    let mut generator = config.starting_at(0);
     let started = Instant::now();
     let mut last_report = Instant::now();
     let mut done = 0u64;
@@ -440,11 +559,15 @@ fn generate_fraud(rows: u64, out: &Path, seed: u64, cards: u64, days: f64) -> Re
             );
             last_report = Instant::now();
         }
-        Some(generator.next_batch(n as usize))
+        Some(generator.next_batch_of_ids(n as usize))
     });
-    let written = write_file(out, FraudGenerator::schema(), batches)?;
+    let written = write_file(out, config.schema(), batches)?;
+    let what = match config {
+        GeneratorConfig::Fraud(_) => "fraud transactions",
+        GeneratorConfig::Clickstream(_) => "clickstream events",
+    };
     eprintln!(
-        "wrote {written} fraud transactions to {} in {:.2?}",
+        "wrote {written} {what} to {} in {:.2?}",
         out.display(),
         started.elapsed()
     );

@@ -88,7 +88,45 @@ const DOMAINS: &[&str] = &[
 /// Rows per independently seeded block: a generator can start at any row by seeding that row's
 /// block and skipping at most this many rows, which is how a streaming source resumes from a
 /// checkpointed offset without replaying everything before it.
-const BLOCK_ROWS: i64 = 4096;
+pub(crate) const BLOCK_ROWS: i64 = 4096;
+
+/// A deterministic generator that can start at any row: what a replayable generator source
+/// needs.
+pub trait RowGenerator: Send {
+    /// Row ids generated so far (the next row's id).
+    fn rows_generated(&self) -> i64;
+    /// The rows of the next `ids` ids (a generator may deliver some twice).
+    fn next_batch_of_ids(&mut self, ids: usize) -> RecordBatch;
+}
+
+/// Which generator, with its settings.
+#[derive(Clone, Debug)]
+pub enum GeneratorConfig {
+    /// Card transactions ([`FraudGenerator`]).
+    Fraud(FraudConfig),
+    /// Clickstream events ([`super::clickstream::ClickGenerator`]).
+    Clickstream(super::clickstream::ClickConfig),
+}
+
+impl GeneratorConfig {
+    /// The schema of the generated rows.
+    pub fn schema(&self) -> SchemaRef {
+        match self {
+            GeneratorConfig::Fraud(_) => FraudGenerator::schema(),
+            GeneratorConfig::Clickstream(_) => super::clickstream::ClickGenerator::schema(),
+        }
+    }
+
+    /// A generator whose next row is `row`.
+    pub fn starting_at(&self, row: i64) -> Box<dyn RowGenerator> {
+        match self {
+            GeneratorConfig::Fraud(c) => Box::new(FraudGenerator::starting_at(c.clone(), row)),
+            GeneratorConfig::Clickstream(c) => Box::new(
+                super::clickstream::ClickGenerator::starting_at(c.clone(), row),
+            ),
+        }
+    }
+}
 
 /// Deterministic stream of fraud transactions.
 pub struct FraudGenerator {
@@ -97,11 +135,11 @@ pub struct FraudGenerator {
     next_id: i64,
 }
 
-fn block_rng(seed: u64, block: i64) -> ChaCha8Rng {
+pub(crate) fn block_rng(seed: u64, block: i64) -> ChaCha8Rng {
     ChaCha8Rng::seed_from_u64(mix(seed ^ mix(block as u64)))
 }
 
-fn mix(x: u64) -> u64 {
+pub(crate) fn mix(x: u64) -> u64 {
     let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -326,6 +364,16 @@ impl FraudGenerator {
             Arc::new(fraud.finish()),
         ];
         RecordBatch::try_new(Self::schema(), columns).expect("columns match the schema")
+    }
+}
+
+impl RowGenerator for FraudGenerator {
+    fn rows_generated(&self) -> i64 {
+        self.next_id
+    }
+
+    fn next_batch_of_ids(&mut self, ids: usize) -> RecordBatch {
+        FraudGenerator::next_batch_of_ids(self, ids)
     }
 }
 

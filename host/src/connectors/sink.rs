@@ -11,13 +11,25 @@ use arrow::datatypes::SchemaRef;
 
 use crate::error::{Result, RiffleError};
 
-/// Where a streaming query's output goes.
+/// Where a streaming query's output goes. Async because transactional sinks (Delta, Kafka)
+/// talk to storage and brokers inside the query's runtime.
+#[async_trait::async_trait]
 pub trait Sink: Send {
+    /// Called once before the first epoch with the query's id (stable across restarts from
+    /// the same checkpoint, new for a new checkpoint): transactional sinks derive their
+    /// transaction ids from it.
+    ///
+    /// # Errors
+    /// Connection errors.
+    async fn start(&mut self, _query_id: &str) -> Result<()> {
+        Ok(())
+    }
+
     /// Writes epoch `epoch`'s rows, replacing anything written for that epoch before.
     ///
     /// # Errors
     /// I/O errors.
-    fn write_epoch(
+    async fn write_epoch(
         &mut self,
         epoch: u64,
         schema: &SchemaRef,
@@ -43,8 +55,9 @@ impl ParquetDirSink {
     }
 }
 
+#[async_trait::async_trait]
 impl Sink for ParquetDirSink {
-    fn write_epoch(
+    async fn write_epoch(
         &mut self,
         epoch: u64,
         schema: &SchemaRef,
@@ -69,7 +82,7 @@ impl Sink for ParquetDirSink {
         writer
             .close()
             .map_err(|e| RiffleError::io("writing", &tmp, std::io::Error::other(e)))?;
-        std::fs::rename(&tmp, &path).map_err(|e| RiffleError::io("renaming", &path, e))
+        crate::checkpoint::publish(&tmp, &path)
     }
 }
 
@@ -79,8 +92,9 @@ pub struct ConsoleSink {
     pub max_rows: usize,
 }
 
+#[async_trait::async_trait]
 impl Sink for ConsoleSink {
-    fn write_epoch(
+    async fn write_epoch(
         &mut self,
         epoch: u64,
         _schema: &SchemaRef,
@@ -129,8 +143,9 @@ impl MemorySink {
     }
 }
 
+#[async_trait::async_trait]
 impl Sink for MemorySink {
-    fn write_epoch(
+    async fn write_epoch(
         &mut self,
         epoch: u64,
         _schema: &SchemaRef,

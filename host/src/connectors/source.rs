@@ -11,7 +11,7 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use serde_json::{Value, json};
 
-use super::generator::{FraudConfig, FraudGenerator};
+use super::generator::{GeneratorConfig, RowGenerator};
 use crate::error::{Result, RiffleError};
 use crate::session::FileFormat;
 
@@ -27,8 +27,11 @@ pub struct Input {
 pub trait StreamSource: Send {
     /// Schema of every batch.
     fn schema(&self) -> SchemaRef;
-    /// The offset before any data.
-    fn initial(&self) -> Value;
+    /// The offset where a new query starts.
+    ///
+    /// # Errors
+    /// Source errors (e.g. an unreachable broker).
+    fn initial(&mut self) -> Result<Value>;
     /// The offset after what is available now from `from`, reading at most `max_rows`.
     ///
     /// # Errors
@@ -41,6 +44,9 @@ pub trait StreamSource: Send {
     fn read(&mut self, from: &Value, to: &Value) -> Result<Input>;
     /// Whether the source has no more data after `at`, ever.
     fn finished(&self, at: &Value) -> bool;
+    /// Told after the epoch ending at `at` committed (for sources that report progress
+    /// elsewhere, such as a Kafka consumer group).
+    fn committed(&mut self, _at: &Value) {}
 }
 
 fn row_of(offset: &Value, key: &str) -> Result<i64> {
@@ -49,20 +55,20 @@ fn row_of(offset: &Value, key: &str) -> Result<i64> {
         .ok_or_else(|| RiffleError::Config(format!("bad source offset {offset} (no {key:?})")))
 }
 
-/// The fraud generator as a source: offset = transaction ids generated so far.
+/// A generator (fraud or clickstream) as a source: offset = row ids generated so far.
 pub struct GeneratorSource {
-    config: FraudConfig,
+    config: GeneratorConfig,
     /// Rows per second of wall-clock time; `None` = as fast as the query takes them.
     rate: Option<f64>,
     /// Total ids, `None` = endless.
     limit: Option<i64>,
     clock: Option<(Instant, i64)>,
-    generator: Option<FraudGenerator>,
+    generator: Option<Box<dyn RowGenerator>>,
 }
 
 impl GeneratorSource {
     /// A generator source.
-    pub fn new(config: FraudConfig, rate: Option<f64>, limit: Option<i64>) -> Self {
+    pub fn new(config: GeneratorConfig, rate: Option<f64>, limit: Option<i64>) -> Self {
         GeneratorSource {
             config,
             rate,
@@ -81,11 +87,11 @@ impl GeneratorSource {
 
 impl StreamSource for GeneratorSource {
     fn schema(&self) -> SchemaRef {
-        FraudGenerator::schema()
+        self.config.schema()
     }
 
-    fn initial(&self) -> Value {
-        json!({ "rows": 0 })
+    fn initial(&mut self) -> Result<Value> {
+        Ok(json!({ "rows": 0 }))
     }
 
     fn available(&mut self, from: &Value, max_rows: usize) -> Result<Value> {
@@ -108,7 +114,7 @@ impl StreamSource for GeneratorSource {
         let (start, end) = (row_of(from, "rows")?, row_of(to, "rows")?);
         let generator = match &mut self.generator {
             Some(g) if g.rows_generated() == start => g,
-            slot => slot.insert(FraudGenerator::starting_at(self.config.clone(), start)),
+            slot => slot.insert(self.config.starting_at(start)),
         };
         let batch = generator.next_batch_of_ids((end - start) as usize);
         let arrival = match (self.due(start), self.due(end - 1)) {
@@ -144,8 +150,8 @@ impl StreamSource for ReplaySource {
         self.schema.clone()
     }
 
-    fn initial(&self) -> Value {
-        json!({ "batch": 0 })
+    fn initial(&mut self) -> Result<Value> {
+        Ok(json!({ "batch": 0 }))
     }
 
     fn available(&mut self, from: &Value, _max_rows: usize) -> Result<Value> {
@@ -236,8 +242,8 @@ impl StreamSource for DirectorySource {
         self.schema.clone()
     }
 
-    fn initial(&self) -> Value {
-        json!({ "files": [] })
+    fn initial(&mut self) -> Result<Value> {
+        Ok(json!({ "files": [] }))
     }
 
     fn available(&mut self, from: &Value, _max_rows: usize) -> Result<Value> {

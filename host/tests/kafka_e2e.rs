@@ -1,0 +1,584 @@
+//! Kafka in, Kafka and Delta out, against a real Kafka-protocol broker (noida-db, started by
+//! the test unless `RIFFLE_KAFKA_BOOTSTRAP` names one), with real `riffle` processes killed by
+//! SIGKILL and restarted; the Delta tables are read back by the independent `deltalake` Python
+//! package.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::datatypes::{Float64Type, Int64Type};
+use rdkafka::Message;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Headers;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use riffle::connectors::files::write_file;
+use riffle::connectors::generator::{FraudConfig, FraudGenerator};
+use riffle::connectors::kafka::{KafkaConfig, ensure_topic, produce_json};
+
+/// A broker for one test: the one in `RIFFLE_KAFKA_BOOTSTRAP`, or a fresh noida-db on a free
+/// port with its data in a temporary directory, stopped when dropped.
+struct Broker {
+    bootstrap: String,
+    child: Option<Child>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Broker {
+    fn start() -> Broker {
+        if let Ok(b) = std::env::var("RIFFLE_KAFKA_BOOTSTRAP") {
+            return Broker {
+                bootstrap: b,
+                child: None,
+                _dir: None,
+            };
+        }
+        let bin = which_noida();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = tempfile::tempdir().unwrap();
+        let child = Command::new(&bin)
+            .args(["start", "--only", "kafka", "--host", "127.0.0.1"])
+            .args(["--kafka-port", &port.to_string()])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "noida-db did not listen on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Broker {
+            bootstrap: format!("127.0.0.1:{port}"),
+            child: Some(child),
+            _dir: Some(dir),
+        }
+    }
+
+    fn kafka(&self) -> KafkaConfig {
+        KafkaConfig {
+            bootstrap: self.bootstrap.clone(),
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = Command::new("kill").arg(child.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn which_noida() -> PathBuf {
+    let home = PathBuf::from(std::env::var("HOME").unwrap_or_default());
+    let candidates = std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .map(|d| Path::new(d).join("noida-db"))
+        .chain([home.join(".cargo/bin/noida-db")])
+        .collect::<Vec<_>>();
+    candidates
+        .into_iter()
+        .find(|p| p.is_file())
+        .expect("noida-db is not installed: run scripts/kafka-broker.sh install")
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn transactions(skip: i64, rows: usize) -> RecordBatch {
+    FraudGenerator::starting_at(
+        FraudConfig {
+            rows_per_second: 20.0,
+            ..FraudConfig::default()
+        },
+        skip,
+    )
+    .next_batch(rows)
+}
+
+/// Produces generated transactions (JSON, keyed by card) to a new 6-partition topic.
+fn produce(broker: &Broker, topic: &str, rows: &RecordBatch) {
+    let rt = runtime();
+    rt.block_on(ensure_topic(&broker.kafka(), topic, 6))
+        .unwrap();
+    let sent = produce_json(
+        &broker.kafka(),
+        topic,
+        Some("card_id"),
+        None,
+        [rows.clone()],
+        |_| {},
+    )
+    .unwrap();
+    assert_eq!(sent as usize, rows.num_rows());
+}
+
+fn producer(broker: &Broker) -> ThreadedProducer<DefaultProducerContext> {
+    ClientConfig::new()
+        .set("bootstrap.servers", &broker.bootstrap)
+        .create()
+        .unwrap()
+}
+
+/// A record read back: partition, offset, value, headers.
+type Read = (i32, i64, Vec<u8>, Vec<(String, String)>);
+
+/// Every committed record of `topic` (read_committed), from the start to the end as of now.
+fn read_topic(broker: &Broker, topic: &str) -> Vec<Read> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &broker.bootstrap)
+        .set("group.id", "riffle-test-reader")
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()
+        .unwrap();
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    let partitions: Vec<i32> = metadata.topics()[0]
+        .partitions()
+        .iter()
+        .map(|p| p.id())
+        .collect();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    let mut ends = HashMap::new();
+    for p in &partitions {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, *p, Duration::from_secs(10))
+            .unwrap();
+        tpl.add_partition_offset(topic, *p, rdkafka::Offset::Offset(low))
+            .unwrap();
+        ends.insert(*p, high);
+    }
+    consumer.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let mut idle = Instant::now();
+    loop {
+        // Done when every partition's position reached its end (transaction markers take
+        // offsets too, so positions, not record offsets, decide).
+        let position = consumer.position().unwrap();
+        let done = position.elements().iter().all(|e| match e.offset() {
+            rdkafka::Offset::Offset(o) => o >= ends[&e.partition()],
+            _ => ends[&e.partition()] == 0,
+        });
+        if done || idle.elapsed() > Duration::from_secs(5) {
+            break;
+        }
+        if let Some(m) = consumer.poll(Duration::from_millis(100)) {
+            let m = m.unwrap();
+            let headers = m
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|h| {
+                            (
+                                h.key.to_string(),
+                                String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push((
+                m.partition(),
+                m.offset(),
+                m.payload().unwrap_or_default().to_vec(),
+                headers,
+            ));
+            idle = Instant::now();
+        }
+    }
+    out
+}
+
+const QUERY: &str = "SELECT tx_id, card_id, amount, risk_score(amount, country) AS risk \
+                     FROM transactions WHERE amount > 100";
+
+const SCHEMA: &str = "tx_id BIGINT NOT NULL, ts TIMESTAMP NOT NULL, card_id BIGINT NOT NULL, \
+                      merchant_id BIGINT NOT NULL, amount DOUBLE, country VARCHAR, \
+                      channel VARCHAR NOT NULL, email VARCHAR, lat DOUBLE NOT NULL, \
+                      lon DOUBLE NOT NULL, home_lat DOUBLE NOT NULL, home_lon DOUBLE NOT NULL, \
+                      is_fraud BOOLEAN NOT NULL";
+
+fn pipeline(dir: &Path, name: &str, broker: &Broker, topic: &str, sink: &str) -> PathBuf {
+    let path = dir.join(format!("{name}.toml"));
+    let udf = riffle_tests::udf("fraud");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+query = """{QUERY}"""
+[source]
+name = "transactions"
+batch = "history.parquet"
+[source.stream]
+kind = "kafka"
+bootstrap = "{bootstrap}"
+topic = "{topic}"
+format = "json"
+schema = "{SCHEMA}"
+[source.stream.properties]
+"fetch.wait.max.ms" = "20"
+[[udfs]]
+path = "{udf}"
+[sink]
+{sink}
+[stream]
+checkpoint = "{name}-checkpoint"
+trigger = "available-now"
+max_rows_per_epoch = 500
+"#,
+            bootstrap = broker.bootstrap,
+            udf = udf.display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn riffle(pipeline: &Path, mode: &str) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_riffle"));
+    c.args(["run", pipeline.to_str().unwrap(), "--mode", mode, "--quiet"])
+        .args([
+            "--cache-dir",
+            std::env::temp_dir()
+                .join("riffle-test-wasm-cache")
+                .to_str()
+                .unwrap(),
+        ])
+        .current_dir(pipeline.parent().unwrap())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    c
+}
+
+fn run_ok(mut command: Command) {
+    let out = command.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Runs `pipeline` in stream mode: first crashing it right after epoch 3's sink write and
+/// before its commit (the window where a sink that does not de-duplicate would write twice),
+/// then SIGKILLing it `kills` times at staggered moments, then letting a last run finish.
+/// Returns how many kills landed while it was still working.
+fn run_with_kills(pipeline: &Path, kills: u32) -> u32 {
+    let out = riffle(pipeline, "stream")
+        .env("RIFFLE_CRASH", "after-sink:3")
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("RIFFLE_CRASH: aborting")
+            && !out.status.success(),
+        "the injected crash did not happen: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut landed = 0;
+    for attempt in 0..kills {
+        let mut child = riffle(pipeline, "stream").spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(700 + 400 * attempt as u64));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap(); // SIGKILL
+            child.wait().unwrap();
+            landed += 1;
+        } else {
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    run_ok(riffle(pipeline, "stream"));
+    landed
+}
+
+/// (tx_id, risk bits) of the expected rows: the query in batch mode over the same rows.
+fn expected(dir: &Path, rows: &RecordBatch, broker: &Broker) -> HashMap<(i64, Option<u64>), usize> {
+    write_file(&dir.join("history.parquet"), rows.schema(), [rows.clone()]).unwrap();
+    let p = pipeline(
+        dir,
+        "expected",
+        broker,
+        "unused",
+        "batch = \"expected.parquet\"",
+    );
+    run_ok(riffle(&p, "batch"));
+    let batches = riffle::connectors::source::read_file(
+        &dir.join("expected.parquet"),
+        riffle::session::FileFormat::Parquet,
+        None,
+    )
+    .unwrap();
+    count_batches(&batches)
+}
+
+fn count_batches(batches: &[RecordBatch]) -> HashMap<(i64, Option<u64>), usize> {
+    let mut m = HashMap::new();
+    for b in batches {
+        let ids = b
+            .column_by_name("tx_id")
+            .unwrap()
+            .as_primitive::<Int64Type>();
+        let risk = b
+            .column_by_name("risk")
+            .unwrap()
+            .as_primitive::<Float64Type>();
+        for i in 0..b.num_rows() {
+            let r = (!risk.is_null(i)).then(|| risk.value(i).to_bits());
+            *m.entry((ids.value(i), r)).or_default() += 1;
+        }
+    }
+    m
+}
+
+/// Rows of a Delta table as read by the `deltalake` Python package (delta-rs's Python
+/// binding, installed from PyPI: an independent reader of the table format).
+fn python_delta_rows(table: &Path) -> HashMap<(i64, Option<u64>), usize> {
+    let script = r#"
+import json, os, struct, sys
+from deltalake import DeltaTable
+t = DeltaTable(sys.argv[1]).to_pyarrow_table(columns=["tx_id", "risk"])
+# Floats as their bit patterns: exact, whatever JSON parser reads them.
+bits = lambda x: None if x is None else struct.unpack("<q", struct.pack("<d", x))[0]
+print(json.dumps([t.column("tx_id").to_pylist(), [bits(r) for r in t.column("risk").to_pylist()]]), flush=True)
+# deltalake 1.6 (PyPI) can abort in its thread teardown at interpreter exit after a
+# multi-file read; the read itself is complete, so leave without the teardown.
+os._exit(0)
+"#;
+    let out = Command::new("python3")
+        .args(["-c", script])
+        .arg(table)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "the deltalake Python package could not read {} (install it with `pip install deltalake pyarrow`): {}",
+        table.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (ids, risks): (Vec<i64>, Vec<Option<i64>>) = serde_json::from_slice(&out.stdout).unwrap();
+    let mut m = HashMap::new();
+    for (id, r) in ids.into_iter().zip(risks) {
+        *m.entry((id, r.map(|b| b as u64))).or_default() += 1;
+    }
+    m
+}
+
+#[test]
+fn kafka_to_kafka_and_delta_exactly_once_across_kill_9() {
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let rows = transactions(0, 40_000);
+    produce(&broker, "tx", &rows);
+    let want = expected(dir.path(), &rows, &broker);
+    assert!(want.len() > 5_000, "{}", want.len());
+
+    let rt = runtime();
+    rt.block_on(ensure_topic(&broker.kafka(), "scored", 3))
+        .unwrap();
+    let to_kafka = pipeline(
+        dir.path(),
+        "to-kafka",
+        &broker,
+        "tx",
+        &format!(
+            "[sink.stream]\nkind = \"kafka\"\nbootstrap = \"{}\"\ntopic = \"scored\"\nkey = \"card_id\"\n",
+            broker.bootstrap
+        ),
+    );
+    let to_delta = pipeline(
+        dir.path(),
+        "to-delta",
+        &broker,
+        "tx",
+        "[sink.stream]\nkind = \"delta\"\npath = \"scored-table\"\n",
+    );
+    // Both run at once, each killed three times.
+    let kafka_run = std::thread::spawn(move || run_with_kills(&to_kafka, 3));
+    let delta_kills = run_with_kills(&to_delta, 3);
+    let kafka_kills = kafka_run.join().unwrap();
+    assert!(
+        kafka_kills >= 2 && delta_kills >= 2,
+        "kills landed: kafka {kafka_kills}, delta {delta_kills}"
+    );
+
+    // The output topic, read_committed: every expected row exactly once, with the UDF's
+    // content hash in the headers.
+    let records = read_topic(&broker, "scored");
+    for (_, _, _, headers) in &records {
+        assert!(
+            headers
+                .iter()
+                .any(|(k, v)| k == "riffle.udf.riffle_udfs_fraud" && v.len() == 64),
+            "{headers:?}"
+        );
+    }
+    // Decoded with arrow-json, whose float parsing is exact (serde_json's default is not).
+    let schema = std::sync::Arc::new(arrow::datatypes::Schema::new(vec![
+        arrow::datatypes::Field::new("tx_id", arrow::datatypes::DataType::Int64, false),
+        arrow::datatypes::Field::new("risk", arrow::datatypes::DataType::Float64, true),
+    ]));
+    let mut text = Vec::new();
+    for (_, _, payload, _) in &records {
+        text.extend_from_slice(payload);
+        text.push(b'\n');
+    }
+    let batches: Vec<RecordBatch> = arrow::json::ReaderBuilder::new(schema)
+        .build(std::io::Cursor::new(text))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let got = count_batches(&batches);
+    assert_eq!(got.len(), want.len(), "distinct rows in the topic");
+    assert_eq!(got, want, "each row exactly once in the topic");
+
+    // The Delta table, read by an independent reader: the same.
+    let table = python_delta_rows(&dir.path().join("scored-table"));
+    assert_eq!(table, want, "each row exactly once in the Delta table");
+}
+
+#[test]
+fn malformed_records_go_to_the_dead_letter_topic_and_the_query_keeps_running() {
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let rows = transactions(0, 3_000);
+    produce(&broker, "dirty", &rows);
+    let bad: Vec<(&str, &[u8])> = vec![
+        ("not json", b"this is not json"),
+        (
+            "wrong type",
+            br#"{"tx_id": "seven", "ts": "2026-01-01T00:00:00", "card_id": 1}"#,
+        ),
+        ("missing non-null", br#"{"tx_id": 5, "card_id": 1}"#),
+        ("empty", b""),
+    ];
+    let p = producer(&broker);
+    for (_, payload) in &bad {
+        p.send(
+            BaseRecord::<[u8], [u8]>::to("dirty")
+                .payload(*payload)
+                .key(&b"k"[..]),
+        )
+        .map_err(|(e, _)| e)
+        .unwrap();
+    }
+    p.flush(Duration::from_secs(10)).unwrap();
+    // More good rows after the bad ones: the query must get past them.
+    produce(&broker, "dirty", &transactions(3_000, 1_000));
+    let all =
+        arrow::compute::concat_batches(&rows.schema(), &[rows.clone(), transactions(3_000, 1_000)])
+            .unwrap();
+    let want = expected(dir.path(), &all, &broker);
+
+    let path = pipeline(dir.path(), "dirty", &broker, "dirty", "stream = \"out\"");
+    run_ok(riffle(&path, "stream"));
+    let batches: Vec<RecordBatch> = std::fs::read_dir(dir.path().join("out"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+        .flat_map(|p| {
+            riffle::connectors::source::read_file(&p, riffle::session::FileFormat::Parquet, None)
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        count_batches(&batches),
+        want,
+        "every good record was processed"
+    );
+
+    let letters = read_topic(&broker, "dirty.dlq");
+    assert_eq!(letters.len(), bad.len(), "{letters:?}");
+    for (_, _, payload, headers) in &letters {
+        let header = |k: &str| {
+            headers
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_else(|| panic!("no {k} header in {headers:?}"))
+        };
+        assert!(
+            bad.iter().any(|(_, b)| *b == payload.as_slice()),
+            "original bytes kept"
+        );
+        assert_eq!(header("riffle.topic"), "dirty");
+        header("riffle.partition").parse::<i32>().unwrap();
+        header("riffle.offset").parse::<i64>().unwrap();
+        assert!(!header("riffle.error").is_empty());
+    }
+}
+
+#[test]
+fn backfill_and_stream_into_one_delta_table_equal_the_batch_result() {
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    // History (a Parquet file) and the live part (a topic) of one sequence of transactions.
+    let history = transactions(0, 8_000);
+    let live = transactions(8_000, 8_000);
+    let all = arrow::compute::concat_batches(&history.schema(), &[history.clone(), live.clone()])
+        .unwrap();
+    let want = expected(dir.path(), &all, &broker);
+    write_file(
+        &dir.path().join("history.parquet"),
+        history.schema(),
+        [history],
+    )
+    .unwrap();
+    produce(&broker, "live", &live);
+
+    let sink = "batch = { kind = \"delta\", path = \"fraud-table\" }\n\
+                [sink.stream]\nkind = \"delta\"\npath = \"fraud-table\"\n";
+    let path = pipeline(dir.path(), "both", &broker, "live", sink);
+    // The backfill starts once the stream has committed into the table, and runs while the
+    // stream goes on committing epoch after epoch.
+    let stream = riffle(&path, "stream").spawn().unwrap();
+    let first = dir
+        .path()
+        .join("fraud-table/_delta_log/00000000000000000000.json");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !first.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    run_ok(riffle(&path, "batch"));
+    let out = stream.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let table = python_delta_rows(&dir.path().join("fraud-table"));
+    assert_eq!(table, want, "backfill + stream = batch over all rows");
+}

@@ -1,0 +1,293 @@
+//! Kafka → Riffle → Kafka: throughput per core and end-to-end latency, in both sink modes.
+//!
+//! ```text
+//! scripts/kafka-broker.sh start        # or any broker
+//! RIFFLE_KAFKA_BOOTSTRAP=127.0.0.1:29092 cargo bench -p riffle-tests --bench kafka --profile dev [-- ROWS]
+//! ```
+//!
+//! The query is a filter plus the `risk_score` Wasm UDF over JSON fraud transactions on a
+//! 6-partition topic, writing JSON to another topic.
+//! - Throughput: ROWS records already in the topic, read with the available-now trigger.
+//!   "Per core" divides by the CPU time this process used (user + system, all threads,
+//!   librdkafka's included; the broker is another process and not counted).
+//! - Latency: records produced at a fixed rate while the query runs with the low-latency
+//!   trigger; a `read_committed` consumer of the output topic measures, per record, the time
+//!   from its creation at the producer (the record timestamp, ms) to when it could read it.
+//!
+//! This is a benchmark, not a test: it asserts nothing about speed.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use rdkafka::Message;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use riffle::connectors::generator::{FraudConfig, FraudGenerator};
+use riffle::connectors::kafka::{
+    Delivery, KafkaConfig, KafkaSink, KafkaSinkOptions, KafkaSource, KafkaSourceOptions,
+    RecordFormat, StartAt, ensure_topic, produce_json,
+};
+use riffle::session::{RiffleSession, SessionOptions};
+use riffle::stream::{StreamInput, StreamOptions, StreamingQuery, Trigger};
+use riffle::udf::{EngineOptions, RowErrorPolicy};
+use riffle_tests::udf;
+
+const QUERY: &str = "SELECT tx_id, card_id, amount, kafka_ts, risk_score(amount, country) AS risk \
+                     FROM transactions WHERE amount > 20";
+
+/// CPU seconds (user + system) this process has used, from /proc.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which is in parentheses): utime is the 12th, stime 13th.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<f64> = rest
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(0.0))
+        .collect();
+    let ticks = 100.0; // USER_HZ on Linux
+    (fields.get(11).copied().unwrap_or(0.0) + fields.get(12).copied().unwrap_or(0.0)) / ticks
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+async fn query(
+    kafka: &KafkaConfig,
+    input: &str,
+    output: &str,
+    delivery: Delivery,
+    trigger: Trigger,
+    start: StartAt,
+    checkpoint: &std::path::Path,
+) -> StreamingQuery {
+    let session = RiffleSession::new(SessionOptions {
+        engine: EngineOptions::default(),
+        row_error_policy: RowErrorPolicy::Null,
+        batch_size: None,
+    })
+    .unwrap();
+    session.load_udfs(&udf("fraud"), Vec::new(), None).unwrap();
+    let source = KafkaSource::new(KafkaSourceOptions {
+        kafka: kafka.clone(),
+        topic: input.into(),
+        format: RecordFormat::Json,
+        schema: FraudGenerator::schema(),
+        timestamp_column: Some("kafka_ts".into()),
+        start,
+        dead_letter_topic: format!("{input}.dlq"),
+        group_id: format!("bench-{output}"),
+    })
+    .unwrap();
+    let input = StreamInput::register(&session, "transactions", Box::new(source)).unwrap();
+    let plan = session
+        .context()
+        .state()
+        .create_logical_plan(QUERY)
+        .await
+        .unwrap();
+    let sink = KafkaSink::new(KafkaSinkOptions {
+        kafka: kafka.clone(),
+        topic: output.into(),
+        format: RecordFormat::Json,
+        key: Some("card_id".into()),
+        header_columns: Vec::new(),
+        headers: Vec::new(),
+        delivery,
+    })
+    .unwrap();
+    StreamingQuery::new(
+        &session,
+        input,
+        plan,
+        Box::new(sink),
+        StreamOptions {
+            trigger,
+            max_rows_per_epoch: 50_000,
+            checkpoint: checkpoint.to_path_buf(),
+            ..StreamOptions::default()
+        },
+    )
+    .await
+    .unwrap()
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn main() {
+    let Ok(bootstrap) = std::env::var("RIFFLE_KAFKA_BOOTSTRAP") else {
+        eprintln!(
+            "set RIFFLE_KAFKA_BOOTSTRAP (scripts/kafka-broker.sh start gives 127.0.0.1:29092)"
+        );
+        return;
+    };
+    let rows: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(300_000);
+    let kafka = KafkaConfig {
+        bootstrap,
+        properties: BTreeMap::new(),
+    };
+    let run = format!("{:x}", now_ms());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+
+    // Input for the throughput runs.
+    let input = format!("bench-in-{run}");
+    rt.block_on(ensure_topic(&kafka, &input, 6)).unwrap();
+    let batch = FraudGenerator::new(FraudConfig {
+        rows_per_second: 1_000.0,
+        ..FraudConfig::default()
+    })
+    .next_batch(rows);
+    let started = Instant::now();
+    produce_json(&kafka, &input, Some("card_id"), None, [batch], |_| {}).unwrap();
+    println!(
+        "produced {rows} JSON records to {input} at {:.0} records/s",
+        rows as f64 / started.elapsed().as_secs_f64()
+    );
+
+    for (name, delivery) in [
+        ("exactly-once", Delivery::ExactlyOnce),
+        ("at-least-once", Delivery::AtLeastOnce),
+    ] {
+        let output = format!("bench-out-{name}-{run}");
+        rt.block_on(ensure_topic(&kafka, &output, 6)).unwrap();
+        let summary = rt.block_on(async {
+            let mut q = query(
+                &kafka,
+                &input,
+                &output,
+                delivery,
+                Trigger::AvailableNow,
+                StartAt::Earliest,
+                &dir.path().join(format!("tp-{name}")),
+            )
+            .await;
+            let (cpu, wall) = (cpu_seconds(), Instant::now());
+            let s = q.run(&AtomicBool::new(false)).await.unwrap();
+            (s, cpu_seconds() - cpu, wall.elapsed().as_secs_f64())
+        });
+        let (s, cpu, wall) = summary;
+        println!(
+            "throughput {name:<13}: {} rows in {} epochs, {wall:.2} s wall, {cpu:.2} s CPU: \
+             {:.0} rows/s, {:.0} rows per CPU-second",
+            s.input_rows,
+            s.epochs,
+            s.input_rows as f64 / wall,
+            s.input_rows as f64 / cpu.max(1e-9)
+        );
+    }
+
+    // Latency at a fixed rate.
+    let rate = 20_000.0;
+    let seconds = 8.0;
+    for (name, delivery) in [
+        ("exactly-once", Delivery::ExactlyOnce),
+        ("at-least-once", Delivery::AtLeastOnce),
+    ] {
+        let input = format!("bench-lat-in-{name}-{run}");
+        let output = format!("bench-lat-out-{name}-{run}");
+        rt.block_on(ensure_topic(&kafka, &input, 6)).unwrap();
+        rt.block_on(ensure_topic(&kafka, &output, 6)).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let query_thread = {
+            let (kafka, input, output, stop) =
+                (kafka.clone(), input.clone(), output.clone(), stop.clone());
+            let checkpoint = dir.path().join(format!("lat-{name}"));
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async {
+                    let mut q = query(
+                        &kafka,
+                        &input,
+                        &output,
+                        delivery,
+                        Trigger::LowLatency,
+                        StartAt::Earliest,
+                        &checkpoint,
+                    )
+                    .await;
+                    q.run(&stop).await.unwrap()
+                })
+            })
+        };
+        // The reader: every output record's visibility time minus its source creation time.
+        let reader = {
+            let (bootstrap, output, stop) = (kafka.bootstrap.clone(), output.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let consumer: BaseConsumer = ClientConfig::new()
+                    .set("bootstrap.servers", &bootstrap)
+                    .set("group.id", format!("lat-{output}"))
+                    .set("isolation.level", "read_committed")
+                    .set("auto.offset.reset", "earliest")
+                    .set("fetch.wait.max.ms", "5")
+                    .create()
+                    .unwrap();
+                consumer.subscribe(&[&output]).unwrap();
+                let mut latencies = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    if let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) {
+                        let v: serde_json::Value =
+                            serde_json::from_slice(m.payload().unwrap_or_default()).unwrap();
+                        if let Some(created) = v["kafka_ts"].as_str() {
+                            let created = chrono_ms(created);
+                            latencies.push((now_ms() - created) as f64);
+                        }
+                    }
+                }
+                latencies
+            })
+        };
+        std::thread::sleep(Duration::from_secs(2)); // let the query and reader settle
+        let n = (rate * seconds) as usize;
+        let batch = FraudGenerator::new(FraudConfig::default()).next_batch(n);
+        produce_json(&kafka, &input, Some("card_id"), Some(rate), [batch], |_| {}).unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+        stop.store(true, Ordering::Relaxed);
+        let summary = query_thread.join().unwrap();
+        let mut l = reader.join().unwrap();
+        l.sort_by(f64::total_cmp);
+        println!(
+            "latency {name:<13} at {rate:.0} records/s: {} records out in {} epochs; \
+             creation → visible to read_committed: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+            l.len(),
+            summary.epochs,
+            percentile(&l, 0.5),
+            percentile(&l, 0.99),
+            l.last().copied().unwrap_or(f64::NAN)
+        );
+    }
+}
+
+/// Parses arrow-json's timestamp text (`2026-01-01T00:00:00.123`, UTC) to ms.
+fn chrono_ms(text: &str) -> i64 {
+    let array = arrow::array::StringArray::from(vec![text]);
+    let ts = arrow::compute::cast(
+        &array,
+        &arrow::datatypes::DataType::Timestamp(arrow::datatypes::TimeUnit::Millisecond, None),
+    )
+    .unwrap();
+    ts.as_any()
+        .downcast_ref::<arrow::array::TimestampMillisecondArray>()
+        .unwrap()
+        .value(0)
+}

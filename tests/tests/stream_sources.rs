@@ -1,0 +1,456 @@
+//! Streaming inputs beyond the golden set: the directory source picking up new files (across a
+//! restart and while running), static tables reloaded when their file changes, queries built
+//! with the DataFrame API, and the clickstream generator as a live source.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use arrow::array::{AsArray, RecordBatch};
+use arrow::util::display::{ArrayFormatter, FormatOptions};
+use datafusion::datasource::MemTable;
+use datafusion::execution::FunctionRegistry;
+use datafusion::prelude::{col, lit};
+use riffle::connectors::clickstream::ClickConfig;
+use riffle::connectors::files::write_file;
+use riffle::connectors::generator::{FraudConfig, FraudGenerator, GeneratorConfig};
+use riffle::connectors::sink::MemorySink;
+use riffle::connectors::source::{
+    DirectorySource, GeneratorSource, Input, ReplaySource, StreamSource,
+};
+use riffle::connectors::static_table::StaticTable;
+use riffle::exec::OutputMode;
+use riffle::session::RiffleSession;
+use riffle::stream::{StreamInput, StreamOptions, StreamingQuery, Trigger};
+use riffle::udf::RowErrorPolicy;
+use serde_json::Value;
+
+fn session() -> RiffleSession {
+    let session = common::session(RowErrorPolicy::Null);
+    session
+        .load_udfs(&common::udf("fraud"), Vec::new(), None)
+        .unwrap();
+    session
+}
+
+fn transactions(rows: usize) -> RecordBatch {
+    FraudGenerator::new(FraudConfig {
+        rows_per_second: 50.0,
+        merchants: 20,
+        ..FraudConfig::default()
+    })
+    .next_batch(rows)
+}
+
+/// Rows as sorted lines of text: stateless queries compute each row the same way in every
+/// mode, so their output must match exactly.
+fn lines(batches: &[RecordBatch]) -> Vec<String> {
+    let options = FormatOptions::default().with_null("NULL");
+    let mut out = Vec::new();
+    for b in batches {
+        let formatters: Vec<_> = b
+            .columns()
+            .iter()
+            .map(|c| ArrayFormatter::try_new(c.as_ref(), &options).unwrap())
+            .collect();
+        for row in 0..b.num_rows() {
+            let cells: Vec<String> = formatters
+                .iter()
+                .map(|f| f.value(row).to_string())
+                .collect();
+            out.push(cells.join("|"));
+        }
+    }
+    out.sort();
+    out
+}
+
+fn options(checkpoint: &Path, trigger: Trigger) -> StreamOptions {
+    StreamOptions {
+        event_time: Some("ts".into()),
+        watermark_delay: 10_000_000,
+        output_mode: OutputMode::Append,
+        trigger,
+        checkpoint: checkpoint.to_path_buf(),
+        ..StreamOptions::default()
+    }
+}
+
+async fn stream(
+    session: &RiffleSession,
+    source: Box<dyn StreamSource>,
+    sql: &str,
+    sink: &MemorySink,
+    options: StreamOptions,
+    stop: &AtomicBool,
+) -> riffle::stream::RunSummary {
+    let input = StreamInput::register(session, "transactions", source).unwrap();
+    let plan = session
+        .context()
+        .state()
+        .create_logical_plan(sql)
+        .await
+        .unwrap();
+    let mut query = StreamingQuery::new(session, input, plan, Box::new(sink.clone()), options)
+        .await
+        .unwrap();
+    query.run(stop).await.unwrap()
+}
+
+async fn batch(all: &RecordBatch, sql: &str) -> Vec<String> {
+    let session = session();
+    session
+        .context()
+        .register_table(
+            "transactions",
+            Arc::new(MemTable::try_new(all.schema(), vec![vec![all.clone()]]).unwrap()),
+        )
+        .unwrap();
+    lines(
+        &session
+            .dataframe(sql)
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap(),
+    )
+}
+
+const STATELESS: &str = "SELECT tx_id, country, risk_score(amount, country) AS risk \
+                         FROM transactions WHERE amount > 100";
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn directory_source_reads_new_files_once_across_restarts() {
+    let rt = runtime();
+    let all = transactions(3_000);
+    let dir = tempfile::tempdir().unwrap();
+    let incoming = dir.path().join("incoming");
+    std::fs::create_dir(&incoming).unwrap();
+    let part = |i: usize| all.slice(i * 1_000, 1_000);
+    write_file(&incoming.join("a.parquet"), all.schema(), [part(0)]).unwrap();
+    write_file(&incoming.join("b.parquet"), all.schema(), [part(1)]).unwrap();
+    let sink = MemorySink::default();
+    let checkpoint = dir.path().join("checkpoint");
+    let never = AtomicBool::new(false);
+
+    rt.block_on(async {
+        let source = DirectorySource::new(&incoming, 1, false).unwrap();
+        let summary = stream(
+            &session(),
+            Box::new(source),
+            STATELESS,
+            &sink,
+            options(&checkpoint, Trigger::AvailableNow),
+            &never,
+        )
+        .await;
+        assert_eq!((summary.epochs, summary.input_rows), (2, 2_000));
+
+        // A file being written (hidden name) is skipped; the finished file is read, once.
+        write_file(&incoming.join(".c.parquet"), all.schema(), [part(2)]).unwrap();
+        std::fs::rename(incoming.join(".c.parquet"), incoming.join("c.parquet")).unwrap();
+        write_file(&incoming.join("_partial.parquet"), all.schema(), [part(0)]).unwrap();
+        let source = DirectorySource::new(&incoming, 1, false).unwrap();
+        let summary = stream(
+            &session(),
+            Box::new(source),
+            STATELESS,
+            &sink,
+            options(&checkpoint, Trigger::AvailableNow),
+            &never,
+        )
+        .await;
+        assert_eq!(
+            (summary.epochs, summary.input_rows),
+            (1, 1_000),
+            "only c.parquet is new"
+        );
+        assert_eq!(lines(&sink.batches()), batch(&all, STATELESS).await);
+    });
+}
+
+#[test]
+fn directory_source_picks_up_files_while_the_query_runs() {
+    let rt = runtime();
+    let all = transactions(2_000);
+    let dir = tempfile::tempdir().unwrap();
+    let incoming = dir.path().join("incoming");
+    std::fs::create_dir(&incoming).unwrap();
+    write_file(
+        &incoming.join("0001.parquet"),
+        all.schema(),
+        [all.slice(0, 1_000)],
+    )
+    .unwrap();
+    let sink = MemorySink::default();
+    let stop = Arc::new(AtomicBool::new(false));
+
+    // A writer drops the second file once the first epoch is out, then stops the query once
+    // the second is. The deadline only keeps a broken build from hanging the test run.
+    let writer = {
+        let (sink, stop, incoming, rest) = (
+            sink.clone(),
+            stop.clone(),
+            incoming.clone(),
+            all.slice(1_000, 1_000),
+        );
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            let wait_for = |epochs: usize| {
+                while sink.epochs().len() < epochs && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            };
+            wait_for(1);
+            let tmp = incoming.join(".0002.parquet");
+            write_file(&tmp, rest.schema(), [rest]).unwrap();
+            std::fs::rename(&tmp, incoming.join("0002.parquet")).unwrap();
+            wait_for(2);
+            stop.store(true, Ordering::Relaxed);
+        })
+    };
+    rt.block_on(async {
+        let source = DirectorySource::new(&incoming, 10, false).unwrap();
+        let summary = stream(
+            &session(),
+            Box::new(source),
+            STATELESS,
+            &sink,
+            options(
+                &dir.path().join("checkpoint"),
+                Trigger::ProcessingTime(Duration::from_millis(10)),
+            ),
+            &stop,
+        )
+        .await;
+        assert_eq!(summary.input_rows, 2_000);
+        assert!(!summary.finished, "an unbounded directory never finishes");
+    });
+    writer.join().unwrap();
+    assert_eq!(sink.epochs().len(), 2);
+    rt.block_on(async { assert_eq!(lines(&sink.batches()), batch(&all, STATELESS).await) });
+}
+
+/// Replays batches and runs a hook when asked for what follows batch `at`: lets a test change
+/// the world between two epochs of one run.
+struct Hooked {
+    inner: ReplaySource,
+    at: i64,
+    hook: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl StreamSource for Hooked {
+    fn schema(&self) -> arrow::datatypes::SchemaRef {
+        self.inner.schema()
+    }
+    fn initial(&mut self) -> riffle::Result<Value> {
+        self.inner.initial()
+    }
+    fn available(&mut self, from: &Value, max_rows: usize) -> riffle::Result<Value> {
+        if from["batch"].as_i64() == Some(self.at)
+            && let Some(hook) = self.hook.take()
+        {
+            hook();
+        }
+        self.inner.available(from, max_rows)
+    }
+    fn read(&mut self, from: &Value, to: &Value) -> riffle::Result<Input> {
+        self.inner.read(from, to)
+    }
+    fn finished(&self, at: &Value) -> bool {
+        self.inner.finished(at)
+    }
+}
+
+fn write_merchants(path: &Path, label: &str, mtime_secs: u64) {
+    let mut csv = String::from("merchant_id,category\n");
+    for id in 0..20 {
+        csv.push_str(&format!("{id},{label}-{}\n", id % 3));
+    }
+    std::fs::write(path, csv).unwrap();
+    // Set the time explicitly: two writes within the file system's clock tick would otherwise
+    // look unchanged.
+    let file = std::fs::File::options().write(true).open(path).unwrap();
+    file.set_modified(std::time::UNIX_EPOCH + Duration::from_secs(mtime_secs))
+        .unwrap();
+}
+
+#[test]
+fn static_tables_are_reloaded_when_their_file_changes() {
+    let rt = runtime();
+    let all = transactions(2_000);
+    let dir = tempfile::tempdir().unwrap();
+    let merchants = dir.path().join("merchants.csv");
+    write_merchants(&merchants, "old", 1_000_000);
+    let session = session();
+    let table = Arc::new(StaticTable::load(&merchants).unwrap());
+    session
+        .context()
+        .register_table("merchants", table.clone())
+        .unwrap();
+    let path = merchants.clone();
+    let source = Hooked {
+        inner: ReplaySource::new(
+            all.schema(),
+            vec![all.slice(0, 1_000), all.slice(1_000, 1_000)],
+        ),
+        at: 1,
+        hook: Some(Box::new(move || write_merchants(&path, "new", 2_000_000))),
+    };
+    let sink = MemorySink::default();
+    rt.block_on(async {
+        let input = StreamInput::register(&session, "transactions", Box::new(source)).unwrap();
+        let plan = session
+            .context()
+            .state()
+            .create_logical_plan(
+                "SELECT t.tx_id, m.category FROM transactions t \
+                 JOIN merchants m ON t.merchant_id = m.merchant_id",
+            )
+            .await
+            .unwrap();
+        let mut query = StreamingQuery::new(
+            &session,
+            input,
+            plan,
+            Box::new(sink.clone()),
+            options(&dir.path().join("checkpoint"), Trigger::AvailableNow),
+        )
+        .await
+        .unwrap()
+        .with_static_tables(vec![table]);
+        query.run(&AtomicBool::new(false)).await.unwrap();
+    });
+    let epochs = sink.epochs();
+    assert_eq!(epochs.len(), 2);
+    for (epoch, label) in [(1, "old-"), (2, "new-")] {
+        let rows = &epochs[&epoch];
+        let n: usize = rows.iter().map(|b| b.num_rows()).sum();
+        assert_eq!(n, 1_000, "every transaction has its merchant");
+        for b in rows {
+            for category in b.column(1).as_string::<i32>().iter() {
+                assert!(category.unwrap().starts_with(label), "epoch {epoch}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_dataframe_api_query_streams_like_its_batch_run() {
+    let rt = runtime();
+    let all = transactions(4_000);
+    rt.block_on(async {
+        // Built with the DataFrame API, not SQL: a tumbling window per channel with a UDF
+        // inside the aggregate.
+        let build = |session: &RiffleSession| {
+            let context = session.context().clone();
+            async move {
+                let window = context.udf("window").unwrap();
+                let risk = context.udf("risk_score").unwrap();
+                context
+                    .table("transactions")
+                    .await
+                    .unwrap()
+                    .filter(col("amount").gt(lit(0.0)))
+                    .unwrap()
+                    .aggregate(
+                        vec![
+                            window.call(vec![col("ts"), lit("10 seconds")]).alias("w"),
+                            col("channel"),
+                        ],
+                        vec![
+                            datafusion::functions_aggregate::expr_fn::count(lit(1)).alias("n"),
+                            datafusion::functions_aggregate::expr_fn::max(
+                                risk.call(vec![col("amount"), col("country")]),
+                            )
+                            .alias("worst"),
+                        ],
+                    )
+                    .unwrap()
+            }
+        };
+
+        let batch_session = session();
+        batch_session
+            .context()
+            .register_table(
+                "transactions",
+                Arc::new(MemTable::try_new(all.schema(), vec![vec![all.clone()]]).unwrap()),
+            )
+            .unwrap();
+        let df = build(&batch_session).await;
+        let expected = lines(&batch_session.batch(df).unwrap().collect().await.unwrap());
+        assert!(expected.len() > 10);
+
+        let stream_session = session();
+        let batches = (0..8).map(|i| all.slice(i * 500, 500)).collect();
+        let input = StreamInput::register(
+            &stream_session,
+            "transactions",
+            Box::new(ReplaySource::new(all.schema(), batches)),
+        )
+        .unwrap();
+        let plan = build(&stream_session).await.logical_plan().clone();
+        let sink = MemorySink::default();
+        let dir = tempfile::tempdir().unwrap();
+        let mut query = StreamingQuery::new(
+            &stream_session,
+            input,
+            plan,
+            Box::new(sink.clone()),
+            options(dir.path(), Trigger::AvailableNow),
+        )
+        .await
+        .unwrap();
+        query.run(&AtomicBool::new(false)).await.unwrap();
+        assert_eq!(lines(&sink.batches()), expected);
+    });
+}
+
+#[test]
+fn clickstream_generator_streams_like_its_batch_file() {
+    let rt = runtime();
+    let config = GeneratorConfig::Clickstream(ClickConfig {
+        users: 500,
+        items: 50,
+        rows_per_second: 200.0,
+        max_disorder_micros: 2_000_000,
+        ..ClickConfig::default()
+    });
+    let all = config.starting_at(0).next_batch_of_ids(20_000);
+    let sql = "SELECT window(ts, '30 seconds') AS w, action, count(*) AS n, \
+               count(DISTINCT user_id) AS users, sum(price_cents) AS cents \
+               FROM transactions GROUP BY window(ts, '30 seconds'), action";
+    rt.block_on(async {
+        let expected = batch(&all, sql).await;
+        let dir = tempfile::tempdir().unwrap();
+        let sink = MemorySink::default();
+        let mut opts = options(dir.path(), Trigger::AvailableNow);
+        opts.max_rows_per_epoch = 3_000;
+        let summary = stream(
+            &session(),
+            Box::new(GeneratorSource::new(config, None, Some(20_000))),
+            sql,
+            &sink,
+            opts,
+            &AtomicBool::new(false),
+        )
+        .await;
+        assert_eq!(summary.input_rows, 20_000);
+        assert_eq!(summary.late_rows, 0);
+        assert!(summary.epochs >= 7);
+        assert_eq!(lines(&sink.batches()), expected);
+    });
+}
