@@ -3,6 +3,10 @@
 //! SIGKILL and restarted; the Delta tables are read back by the independent `deltalake` Python
 //! package.
 
+mod common;
+
+use common::{riffle, runtime};
+
 use std::collections::{BTreeMap, HashMap};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -102,14 +106,6 @@ fn which_noida() -> PathBuf {
         .into_iter()
         .find(|p| p.is_file())
         .expect("noida-db is not installed: run scripts/kafka-broker.sh install")
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 fn transactions(skip: i64, rows: usize) -> RecordBatch {
@@ -261,22 +257,6 @@ max_rows_per_epoch = 500
     )
     .unwrap();
     path
-}
-
-fn riffle(pipeline: &Path, mode: &str) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_riffle"));
-    c.args(["run", pipeline.to_str().unwrap(), "--mode", mode, "--quiet"])
-        .args([
-            "--cache-dir",
-            std::env::temp_dir()
-                .join("riffle-test-wasm-cache")
-                .to_str()
-                .unwrap(),
-        ])
-        .current_dir(pipeline.parent().unwrap())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    c
 }
 
 fn run_ok(mut command: Command) {

@@ -1,9 +1,12 @@
 //! A real `riffle run --mode stream` process is killed with SIGKILL mid-run, several times, and
 //! restarted from its checkpoint; the Parquet output must hold every expected row exactly once.
 
+mod common;
+
+use common::riffle;
+
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use arrow::array::{AsArray, RecordBatch};
@@ -61,22 +64,6 @@ fn read_dir(dir: &Path) -> Vec<RecordBatch> {
         .collect();
     files.sort();
     files.iter().flat_map(|p| read_parquet(p)).collect()
-}
-
-fn riffle(pipeline: &Path, mode: &str) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_riffle"));
-    c.args(["run", pipeline.to_str().unwrap(), "--mode", mode, "--quiet"])
-        .args([
-            "--cache-dir",
-            std::env::temp_dir()
-                .join("riffle-test-wasm-cache")
-                .to_str()
-                .unwrap(),
-        ])
-        .current_dir(pipeline.parent().unwrap())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    c
 }
 
 #[test]

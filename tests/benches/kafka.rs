@@ -110,6 +110,7 @@ async fn query(
             trigger,
             max_rows_per_epoch: 50_000,
             checkpoint: checkpoint.to_path_buf(),
+            progress_file: Some(checkpoint.join("progress.jsonl")),
             ..StreamOptions::default()
         },
     )
@@ -264,6 +265,26 @@ fn main() {
         std::thread::sleep(Duration::from_secs(2));
         stop.store(true, Ordering::Relaxed);
         let summary = query_thread.join().unwrap();
+        // Where an epoch's time goes, from the query's own progress records.
+        let progress =
+            std::fs::read_to_string(dir.path().join(format!("lat-{name}/progress.jsonl")))
+                .unwrap_or_default();
+        let mut phases: BTreeMap<String, f64> = BTreeMap::new();
+        let mut epochs = 0.0_f64;
+        for line in progress.lines() {
+            let p: serde_json::Value = serde_json::from_str(line).unwrap();
+            if let Some(d) = p["durations"].as_object() {
+                for (k, v) in d {
+                    *phases.entry(k.clone()).or_default() += v.as_f64().unwrap_or(0.0);
+                }
+                epochs += 1.0;
+            }
+        }
+        let mean: Vec<String> = phases
+            .iter()
+            .map(|(k, v)| format!("{k} {:.1}", v / epochs.max(1.0)))
+            .collect();
+        println!("  mean per epoch: {}", mean.join(", "));
         let mut l = reader.join().unwrap();
         l.sort_by(f64::total_cmp);
         println!(

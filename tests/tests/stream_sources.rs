@@ -123,17 +123,9 @@ async fn batch(all: &RecordBatch, sql: &str) -> Vec<String> {
 const STATELESS: &str = "SELECT tx_id, country, risk_score(amount, country) AS risk \
                          FROM transactions WHERE amount > 100";
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 #[test]
 fn directory_source_reads_new_files_once_across_restarts() {
-    let rt = runtime();
+    let rt = common::runtime();
     let all = transactions(3_000);
     let dir = tempfile::tempdir().unwrap();
     let incoming = dir.path().join("incoming");
@@ -183,7 +175,7 @@ fn directory_source_reads_new_files_once_across_restarts() {
 
 #[test]
 fn directory_source_picks_up_files_while_the_query_runs() {
-    let rt = runtime();
+    let rt = common::runtime();
     let all = transactions(2_000);
     let dir = tempfile::tempdir().unwrap();
     let incoming = dir.path().join("incoming");
@@ -289,7 +281,7 @@ fn write_merchants(path: &Path, label: &str, mtime_secs: u64) {
 
 #[test]
 fn static_tables_are_reloaded_when_their_file_changes() {
-    let rt = runtime();
+    let rt = common::runtime();
     let all = transactions(2_000);
     let dir = tempfile::tempdir().unwrap();
     let merchants = dir.path().join("merchants.csv");
@@ -349,7 +341,7 @@ fn static_tables_are_reloaded_when_their_file_changes() {
 
 #[test]
 fn a_dataframe_api_query_streams_like_its_batch_run() {
-    let rt = runtime();
+    let rt = common::runtime();
     let all = transactions(4_000);
     rt.block_on(async {
         // Built with the DataFrame API, not SQL: a tumbling window per channel with a UDF
@@ -421,7 +413,7 @@ fn a_dataframe_api_query_streams_like_its_batch_run() {
 
 #[test]
 fn clickstream_generator_streams_like_its_batch_file() {
-    let rt = runtime();
+    let rt = common::runtime();
     let config = GeneratorConfig::Clickstream(ClickConfig {
         users: 500,
         items: 50,

@@ -305,18 +305,10 @@ async fn stream_result(
     final_rows(g, &sink)
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 #[test]
 fn golden_queries_agree_in_batch_streaming_and_restarted_streaming() {
     let all = rows();
-    let rt = runtime();
+    let rt = common::runtime();
     for (i, g) in GOLDEN.iter().enumerate() {
         let expected = rt.block_on(batch_result(g, &all));
         assert!(
@@ -354,7 +346,7 @@ proptest! {
         forget in any::<bool>(),
     ) {
         let all = rows();
-        let rt = runtime();
+        let rt = common::runtime();
         for g in GOLDEN {
             let expected = rt.block_on(batch_result(g, &all));
             let streamed = rt.block_on(stream_result(g, split(&all, &cuts), None));
@@ -367,7 +359,7 @@ proptest! {
 
 #[test]
 fn invalid_output_modes_are_rejected_with_the_rule() {
-    let rt = runtime();
+    let rt = common::runtime();
     let cases = [
         (
             "SELECT country, count(*) FROM transactions GROUP BY country",
@@ -430,7 +422,7 @@ fn invalid_output_modes_are_rejected_with_the_rule() {
 
 #[test]
 fn late_rows_are_counted_and_kept_out_of_state() {
-    let rt = runtime();
+    let rt = common::runtime();
     let all = rows();
     // Two batches: everything, then the first 100 rows again (now far behind the watermark).
     let batches = vec![all.clone(), all.slice(0, 100)];

@@ -15,7 +15,7 @@ use arrow::record_batch::RecordBatch;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
-use super::generator::{BLOCK_ROWS, RowGenerator, block_rng, mix};
+use super::generator::{BLOCK_ROWS, RowGenerator, block_rng, block_start, mix};
 
 /// Clickstream settings.
 #[derive(Clone, Debug)]
@@ -71,15 +71,14 @@ pub struct ClickGenerator {
 impl ClickGenerator {
     /// A generator whose next row is row `row`.
     pub fn starting_at(config: ClickConfig, row: i64) -> Self {
-        let block = row.div_euclid(BLOCK_ROWS);
+        let (rng, next_id, skip) = block_start(config.seed ^ 0xC11C, row);
         let mut generator = ClickGenerator {
-            rng: block_rng(config.seed ^ 0xC11C, block),
+            rng,
             config,
-            next_id: block * BLOCK_ROWS,
+            next_id,
         };
-        let skip = row - generator.next_id;
         if skip > 0 {
-            generator.next_batch_of_ids(skip as usize);
+            generator.next_batch_of_ids(skip);
         }
         generator
     }

@@ -135,6 +135,14 @@ pub struct FraudGenerator {
     next_id: i64,
 }
 
+/// Where a generator that should next produce row `row` starts: its block's generator, the
+/// block's first row, and how many rows to generate and drop to reach `row`.
+pub(crate) fn block_start(seed: u64, row: i64) -> (ChaCha8Rng, i64, usize) {
+    let block = row.div_euclid(BLOCK_ROWS);
+    let first = block * BLOCK_ROWS;
+    (block_rng(seed, block), first, (row - first) as usize)
+}
+
 pub(crate) fn block_rng(seed: u64, block: i64) -> ChaCha8Rng {
     ChaCha8Rng::seed_from_u64(mix(seed ^ mix(block as u64)))
 }
@@ -159,16 +167,13 @@ impl FraudGenerator {
     /// A generator whose next row is row `row` (the same row a generator started at 0 would
     /// produce there).
     pub fn starting_at(config: FraudConfig, row: i64) -> Self {
-        let block = row.div_euclid(BLOCK_ROWS);
+        let (rng, next_id, skip) = block_start(config.seed, row);
         let mut generator = FraudGenerator {
-            rng: block_rng(config.seed, block),
+            rng,
             config,
-            next_id: block * BLOCK_ROWS,
+            next_id,
         };
-        let skip = row - generator.next_id;
-        if skip > 0 {
-            generator.next_batch_of_ids(skip as usize);
-        }
+        generator.generate(skip);
         generator
     }
 

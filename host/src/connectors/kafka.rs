@@ -199,10 +199,17 @@ pub struct KafkaSource {
     options: KafkaSourceOptions,
     schema: SchemaRef,
     consumer: BaseConsumer,
-    /// Where the consumer's fetch position is per partition (the next offset it will return).
-    positions: BTreeMap<i32, i64>,
-    /// Records fetched beyond the last epoch's end, kept for the next one.
+    /// Per partition, the first offset not yet handed to an epoch: where the consumer was
+    /// assigned, moved on by every read.
+    next: BTreeMap<i32, i64>,
+    /// Per partition, the consumer's position: the offset after the last record polled (or
+    /// after transaction markers it skipped).
+    fetched: BTreeMap<i32, i64>,
+    /// Records polled but not yet handed to an epoch (offsets from `next` on).
     pending: BTreeMap<i32, VecDeque<Record>>,
+    /// The topic's partitions, refreshed every few seconds (topics can grow).
+    partitions: Vec<i32>,
+    partitions_checked: Option<Instant>,
     dead_letters: CheckedProducer,
     dead_lettered: u64,
 }
@@ -255,14 +262,31 @@ impl KafkaSource {
                 ("enable.auto.offset.store", "false"),
                 ("enable.partition.eof", "false"),
                 ("isolation.level", "read_committed"),
+                // The broker answers a fetch at once when it has data; when it has none it
+                // holds the fetch up to this long. librdkafka's 500 ms default would put up to
+                // half a second between a record's arrival and its epoch.
+                ("fetch.wait.max.ms", "10"),
             ])
             .create()
             .map_err(|e| kafka_error("creating a consumer", e))?;
-        let dead_letters = producer(
-            &options
+        // The dead-letter producer shares the connection settings (security, client id) of
+        // the source's properties, not its consumer tuning, which a producer would warn about.
+        let connection = KafkaConfig {
+            bootstrap: options.kafka.bootstrap.clone(),
+            properties: options
                 .kafka
-                .client(&[("enable.idempotence", "true"), ("linger.ms", "5")]),
-        )?;
+                .properties
+                .iter()
+                .filter(|(k, _)| {
+                    ["security.", "sasl.", "ssl.", "client."]
+                        .iter()
+                        .any(|prefix| k.starts_with(prefix))
+                })
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        };
+        let dead_letters =
+            producer(&connection.client(&[("enable.idempotence", "true"), ("linger.ms", "5")]))?;
         let mut fields: Vec<Field> = match options.format {
             RecordFormat::Raw => raw_schema()
                 .fields()
@@ -292,8 +316,11 @@ impl KafkaSource {
             schema: Arc::new(Schema::new(fields)),
             options,
             consumer,
-            positions: BTreeMap::new(),
+            next: BTreeMap::new(),
+            fetched: BTreeMap::new(),
             pending: BTreeMap::new(),
+            partitions: Vec::new(),
+            partitions_checked: None,
             dead_letters,
             dead_lettered: 0,
         };
@@ -348,9 +375,23 @@ impl KafkaSource {
         })
     }
 
-    /// Points the consumer at `from` unless it is already there.
+    /// The partitions, from metadata at most every few seconds: `available` runs on every
+    /// poll of the low-latency trigger and must not wait for the broker each time.
+    fn current_partitions(&mut self) -> Result<Vec<i32>> {
+        if self
+            .partitions_checked
+            .is_none_or(|t| t.elapsed() > Duration::from_secs(5))
+        {
+            self.partitions = self.partitions()?;
+            self.partitions_checked = Some(Instant::now());
+        }
+        Ok(self.partitions.clone())
+    }
+
+    /// Points the consumer at `from` unless it is already there (it is, epoch after epoch;
+    /// it is not after a restart or a replay).
     fn seek_to(&mut self, from: &BTreeMap<i32, i64>) -> Result<()> {
-        if &self.positions == from {
+        if &self.next == from {
             return Ok(());
         }
         let mut tpl = TopicPartitionList::new();
@@ -361,62 +402,71 @@ impl KafkaSource {
         self.consumer
             .assign(&tpl)
             .map_err(|e| kafka_error("assigning partitions", e))?;
-        self.positions = from.clone();
+        self.next = from.clone();
+        self.fetched = from.clone();
         self.pending.clear();
         Ok(())
     }
 
-    fn fetch(&mut self, to: &BTreeMap<i32, i64>) -> Result<BTreeMap<i32, Vec<Record>>> {
-        let mut out: BTreeMap<i32, Vec<Record>> = BTreeMap::new();
-        for (p, queue) in &mut self.pending {
-            let end = to.get(p).copied().unwrap_or(i64::MIN);
-            while queue.front().is_some_and(|r| r.offset < end) {
-                let r = queue.pop_front().expect("non-empty");
-                out.entry(*p).or_default().push(r);
+    /// Polls one message, waiting up to `timeout`, into `pending`. Returns whether one came.
+    fn poll_one(&mut self, timeout: Duration) -> Result<bool> {
+        match self.consumer.poll(timeout) {
+            Some(Ok(m)) => {
+                let p = m.partition();
+                self.fetched.insert(p, m.offset() + 1);
+                self.pending.entry(p).or_default().push_back(Record {
+                    offset: m.offset(),
+                    timestamp_ms: m.timestamp().to_millis(),
+                    key: m.key().map(<[u8]>::to_vec),
+                    value: m.payload().map(<[u8]>::to_vec),
+                });
+                Ok(true)
+            }
+            Some(Err(e)) => Err(kafka_error("fetching", e)),
+            None => Ok(false),
+        }
+    }
+
+    /// Learns the consumer's positions: transaction markers take offsets but are never
+    /// returned as records, so only the position shows that the consumer passed them.
+    fn sync_positions(&mut self) {
+        if let Ok(position) = self.consumer.position() {
+            for e in position.elements() {
+                if let Offset::Offset(o) = e.offset() {
+                    let known = self.fetched.entry(e.partition()).or_insert(o);
+                    *known = (*known).max(o);
+                }
             }
         }
-        let behind = |positions: &BTreeMap<i32, i64>| {
+    }
+
+    /// Hands out the records below `to`, polling until the consumer has reached `to`.
+    fn take(&mut self, to: &BTreeMap<i32, i64>) -> Result<BTreeMap<i32, Vec<Record>>> {
+        let behind = |fetched: &BTreeMap<i32, i64>| {
             to.iter()
-                .any(|(p, end)| positions.get(p).copied().unwrap_or(0) < *end)
+                .any(|(p, end)| fetched.get(p).copied().unwrap_or(0) < *end)
         };
         let started = Instant::now();
-        while behind(&self.positions) {
-            match self.consumer.poll(Duration::from_millis(100)) {
-                Some(Ok(m)) => {
-                    let p = m.partition();
-                    let record = Record {
-                        offset: m.offset(),
-                        timestamp_ms: m.timestamp().to_millis(),
-                        key: m.key().map(<[u8]>::to_vec),
-                        value: m.payload().map(<[u8]>::to_vec),
-                    };
-                    self.positions.insert(p, m.offset() + 1);
-                    if m.offset() < to.get(&p).copied().unwrap_or(i64::MIN) {
-                        out.entry(p).or_default().push(record);
-                    } else {
-                        self.pending.entry(p).or_default().push_back(record);
-                    }
-                }
-                Some(Err(e)) => return Err(kafka_error("fetching", e)),
-                None => {
-                    // Transaction markers take offsets but are never returned: trust the
-                    // consumer's own position when it has passed them.
-                    if let Ok(position) = self.consumer.position() {
-                        for e in position.elements() {
-                            if let Offset::Offset(o) = e.offset() {
-                                let known = self.positions.entry(e.partition()).or_insert(o);
-                                *known = (*known).max(o);
-                            }
-                        }
-                    }
-                    if started.elapsed() > TIMEOUT {
-                        return Err(RiffleError::External(format!(
-                            "kafka: {}: records up to {to:?} did not arrive within {TIMEOUT:?}",
-                            self.options.topic
-                        )));
-                    }
+        while behind(&self.fetched) {
+            if !self.poll_one(Duration::from_millis(100))? {
+                self.sync_positions();
+                if started.elapsed() > TIMEOUT {
+                    return Err(RiffleError::External(format!(
+                        "kafka: {}: records up to {to:?} did not arrive within {TIMEOUT:?}",
+                        self.options.topic
+                    )));
                 }
             }
+        }
+        let mut out: BTreeMap<i32, Vec<Record>> = BTreeMap::new();
+        for (p, end) in to {
+            let queue = self.pending.entry(*p).or_default();
+            while queue.front().is_some_and(|r| r.offset < *end) {
+                out.entry(*p)
+                    .or_default()
+                    .push(queue.pop_front().expect("non-empty"));
+            }
+            self.next.insert(*p, *end);
         }
         Ok(out)
     }
@@ -616,15 +666,51 @@ impl StreamSource for KafkaSource {
     }
 
     fn available(&mut self, from: &Value, max_rows: usize) -> Result<Value> {
-        let from = partition_offsets(from);
-        let partitions = self.partitions()?;
-        let share = max_rows.div_ceil(partitions.len().max(1)).max(1) as i64;
+        let mut from = partition_offsets(from);
+        let partitions = self.current_partitions()?;
+        for p in &partitions {
+            if !from.contains_key(p) {
+                // A partition added after the query started is read from its beginning.
+                from.insert(*p, self.watermarks(*p)?.0);
+            }
+        }
+        self.seek_to(&from)?;
+        // What the consumer has prefetched is available now: no broker round trip.
+        let buffered = |s: &Self| s.pending.values().map(VecDeque::len).sum::<usize>();
+        while buffered(self) < max_rows && self.poll_one(Duration::ZERO)? {}
+        if buffered(self) == 0 {
+            // Nothing prefetched: ask the broker whether anything exists beyond what the
+            // consumer has seen (the available-now trigger stops on "no"), and if so wait
+            // for the fetch to bring it.
+            self.sync_positions();
+            let mut behind = false;
+            for p in &partitions {
+                let fetched = self.fetched.get(p).copied().unwrap_or(0);
+                behind |= self.watermarks(*p)?.1 > fetched;
+            }
+            let waited = Instant::now();
+            while behind && buffered(self) == 0 && waited.elapsed() < TIMEOUT {
+                if !self.poll_one(Duration::from_millis(10))? {
+                    self.sync_positions();
+                    behind = false;
+                    for p in &partitions {
+                        let fetched = self.fetched.get(p).copied().unwrap_or(0);
+                        behind |= self.watermarks(*p)?.1 > fetched;
+                    }
+                }
+            }
+            while buffered(self) < max_rows && self.poll_one(Duration::ZERO)? {}
+        }
+        let share = max_rows.div_ceil(partitions.len().max(1)).max(1);
         let mut end = BTreeMap::new();
-        for p in partitions {
-            let (low, high) = self.watermarks(p)?;
-            // A partition added after the query started is read from its beginning.
-            let start = from.get(&p).copied().unwrap_or(low);
-            end.insert(p, high.min(start + share).max(start));
+        for (p, start) in &from {
+            let last = self
+                .pending
+                .get(p)
+                .and_then(|q| q.get(share.min(q.len()).wrapping_sub(1)))
+                .map(|r| r.offset + 1);
+            let fetched = self.fetched.get(p).copied().unwrap_or(*start);
+            end.insert(*p, last.unwrap_or(fetched).max(*start));
         }
         Ok(offsets_value(&end))
     }
@@ -639,7 +725,7 @@ impl StreamSource for KafkaSource {
             }
         }
         self.seek_to(&start)?;
-        let records = self.fetch(&to)?;
+        let records = self.take(&to)?;
         let times: Vec<i64> = records
             .values()
             .flatten()

@@ -67,3 +67,12 @@ pub fn riffle_error(e: &RiffleError) -> &RiffleError {
         other => other,
     }
 }
+
+/// A two-thread runtime for tests that drive the engine from Rust.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
