@@ -10,7 +10,8 @@ rows=${1:-200000}
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$root/target}"
 demo_dir="${RIFFLE_DEMO_DIR:-$CARGO_TARGET_DIR/demo}"
 
-echo "==> guest toolchain" >&2
+echo "==> build dependencies and guest toolchain" >&2
+scripts/install-build-deps.sh
 scripts/install-guest-toolchain.sh
 echo "==> building the UDFs (udfs/*) into Wasm components" >&2
 wasm_dir=$(scripts/build-udfs.sh)

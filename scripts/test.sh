@@ -6,6 +6,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
+scripts/install-build-deps.sh
 scripts/install-guest-toolchain.sh
 scripts/kafka-broker.sh install
 if ! python3 -c "import deltalake, pyarrow" 2>/dev/null; then
