@@ -413,28 +413,30 @@ impl Pipeline {
                 "missing: batch mode reads these files",
             )
         })?;
-        if delta::is_delta_table(input) {
-            let as_of = match (source.batch_version, &source.batch_as_of) {
-                (Some(v), None) => delta::AsOf::Version(v),
-                (None, Some(t)) => delta::AsOf::Timestamp(t.clone()),
-                (None, None) => delta::AsOf::Latest,
-                (Some(_), Some(_)) => {
-                    return Err(key_error(
-                        &self.file,
-                        "source.batch_version",
-                        "give batch_version or batch_as_of, not both",
-                    ));
-                }
-            };
-            delta::register(session.context(), &source.name, input, &as_of).await?;
-        } else if source.batch_version.is_some() || source.batch_as_of.is_some() {
-            return Err(key_error(
-                &self.file,
-                "source.batch_version",
-                "only applies when source.batch is a Delta table",
-            ));
-        } else {
-            session.register_table(&source.name, input).await?;
+        // A Delta table at its newest version is an ordinary table to `register_table`; only
+        // time travel needs the Delta source's options.
+        let as_of = match (source.batch_version, &source.batch_as_of) {
+            (None, None) => None,
+            (Some(v), None) => Some(delta::AsOf::Version(v)),
+            (None, Some(t)) => Some(delta::AsOf::Timestamp(t.clone())),
+            (Some(_), Some(_)) => {
+                return Err(key_error(
+                    &self.file,
+                    "source.batch_version",
+                    "give batch_version or batch_as_of, not both",
+                ));
+            }
+        };
+        match as_of {
+            None => session.register_table(&source.name, input).await?,
+            Some(_) if !delta::is_delta_table(input) => {
+                return Err(key_error(
+                    &self.file,
+                    "source.batch_version",
+                    "only applies when source.batch is a Delta table",
+                ));
+            }
+            Some(as_of) => delta::register(session.context(), &source.name, input, &as_of).await?,
         }
         for (name, path) in &self.file_contents.tables {
             session.register_table(name, path).await?;

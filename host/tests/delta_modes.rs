@@ -6,7 +6,6 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
@@ -25,29 +24,12 @@ const QUERY: &str = "SELECT country, count(*) AS n, sum(amount) AS total \
 
 /// country → (n, total) as `deltalake` (Python) reads the table.
 fn python_rows(table: &Path) -> BTreeMap<String, (i64, f64)> {
-    let script = r#"
-import json, os, sys
-from deltalake import DeltaTable
-t = DeltaTable(sys.argv[1]).to_pyarrow_table(columns=["country", "n", "total"])
-print(json.dumps([t.column(c).to_pylist() for c in ["country", "n", "total"]]), flush=True)
-# deltalake 1.6 (PyPI) can abort in its thread teardown at exit after a multi-file read.
-os._exit(0)
-"#;
-    let out = Command::new("python3")
-        .args(["-c", script])
-        .arg(table)
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "the deltalake Python package could not read {}: {}",
-        table.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let (c, n, t): (Vec<String>, Vec<i64>, Vec<f64>) = serde_json::from_slice(&out.stdout).unwrap();
+    let columns = common::python_delta_columns(table, &["country", "n", "total"]);
+    let (c, n, t): (Vec<String>, Vec<i64>, Vec<i64>) = serde_json::from_value(columns).unwrap();
     let mut rows = BTreeMap::new();
     for ((c, n), t) in c.into_iter().zip(n).zip(t) {
-        assert!(rows.insert(c.clone(), (n, t)).is_none(), "{c} twice");
+        let total = f64::from_bits(t as u64);
+        assert!(rows.insert(c.clone(), (n, total)).is_none(), "{c} twice");
     }
     rows
 }

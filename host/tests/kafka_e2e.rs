@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{riffle, runtime};
+use common::{python_delta_columns, riffle, runtime};
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::TcpStream;
@@ -346,29 +346,8 @@ fn count_batches(batches: &[RecordBatch]) -> HashMap<(i64, Option<u64>), usize> 
 /// Rows of a Delta table as read by the `deltalake` Python package (delta-rs's Python
 /// binding, installed from PyPI: an independent reader of the table format).
 fn python_delta_rows(table: &Path) -> HashMap<(i64, Option<u64>), usize> {
-    let script = r#"
-import json, os, struct, sys
-from deltalake import DeltaTable
-t = DeltaTable(sys.argv[1]).to_pyarrow_table(columns=["tx_id", "risk"])
-# Floats as their bit patterns: exact, whatever JSON parser reads them.
-bits = lambda x: None if x is None else struct.unpack("<q", struct.pack("<d", x))[0]
-print(json.dumps([t.column("tx_id").to_pylist(), [bits(r) for r in t.column("risk").to_pylist()]]), flush=True)
-# deltalake 1.6 (PyPI) can abort in its thread teardown at interpreter exit after a
-# multi-file read; the read itself is complete, so leave without the teardown.
-os._exit(0)
-"#;
-    let out = Command::new("python3")
-        .args(["-c", script])
-        .arg(table)
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "the deltalake Python package could not read {} (install it with `pip install deltalake pyarrow`): {}",
-        table.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let (ids, risks): (Vec<i64>, Vec<Option<i64>>) = serde_json::from_slice(&out.stdout).unwrap();
+    let columns = python_delta_columns(table, &["tx_id", "risk"]);
+    let (ids, risks): (Vec<i64>, Vec<Option<i64>>) = serde_json::from_value(columns).unwrap();
     let mut m = HashMap::new();
     for (id, r) in ids.into_iter().zip(risks) {
         *m.entry((id, r.map(|b| b as u64))).or_default() += 1;

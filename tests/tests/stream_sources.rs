@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use arrow::array::{AsArray, RecordBatch};
 use arrow::util::display::{ArrayFormatter, FormatOptions};
-use datafusion::datasource::MemTable;
 use datafusion::execution::FunctionRegistry;
 use datafusion::prelude::{col, lit};
 use riffle::connectors::clickstream::ClickConfig;
@@ -102,13 +101,7 @@ async fn stream(
 
 async fn batch(all: &RecordBatch, sql: &str) -> Vec<String> {
     let session = session();
-    session
-        .context()
-        .register_table(
-            "transactions",
-            Arc::new(MemTable::try_new(all.schema(), vec![vec![all.clone()]]).unwrap()),
-        )
-        .unwrap();
+    common::register_batch(&session, "transactions", all);
     lines(
         &session
             .dataframe(sql)
@@ -375,13 +368,7 @@ fn a_dataframe_api_query_streams_like_its_batch_run() {
         };
 
         let batch_session = session();
-        batch_session
-            .context()
-            .register_table(
-                "transactions",
-                Arc::new(MemTable::try_new(all.schema(), vec![vec![all.clone()]]).unwrap()),
-            )
-            .unwrap();
+        common::register_batch(&batch_session, "transactions", &all);
         let df = build(&batch_session).await;
         let expected = lines(&batch_session.batch(df).unwrap().collect().await.unwrap());
         assert!(expected.len() > 10);

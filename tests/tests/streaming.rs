@@ -12,7 +12,6 @@ use std::sync::atomic::AtomicBool;
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Float64Type};
 use arrow::util::display::{ArrayFormatter, FormatOptions};
-use datafusion::datasource::MemTable;
 use proptest::prelude::*;
 use riffle::connectors::generator::{FraudConfig, FraudGenerator};
 use riffle::connectors::sink::MemorySink;
@@ -114,13 +113,7 @@ fn session() -> RiffleSession {
         .load_udfs(&common::udf("fraud"), Vec::new(), None)
         .unwrap();
     let m = merchants();
-    session
-        .context()
-        .register_table(
-            "merchants",
-            Arc::new(MemTable::try_new(m.schema(), vec![vec![m]]).unwrap()),
-        )
-        .unwrap();
+    common::register_batch(&session, "merchants", &m);
     session
 }
 
@@ -190,13 +183,7 @@ fn same(a: &Rows, b: &Rows) -> Result<(), String> {
 
 async fn batch_result(g: &Golden, all: &RecordBatch) -> Rows {
     let session = session();
-    session
-        .context()
-        .register_table(
-            "transactions",
-            Arc::new(MemTable::try_new(all.schema(), vec![vec![all.clone()]]).unwrap()),
-        )
-        .unwrap();
+    common::register_batch(&session, "transactions", all);
     let batches = session
         .dataframe(g.sql)
         .await

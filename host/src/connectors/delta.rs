@@ -135,6 +135,9 @@ pub struct DeltaSink {
     app_id: String,
     /// The newest epoch the table already holds.
     done: i64,
+    /// The table as of the last commit; brought up to date incrementally before each epoch
+    /// (other writers, such as a backfill, may have committed since) instead of reloaded.
+    table: Option<DeltaTable>,
 }
 
 impl DeltaSink {
@@ -154,6 +157,7 @@ impl DeltaSink {
             keys,
             app_id: String::new(),
             done: -1,
+            table: None,
         })
     }
 
@@ -180,6 +184,7 @@ impl Sink for DeltaSink {
                 .map_err(|e| delta_error(&self.url, e))?
                 .unwrap_or(-1);
         }
+        self.table = Some(table);
         Ok(())
     }
 
@@ -197,7 +202,16 @@ impl Sink for DeltaSink {
         if rows == 0 && self.mode != OutputMode::Complete {
             return Ok(());
         }
-        let table = open(&self.url).await?;
+        let table = match self.table.take() {
+            Some(mut t) if t.version().is_some() => {
+                t.update_incremental(None)
+                    .await
+                    .map_err(|e| delta_error(&self.url, e))?;
+                t
+            }
+            // Not created yet when the sink started: someone (a backfill) may have since.
+            _ => open(&self.url).await?,
+        };
         let properties = self.commit_properties(epoch);
         let exists = table.version().is_some();
         match self.mode {
@@ -212,7 +226,7 @@ impl Sink for DeltaSink {
                 let columns: Vec<String> =
                     schema.fields().iter().map(|f| f.name().clone()).collect();
                 let set = columns.clone();
-                table
+                let merged = table
                     .merge(source, predicate)
                     .with_source_alias("source")
                     .with_target_alias("target")
@@ -234,6 +248,7 @@ impl Sink for DeltaSink {
                     .map_err(|e| delta_error(&self.url, e))?
                     .await
                     .map_err(|e| delta_error(&self.url, e))?;
+                self.table = Some(merged.0);
             }
             mode => {
                 let save = if mode == OutputMode::Complete {
@@ -246,12 +261,13 @@ impl Sink for DeltaSink {
                 } else {
                     batches.to_vec()
                 };
-                table
+                let written = table
                     .write(batches)
                     .with_save_mode(save)
                     .with_commit_properties(properties)
                     .await
                     .map_err(|e| delta_error(&self.url, e))?;
+                self.table = Some(written);
             }
         }
         self.done = epoch as i64;

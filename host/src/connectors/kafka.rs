@@ -211,7 +211,6 @@ pub struct KafkaSource {
     partitions: Vec<i32>,
     partitions_checked: Option<Instant>,
     dead_letters: CheckedProducer,
-    dead_lettered: u64,
 }
 
 /// The schema of raw records.
@@ -322,15 +321,9 @@ impl KafkaSource {
             partitions: Vec::new(),
             partitions_checked: None,
             dead_letters,
-            dead_lettered: 0,
         };
         source.partitions()?;
         Ok(source)
-    }
-
-    /// Records sent to the dead-letter topic so far by this process.
-    pub fn dead_lettered(&self) -> u64 {
-        self.dead_lettered
     }
 
     fn partitions(&self) -> Result<Vec<i32>> {
@@ -471,7 +464,7 @@ impl KafkaSource {
         Ok(out)
     }
 
-    fn dead_letter(&mut self, partition: i32, record: &Record, reason: &str) -> Result<()> {
+    fn dead_letter(&self, partition: i32, record: &Record, reason: &str) -> Result<()> {
         let headers = OwnedHeaders::new()
             .insert(Header {
                 key: "riffle.topic",
@@ -496,9 +489,7 @@ impl KafkaSource {
         if let Some(v) = &record.value {
             r = r.payload(v.as_slice());
         }
-        send(&self.dead_letters, r)?;
-        self.dead_lettered += 1;
-        Ok(())
+        send(&self.dead_letters, r)
     }
 
     /// Decodes records; the ones that fail go to the dead-letter topic.
@@ -810,10 +801,10 @@ impl KafkaSink {
         })
     }
 
-    fn marker_partition(&self) -> Result<TopicPartitionList> {
+    fn marker_partition(&self) -> TopicPartitionList {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(&self.options.topic, 0);
-        Ok(tpl)
+        tpl
     }
 
     fn encode(&self, batch: &RecordBatch) -> Result<Vec<Vec<u8>>> {
@@ -935,7 +926,7 @@ impl Sink for KafkaSink {
                     .create()
                     .map_err(|e| kafka_error("creating the epoch marker", e))?;
                 let committed = consumer
-                    .committed_offsets(self.marker_partition()?, TIMEOUT)
+                    .committed_offsets(self.marker_partition(), TIMEOUT)
                     .map_err(|e| kafka_error("reading the epoch marker", e))?;
                 let epoch = match committed.elements().first().map(|e| e.offset()) {
                     Some(Offset::Offset(o)) if o > 0 => o as u64,
@@ -973,7 +964,7 @@ impl Sink for KafkaSink {
                     .map_err(|e| kafka_error("beginning a transaction", e))?;
                 let result = (|| {
                     self.produce(producer, batches)?;
-                    let mut marker = self.marker_partition()?;
+                    let mut marker = self.marker_partition();
                     marker
                         .set_all_offsets(Offset::Offset(epoch as i64))
                         .map_err(|e| kafka_error("marking the epoch", e))?;

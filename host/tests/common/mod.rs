@@ -30,3 +30,33 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .build()
         .unwrap()
 }
+
+/// The columns of a Delta table as read by the `deltalake` Python package (delta-rs's Python
+/// binding from PyPI: an independent reader of the table format), as JSON lists, one per
+/// column, with floats given as their bit patterns (`i64`) so that no JSON parser rounds them.
+pub fn python_delta_columns(table: &Path, columns: &[&str]) -> serde_json::Value {
+    let script = r#"
+import json, os, struct, sys
+from deltalake import DeltaTable
+columns = sys.argv[2:]
+t = DeltaTable(sys.argv[1]).to_pyarrow_table(columns=columns)
+bits = lambda x: struct.unpack("<q", struct.pack("<d", x))[0] if isinstance(x, float) else x
+print(json.dumps([[bits(v) for v in t.column(c).to_pylist()] for c in columns]), flush=True)
+# deltalake 1.6 (PyPI) can abort in its thread teardown at interpreter exit after a
+# multi-file read; the read itself is complete, so leave without the teardown.
+os._exit(0)
+"#;
+    let out = Command::new("python3")
+        .args(["-c", script])
+        .arg(table)
+        .args(columns)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "the deltalake Python package could not read {} (install it with `pip install deltalake pyarrow`): {}",
+        table.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}

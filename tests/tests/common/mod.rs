@@ -76,3 +76,14 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .build()
         .unwrap()
 }
+
+/// Registers `batch` as an in-memory table `name` of the session.
+pub fn register_batch(session: &RiffleSession, name: &str, batch: &RecordBatch) {
+    let table =
+        datafusion::datasource::MemTable::try_new(batch.schema(), vec![vec![batch.clone()]])
+            .expect("a batch makes a table");
+    session
+        .context()
+        .register_table(name, Arc::new(table))
+        .expect("registered");
+}
