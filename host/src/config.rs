@@ -1,4 +1,5 @@
-//! `riffle.toml`: tables, UDF modules and limits for `riffle sql`.
+//! `riffle.toml`: tables, UDF modules and limits for `riffle sql`; pipeline files share its
+//! `[[udfs]]` and `[limits]` sections.
 //!
 //! ```toml
 //! [tables]

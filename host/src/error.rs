@@ -75,6 +75,16 @@ pub enum RiffleError {
     #[error("{0}")]
     Config(String),
 
+    /// A valid query that Riffle cannot run in the requested mode (for example, an OVER
+    /// window without ORDER BY on a stream). The message names the rule and what to do.
+    #[error("{0}")]
+    Unsupported(String),
+
+    /// A checkpoint that cannot be used: written by a different query, incomplete, or
+    /// corrupt. The message names what differs or which file is wrong.
+    #[error("{0}")]
+    Checkpoint(String),
+
     /// A UDF call failed as a whole.
     #[error("UDF {function} (module {module}, sha256 {hash}) {kind}{}", detail_suffix(.detail))]
     UdfFailure {
@@ -139,7 +149,10 @@ impl RiffleError {
     /// Whose fault this error is.
     pub fn blame(&self) -> Blame {
         match self {
-            RiffleError::InvalidModule { .. } | RiffleError::Config(_) => Blame::User,
+            RiffleError::InvalidModule { .. }
+            | RiffleError::Config(_)
+            | RiffleError::Unsupported(_) => Blame::User,
+            RiffleError::Checkpoint(_) => Blame::External,
             RiffleError::UdfFailure { .. } | RiffleError::RowError { .. } => Blame::Udf,
             RiffleError::Io { .. } | RiffleError::External(_) => Blame::External,
             RiffleError::Query(e) => match RiffleError::find_in(e) {

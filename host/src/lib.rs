@@ -3,24 +3,33 @@
 //!
 //! # Layout
 //!
+//! Modules depend only on modules listed before them:
+//!
+//! - [`error`]: [`RiffleError`], which says whose fault every error is.
+//! - [`common`]: durable file writes, event time and durations, output modes, file formats.
 //! - [`udf`]: the UDF runtime. wasmtime engine and compiled-module cache, loaded modules with a
 //!   pool of sandboxed instances, CPU and memory limits, the Arrow <-> WIT column ABI, and the
 //!   DataFusion `ScalarUDFImpl` adapter. It knows nothing about plans, so any operator (batch
 //!   or streaming) calls [`udf::UdfModule::call`] the same way.
+//! - [`window`]: event-time window functions (`window`, `session_window`) and their batch
+//!   rewrite.
+//! - [`state`]: operator state tables with change tracking, expiry by event time, and
+//!   delta/snapshot encoding to Arrow.
+//! - [`exec`]: the one [`exec::Operator`] trait, the dataflow graph, and the streaming
+//!   operators (stateless DataFusion stages, window and session aggregation, de-duplication,
+//!   OVER windows, interval joins).
+//! - [`plan`]: from a DataFusion logical plan to an operator graph, with Spark's rules for what
+//!   a stream supports, and the checkpoint fingerprint.
+//! - [`checkpoint`]: write-ahead offsets, commits with state manifests, operator state files.
+//! - [`config`]: `riffle.toml` (tables, UDF modules, limits), shared by `riffle sql` and
+//!   pipeline files.
+//! - [`connectors`]: sources and sinks (generators, files and directories, static tables,
+//!   Kafka, Delta Lake), each owning its configuration.
 //! - [`session`]: batch SQL over files with UDFs registered from `.wasm` modules, including the
 //!   `CREATE FUNCTIONS FROM 'module.wasm'` statement.
-//! - [`plan`]: event-time window functions (`window`, `session_window`), their batch rewrite,
-//!   and the compilation of a query into a streaming plan with Spark's output-mode rules.
-//! - [`exec`]: streaming operators: the stateless DataFusion stage run per micro-batch, window
-//!   and session aggregation, de-duplication, and the post-aggregation stage.
 //! - [`stream`]: the epoch driver: triggers, watermarks, late rows, recovery, progress.
-//! - [`checkpoint`]: write-ahead offsets, commits and incremental operator state on disk.
 //! - [`pipeline`]: pipeline files (`riffle run PIPELINE --mode batch|stream`).
-//! - [`connectors`]: sources and sinks: the data generator, files, a directory source, static
-//!   tables for joins, Parquet/console/memory sinks.
-//! - [`cli`]: the `riffle` command line (`udf inspect`, `sql`, `generate`); `main.rs` is a
-//!   one-line wrapper.
-//! - [`error`]: [`RiffleError`], which says whose fault every error is.
+//! - [`cli`]: the `riffle` command line; `main.rs` is a one-line wrapper.
 //!
 //! The guest side lives in the workspace's `guest-sdk/` (crate `riffle-udf`), the contract in
 //! `wit/udf.wit`, example and hostile UDF crates in `udfs/`, and end-to-end tests and
@@ -30,13 +39,17 @@
 
 pub mod checkpoint;
 pub mod cli;
+pub mod common;
+pub mod config;
 pub mod connectors;
 pub mod error;
 pub mod exec;
 pub mod pipeline;
 pub mod plan;
 pub mod session;
+pub mod state;
 pub mod stream;
 pub mod udf;
+pub mod window;
 
 pub use error::{Blame, Result, RiffleError};

@@ -3,13 +3,13 @@
 //!
 //! ```toml
 //! query = """
-//! SELECT window(ts, '1 minute') AS window, country, count(*) AS n, sum(amount) AS total
-//! FROM transactions GROUP BY window(ts, '1 minute'), country
+//! SELECT t.tx_id, t.amount, l.country AS login_country
+//! FROM transactions t JOIN logins l ON t.card_id = l.card_id
+//!   AND l.ts BETWEEN t.ts - INTERVAL '5' MINUTE AND t.ts
 //! """                                   # or: query_file = "report.sql"
 //! output_mode = "append"                # append | update | complete (stream mode)
 //!
-//! [source]                              # the table that streams
-//! name = "transactions"
+//! [sources.transactions]                # a table that streams; one section per source
 //! event_time = "ts"                     # timestamp column for windows and the watermark
 //! watermark = "10 seconds"              # how late rows may arrive
 //! batch = "data/transactions.parquet"   # --mode batch reads this file or directory, or a
@@ -17,27 +17,33 @@
 //! # batch_version = 12                  # Delta: time travel to a version ...
 //! # batch_as_of = "2026-11-01T00:00:00Z"  # ... or to a time
 //!
-//! [source.stream]                       # --mode stream reads this
-//! kind = "generator"                    # generator | directory
+//! [sources.transactions.stream]         # --mode stream reads this
+//! kind = "generator"                    # generator | directory | kafka
 //! data = "fraud"                        # generator: fraud | clickstream
 //! rows = 200000                         # generator: stop after this many (omit: endless)
 //! rows_per_second = 50000               # generator: arrival rate (omit: as fast as possible)
 //! seed = 42
-//! cards = 10000                        # generator (fraud): key cardinality
+//! cards = 10000                         # generator (fraud): key cardinality
 //! disorder = "5 seconds"                # generator: bounded event-time disorder
 //! duplicates = 0.01                     # generator (fraud): fraction delivered twice
 //! # users = 50000, items = 5000         # generator (clickstream): key cardinalities
-//! # kind = "directory", path = "incoming/", max_files_per_trigger = 10
+//! # kind = "directory", path = "incoming/", max_files_per_trigger = 10, stop_when_empty = true
 //! # kind = "kafka"                      # a topic; offsets live in the checkpoint
 //! # bootstrap = "127.0.0.1:29092"       # default: $RIFFLE_KAFKA_BOOTSTRAP
 //! # topic = "transactions"
 //! # format = "json"                     # json | csv | raw (key, value, partition, offset, timestamp)
-//! # schema = "tx_id BIGINT NOT NULL, ts TIMESTAMP NOT NULL, amount DOUBLE"  # default: source.batch's
+//! # schema = "tx_id BIGINT NOT NULL, ts TIMESTAMP NOT NULL, amount DOUBLE"  # default: batch's
 //! # timestamp_column = "kafka_ts"       # adds the record timestamp (use it as event_time)
 //! # start = "earliest"                  # earliest | latest | an RFC 3339 time
 //! # dead_letter_topic = "transactions.dlq"  # undecodable records (default: <topic>.dlq)
-//! # [source.stream.properties]          # librdkafka properties, passed through
+//! # [sources.transactions.stream.properties]  # librdkafka properties, passed through
 //! # "fetch.wait.max.ms" = "20"
+//!
+//! [sources.logins]                      # a second stream, joined above
+//! event_time = "ts"
+//! watermark = "10 seconds"
+//! batch = "data/logins.parquet"
+//! stream = { kind = "generator", seed = 7, rows = 50000, events_per_second = 0.5 }
 //!
 //! [tables]                              # static tables, e.g. for stream-static joins
 //! merchants = "data/merchants.csv"      # reloaded in stream mode when the file changes
@@ -55,40 +61,45 @@
 //! # stream = { kind = "kafka", topic = "alerts", format = "json", key = "card_id",
 //! #            headers = ["country"], delivery = "exactly-once" }  # or "at-least-once"
 //! late = "out/late"                     # optional: late rows, one Parquet file per epoch
+//!                                       # (with several sources, one subdirectory each)
 //!
 //! [stream]
 //! checkpoint = "out/checkpoint"
 //! trigger = "processing-time"           # processing-time | available-now | low-latency
 //! interval = "1 second"
-//! max_rows_per_epoch = 100000
+//! max_rows_per_epoch = 100000           # per source
 //! ```
 //!
-//! Relative paths are relative to the pipeline file. Unknown keys are errors reported with
-//! their line, and bad values name their key.
+//! A file with one streaming source may name it in a `[source]` section (`name =
+//! "transactions"`) instead of `[sources.transactions]`. Relative paths are relative to the
+//! pipeline file. Unknown keys are errors reported with their line, and bad values name their
+//! key.
+//!
+//! This module only reads the file and dispatches: each connector owns its settings
+//! ([`crate::connectors`]), the planner and the driver do the rest.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use std::time::Duration;
 
 use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
 use serde::Deserialize;
 
-use crate::cli::config::{LimitsConfig, UdfConfig};
-use crate::connectors::clickstream::ClickConfig;
-use crate::connectors::delta::{self, DeltaSink};
-use crate::connectors::generator::{FraudConfig, GeneratorConfig};
-use crate::connectors::kafka::{
-    Delivery, KafkaConfig, KafkaSink, KafkaSinkOptions, KafkaSource, KafkaSourceOptions,
-    RecordFormat, StartAt,
-};
-use crate::connectors::sink::{ConsoleSink, ParquetDirSink, Sink};
-use crate::connectors::source::{DirectorySource, GeneratorSource, StreamSource};
-use crate::connectors::static_table::StaticTable;
+use crate::common::OutputMode;
+use crate::common::time::SqlDuration;
+use crate::config::{LimitsConfig, UdfConfig};
+use crate::connectors::delta::{self, DeltaSink, DeltaSinkConfig};
+use crate::connectors::files::directory::DirectorySourceConfig;
+use crate::connectors::files::{ParquetDirSink, StaticTable};
+use crate::connectors::generate::GeneratorSourceConfig;
+use crate::connectors::kafka::{KafkaSinkConfig, KafkaSourceConfig};
+use crate::connectors::memory::ConsoleSink;
+use crate::connectors::sink::Sink;
+use crate::connectors::source::StreamSource;
+use crate::connectors::{ConfigContext, resolve};
 use crate::error::{Result, RiffleError};
-use crate::exec::OutputMode;
-use crate::plan::window::parse_duration;
 use crate::session::{RiffleSession, SessionOptions, read_udf_config};
 use crate::stream::{RunSummary, StreamInput, StreamOptions, StreamingQuery, Trigger};
 use crate::udf::EngineOptions;
@@ -99,8 +110,12 @@ struct PipelineFile {
     query: Option<String>,
     query_file: Option<PathBuf>,
     #[serde(default)]
-    output_mode: Option<String>,
-    source: SourceFile,
+    output_mode: OutputMode,
+    /// One streaming source, named inside.
+    source: Option<NamedSource>,
+    /// Streaming sources by table name.
+    #[serde(default)]
+    sources: BTreeMap<String, SourceFile>,
     #[serde(default)]
     tables: BTreeMap<String, PathBuf>,
     #[serde(default)]
@@ -113,54 +128,40 @@ struct PipelineFile {
     stream: StreamFile,
 }
 
+/// A streaming source's table: its event time, its batch input and its stream.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SourceFile {
-    name: String,
     event_time: Option<String>,
-    watermark: Option<String>,
+    watermark: Option<SqlDuration>,
     batch: Option<PathBuf>,
     /// A Delta `batch` table: read this version.
     batch_version: Option<u64>,
     /// A Delta `batch` table: read the version current at this RFC 3339 time.
     batch_as_of: Option<String>,
-    stream: Option<StreamSourceFile>,
+    stream: Option<StreamSourceConfig>,
 }
 
+/// `[source]`: the same keys plus the table's name.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, tag = "kind", rename_all = "kebab-case")]
-enum StreamSourceFile {
-    Generator {
-        #[serde(default)]
-        data: GeneratedData,
-        rows: Option<i64>,
-        rows_per_second: Option<f64>,
-        seed: Option<u64>,
-        cards: Option<u64>,
-        disorder: Option<String>,
-        duplicates: Option<f64>,
-        events_per_second: Option<f64>,
-        users: Option<u64>,
-        items: Option<u64>,
-    },
-    Directory {
-        path: PathBuf,
-        max_files_per_trigger: Option<usize>,
-        #[serde(default)]
-        stop_when_empty: bool,
-    },
-    Kafka {
-        bootstrap: Option<String>,
-        topic: String,
-        format: Option<String>,
-        schema: Option<String>,
-        timestamp_column: Option<String>,
-        start: Option<String>,
-        dead_letter_topic: Option<String>,
-        group_id: Option<String>,
-        #[serde(default)]
-        properties: BTreeMap<String, String>,
-    },
+#[serde(deny_unknown_fields)]
+struct NamedSource {
+    name: String,
+    event_time: Option<String>,
+    watermark: Option<SqlDuration>,
+    batch: Option<PathBuf>,
+    batch_version: Option<u64>,
+    batch_as_of: Option<String>,
+    stream: Option<StreamSourceConfig>,
+}
+
+/// What a source streams from; each connector owns its keys.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+enum StreamSourceConfig {
+    Generator(GeneratorSourceConfig),
+    Directory(DirectorySourceConfig),
+    Kafka(KafkaSourceConfig),
 }
 
 /// A sink: a path (`console`, a Parquet directory or file) or a table naming its kind.
@@ -171,24 +172,10 @@ enum SinkSpec {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, tag = "kind", rename_all = "kebab-case")]
+#[serde(tag = "kind", rename_all = "kebab-case")]
 enum SinkTable {
-    Delta {
-        path: String,
-        #[serde(default)]
-        keys: Vec<String>,
-    },
-    Kafka {
-        bootstrap: Option<String>,
-        topic: String,
-        format: Option<String>,
-        key: Option<String>,
-        #[serde(default)]
-        headers: Vec<String>,
-        delivery: Option<String>,
-        #[serde(default)]
-        properties: BTreeMap<String, String>,
-    },
+    Delta(DeltaSinkConfig),
+    Kafka(KafkaSinkConfig),
 }
 
 impl<'de> Deserialize<'de> for SinkSpec {
@@ -202,30 +189,6 @@ impl<'de> Deserialize<'de> for SinkSpec {
     }
 }
 
-/// `bootstrap` from the file, else `RIFFLE_KAFKA_BOOTSTRAP`: a pipeline can leave the broker
-/// to the environment it runs in.
-fn bootstrap(file: &Path, key: &str, given: &Option<String>) -> Result<String> {
-    given
-        .clone()
-        .or_else(|| std::env::var("RIFFLE_KAFKA_BOOTSTRAP").ok())
-        .ok_or_else(|| {
-            key_error(
-                file,
-                key,
-                "missing: set it or the RIFFLE_KAFKA_BOOTSTRAP environment variable",
-            )
-        })
-}
-
-/// What a generator source generates.
-#[derive(Debug, Default, Deserialize, Clone, Copy)]
-#[serde(rename_all = "kebab-case")]
-enum GeneratedData {
-    #[default]
-    Fraud,
-    Clickstream,
-}
-
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SinkFile {
@@ -234,12 +197,20 @@ struct SinkFile {
     late: Option<PathBuf>,
 }
 
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum TriggerKind {
+    ProcessingTime,
+    AvailableNow,
+    LowLatency,
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct StreamFile {
     checkpoint: Option<PathBuf>,
-    trigger: Option<String>,
-    interval: Option<String>,
+    trigger: Option<TriggerKind>,
+    interval: Option<SqlDuration>,
     max_rows_per_epoch: Option<usize>,
     progress: Option<PathBuf>,
 }
@@ -249,9 +220,9 @@ struct StreamFile {
 pub struct Pipeline {
     file: PathBuf,
     query: String,
-    file_contents: PipelineFile,
-    output_mode: OutputMode,
-    watermark_delay: i64,
+    /// Streaming sources, by table name (in file order for `[source]`, sorted for `[sources]`).
+    sources: Vec<(String, SourceFile)>,
+    contents: PipelineFile,
     trigger: Trigger,
 }
 
@@ -281,16 +252,57 @@ impl Pipeline {
         let mut file: PipelineFile = toml::from_str(&text)
             .map_err(|e| RiffleError::Config(format!("{}: {e}", path.display())))?;
         let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
-        let resolve = |p: &mut PathBuf| {
-            if p.is_relative() && p.as_os_str() != "console" {
-                *p = base.join(&*p);
+
+        let mut sources: Vec<(String, SourceFile)> =
+            std::mem::take(&mut file.sources).into_iter().collect();
+        if let Some(named) = file.source.take() {
+            if !sources.is_empty() {
+                return Err(key_error(
+                    path,
+                    "source",
+                    "give either [source] (one source) or [sources.<name>] sections, not both",
+                ));
             }
-        };
-        file.tables.values_mut().for_each(resolve);
+            sources.push((
+                named.name,
+                SourceFile {
+                    event_time: named.event_time,
+                    watermark: named.watermark,
+                    batch: named.batch,
+                    batch_version: named.batch_version,
+                    batch_as_of: named.batch_as_of,
+                    stream: named.stream,
+                },
+            ));
+        }
+        if sources.is_empty() {
+            return Err(key_error(
+                path,
+                "sources",
+                "missing: declare the streaming source(s) as [sources.<table name>]",
+            ));
+        }
+        for (name, source) in &mut sources {
+            if source.watermark.is_some() && source.event_time.is_none() {
+                return Err(key_error(
+                    path,
+                    &format!("sources.{name}.watermark"),
+                    "needs event_time",
+                ));
+            }
+            for p in [&mut source.batch].into_iter().flatten() {
+                resolve(&base, p);
+            }
+            if let Some(StreamSourceConfig::Directory(d)) = &mut source.stream {
+                resolve(&base, &mut d.path);
+            }
+        }
+
+        file.tables.values_mut().for_each(|p| resolve(&base, p));
         for udf in &mut file.udfs {
-            resolve(&mut udf.path);
+            resolve(&base, &mut udf.path);
             if let Some(c) = udf.config.as_mut() {
-                resolve(c);
+                resolve(&base, c);
             }
         }
         for spec in [&mut file.sink.batch, &mut file.sink.stream]
@@ -298,17 +310,12 @@ impl Pipeline {
             .flatten()
         {
             match spec {
-                SinkSpec::Path(p) => resolve(p),
-                SinkSpec::Table(SinkTable::Delta { path: p, .. }) if !p.contains("://") => {
-                    let mut buf = PathBuf::from(&*p);
-                    resolve(&mut buf);
-                    *p = buf.to_string_lossy().into_owned();
-                }
-                SinkSpec::Table(_) => {}
+                SinkSpec::Path(p) if p.as_os_str() != "console" => resolve(&base, p),
+                SinkSpec::Table(SinkTable::Delta(d)) => d.resolve(&base),
+                _ => {}
             }
         }
         for p in [
-            &mut file.source.batch,
             &mut file.sink.late,
             &mut file.stream.checkpoint,
             &mut file.stream.progress,
@@ -317,10 +324,7 @@ impl Pipeline {
         .into_iter()
         .flatten()
         {
-            resolve(p);
-        }
-        if let Some(StreamSourceFile::Directory { path: p, .. }) = &mut file.source.stream {
-            resolve(p);
+            resolve(&base, p);
         }
         let query = match (&file.query, &file.query_file) {
             (Some(q), None) => q.clone(),
@@ -335,86 +339,65 @@ impl Pipeline {
                 ));
             }
         };
-        let output_mode = match &file.output_mode {
-            Some(m) => m.parse().map_err(|e| key_error(path, "output_mode", e))?,
-            None => OutputMode::Append,
-        };
-        let watermark_delay = match (&file.source.watermark, &file.source.event_time) {
-            (Some(w), Some(_)) => {
-                parse_duration(w).map_err(|e| key_error(path, "source.watermark", e))?
+        if file.stream.max_rows_per_epoch == Some(0) {
+            return Err(key_error(
+                path,
+                "stream.max_rows_per_epoch",
+                "must be at least 1",
+            ));
+        }
+        let interval = file.stream.interval.map(SqlDuration::std);
+        let trigger = match file.stream.trigger {
+            None | Some(TriggerKind::ProcessingTime) => {
+                Trigger::ProcessingTime(interval.unwrap_or(std::time::Duration::from_secs(1)))
             }
-            (Some(_), None) => {
-                return Err(key_error(
-                    path,
-                    "source.watermark",
-                    "needs source.event_time",
-                ));
-            }
-            (None, _) => 0,
-        };
-        let interval = match &file.stream.interval {
-            Some(i) => Some(parse_duration(i).map_err(|e| key_error(path, "stream.interval", e))?),
-            None => None,
-        };
-        let trigger = match file.stream.trigger.as_deref() {
-            None | Some("processing-time") => {
-                Trigger::ProcessingTime(Duration::from_micros(interval.unwrap_or(1_000_000) as u64))
-            }
-            Some("available-now") => Trigger::AvailableNow,
-            Some("low-latency") => Trigger::LowLatency,
-            Some(other) => {
-                return Err(key_error(
-                    path,
-                    "stream.trigger",
-                    format!("{other:?}: expected processing-time, available-now or low-latency"),
-                ));
-            }
+            Some(TriggerKind::AvailableNow) => Trigger::AvailableNow,
+            Some(TriggerKind::LowLatency) => Trigger::LowLatency,
         };
         Ok(Pipeline {
             file: path.to_path_buf(),
             query,
-            file_contents: file,
-            output_mode,
-            watermark_delay,
+            sources,
+            contents: file,
             trigger,
         })
     }
 
     async fn session(&self, options: &RunOptions) -> Result<RiffleSession> {
-        let limits_file = &self.file_contents.limits;
-        let limits = limits_file.udf_limits(None, None);
+        let limits_file = &self.contents.limits;
         let session = RiffleSession::new(SessionOptions {
             engine: EngineOptions {
                 cache_dir: options.cache_dir.clone(),
-                limits,
+                limits: limits_file.udf_limits(None, None),
             },
             row_error_policy: limits_file.on_row_error.unwrap_or_default(),
             batch_size: None,
         })?;
-        for udf in &self.file_contents.udfs {
+        for udf in &self.contents.udfs {
             let config = read_udf_config(udf.config.as_deref())?;
             session.load_udfs(&udf.path, config, udf.functions.as_deref())?;
         }
         Ok(session)
     }
 
-    /// Runs the query in batch mode over the source's `batch` files; writes `sink.batch` or
-    /// returns the rows for printing.
-    ///
-    /// # Errors
-    /// Configuration, planning and execution errors.
-    pub async fn run_batch(&self, options: &RunOptions) -> Result<Vec<RecordBatch>> {
-        let session = self.session(options).await?;
-        let source = &self.file_contents.source;
-        let input = source.batch.as_ref().ok_or_else(|| {
-            key_error(
-                &self.file,
-                "source.batch",
-                "missing: batch mode reads these files",
-            )
-        })?;
-        // A Delta table at its newest version is an ordinary table to `register_table`; only
-        // time travel needs the Delta source's options.
+    /// Registers source `name`'s batch input (a file, directory or Delta table, with time
+    /// travel) as table `table` of `session`.
+    async fn register_batch(
+        &self,
+        session: &RiffleSession,
+        name: &str,
+        table: &str,
+    ) -> Result<bool> {
+        let source = &self
+            .sources
+            .iter()
+            .find(|(n, _)| n == name)
+            .expect("a declared source")
+            .1;
+        let key = |k: &str| format!("sources.{name}.{k}");
+        let Some(input) = &source.batch else {
+            return Ok(false);
+        };
         let as_of = match (source.batch_version, &source.batch_as_of) {
             (None, None) => None,
             (Some(v), None) => Some(delta::AsOf::Version(v)),
@@ -422,41 +405,62 @@ impl Pipeline {
             (Some(_), Some(_)) => {
                 return Err(key_error(
                     &self.file,
-                    "source.batch_version",
+                    &key("batch_version"),
                     "give batch_version or batch_as_of, not both",
                 ));
             }
         };
         match as_of {
-            None => session.register_table(&source.name, input).await?,
+            // A Delta table at its newest version is an ordinary table to `register_table`;
+            // only time travel needs the Delta source's options.
+            None => session.register_table(table, input).await?,
             Some(_) if !delta::is_delta_table(input) => {
                 return Err(key_error(
                     &self.file,
-                    "source.batch_version",
-                    "only applies when source.batch is a Delta table",
+                    &key("batch_version"),
+                    "only applies when batch is a Delta table",
                 ));
             }
-            Some(as_of) => delta::register(session.context(), &source.name, input, &as_of).await?,
+            Some(as_of) => delta::register(session.context(), table, input, &as_of).await?,
         }
-        for (name, path) in &self.file_contents.tables {
+        Ok(true)
+    }
+
+    /// Runs the query in batch mode over the sources' `batch` inputs; writes `sink.batch` or
+    /// returns the rows for printing.
+    ///
+    /// # Errors
+    /// Configuration, planning and execution errors.
+    pub async fn run_batch(&self, options: &RunOptions) -> Result<Vec<RecordBatch>> {
+        let session = self.session(options).await?;
+        for (name, _) in &self.sources {
+            if !self.register_batch(&session, name, name).await? {
+                return Err(key_error(
+                    &self.file,
+                    &format!("sources.{name}.batch"),
+                    "missing: batch mode reads these files",
+                ));
+            }
+        }
+        for (name, path) in &self.contents.tables {
             session.register_table(name, path).await?;
         }
         let df = session.dataframe(&self.query).await?;
         let schema = Arc::new(df.schema().as_arrow().clone());
         let batches = df.collect().await?;
-        match &self.file_contents.sink.batch {
+        match &self.contents.sink.batch {
             None => Ok(batches),
             Some(SinkSpec::Path(out)) => {
                 crate::connectors::files::write_file(out, schema, batches)?;
                 Ok(Vec::new())
             }
-            Some(SinkSpec::Table(SinkTable::Delta { path, .. })) => {
+            Some(SinkSpec::Table(SinkTable::Delta(d))) => {
                 let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
-                let version = delta::append(path, batches).await?;
-                tracing::info!(rows, version, table = %path, "appended to the Delta table");
+                let version = delta::append(&d.path, batches).await?;
+                tracing::info!(rows, version, table = %d.path, "appended to the Delta table");
                 Ok(Vec::new())
             }
-            Some(SinkSpec::Table(SinkTable::Kafka { .. })) => Err(key_error(
+            Some(SinkSpec::Table(SinkTable::Kafka(_))) => Err(key_error(
                 &self.file,
                 "sink.batch",
                 "batch mode writes files or Delta tables; Kafka is a stream sink",
@@ -464,39 +468,13 @@ impl Pipeline {
         }
     }
 
-    /// The schema declared for a Kafka source, or else the schema of the batch input.
-    async fn declared_schema(
-        &self,
-        session: &RiffleSession,
-        declared: &Option<String>,
-    ) -> Result<arrow::datatypes::SchemaRef> {
-        if let Some(columns) = declared {
-            let plan = session
-                .context()
-                .state()
-                .create_logical_plan(&format!("CREATE TABLE __riffle_schema ({columns})"))
-                .await
-                .map_err(|e| key_error(&self.file, "source.stream.schema", e))?;
-            return match plan {
-                datafusion::logical_expr::LogicalPlan::Ddl(
-                    datafusion::logical_expr::DdlStatement::CreateMemoryTable(c),
-                ) => Ok(Arc::new(c.input.schema().as_arrow().clone())),
-                _ => Err(key_error(
-                    &self.file,
-                    "source.stream.schema",
-                    "expected a column list such as \"id BIGINT NOT NULL, amount DOUBLE\"",
-                )),
-            };
-        }
-        let Some(batch) = &self.file_contents.source.batch else {
-            return Err(key_error(
-                &self.file,
-                "source.stream.schema",
-                "missing: declare the records' columns (or give source.batch to take its schema)",
-            ));
-        };
+    /// The schema of source `name`'s batch input, if it has one (a Kafka source without a
+    /// declared schema takes it).
+    async fn batch_schema(&self, session: &RiffleSession, name: &str) -> Result<Option<SchemaRef>> {
         const PROBE: &str = "__riffle_schema_probe";
-        session.register_table(PROBE, batch).await?;
+        if !self.register_batch(session, name, PROBE).await? {
+            return Ok(None);
+        }
         let schema = session
             .context()
             .table(PROBE)
@@ -505,190 +483,48 @@ impl Pipeline {
             .as_arrow()
             .clone();
         session.context().deregister_table(PROBE)?;
-        Ok(Arc::new(schema))
+        Ok(Some(Arc::new(schema)))
     }
 
-    /// Runs the query in stream mode until the trigger or source ends it, or `stop` is set.
-    ///
-    /// # Errors
-    /// Configuration, planning and execution errors.
-    pub async fn run_stream(&self, options: &RunOptions, stop: &AtomicBool) -> Result<RunSummary> {
-        let session = self.session(options).await?;
-        let file = &self.file_contents;
-        let mut statics = Vec::new();
-        for (name, path) in &file.tables {
-            let table = Arc::new(StaticTable::load(path)?);
-            session
-                .context()
-                .register_table(name.as_str(), table.clone())?;
-            statics.push(table);
-        }
-        let source: Box<dyn StreamSource> = match &file.source.stream {
-            None => {
-                return Err(key_error(
-                    &self.file,
-                    "source.stream",
-                    "missing: stream mode reads this source",
-                ));
-            }
-            Some(StreamSourceFile::Generator {
-                data,
-                rows,
-                rows_per_second,
-                seed,
-                cards,
-                disorder,
-                duplicates,
-                events_per_second,
-                users,
-                items,
-            }) => {
-                let disorder = match disorder {
-                    Some(d) => parse_duration(d)
-                        .map_err(|e| key_error(&self.file, "source.stream.disorder", e))?,
-                    None => 0,
-                };
-                let only = |key: &str, set: bool, kind: &str| {
-                    if set {
-                        Err(key_error(
-                            &self.file,
-                            &format!("source.stream.{key}"),
-                            format!("only applies to data = \"{kind}\""),
-                        ))
-                    } else {
-                        Ok(())
-                    }
-                };
-                let config = match data {
-                    GeneratedData::Fraud => {
-                        only("users", users.is_some(), "clickstream")?;
-                        only("items", items.is_some(), "clickstream")?;
-                        let mut config = FraudConfig {
-                            max_disorder_micros: disorder,
-                            ..FraudConfig::default()
-                        };
-                        config.seed = seed.unwrap_or(config.seed);
-                        config.cards = cards.unwrap_or(config.cards);
-                        config.duplicate_rate = duplicates.unwrap_or(config.duplicate_rate);
-                        config.rows_per_second =
-                            events_per_second.unwrap_or(config.rows_per_second);
-                        GeneratorConfig::Fraud(config)
-                    }
-                    GeneratedData::Clickstream => {
-                        only("cards", cards.is_some(), "fraud")?;
-                        only("duplicates", duplicates.is_some(), "fraud")?;
-                        let mut config = ClickConfig {
-                            max_disorder_micros: disorder,
-                            ..ClickConfig::default()
-                        };
-                        config.seed = seed.unwrap_or(config.seed);
-                        config.users = users.unwrap_or(config.users).max(1);
-                        config.items = items.unwrap_or(config.items).max(1);
-                        config.rows_per_second =
-                            events_per_second.unwrap_or(config.rows_per_second);
-                        GeneratorConfig::Clickstream(config)
-                    }
-                };
-                Box::new(GeneratorSource::new(config, *rows_per_second, *rows))
-            }
-            Some(StreamSourceFile::Directory {
-                path,
-                max_files_per_trigger,
-                stop_when_empty,
-            }) => Box::new(DirectorySource::new(
-                path,
-                max_files_per_trigger.unwrap_or(16),
-                *stop_when_empty,
-            )?),
-            Some(StreamSourceFile::Kafka {
-                bootstrap: servers,
-                topic,
-                format,
-                schema,
-                timestamp_column,
-                start,
-                dead_letter_topic,
-                group_id,
-                properties,
-            }) => {
-                let format = RecordFormat::parse(format.as_deref().unwrap_or("json"))
-                    .map_err(|e| key_error(&self.file, "source.stream.format", e))?;
-                let schema = match format {
-                    RecordFormat::Raw => crate::connectors::kafka::raw_schema(),
-                    _ => self.declared_schema(&session, schema).await?,
-                };
-                let start = match start.as_deref() {
-                    None | Some("earliest") => StartAt::Earliest,
-                    Some("latest") => StartAt::Latest,
-                    Some(t) => {
-                        let parsed = chrono::DateTime::parse_from_rfc3339(t).map_err(|e| {
-                            key_error(
-                                &self.file,
-                                "source.stream.start",
-                                format!(
-                                    "{t:?}: expected earliest, latest or an RFC 3339 time ({e})"
-                                ),
-                            )
-                        })?;
-                        StartAt::Timestamp(parsed.timestamp_millis())
-                    }
-                };
-                Box::new(KafkaSource::new(KafkaSourceOptions {
-                    kafka: KafkaConfig {
-                        bootstrap: bootstrap(&self.file, "source.stream.bootstrap", servers)?,
-                        properties: properties.clone(),
-                    },
-                    topic: topic.clone(),
-                    format,
-                    schema,
-                    timestamp_column: timestamp_column.clone(),
-                    start,
-                    dead_letter_topic: dead_letter_topic
-                        .clone()
-                        .unwrap_or_else(|| format!("{topic}.dlq")),
-                    group_id: group_id
-                        .clone()
-                        .unwrap_or_else(|| format!("riffle-{}", file.source.name)),
-                })?)
-            }
+    async fn stream_source(
+        &self,
+        session: &RiffleSession,
+        name: &str,
+        config: &StreamSourceConfig,
+    ) -> Result<Box<dyn StreamSource>> {
+        let ctx = ConfigContext {
+            file: &self.file,
+            key: format!("sources.{name}.stream"),
         };
-        let input = StreamInput::register(&session, &file.source.name, source)?;
-        let plan = session
-            .context()
-            .state()
-            .create_logical_plan(&self.query)
-            .await?;
-        let sink: Box<dyn Sink> = match &file.sink.stream {
+        Ok(match config {
+            StreamSourceConfig::Generator(g) => Box::new(g.build(&ctx)?),
+            StreamSourceConfig::Directory(d) => Box::new(d.build(&ctx)?),
+            StreamSourceConfig::Kafka(k) => {
+                let batch = self.batch_schema(session, name).await?;
+                Box::new(k.build(&ctx, name, batch).await?)
+            }
+        })
+    }
+
+    fn stream_sink(&self, session: &RiffleSession) -> Result<Box<dyn Sink>> {
+        let ctx = ConfigContext {
+            file: &self.file,
+            key: "sink.stream".into(),
+        };
+        Ok(match &self.contents.sink.stream {
+            None => Box::new(ConsoleSink { max_rows: 20 }),
             Some(SinkSpec::Path(p)) if p.as_os_str() == "console" => {
                 Box::new(ConsoleSink { max_rows: 20 })
             }
-            None => Box::new(ConsoleSink { max_rows: 20 }),
             Some(SinkSpec::Path(dir)) => Box::new(ParquetDirSink::new(dir)?),
-            Some(SinkSpec::Table(SinkTable::Delta { path, keys })) => {
-                Box::new(DeltaSink::new(path, self.output_mode, keys.clone())?)
-            }
-            Some(SinkSpec::Table(SinkTable::Kafka {
-                bootstrap: servers,
-                topic,
-                format,
-                key,
-                headers,
-                delivery,
-                properties,
-            })) => {
-                let delivery = match delivery.as_deref() {
-                    None | Some("exactly-once") => Delivery::ExactlyOnce,
-                    Some("at-least-once") => Delivery::AtLeastOnce,
-                    Some(other) => {
-                        return Err(key_error(
-                            &self.file,
-                            "sink.stream.delivery",
-                            format!("{other:?}: expected exactly-once or at-least-once"),
-                        ));
-                    }
-                };
+            Some(SinkSpec::Table(SinkTable::Delta(d))) => Box::new(DeltaSink::new(
+                &d.path,
+                self.contents.output_mode,
+                d.keys.clone(),
+            )?),
+            Some(SinkSpec::Table(SinkTable::Kafka(k))) => {
                 // Every record says which UDF builds made it.
-                let udf_headers = session
+                let headers = session
                     .modules()
                     .iter()
                     .map(|m| {
@@ -700,21 +536,50 @@ impl Pipeline {
                         (format!("riffle.udf.{stem}"), m.hash().to_string())
                     })
                     .collect();
-                Box::new(KafkaSink::new(KafkaSinkOptions {
-                    kafka: KafkaConfig {
-                        bootstrap: bootstrap(&self.file, "sink.stream.bootstrap", servers)?,
-                        properties: properties.clone(),
-                    },
-                    topic: topic.clone(),
-                    format: RecordFormat::parse(format.as_deref().unwrap_or("json"))
-                        .map_err(|e| key_error(&self.file, "sink.stream.format", e))?,
-                    key: key.clone(),
-                    header_columns: headers.clone(),
-                    headers: udf_headers,
-                    delivery,
-                })?)
+                Box::new(k.build(&ctx, headers)?)
             }
-        };
+        })
+    }
+
+    /// Runs the query in stream mode until the trigger or the sources end it, or `stop` is
+    /// set.
+    ///
+    /// # Errors
+    /// Configuration, planning and execution errors.
+    pub async fn run_stream(&self, options: &RunOptions, stop: &AtomicBool) -> Result<RunSummary> {
+        let session = self.session(options).await?;
+        let file = &self.contents;
+        let mut statics = Vec::new();
+        for (name, path) in &file.tables {
+            let table = Arc::new(StaticTable::load(path)?);
+            session
+                .context()
+                .register_table(name.as_str(), table.clone())?;
+            statics.push(table);
+        }
+        let mut inputs = Vec::new();
+        for (name, source) in &self.sources {
+            let config = source.stream.as_ref().ok_or_else(|| {
+                key_error(
+                    &self.file,
+                    &format!("sources.{name}.stream"),
+                    "missing: stream mode reads this source",
+                )
+            })?;
+            let built = self.stream_source(&session, name, config).await?;
+            let mut input = StreamInput::register(&session, name, built)?;
+            if let Some(column) = &source.event_time {
+                let delay = source.watermark.map(SqlDuration::micros).unwrap_or(0);
+                input = input.with_event_time(column, delay)?;
+            }
+            inputs.push(input);
+        }
+        let plan = session
+            .context()
+            .state()
+            .create_logical_plan(&self.query)
+            .await?;
+        let sink = self.stream_sink(&session)?;
         let checkpoint = file.stream.checkpoint.clone().ok_or_else(|| {
             key_error(
                 &self.file,
@@ -723,9 +588,7 @@ impl Pipeline {
             )
         })?;
         let stream_options = StreamOptions {
-            event_time: file.source.event_time.clone(),
-            watermark_delay: self.watermark_delay,
-            output_mode: self.output_mode,
+            output_mode: file.output_mode,
             trigger: self.trigger,
             max_rows_per_epoch: file.stream.max_rows_per_epoch.unwrap_or(100_000),
             checkpoint,
@@ -733,11 +596,28 @@ impl Pipeline {
             live: options.live,
             max_epochs: options.max_epochs,
         };
-        let mut query = StreamingQuery::new(&session, input, plan, sink, stream_options)
+        let names: Vec<String> = inputs.iter().map(|i| i.name().to_string()).collect();
+        let mut query = StreamingQuery::new(&session, inputs, plan, sink, stream_options)
             .await?
             .with_static_tables(statics);
         if let Some(late) = &file.sink.late {
-            query = query.with_late_sink(Box::new(ParquetDirSink::new(late)?));
+            let sinks = if names.len() == 1 {
+                vec![(
+                    names[0].clone(),
+                    Box::new(ParquetDirSink::new(late)?) as Box<dyn Sink>,
+                )]
+            } else {
+                names
+                    .iter()
+                    .map(|n| {
+                        Ok((
+                            n.clone(),
+                            Box::new(ParquetDirSink::new(&late.join(n))?) as Box<dyn Sink>,
+                        ))
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            };
+            query = query.with_late_sinks(sinks);
         }
         query.run(stop).await
     }

@@ -22,6 +22,7 @@ use datafusion::sql::sqlparser::dialect::GenericDialect;
 use datafusion::sql::sqlparser::keywords::Keyword;
 use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
 
+use crate::common::FileFormat;
 use crate::error::{Result, RiffleError};
 use crate::udf::{EngineOptions, RowErrorPolicy, UdfEngine, UdfModule, WasmScalarUdf};
 
@@ -44,59 +45,6 @@ pub struct RiffleSession {
     modules: Mutex<Vec<Arc<UdfModule>>>,
 }
 
-/// File formats a table can be read from, chosen by extension.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FileFormat {
-    /// Apache Parquet.
-    Parquet,
-    /// CSV with a header row.
-    Csv,
-    /// Newline-delimited JSON.
-    Json,
-}
-
-impl FileFormat {
-    /// The format of `path` by extension (for a directory: of the first file in it).
-    ///
-    /// # Errors
-    /// [`RiffleError::Config`] for unknown extensions.
-    pub fn of(path: &Path) -> Result<FileFormat> {
-        let probe = if path.is_dir() {
-            std::fs::read_dir(path)
-                .map_err(|e| RiffleError::io("listing", path, e))?
-                .flatten()
-                .map(|e| e.path())
-                .find(|p| p.is_file() && Self::by_extension(p).is_some())
-                .unwrap_or_else(|| path.to_path_buf())
-        } else {
-            path.to_path_buf()
-        };
-        Self::by_extension(&probe).ok_or_else(|| {
-            RiffleError::Config(format!(
-                "{}: unknown file format (expected .parquet, .csv, .json, .jsonl or .ndjson)",
-                path.display()
-            ))
-        })
-    }
-
-    fn by_extension(path: &Path) -> Option<FileFormat> {
-        match path.extension()?.to_str()?.to_ascii_lowercase().as_str() {
-            "parquet" | "pq" => Some(FileFormat::Parquet),
-            "csv" => Some(FileFormat::Csv),
-            "json" | "jsonl" | "ndjson" => Some(FileFormat::Json),
-            _ => None,
-        }
-    }
-
-    fn extension(self) -> &'static str {
-        match self {
-            FileFormat::Parquet => ".parquet",
-            FileFormat::Csv => ".csv",
-            FileFormat::Json => ".json",
-        }
-    }
-}
-
 impl RiffleSession {
     /// A session with no tables and no UDFs.
     ///
@@ -113,7 +61,7 @@ impl RiffleSession {
             config = config.with_batch_size(rows);
         }
         let ctx = SessionContext::new_with_config(config);
-        for f in crate::plan::window::functions() {
+        for f in crate::window::functions() {
             ctx.register_udf(f);
         }
         Ok(RiffleSession {
@@ -272,7 +220,7 @@ impl RiffleSession {
     /// Planning errors for unsupported window use.
     pub fn batch(&self, df: DataFrame) -> Result<DataFrame> {
         let (state, plan) = df.into_parts();
-        let plan = crate::plan::window::rewrite_for_batch(plan)?;
+        let plan = crate::window::rewrite_for_batch(plan)?;
         Ok(DataFrame::new(state, plan))
     }
 }

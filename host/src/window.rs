@@ -1,5 +1,8 @@
 //! Event-time windows with Spark's names and semantics, in batch and streaming mode.
 //!
+//! Shared by the batch rewrite (here), the streaming operators ([`crate::exec`]) and the planner
+//! ([`crate::plan`]), so it depends on neither.
+//!
 //! - `window(ts, '1 minute')`: tumbling windows `[start, start + size)`, aligned to the epoch.
 //! - `window(ts, '5 minutes', '1 minute')`: hopping windows; a row belongs to `size / slide` of
 //!   them. An optional fourth argument shifts the alignment, as Spark's `startTime` does.
@@ -18,13 +21,14 @@ use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, ListArray, StructArray, TimestampMicrosecondArray};
 use arrow::buffer::OffsetBuffer;
-use arrow::compute::kernels::cast_utils::parse_interval_month_day_nano;
 use arrow::datatypes::{DataType, Field, Fields, TimeUnit};
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::{Column, Result as DfResult, ScalarValue, exec_err, plan_err};
 use datafusion::functions_aggregate::min_max::{max_udaf, min_udaf};
 use datafusion::functions_aggregate::sum::sum_udaf;
 use datafusion::functions_window::expr_fn::lag;
+
+use crate::common::parse_duration;
 use datafusion::logical_expr::expr::ScalarFunction;
 use datafusion::logical_expr::expr::{
     WindowFunction as DfWindowFunction, WindowFunctionDefinition,
@@ -41,27 +45,6 @@ pub const WINDOW: &str = "window";
 pub const SESSION_WINDOW: &str = "session_window";
 const HOP_WINDOWS: &str = "__riffle_hop_windows";
 const WINDOW_COLUMN: &str = "__riffle_window";
-
-/// Parses a Spark-style duration (`'1 minute'`, `'30 seconds'`, `'1 hour 30 minutes'`,
-/// `'500 milliseconds'`) into microseconds.
-///
-/// # Errors
-/// A message naming the text when it is not a positive, fixed-length duration (months and
-/// years have no fixed length).
-pub fn parse_duration(text: &str) -> Result<i64, String> {
-    let interval = parse_interval_month_day_nano(text)
-        .map_err(|e| format!("{text:?} is not a duration ({e}); write e.g. '1 minute'"))?;
-    if interval.months != 0 {
-        return Err(format!(
-            "{text:?}: months and years have no fixed length; use days"
-        ));
-    }
-    let micros = interval.days as i64 * 86_400_000_000 + interval.nanoseconds / 1000;
-    if micros <= 0 {
-        return Err(format!("{text:?} must be longer than zero"));
-    }
-    Ok(micros)
-}
 
 /// The struct type of a window column.
 pub fn window_type() -> DataType {
@@ -376,7 +359,11 @@ pub fn rewrite_for_batch(plan: LogicalPlan) -> DfResult<LogicalPlan> {
             return Ok(Transformed::no(node));
         };
         let original_name = agg.group_expr[index].schema_name().to_string();
-        let input = agg.input.as_ref().clone();
+        // A row without an event time belongs to no window, in batch as in streaming mode (and
+        // as in Spark, whose window rewrite filters such rows out).
+        let input = LogicalPlanBuilder::from(agg.input.as_ref().clone())
+            .filter(call.ts.clone().is_not_null())?
+            .build()?;
         let keys: Vec<Expr> = agg
             .group_expr
             .iter()
@@ -391,7 +378,14 @@ pub fn rewrite_for_batch(plan: LogicalPlan) -> DfResult<LogicalPlan> {
             .map(Expr::Column)
             .collect();
         let new_input = match call.kind {
-            WindowKind::Time(w) if w.slide == w.size => return Ok(Transformed::no(node)),
+            WindowKind::Time(w) if w.slide == w.size => {
+                let rewritten = Aggregate::try_new(
+                    Arc::new(input),
+                    agg.group_expr.clone(),
+                    agg.aggr_expr.clone(),
+                )?;
+                return Ok(Transformed::yes(LogicalPlan::Aggregate(rewritten)));
+            }
             WindowKind::Time(_) => {
                 let hop = match &agg.group_expr[index] {
                     Expr::Alias(a) => a.expr.as_ref().clone(),
@@ -509,22 +503,6 @@ pub fn window_start(window: &ScalarValue) -> Option<i64> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-
-    #[test]
-    fn durations_parse_like_spark() {
-        assert_eq!(parse_duration("1 minute"), Ok(60_000_000));
-        assert_eq!(parse_duration("30 seconds"), Ok(30_000_000));
-        assert_eq!(parse_duration("1 hour 30 minutes"), Ok(5_400_000_000));
-        assert_eq!(parse_duration("500 milliseconds"), Ok(500_000));
-        assert_eq!(parse_duration("2 days"), Ok(172_800_000_000));
-        assert!(
-            parse_duration("1 month")
-                .unwrap_err()
-                .contains("fixed length")
-        );
-        assert!(parse_duration("soon").is_err());
-        assert!(parse_duration("0 seconds").is_err());
-    }
 
     proptest! {
         #[test]

@@ -12,10 +12,10 @@ use std::sync::atomic::AtomicBool;
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{Float64Type, Int64Type};
 use datafusion::datasource::MemTable;
+use riffle::common::OutputMode;
 use riffle::connectors::delta::{AsOf, DeltaSink, register};
-use riffle::connectors::generator::{FraudConfig, FraudGenerator};
-use riffle::connectors::source::ReplaySource;
-use riffle::exec::OutputMode;
+use riffle::connectors::generate::{FraudConfig, FraudGenerator};
+use riffle::connectors::memory::ReplaySource;
 use riffle::session::{RiffleSession, SessionOptions};
 use riffle::stream::{StreamInput, StreamOptions, StreamingQuery, Trigger};
 
@@ -86,7 +86,7 @@ async fn stream_into(table: &Path, mode: OutputMode, batches: &[RecordBatch], ch
         let sink = DeltaSink::new(&table.to_string_lossy(), mode, vec!["country".into()]).unwrap();
         let mut query = StreamingQuery::new(
             &session,
-            input,
+            vec![input],
             plan,
             Box::new(sink),
             StreamOptions {

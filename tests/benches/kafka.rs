@@ -24,7 +24,7 @@ use std::time::{Duration, Instant, SystemTime};
 use rdkafka::Message;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use riffle::connectors::generator::{FraudConfig, FraudGenerator};
+use riffle::connectors::generate::{FraudConfig, FraudGenerator};
 use riffle::connectors::kafka::{
     Delivery, KafkaConfig, KafkaSink, KafkaSinkOptions, KafkaSource, KafkaSourceOptions,
     RecordFormat, StartAt, ensure_topic, produce_json,
@@ -103,7 +103,7 @@ async fn query(
     .unwrap();
     StreamingQuery::new(
         &session,
-        input,
+        vec![input],
         plan,
         Box::new(sink),
         StreamOptions {

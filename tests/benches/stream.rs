@@ -4,11 +4,18 @@
 //! cargo bench -p riffle-tests --bench stream --profile dev [-- ROWS]
 //! ```
 //!
-//! Three runs, each a real streaming query with checkpoints (offsets, state and commits synced
-//! to disk every epoch):
+//! Real streaming queries with checkpoints (offsets, state and commits synced to disk every
+//! epoch):
 //! 1. stateless: filter + the `risk_score` Wasm UDF in the projection;
 //! 2. a 1-minute tumbling window per country with `max(risk_score(...))` inside the aggregate;
-//! 3. latency: the low-latency trigger at 100,000 events/s of arrival rate.
+//! 3. three OVER features per card (distance from the previous transaction with `lag`, a
+//!    one-hour rolling count, a 30-minute rolling average) over 1,000,000 distinct cards;
+//! 4. an interval join of two streams (transactions with logins of the same card within
+//!    minutes);
+//! 5. latency: the low-latency trigger at 100,000 events/s of arrival rate.
+//!
+//! For the stateful runs it also prints the state each operator holds at the end, in bytes per
+//! key (what a million keys cost).
 //!
 //! Throughput is quoted per core: the engine runs one epoch at a time on one thread. "Engine"
 //! excludes the generator (the time to invent rows, `read_ms` in the progress), "end to end"
@@ -20,14 +27,23 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
-use riffle::connectors::generator::{FraudConfig, GeneratorConfig};
-use riffle::connectors::sink::ParquetDirSink;
-use riffle::connectors::source::GeneratorSource;
-use riffle::exec::OutputMode;
+use riffle::common::OutputMode;
+use riffle::connectors::files::ParquetDirSink;
+use riffle::connectors::generate::GeneratorSource;
+use riffle::connectors::generate::{FraudConfig, GeneratorConfig};
 use riffle::session::{RiffleSession, SessionOptions};
 use riffle::stream::{StreamInput, StreamOptions, StreamingQuery, Trigger};
 use riffle::udf::{EngineOptions, RowErrorPolicy};
 use riffle_tests::udf;
+
+/// A generator source of `rows` fraud transactions (seed, distinct cards, event rate).
+struct Source {
+    name: &'static str,
+    seed: u64,
+    cards: u64,
+    events_per_second: f64,
+    rows: i64,
+}
 
 struct Run {
     rows: u64,
@@ -35,6 +51,8 @@ struct Run {
     read_s: f64,
     epochs: u64,
     latencies_ms: Vec<f64>,
+    /// (operator id, state rows, state bytes) after the last epoch.
+    state: Vec<(String, u64, u64)>,
 }
 
 async fn run(
@@ -42,7 +60,7 @@ async fn run(
     mode: OutputMode,
     trigger: Trigger,
     rate: Option<f64>,
-    rows: i64,
+    sources: &[Source],
     dir: &Path,
 ) -> Run {
     let session = RiffleSession::new(SessionOptions {
@@ -52,19 +70,26 @@ async fn run(
     })
     .unwrap();
     session.load_udfs(&udf("fraud"), Vec::new(), None).unwrap();
-    let config = GeneratorConfig::Fraud(FraudConfig {
-        // 1,000 transactions per second of event time: about 17 windows per country a
-        // million rows.
-        rows_per_second: 1_000.0,
-        max_disorder_micros: 2_000_000,
-        ..FraudConfig::default()
-    });
-    let input = StreamInput::register(
-        &session,
-        "transactions",
-        Box::new(GeneratorSource::new(config, rate, Some(rows))),
-    )
-    .unwrap();
+    let inputs = sources
+        .iter()
+        .map(|s| {
+            let config = GeneratorConfig::Fraud(FraudConfig {
+                seed: s.seed,
+                cards: s.cards,
+                rows_per_second: s.events_per_second,
+                max_disorder_micros: 2_000_000,
+                ..FraudConfig::default()
+            });
+            StreamInput::register(
+                &session,
+                s.name,
+                Box::new(GeneratorSource::new(config, rate, Some(s.rows))),
+            )
+            .unwrap()
+            .with_event_time("ts", 5_000_000)
+            .unwrap()
+        })
+        .collect();
     let plan = session
         .context()
         .state()
@@ -74,8 +99,6 @@ async fn run(
     let checkpoint = dir.join("checkpoint");
     let progress = dir.join("progress.jsonl");
     let options = StreamOptions {
-        event_time: Some("ts".into()),
-        watermark_delay: 5_000_000,
         output_mode: mode,
         trigger,
         max_rows_per_epoch: 200_000,
@@ -84,7 +107,7 @@ async fn run(
         ..StreamOptions::default()
     };
     let sink = ParquetDirSink::new(&dir.join("out")).unwrap();
-    let mut query = StreamingQuery::new(&session, input, plan, Box::new(sink), options)
+    let mut query = StreamingQuery::new(&session, inputs, plan, Box::new(sink), options)
         .await
         .unwrap();
     let started = Instant::now();
@@ -93,6 +116,7 @@ async fn run(
 
     let mut read_s = 0.0;
     let mut latencies_ms = Vec::new();
+    let mut state = Vec::new();
     for line in std::fs::read_to_string(&progress).unwrap().lines() {
         let p: serde_json::Value = serde_json::from_str(line).unwrap();
         read_s += p["durations"]["read_ms"].as_f64().unwrap() / 1e3;
@@ -108,6 +132,18 @@ async fn run(
                 latencies_ms.push(slow + (fast - slow) * f);
             }
         }
+        state = p["operators"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| {
+                (
+                    o["id"].as_str().unwrap().to_string(),
+                    o["state"]["rows"].as_u64().unwrap(),
+                    o["state"]["bytes"].as_u64().unwrap(),
+                )
+            })
+            .collect();
     }
     Run {
         rows: summary.input_rows,
@@ -115,6 +151,7 @@ async fn run(
         read_s,
         epochs: summary.epochs,
         latencies_ms,
+        state,
     }
 }
 
@@ -127,6 +164,29 @@ fn report(name: &str, r: &Run) {
         rows = r.rows,
         epochs = r.epochs
     );
+}
+
+fn report_state(r: &Run) {
+    for (id, rows, bytes) in &r.state {
+        if *rows > 0 {
+            println!(
+                "    state of {id:<20} {rows:>9} keys {bytes:>12} bytes  {:>7.0} bytes/key",
+                *bytes as f64 / *rows as f64
+            );
+        }
+    }
+}
+
+/// One source of `rows` transactions over `cards` cards at 1,000 per second of event time
+/// (about 17 one-minute windows per country per million rows).
+fn transactions(rows: i64, cards: u64) -> [Source; 1] {
+    [Source {
+        name: "transactions",
+        seed: 42,
+        cards,
+        events_per_second: 1_000.0,
+        rows,
+    }]
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -151,7 +211,7 @@ fn main() {
             OutputMode::Append,
             Trigger::AvailableNow,
             None,
-            rows,
+            &transactions(rows, 10_000),
             &dir.path().join("stateless"),
         )
         .await;
@@ -164,11 +224,48 @@ fn main() {
             OutputMode::Append,
             Trigger::AvailableNow,
             None,
-            rows,
+            &transactions(rows, 10_000),
             &dir.path().join("windowed"),
         )
         .await;
         report("1-min tumbling, UDF in agg", &windowed);
+        report_state(&windowed);
+
+        let over = run(
+            "SELECT tx_id, card_id, ts, \
+             haversine_km(lat, lon, lag(lat) OVER (PARTITION BY card_id ORDER BY ts, tx_id), \
+                          lag(lon) OVER (PARTITION BY card_id ORDER BY ts, tx_id)) AS km, \
+             count(*) OVER (PARTITION BY card_id ORDER BY ts \
+                            RANGE BETWEEN INTERVAL '1' HOUR PRECEDING AND CURRENT ROW) AS n_1h, \
+             avg(amount) OVER (PARTITION BY card_id ORDER BY ts \
+                               RANGE BETWEEN INTERVAL '30' MINUTE PRECEDING AND CURRENT ROW) AS avg_30m \
+             FROM transactions",
+            OutputMode::Append,
+            Trigger::AvailableNow,
+            None,
+            &transactions(rows, 1_000_000),
+            &dir.path().join("over"),
+        )
+        .await;
+        report("3 OVER features, 1M cards", &over);
+        report_state(&over);
+
+        let joined = run(
+            "SELECT t.tx_id, t.amount, l.tx_id AS login, l.country \
+             FROM transactions t JOIN logins l ON t.card_id = l.card_id \
+             AND l.ts BETWEEN t.ts - INTERVAL '2' MINUTE AND t.ts + INTERVAL '1' MINUTE",
+            OutputMode::Append,
+            Trigger::AvailableNow,
+            None,
+            &[
+                Source { name: "transactions", seed: 42, cards: 100_000, events_per_second: 1_000.0, rows },
+                Source { name: "logins", seed: 7, cards: 100_000, events_per_second: 1_000.0, rows },
+            ],
+            &dir.path().join("join"),
+        )
+        .await;
+        report("interval join of 2 streams", &joined);
+        report_state(&joined);
 
         let rate = 100_000.0;
         let latency_rows = (rate as i64 * 5).min(rows);
@@ -178,7 +275,7 @@ fn main() {
             OutputMode::Append,
             Trigger::LowLatency,
             Some(rate),
-            latency_rows,
+            &transactions(latency_rows, 10_000),
             &dir.path().join("latency"),
         )
         .await;

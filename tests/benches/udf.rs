@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use arrow::array::{ArrayRef, AsArray, Float64Array, StringArray};
 use arrow::compute::kernels::arity::unary;
 use arrow::datatypes::Float64Type;
-use riffle::connectors::generator::{FraudConfig, FraudGenerator};
+use riffle::connectors::generate::{FraudConfig, FraudGenerator};
 use riffle::udf::{EngineOptions, UdfEngine, UdfLimits};
 use riffle_tests::udf;
 

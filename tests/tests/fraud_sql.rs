@@ -12,7 +12,7 @@ use datafusion::execution::FunctionRegistry;
 use datafusion::prelude::col;
 use riffle::RiffleError;
 use riffle::connectors::files::write_file;
-use riffle::connectors::generator::{FraudConfig, FraudGenerator};
+use riffle::connectors::generate::{FraudConfig, FraudGenerator};
 use riffle::error::UdfFailureKind;
 use riffle::udf::RowErrorPolicy;
 use riffle_udf::Timestamp;

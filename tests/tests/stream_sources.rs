@@ -13,15 +13,16 @@ use arrow::array::{AsArray, RecordBatch};
 use arrow::util::display::{ArrayFormatter, FormatOptions};
 use datafusion::execution::FunctionRegistry;
 use datafusion::prelude::{col, lit};
-use riffle::connectors::clickstream::ClickConfig;
+use riffle::common::OutputMode;
+use riffle::connectors::files::DirectorySource;
+use riffle::connectors::files::StaticTable;
 use riffle::connectors::files::write_file;
-use riffle::connectors::generator::{FraudConfig, FraudGenerator, GeneratorConfig};
-use riffle::connectors::sink::MemorySink;
-use riffle::connectors::source::{
-    DirectorySource, GeneratorSource, Input, ReplaySource, StreamSource,
-};
-use riffle::connectors::static_table::StaticTable;
-use riffle::exec::OutputMode;
+use riffle::connectors::generate::ClickConfig;
+use riffle::connectors::generate::GeneratorSource;
+use riffle::connectors::generate::{FraudConfig, FraudGenerator, GeneratorConfig};
+use riffle::connectors::memory::MemorySink;
+use riffle::connectors::memory::ReplaySource;
+use riffle::connectors::source::{Input, StreamSource};
 use riffle::session::RiffleSession;
 use riffle::stream::{StreamInput, StreamOptions, StreamingQuery, Trigger};
 use riffle::udf::RowErrorPolicy;
@@ -69,8 +70,6 @@ fn lines(batches: &[RecordBatch]) -> Vec<String> {
 
 fn options(checkpoint: &Path, trigger: Trigger) -> StreamOptions {
     StreamOptions {
-        event_time: Some("ts".into()),
-        watermark_delay: 10_000_000,
         output_mode: OutputMode::Append,
         trigger,
         checkpoint: checkpoint.to_path_buf(),
@@ -86,16 +85,20 @@ async fn stream(
     options: StreamOptions,
     stop: &AtomicBool,
 ) -> riffle::stream::RunSummary {
-    let input = StreamInput::register(session, "transactions", source).unwrap();
+    let input = StreamInput::register(session, "transactions", source)
+        .unwrap()
+        .with_event_time("ts", 10_000_000)
+        .unwrap();
     let plan = session
         .context()
         .state()
         .create_logical_plan(sql)
         .await
         .unwrap();
-    let mut query = StreamingQuery::new(session, input, plan, Box::new(sink.clone()), options)
-        .await
-        .unwrap();
+    let mut query =
+        StreamingQuery::new(session, vec![input], plan, Box::new(sink.clone()), options)
+            .await
+            .unwrap();
     query.run(stop).await.unwrap()
 }
 
@@ -296,7 +299,10 @@ fn static_tables_are_reloaded_when_their_file_changes() {
     };
     let sink = MemorySink::default();
     rt.block_on(async {
-        let input = StreamInput::register(&session, "transactions", Box::new(source)).unwrap();
+        let input = StreamInput::register(&session, "transactions", Box::new(source))
+            .unwrap()
+            .with_event_time("ts", 10_000_000)
+            .unwrap();
         let plan = session
             .context()
             .state()
@@ -308,7 +314,7 @@ fn static_tables_are_reloaded_when_their_file_changes() {
             .unwrap();
         let mut query = StreamingQuery::new(
             &session,
-            input,
+            vec![input],
             plan,
             Box::new(sink.clone()),
             options(&dir.path().join("checkpoint"), Trigger::AvailableNow),
@@ -380,13 +386,15 @@ fn a_dataframe_api_query_streams_like_its_batch_run() {
             "transactions",
             Box::new(ReplaySource::new(all.schema(), batches)),
         )
+        .unwrap()
+        .with_event_time("ts", 10_000_000)
         .unwrap();
         let plan = build(&stream_session).await.logical_plan().clone();
         let sink = MemorySink::default();
         let dir = tempfile::tempdir().unwrap();
         let mut query = StreamingQuery::new(
             &stream_session,
-            input,
+            vec![input],
             plan,
             Box::new(sink.clone()),
             options(dir.path(), Trigger::AvailableNow),

@@ -1,22 +1,31 @@
-//! Golden streaming queries: each runs (1) in batch over all rows, (2) streaming over the same
-//! rows replayed in random batch sizes with bounded disorder (a property test), and (3)
-//! streaming with a crash and restart from the checkpoint at a random epoch. All three must give
-//! the same final rows.
+//! Golden streaming queries: each runs (1) in batch mode over Parquet files of all rows, (2)
+//! streaming over the same rows replayed in random batch sizes with random bounded disorder (a
+//! property test), and (3) streaming with a crash and restart from the checkpoint at a random
+//! epoch, sometimes losing the last commit. All three must give the same final rows.
+//!
+//! Batch mode is DataFusion's own execution (aggregates, window functions, joins) and serves as
+//! the oracle: streaming shares no code with it beyond DataFusion's accumulators. Every value
+//! is compared exactly, except float sums and averages of *aggregations* (GROUP BY), which
+//! DataFusion's batch plan adds up per partition and then merges while a stream adds them up
+//! per micro-batch: those agree to 1e-12 relative. OVER window features are compared bit for
+//! bit: the stream reproduces DataFusion's exact sequence of float operations.
 
 mod common;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Float64Type};
 use arrow::util::display::{ArrayFormatter, FormatOptions};
 use proptest::prelude::*;
-use riffle::connectors::generator::{FraudConfig, FraudGenerator};
-use riffle::connectors::sink::MemorySink;
-use riffle::connectors::source::ReplaySource;
-use riffle::exec::OutputMode;
+use rand::{Rng, SeedableRng};
+use riffle::common::OutputMode;
+use riffle::connectors::files::write_file;
+use riffle::connectors::generate::{FraudConfig, FraudGenerator};
+use riffle::connectors::memory::MemorySink;
+use riffle::connectors::memory::ReplaySource;
 use riffle::session::RiffleSession;
 use riffle::stream::{StreamInput, StreamOptions, StreamingQuery, Trigger};
 use riffle::udf::RowErrorPolicy;
@@ -27,6 +36,8 @@ struct Golden {
     mode: OutputMode,
     /// Columns identifying a result row (update mode keeps the last version per key).
     key_columns: usize,
+    /// Float columns that are sums of an aggregation (compared to 1e-12 relative).
+    approximate: bool,
 }
 
 const GOLDEN: &[Golden] = &[
@@ -38,6 +49,7 @@ const GOLDEN: &[Golden] = &[
               FROM transactions GROUP BY window(ts, '1 minute'), country",
         mode: OutputMode::Append,
         key_columns: 2,
+        approximate: true,
     },
     Golden {
         name: "hopping window with exact distinct count",
@@ -47,6 +59,7 @@ const GOLDEN: &[Golden] = &[
               GROUP BY window(ts, '2 minutes', '30 seconds'), channel",
         mode: OutputMode::Append,
         key_columns: 2,
+        approximate: false,
     },
     Golden {
         name: "session windows per key",
@@ -55,6 +68,7 @@ const GOLDEN: &[Golden] = &[
               FROM transactions GROUP BY session_window(ts, '20 seconds'), card_id % 40",
         mode: OutputMode::Append,
         key_columns: 2,
+        approximate: true,
     },
     Golden {
         name: "keyed global aggregation in update mode",
@@ -63,12 +77,14 @@ const GOLDEN: &[Golden] = &[
               FROM transactions GROUP BY country HAVING count(*) > 10",
         mode: OutputMode::Update,
         key_columns: 1,
+        approximate: true,
     },
     Golden {
         name: "de-duplication",
         sql: "SELECT DISTINCT tx_id, ts, card_id, amount FROM transactions",
         mode: OutputMode::Append,
         key_columns: 4,
+        approximate: false,
     },
     Golden {
         name: "stream-static enrichment join with UDF projection",
@@ -77,18 +93,175 @@ const GOLDEN: &[Golden] = &[
               WHERE t.amount > 200",
         mode: OutputMode::Append,
         key_columns: 4,
+        approximate: false,
+    },
+    Golden {
+        name: "per-card features: distance from the previous transaction, row number, rolling \
+               count and average",
+        sql: "SELECT tx_id, card_id, ts, amount, \
+              haversine_km(lat, lon, lag(lat) OVER (PARTITION BY card_id ORDER BY ts, tx_id), \
+                           lag(lon) OVER (PARTITION BY card_id ORDER BY ts, tx_id)) AS km_from_prev, \
+              row_number() OVER (PARTITION BY card_id ORDER BY ts, tx_id) AS nth, \
+              count(*) OVER (PARTITION BY card_id ORDER BY ts \
+                             RANGE BETWEEN INTERVAL '1' HOUR PRECEDING AND CURRENT ROW) AS tx_1h, \
+              avg(amount) OVER (PARTITION BY card_id ORDER BY ts \
+                                RANGE BETWEEN INTERVAL '30' MINUTE PRECEDING AND CURRENT ROW) AS avg_30m \
+              FROM transactions",
+        mode: OutputMode::Append,
+        key_columns: 1,
+        approximate: false,
+    },
+    Golden {
+        name: "OVER frames: ROWS and RANGE ending before the row, first/last value, UDF inside",
+        sql: "SELECT tx_id, \
+              sum(amount) OVER (PARTITION BY card_id ORDER BY ts, tx_id \
+                                ROWS BETWEEN 3 PRECEDING AND CURRENT ROW) AS sum_4, \
+              max(amount) OVER (PARTITION BY card_id ORDER BY ts, tx_id \
+                                ROWS BETWEEN 5 PRECEDING AND 1 PRECEDING) AS max_prev_5, \
+              first_value(country) OVER (PARTITION BY card_id ORDER BY ts, tx_id \
+                                ROWS BETWEEN 2 PRECEDING AND CURRENT ROW) AS first_country, \
+              sum(risk_score(amount, country)) OVER (PARTITION BY card_id ORDER BY ts, tx_id \
+                                ROWS BETWEEN 1 PRECEDING AND 1 PRECEDING) AS prev_risk, \
+              min(amount) OVER (PARTITION BY card_id ORDER BY ts \
+                                RANGE BETWEEN INTERVAL '10' MINUTE PRECEDING AND INTERVAL '1' MINUTE PRECEDING) AS min_before, \
+              sum(amount) OVER (PARTITION BY card_id ORDER BY ts \
+                                RANGE BETWEEN INTERVAL '5' MINUTE PRECEDING AND CURRENT ROW) AS sum_5m, \
+              last_value(amount) OVER (PARTITION BY card_id ORDER BY ts \
+                                RANGE BETWEEN INTERVAL '5' MINUTE PRECEDING AND CURRENT ROW) AS last_5m, \
+              count(country) OVER (PARTITION BY country ORDER BY ts) AS running_per_country \
+              FROM transactions",
+        mode: OutputMode::Append,
+        key_columns: 1,
+        approximate: false,
+    },
+    Golden {
+        name: "inner interval join of two streams",
+        sql: "SELECT t.tx_id, t.amount, l.tx_id AS login, l.country AS login_country \
+              FROM transactions t JOIN logins l ON t.card_id = l.card_id \
+              AND l.ts BETWEEN t.ts - INTERVAL '2' MINUTE AND t.ts + INTERVAL '1' MINUTE",
+        mode: OutputMode::Append,
+        key_columns: 3,
+        approximate: false,
+    },
+    Golden {
+        name: "left outer interval join with a condition beyond the range",
+        sql: "SELECT t.tx_id, t.country, l.tx_id AS login, l.country AS login_country \
+              FROM transactions t LEFT JOIN logins l ON t.card_id = l.card_id \
+              AND l.ts BETWEEN t.ts - INTERVAL '2' MINUTE AND t.ts \
+              AND l.country <> t.country",
+        mode: OutputMode::Append,
+        key_columns: 3,
+        approximate: false,
+    },
+    Golden {
+        name: "interval join feeding a tumbling window",
+        sql: "SELECT window(t.ts, '5 minutes') AS w, t.country, count(*) AS n, \
+              count(l.tx_id) AS with_login \
+              FROM transactions t LEFT JOIN logins l ON t.card_id = l.card_id \
+              AND l.ts BETWEEN t.ts - INTERVAL '2' MINUTE AND t.ts + INTERVAL '1' MINUTE \
+              GROUP BY window(t.ts, '5 minutes'), t.country",
+        mode: OutputMode::Append,
+        key_columns: 2,
+        approximate: false,
+    },
+    Golden {
+        name: "OVER features feeding a tumbling window",
+        sql: "SELECT window(ts, '5 minutes') AS w, count(*) AS n, max(recent) AS busiest \
+              FROM (SELECT ts, count(*) OVER (PARTITION BY card_id ORDER BY ts \
+                    RANGE BETWEEN INTERVAL '10' MINUTE PRECEDING AND CURRENT ROW) AS recent \
+                    FROM transactions) \
+              GROUP BY window(ts, '5 minutes')",
+        mode: OutputMode::Append,
+        key_columns: 1,
+        approximate: false,
+    },
+    Golden {
+        name: "de-duplication feeding a tumbling window",
+        sql: "SELECT window(ts, '1 minute') AS w, count(*) AS n, sum(amount) AS total \
+              FROM (SELECT DISTINCT tx_id, ts, amount FROM transactions) \
+              GROUP BY window(ts, '1 minute')",
+        mode: OutputMode::Append,
+        key_columns: 1,
+        approximate: true,
+    },
+    Golden {
+        name: "two chained windowed aggregations",
+        sql: "SELECT window(w['end'], '5 minutes') AS w5, max(n) AS peak, sum(n) AS total \
+              FROM (SELECT window(ts, '1 minute') AS w, country, count(*) AS n \
+                    FROM transactions GROUP BY window(ts, '1 minute'), country) \
+              GROUP BY window(w['end'], '5 minutes')",
+        mode: OutputMode::Append,
+        key_columns: 1,
+        approximate: false,
+    },
+    Golden {
+        name: "global aggregation without GROUP BY, update mode",
+        sql: "SELECT count(*) AS n, sum(amount) AS total, max(amount) AS hi FROM transactions",
+        mode: OutputMode::Update,
+        key_columns: 0,
+        approximate: true,
+    },
+    Golden {
+        name: "keyed aggregation in complete mode, sorted and limited",
+        sql: "SELECT channel, count(*) AS n FROM transactions GROUP BY channel \
+              ORDER BY n DESC LIMIT 2",
+        mode: OutputMode::Complete,
+        key_columns: 1,
+        approximate: false,
+    },
+    Golden {
+        name: "session windows without another key",
+        sql: "SELECT session_window(ts, '30 seconds') AS s, count(*) AS n \
+              FROM transactions WHERE card_id % 40 = 7 GROUP BY session_window(ts, '30 seconds')",
+        mode: OutputMode::Append,
+        key_columns: 1,
+        approximate: false,
+    },
+    Golden {
+        name: "update mode with a window on a column without the watermark",
+        sql: "SELECT window(ts - INTERVAL '1' HOUR, '1 minute') AS w, country, count(*) AS n \
+              FROM transactions GROUP BY window(ts - INTERVAL '1' HOUR, '1 minute'), country",
+        mode: OutputMode::Update,
+        key_columns: 2,
+        approximate: false,
+    },
+    Golden {
+        name: "DISTINCT ON with ORDER BY keeps the row that sorts first (update mode)",
+        sql: "SELECT DISTINCT ON (card_id) card_id, tx_id, amount FROM transactions \
+              ORDER BY card_id, tx_id DESC",
+        mode: OutputMode::Update,
+        key_columns: 1,
+        approximate: false,
     },
 ];
 
-fn rows() -> RecordBatch {
+const TX_ROWS: usize = 6_000;
+const LOGIN_ROWS: usize = 2_400;
+/// Watermark delay of both streams, and the most disorder the tests add on top (less).
+const WATERMARK: i64 = 10_000_000;
+const MAX_DISORDER: i64 = 6_000_000;
+
+fn transactions() -> RecordBatch {
     FraudGenerator::new(FraudConfig {
-        rows_per_second: 20.0,
+        rows_per_second: 5.0,
+        cards: 400,
         max_disorder_micros: 3_000_000,
         duplicate_rate: 0.02,
         merchants: 50,
         ..FraudConfig::default()
     })
-    .next_batch_of_ids(6_000)
+    .next_batch_of_ids(TX_ROWS)
+}
+
+fn logins() -> RecordBatch {
+    FraudGenerator::new(FraudConfig {
+        seed: 7,
+        rows_per_second: 2.0,
+        cards: 400,
+        max_disorder_micros: 3_000_000,
+        ..FraudConfig::default()
+    })
+    .next_batch(LOGIN_ROWS)
 }
 
 fn merchants() -> RecordBatch {
@@ -97,11 +270,11 @@ fn merchants() -> RecordBatch {
     RecordBatch::try_from_iter(vec![
         (
             "merchant_id",
-            Arc::new(arrow::array::Int64Array::from(ids)) as _,
+            std::sync::Arc::new(arrow::array::Int64Array::from(ids)) as _,
         ),
         (
             "category",
-            Arc::new(arrow::array::StringArray::from(categories)) as _,
+            std::sync::Arc::new(arrow::array::StringArray::from(categories)) as _,
         ),
     ])
     .unwrap()
@@ -117,8 +290,7 @@ fn session() -> RiffleSession {
     session
 }
 
-/// A result cell: floats compare with a relative tolerance (sums differ in the last bits
-/// with summation order); everything else by its display text.
+/// A result cell: text, or a float compared exactly or (aggregation sums) to 1e-12.
 #[derive(Clone, Debug, PartialEq, PartialOrd)]
 enum Cell {
     Text(String),
@@ -128,6 +300,7 @@ enum Cell {
 type Rows = Vec<Vec<Cell>>;
 
 fn canonical(batches: &[RecordBatch]) -> Rows {
+    let options = FormatOptions::default().with_null("NULL");
     let mut out = Vec::new();
     for b in batches {
         let columns: Vec<Vec<Cell>> = b
@@ -146,8 +319,7 @@ fn canonical(batches: &[RecordBatch]) -> Rows {
                         })
                         .collect()
                 } else {
-                    let fmt =
-                        ArrayFormatter::try_new(c.as_ref(), &FormatOptions::default()).unwrap();
+                    let fmt = ArrayFormatter::try_new(c.as_ref(), &options).unwrap();
                     (0..c.len())
                         .map(|i| Cell::Text(fmt.value(i).to_string()))
                         .collect()
@@ -162,16 +334,17 @@ fn canonical(batches: &[RecordBatch]) -> Rows {
     out
 }
 
-fn same(a: &Rows, b: &Rows) -> Result<(), String> {
+fn same(g: &Golden, a: &Rows, b: &Rows) -> Result<(), String> {
     if a.len() != b.len() {
         return Err(format!("{} rows vs {} rows", a.len(), b.len()));
     }
     for (x, y) in a.iter().zip(b) {
         let close = x.len() == y.len()
             && x.iter().zip(y).all(|(p, q)| match (p, q) {
-                (Cell::Float(p), Cell::Float(q)) => {
-                    (p - q).abs() <= 1e-9 * p.abs().max(q.abs()).max(1.0)
+                (Cell::Float(p), Cell::Float(q)) if g.approximate => {
+                    (p - q).abs() <= 1e-12 * p.abs().max(q.abs()).max(1.0)
                 }
+                (Cell::Float(p), Cell::Float(q)) => p.to_bits() == q.to_bits(),
                 _ => p == q,
             });
         if !close {
@@ -181,13 +354,18 @@ fn same(a: &Rows, b: &Rows) -> Result<(), String> {
     Ok(())
 }
 
-async fn batch_result(g: &Golden, all: &RecordBatch) -> Rows {
+/// Batch mode over Parquet files holding every row of each source.
+async fn batch_result(g: &Golden, tx: &RecordBatch, logins: &RecordBatch, dir: &Path) -> Rows {
     let session = session();
-    common::register_batch(&session, "transactions", all);
+    for (name, rows) in [("transactions", tx), ("logins", logins)] {
+        let path = dir.join(format!("{name}.parquet"));
+        write_file(&path, rows.schema(), [rows.clone()]).unwrap();
+        session.register_table(name, &path).await.unwrap();
+    }
     let batches = session
         .dataframe(g.sql)
         .await
-        .unwrap()
+        .unwrap_or_else(|e| panic!("{}: {e}", g.name))
         .collect()
         .await
         .unwrap();
@@ -212,46 +390,71 @@ fn final_rows(g: &Golden, sink: &MemorySink) -> Rows {
         OutputMode::Complete => sink
             .epochs()
             .into_values()
-            .last()
+            .rfind(|b| !b.is_empty())
             .map(|b| canonical(&b))
             .unwrap_or_default(),
     }
 }
 
-fn split(all: &RecordBatch, cuts: &[usize]) -> Vec<RecordBatch> {
-    let mut points: Vec<usize> = cuts.iter().map(|c| c % all.num_rows()).collect();
-    points.push(0);
-    points.push(all.num_rows());
-    points.sort();
-    points.dedup();
-    points
-        .windows(2)
-        .map(|w| all.slice(w[0], w[1] - w[0]))
+/// `rows` delivered in a random bounded disorder (each row moved up to `MAX_DISORDER` of event
+/// time later, less than the watermark delay, so none is late) and cut into random batches.
+fn delivery(rows: &RecordBatch, seed: u64, batches: usize) -> Vec<RecordBatch> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let ts = rows
+        .column(1)
+        .as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
+    let mut order: Vec<(i64, u32)> = (0..rows.num_rows())
+        .map(|i| (ts.value(i) + rng.gen_range(0..MAX_DISORDER), i as u32))
+        .collect();
+    order.sort();
+    let indices = arrow::array::UInt32Array::from_iter_values(order.into_iter().map(|(_, i)| i));
+    let shuffled = arrow::compute::take_record_batch(rows, &indices).unwrap();
+    let mut cuts: Vec<usize> = (0..batches.saturating_sub(1))
+        .map(|_| rng.gen_range(0..shuffled.num_rows()))
+        .collect();
+    cuts.push(0);
+    cuts.push(shuffled.num_rows());
+    cuts.sort();
+    cuts.dedup();
+    cuts.windows(2)
+        .map(|w| shuffled.slice(w[0], w[1] - w[0]))
         .collect()
 }
 
-/// Streams `batches`; with `crash_after`, stops after that many epochs, optionally forgets the
-/// last commit (a crash between sink write and commit), and restarts from the checkpoint.
+/// Streams the deliveries; with `crash_after`, stops after that many epochs, optionally
+/// forgets the last commit (a crash between sink write and commit), and restarts.
 async fn stream_result(
     g: &Golden,
-    batches: Vec<RecordBatch>,
+    tx: Vec<RecordBatch>,
+    logins: Vec<RecordBatch>,
     crash_after: Option<(u64, bool)>,
 ) -> Rows {
     let dir = tempfile::tempdir().unwrap();
     let sink = MemorySink::default();
-    let schema = FraudGenerator::schema();
     let mut runs = vec![crash_after.map(|(n, _)| n), None];
     if crash_after.is_none() {
         runs.pop();
     }
     for max_epochs in runs {
         let session = session();
-        let input = StreamInput::register(
-            &session,
-            "transactions",
-            Box::new(ReplaySource::new(schema.clone(), batches.clone())),
-        )
-        .unwrap();
+        let inputs = vec![
+            StreamInput::register(
+                &session,
+                "transactions",
+                Box::new(ReplaySource::new(FraudGenerator::schema(), tx.clone())),
+            )
+            .unwrap()
+            .with_event_time("ts", WATERMARK)
+            .unwrap(),
+            StreamInput::register(
+                &session,
+                "logins",
+                Box::new(ReplaySource::new(FraudGenerator::schema(), logins.clone())),
+            )
+            .unwrap()
+            .with_event_time("ts", WATERMARK)
+            .unwrap(),
+        ];
         let plan = session
             .context()
             .state()
@@ -259,23 +462,26 @@ async fn stream_result(
             .await
             .unwrap();
         let options = StreamOptions {
-            event_time: Some("ts".into()),
-            watermark_delay: 10_000_000,
             output_mode: g.mode,
             trigger: Trigger::AvailableNow,
             checkpoint: dir.path().to_path_buf(),
             max_epochs,
             ..StreamOptions::default()
         };
-        let mut query = StreamingQuery::new(&session, input, plan, Box::new(sink.clone()), options)
+        let mut query =
+            StreamingQuery::new(&session, inputs, plan, Box::new(sink.clone()), options)
+                .await
+                .unwrap_or_else(|e| panic!("{}: {e}", g.name));
+        let summary = query
+            .run(&AtomicBool::new(false))
             .await
             .unwrap_or_else(|e| panic!("{}: {e}", g.name));
-        let summary = query.run(&AtomicBool::new(false)).await.unwrap();
         assert_eq!(
             summary.late_rows, 0,
             "{}: disorder is within the watermark",
             g.name
         );
+        drop(query);
         if max_epochs.is_some() && crash_after.is_some_and(|(_, forget)| forget) {
             // Forget the last commit: the restart must replay that epoch from its offsets.
             let commits = dir.path().join("commits");
@@ -292,61 +498,120 @@ async fn stream_result(
     final_rows(g, &sink)
 }
 
+fn check(g: &Golden, expected: &Rows, got: &Rows, what: &str) {
+    if let Err(e) = same(g, got, expected) {
+        panic!("{}: {what}: {e}", g.name);
+    }
+}
+
 #[test]
 fn golden_queries_agree_in_batch_streaming_and_restarted_streaming() {
-    let all = rows();
+    let (tx, logins) = (transactions(), logins());
     let rt = common::runtime();
+    let dir = tempfile::tempdir().unwrap();
     for (i, g) in GOLDEN.iter().enumerate() {
-        let expected = rt.block_on(batch_result(g, &all));
+        let expected = rt.block_on(batch_result(g, &tx, &logins, dir.path()));
         assert!(
-            expected.len() > 5,
+            expected.len() > 1 || g.key_columns == 0,
             "{}: too few rows to mean anything",
             g.name
         );
-        let cuts: Vec<usize> = (0..12)
-            .map(|k| (k * 7919 + i * 131) % all.num_rows())
-            .collect();
-        let streamed = rt.block_on(stream_result(g, split(&all, &cuts), None));
-        if let Err(e) = same(&streamed, &expected) {
-            panic!("{}: streaming: {e}", g.name);
-        }
+        let seed = i as u64;
+        let streamed = rt.block_on(stream_result(
+            g,
+            delivery(&tx, seed, 12),
+            delivery(&logins, seed + 100, 5),
+            None,
+        ));
+        check(g, &expected, &streamed, "streaming");
         for (crash, forget) in [(1, false), (3, true), (7, true), (10, false)] {
-            let restarted =
-                rt.block_on(stream_result(g, split(&all, &cuts), Some((crash, forget))));
-            if let Err(e) = same(&restarted, &expected) {
-                panic!(
-                    "{}: restart after epoch {crash} (forgot commit: {forget}): {e}",
-                    g.name
-                );
-            }
+            let restarted = rt.block_on(stream_result(
+                g,
+                delivery(&tx, seed, 12),
+                delivery(&logins, seed + 100, 5),
+                Some((crash, forget)),
+            ));
+            check(
+                g,
+                &expected,
+                &restarted,
+                &format!("restart after epoch {crash} (forgot commit: {forget})"),
+            );
         }
     }
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 6, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 5, ..ProptestConfig::default() })]
 
     #[test]
-    fn any_batching_gives_the_batch_result(
-        cuts in proptest::collection::vec(0usize..6_000, 1..40),
-        crash in 1u64..20,
+    fn any_batching_and_bounded_disorder_gives_the_batch_result(
+        seed in any::<u64>(),
+        tx_batches in 1usize..40,
+        login_batches in 1usize..15,
+        crash in 1u64..25,
         forget in any::<bool>(),
     ) {
-        let all = rows();
+        let (tx, logins) = (transactions(), logins());
         let rt = common::runtime();
+        let dir = tempfile::tempdir().unwrap();
         for g in GOLDEN {
-            let expected = rt.block_on(batch_result(g, &all));
-            let streamed = rt.block_on(stream_result(g, split(&all, &cuts), None));
-            prop_assert!(same(&streamed, &expected).is_ok(), "{}: {:?}", g.name, same(&streamed, &expected));
-            let restarted = rt.block_on(stream_result(g, split(&all, &cuts), Some((crash, forget))));
-            prop_assert!(same(&restarted, &expected).is_ok(), "{} (restart after {}): {:?}", g.name, crash, same(&restarted, &expected));
+            let expected = rt.block_on(batch_result(g, &tx, &logins, dir.path()));
+            let deliveries = || (delivery(&tx, seed, tx_batches), delivery(&logins, seed ^ 1, login_batches));
+            let (a, b) = deliveries();
+            let streamed = rt.block_on(stream_result(g, a, b, None));
+            prop_assert!(same(g, &streamed, &expected).is_ok(), "{}: {:?}", g.name, same(g, &streamed, &expected));
+            let (a, b) = deliveries();
+            let restarted = rt.block_on(stream_result(g, a, b, Some((crash, forget))));
+            prop_assert!(same(g, &restarted, &expected).is_ok(), "{} (restart after {}): {:?}", g.name, crash, same(g, &restarted, &expected));
         }
     }
 }
 
-#[test]
-fn invalid_output_modes_are_rejected_with_the_rule() {
+/// Runs `sql` in stream mode over nothing and returns the planning error.
+fn rejection(sql: &str, mode: OutputMode, event_time: bool) -> String {
     let rt = common::runtime();
+    let session = session();
+    let mut input = StreamInput::register(
+        &session,
+        "transactions",
+        Box::new(ReplaySource::new(FraudGenerator::schema(), vec![])),
+    )
+    .unwrap();
+    if event_time {
+        input = input.with_event_time("ts", WATERMARK).unwrap();
+    }
+    let logins = StreamInput::register(
+        &session,
+        "logins",
+        Box::new(ReplaySource::new(FraudGenerator::schema(), vec![])),
+    )
+    .unwrap()
+    .with_event_time("ts", WATERMARK)
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    rt.block_on(async {
+        let plan = session.context().state().create_logical_plan(sql).await?;
+        StreamingQuery::new(
+            &session,
+            vec![input, logins],
+            plan,
+            Box::new(MemorySink::default()),
+            StreamOptions {
+                output_mode: mode,
+                checkpoint: dir.path().to_path_buf(),
+                ..StreamOptions::default()
+            },
+        )
+        .await
+    })
+    .err()
+    .unwrap_or_else(|| panic!("{sql} in {mode:?} should be rejected"))
+    .to_string()
+}
+
+#[test]
+fn queries_a_stream_cannot_run_are_rejected_with_the_rule() {
     let cases = [
         (
             "SELECT country, count(*) FROM transactions GROUP BY country",
@@ -372,45 +637,69 @@ fn invalid_output_modes_are_rejected_with_the_rule() {
         (
             "SELECT a.tx_id FROM transactions a JOIN transactions b ON a.tx_id = b.tx_id",
             OutputMode::Append,
-            "reading the streaming source twice",
+            "needs an event-time range on both sides",
+        ),
+        (
+            "SELECT t.tx_id FROM transactions t JOIN logins l ON t.card_id = l.card_id \
+             AND l.ts >= t.ts",
+            OutputMode::Append,
+            "bounded in both directions",
+        ),
+        (
+            "SELECT tx_id FROM transactions WHERE amount > (SELECT avg(amount) FROM transactions)",
+            OutputMode::Append,
+            "a subquery (IN, EXISTS or a scalar subquery) that reads a streaming source",
+        ),
+        (
+            "SELECT tx_id FROM transactions WHERE card_id IN \
+             (SELECT card_id FROM transactions WHERE amount > 1000)",
+            OutputMode::Append,
+            "a subquery",
+        ),
+        (
+            "SELECT tx_id, lag(amount) OVER (PARTITION BY card_id ORDER BY amount) FROM transactions",
+            OutputMode::Append,
+            "must be ORDER BY a watermarked event-time column",
+        ),
+        (
+            "SELECT tx_id, lead(amount) OVER (PARTITION BY card_id ORDER BY ts) FROM transactions",
+            OutputMode::Append,
+            "lead and other functions that look at later rows",
+        ),
+        (
+            "SELECT tx_id, sum(amount) OVER (PARTITION BY card_id ORDER BY ts \
+             ROWS BETWEEN 1 PRECEDING AND 1 FOLLOWING) FROM transactions",
+            OutputMode::Append,
+            "FOLLOWING",
+        ),
+        (
+            "SELECT DISTINCT ON (card_id) card_id, tx_id FROM transactions ORDER BY card_id, tx_id DESC",
+            OutputMode::Append,
+            "DISTINCT ON with ORDER BY",
+        ),
+        (
+            "SELECT count(*) FROM \
+             (SELECT country, count(*) AS n FROM transactions GROUP BY country)",
+            OutputMode::Update,
+            "an aggregation that feeds another stateful operator must be grouped by window()",
         ),
     ];
     for (sql, mode, message) in cases {
-        let session = session();
-        let input = StreamInput::register(
-            &session,
-            "transactions",
-            Box::new(ReplaySource::new(FraudGenerator::schema(), vec![])),
-        )
-        .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let error = rt
-            .block_on(async {
-                let plan = session.context().state().create_logical_plan(sql).await?;
-                StreamingQuery::new(
-                    &session,
-                    input,
-                    plan,
-                    Box::new(MemorySink::default()),
-                    StreamOptions {
-                        event_time: Some("ts".into()),
-                        output_mode: mode,
-                        checkpoint: dir.path().to_path_buf(),
-                        ..StreamOptions::default()
-                    },
-                )
-                .await
-            })
-            .err()
-            .unwrap_or_else(|| panic!("{sql} in {mode:?} should be rejected"));
-        assert!(error.to_string().contains(message), "{sql}: {error}");
+        let error = rejection(sql, mode, true);
+        assert!(error.contains(message), "{sql}: {error}");
     }
+    let error = rejection(
+        "SELECT window(ts, '1 minute') AS w, count(*) FROM transactions GROUP BY window(ts, '1 minute')",
+        OutputMode::Append,
+        false,
+    );
+    assert!(error.contains("watermarked event-time column"), "{error}");
 }
 
 #[test]
 fn late_rows_are_counted_and_kept_out_of_state() {
     let rt = common::runtime();
-    let all = rows();
+    let all = transactions();
     // Two batches: everything, then the first 100 rows again (now far behind the watermark).
     let batches = vec![all.clone(), all.slice(0, 100)];
     let session = session();
@@ -419,6 +708,8 @@ fn late_rows_are_counted_and_kept_out_of_state() {
         "transactions",
         Box::new(ReplaySource::new(all.schema(), batches)),
     )
+    .unwrap()
+    .with_event_time("ts", WATERMARK)
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let sink = MemorySink::default();
@@ -435,12 +726,10 @@ fn late_rows_are_counted_and_kept_out_of_state() {
             .unwrap();
         let mut q = StreamingQuery::new(
             &session,
-            input,
+            vec![input],
             plan,
             Box::new(sink.clone()),
             StreamOptions {
-                event_time: Some("ts".into()),
-                watermark_delay: 10_000_000,
                 checkpoint: dir.path().to_path_buf(),
                 ..StreamOptions::default()
             },
@@ -468,9 +757,19 @@ fn late_rows_are_counted_and_kept_out_of_state() {
         all.num_rows() as i64,
         "late rows did not change any window"
     );
-    // The progress file has one JSON line per epoch with the late count.
+    // The progress file has one JSON line per epoch with the late count, per source and per
+    // operator.
     let progress = std::fs::read_to_string(dir.path().join("progress.jsonl")).unwrap();
     let last: serde_json::Value = serde_json::from_str(progress.lines().last().unwrap()).unwrap();
     assert_eq!(last["late_rows"], 100);
-    assert!(last["durations"]["total_ms"].as_f64().unwrap() > 0.0);
+    assert_eq!(last["sources"][0]["late_rows"], 100);
+    let operators = last["operators"].as_array().unwrap();
+    assert!(
+        operators.iter().any(|o| o["id"] == "0-aggregate"),
+        "{operators:?}"
+    );
+    assert_eq!(
+        last["operators"][0]["rows_in"], 0,
+        "the late rows never reached the operator"
+    );
 }

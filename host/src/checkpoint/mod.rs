@@ -1,63 +1,120 @@
-//! The checkpoint directory: write-ahead offsets, commits and operator state.
+//! The checkpoint directory: write-ahead offsets, commits with state manifests, and operator
+//! state.
 //!
 //! ```text
 //! checkpoint/
-//!   metadata.json              the query it belongs to (refuses a different query)
-//!   offsets/0000000007.json    epoch 7's input range and watermark, written before processing
-//!   commits/0000000007.json    epoch 7 done: state and sink output are durable
-//!   state/0000000007.delta.arrow     state changes of epoch 7 (Arrow IPC)
-//!   state/0000000010.snapshot.arrow  the whole state after epoch 10
+//!   lock                                   held (flock) by the process running the query
+//!   metadata.json                          query id and fingerprint (refuses another query)
+//!   offsets/0000000007.json                epoch 7's input range per source, written first
+//!   commits/0000000007.json                epoch 7 done: watermarks and the state manifest
+//!   state/<operator>/<table>/0000000007.delta.arrow      changes of epoch 7 (Arrow IPC)
+//!   state/<operator>/<table>/0000000010.snapshot.arrow   the whole table after epoch 10
 //! ```
 //!
-//! Recovery restores the state of the last committed epoch (latest snapshot at or before it,
-//! then the deltas after the snapshot) and re-runs an epoch that was planned but not committed
-//! with exactly its recorded offsets, so it produces the same rows, which the sinks overwrite.
-//! Files are written to a temporary name, synced and renamed, so a crash (or a power loss)
-//! never leaves half a file.
+//! Per epoch the driver writes the offsets, runs the epoch, writes each state table's delta (or
+//! a snapshot), writes the sink, and then the commit. The commit's *manifest* lists, per
+//! operator and table, the snapshot and every delta since it that make up the state after the
+//! epoch. Recovery reads exactly those files, checks that each is there and says what it claims
+//! to be (operator, table, epoch), and refuses to start otherwise: a missing delta is never
+//! skipped silently, and a file left by an attempt that crashed before its commit is never
+//! applied (no manifest names it, and the replay overwrites it). An epoch planned but not
+//! committed is re-run with exactly its recorded offsets, so it produces the same rows, which
+//! the sinks overwrite or skip.
+//!
+//! Every file is written to a temporary name, synced and renamed ([`crate::common::fs`]), so a
+//! crash or a power loss never leaves half a file.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use arrow::array::RecordBatch;
+use arrow::datatypes::Schema;
 use arrow::ipc::reader::FileReader;
 use arrow::ipc::writer::FileWriter;
 use serde::{Deserialize, Serialize};
 
+use crate::common::Watermark;
+use crate::common::fs::{create_dir_durable, write_atomic};
 use crate::error::{Result, RiffleError};
+use crate::exec::graph::Graph;
+use crate::plan::Fingerprint;
+
+/// Version of the checkpoint layout.
+pub const FORMAT: u32 = 2;
+
+/// One source's input range in an epoch.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct SourceRange {
+    /// Offset before the epoch.
+    pub start: serde_json::Value,
+    /// Offset after the epoch.
+    pub end: serde_json::Value,
+}
 
 /// Epoch plan, written ahead of processing.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct EpochPlan {
     /// Epoch number, from 1.
     pub epoch: u64,
-    /// Source offset before the epoch.
-    pub start: serde_json::Value,
-    /// Source offset after the epoch.
-    pub end: serde_json::Value,
-    /// Watermark rows are judged late against (microseconds).
-    pub watermark: i64,
-    /// The source ended: close every window after this epoch.
+    /// Input range per source.
+    pub sources: BTreeMap<String, SourceRange>,
+    /// Each source's watermark at the start of the epoch: its rows behind it are late.
+    pub watermarks: BTreeMap<String, Watermark>,
+    /// Every source has ended: close every window after this epoch.
     pub last: bool,
 }
+
+/// A source's event-time progress after an epoch.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+pub struct SourceProgress {
+    /// Watermark after the epoch.
+    pub watermark: Watermark,
+    /// Largest event time seen so far.
+    pub max_event_time: i64,
+}
+
+/// Which files hold one state table after an epoch.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct TableManifest {
+    /// Epoch of the snapshot the deltas apply to, if any.
+    pub snapshot: Option<u64>,
+    /// Epochs whose deltas apply on top, in order.
+    pub deltas: Vec<u64>,
+    /// Bytes of those files.
+    pub bytes: u64,
+}
+
+/// Operator id -> table name -> files.
+pub type StateManifest = BTreeMap<String, BTreeMap<String, TableManifest>>;
 
 /// Epoch commit record.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct EpochCommit {
     /// Epoch number.
     pub epoch: u64,
-    /// Watermark after the epoch.
-    pub watermark: i64,
-    /// Largest event time seen so far.
-    pub max_event_time: i64,
-    /// Whether this was the source's last epoch.
+    /// Event-time progress per source.
+    pub sources: BTreeMap<String, SourceProgress>,
+    /// The state after the epoch.
+    pub state: StateManifest,
+    /// Whether every source had ended.
     pub last: bool,
 }
 
-/// A checkpoint directory.
+#[derive(Serialize, Deserialize)]
+struct Metadata {
+    format: u32,
+    id: String,
+    fingerprint: Fingerprint,
+}
+
+/// A checkpoint directory, locked for the life of this value.
 pub struct Checkpoint {
     root: PathBuf,
-    snapshot_every: u64,
     id: String,
+    snapshot_every: usize,
+    _lock: fs::File,
 }
 
 const EPOCH_DIGITS: usize = 10;
@@ -74,43 +131,14 @@ fn epoch_of(file: &Path) -> Option<u64> {
         .ok()
 }
 
-/// Writes `bytes` to `path` atomically and durably (temporary file, fsync, rename, fsync of
-/// the directory).
-///
-/// # Errors
-/// I/O errors, naming the path.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    fs::write(&tmp, bytes).map_err(|e| RiffleError::io("writing", &tmp, e))?;
-    publish(&tmp, path)
-}
-
-/// Makes a finished temporary file `tmp` durable and renames it to `path`.
-///
-/// The rename alone is atomic, which is enough when only the process dies (kill -9); after a
-/// power loss, the data and the rename are only on disk if the file and then its directory
-/// were synced, and a committed epoch must never point at data that vanished.
-///
-/// # Errors
-/// I/O errors, naming the path.
-pub fn publish(tmp: &Path, path: &Path) -> Result<()> {
-    fs::File::open(tmp)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| RiffleError::io("syncing", tmp, e))?;
-    fs::rename(tmp, path).map_err(|e| RiffleError::io("renaming", path, e))?;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| RiffleError::io("syncing", dir, e))?;
-    }
-    Ok(())
+fn corrupt(path: &Path, what: impl std::fmt::Display) -> RiffleError {
+    RiffleError::Checkpoint(format!("{}: {what}", path.display()))
 }
 
 fn read_json<T: for<'a> Deserialize<'a>>(path: &Path) -> Result<T> {
     let text = fs::read(path).map_err(|e| RiffleError::io("reading", path, e))?;
-    serde_json::from_slice(&text).map_err(|e| {
-        RiffleError::Config(format!("{}: corrupt checkpoint file: {e}", path.display()))
-    })
+    serde_json::from_slice(&text)
+        .map_err(|e| corrupt(path, format!("corrupt checkpoint file: {e}")))
 }
 
 fn epochs_in(dir: &Path, suffix: &str) -> Result<Vec<(u64, PathBuf)>> {
@@ -125,7 +153,7 @@ fn epochs_in(dir: &Path, suffix: &str) -> Result<Vec<(u64, PathBuf)>> {
         let matches = path
             .file_name()
             .and_then(|n| n.to_str())
-            .is_some_and(|n| n.ends_with(suffix));
+            .is_some_and(|n| n.ends_with(suffix) && !n.starts_with('.'));
         if let (true, Some(epoch)) = (matches, epoch_of(&path)) {
             found.push((epoch, path));
         }
@@ -135,44 +163,92 @@ fn epochs_in(dir: &Path, suffix: &str) -> Result<Vec<(u64, PathBuf)>> {
 }
 
 impl Checkpoint {
-    /// Opens (creating) a checkpoint directory for the query identified by `query`.
+    /// Opens (creating) a checkpoint directory for the query with `fingerprint`, and locks it.
     ///
     /// # Errors
-    /// [`RiffleError::Config`] when the directory belongs to a different query.
-    pub fn open(root: &Path, query: &str) -> Result<Self> {
+    /// [`RiffleError::Checkpoint`] when another process holds the directory, or it belongs to
+    /// a different query (the message lists what differs).
+    pub fn open(root: &Path, fingerprint: &Fingerprint) -> Result<Self> {
         for sub in ["offsets", "commits", "state"] {
-            fs::create_dir_all(root.join(sub))
-                .map_err(|e| RiffleError::io("creating", root.join(sub), e))?;
+            create_dir_durable(&root.join(sub))?;
         }
-        let meta = root.join("metadata.json");
-        let mut recorded: serde_json::Value = if meta.exists() {
-            read_json(&meta)?
-        } else {
-            serde_json::json!({ "format": 1, "query": query })
-        };
-        if recorded["query"].as_str() != Some(query) {
-            return Err(RiffleError::Config(format!(
-                "checkpoint {} was written by a different query; restarting from it could \
-                 give wrong results. Use a new checkpoint directory (or delete this one)",
-                root.display()
-            )));
-        }
-        // The query id names the query's transactions in external sinks (Kafka transactional
-        // ids, Delta application ids). It is random, so a fresh checkpoint never inherits an
-        // old run's "already committed" marks, and stored, so a restart keeps it.
-        let id = match recorded["id"].as_str() {
-            Some(id) => id.to_string(),
-            None => {
-                let id = format!("{:016x}", rand::random::<u64>());
-                recorded["id"] = serde_json::Value::String(id.clone());
-                write_atomic(&meta, recorded.to_string().as_bytes())?;
-                id
+        let lock_path = root.join("lock");
+        let mut lock = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| RiffleError::io("opening", &lock_path, e))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                let holder = fs::read_to_string(&lock_path).unwrap_or_default();
+                return Err(RiffleError::Checkpoint(format!(
+                    "checkpoint {} is in use by another running query{}: two processes on one \
+                     checkpoint would overwrite each other's output. Stop the other one, or \
+                     use another checkpoint directory",
+                    root.display(),
+                    match holder.trim() {
+                        "" => String::new(),
+                        pid => format!(" (process {pid})"),
+                    }
+                )));
             }
+            Err(fs::TryLockError::Error(e)) => {
+                return Err(RiffleError::io("locking", &lock_path, e));
+            }
+        }
+        lock.set_len(0)
+            .and_then(|_| write!(lock, "{}", std::process::id()))
+            .and_then(|_| lock.flush())
+            .map_err(|e| RiffleError::io("writing", &lock_path, e))?;
+
+        let meta_path = root.join("metadata.json");
+        let id = if meta_path.exists() {
+            let value: serde_json::Value = read_json(&meta_path)?;
+            if value["format"].as_u64() != Some(FORMAT as u64) {
+                return Err(RiffleError::Checkpoint(format!(
+                    "checkpoint {} was written by another version of Riffle (format {}, this \
+                     one reads {FORMAT}); use a new checkpoint directory",
+                    root.display(),
+                    value["format"]
+                )));
+            }
+            let meta: Metadata = serde_json::from_value(value)
+                .map_err(|e| corrupt(&meta_path, format!("corrupt checkpoint metadata: {e}")))?;
+            let changes = fingerprint.changes_since(&meta.fingerprint);
+            if !changes.is_empty() {
+                return Err(RiffleError::Checkpoint(format!(
+                    "checkpoint {} was written by a different query; resuming from it could \
+                     give wrong results. What changed: {}. Use a new checkpoint directory to \
+                     start over (or restore the old query to resume)",
+                    root.display(),
+                    changes.join("; ")
+                )));
+            }
+            meta.id
+        } else {
+            // The query id names the query's output (files, Kafka transactions, Delta
+            // application ids). It is random, so a fresh checkpoint never inherits an old
+            // run's "already committed" marks, and stored, so a restart keeps it.
+            let id = format!("{:016x}", rand::random::<u64>());
+            let meta = Metadata {
+                format: FORMAT,
+                id: id.clone(),
+                fingerprint: fingerprint.clone(),
+            };
+            write_atomic(
+                &meta_path,
+                &serde_json::to_vec_pretty(&meta).expect("serialisable"),
+            )?;
+            id
         };
         Ok(Checkpoint {
             root: root.to_path_buf(),
-            snapshot_every: 10,
             id,
+            snapshot_every: 10,
+            _lock: lock,
         })
     }
 
@@ -219,110 +295,263 @@ impl Checkpoint {
         write_atomic(&path, &serde_json::to_vec(plan).expect("serialisable"))
     }
 
-    /// Marks an epoch committed and prunes files no restart can need.
+    fn table_dir(&self, operator: &str, table: &str) -> PathBuf {
+        self.root.join("state").join(operator).join(table)
+    }
+
+    /// Writes every state table's changes of `epoch` (a delta, or a snapshot when one is due)
+    /// and returns the new manifest and the bytes written.
+    ///
+    /// # Errors
+    /// Encoding and I/O errors.
+    pub fn write_state(
+        &self,
+        epoch: u64,
+        graph: &mut Graph,
+        previous: &StateManifest,
+    ) -> Result<(StateManifest, u64)> {
+        let mut manifest = StateManifest::new();
+        let mut written = 0;
+        for node in graph.nodes_mut() {
+            let id = node.id.clone();
+            for table in node.operator.tables() {
+                let name = table.name().to_string();
+                let before = previous
+                    .get(&id)
+                    .and_then(|t| t.get(&name))
+                    .cloned()
+                    .unwrap_or_default();
+                let snapshot_due = before.deltas.len() + 1 >= self.snapshot_every;
+                let (batch, entry) = if snapshot_due {
+                    let batch = table.snapshot()?;
+                    (
+                        Some((batch, true)),
+                        TableManifest {
+                            snapshot: Some(epoch),
+                            deltas: Vec::new(),
+                            bytes: 0,
+                        },
+                    )
+                } else {
+                    match table.take_delta()? {
+                        Some(batch) => {
+                            let mut entry = before.clone();
+                            entry.deltas.push(epoch);
+                            (Some((batch, false)), entry)
+                        }
+                        None => (None, before.clone()),
+                    }
+                };
+                let mut entry = entry;
+                if let Some((batch, snapshot)) = batch {
+                    let bytes = self.write_table(&id, &name, epoch, snapshot, &batch)?;
+                    written += bytes;
+                    entry.bytes = if snapshot { bytes } else { entry.bytes + bytes };
+                }
+                if entry.snapshot.is_some() || !entry.deltas.is_empty() {
+                    manifest.entry(id.clone()).or_default().insert(name, entry);
+                }
+            }
+        }
+        Ok((manifest, written))
+    }
+
+    fn write_table(
+        &self,
+        operator: &str,
+        table: &str,
+        epoch: u64,
+        snapshot: bool,
+        batch: &RecordBatch,
+    ) -> Result<u64> {
+        let dir = self.table_dir(operator, table);
+        create_dir_durable(&dir)?;
+        let kind = if snapshot { "snapshot" } else { "delta" };
+        let path = dir.join(name(epoch, &format!(".{kind}.arrow")));
+        let mut metadata = batch.schema().metadata().clone();
+        metadata.insert("riffle.operator".into(), operator.into());
+        metadata.insert("riffle.table".into(), table.into());
+        metadata.insert("riffle.epoch".into(), epoch.to_string());
+        metadata.insert("riffle.kind".into(), kind.into());
+        let schema = Schema::new(batch.schema().fields().clone()).with_metadata(metadata);
+        let mut bytes = Vec::new();
+        {
+            let mut writer = FileWriter::try_new(&mut bytes, &schema)?;
+            writer.write(&RecordBatch::try_new(
+                schema.clone().into(),
+                batch.columns().to_vec(),
+            )?)?;
+            writer.finish()?;
+        }
+        write_atomic(&path, &bytes)?;
+        Ok(bytes.len() as u64)
+    }
+
+    fn read_table(
+        &self,
+        operator: &str,
+        table: &str,
+        epoch: u64,
+        snapshot: bool,
+    ) -> Result<RecordBatch> {
+        let kind = if snapshot { "snapshot" } else { "delta" };
+        let path = self
+            .table_dir(operator, table)
+            .join(name(epoch, &format!(".{kind}.arrow")));
+        let file = fs::File::open(&path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                RiffleError::Checkpoint(format!(
+                    "checkpoint {} is incomplete: the state file {} named by the last commit is \
+                     missing, so the state cannot be restored. Restore the file, or start over \
+                     with a new checkpoint directory",
+                    self.root.display(),
+                    path.display()
+                ))
+            } else {
+                RiffleError::io("opening", &path, e)
+            }
+        })?;
+        let reader = FileReader::try_new(file, None)
+            .map_err(|e| corrupt(&path, format!("corrupt state file: {e}")))?;
+        let schema = reader.schema();
+        let meta = schema.metadata();
+        let says = |key: &str, expected: &str| meta.get(key).map(String::as_str) == Some(expected);
+        if !(says("riffle.operator", operator)
+            && says("riffle.table", table)
+            && says("riffle.epoch", &epoch.to_string())
+            && says("riffle.kind", kind))
+        {
+            return Err(corrupt(
+                &path,
+                format!("this file is not the {kind} of {operator}/{table} for epoch {epoch}"),
+            ));
+        }
+        let batches = reader
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| corrupt(&path, format!("corrupt state file: {e}")))?;
+        Ok(arrow::compute::concat_batches(&schema, &batches)?)
+    }
+
+    /// Restores every operator's state from `manifest`.
+    ///
+    /// # Errors
+    /// [`RiffleError::Checkpoint`] for missing or mismatched files, or state the query's
+    /// operators do not have.
+    pub fn restore_state(&self, manifest: &StateManifest, graph: &mut Graph) -> Result<()> {
+        for (operator, tables) in manifest {
+            let node = graph
+                .nodes_mut()
+                .iter_mut()
+                .find(|n| &n.id == operator)
+                .ok_or_else(|| {
+                    RiffleError::Checkpoint(format!(
+                        "checkpoint {} holds state of operator {operator}, which this query does \
+                         not have",
+                        self.root.display()
+                    ))
+                })?;
+            let mut live = node.operator.tables();
+            for (name, entry) in tables {
+                let table = live.iter_mut().find(|t| t.name() == name).ok_or_else(|| {
+                    RiffleError::Checkpoint(format!(
+                        "checkpoint {} holds state table {operator}/{name}, which this query \
+                         does not have",
+                        self.root.display()
+                    ))
+                })?;
+                if let Some(epoch) = entry.snapshot {
+                    table.restore(&self.read_table(operator, name, epoch, true)?, true)?;
+                }
+                for &epoch in &entry.deltas {
+                    table.restore(&self.read_table(operator, name, epoch, false)?, false)?;
+                }
+            }
+            drop(live);
+            node.operator.on_restored()?;
+        }
+        Ok(())
+    }
+
+    /// Marks an epoch committed and removes files no restart can need.
     ///
     /// # Errors
     /// I/O errors.
     pub fn commit(&self, commit: &EpochCommit) -> Result<()> {
         let path = self.root.join("commits").join(name(commit.epoch, ".json"));
         write_atomic(&path, &serde_json::to_vec(commit).expect("serialisable"))?;
-        self.prune(commit.epoch)
+        self.prune(commit)
     }
 
-    /// Whether the state of `epoch` should be written as a snapshot.
-    pub fn snapshot_due(&self, epoch: u64) -> bool {
-        epoch.is_multiple_of(self.snapshot_every)
-    }
-
-    /// Writes an operator's state batch for `epoch`. Returns the bytes written.
-    ///
-    /// # Errors
-    /// I/O errors.
-    pub fn write_state(&self, epoch: u64, snapshot: bool, batch: &RecordBatch) -> Result<u64> {
-        let suffix = if snapshot {
-            ".snapshot.arrow"
-        } else {
-            ".delta.arrow"
-        };
-        let path = self.root.join("state").join(name(epoch, suffix));
-        let mut bytes = Vec::new();
+    /// Keeps what a restart from this commit, or from the one before it (should this commit
+    /// file be lost), needs: their offsets, commits and state files. Everything else goes,
+    /// including temporary files of crashed writes.
+    fn prune(&self, commit: &EpochCommit) -> Result<()> {
+        let keep_from = commit.epoch.saturating_sub(1);
+        let mut keep: BTreeSet<PathBuf> = BTreeSet::new();
+        let mut manifests = vec![commit.state.clone()];
+        if keep_from < commit.epoch
+            && let Ok(Some(previous)) = self.commit_of(keep_from)
         {
-            let mut writer = FileWriter::try_new(&mut bytes, &batch.schema())?;
-            writer.write(batch)?;
-            writer.finish()?;
+            manifests.push(previous.state);
         }
-        write_atomic(&path, &bytes)?;
-        // A delta and a snapshot for one epoch must not both exist (a replay may choose
-        // differently only if the snapshot interval changed, but be safe).
-        let other = if snapshot {
-            ".delta.arrow"
-        } else {
-            ".snapshot.arrow"
-        };
-        let _ = fs::remove_file(self.root.join("state").join(name(epoch, other)));
-        Ok(bytes.len() as u64)
-    }
-
-    /// The state batches to replay, in order, to reach the state after `committed`.
-    ///
-    /// # Errors
-    /// Unreadable or corrupt state files.
-    pub fn read_state(&self, committed: u64) -> Result<Vec<RecordBatch>> {
-        let dir = self.root.join("state");
-        let snapshots = epochs_in(&dir, ".snapshot.arrow")?;
-        let base = snapshots.iter().rfind(|(e, _)| *e <= committed).cloned();
-        let mut files = Vec::new();
-        let from = match &base {
-            Some((e, path)) => {
-                files.push(path.clone());
-                *e
-            }
-            None => 0,
-        };
-        for (e, path) in epochs_in(&dir, ".delta.arrow")? {
-            if e > from && e <= committed {
-                files.push(path);
+        for manifest in &manifests {
+            for (operator, tables) in manifest {
+                for (table, entry) in tables {
+                    let dir = self.table_dir(operator, table);
+                    if let Some(s) = entry.snapshot {
+                        keep.insert(dir.join(name(s, ".snapshot.arrow")));
+                    }
+                    for d in &entry.deltas {
+                        keep.insert(dir.join(name(*d, ".delta.arrow")));
+                    }
+                }
             }
         }
-        let mut batches = Vec::new();
-        for path in files {
-            let file = fs::File::open(&path).map_err(|e| RiffleError::io("opening", &path, e))?;
-            let reader = FileReader::try_new(file, None).map_err(|e| {
-                RiffleError::Config(format!("{}: corrupt state file: {e}", path.display()))
-            })?;
-            for batch in reader {
-                batches.push(batch?);
-            }
-        }
-        Ok(batches)
-    }
-
-    fn prune(&self, committed: u64) -> Result<()> {
-        // Keep everything from the newest snapshot at or before the previous commit (one
-        // epoch of slack, so even a lost commit file can be recovered); older state and
-        // offsets can never be needed again.
-        let dir = self.root.join("state");
-        let keep_from = committed.saturating_sub(1);
-        let Some((base, _)) = epochs_in(&dir, ".snapshot.arrow")?
-            .into_iter()
-            .rfind(|(e, _)| *e <= keep_from)
-        else {
-            return Ok(());
-        };
-        for suffix in [".snapshot.arrow", ".delta.arrow"] {
-            for (e, path) in epochs_in(&dir, suffix)? {
-                if e < base {
-                    let _ = fs::remove_file(path);
+        let state = self.root.join("state");
+        for operator in read_dirs(&state) {
+            for table in read_dirs(&operator) {
+                for file in fs::read_dir(&table).into_iter().flatten().flatten() {
+                    let path = file.path();
+                    // Files of the epoch being replayed later than this commit stay too.
+                    let newer = epoch_of(&path).is_some_and(|e| e > commit.epoch);
+                    if !keep.contains(&path) && !newer {
+                        let _ = fs::remove_file(&path);
+                    }
                 }
             }
         }
         for sub in ["offsets", "commits"] {
-            for (e, path) in epochs_in(&self.root.join(sub), ".json")? {
-                if e + 1 < base {
-                    let _ = fs::remove_file(path);
+            let dir = self.root.join(sub);
+            for file in fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let path = file.path();
+                let hidden = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with('.'));
+                if hidden || epoch_of(&path).is_some_and(|e| e < keep_from) {
+                    let _ = fs::remove_file(&path);
                 }
             }
         }
         Ok(())
     }
+
+    fn commit_of(&self, epoch: u64) -> Result<Option<EpochCommit>> {
+        let path = self.root.join("commits").join(name(epoch, ".json"));
+        if path.exists() {
+            Ok(Some(read_json(&path)?))
+        } else {
+            Ok(None)
+        }
+    }
+}
+
+fn read_dirs(dir: &Path) -> Vec<PathBuf> {
+    fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect()
 }

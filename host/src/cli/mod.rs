@@ -7,17 +7,15 @@
 //! riffle generate fraud --rows 1000000 --out data/tx.parquet
 //! ```
 
-pub(crate) mod config;
-
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::connectors::clickstream::ClickConfig;
 use crate::connectors::files::{pretty, write_file};
-use crate::connectors::generator::{FraudConfig, GeneratorConfig};
+use crate::connectors::generate::ClickConfig;
+use crate::connectors::generate::{FraudConfig, GeneratorConfig};
 use crate::error::{Blame, Result, RiffleError};
 use crate::session::{RiffleSession, SessionOptions, read_udf_config};
 use crate::udf::{EngineOptions, RowErrorPolicy, UdfEngine};
@@ -179,6 +177,10 @@ enum GenerateCommand {
         /// Event-time span the rows are spread over, in days.
         #[arg(long, default_value_t = 7.0)]
         days: f64,
+        /// Event-time rate instead of --days: rows per second of event time (what a pipeline's
+        /// generator source calls `events_per_second`, so both give the same rows).
+        #[arg(long)]
+        events_per_second: Option<f64>,
     },
     /// Clickstream events (views, clicks, carts, purchases) in per-user sessions.
     Clickstream {
@@ -249,11 +251,24 @@ async fn run(cli: Cli) -> Result<()> {
             seed,
             cards,
             days,
+            events_per_second,
         }) => {
+            let rate = match events_per_second {
+                Some(r) if r.is_finite() && r > 0.0 => r,
+                Some(r) => {
+                    return Err(RiffleError::Config(format!(
+                        "--events-per-second {r}: must be a positive number"
+                    )));
+                }
+                None => rate_over(rows, days)?,
+            };
+            if cards == 0 {
+                return Err(RiffleError::Config("--cards must be at least 1".into()));
+            }
             let config = FraudConfig {
                 seed,
-                cards: cards.max(1),
-                rows_per_second: rate_over(rows, days)?,
+                cards,
+                rows_per_second: rate,
                 ..FraudConfig::default()
             };
             generate(GeneratorConfig::Fraud(config), rows, &out)
@@ -316,7 +331,7 @@ async fn run_pipeline(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
-fn engine_options(udf: &UdfOptions, file: &config::LimitsConfig) -> EngineOptions {
+fn engine_options(udf: &UdfOptions, file: &crate::config::LimitsConfig) -> EngineOptions {
     let limits = file.udf_limits(udf.udf_timeout_ms, udf.udf_memory_mb);
     let cache_dir = if udf.no_cache {
         None
@@ -391,8 +406,8 @@ fn split_pair<'a>(flag: &str, pair: &'a str) -> Result<(&'a str, &'a str)> {
 
 async fn sql(args: SqlArgs) -> Result<()> {
     let file_config = match &args.config {
-        Some(path) => config::RiffleConfig::load(path)?,
-        None => config::RiffleConfig::default(),
+        Some(path) => crate::config::RiffleConfig::load(path)?,
+        None => crate::config::RiffleConfig::default(),
     };
     let policy = args
         .udf

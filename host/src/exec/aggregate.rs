@@ -2,63 +2,70 @@
 //!
 //! Each group (window start + key values, encoded with Arrow's row format) owns one DataFusion
 //! [`Accumulator`] per aggregate: the *same* accumulators DataFusion's batch `AggregateExec`
-//! uses, created from the same logical expressions. That is why a streaming `count(DISTINCT x)`
-//! or `approx_distinct(x)` equals the batch result: there is no second implementation of any
-//! aggregate. Accumulator state (`Accumulator::state`) is what goes into checkpoints, and
-//! `merge_batch` brings it back.
+//! uses, created from the same logical expressions. That is why a streaming `count(DISTINCT x)`,
+//! `approx_distinct(x)`, `first_value(x ORDER BY y)` or a Wasm aggregate equals the batch result:
+//! there is no second implementation of any aggregate. Accumulator state
+//! (`Accumulator::state`) is what goes into checkpoints, and `merge_batch` brings it back.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, ArrayRef, AsArray, BinaryArray, BooleanArray, Int64Array, RecordBatch, UInt32Array,
+    Array, ArrayRef, AsArray, BooleanArray, Int64Array, RecordBatch, UInt32Array, new_empty_array,
 };
 use arrow::compute::{cast, filter, take};
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
-use arrow::row::{RowConverter, SortField};
-use datafusion::common::{DFSchema, ScalarValue};
+use arrow::datatypes::{DataType, Field, Fields, Int64Type, SchemaRef};
+use datafusion::common::ScalarValue;
 use datafusion::execution::SessionState;
+use datafusion::logical_expr::physical_planning_context::PhysicalPlanningContext;
 use datafusion::logical_expr::{Accumulator, Aggregate, Expr, ExprSchemable};
-use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
+use datafusion::physical_expr::aggregate::{AggregateFunctionExpr, LoweredAggregateBuilder};
 use datafusion::physical_plan::PhysicalExpr;
-// Deprecated in DataFusion 55 in favour of an internal builder; it is still the public way to
-// lower one logical aggregate expression to its physical form.
-#[allow(deprecated)]
-use datafusion::physical_planner::create_aggregate_expr_and_maybe_filter;
 
-use super::{OutputMode, StateRows, Watermarked};
+use super::keys::KeyEncoder;
+use super::{Operator, Output};
+use crate::common::{OutputMode, Watermark, to_micros};
 use crate::error::{Result, RiffleError};
-use crate::plan::window::{TimeWindows, WindowKind, window_array, window_call};
+use crate::state::{KeyedTable, StateTable, ValueCodec};
+use crate::window::{TimeWindows, WindowKind, window_array, window_call};
 
 /// One aggregate of a query, ready to feed accumulators from evaluated batches.
 pub(crate) struct AggSpec {
     pub expr: Arc<AggregateFunctionExpr>,
+    /// Arguments, then ordering expressions (ordered aggregates compare those themselves,
+    /// exactly as DataFusion's `AggregateExec` feeds them).
     pub args: Vec<Arc<dyn PhysicalExpr>>,
     pub filter: Option<Arc<dyn PhysicalExpr>>,
 }
 
 impl AggSpec {
     pub fn plan(agg: &Aggregate, state: &SessionState) -> Result<Vec<AggSpec>> {
-        let physical_input = Arc::new(agg.input.schema().as_arrow().clone());
+        let logical = agg.input.schema();
+        let physical = logical.as_arrow();
+        let ctx = PhysicalPlanningContext::default();
         agg.aggr_expr
             .iter()
             .map(|e| {
-                #[allow(deprecated)]
-                let (expr, filter, order) = create_aggregate_expr_and_maybe_filter(
+                let lowered = LoweredAggregateBuilder::new(
                     e,
-                    agg.input.schema(),
-                    &physical_input,
+                    logical,
+                    physical,
                     state.execution_props(),
-                )?;
-                if !order.is_empty() {
-                    return Err(RiffleError::Config(format!(
-                        "{e}: ordered aggregates are not supported in streaming mode yet"
-                    )));
-                }
+                    &ctx,
+                )
+                .build()?;
+                let mut args = lowered.aggregate.expressions();
+                args.extend(
+                    lowered
+                        .aggregate
+                        .order_bys()
+                        .iter()
+                        .map(|s| Arc::clone(&s.expr)),
+                );
                 Ok(AggSpec {
-                    args: expr.expressions(),
-                    expr,
-                    filter,
+                    expr: lowered.aggregate,
+                    args,
+                    filter: lowered.filter,
                 })
             })
             .collect()
@@ -81,6 +88,10 @@ impl AggSpec {
             None => None,
         };
         Ok((args, mask))
+    }
+
+    pub fn state_fields(&self) -> Result<Vec<Arc<Field>>> {
+        Ok(self.expr.state_fields()?)
     }
 }
 
@@ -112,12 +123,6 @@ pub(crate) fn micros(expr: &Arc<dyn PhysicalExpr>, batch: &RecordBatch) -> Resul
     to_micros(&expr.evaluate(batch)?.into_array(batch.num_rows())?)
 }
 
-/// A timestamp or date array as `Int64` microseconds since the epoch.
-pub(crate) fn to_micros(array: &ArrayRef) -> Result<ArrayRef> {
-    let as_ts = cast(array, &DataType::Timestamp(TimeUnit::Microsecond, None))?;
-    Ok(cast(&as_ts, &DataType::Int64)?)
-}
-
 /// Appends one column per aggregate (its values for the emitted groups, in order), cast to
 /// the output schema's type where DataFusion's accumulator returns a different one.
 pub(crate) fn append_aggregate_columns(
@@ -127,7 +132,11 @@ pub(crate) fn append_aggregate_columns(
 ) -> Result<()> {
     for v in values {
         let field = schema.field(columns.len());
-        let array = ScalarValue::iter_to_array(v)?;
+        let array = if v.is_empty() {
+            new_empty_array(field.data_type())
+        } else {
+            ScalarValue::iter_to_array(v)?
+        };
         columns.push(if array.data_type() == field.data_type() {
             array
         } else {
@@ -141,75 +150,168 @@ pub(crate) fn append_aggregate_columns(
 pub(crate) struct GroupKeys {
     /// Position of the window column among the group expressions, its kind and timestamp.
     pub window: Option<(usize, WindowKind, Arc<dyn PhysicalExpr>)>,
-    /// The other group expressions, in order.
-    pub keys: Vec<Arc<dyn PhysicalExpr>>,
-    /// Row format of `[window start (if `start_in_key`)] + keys`.
-    pub converter: RowConverter,
+    /// The other group expressions; with `start_in_key` the encoded key begins with the window
+    /// start (fixed windows; sessions encode the other keys only, as their bounds move).
+    pub keys: KeyEncoder,
 }
 
 impl GroupKeys {
-    /// Plans the group expressions. With `start_in_key` the encoded key begins with the window
-    /// start (fixed windows); sessions encode the other keys only, as their bounds move.
     pub fn plan(agg: &Aggregate, state: &SessionState, start_in_key: bool) -> Result<GroupKeys> {
-        let schema: &DFSchema = agg.input.schema();
+        let schema = agg.input.schema();
         let mut window = None;
-        let mut keys = Vec::new();
-        let mut fields = Vec::new();
+        let mut exprs = Vec::new();
+        let mut types = Vec::new();
         for (i, e) in agg.group_expr.iter().enumerate() {
             if let Expr::GroupingSet(_) = e {
-                return Err(RiffleError::Config(
+                return Err(RiffleError::Unsupported(
                     "GROUPING SETS, ROLLUP and CUBE are not supported in streaming mode".into(),
                 ));
             }
             if let Some(call) = window_call(e)? {
+                if window.is_some() {
+                    return Err(RiffleError::Unsupported(
+                        "only one window()/session_window() per GROUP BY".into(),
+                    ));
+                }
                 let ts = state.create_physical_expr(call.ts.clone(), schema)?;
                 window = Some((i, call.kind, ts));
                 if start_in_key {
-                    fields.insert(0, SortField::new(DataType::Int64));
+                    types.insert(0, DataType::Int64);
                 }
             } else {
-                let physical = state.create_physical_expr(e.clone(), schema)?;
-                fields.push(SortField::new(e.get_type(schema)?));
-                keys.push(physical);
+                exprs.push(state.create_physical_expr(e.clone(), schema)?);
+                types.push(e.get_type(schema)?);
             }
         }
         Ok(GroupKeys {
             window,
-            keys,
-            converter: RowConverter::new(fields)?,
+            keys: KeyEncoder::new(exprs, types)?,
         })
     }
 
     /// Builds the group columns of an output batch, in `GROUP BY` order, from encoded keys.
     pub fn output_columns(&self, keys: &[&[u8]], size: i64) -> Result<Vec<ArrayRef>> {
-        let parser = self.converter.parser();
-        let mut decoded = self
-            .converter
-            .convert_rows(keys.iter().map(|k| parser.parse(k)))?;
-        let mut columns = Vec::with_capacity(decoded.len());
+        let mut decoded = self.keys.decode(keys.iter().copied())?;
         if let Some((position, _, _)) = &self.window {
             let starts = decoded.remove(0);
-            let starts: Vec<i64> = starts
-                .as_primitive::<arrow::datatypes::Int64Type>()
-                .values()
-                .to_vec();
+            let starts: Vec<i64> = starts.as_primitive::<Int64Type>().values().to_vec();
             let ends = starts.iter().map(|s| s + size).collect();
-            columns.extend(decoded);
-            columns.insert(*position, window_array(starts, ends));
-        } else {
-            columns.extend(decoded);
+            decoded.insert(*position, window_array(starts, ends));
         }
-        Ok(columns)
+        Ok(decoded)
     }
 }
 
-struct Group {
+/// A group's accumulators and the start of its window.
+pub(crate) struct Group {
     window_start: i64,
     accs: Vec<Box<dyn Accumulator>>,
-    /// Changed since the last emit (update mode).
-    updated: bool,
-    /// Changed since the last checkpoint.
-    dirty: bool,
+}
+
+/// Encodes groups as their window start plus one column per accumulator state field.
+struct GroupCodec {
+    specs: Vec<Arc<AggregateFunctionExpr>>,
+    fields: Fields,
+}
+
+impl GroupCodec {
+    fn new(aggs: &[AggSpec]) -> Result<Self> {
+        let mut fields = vec![Field::new("window_start", DataType::Int64, true)];
+        for (i, a) in aggs.iter().enumerate() {
+            for (j, f) in a.state_fields()?.iter().enumerate() {
+                fields.push(Field::new(format!("s{i}_{j}"), f.data_type().clone(), true));
+            }
+        }
+        Ok(GroupCodec {
+            specs: aggs.iter().map(|a| Arc::clone(&a.expr)).collect(),
+            fields: fields.into(),
+        })
+    }
+
+    fn accumulators(&self) -> Result<Vec<Box<dyn Accumulator>>> {
+        Ok(self
+            .specs
+            .iter()
+            .map(|s| s.create_accumulator())
+            .collect::<datafusion::common::Result<_>>()?)
+    }
+}
+
+impl ValueCodec<Group> for GroupCodec {
+    fn fields(&self) -> Fields {
+        self.fields.clone()
+    }
+
+    fn encode(&self, values: Vec<&mut Group>) -> Result<Vec<ArrayRef>> {
+        let width = self.fields.len() - 1;
+        let mut states: Vec<Vec<ScalarValue>> = vec![Vec::with_capacity(values.len()); width];
+        let mut starts = Vec::with_capacity(values.len());
+        for group in values {
+            starts.push(group.window_start);
+            let mut column = 0;
+            for (acc, spec) in group.accs.iter_mut().zip(&self.specs) {
+                // `state()` may consume the accumulator's state: rebuild it from the state.
+                let state = acc.state()?;
+                let arrays = state
+                    .iter()
+                    .map(|s| s.to_array())
+                    .collect::<datafusion::common::Result<Vec<_>>>()?;
+                let mut rebuilt = spec.create_accumulator()?;
+                rebuilt.merge_batch(&arrays)?;
+                *acc = rebuilt;
+                for s in state {
+                    states[column].push(s);
+                    column += 1;
+                }
+            }
+        }
+        let mut columns: Vec<ArrayRef> = vec![Arc::new(Int64Array::from(starts))];
+        for (values, field) in states.into_iter().zip(self.fields.iter().skip(1)) {
+            let array = if values.is_empty() {
+                new_empty_array(field.data_type())
+            } else {
+                ScalarValue::iter_to_array(values)?
+            };
+            columns.push(if array.data_type() == field.data_type() {
+                array
+            } else {
+                cast(&array, field.data_type())?
+            });
+        }
+        Ok(columns)
+    }
+
+    fn decode(&self, columns: &[ArrayRef], row: usize) -> Result<Group> {
+        let mut accs = self.accumulators()?;
+        let mut column = 1;
+        for acc in accs.iter_mut() {
+            let n = acc.state()?.len();
+            let arrays: Vec<ArrayRef> = (column..column + n)
+                .map(|c| columns[c].slice(row, 1))
+                .collect();
+            acc.merge_batch(&arrays)?;
+            column += n;
+        }
+        Ok(Group {
+            window_start: columns[0].as_primitive::<Int64Type>().value(row),
+            accs,
+        })
+    }
+
+    fn size(&self, group: &Group) -> usize {
+        group.accs.iter().map(|a| a.size()).sum::<usize>() + 16
+    }
+}
+
+/// How an aggregation emits and when it may forget a group.
+#[derive(Clone, Copy, Debug)]
+pub struct AggregateMode {
+    /// The output mode of this aggregation (an aggregation that feeds another stateful
+    /// operator always runs in append mode).
+    pub output: OutputMode,
+    /// The window is on an event-time column, so the watermark closes windows and their state
+    /// can go. Without it (update mode over a window on another column), groups are kept.
+    pub window_on_event_time: bool,
 }
 
 /// Streaming `GROUP BY` with optional tumbling/hopping window.
@@ -217,9 +319,10 @@ pub struct WindowAggregate {
     keys: GroupKeys,
     windows: Option<TimeWindows>,
     aggs: Vec<AggSpec>,
-    groups: HashMap<Box<[u8]>, Group>,
-    deleted: Vec<Box<[u8]>>,
-    mode: OutputMode,
+    groups: KeyedTable<Group>,
+    /// Groups changed in this epoch (update mode emits them).
+    updated: Vec<Box<[u8]>>,
+    mode: AggregateMode,
     output_schema: SchemaRef,
 }
 
@@ -227,8 +330,8 @@ impl WindowAggregate {
     /// Plans the operator for a logical `Aggregate`.
     ///
     /// # Errors
-    /// [`RiffleError::Config`] for aggregates the streaming engine cannot run.
-    pub fn new(agg: &Aggregate, state: &SessionState, mode: OutputMode) -> Result<Self> {
+    /// [`RiffleError::Unsupported`] for aggregates the streaming engine cannot run.
+    pub fn new(agg: &Aggregate, state: &SessionState, mode: AggregateMode) -> Result<Self> {
         let keys = GroupKeys::plan(agg, state, true)?;
         let windows = match &keys.window {
             Some((_, WindowKind::Time(w), _)) => Some(*w),
@@ -239,12 +342,14 @@ impl WindowAggregate {
             }
             None => None,
         };
+        let aggs = AggSpec::plan(agg, state)?;
+        let codec = GroupCodec::new(&aggs)?;
         Ok(WindowAggregate {
-            aggs: AggSpec::plan(agg, state)?,
+            groups: KeyedTable::new("groups", Box::new(codec)),
+            aggs,
             keys,
             windows,
-            groups: HashMap::new(),
-            deleted: Vec::new(),
+            updated: Vec::new(),
             mode,
             output_schema: Arc::new(agg.schema.as_arrow().clone()),
         })
@@ -258,62 +363,62 @@ impl WindowAggregate {
             .collect::<datafusion::common::Result<_>>()?)
     }
 
-    fn emit(&mut self, which: impl Fn(&Group) -> bool) -> Result<Option<RecordBatch>> {
+    /// Builds an output batch of `groups` (key bytes and group, in order).
+    fn emit<'a>(
+        &self,
+        groups: impl IntoIterator<Item = (&'a [u8], &'a mut Group)>,
+        out: &mut Output,
+    ) -> Result<()> {
         let mut chosen: Vec<&[u8]> = Vec::new();
         let mut values: Vec<Vec<ScalarValue>> = vec![Vec::new(); self.aggs.len()];
-        for (key, group) in self.groups.iter_mut() {
-            if !which(group) {
-                continue;
-            }
+        for (key, group) in groups {
             chosen.push(key);
             for (i, acc) in group.accs.iter_mut().enumerate() {
                 values[i].push(acc.evaluate()?);
             }
         }
         if chosen.is_empty() {
-            return Ok(None);
+            return Ok(());
         }
         let size = self.windows.map(|w| w.size).unwrap_or(0);
         let mut columns = self.keys.output_columns(&chosen, size)?;
         append_aggregate_columns(&mut columns, values, &self.output_schema)?;
-        Ok(Some(RecordBatch::try_new(
-            self.output_schema.clone(),
-            columns,
-        )?))
+        out.push(RecordBatch::try_new(self.output_schema.clone(), columns)?);
+        Ok(())
     }
 
-    fn state_schema(&self) -> Result<SchemaRef> {
-        let mut fields = vec![
-            Field::new("key", DataType::Binary, false),
-            Field::new("deleted", DataType::Boolean, false),
-        ];
-        for (i, a) in self.aggs.iter().enumerate() {
-            for (j, f) in a.expr.state_fields()?.iter().enumerate() {
-                fields.push(Field::new(format!("s{i}_{j}"), f.data_type().clone(), true));
-            }
-        }
-        Ok(Arc::new(Schema::new(fields)))
+    /// Whether the watermark ever closes this aggregation's groups.
+    fn evicts(&self) -> bool {
+        self.windows.is_some()
+            && self.mode.window_on_event_time
+            && self.mode.output != OutputMode::Complete
     }
 }
 
-impl Watermarked for WindowAggregate {
-    fn process(&mut self, batch: &RecordBatch) -> Result<()> {
+#[async_trait::async_trait]
+impl Operator for WindowAggregate {
+    fn kind(&self) -> &'static str {
+        "aggregate"
+    }
+
+    async fn process_batch(
+        &mut self,
+        _input: usize,
+        batch: RecordBatch,
+        _out: &mut Output,
+    ) -> Result<()> {
         let rows = batch.num_rows();
         if rows == 0 {
             return Ok(());
         }
-        let mut key_arrays = self
-            .keys
-            .keys
-            .iter()
-            .map(|k| k.evaluate(batch)?.into_array(rows))
-            .collect::<datafusion::common::Result<Vec<_>>>()?;
-        // Expand rows into (row, window start) pairs.
+        let mut key_arrays = self.keys.keys.evaluate(&batch)?;
+        // Expand rows into (row, window start) pairs. Rows without an event time belong to no
+        // window (batch mode filters them out of windowed aggregations the same way).
         let mut row_ids: Vec<u32> = Vec::with_capacity(rows);
         let mut starts: Vec<i64> = Vec::new();
         if let (Some(w), Some((_, _, ts))) = (self.windows, &self.keys.window) {
-            let ts = micros(ts, batch)?;
-            let ts = ts.as_primitive::<arrow::datatypes::Int64Type>();
+            let ts = micros(ts, &batch)?;
+            let ts = ts.as_primitive::<Int64Type>();
             starts.reserve(rows);
             for i in 0..rows {
                 if ts.is_valid(i) {
@@ -323,9 +428,7 @@ impl Watermarked for WindowAggregate {
                     });
                 }
             }
-            // Every row with a timestamp has at least one window, in row order, so the
-            // expansion is the identity exactly when no row was dropped or repeated.
-            if row_ids.len() != rows {
+            if row_ids.len() != rows || row_ids.iter().enumerate().any(|(j, &r)| r as usize != j) {
                 let ids = UInt32Array::from(row_ids.clone());
                 key_arrays = key_arrays
                     .iter()
@@ -336,14 +439,17 @@ impl Watermarked for WindowAggregate {
         } else {
             row_ids.extend(0..rows as u32);
         }
-        let encoded = self.keys.converter.convert_columns(&key_arrays)?;
+        if row_ids.is_empty() {
+            return Ok(());
+        }
+        let encoded = self.keys.keys.encode(&key_arrays)?;
 
         // Group the expanded rows of this batch, then feed each group's accumulators once.
         let mut batch_groups: HashMap<&[u8], usize> = HashMap::new();
         let mut members: Vec<Vec<u32>> = Vec::new();
         let mut first_of: Vec<usize> = Vec::new();
         for (j, &row) in row_ids.iter().enumerate() {
-            let key = encoded.row(j).data();
+            let key = encoded.get(j);
             let g = *batch_groups.entry(key).or_insert_with(|| {
                 members.push(Vec::new());
                 first_of.push(j);
@@ -354,169 +460,280 @@ impl Watermarked for WindowAggregate {
         let evaluated = self
             .aggs
             .iter()
-            .map(|a| a.evaluate(batch))
+            .map(|a| a.evaluate(&batch))
             .collect::<Result<Vec<_>>>()?;
+        let evicts = self.evicts();
+        let size = self.windows.map(|w| w.size).unwrap_or(0);
         for (g, rows_of_group) in members.into_iter().enumerate() {
             let j = first_of[g];
-            let key: Box<[u8]> = encoded.row(j).data().into();
-            if !self.groups.contains_key(&key) {
+            let key = encoded.get(j);
+            let start = starts.get(j).copied().unwrap_or(0);
+            if self.groups.get(key).is_none() {
                 let accs = self.new_accumulators()?;
                 self.groups.insert(
-                    key.clone(),
+                    key,
                     Group {
-                        window_start: starts.get(j).copied().unwrap_or(0),
+                        window_start: start,
                         accs,
-                        updated: false,
-                        dirty: false,
                     },
                 );
+                if evicts {
+                    // The window [start, start + size) closes once the watermark reaches its end.
+                    self.groups.set_deadline(key, Some(start + size - 1));
+                }
             }
-            let group = self.groups.get_mut(&key).expect("inserted above");
-            group.updated = true;
-            group.dirty = true;
+            let group = self.groups.get_mut(key).expect("inserted above");
             let ids = UInt32Array::from(rows_of_group);
             for (acc, (args, mask)) in group.accs.iter_mut().zip(&evaluated) {
                 update(acc.as_mut(), args, mask.as_ref(), &ids)?;
             }
+            if self.mode.output == OutputMode::Update {
+                self.updated.push(key.into());
+            }
         }
         Ok(())
     }
 
-    fn advance(&mut self, watermark: i64) -> Result<Vec<RecordBatch>> {
-        let size = self.windows.map(|w| w.size);
-        let closed = |g: &Group| size.is_some_and(|s| g.window_start + s <= watermark);
-        let out = match self.mode {
-            OutputMode::Append => self.emit(closed)?,
-            OutputMode::Update => self.emit(|g| g.updated)?,
-            OutputMode::Complete => self.emit(|_| true)?,
-        };
-        for g in self.groups.values_mut() {
-            g.updated = false;
-        }
-        // Complete mode keeps every group: the whole result is emitted each epoch.
-        if self.mode != OutputMode::Complete && size.is_some() {
-            let gone: Vec<Box<[u8]>> = self
-                .groups
-                .iter()
-                .filter(|(_, g)| closed(g))
-                .map(|(k, _)| k.clone())
-                .collect();
-            for k in gone {
-                self.groups.remove(&k);
-                self.deleted.push(k);
+    async fn on_watermark(&mut self, watermark: Watermark, out: &mut Output) -> Result<()> {
+        match self.mode.output {
+            OutputMode::Append => {
+                if !self.evicts() {
+                    return Ok(());
+                }
+                let due = self.groups.take_due(watermark);
+                let mut closed: Vec<(Box<[u8]>, Group)> = due
+                    .into_iter()
+                    .filter_map(|k| self.groups.remove(&k).map(|g| (k, g)))
+                    .collect();
+                self.emit(
+                    closed
+                        .iter_mut()
+                        .map(|&mut (ref k, ref mut g)| (k.as_ref(), g)),
+                    out,
+                )?;
             }
-        }
-        Ok(out.into_iter().collect())
-    }
-
-    fn checkpoint(&mut self, full: bool) -> Result<Option<RecordBatch>> {
-        let schema = self.state_schema()?;
-        let mut keys: Vec<Vec<u8>> = Vec::new();
-        let mut deleted = Vec::new();
-        let width = schema.fields().len() - 2;
-        let mut states: Vec<Vec<ScalarValue>> = vec![Vec::new(); width];
-        let aggs = &self.aggs;
-        for (key, group) in self.groups.iter_mut() {
-            if !(full || group.dirty) {
-                continue;
-            }
-            group.dirty = false;
-            keys.push(key.to_vec());
-            deleted.push(false);
-            let mut column = 0;
-            for (acc, spec) in group.accs.iter_mut().zip(aggs) {
-                // `state()` may consume the accumulator's state: rebuild it from the state.
-                let state = acc.state()?;
-                let arrays = state
-                    .iter()
-                    .map(|s| s.to_array())
-                    .collect::<datafusion::common::Result<Vec<_>>>()?;
-                let mut rebuilt = spec.expr.create_accumulator()?;
-                rebuilt.merge_batch(&arrays)?;
-                *acc = rebuilt;
-                for s in state {
-                    states[column].push(s);
-                    column += 1;
+            OutputMode::Update => {
+                let mut keys = std::mem::take(&mut self.updated);
+                keys.sort_unstable();
+                keys.dedup();
+                let mut taken: Vec<(Box<[u8]>, Group)> = keys
+                    .into_iter()
+                    .filter_map(|k| self.groups.remove(&k).map(|g| (k, g)))
+                    .collect();
+                let emitted = self.emit(
+                    taken
+                        .iter_mut()
+                        .map(|&mut (ref k, ref mut g)| (k.as_ref(), g)),
+                    out,
+                );
+                let evicts = self.evicts();
+                let size = self.windows.map(|w| w.size).unwrap_or(0);
+                for (k, g) in taken {
+                    let deadline = evicts.then_some(g.window_start + size - 1);
+                    self.groups.insert(&k, g);
+                    self.groups.set_deadline(&k, deadline);
+                }
+                emitted?;
+                if evicts {
+                    // The final value of a closed window went out when it last changed.
+                    for k in self.groups.take_due(watermark) {
+                        self.groups.remove(&k);
+                    }
                 }
             }
-        }
-        for key in self.deleted.drain(..) {
-            keys.push(key.to_vec());
-            deleted.push(true);
-            for (column, field) in states.iter_mut().zip(schema.fields().iter().skip(2)) {
-                column.push(ScalarValue::try_from(field.data_type())?);
-            }
-        }
-        if keys.is_empty() && !full {
-            return Ok(None);
-        }
-        let mut columns: Vec<ArrayRef> = vec![
-            Arc::new(BinaryArray::from_iter_values(keys.iter())),
-            Arc::new(BooleanArray::from(deleted)),
-        ];
-        for (values, field) in states.into_iter().zip(schema.fields().iter().skip(2)) {
-            columns.push(if values.is_empty() {
-                arrow::array::new_empty_array(field.data_type())
-            } else {
-                ScalarValue::iter_to_array(values)?
-            });
-        }
-        Ok(Some(RecordBatch::try_new(schema, columns)?))
-    }
-
-    fn restore(&mut self, batch: &RecordBatch) -> Result<()> {
-        let keys = batch.column(0).as_binary::<i32>();
-        let deleted = batch.column(1).as_boolean();
-        let parser = self.keys.converter.parser();
-        for row in 0..batch.num_rows() {
-            let key: Box<[u8]> = keys.value(row).into();
-            if deleted.value(row) {
-                self.groups.remove(&key);
-                continue;
-            }
-            let mut accs = self.new_accumulators()?;
-            let mut column = 2;
-            for (acc, spec) in accs.iter_mut().zip(&self.aggs) {
-                let n = spec.expr.state_fields()?.len();
-                let arrays: Vec<ArrayRef> = (column..column + n)
-                    .map(|c| batch.column(c).slice(row, 1))
+            OutputMode::Complete => {
+                let mut all: Vec<(Box<[u8]>, &mut Group)> = self
+                    .groups
+                    .values_mut_untracked()
+                    .map(|(k, g)| (Box::<[u8]>::from(k), g))
                     .collect();
-                acc.merge_batch(&arrays)?;
-                column += n;
+                all.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+                let mut chosen = Vec::with_capacity(all.len());
+                let mut values: Vec<Vec<ScalarValue>> = vec![Vec::new(); self.aggs.len()];
+                for (key, group) in &mut all {
+                    chosen.push(key.clone());
+                    for (i, acc) in group.accs.iter_mut().enumerate() {
+                        values[i].push(acc.evaluate()?);
+                    }
+                }
+                if chosen.is_empty() {
+                    return Ok(());
+                }
+                let size = self.windows.map(|w| w.size).unwrap_or(0);
+                let keys: Vec<&[u8]> = chosen.iter().map(|k| k.as_ref()).collect();
+                let mut columns = self.keys.output_columns(&keys, size)?;
+                append_aggregate_columns(&mut columns, values, &self.output_schema)?;
+                out.push(RecordBatch::try_new(self.output_schema.clone(), columns)?);
             }
-            let window_start = if self.windows.is_some() {
-                let decoded = self.keys.converter.convert_rows([parser.parse(&key)])?;
-                decoded[0]
-                    .as_primitive::<arrow::datatypes::Int64Type>()
-                    .value(0)
-            } else {
-                0
-            };
-            self.groups.insert(
-                key,
-                Group {
-                    window_start,
-                    accs,
-                    updated: false,
-                    dirty: false,
-                },
-            );
         }
         Ok(())
     }
 
-    fn state_rows(&self) -> StateRows {
-        StateRows {
-            rows: self.groups.len() as u64,
-            bytes: self
-                .groups
-                .iter()
-                .map(|(k, g)| k.len() + g.accs.iter().map(|a| a.size()).sum::<usize>())
-                .sum::<usize>() as u64,
-        }
+    fn tables(&mut self) -> Vec<&mut dyn StateTable> {
+        vec![&mut self.groups]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exec::testing::{epoch, find, fit, optimized, transplant};
+    use arrow::array::{Float64Array, TimestampMicrosecondArray};
+    use arrow::datatypes::{Schema, TimeUnit};
+    use datafusion::logical_expr::LogicalPlan;
+
+    const S: i64 = 1_000_000;
+
+    fn rows(ts_s: &[i64], v: &[f64]) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new(
+                "ts",
+                DataType::Timestamp(TimeUnit::Microsecond, None),
+                false,
+            ),
+            Field::new("v", DataType::Float64, true),
+        ]));
+        RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(TimestampMicrosecondArray::from(
+                    ts_s.iter().map(|t| t * S).collect::<Vec<_>>(),
+                )),
+                Arc::new(Float64Array::from(v.to_vec())),
+            ],
+        )
+        .unwrap()
     }
 
-    fn output_schema(&self) -> SchemaRef {
-        self.output_schema.clone()
+    /// Two operators for `sql`'s aggregation, and what turns rows into their input.
+    async fn operator(
+        sql: &str,
+        mode: AggregateMode,
+    ) -> (
+        WindowAggregate,
+        WindowAggregate,
+        impl Fn(RecordBatch) -> RecordBatch,
+    ) {
+        let (plan, state) = optimized(sql, &[("t", rows(&[], &[]))]).await;
+        let LogicalPlan::Aggregate(agg) = find(&plan, &|p| matches!(p, LogicalPlan::Aggregate(_)))
+        else {
+            unreachable!()
+        };
+        let input = agg.input.schema().as_arrow().clone();
+        (
+            WindowAggregate::new(&agg, &state, mode).unwrap(),
+            WindowAggregate::new(&agg, &state, mode).unwrap(),
+            move |b: RecordBatch| fit(&b, &input),
+        )
+    }
+
+    fn column(out: &Output, c: usize) -> Vec<String> {
+        let mut v = Vec::new();
+        for b in &out.batches {
+            let f = arrow::util::display::ArrayFormatter::try_new(
+                b.column(c).as_ref(),
+                &Default::default(),
+            )
+            .unwrap();
+            v.extend((0..b.num_rows()).map(|r| f.value(r).to_string()));
+        }
+        v.sort();
+        v
+    }
+
+    #[tokio::test]
+    async fn an_aggregation_without_keys_has_one_group() {
+        let mode = AggregateMode {
+            output: OutputMode::Update,
+            window_on_event_time: false,
+        };
+        let (mut op, mut restarted, input) =
+            operator("SELECT count(*) AS n, sum(v) AS s FROM t", mode).await;
+        let out = epoch(
+            &mut op,
+            vec![(0, input(rows(&[1, 2], &[1.5, 2.5])))],
+            Watermark(0),
+        )
+        .await;
+        assert_eq!(
+            (column(&out, 0), column(&out, 1)),
+            (vec!["2".to_string()], vec!["4.0".to_string()])
+        );
+        transplant(&mut op, &mut restarted);
+        let out = epoch(
+            &mut restarted,
+            vec![(0, input(rows(&[3], &[4.0])))],
+            Watermark(0),
+        )
+        .await;
+        assert_eq!(
+            (column(&out, 0), column(&out, 1)),
+            (vec!["3".to_string()], vec!["8.0".to_string()])
+        );
+        let out = epoch(&mut restarted, vec![], Watermark(0)).await;
+        assert!(
+            out.batches.is_empty(),
+            "update mode emits only changed groups"
+        );
+    }
+
+    #[tokio::test]
+    async fn windows_close_and_leave_state_when_the_watermark_passes_their_end() {
+        let mode = AggregateMode {
+            output: OutputMode::Append,
+            window_on_event_time: true,
+        };
+        let sql = "SELECT window(ts, '1 minute') AS w, count(*) AS n FROM t GROUP BY window(ts, '1 minute')";
+        let (mut op, mut restarted, input) = operator(sql, mode).await;
+        let out = epoch(
+            &mut op,
+            vec![(0, input(rows(&[5, 59, 61, 130], &[0.0; 4])))],
+            Watermark(60 * S),
+        )
+        .await;
+        assert_eq!(column(&out, 1), ["2"], "[0, 60) closed at 60 s");
+        assert_eq!(
+            op.state_size().rows,
+            2,
+            "[60, 120) and [120, 180) stay open"
+        );
+        transplant(&mut op, &mut restarted);
+        let out = epoch(
+            &mut restarted,
+            vec![(0, input(rows(&[119], &[0.0])))],
+            Watermark(125 * S),
+        )
+        .await;
+        assert_eq!(column(&out, 1), ["2"]);
+        let out = epoch(&mut restarted, vec![], Watermark::END).await;
+        assert_eq!(column(&out, 1), ["1"]);
+        assert_eq!(restarted.state_size().rows, 0);
+    }
+
+    #[tokio::test]
+    async fn update_mode_keeps_windows_the_watermark_does_not_cover() {
+        let mode = AggregateMode {
+            output: OutputMode::Update,
+            window_on_event_time: false,
+        };
+        let sql = "SELECT window(ts, '1 minute') AS w, count(*) AS n FROM t GROUP BY window(ts, '1 minute')";
+        let (mut op, _, input) = operator(sql, mode).await;
+        epoch(
+            &mut op,
+            vec![(0, input(rows(&[5], &[0.0])))],
+            Watermark(600 * S),
+        )
+        .await;
+        let out = epoch(
+            &mut op,
+            vec![(0, input(rows(&[6], &[0.0])))],
+            Watermark(700 * S),
+        )
+        .await;
+        assert_eq!(
+            column(&out, 1),
+            ["2"],
+            "the window was not evicted and restarted from 0"
+        );
     }
 }

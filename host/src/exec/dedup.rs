@@ -3,47 +3,77 @@
 //! The first row seen for a key is emitted at once; later rows with that key are dropped. A key
 //! is remembered until the watermark passes its event time: any row with that key arriving after
 //! that is behind the watermark and dropped as late anyway, so state stays bounded (Spark's
-//! `dropDuplicatesWithinWatermark`). Without an event-time column the keys are kept forever.
+//! `dropDuplicatesWithinWatermark`). Without an event-time column in the input, keys are kept
+//! forever. (`DISTINCT ON` with an `ORDER BY` that picks a row per key is planned as an
+//! aggregation instead: which row wins depends on rows that have not arrived yet.)
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, BinaryArray, BooleanArray, Int64Array, RecordBatch};
+use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Int64Array, RecordBatch};
 use arrow::compute::filter_record_batch;
-use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
-use arrow::row::{RowConverter, SortField};
+use arrow::datatypes::{DataType, Field, Fields, Int64Type, SchemaRef};
 use datafusion::execution::SessionState;
-use datafusion::logical_expr::{Distinct, Expr, ExprSchemable};
+use datafusion::logical_expr::{Distinct, Expr};
 use datafusion::physical_plan::PhysicalExpr;
 
 use super::aggregate::micros;
-use super::{StateRows, Watermarked};
-use crate::error::Result;
+use super::keys::KeyEncoder;
+use super::{Operator, Output};
+use crate::common::Watermark;
+use crate::error::{Result, RiffleError};
+use crate::state::{KeyedTable, StateTable, ValueCodec};
+
+/// Stores an event time per key.
+struct EventTimeCodec;
+
+impl ValueCodec<i64> for EventTimeCodec {
+    fn fields(&self) -> Fields {
+        Fields::from(vec![Field::new("ts", DataType::Int64, true)])
+    }
+
+    fn encode(&self, values: Vec<&mut i64>) -> Result<Vec<ArrayRef>> {
+        Ok(vec![Arc::new(Int64Array::from_iter_values(
+            values.into_iter().map(|v| *v),
+        ))])
+    }
+
+    fn decode(&self, columns: &[ArrayRef], row: usize) -> Result<i64> {
+        let column = columns[0].as_primitive::<Int64Type>();
+        if column.is_null(row) {
+            return Err(RiffleError::Checkpoint(
+                "dedup: a key without event time".into(),
+            ));
+        }
+        Ok(column.value(row))
+    }
+
+    fn size(&self, _: &i64) -> usize {
+        8
+    }
+}
 
 /// Streaming `DISTINCT`.
 pub struct Dedup {
-    keys: Vec<Arc<dyn PhysicalExpr>>,
-    converter: RowConverter,
-    /// The event-time column of the input, if it has one.
+    keys: KeyEncoder,
+    /// The input's event-time column, if it has one.
     ts: Option<Arc<dyn PhysicalExpr>>,
     /// Output expressions (`DISTINCT ON`'s select list); `None` passes rows through.
     select: Option<Vec<Arc<dyn PhysicalExpr>>>,
     output_schema: SchemaRef,
-    seen: HashMap<Box<[u8]>, i64>,
-    added: Vec<Box<[u8]>>,
-    deleted: Vec<Box<[u8]>>,
-    output: Vec<RecordBatch>,
+    seen: KeyedTable<i64>,
+    watermark: Watermark,
 }
 
 impl Dedup {
-    /// Plans the operator; `event_time` names the input's event-time column, if any.
+    /// Plans the operator; `event_time` is the index of the input's event-time column, if any.
     ///
     /// # Errors
-    /// Planning errors from DataFusion.
+    /// Planning errors from DataFusion; [`RiffleError::Internal`] for a `DISTINCT ON` with an
+    /// `ORDER BY` (the planner turns those into aggregations).
     pub fn new(
         distinct: &Distinct,
         state: &SessionState,
-        event_time: Option<&str>,
+        event_time: Option<usize>,
     ) -> Result<Self> {
         let input = distinct.input();
         let schema = input.schema();
@@ -53,81 +83,82 @@ impl Dedup {
                 None,
                 Arc::new(schema.as_arrow().clone()),
             ),
-            Distinct::On(on) => (
-                on.on_expr.clone(),
-                Some(
-                    on.select_expr
-                        .iter()
-                        .map(|e| state.create_physical_expr(e.clone(), schema))
-                        .collect::<datafusion::common::Result<Vec<_>>>()?,
-                ),
-                Arc::new(on.schema.as_arrow().clone()),
-            ),
+            Distinct::On(on) => {
+                if on.sort_expr.is_some() {
+                    return Err(RiffleError::Internal(
+                        "DISTINCT ON with ORDER BY reached the de-duplication operator".into(),
+                    ));
+                }
+                (
+                    on.on_expr.clone(),
+                    Some(
+                        on.select_expr
+                            .iter()
+                            .map(|e| state.create_physical_expr(e.clone(), schema))
+                            .collect::<datafusion::common::Result<Vec<_>>>()?,
+                    ),
+                    Arc::new(on.schema.as_arrow().clone()),
+                )
+            }
         };
-        let fields = key_exprs
-            .iter()
-            .map(|e| Ok(SortField::new(e.get_type(schema)?)))
-            .collect::<Result<Vec<_>>>()?;
-        let keys = key_exprs
-            .into_iter()
-            .map(|e| state.create_physical_expr(e, schema))
-            .collect::<datafusion::common::Result<Vec<_>>>()?;
         let ts = match event_time {
-            Some(name) => schema
-                .columns()
-                .into_iter()
-                .find(|c| c.name == name)
-                .map(|c| state.create_physical_expr(Expr::Column(c), schema))
-                .transpose()?,
+            Some(i) => Some(
+                state.create_physical_expr(Expr::Column(schema.columns()[i].clone()), schema)?,
+            ),
             None => None,
         };
         Ok(Dedup {
-            keys,
-            converter: RowConverter::new(fields)?,
+            keys: KeyEncoder::plan(&key_exprs, schema, state)?,
             ts,
             select,
             output_schema,
-            seen: HashMap::new(),
-            added: Vec::new(),
-            deleted: Vec::new(),
-            output: Vec::new(),
+            seen: KeyedTable::new("seen", Box::new(EventTimeCodec)),
+            watermark: Watermark::NONE,
         })
     }
 }
 
-impl Watermarked for Dedup {
-    fn process(&mut self, batch: &RecordBatch) -> Result<()> {
+#[async_trait::async_trait]
+impl Operator for Dedup {
+    fn kind(&self) -> &'static str {
+        "dedup"
+    }
+
+    async fn process_batch(
+        &mut self,
+        _input: usize,
+        batch: RecordBatch,
+        out: &mut Output,
+    ) -> Result<()> {
         let rows = batch.num_rows();
         if rows == 0 {
             return Ok(());
         }
-        let keys = self
-            .keys
-            .iter()
-            .map(|k| k.evaluate(batch)?.into_array(rows))
-            .collect::<datafusion::common::Result<Vec<ArrayRef>>>()?;
-        let encoded = self.converter.convert_columns(&keys)?;
+        let keys = self.keys.evaluate(&batch)?;
+        let encoded = self.keys.encode(&keys)?;
         let ts = match &self.ts {
-            Some(ts) => Some(micros(ts, batch)?),
+            Some(ts) => Some(micros(ts, &batch)?),
             None => None,
         };
         let ts = ts.as_ref().map(|t| t.as_primitive::<Int64Type>());
         let mut keep = Vec::with_capacity(rows);
         for i in 0..rows {
-            let key = encoded.row(i).data();
-            let fresh = !self.seen.contains_key(key);
+            let key = encoded.get(i);
+            let fresh = self.seen.get(key).is_none();
             if fresh {
-                let t = ts
-                    .map(|t| if t.is_valid(i) { t.value(i) } else { i64::MAX })
-                    .unwrap_or(i64::MAX);
-                self.seen.insert(key.into(), t);
-                self.added.push(key.into());
+                // A key is forgotten once the watermark passes its event time; rows without
+                // an event time (or inputs without one) are remembered for good.
+                let t = ts.and_then(|t| t.is_valid(i).then(|| t.value(i)));
+                self.seen.insert(key, t.unwrap_or(i64::MAX));
+                if t.is_some() {
+                    self.seen.set_deadline(key, t);
+                }
             }
             keep.push(fresh);
         }
-        let kept = filter_record_batch(batch, &BooleanArray::from(keep))?;
-        let out = match &self.select {
-            None => kept,
+        let kept = filter_record_batch(&batch, &BooleanArray::from(keep))?;
+        let emitted = match &self.select {
+            None => RecordBatch::try_new(self.output_schema.clone(), kept.columns().to_vec())?,
             Some(select) => {
                 let columns = select
                     .iter()
@@ -136,93 +167,80 @@ impl Watermarked for Dedup {
                 RecordBatch::try_new(self.output_schema.clone(), columns)?
             }
         };
-        if out.num_rows() > 0 {
-            self.output.push(out);
+        out.push(emitted);
+        Ok(())
+    }
+
+    async fn on_watermark(&mut self, watermark: Watermark, _out: &mut Output) -> Result<()> {
+        self.watermark = watermark;
+        for key in self.seen.take_due(watermark) {
+            self.seen.remove(&key);
         }
         Ok(())
     }
 
-    fn advance(&mut self, watermark: i64) -> Result<Vec<RecordBatch>> {
-        if self.ts.is_some() {
-            let expired: Vec<Box<[u8]>> = self
-                .seen
-                .iter()
-                .filter(|(_, t)| **t < watermark)
-                .map(|(k, _)| k.clone())
-                .collect();
-            for k in expired {
-                self.seen.remove(&k);
-                self.deleted.push(k);
-            }
-        }
-        Ok(std::mem::take(&mut self.output))
+    fn tables(&mut self) -> Vec<&mut dyn StateTable> {
+        vec![&mut self.seen]
     }
+}
 
-    fn checkpoint(&mut self, full: bool) -> Result<Option<RecordBatch>> {
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exec::testing::{epoch, find, optimized, transplant};
+    use arrow::array::TimestampMicrosecondArray;
+    use arrow::datatypes::{Schema, TimeUnit};
+    use datafusion::logical_expr::LogicalPlan;
+
+    fn rows(ids: &[i64], ts: &[i64]) -> RecordBatch {
         let schema = Arc::new(Schema::new(vec![
-            Field::new("key", DataType::Binary, false),
-            Field::new("deleted", DataType::Boolean, false),
-            Field::new("ts", DataType::Int64, true),
+            Field::new("id", DataType::Int64, false),
+            Field::new(
+                "ts",
+                DataType::Timestamp(TimeUnit::Microsecond, None),
+                false,
+            ),
         ]));
-        let mut keys: Vec<Box<[u8]>> = Vec::new();
-        let mut deleted = Vec::new();
-        let mut times = Vec::new();
-        if full {
-            self.added.clear();
-            for (k, t) in &self.seen {
-                keys.push(k.clone());
-                deleted.push(false);
-                times.push(Some(*t));
-            }
-        } else {
-            for k in self.added.drain(..) {
-                if let Some(t) = self.seen.get(&k) {
-                    times.push(Some(*t));
-                    keys.push(k);
-                    deleted.push(false);
-                }
-            }
-        }
-        for k in self.deleted.drain(..) {
-            keys.push(k);
-            deleted.push(true);
-            times.push(None);
-        }
-        if keys.is_empty() && !full {
-            return Ok(None);
-        }
-        Ok(Some(RecordBatch::try_new(
+        RecordBatch::try_new(
             schema,
             vec![
-                Arc::new(BinaryArray::from_iter_values(keys.iter())),
-                Arc::new(BooleanArray::from(deleted)),
-                Arc::new(Int64Array::from(times)),
+                Arc::new(Int64Array::from(ids.to_vec())),
+                Arc::new(TimestampMicrosecondArray::from(ts.to_vec())),
             ],
-        )?))
+        )
+        .unwrap()
     }
 
-    fn restore(&mut self, batch: &RecordBatch) -> Result<()> {
-        let keys = batch.column(0).as_binary::<i32>();
-        let deleted = batch.column(1).as_boolean();
-        let times = batch.column(2).as_primitive::<Int64Type>();
-        for i in 0..batch.num_rows() {
-            if deleted.value(i) {
-                self.seen.remove(keys.value(i));
-            } else {
-                self.seen.insert(keys.value(i).into(), times.value(i));
-            }
-        }
-        Ok(())
-    }
-
-    fn state_rows(&self) -> StateRows {
-        StateRows {
-            rows: self.seen.len() as u64,
-            bytes: self.seen.keys().map(|k| k.len() as u64 + 8).sum(),
-        }
-    }
-
-    fn output_schema(&self) -> SchemaRef {
-        self.output_schema.clone()
+    #[tokio::test]
+    async fn first_rows_pass_at_once_and_keys_expire_with_the_watermark() {
+        let (plan, state) =
+            optimized("SELECT DISTINCT id, ts FROM t", &[("t", rows(&[], &[]))]).await;
+        let LogicalPlan::Distinct(d) = find(&plan, &|p| matches!(p, LogicalPlan::Distinct(_)))
+        else {
+            unreachable!()
+        };
+        let mut op = Dedup::new(&d, &state, Some(1)).unwrap();
+        let mut restarted = Dedup::new(&d, &state, Some(1)).unwrap();
+        let out = epoch(
+            &mut op,
+            vec![(0, rows(&[1, 1, 2], &[10, 10, 20]))],
+            Watermark(15),
+        )
+        .await;
+        assert_eq!(out.rows(), 2);
+        assert_eq!(
+            op.state_size().rows,
+            1,
+            "key (1, 10) is behind the watermark: forgotten"
+        );
+        transplant(&mut op, &mut restarted);
+        let out = epoch(
+            &mut restarted,
+            vec![(0, rows(&[2, 3], &[20, 30]))],
+            Watermark(25),
+        )
+        .await;
+        assert_eq!(out.rows(), 1, "(2, 20) was seen before the restart");
+        assert_eq!(restarted.state_size().rows, 1);
     }
 }

@@ -1,245 +1,193 @@
-//! Streaming operators: Riffle's incremental physical plan.
+//! Streaming operators and the dataflow graph that runs them.
 //!
-//! A streaming query is compiled (see [`crate::plan::stream`]) into three parts:
+//! A streaming query is a graph ([`graph::Graph`]) of operators with stable ids, built by the
+//! planner ([`crate::plan`]) from the same DataFusion logical plan that batch mode runs. Every
+//! operator implements the one [`Operator`] trait; the driver ([`crate::stream`]) runs the graph
+//! once per epoch and never looks inside an operator or an expression.
 //!
-//! 1. a **stateless stage**: the part of the query below its aggregation or `DISTINCT`
-//!    (scans, filters, projections with Wasm UDFs, joins with static tables). It runs as a
-//!    DataFusion physical plan, built once and executed on every micro-batch ([`stage`]);
-//! 2. at most one **stateful operator** implementing [`Watermarked`]: [`WindowAggregate`]
-//!    (keyed, tumbling and hopping windows), [`SessionAggregate`] or [`Dedup`];
-//! 3. a **post stage**: projections, `HAVING` filters and (complete mode) sorting above the
-//!    aggregation, evaluated on the operator's output ([`PostStage`]).
+//! | operator | what it does | state |
+//! |---|---|---|
+//! | [`stateless::StatelessStage`] | a DataFusion physical plan (scans, filters, projections with Wasm UDFs, joins with static tables, unions, and everything above the last stateful operator) run once per epoch over its inputs | none |
+//! | [`aggregate::WindowAggregate`] | `GROUP BY` with or without a tumbling/hopping window | group -> DataFusion accumulators |
+//! | [`session::SessionAggregate`] | `GROUP BY session_window(...)` | key -> open rows |
+//! | [`dedup::Dedup`] | `DISTINCT`, `DISTINCT ON` | key -> event time |
+//! | [`over::OverWindow`] | `... OVER (PARTITION BY .. ORDER BY event time ..)` | pending rows; partition -> frame |
+//! | [`join::IntervalJoin`] | joins of two streams with an event-time range | key -> rows, per side |
+//!
+//! Per epoch an operator receives every batch of each input
+//! ([`process_batch`](Operator::process_batch)), then the watermark of its inputs
+//! ([`on_watermark`](Operator::on_watermark)). An operator's output within an epoch is a pure
+//! function of its state before the epoch and the epoch's input, which is what makes replaying
+//! an epoch after a crash give the same rows.
 
 pub mod aggregate;
 pub mod dedup;
+pub mod graph;
+pub mod join;
+pub mod keys;
+pub mod over;
 pub mod session;
-pub mod stage;
+pub mod stateless;
+#[cfg(test)]
+pub(crate) mod testing;
 
-use std::sync::Arc;
+use std::time::Duration;
 
 use arrow::array::RecordBatch;
-use arrow::compute::{filter_record_batch, lexsort_to_indices, take_record_batch};
-use arrow::datatypes::SchemaRef;
 use datafusion::execution::SessionState;
-use datafusion::logical_expr::{LogicalPlan, SortExpr};
-use datafusion::physical_expr::{LexOrdering, PhysicalSortExpr};
-use datafusion::physical_plan::PhysicalExpr;
 use serde::Serialize;
 
-pub use aggregate::WindowAggregate;
-pub use dedup::Dedup;
-pub use session::SessionAggregate;
+use crate::common::Watermark;
+use crate::error::Result;
+use crate::state::{StateSize, StateTable};
 
-use crate::error::{Result, RiffleError};
-
-/// Spark's output modes: which result rows a trigger writes to the sink.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OutputMode {
-    /// Only rows that are final and will never change (closed windows, new stateless rows).
-    #[default]
-    Append,
-    /// The rows that changed in this trigger.
-    Update,
-    /// The whole result table on every trigger.
-    Complete,
+/// Where an operator puts what it emits.
+#[derive(Debug, Default)]
+pub struct Output {
+    /// Rows emitted.
+    pub batches: Vec<RecordBatch>,
+    /// Input rows dropped because they were behind the operator's watermark.
+    pub late_rows: u64,
 }
 
-impl std::str::FromStr for OutputMode {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "append" => Ok(OutputMode::Append),
-            "update" => Ok(OutputMode::Update),
-            "complete" => Ok(OutputMode::Complete),
-            other => Err(format!(
-                "unknown output mode {other:?}: expected append, update or complete"
-            )),
+impl Output {
+    /// Emits `batch` (empty batches are dropped).
+    pub fn push(&mut self, batch: RecordBatch) {
+        if batch.num_rows() > 0 {
+            self.batches.push(batch);
         }
     }
+
+    /// Rows emitted so far.
+    pub fn rows(&self) -> u64 {
+        self.batches.iter().map(|b| b.num_rows() as u64).sum()
+    }
 }
 
-/// Size of an operator's state.
-#[derive(Clone, Copy, Debug, Default, Serialize)]
-pub struct StateRows {
-    /// Entries (groups, keys, buffered rows).
-    pub rows: u64,
-    /// Approximate bytes in memory.
-    pub bytes: u64,
-}
-
-/// A stateful streaming operator driven by event time.
+/// A streaming operator.
 ///
-/// Per epoch the driver calls [`process`](Self::process) for each batch of rows that are not
-/// late, then [`advance`](Self::advance) with the new watermark, then
-/// [`checkpoint`](Self::checkpoint). Only `advance` produces output, so an epoch's output is a
-/// pure function of the state before it and its input rows: replaying an epoch after a crash
-/// yields the same rows.
-pub trait Watermarked: Send {
-    /// Folds rows into the state.
-    ///
-    /// # Errors
-    /// Evaluation errors (including UDF failures inside aggregate arguments).
-    fn process(&mut self, batch: &RecordBatch) -> Result<()>;
+/// One method is required: [`process_batch`](Self::process_batch). Everything else has a
+/// default that suits a stateless operator: no reaction to the watermark, no state, nothing to
+/// hold back. The graph measures rows in and out and the time spent in each call, so an
+/// operator does not count those itself.
+///
+/// # Errors
+/// Every method returns Riffle errors; a failed epoch is not committed and is replayed from the
+/// last checkpoint on restart, so an operator may fail at any point without cleaning up.
+///
+/// # Examples
+///
+/// An operator that passes rows through and counts them in its state would keep a
+/// [`KeyedTable`](crate::state::KeyedTable) and return it from [`tables`](Self::tables); the
+/// checkpoint takes care of deltas, snapshots and restore.
+///
+/// ```
+/// use arrow::array::RecordBatch;
+/// use riffle::exec::{Operator, Output};
+///
+/// struct PassThrough;
+///
+/// #[async_trait::async_trait]
+/// impl Operator for PassThrough {
+///     fn kind(&self) -> &'static str {
+///         "pass-through"
+///     }
+///     async fn process_batch(
+///         &mut self,
+///         _input: usize,
+///         batch: RecordBatch,
+///         out: &mut Output,
+///     ) -> riffle::Result<()> {
+///         out.push(batch);
+///         Ok(())
+///     }
+/// }
+/// ```
+#[async_trait::async_trait]
+pub trait Operator: Send {
+    /// The operator's kind, a short lowercase name (part of its id and of the checkpoint's
+    /// fingerprint).
+    fn kind(&self) -> &'static str;
 
-    /// Emits output for the output mode and evicts state the watermark has made final.
-    ///
-    /// # Errors
-    /// Evaluation errors.
-    fn advance(&mut self, watermark: i64) -> Result<Vec<RecordBatch>>;
+    /// Processes rows that arrived on input `input` (numbered from 0).
+    async fn process_batch(
+        &mut self,
+        input: usize,
+        batch: RecordBatch,
+        out: &mut Output,
+    ) -> Result<()>;
 
-    /// The state changes since the last checkpoint (all of the state when `full`), as one
-    /// batch, or `None` when nothing changed.
-    ///
-    /// # Errors
-    /// Serialisation errors.
-    fn checkpoint(&mut self, full: bool) -> Result<Option<RecordBatch>>;
-
-    /// Whether every [`checkpoint`](Self::checkpoint) batch replaces the state (rather than
-    /// being a delta on top of the previous one).
-    fn checkpoint_is_snapshot(&self) -> bool {
-        false
+    /// Called once per epoch, after all of the epoch's input, with the watermark of the
+    /// inputs (the minimum over them). Operators that wait for event time emit here.
+    async fn on_watermark(&mut self, _watermark: Watermark, _out: &mut Output) -> Result<()> {
+        Ok(())
     }
 
-    /// Applies one checkpoint batch, in the order they were written.
-    ///
-    /// # Errors
-    /// Corrupt or incompatible state.
-    fn restore(&mut self, batch: &RecordBatch) -> Result<()>;
+    /// How much older than the input watermark the event times of rows this operator emits
+    /// may be. The operator's output watermark is its input watermark held back by this, so
+    /// stateful operators after it never see their own input as late.
+    fn watermark_hold_back(&self) -> i64 {
+        0
+    }
+
+    /// The operator's state, for the checkpoint.
+    fn tables(&mut self) -> Vec<&mut dyn StateTable> {
+        Vec::new()
+    }
+
+    /// Called after the checkpoint restored [`tables`](Self::tables), before the first epoch.
+    fn on_restored(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Static tables the query reads changed; re-plan anything that depends on them.
+    async fn on_static_tables_changed(&mut self, _state: &SessionState) -> Result<()> {
+        Ok(())
+    }
 
     /// Current size of the state.
-    fn state_rows(&self) -> StateRows;
-
-    /// Schema of the batches [`advance`](Self::advance) returns.
-    fn output_schema(&self) -> SchemaRef;
+    fn state_size(&mut self) -> StateSize {
+        self.tables()
+            .iter()
+            .map(|t| t.size())
+            .fold(StateSize::default(), |a, b| a + b)
+    }
 }
 
-enum PostStep {
-    Project(Vec<Arc<dyn PhysicalExpr>>, SchemaRef),
-    Filter(Arc<dyn PhysicalExpr>),
-    Sort(LexOrdering),
-    Limit(usize, Option<usize>),
+/// What an operator did, cumulatively and in the last epoch.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct OperatorMetrics {
+    /// Stable id of the operator.
+    pub id: String,
+    /// Its kind.
+    pub kind: &'static str,
+    /// Rows in, this epoch.
+    pub rows_in: u64,
+    /// Rows out, this epoch.
+    pub rows_out: u64,
+    /// Rows dropped as late, this epoch.
+    pub late_rows: u64,
+    /// Time spent in the operator this epoch, milliseconds.
+    pub time_ms: f64,
+    /// Output watermark after the epoch (RFC 3339), if any.
+    pub watermark: Option<String>,
+    /// State after the epoch.
+    pub state: StateSize,
+    /// Rows in since the query started in this process.
+    pub total_rows_in: u64,
+    /// Rows out since the query started in this process.
+    pub total_rows_out: u64,
 }
 
-/// The plan nodes above a stateful operator, evaluated on its output.
-pub struct PostStage {
-    steps: Vec<PostStep>,
-}
-
-impl PostStage {
-    /// Plans `nodes` (listed bottom-up, each the parent of the previous one).
-    ///
-    /// # Errors
-    /// [`RiffleError::Config`] for node kinds that cannot follow a streaming aggregation.
-    pub fn new(nodes: &[LogicalPlan], state: &SessionState) -> Result<Self> {
-        let mut steps = Vec::new();
-        for node in nodes {
-            let input = node.inputs()[0].schema().clone();
-            match node {
-                LogicalPlan::Projection(p) => {
-                    let exprs = p
-                        .expr
-                        .iter()
-                        .map(|e| state.create_physical_expr(e.clone(), &input))
-                        .collect::<datafusion::common::Result<Vec<_>>>()?;
-                    steps.push(PostStep::Project(
-                        exprs,
-                        Arc::new(p.schema.as_arrow().clone()),
-                    ));
-                }
-                LogicalPlan::Filter(f) => {
-                    steps.push(PostStep::Filter(
-                        state.create_physical_expr(f.predicate.clone(), &input)?,
-                    ));
-                }
-                LogicalPlan::Sort(s) => {
-                    let ordering = s
-                        .expr
-                        .iter()
-                        .map(
-                            |SortExpr {
-                                 expr,
-                                 asc,
-                                 nulls_first,
-                             }| {
-                                Ok(PhysicalSortExpr {
-                                    expr: state.create_physical_expr(expr.clone(), &input)?,
-                                    options: arrow::compute::SortOptions {
-                                        descending: !asc,
-                                        nulls_first: *nulls_first,
-                                    },
-                                })
-                            },
-                        )
-                        .collect::<Result<Vec<_>>>()?;
-                    if let Some(ordering) = LexOrdering::new(ordering) {
-                        steps.push(PostStep::Sort(ordering));
-                    }
-                    if let Some(fetch) = s.fetch {
-                        steps.push(PostStep::Limit(0, Some(fetch)));
-                    }
-                }
-                LogicalPlan::Limit(l) => {
-                    let skip = match l.get_skip_type()? {
-                        datafusion::logical_expr::SkipType::Literal(n) => n,
-                        _ => return Err(RiffleError::Config("OFFSET must be a literal".into())),
-                    };
-                    let fetch = match l.get_fetch_type()? {
-                        datafusion::logical_expr::FetchType::Literal(n) => n,
-                        _ => return Err(RiffleError::Config("LIMIT must be a literal".into())),
-                    };
-                    steps.push(PostStep::Limit(skip, fetch));
-                }
-                LogicalPlan::SubqueryAlias(_) => {}
-                other => {
-                    return Err(RiffleError::Internal(format!(
-                        "unexpected {} above a streaming operator",
-                        other.display()
-                    )));
-                }
-            }
-        }
-        Ok(PostStage { steps })
+impl OperatorMetrics {
+    pub(crate) fn start_epoch(&mut self) {
+        self.rows_in = 0;
+        self.rows_out = 0;
+        self.late_rows = 0;
+        self.time_ms = 0.0;
     }
 
-    /// Applies the steps to one epoch's output (all of it at once, so sorts are total).
-    ///
-    /// # Errors
-    /// Evaluation errors.
-    pub fn apply(&self, batches: Vec<RecordBatch>) -> Result<Vec<RecordBatch>> {
-        if self.steps.is_empty() || batches.is_empty() {
-            return Ok(batches);
-        }
-        let mut batch = arrow::compute::concat_batches(&batches[0].schema(), &batches)?;
-        for step in &self.steps {
-            batch = match step {
-                PostStep::Project(exprs, schema) => {
-                    let columns = exprs
-                        .iter()
-                        .map(|e| e.evaluate(&batch)?.into_array(batch.num_rows()))
-                        .collect::<datafusion::common::Result<Vec<_>>>()?;
-                    RecordBatch::try_new(schema.clone(), columns)?
-                }
-                PostStep::Filter(predicate) => {
-                    let mask = predicate.evaluate(&batch)?.into_array(batch.num_rows())?;
-                    let mask = arrow::array::AsArray::as_boolean(&mask).clone();
-                    filter_record_batch(&batch, &mask)?
-                }
-                PostStep::Sort(ordering) => {
-                    let columns = ordering
-                        .iter()
-                        .map(|s| s.evaluate_to_sort_column(&batch))
-                        .collect::<datafusion::common::Result<Vec<_>>>()?;
-                    let indices = lexsort_to_indices(&columns, None)?;
-                    take_record_batch(&batch, &indices)?
-                }
-                PostStep::Limit(skip, fetch) => {
-                    let start = (*skip).min(batch.num_rows());
-                    let len = fetch.unwrap_or(usize::MAX).min(batch.num_rows() - start);
-                    batch.slice(start, len)
-                }
-            };
-        }
-        Ok(vec![batch])
+    pub(crate) fn add_time(&mut self, d: Duration) {
+        self.time_ms += d.as_secs_f64() * 1000.0;
     }
 }

@@ -1,45 +1,50 @@
 //! The streaming query driver: triggers, epochs, watermarks, recovery and progress.
 //!
 //! Per epoch (a micro-batch) the driver
-//! 1. asks the source what is available and **writes the epoch's offsets ahead** to the
-//!    checkpoint;
-//! 2. reads exactly those rows; splits off rows behind the watermark (late) when the query is
-//!    stateful, counting them and sending them to the late sink if there is one;
-//! 3. runs the stateless stage, feeds the stateful operator, advances the watermark
-//!    (max event time seen − delay; the end of time when a bounded source is done) and
-//!    collects output for the output mode;
-//! 4. persists the operator's state changes, writes the output to the sink under the epoch
-//!    number (replacing any earlier attempt), and **commits** the epoch.
+//! 1. asks every source what is available and **writes the epoch's offsets ahead** to the
+//!    checkpoint, with each source's watermark at the start of the epoch;
+//! 2. reads exactly those rows; for stateful queries splits off each source's rows behind its
+//!    watermark (late), counting them and sending them to the late sink if there is one;
+//! 3. runs the operator graph ([`crate::exec::graph::Graph`]) on the rows and the sources' new
+//!    watermarks (max event time seen − delay; the end of time once every source has ended);
+//! 4. persists each operator's state changes, writes the output to the sink under the epoch
+//!    number (replacing or skipping any earlier attempt), and **commits** the epoch with the
+//!    manifest of its state.
 //!
 //! A crash anywhere leaves either a committed epoch or a planned one that is re-run with the
 //! same offsets on restart, on the state of the last commit: no lost and no duplicated rows.
+//!
+//! The driver runs on the async runtime and never blocks it: sources (whose reads may wait on
+//! a broker or a disk) run on the blocking pool, and triggers wait with the runtime's timers.
 
 pub mod progress;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use arrow::array::{AsArray, BooleanArray};
+use arrow::array::{AsArray, BooleanArray, RecordBatch};
 use arrow::compute::{filter_record_batch, max as max_of};
 use arrow::datatypes::{DataType, Int64Type, SchemaRef};
+use datafusion::catalog::streaming::StreamingTable;
 use datafusion::execution::SessionState;
 use datafusion::logical_expr::LogicalPlan;
 
-use crate::checkpoint::{Checkpoint, EpochCommit, EpochPlan};
+use crate::checkpoint::{
+    Checkpoint, EpochCommit, EpochPlan, SourceProgress, SourceRange, StateManifest,
+};
+use crate::common::{OutputMode, Watermark, to_micros};
+use crate::connectors::files::StaticTable;
 use crate::connectors::sink::Sink;
-use crate::connectors::source::StreamSource;
-use crate::connectors::static_table::StaticTable;
+use crate::connectors::source::{Input, StreamSource};
 use crate::error::{Result, RiffleError};
-use crate::exec::aggregate::to_micros;
-use crate::exec::stage::{Slot, Stage};
-use crate::exec::{Dedup, OutputMode, PostStage, SessionAggregate, Watermarked, WindowAggregate};
-use crate::plan::StatefulNode;
-use crate::plan::stream::compile;
-use crate::plan::window::{WindowKind, window_call};
+use crate::exec::graph::Graph;
+use crate::plan::{SourceSpec, compile, streaming_state};
 use crate::session::RiffleSession;
-use progress::{EpochProgress, Phases, ProgressWriter};
+use crate::udf::UdfModule;
+use progress::{EpochProgress, Phases, ProgressWriter, SourceEpoch};
 
 /// When epochs run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,15 +60,11 @@ pub enum Trigger {
 /// Streaming settings.
 #[derive(Clone, Debug)]
 pub struct StreamOptions {
-    /// The source's event-time column, if it has a watermark.
-    pub event_time: Option<String>,
-    /// Watermark delay, microseconds.
-    pub watermark_delay: i64,
     /// Output mode.
     pub output_mode: OutputMode,
     /// Trigger.
     pub trigger: Trigger,
-    /// Most rows per epoch.
+    /// Most rows per epoch, per source.
     pub max_rows_per_epoch: usize,
     /// Checkpoint directory.
     pub checkpoint: PathBuf,
@@ -78,8 +79,6 @@ pub struct StreamOptions {
 impl Default for StreamOptions {
     fn default() -> Self {
         StreamOptions {
-            event_time: None,
-            watermark_delay: 0,
             output_mode: OutputMode::Append,
             trigger: Trigger::AvailableNow,
             max_rows_per_epoch: 100_000,
@@ -93,13 +92,13 @@ impl Default for StreamOptions {
 
 /// A streaming source registered as a table, ready to plan queries against.
 pub struct StreamInput {
-    name: String,
-    slot: Slot,
+    spec: SourceSpec,
     source: Box<dyn StreamSource>,
 }
 
 impl StreamInput {
-    /// Registers `source` as table `name` in the session.
+    /// Registers `source` as table `name` in the session (for planning: a streaming query never
+    /// scans the table, it reads the source).
     ///
     /// # Errors
     /// A table with that name already exists.
@@ -108,15 +107,59 @@ impl StreamInput {
         name: &str,
         source: Box<dyn StreamSource>,
     ) -> Result<Self> {
-        let slot = Slot::new(source.schema());
-        session
-            .context()
-            .register_table(name, Arc::new(slot.table()?))?;
+        let schema = source.schema();
+        session.context().register_table(
+            name,
+            Arc::new(StreamingTable::try_new(schema.clone(), vec![])?),
+        )?;
         Ok(StreamInput {
-            name: name.to_string(),
-            slot,
+            spec: SourceSpec {
+                name: name.to_string(),
+                kind: source.kind().to_string(),
+                schema,
+                event_time: None,
+                watermark_delay: 0,
+            },
             source,
         })
+    }
+
+    /// Declares the source's event-time column and how late (microseconds) its rows may arrive.
+    ///
+    /// # Errors
+    /// [`RiffleError::Config`] for a column that is missing or not a timestamp.
+    pub fn with_event_time(mut self, column: &str, watermark_delay: i64) -> Result<Self> {
+        let schema = &self.spec.schema;
+        let index = schema.index_of(column).map_err(|_| {
+            RiffleError::Config(format!(
+                "event_time column `{column}` is not in source `{}` (columns: {})",
+                self.spec.name,
+                schema
+                    .fields()
+                    .iter()
+                    .map(|f| f.name().as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })?;
+        let data_type = schema.field(index).data_type();
+        if !matches!(
+            data_type,
+            DataType::Timestamp(..) | DataType::Date32 | DataType::Date64
+        ) {
+            return Err(RiffleError::Config(format!(
+                "event_time column `{column}` of source `{}` must be a timestamp, not {data_type}",
+                self.spec.name
+            )));
+        }
+        self.spec.event_time = Some(column.to_string());
+        self.spec.watermark_delay = watermark_delay;
+        Ok(self)
+    }
+
+    /// The source's name.
+    pub fn name(&self) -> &str {
+        &self.spec.name
     }
 }
 
@@ -131,144 +174,132 @@ pub struct RunSummary {
     pub output_rows: u64,
     /// Rows dropped as late.
     pub late_rows: u64,
-    /// The source ended and every window was closed.
+    /// Every source ended and every window was closed.
     pub finished: bool,
+}
+
+/// A source at run time: the source itself (absent while it runs on the blocking pool) and
+/// its event-time progress.
+struct SourceRuntime {
+    spec: SourceSpec,
+    source: Option<Box<dyn StreamSource>>,
+    event_time: Option<usize>,
+    watermark: Watermark,
+    max_event_time: i64,
+    offset: serde_json::Value,
+}
+
+impl SourceRuntime {
+    /// Runs `f` on the source on the blocking pool (a read may wait on a broker or a disk).
+    async fn blocking<T: Send + 'static>(
+        &mut self,
+        f: impl FnOnce(&mut dyn StreamSource) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let mut source = self.source.take().ok_or_else(|| {
+            RiffleError::Internal(format!(
+                "source {} used after a failed call",
+                self.spec.name
+            ))
+        })?;
+        let (source, result) = tokio::task::spawn_blocking(move || {
+            let result = f(source.as_mut());
+            (source, result)
+        })
+        .await
+        .map_err(|e| RiffleError::Internal(format!("source task: {e}")))?;
+        self.source = Some(source);
+        result
+    }
 }
 
 /// A running streaming query.
 pub struct StreamingQuery {
     state: SessionState,
-    session_modules: Vec<Arc<crate::udf::UdfModule>>,
-    source: Box<dyn StreamSource>,
-    source_schema: SchemaRef,
-    stage: Stage,
-    operator: Option<Box<dyn Watermarked>>,
-    post: Option<PostStage>,
+    modules: Vec<Arc<UdfModule>>,
+    sources: Vec<SourceRuntime>,
+    graph: Graph,
+    stateful: bool,
     output_schema: SchemaRef,
     sink: Box<dyn Sink>,
-    late_sink: Option<Box<dyn Sink>>,
+    late_sinks: BTreeMap<String, Box<dyn Sink>>,
     static_tables: Vec<Arc<StaticTable>>,
     checkpoint: Checkpoint,
+    manifest: StateManifest,
     options: StreamOptions,
     progress: ProgressWriter,
-    event_time_index: Option<usize>,
 }
 
 impl StreamingQuery {
-    /// Compiles `plan` (from SQL or a DataFrame over the session, reading `input`) into a
-    /// streaming query writing to `sink`.
+    /// Compiles `plan` (from SQL or a DataFrame over the session, reading `inputs`) into a
+    /// streaming query writing to `sink`, and opens its checkpoint.
     ///
     /// # Errors
-    /// [`RiffleError::Config`] for queries or output modes that cannot stream, a checkpoint
-    /// directory of another query, or a missing event-time column.
+    /// [`RiffleError::Unsupported`] for queries or output modes that cannot stream;
+    /// [`RiffleError::Checkpoint`] for a checkpoint directory of another query or in use.
     pub async fn new(
         session: &RiffleSession,
-        input: StreamInput,
+        inputs: Vec<StreamInput>,
         plan: LogicalPlan,
         sink: Box<dyn Sink>,
         options: StreamOptions,
     ) -> Result<Self> {
-        // One partition: a micro-batch is small, the plan is executed once per epoch, and
-        // DataFusion's repartition operators cannot be executed more than once.
-        let mut config = session.context().copied_config();
-        config.options_mut().execution.target_partitions = 1;
-        let state = datafusion::execution::SessionStateBuilder::new_from_existing(
-            session.context().state(),
-        )
-        .with_config(config)
-        .build();
-        let plan = state
-            .analyzer()
-            .execute_and_check(plan, state.config_options(), |_, _| {})?;
-        let source_schema = input.source.schema();
-        let event_time_index = match &options.event_time {
-            Some(col) => Some(source_schema.index_of(col).map_err(|_| {
-                RiffleError::Config(format!(
-                    "event_time column `{col}` is not in source `{}` (columns: {})",
-                    input.name,
-                    source_schema
-                        .fields()
-                        .iter()
-                        .map(|f| f.name().as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ))
-            })?),
-            None => None,
-        };
-        if let Some(i) = event_time_index
-            && !matches!(
-                source_schema.field(i).data_type(),
-                DataType::Timestamp(..) | DataType::Date32 | DataType::Date64
-            )
-        {
-            return Err(RiffleError::Config(format!(
-                "event_time column `{}` must be a timestamp, not {}",
-                source_schema.field(i).name(),
-                source_schema.field(i).data_type()
-            )));
-        }
-        let compiled = compile(
-            &plan,
-            &input.name,
-            options.event_time.as_deref(),
-            options.output_mode,
-        )?;
-        let stage = Stage::new(compiled.stateless.clone(), input.slot, &state).await?;
-        let operator: Option<Box<dyn Watermarked>> = match &compiled.stateful {
-            None => None,
-            Some(StatefulNode::Aggregate(agg)) => {
-                let session_window = agg.group_expr.iter().any(|e| {
-                    matches!(window_call(e), Ok(Some(c)) if matches!(c.kind, WindowKind::Session(_)))
-                });
-                if session_window {
-                    Some(Box::new(SessionAggregate::new(agg, &state)?))
-                } else {
-                    Some(Box::new(WindowAggregate::new(
-                        agg,
-                        &state,
-                        options.output_mode,
-                    )?))
-                }
-            }
-            Some(StatefulNode::Distinct(d)) => Some(Box::new(Dedup::new(
-                d,
-                &state,
-                options.event_time.as_deref(),
-            )?)),
-        };
-        let post = match &operator {
-            Some(_) => Some(PostStage::new(&compiled.post, &state)?),
-            None => None,
-        };
-        let output_schema = Arc::new(plan.schema().as_arrow().clone());
-        let checkpoint = Checkpoint::open(&options.checkpoint, &plan.display_indent().to_string())?;
+        let state = streaming_state(session.context());
+        let specs: Vec<SourceSpec> = inputs.iter().map(|i| i.spec.clone()).collect();
+        let modules = session.modules();
+        let compiled = compile(&plan, &specs, options.output_mode, &state, &modules).await?;
+        let mut graph = compiled.graph;
+        let stateful = graph.is_stateful();
+        let checkpoint = Checkpoint::open(&options.checkpoint, &compiled.fingerprint)?;
         let progress_path = options
             .progress_file
             .clone()
             .unwrap_or_else(|| options.checkpoint.join("progress.jsonl"));
+        let sources = inputs
+            .into_iter()
+            .map(|i| {
+                let event_time = i
+                    .spec
+                    .event_time
+                    .as_ref()
+                    .and_then(|c| i.spec.schema.index_of(c).ok());
+                SourceRuntime {
+                    spec: i.spec,
+                    source: Some(i.source),
+                    event_time,
+                    watermark: Watermark::NONE,
+                    max_event_time: i64::MIN,
+                    offset: serde_json::Value::Null,
+                }
+            })
+            .collect();
         Ok(StreamingQuery {
             progress: ProgressWriter::new(&progress_path, options.live)?,
             state,
-            session_modules: session.modules(),
-            source: input.source,
-            source_schema,
-            stage,
-            operator,
-            post,
-            output_schema,
+            modules,
+            sources,
+            graph,
+            stateful,
+            output_schema: compiled.output_schema,
             sink,
-            late_sink: None,
+            late_sinks: BTreeMap::new(),
             static_tables: Vec::new(),
             checkpoint,
+            manifest: StateManifest::new(),
             options,
-            event_time_index,
         })
     }
 
-    /// Sends late rows (source rows behind the watermark) to `sink`.
+    /// Sends the first source's late rows (rows behind its watermark) to `sink`.
     pub fn with_late_sink(mut self, sink: Box<dyn Sink>) -> Self {
-        self.late_sink = Some(sink);
+        if let Some(first) = self.sources.first() {
+            self.late_sinks.insert(first.spec.name.clone(), sink);
+        }
+        self
+    }
+
+    /// Sends each named source's late rows to its sink.
+    pub fn with_late_sinks(mut self, sinks: Vec<(String, Box<dyn Sink>)>) -> Self {
+        self.late_sinks.extend(sinks);
         self
     }
 
@@ -283,7 +314,21 @@ impl StreamingQuery {
         self.output_schema.clone()
     }
 
-    /// Runs until the trigger says stop, the source ends, or `stop` is set (checked between
+    /// The operator graph (ids, kinds, metrics).
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    /// The checkpoint's query id.
+    pub fn query_id(&self) -> &str {
+        self.checkpoint.query_id()
+    }
+
+    fn source_watermarks(&self) -> Vec<Watermark> {
+        self.sources.iter().map(|s| s.watermark).collect()
+    }
+
+    /// Runs until the trigger says stop, the sources end, or `stop` is set (checked between
     /// epochs). Resumes from the checkpoint if there is one.
     ///
     /// # Errors
@@ -292,45 +337,58 @@ impl StreamingQuery {
         let mut summary = RunSummary::default();
         let id = self.checkpoint.query_id().to_string();
         self.sink.start(&id).await?;
-        if let Some(late) = &mut self.late_sink {
-            late.start(&format!("{id}-late")).await?;
+        for (name, late) in &mut self.late_sinks {
+            late.start(&format!("{id}-late-{name}")).await?;
         }
-        let (mut epoch, mut offset, mut watermark, mut max_event_time) =
-            match self.checkpoint.last_commit()? {
-                Some(commit) => {
-                    if let Some(op) = &mut self.operator {
-                        for batch in self.checkpoint.read_state(commit.epoch)? {
-                            op.restore(&batch)?;
+        let mut epoch = match self.checkpoint.last_commit()? {
+            Some(commit) => {
+                self.checkpoint
+                    .restore_state(&commit.state, &mut self.graph)?;
+                self.manifest = commit.state.clone();
+                let plan = self.checkpoint.planned(commit.epoch)?.ok_or_else(|| {
+                    RiffleError::Checkpoint(format!(
+                        "checkpoint {}: epoch {} is committed but its offsets are missing",
+                        self.checkpoint.root().display(),
+                        commit.epoch
+                    ))
+                })?;
+                for s in &mut self.sources {
+                    let (progress, range) = match (
+                        commit.sources.get(&s.spec.name),
+                        plan.sources.get(&s.spec.name),
+                    ) {
+                        (Some(p), Some(r)) => (p, r),
+                        _ => {
+                            return Err(RiffleError::Checkpoint(format!(
+                                "checkpoint {}: no progress recorded for source `{}`",
+                                self.checkpoint.root().display(),
+                                s.spec.name
+                            )));
                         }
-                    }
-                    let plan = self.checkpoint.planned(commit.epoch)?.ok_or_else(|| {
-                        RiffleError::Config(format!(
-                            "checkpoint {}: epoch {} is committed but its offsets are missing",
-                            self.checkpoint.root().display(),
-                            commit.epoch
-                        ))
-                    })?;
-                    if commit.last {
-                        summary.finished = true;
-                        return Ok(summary);
-                    }
-                    (
-                        commit.epoch,
-                        plan.end,
-                        commit.watermark,
-                        commit.max_event_time,
-                    )
+                    };
+                    s.watermark = progress.watermark;
+                    s.max_event_time = progress.max_event_time;
+                    s.offset = range.end.clone();
                 }
-                None => (0, self.source.initial()?, i64::MIN, i64::MIN),
-            };
+                let watermarks = self.source_watermarks();
+                self.graph.settle_watermarks(&watermarks);
+                if commit.last {
+                    summary.finished = true;
+                    return Ok(summary);
+                }
+                commit.epoch
+            }
+            None => {
+                for s in &mut self.sources {
+                    s.offset = s.blocking(|src| src.initial()).await?;
+                }
+                0
+            }
+        };
         // An epoch planned but not committed before a crash runs again, with its offsets.
         if let Some(plan) = self.checkpoint.planned(epoch + 1)? {
-            let done = self
-                .run_epoch(&plan, &mut max_event_time, &mut summary)
-                .await?;
+            self.run_epoch(&plan, &mut summary).await?;
             epoch = plan.epoch;
-            offset = plan.end;
-            watermark = done;
             if plan.last {
                 summary.finished = true;
                 self.progress.finish();
@@ -344,31 +402,51 @@ impl StreamingQuery {
                 break;
             }
             let tick = Instant::now();
-            let end = self
-                .source
-                .available(&offset, self.options.max_rows_per_epoch)?;
-            let last = self.source.finished(&end);
-            if end == offset && !last {
+            let max_rows = self.options.max_rows_per_epoch;
+            let mut ranges = BTreeMap::new();
+            let mut moved = false;
+            let mut last = true;
+            for s in &mut self.sources {
+                let from = s.offset.clone();
+                let (end, finished) = s
+                    .blocking(move |src| {
+                        let end = src.available(&from, max_rows)?;
+                        let finished = src.finished(&end);
+                        Ok((end, finished))
+                    })
+                    .await?;
+                moved |= end != s.offset;
+                last &= finished;
+                ranges.insert(
+                    s.spec.name.clone(),
+                    SourceRange {
+                        start: s.offset.clone(),
+                        end,
+                    },
+                );
+            }
+            if !moved && !last {
                 match self.options.trigger {
                     Trigger::AvailableNow => break,
-                    Trigger::LowLatency => std::thread::sleep(Duration::from_micros(200)),
+                    Trigger::LowLatency => tokio::time::sleep(Duration::from_micros(200)).await,
                     Trigger::ProcessingTime(interval) => tokio::time::sleep(interval).await,
                 }
                 continue;
             }
             let plan = EpochPlan {
                 epoch: epoch + 1,
-                start: offset.clone(),
-                end: end.clone(),
-                watermark,
+                sources: ranges,
+                watermarks: self
+                    .sources
+                    .iter()
+                    .map(|s| (s.spec.name.clone(), s.watermark))
+                    .collect(),
                 last,
             };
             self.checkpoint.write_plan(&plan)?;
-            watermark = self
-                .run_epoch(&plan, &mut max_event_time, &mut summary)
-                .await?;
+            crash_point("after-plan", plan.epoch);
+            self.run_epoch(&plan, &mut summary).await?;
             epoch = plan.epoch;
-            offset = end;
             if last {
                 summary.finished = true;
                 break;
@@ -383,105 +461,137 @@ impl StreamingQuery {
         Ok(summary)
     }
 
-    async fn run_epoch(
-        &mut self,
-        plan: &EpochPlan,
-        max_event_time: &mut i64,
-        summary: &mut RunSummary,
-    ) -> Result<i64> {
+    async fn run_epoch(&mut self, plan: &EpochPlan, summary: &mut RunSummary) -> Result<()> {
         let started = Instant::now();
         let mut phases = Phases::default();
+        let mut reloaded = false;
         for table in &self.static_tables {
-            if table.reload_if_changed()? {
-                self.stage.replan(&self.state).await?;
-            }
+            reloaded |= table.reload_if_changed()?;
+        }
+        if reloaded {
+            self.graph.static_tables_changed(&self.state).await?;
         }
 
         let t = Instant::now();
-        let input = self.source.read(&plan.start, &plan.end)?;
+        let mut inputs: Vec<Input> = Vec::with_capacity(self.sources.len());
+        for s in &mut self.sources {
+            let range = plan.sources.get(&s.spec.name).cloned().ok_or_else(|| {
+                RiffleError::Checkpoint(format!(
+                    "checkpoint {}: epoch {} has no offsets for source `{}`",
+                    self.checkpoint.root().display(),
+                    plan.epoch,
+                    s.spec.name
+                ))
+            })?;
+            s.offset = range.end.clone();
+            inputs.push(
+                s.blocking(move |src| src.read(&range.start, &range.end))
+                    .await?,
+            );
+        }
         phases.read_ms = ms(t);
-        let input_rows: u64 = input.batches.iter().map(|b| b.num_rows() as u64).sum();
 
-        // Event time: the batch's max advances the watermark; rows behind the epoch's
-        // watermark are late for stateful queries.
-        let mut kept = Vec::with_capacity(input.batches.len());
-        let mut late = Vec::new();
-        let mut late_rows = 0;
-        for batch in input.batches {
-            let Some(index) = self.event_time_index else {
-                kept.push(batch);
-                continue;
-            };
-            let ts = to_micros(batch.column(index))?;
-            let ts = ts.as_primitive::<Int64Type>();
-            if let Some(m) = max_of(ts) {
-                *max_event_time = (*max_event_time).max(m);
-            }
-            if self.operator.is_none() || plan.watermark == i64::MIN {
-                kept.push(batch);
-                continue;
-            }
-            let on_time: BooleanArray = ts
-                .iter()
-                .map(|t| Some(t.is_none_or(|t| t >= plan.watermark)))
-                .collect();
-            let n_late = on_time.false_count();
-            if n_late == 0 {
-                kept.push(batch);
-                continue;
-            }
-            late_rows += n_late as u64;
-            late.push(filter_record_batch(
-                &batch,
-                &arrow::compute::not(&on_time)?,
-            )?);
-            kept.push(filter_record_batch(&batch, &on_time)?);
-        }
-
-        let t = Instant::now();
-        let staged = self.stage.run(kept, &self.state).await?;
-        phases.stateless_ms = ms(t);
-
-        let watermark = if plan.last {
-            i64::MAX
-        } else if self.event_time_index.is_some() && *max_event_time != i64::MIN {
-            plan.watermark
-                .max(max_event_time.saturating_sub(self.options.watermark_delay))
-        } else {
-            plan.watermark
-        };
-        let t = Instant::now();
-        let output = match (&mut self.operator, &self.post) {
-            (Some(op), Some(post)) => {
-                for batch in &staged {
-                    op.process(batch)?;
+        // Event time: each source's rows advance its watermark; rows behind the watermark the
+        // epoch started with are late for stateful queries.
+        let mut batches: Vec<Vec<RecordBatch>> = Vec::with_capacity(inputs.len());
+        let mut late: Vec<Vec<RecordBatch>> = Vec::with_capacity(inputs.len());
+        let mut per_source = Vec::with_capacity(inputs.len());
+        for (s, input) in self.sources.iter_mut().zip(&mut inputs) {
+            let start_watermark = plan
+                .watermarks
+                .get(&s.spec.name)
+                .copied()
+                .unwrap_or(Watermark::NONE);
+            let mut kept = Vec::with_capacity(input.batches.len());
+            let mut late_batches = Vec::new();
+            let mut input_rows = 0u64;
+            let mut late_rows = 0u64;
+            for batch in std::mem::take(&mut input.batches) {
+                input_rows += batch.num_rows() as u64;
+                let Some(index) = s.event_time else {
+                    kept.push(batch);
+                    continue;
+                };
+                let ts = to_micros(batch.column(index))?;
+                let ts = ts.as_primitive::<Int64Type>();
+                if let Some(m) = max_of(ts) {
+                    s.max_event_time = s.max_event_time.max(m);
                 }
-                post.apply(op.advance(watermark)?)?
+                if !self.stateful || start_watermark == Watermark::NONE {
+                    kept.push(batch);
+                    continue;
+                }
+                let on_time: BooleanArray = ts
+                    .iter()
+                    .map(|t| Some(t.is_none_or(|t| !start_watermark.is_late(t))))
+                    .collect();
+                let n_late = on_time.false_count();
+                if n_late == 0 {
+                    kept.push(batch);
+                    continue;
+                }
+                late_rows += n_late as u64;
+                late_batches.push(filter_record_batch(
+                    &batch,
+                    &arrow::compute::not(&on_time)?,
+                )?);
+                kept.push(filter_record_batch(&batch, &on_time)?);
             }
-            _ => staged,
-        };
-        phases.stateful_ms = ms(t);
+            s.watermark = if plan.last {
+                Watermark::END
+            } else if s.event_time.is_some() {
+                s.watermark.max(Watermark::from_max_event_time(
+                    s.max_event_time,
+                    s.spec.watermark_delay,
+                ))
+            } else {
+                Watermark::NONE
+            };
+            per_source.push(SourceEpoch {
+                name: s.spec.name.clone(),
+                start_offset: plan.sources[&s.spec.name].start.clone(),
+                end_offset: plan.sources[&s.spec.name].end.clone(),
+                input_rows,
+                late_rows,
+                watermark: s.watermark.rfc3339(),
+            });
+            batches.push(kept);
+            late.push(late_batches);
+        }
 
         let t = Instant::now();
-        let mut state_bytes_written = 0;
-        if let Some(op) = &mut self.operator {
-            let due = self.checkpoint.snapshot_due(plan.epoch);
-            if let Some(batch) = op.checkpoint(due)? {
-                let snapshot = due || op.checkpoint_is_snapshot();
-                state_bytes_written = self.checkpoint.write_state(plan.epoch, snapshot, &batch)?;
-            }
-        }
+        let watermarks = self.source_watermarks();
+        let output = self.graph.run_epoch(&batches, &watermarks).await?;
+        let output = output
+            .into_iter()
+            .map(|b| {
+                if b.schema().fields() == self.output_schema.fields() {
+                    Ok(b)
+                } else {
+                    RecordBatch::try_new(self.output_schema.clone(), b.columns().to_vec())
+                }
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        phases.operators_ms = ms(t);
+
+        let t = Instant::now();
+        let (manifest, state_bytes_written) =
+            self.checkpoint
+                .write_state(plan.epoch, &mut self.graph, &self.manifest)?;
         phases.state_ms = ms(t);
+        crash_point("after-state", plan.epoch);
 
         let t = Instant::now();
         let output_rows: u64 = output.iter().map(|b| b.num_rows() as u64).sum();
         self.sink
             .write_epoch(plan.epoch, &self.output_schema, &output)
             .await?;
-        if let Some(late_sink) = &mut self.late_sink {
-            late_sink
-                .write_epoch(plan.epoch, &self.source_schema, &late)
-                .await?;
+        for (s, rows) in self.sources.iter().zip(&late) {
+            if let Some(late_sink) = self.late_sinks.get_mut(&s.spec.name) {
+                late_sink
+                    .write_epoch(plan.epoch, &s.spec.schema, rows)
+                    .await?;
+            }
         }
         phases.sink_ms = ms(t);
         crash_point("after-sink", plan.epoch);
@@ -489,38 +599,68 @@ impl StreamingQuery {
         let t = Instant::now();
         self.checkpoint.commit(&EpochCommit {
             epoch: plan.epoch,
-            watermark,
-            max_event_time: *max_event_time,
+            sources: self
+                .sources
+                .iter()
+                .map(|s| {
+                    (
+                        s.spec.name.clone(),
+                        SourceProgress {
+                            watermark: s.watermark,
+                            max_event_time: s.max_event_time,
+                        },
+                    )
+                })
+                .collect(),
+            state: manifest.clone(),
             last: plan.last,
         })?;
-        self.source.committed(&plan.end);
+        self.manifest = manifest;
+        for s in &mut self.sources {
+            let at = s.offset.clone();
+            s.blocking(move |src| {
+                src.committed(&at);
+                Ok(())
+            })
+            .await?;
+        }
         phases.commit_ms = ms(t);
         phases.total_ms = ms(started);
+        crash_point("after-commit", plan.epoch);
 
+        let input_rows: u64 = per_source.iter().map(|s| s.input_rows).sum();
+        let late_rows: u64 =
+            per_source.iter().map(|s| s.late_rows).sum::<u64>() + self.graph.late_rows();
         summary.epochs += 1;
         summary.input_rows += input_rows;
         summary.output_rows += output_rows;
         summary.late_rows += late_rows;
-        let latency_ms = input.arrival.map(|(first, last)| {
+        let arrival = inputs
+            .iter()
+            .filter_map(|i| i.arrival)
+            .reduce(|a, b| (a.0.min(b.0), a.1.max(b.1)));
+        let latency_ms = arrival.map(|(first, last)| {
             let now = Instant::now();
             (
                 now.saturating_duration_since(last).as_secs_f64() * 1000.0,
                 now.saturating_duration_since(first).as_secs_f64() * 1000.0,
             )
         });
+        self.graph.measure_state();
+        let watermark = watermarks.iter().copied().min().unwrap_or(Watermark::NONE);
         self.progress.record(EpochProgress::new(
             plan,
             watermark,
-            input_rows,
+            per_source,
             output_rows,
             late_rows,
             phases,
-            self.operator.as_ref().map(|o| o.state_rows()),
+            &self.graph,
             state_bytes_written,
             latency_ms,
-            &self.session_modules,
+            &self.modules,
         ))?;
-        Ok(watermark)
+        Ok(())
     }
 }
 
@@ -540,9 +680,11 @@ pub fn ctrl_c_flag() -> Arc<AtomicBool> {
     flag
 }
 
-/// Fault injection for crash tests: `RIFFLE_CRASH=after-sink:N` aborts the process (as abruptly
-/// as `kill -9`: no destructors, no flushing) right after epoch N's sink write and before its
-/// commit — the narrowest window of the exactly-once protocol, which random kills rarely hit.
+/// Failpoints for crash tests: `RIFFLE_CRASH=<point>:<epoch>` aborts the process (as abruptly as
+/// `kill -9`: no destructors, no flushing) at that point of that epoch. The points follow the
+/// epoch protocol: `after-plan` (offsets written), `after-state` (state written),
+/// `after-sink` (output written, not committed: the narrowest window of exactly-once, which
+/// random kills rarely hit) and `after-commit`.
 fn crash_point(point: &str, epoch: u64) {
     static PLAN: std::sync::OnceLock<Option<(String, u64)>> = std::sync::OnceLock::new();
     let plan = PLAN.get_or_init(|| {

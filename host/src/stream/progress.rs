@@ -9,19 +9,20 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::checkpoint::EpochPlan;
+use crate::common::Watermark;
 use crate::error::{Result, RiffleError};
-use crate::exec::StateRows;
+use crate::exec::OperatorMetrics;
+use crate::exec::graph::Graph;
+use crate::state::StateSize;
 use crate::udf::UdfModule;
 
 /// Milliseconds spent in each phase of an epoch.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Phases {
-    /// Reading the source.
+    /// Reading the sources.
     pub read_ms: f64,
-    /// The stateless stage (scans, filters, UDF projections, joins).
-    pub stateless_ms: f64,
-    /// The stateful operator and post stage.
-    pub stateful_ms: f64,
+    /// The operator graph (stateless stages and stateful operators).
+    pub operators_ms: f64,
     /// Writing state changes.
     pub state_ms: f64,
     /// Writing the sink.
@@ -49,6 +50,23 @@ pub struct UdfProgress {
     pub errors: u64,
 }
 
+/// One source's share of an epoch.
+#[derive(Clone, Debug, Serialize)]
+pub struct SourceEpoch {
+    /// Source (table) name.
+    pub name: String,
+    /// Offset before the epoch.
+    pub start_offset: serde_json::Value,
+    /// Offset after the epoch.
+    pub end_offset: serde_json::Value,
+    /// Rows read.
+    pub input_rows: u64,
+    /// Rows behind the source's watermark, dropped.
+    pub late_rows: u64,
+    /// The source's watermark after the epoch (RFC 3339), if any.
+    pub watermark: Option<String>,
+}
+
 /// One epoch's progress record.
 #[derive(Clone, Debug, Serialize)]
 pub struct EpochProgress {
@@ -56,11 +74,9 @@ pub struct EpochProgress {
     pub epoch: u64,
     /// Wall-clock time the epoch finished (RFC 3339).
     pub timestamp: String,
-    /// Source offsets.
-    pub start_offset: serde_json::Value,
-    /// Source offsets after.
-    pub end_offset: serde_json::Value,
-    /// Input rows.
+    /// Per source: offsets, rows, late rows, watermark.
+    pub sources: Vec<SourceEpoch>,
+    /// Input rows (all sources).
     pub input_rows: u64,
     /// Input rows per second of wall time since the previous epoch.
     pub input_rows_per_second: f64,
@@ -68,14 +84,16 @@ pub struct EpochProgress {
     pub processed_rows_per_second: f64,
     /// Output rows.
     pub output_rows: u64,
-    /// Rows dropped as late.
+    /// Rows dropped as late (at the sources and inside operators).
     pub late_rows: u64,
-    /// Watermark after the epoch (RFC 3339), if any.
+    /// The query's watermark after the epoch (the least of the sources'), RFC 3339.
     pub watermark: Option<String>,
     /// Phase durations.
     pub durations: Phases,
-    /// State of the stateful operator.
-    pub state: Option<StateRows>,
+    /// Per operator: rows in and out, time, watermark, state.
+    pub operators: Vec<OperatorMetrics>,
+    /// State of all operators together.
+    pub state: StateSize,
     /// Bytes of state written to the checkpoint this epoch.
     pub state_bytes_written: u64,
     /// Latency from a row's arrival to its commit, fastest and slowest row, milliseconds
@@ -85,24 +103,16 @@ pub struct EpochProgress {
     pub udfs: Vec<UdfProgress>,
 }
 
-fn rfc3339(micros: i64) -> Option<String> {
-    if micros == i64::MIN || micros == i64::MAX {
-        return None;
-    }
-    arrow::temporal_conversions::timestamp_us_to_datetime(micros)
-        .map(|t| t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())
-}
-
 impl EpochProgress {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         plan: &EpochPlan,
-        watermark: i64,
-        input_rows: u64,
+        watermark: Watermark,
+        sources: Vec<SourceEpoch>,
         output_rows: u64,
         late_rows: u64,
         durations: Phases,
-        state: Option<StateRows>,
+        graph: &Graph,
         state_bytes_written: u64,
         latency_ms: Option<(f64, f64)>,
         modules: &[Arc<UdfModule>],
@@ -125,19 +135,25 @@ impl EpochProgress {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_micros() as i64)
             .unwrap_or(0);
+        let operators: Vec<OperatorMetrics> =
+            graph.nodes().iter().map(|n| n.metrics.clone()).collect();
+        let input_rows = sources.iter().map(|s| s.input_rows).sum::<u64>();
         EpochProgress {
             epoch: plan.epoch,
-            timestamp: rfc3339(now_micros).unwrap_or_default(),
-            start_offset: plan.start.clone(),
-            end_offset: plan.end.clone(),
+            timestamp: Watermark(now_micros).rfc3339().unwrap_or_default(),
+            sources,
             input_rows,
             input_rows_per_second: 0.0,
             processed_rows_per_second: input_rows as f64 / (durations.total_ms / 1000.0).max(1e-9),
             output_rows,
             late_rows,
-            watermark: rfc3339(watermark),
+            watermark: watermark.rfc3339(),
             durations,
-            state,
+            state: operators
+                .iter()
+                .map(|o| o.state)
+                .fold(StateSize::default(), |a, b| a + b),
+            operators,
             state_bytes_written,
             latency_ms,
             udfs,
@@ -222,7 +238,7 @@ impl ProgressWriter {
                     p.output_rows,
                     p.late_rows,
                     p.watermark.as_deref().unwrap_or("-"),
-                    p.state.map(|s| s.rows).unwrap_or(0),
+                    p.state.rows,
                     p.durations.total_ms,
                 );
                 if self.terminal {

@@ -11,7 +11,6 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, OptLevel};
 
-use super::module::{ModuleSpec, UdfModule, describe, outside_async_runtime};
 use super::sandbox::{HostState, bound_sleeps};
 use crate::error::{Result, RiffleError};
 
@@ -143,45 +142,8 @@ impl UdfEngine {
         })
     }
 
-    /// Loads a UDF module from a `.wasm` component file, with no init configuration.
-    ///
-    /// # Errors
-    /// [`RiffleError::InvalidModule`] when the file is not a Riffle UDF component,
-    /// [`RiffleError::Io`] when it cannot be read.
-    pub fn load(&self, path: &Path) -> Result<Arc<UdfModule>> {
-        self.load_with_config(path, Vec::new())
-    }
-
-    /// Loads a UDF module whose init hook receives `config` once per instance.
-    ///
-    /// # Errors
-    /// As [`UdfEngine::load`], plus a [`RiffleError::UdfFailure`] when init rejects `config`.
-    pub fn load_with_config(&self, path: &Path, config: Vec<u8>) -> Result<Arc<UdfModule>> {
-        // Compiling blocks for a while and describe/init run Wasm: keep both off async workers.
-        outside_async_runtime(|| {
-            let bytes = std::fs::read(path).map_err(|e| RiffleError::io("reading", path, e))?;
-            let hash = hex::encode(Sha256::digest(&bytes));
-            let component = self.compile(path, &bytes, &hash)?;
-            UdfModule::new(self.clone(), path, hash, &component, config).map(Arc::new)
-        })
-    }
-
-    /// What a module file says about itself, and its sha256, without running its init hook
-    /// (which may need configuration the caller does not have): for `riffle udf inspect`.
-    ///
-    /// # Errors
-    /// As [`UdfEngine::load`].
-    pub fn describe(&self, path: &Path) -> Result<(String, ModuleSpec)> {
-        outside_async_runtime(|| {
-            let bytes = std::fs::read(path).map_err(|e| RiffleError::io("reading", path, e))?;
-            let hash = hex::encode(Sha256::digest(&bytes));
-            let component = self.compile(path, &bytes, &hash)?;
-            describe(self, path, &component).map(|(_, spec)| (hash, spec))
-        })
-    }
-
     /// Compiles a component, or loads the artifact cached under its content hash.
-    fn compile(&self, path: &Path, bytes: &[u8], hash: &str) -> Result<Component> {
+    pub(crate) fn compile(&self, path: &Path, bytes: &[u8], hash: &str) -> Result<Component> {
         let invalid = |e: wasmtime::Error| RiffleError::InvalidModule {
             path: path.to_path_buf(),
             reason: format!("{e:#}"),
@@ -206,7 +168,9 @@ impl UdfEngine {
             .engine
             .precompile_component(bytes)
             .map_err(invalid)?;
-        if let Err(e) = write_atomically(dir, &cached, &artifact) {
+        if let Err(e) = crate::common::fs::create_dir_durable(dir)
+            .and_then(|()| crate::common::fs::write_atomic(&cached, &artifact))
+        {
             tracing::warn!(path = %cached.display(), "could not cache compiled UDF: {e}");
         }
         // SAFETY: `artifact` was produced by this engine a moment ago.
@@ -230,13 +194,4 @@ impl UdfEngine {
     pub(crate) fn deadline_ticks(timeout: Duration) -> u64 {
         (timeout.as_nanos() / EPOCH_TICK.as_nanos()) as u64 + 1
     }
-}
-
-fn write_atomically(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp = path.with_extension(format!("tmp{}-{n}", std::process::id()));
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
 }

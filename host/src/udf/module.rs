@@ -19,6 +19,8 @@ use super::bindings::{Udf, riffle::udf::types as wire};
 use super::engine::UdfEngine;
 use super::sandbox::HostState;
 use crate::error::{Result, RiffleError, UdfFailureKind};
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
 
 /// Version of `wit/udf.wit` this host implements.
 pub const ABI_VERSION: u32 = 1;
@@ -201,6 +203,18 @@ impl UdfModule {
     /// sha256 of the module file, hex: the module's identity in both modes and in logs.
     pub fn hash(&self) -> &str {
         &self.hash
+    }
+
+    /// The module's file name.
+    pub fn file_name(&self) -> &str {
+        &self.file_name
+    }
+
+    /// sha256 of the init configuration the module was loaded with, hex (of no bytes when it
+    /// has none): with [`hash`](Self::hash), what a checkpoint pins.
+    pub fn config_hash(&self) -> String {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&self.config))
     }
 
     /// What the module says about itself.
@@ -575,4 +589,45 @@ fn validate(info: wire::ModuleInfo) -> std::result::Result<ModuleSpec, String> {
         deterministic: functions.iter().all(|f| f.deterministic),
         functions,
     })
+}
+
+/// Loading modules: here rather than beside the engine so that the engine, which modules use,
+/// does not depend on them.
+impl UdfEngine {
+    /// Loads a UDF module from a `.wasm` component file, with no init configuration.
+    ///
+    /// # Errors
+    /// [`RiffleError::InvalidModule`] when the file is not a Riffle UDF component,
+    /// [`RiffleError::Io`] when it cannot be read.
+    pub fn load(&self, path: &Path) -> Result<Arc<UdfModule>> {
+        self.load_with_config(path, Vec::new())
+    }
+
+    /// Loads a UDF module whose init hook receives `config` once per instance.
+    ///
+    /// # Errors
+    /// As [`UdfEngine::load`], plus a [`RiffleError::UdfFailure`] when init rejects `config`.
+    pub fn load_with_config(&self, path: &Path, config: Vec<u8>) -> Result<Arc<UdfModule>> {
+        // Compiling blocks for a while and describe/init run Wasm: keep both off async workers.
+        outside_async_runtime(|| {
+            let bytes = std::fs::read(path).map_err(|e| RiffleError::io("reading", path, e))?;
+            let hash = hex::encode(Sha256::digest(&bytes));
+            let component = self.compile(path, &bytes, &hash)?;
+            UdfModule::new(self.clone(), path, hash, &component, config).map(Arc::new)
+        })
+    }
+
+    /// What a module file says about itself, and its sha256, without running its init hook
+    /// (which may need configuration the caller does not have): for `riffle udf inspect`.
+    ///
+    /// # Errors
+    /// As [`UdfEngine::load`].
+    pub fn describe(&self, path: &Path) -> Result<(String, ModuleSpec)> {
+        outside_async_runtime(|| {
+            let bytes = std::fs::read(path).map_err(|e| RiffleError::io("reading", path, e))?;
+            let hash = hex::encode(Sha256::digest(&bytes));
+            let component = self.compile(path, &bytes, &hash)?;
+            describe(self, path, &component).map(|(_, spec)| (hash, spec))
+        })
+    }
 }

@@ -18,9 +18,29 @@ use deltalake::protocol::SaveMode;
 use deltalake::{DeltaTable, DeltaTableError};
 use url::Url;
 
-use super::sink::Sink;
+use crate::common::OutputMode;
+use crate::connectors::sink::Sink;
 use crate::error::{Result, RiffleError};
-use crate::exec::OutputMode;
+
+/// A Delta table as a sink in a pipeline file (`kind = "delta"`).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeltaSinkConfig {
+    /// The table: a directory (relative to the pipeline file) or a URL.
+    pub path: String,
+    /// Update mode: the columns rows are merged on.
+    #[serde(default)]
+    pub keys: Vec<String>,
+}
+
+impl DeltaSinkConfig {
+    /// Makes a relative table path relative to `base`.
+    pub fn resolve(&mut self, base: &Path) {
+        if !self.path.contains("://") && Path::new(&self.path).is_relative() {
+            self.path = base.join(&self.path).to_string_lossy().into_owned();
+        }
+    }
+}
 
 fn delta_error(path: &Url, e: DeltaTableError) -> RiffleError {
     RiffleError::External(format!("delta table {path}: {e}"))

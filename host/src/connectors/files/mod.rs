@@ -1,8 +1,20 @@
-//! Writing query results to files and to the terminal.
+//! Files: reading and writing Parquet, CSV and NDJSON, a directory as a streaming source
+//! ([`directory`]), a directory of Parquet files as a sink ([`parquet_sink`]), and static
+//! tables for stream-static joins ([`static_table`]).
+
+pub mod directory;
+pub mod parquet_sink;
+pub mod static_table;
+
+pub use directory::DirectorySource;
+pub use parquet_sink::ParquetDirSink;
+pub use static_table::StaticTable;
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
+
+use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
@@ -10,11 +22,11 @@ use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 
+use crate::common::FileFormat;
 use crate::error::{Result, RiffleError};
-use crate::session::FileFormat;
 
 /// Writes batches to `path` in the format its extension names, replacing the file atomically
-/// (a crash never leaves a half-written file under the final name).
+/// and durably (a crash or power loss never leaves a half-written file under the final name).
 ///
 /// # Errors
 /// [`RiffleError::Config`] for an unknown extension, [`RiffleError::Io`] for I/O failures.
@@ -25,17 +37,15 @@ pub fn write_file(
 ) -> Result<u64> {
     let format = FileFormat::of(path)?;
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(|e| RiffleError::io("creating", parent, e))?;
+        crate::common::fs::create_dir_durable(parent)?;
     }
-    let tmp = path.with_extension(format!(
-        "{}.tmp{}",
-        path.extension().and_then(|e| e.to_str()).unwrap_or(""),
-        std::process::id()
-    ));
+    let tmp = crate::common::fs::temp_path(path);
     let file = File::create(&tmp).map_err(|e| RiffleError::io("creating", &tmp, e))?;
-    let rows = write_batches(format, file, schema, batches)
-        .map_err(|e| RiffleError::io("writing", path, std::io::Error::other(e)))?;
-    std::fs::rename(&tmp, path).map_err(|e| RiffleError::io("renaming into place", path, e))?;
+    let rows = write_batches(format, file, schema, batches).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        RiffleError::io("writing", path, std::io::Error::other(e))
+    })?;
+    crate::common::fs::publish(&tmp, path)?;
     Ok(rows)
 }
 
@@ -90,4 +100,82 @@ pub fn pretty(batches: &[RecordBatch]) -> Result<String> {
     arrow::util::pretty::pretty_format_batches(batches)
         .map(|t| t.to_string())
         .map_err(|e| RiffleError::Internal(e.to_string()))
+}
+
+/// Reads a whole Parquet, CSV (with header) or NDJSON file.
+///
+/// # Errors
+/// I/O and decoding errors naming the file; a schema mismatch is the user's error.
+pub fn read_file(
+    path: &Path,
+    format: FileFormat,
+    schema: Option<SchemaRef>,
+) -> Result<Vec<RecordBatch>> {
+    let file = std::fs::File::open(path).map_err(|e| RiffleError::io("opening", path, e))?;
+    let bad = |e: arrow::error::ArrowError| {
+        RiffleError::Config(format!("{}: cannot read: {e}", path.display()))
+    };
+    let batches: Vec<RecordBatch> = match format {
+        FileFormat::Parquet => {
+            let reader =
+                parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+                    .map_err(|e| RiffleError::Config(format!("{}: {e}", path.display())))?
+                    .build()
+                    .map_err(|e| RiffleError::Config(format!("{}: {e}", path.display())))?;
+            reader.collect::<std::result::Result<_, _>>().map_err(bad)?
+        }
+        FileFormat::Csv => {
+            let schema = match &schema {
+                Some(s) => s.clone(),
+                None => {
+                    let mut f = std::fs::File::open(path)
+                        .map_err(|e| RiffleError::io("opening", path, e))?;
+                    let (s, _) = arrow::csv::reader::Format::default()
+                        .with_header(true)
+                        .infer_schema(&mut f, Some(1000))
+                        .map_err(bad)?;
+                    Arc::new(s)
+                }
+            };
+            arrow::csv::ReaderBuilder::new(schema)
+                .with_header(true)
+                .build(file)
+                .map_err(bad)?
+                .collect::<std::result::Result<_, _>>()
+                .map_err(bad)?
+        }
+        FileFormat::Json => {
+            let schema = match &schema {
+                Some(s) => s.clone(),
+                None => {
+                    let f = std::fs::File::open(path)
+                        .map_err(|e| RiffleError::io("opening", path, e))?;
+                    let (s, _) = arrow::json::reader::infer_json_schema(
+                        std::io::BufReader::new(f),
+                        Some(1000),
+                    )
+                    .map_err(bad)?;
+                    Arc::new(s)
+                }
+            };
+            arrow::json::ReaderBuilder::new(schema)
+                .build(std::io::BufReader::new(file))
+                .map_err(bad)?
+                .collect::<std::result::Result<_, _>>()
+                .map_err(bad)?
+        }
+    };
+    if let Some(expected) = schema {
+        for b in &batches {
+            if b.schema().fields() != expected.fields() {
+                return Err(RiffleError::Config(format!(
+                    "{}: schema differs from the source's ({} vs {})",
+                    path.display(),
+                    b.schema(),
+                    expected
+                )));
+            }
+        }
+    }
+    Ok(batches)
 }

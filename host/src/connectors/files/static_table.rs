@@ -12,9 +12,9 @@ use datafusion::common::Result as DfResult;
 use datafusion::logical_expr::{Expr, TableType};
 use datafusion::physical_plan::ExecutionPlan;
 
-use super::source::read_file;
+use super::read_file;
+use crate::common::FileFormat;
 use crate::error::{Result, RiffleError};
-use crate::session::FileFormat;
 
 /// A table whose rows are a snapshot of a file, swapped when the file's modification time
 /// changes. Queries planned against it see the new rows once re-planned.

@@ -1,0 +1,154 @@
+//! Kafka in and out (librdkafka through `rdkafka`).
+//!
+//! - [`source`]: a topic as a replayable source; offsets in Riffle's checkpoint.
+//! - [`codec`]: JSON, CSV and raw records to and from Arrow.
+//! - [`dlq`]: the dead-letter topic for records that do not decode.
+//! - [`sink`]: exactly-once (transactional) and at-least-once output.
+//! - [`admin`]: topic creation and a rate-limited producer for demos and benchmarks.
+//!
+//! **Source.** Offsets live in Riffle's checkpoint, one per partition, so an epoch is replayed
+//! from exactly the records it read before a crash; the consumer group's own commit is written
+//! after each epoch only so that lag shows up in the usual Kafka tools. Records are decoded from
+//! JSON, CSV or taken raw, against a declared schema. A record that does not decode, or that
+//! breaks the schema (a missing non-null field, a string where a number belongs), never stops
+//! the query: it goes to a dead-letter topic with its original bytes, source partition and
+//! offset, and the reason, and is flushed there before the epoch runs.
+//!
+//! **Sink.** By default exactly-once: a transactional producer writes each epoch in one
+//! transaction, and the same transaction records the epoch number as the committed offset of a
+//! marker consumer group (`send_offsets_to_transaction`). After a crash, `init_transactions`
+//! aborts whatever the dead process left open, and an epoch that the marker already counts is
+//! not written again — so `read_committed` consumers see every row once. The at-least-once mode
+//! uses the idempotent producer without transactions, for the lowest latency.
+
+pub mod admin;
+pub mod codec;
+pub mod dlq;
+pub mod sink;
+pub mod source;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use rdkafka::ClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+
+pub use admin::{ensure_topic, produce_json};
+pub use codec::{RecordFormat, raw_schema};
+pub use sink::{Delivery, KafkaSink, KafkaSinkConfig, KafkaSinkOptions};
+pub use source::{KafkaSource, KafkaSourceConfig, KafkaSourceOptions, StartAt};
+
+use crate::error::{Result, RiffleError};
+
+/// How long a metadata or transaction call may take before the broker counts as unreachable.
+pub(crate) const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where the brokers are, plus librdkafka properties passed through unchanged.
+#[derive(Clone, Debug, Default)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`.
+    pub bootstrap: String,
+    /// Any librdkafka property (`security.protocol`, `fetch.max.bytes`, ...); these win over
+    /// Riffle's defaults.
+    pub properties: BTreeMap<String, String>,
+}
+
+impl KafkaConfig {
+    pub(crate) fn client(&self, defaults: &[(&str, &str)]) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.bootstrap);
+        for (k, v) in defaults {
+            config.set(*k, *v);
+        }
+        for (k, v) in &self.properties {
+            config.set(k, v);
+        }
+        config
+    }
+}
+
+/// The brokers: `bootstrap` from the configuration, else the `RIFFLE_KAFKA_BOOTSTRAP`
+/// environment variable, so a pipeline can leave the broker to the environment it runs in.
+///
+/// # Errors
+/// [`RiffleError::Config`] naming the key when neither is set.
+pub fn bootstrap(ctx: &crate::connectors::ConfigContext, given: &Option<String>) -> Result<String> {
+    given
+        .clone()
+        .or_else(|| std::env::var("RIFFLE_KAFKA_BOOTSTRAP").ok())
+        .ok_or_else(|| {
+            ctx.error(
+                "bootstrap",
+                "missing: set it or the RIFFLE_KAFKA_BOOTSTRAP environment variable",
+            )
+        })
+}
+
+pub(crate) fn kafka_error(what: &str, e: KafkaError) -> RiffleError {
+    RiffleError::External(format!("kafka: {what}: {e}"))
+}
+
+/// Counts delivery failures, which the default context would drop silently: an at-least-once
+/// epoch is only done when every record of it was acknowledged.
+#[derive(Default)]
+pub(crate) struct DeliveryCheck {
+    failed: AtomicU64,
+    last_error: std::sync::Mutex<Option<String>>,
+}
+
+impl ClientContext for DeliveryCheck {}
+
+impl ProducerContext for DeliveryCheck {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((e, _)) = result {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+            *self.last_error.lock().expect("delivery lock") = Some(e.to_string());
+        }
+    }
+}
+
+pub(crate) type CheckedProducer = ThreadedProducer<DeliveryCheck>;
+
+pub(crate) fn producer(config: &ClientConfig) -> Result<CheckedProducer> {
+    config
+        .create_with_context(DeliveryCheck::default())
+        .map_err(|e| kafka_error("creating a producer", e))
+}
+
+/// Sends one record, waiting while librdkafka's queue is full.
+pub(crate) fn send(
+    producer: &CheckedProducer,
+    mut record: BaseRecord<'_, [u8], [u8]>,
+) -> Result<()> {
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((
+                KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
+                r,
+            )) => {
+                record = r;
+                producer.poll(Duration::from_millis(5));
+            }
+            Err((e, _)) => return Err(kafka_error("producing", e)),
+        }
+    }
+}
+
+/// Waits until everything sent was acknowledged; an error if anything failed.
+pub(crate) fn flush_checked(producer: &CheckedProducer, what: &str) -> Result<()> {
+    producer.flush(TIMEOUT).map_err(|e| kafka_error(what, e))?;
+    let context = producer.context();
+    if context.failed.swap(0, Ordering::Relaxed) > 0 {
+        let reason = context.last_error.lock().expect("delivery lock").take();
+        return Err(RiffleError::External(format!(
+            "kafka: {what}: delivery failed: {}",
+            reason.unwrap_or_default()
+        )));
+    }
+    Ok(())
+}

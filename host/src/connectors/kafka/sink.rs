@@ -1,0 +1,334 @@
+//! A Kafka topic as a streaming sink.
+//!
+//! By default exactly-once: a transactional producer writes each epoch in one transaction, and
+//! the same transaction records the epoch number as the committed offset of a marker consumer
+//! group (`send_offsets_to_transaction`). After a crash, `init_transactions` aborts whatever the
+//! dead process left open, and an epoch that the marker already counts is not written again,
+//! so `read_committed` consumers see every row once. The at-least-once mode uses the idempotent
+//! producer without transactions, for the lowest latency.
+//!
+//! librdkafka's calls block (a transaction commit waits for the broker), so the sink makes them
+//! on a blocking thread of the runtime rather than on an async worker.
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use arrow::util::display::{ArrayFormatter, FormatOptions};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::codec::RecordFormat;
+use super::{
+    CheckedProducer, KafkaConfig, TIMEOUT, bootstrap, flush_checked, kafka_error, producer, send,
+};
+use crate::connectors::ConfigContext;
+use crate::connectors::sink::Sink;
+use crate::error::{Result, RiffleError};
+
+/// A Kafka sink in a pipeline file (`kind = "kafka"`).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSinkConfig {
+    /// Brokers (default: `$RIFFLE_KAFKA_BOOTSTRAP`).
+    pub bootstrap: Option<String>,
+    /// Topic.
+    pub topic: String,
+    /// `json` (default) or `csv`.
+    #[serde(default)]
+    pub format: RecordFormat,
+    /// Column whose value is the record key.
+    pub key: Option<String>,
+    /// Columns copied into record headers.
+    #[serde(default)]
+    pub headers: Vec<String>,
+    /// `exactly-once` (default) or `at-least-once`.
+    #[serde(default)]
+    pub delivery: Delivery,
+    /// librdkafka properties, passed through.
+    #[serde(default)]
+    pub properties: std::collections::BTreeMap<String, String>,
+}
+
+impl KafkaSinkConfig {
+    /// Builds the sink; `headers` go on every record (the UDF module hashes).
+    ///
+    /// # Errors
+    /// Bad values, naming their key.
+    pub fn build(&self, ctx: &ConfigContext, headers: Vec<(String, String)>) -> Result<KafkaSink> {
+        if self.format == RecordFormat::Raw {
+            return Err(ctx.error("format", "the Kafka sink writes json or csv"));
+        }
+        KafkaSink::new(KafkaSinkOptions {
+            kafka: KafkaConfig {
+                bootstrap: bootstrap(ctx, &self.bootstrap)?,
+                properties: self.properties.clone(),
+            },
+            topic: self.topic.clone(),
+            format: self.format,
+            key: self.key.clone(),
+            header_columns: self.headers.clone(),
+            headers,
+            delivery: self.delivery,
+        })
+    }
+}
+
+/// Delivery guarantee of the Kafka sink.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Delivery {
+    /// One transaction per epoch; replays are skipped.
+    #[default]
+    ExactlyOnce,
+    /// Idempotent producer, flushed every epoch; a replayed epoch is written again.
+    AtLeastOnce,
+}
+
+/// Kafka sink settings.
+#[derive(Clone, Debug)]
+pub struct KafkaSinkOptions {
+    /// Brokers and properties.
+    pub kafka: KafkaConfig,
+    /// Topic to write.
+    pub topic: String,
+    /// Value encoding (JSON or CSV).
+    pub format: RecordFormat,
+    /// Column whose value is the record key.
+    pub key: Option<String>,
+    /// Columns copied into record headers (name = column name).
+    pub header_columns: Vec<String>,
+    /// Fixed headers on every record (the UDF content hashes go here).
+    pub headers: Vec<(String, String)>,
+    /// Guarantee.
+    pub delivery: Delivery,
+}
+
+/// A Kafka topic as a streaming sink.
+pub struct KafkaSink {
+    options: KafkaSinkOptions,
+    producer: Option<CheckedProducer>,
+    /// Exactly-once: the consumer whose group holds the last committed epoch.
+    marker: Option<(BaseConsumer, u64)>,
+}
+
+impl KafkaSink {
+    /// A sink; nothing connects until the query starts.
+    pub fn new(options: KafkaSinkOptions) -> Result<Self> {
+        if options.format == RecordFormat::Raw {
+            return Err(RiffleError::Config(
+                "the Kafka sink writes json or csv".into(),
+            ));
+        }
+        Ok(KafkaSink {
+            options,
+            producer: None,
+            marker: None,
+        })
+    }
+
+    fn marker_partition(&self) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&self.options.topic, 0);
+        tpl
+    }
+
+    pub(crate) fn encode(&self, batch: &RecordBatch) -> Result<Vec<Vec<u8>>> {
+        let mut buf = Vec::new();
+        match self.options.format {
+            RecordFormat::Json => {
+                let mut w = arrow::json::LineDelimitedWriter::new(&mut buf);
+                w.write(batch)?;
+                w.finish()?;
+            }
+            _ => {
+                let mut w = arrow::csv::WriterBuilder::new()
+                    .with_header(false)
+                    .build(&mut buf);
+                w.write(batch)?;
+            }
+        }
+        let rows: Vec<Vec<u8>> = buf
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(<[u8]>::to_vec)
+            .collect();
+        if rows.len() != batch.num_rows() {
+            return Err(RiffleError::Internal(format!(
+                "kafka sink: {} rows encoded as {} lines",
+                batch.num_rows(),
+                rows.len()
+            )));
+        }
+        Ok(rows)
+    }
+
+    pub(crate) fn produce(
+        &self,
+        producer: &CheckedProducer,
+        batches: &[RecordBatch],
+    ) -> Result<()> {
+        let options = FormatOptions::default();
+        for batch in batches {
+            let values = self.encode(batch)?;
+            let column = |name: &str| {
+                batch.column_by_name(name).ok_or_else(|| {
+                    RiffleError::Config(format!(
+                        "kafka sink: no output column {name:?} (columns: {})",
+                        batch
+                            .schema()
+                            .fields()
+                            .iter()
+                            .map(|f| f.name().as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ))
+                })
+            };
+            let key = match &self.options.key {
+                Some(k) => Some(ArrayFormatter::try_new(column(k)?.as_ref(), &options)?),
+                None => None,
+            };
+            let header_columns = self
+                .options
+                .header_columns
+                .iter()
+                .map(|h| Ok((h, ArrayFormatter::try_new(column(h)?.as_ref(), &options)?)))
+                .collect::<Result<Vec<_>>>()?;
+            for (row, value) in values.iter().enumerate() {
+                let mut headers = OwnedHeaders::new();
+                for (k, v) in &self.options.headers {
+                    headers = headers.insert(Header {
+                        key: k,
+                        value: Some(v.as_bytes()),
+                    });
+                }
+                for (name, f) in &header_columns {
+                    let text = f.value(row).to_string();
+                    headers = headers.insert(Header {
+                        key: name,
+                        value: Some(text.as_bytes()),
+                    });
+                }
+                let key_text = key.as_ref().map(|f| f.value(row).to_string());
+                let mut record = BaseRecord::to(&self.options.topic)
+                    .payload(value.as_slice())
+                    .headers(headers);
+                if let Some(k) = &key_text {
+                    record = record.key(k.as_bytes());
+                }
+                send(producer, record)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl Sink for KafkaSink {
+    async fn start(&mut self, query_id: &str) -> Result<()> {
+        tokio::task::block_in_place(|| self.connect(query_id))
+    }
+
+    async fn write_epoch(
+        &mut self,
+        epoch: u64,
+        _schema: &SchemaRef,
+        batches: &[RecordBatch],
+    ) -> Result<()> {
+        tokio::task::block_in_place(|| self.write(epoch, batches))
+    }
+}
+
+impl KafkaSink {
+    /// Creates the producer; exactly-once fences earlier producers of this query and reads
+    /// the last epoch Kafka holds.
+    fn connect(&mut self, query_id: &str) -> Result<()> {
+        let kafka = &self.options.kafka;
+        match self.options.delivery {
+            Delivery::AtLeastOnce => {
+                self.producer =
+                    Some(producer(&kafka.client(&[
+                        ("enable.idempotence", "true"),
+                        ("linger.ms", "1"),
+                    ]))?);
+            }
+            Delivery::ExactlyOnce => {
+                let id = format!("riffle-{query_id}-{}", self.options.topic);
+                let p = producer(&kafka.client(&[
+                    ("transactional.id", id.as_str()),
+                    ("enable.idempotence", "true"),
+                    ("linger.ms", "1"),
+                ]))?;
+                // Fences any earlier producer with this id and aborts what it left open.
+                p.init_transactions(TIMEOUT)
+                    .map_err(|e| kafka_error("starting transactions", e))?;
+                let group = format!("{id}-epochs");
+                let consumer: BaseConsumer = kafka
+                    .client(&[
+                        ("group.id", group.as_str()),
+                        ("enable.auto.commit", "false"),
+                        ("isolation.level", "read_committed"),
+                    ])
+                    .create()
+                    .map_err(|e| kafka_error("creating the epoch marker", e))?;
+                let committed = consumer
+                    .committed_offsets(self.marker_partition(), TIMEOUT)
+                    .map_err(|e| kafka_error("reading the epoch marker", e))?;
+                let epoch = match committed.elements().first().map(|e| e.offset()) {
+                    Some(Offset::Offset(o)) if o > 0 => o as u64,
+                    _ => 0,
+                };
+                self.marker = Some((consumer, epoch));
+                self.producer = Some(p);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes one epoch (blocking on the broker).
+    fn write(&mut self, epoch: u64, batches: &[RecordBatch]) -> Result<()> {
+        let producer = self.producer.as_ref().ok_or_else(|| {
+            RiffleError::Internal("kafka sink written before the query started".into())
+        })?;
+        match self.options.delivery {
+            Delivery::AtLeastOnce => {
+                self.produce(producer, batches)?;
+                flush_checked(producer, "writing an epoch")
+            }
+            Delivery::ExactlyOnce => {
+                let (consumer, done) = self.marker.as_ref().expect("started");
+                if epoch <= *done {
+                    // Committed to Kafka before the crash that made this epoch run again.
+                    return Ok(());
+                }
+                producer
+                    .begin_transaction()
+                    .map_err(|e| kafka_error("beginning a transaction", e))?;
+                let result = (|| {
+                    self.produce(producer, batches)?;
+                    let mut marker = self.marker_partition();
+                    marker
+                        .set_all_offsets(Offset::Offset(epoch as i64))
+                        .map_err(|e| kafka_error("marking the epoch", e))?;
+                    let group = consumer.group_metadata().ok_or_else(|| {
+                        RiffleError::Internal("kafka: the marker consumer has no group".into())
+                    })?;
+                    producer
+                        .send_offsets_to_transaction(&marker, &group, TIMEOUT)
+                        .map_err(|e| kafka_error("marking the epoch", e))?;
+                    producer
+                        .commit_transaction(TIMEOUT)
+                        .map_err(|e| kafka_error("committing a transaction", e))
+                })();
+                if let Err(e) = result {
+                    let _ = producer.abort_transaction(TIMEOUT);
+                    return Err(e);
+                }
+                let (_, done) = self.marker.as_mut().expect("started");
+                *done = epoch;
+                Ok(())
+            }
+        }
+    }
+}

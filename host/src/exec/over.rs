@@ -1,0 +1,1434 @@
+//! OVER windows on streams: per-entity features such as `lag(x) OVER (PARTITION BY card ORDER
+//! BY ts)` or a one-hour rolling count.
+//!
+//! A row's value is final once every row of its frame is known. Frames here end at the current
+//! row (with its peers) or before it, so that is when the watermark passes the row's event time:
+//! rows wait in a [`RowBuffer`] until then, are released in event-time order, and each is
+//! emitted once (Flink's row-time OVER aggregation; RisingWave's "emit on window close").
+//!
+//! Each partition keeps only what its frames still need: the last rows of a `ROWS n PRECEDING`
+//! frame or of `lag`, the rows within a `RANGE` interval, a row count for `row_number`, and each
+//! aggregate's running state. The values are computed exactly as DataFusion's batch window
+//! operators compute them, so a stream and a batch run over the same rows agree bit for bit:
+//! the same frame bounds (ROWS by position; RANGE by value, peers included for CURRENT ROW),
+//! the same sequence of accumulator steps (add the rows that enter the frame, then subtract the
+//! rows that leave it, never resetting a running float sum), and the same arithmetic (a slice of
+//! several floats is summed with Arrow's own `sum` kernel, as DataFusion's accumulators do).
+
+use std::cmp::Ordering;
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayRef, AsArray, BinaryBuilder, BooleanBuilder, Float64Array, Float64Builder,
+    Int64Builder, RecordBatch, StringBuilder, UInt32Array, UInt64Builder,
+};
+use arrow::compute::{cast, concat_batches, take_record_batch};
+use arrow::datatypes::{DataType, Float64Type, Int64Type, SchemaRef, UInt64Type};
+use arrow::row::{RowConverter, SortField};
+use datafusion::common::ScalarValue;
+use datafusion::execution::SessionState;
+use datafusion::logical_expr::expr::NullTreatment;
+use datafusion::logical_expr::{
+    Expr, Window, WindowFrameBound, WindowFrameUnits, WindowFunctionDefinition,
+};
+use datafusion::physical_plan::PhysicalExpr;
+
+use super::keys::KeyEncoder;
+use super::{Operator, Output};
+use crate::common::{Watermark, to_micros};
+use crate::error::{Result, RiffleError};
+use crate::state::bytes::{BytesCodec, Decode, Encode};
+use crate::state::{KeyedTable, RowBuffer, StateTable};
+
+fn unsupported(message: impl Into<String>) -> RiffleError {
+    RiffleError::Unsupported(message.into())
+}
+
+/// One value of a function argument, in the few physical shapes OVER functions need.
+#[derive(Clone, Debug, PartialEq)]
+enum Value {
+    Null,
+    I64(i64),
+    U64(u64),
+    F64(f64),
+    Bool(bool),
+    Str(Box<str>),
+    Bytes(Box<[u8]>),
+}
+
+impl Value {
+    fn is_null(&self) -> bool {
+        matches!(self, Value::Null)
+    }
+
+    /// The order of DataFusion's `ScalarValue` comparisons (floats by `total_cmp`), for
+    /// values of one type.
+    fn cmp(&self, other: &Value) -> Ordering {
+        match (self, other) {
+            (Value::I64(a), Value::I64(b)) => a.cmp(b),
+            (Value::U64(a), Value::U64(b)) => a.cmp(b),
+            (Value::F64(a), Value::F64(b)) => a.total_cmp(b),
+            (Value::Bool(a), Value::Bool(b)) => a.cmp(b),
+            (Value::Str(a), Value::Str(b)) => a.cmp(b),
+            (Value::Bytes(a), Value::Bytes(b)) => a.cmp(b),
+            _ => Ordering::Equal,
+        }
+    }
+
+    fn heap(&self) -> usize {
+        match self {
+            Value::Str(s) => s.len(),
+            Value::Bytes(b) => b.len(),
+            _ => 0,
+        }
+    }
+}
+
+impl Encode for Value {
+    fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            Value::Null => out.push(0),
+            Value::I64(v) => {
+                out.push(1);
+                v.encode(out);
+            }
+            Value::U64(v) => {
+                out.push(2);
+                v.encode(out);
+            }
+            Value::F64(v) => {
+                out.push(3);
+                v.encode(out);
+            }
+            Value::Bool(v) => {
+                out.push(4);
+                v.encode(out);
+            }
+            Value::Str(v) => {
+                out.push(5);
+                v.as_bytes().encode(out);
+            }
+            Value::Bytes(v) => {
+                out.push(6);
+                v.encode(out);
+            }
+        }
+    }
+}
+
+impl Decode for Value {
+    fn decode(input: &mut &[u8]) -> Result<Self> {
+        Ok(match u8::decode(input)? {
+            0 => Value::Null,
+            1 => Value::I64(i64::decode(input)?),
+            2 => Value::U64(u64::decode(input)?),
+            3 => Value::F64(f64::decode(input)?),
+            4 => Value::Bool(bool::decode(input)?),
+            5 => {
+                let bytes = Box::<[u8]>::decode(input)?;
+                Value::Str(
+                    String::from_utf8(bytes.into_vec())
+                        .map_err(|_| RiffleError::Checkpoint("OVER state: bad UTF-8".into()))?
+                        .into(),
+                )
+            }
+            6 => Value::Bytes(Box::decode(input)?),
+            _ => return Err(RiffleError::Checkpoint("OVER state: unknown value".into())),
+        })
+    }
+}
+
+/// How values of an Arrow type are read into [`Value`]s and written back.
+#[derive(Clone, Debug)]
+enum Shape {
+    /// Integers, dates, times, timestamps and durations: read as `Int64`, cast back.
+    I64,
+    U64,
+    /// `Float32`/`Float64`: read as `Float64`, cast back.
+    F64,
+    Bool,
+    Str,
+    Bytes,
+}
+
+impl Shape {
+    fn of(data_type: &DataType) -> Option<Shape> {
+        use DataType::*;
+        Some(match data_type {
+            Int8 | Int16 | Int32 | Int64 | UInt8 | UInt16 | UInt32 | Date32 | Date64
+            | Timestamp(..) | Time32(_) | Time64(_) | Duration(_) => Shape::I64,
+            UInt64 => Shape::U64,
+            Float16 | Float32 | Float64 => Shape::F64,
+            Boolean => Shape::Bool,
+            Utf8 | LargeUtf8 | Utf8View => Shape::Str,
+            Binary | LargeBinary | BinaryView => Shape::Bytes,
+            _ => return None,
+        })
+    }
+
+    fn read(&self, array: &ArrayRef) -> Result<Vec<Value>> {
+        let n = array.len();
+        let mut out = Vec::with_capacity(n);
+        match self {
+            Shape::I64 => {
+                let a = cast(array, &DataType::Int64)?;
+                let a = a.as_primitive::<Int64Type>();
+                out.extend((0..n).map(|i| {
+                    if a.is_null(i) {
+                        Value::Null
+                    } else {
+                        Value::I64(a.value(i))
+                    }
+                }));
+            }
+            Shape::U64 => {
+                let a = array.as_primitive::<UInt64Type>();
+                out.extend((0..n).map(|i| {
+                    if a.is_null(i) {
+                        Value::Null
+                    } else {
+                        Value::U64(a.value(i))
+                    }
+                }));
+            }
+            Shape::F64 => {
+                let a = cast(array, &DataType::Float64)?;
+                let a = a.as_primitive::<Float64Type>();
+                out.extend((0..n).map(|i| {
+                    if a.is_null(i) {
+                        Value::Null
+                    } else {
+                        Value::F64(a.value(i))
+                    }
+                }));
+            }
+            Shape::Bool => {
+                let a = array.as_boolean();
+                out.extend((0..n).map(|i| {
+                    if a.is_null(i) {
+                        Value::Null
+                    } else {
+                        Value::Bool(a.value(i))
+                    }
+                }));
+            }
+            Shape::Str => {
+                let a = cast(array, &DataType::Utf8)?;
+                let a = a.as_string::<i32>();
+                out.extend((0..n).map(|i| {
+                    if a.is_null(i) {
+                        Value::Null
+                    } else {
+                        Value::Str(a.value(i).into())
+                    }
+                }));
+            }
+            Shape::Bytes => {
+                let a = cast(array, &DataType::Binary)?;
+                let a = a.as_binary::<i32>();
+                out.extend((0..n).map(|i| {
+                    if a.is_null(i) {
+                        Value::Null
+                    } else {
+                        Value::Bytes(a.value(i).into())
+                    }
+                }));
+            }
+        }
+        Ok(out)
+    }
+
+    fn write(&self, values: &[Value], data_type: &DataType) -> Result<ArrayRef> {
+        let mismatch = || RiffleError::Internal("OVER: a value of the wrong type".into());
+        let array: ArrayRef = match self {
+            Shape::I64 => {
+                let mut b = Int64Builder::with_capacity(values.len());
+                for v in values {
+                    match v {
+                        Value::Null => b.append_null(),
+                        Value::I64(x) => b.append_value(*x),
+                        _ => return Err(mismatch()),
+                    }
+                }
+                Arc::new(b.finish())
+            }
+            Shape::U64 => {
+                let mut b = UInt64Builder::with_capacity(values.len());
+                for v in values {
+                    match v {
+                        Value::Null => b.append_null(),
+                        Value::U64(x) => b.append_value(*x),
+                        _ => return Err(mismatch()),
+                    }
+                }
+                Arc::new(b.finish())
+            }
+            Shape::F64 => {
+                let mut b = Float64Builder::with_capacity(values.len());
+                for v in values {
+                    match v {
+                        Value::Null => b.append_null(),
+                        Value::F64(x) => b.append_value(*x),
+                        _ => return Err(mismatch()),
+                    }
+                }
+                Arc::new(b.finish())
+            }
+            Shape::Bool => {
+                let mut b = BooleanBuilder::with_capacity(values.len());
+                for v in values {
+                    match v {
+                        Value::Null => b.append_null(),
+                        Value::Bool(x) => b.append_value(*x),
+                        _ => return Err(mismatch()),
+                    }
+                }
+                Arc::new(b.finish())
+            }
+            Shape::Str => {
+                let mut b = StringBuilder::new();
+                for v in values {
+                    match v {
+                        Value::Null => b.append_null(),
+                        Value::Str(x) => b.append_value(x),
+                        _ => return Err(mismatch()),
+                    }
+                }
+                Arc::new(b.finish())
+            }
+            Shape::Bytes => {
+                let mut b = BinaryBuilder::new();
+                for v in values {
+                    match v {
+                        Value::Null => b.append_null(),
+                        Value::Bytes(x) => b.append_value(x),
+                        _ => return Err(mismatch()),
+                    }
+                }
+                Arc::new(b.finish())
+            }
+        };
+        Ok(if array.data_type() == data_type {
+            array
+        } else {
+            cast(&array, data_type)?
+        })
+    }
+
+    fn of_scalar(value: &ScalarValue) -> Result<Value> {
+        let array = value.to_array()?;
+        let shape = Shape::of(array.data_type())
+            .ok_or_else(|| unsupported(format!("OVER: values of type {}", array.data_type())))?;
+        Ok(shape.read(&array)?.remove(0))
+    }
+}
+
+/// A frame bound, in rows (ROWS) or microseconds of event time (RANGE).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Bound {
+    Unbounded,
+    Preceding(i64),
+    Current,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Frame {
+    rows: bool,
+    start: Bound,
+    end: Bound,
+}
+
+impl Frame {
+    /// Frames whose start moves retract rows from a running state (DataFusion's sliding
+    /// accumulators); frames from the partition's first row only add (its plain ones).
+    fn sliding(&self) -> bool {
+        self.start != Bound::Unbounded
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AggOp {
+    Count,
+    Sum,
+    Avg,
+    Min,
+    Max,
+}
+
+#[derive(Clone, Debug)]
+enum Kind {
+    RowNumber,
+    Lag { offset: u64, default: Value },
+    Aggregate(AggOp),
+    First,
+    Last,
+}
+
+struct Function {
+    kind: Kind,
+    /// Index into the operator's argument columns.
+    arg: Option<usize>,
+    frame: Frame,
+    /// Output type and shape.
+    data_type: DataType,
+    shape: Shape,
+}
+
+/// Running state of one function in one partition: the frame of the last row, and an
+/// aggregate's accumulator (mirroring DataFusion's, field for field).
+#[derive(Clone, Debug, PartialEq)]
+struct FnState {
+    start: u64,
+    end: u64,
+    acc: Acc,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum Acc {
+    None,
+    Count(i64),
+    /// Integer sums wrap; the count tells an empty frame (NULL) from a zero sum.
+    SumI {
+        sum: i64,
+        count: u64,
+        set: bool,
+    },
+    /// A float sum that starts at +0.0 and is never reset (sliding), or starts unset (plain).
+    SumF {
+        sum: f64,
+        count: u64,
+        set: bool,
+    },
+    Avg {
+        sum: Option<f64>,
+        count: u64,
+    },
+    /// Plain MIN/MAX: the running extreme.
+    Extreme(Value),
+}
+
+impl Encode for FnState {
+    fn encode(&self, out: &mut Vec<u8>) {
+        self.start.encode(out);
+        self.end.encode(out);
+        match &self.acc {
+            Acc::None => out.push(0),
+            Acc::Count(c) => {
+                out.push(1);
+                c.encode(out);
+            }
+            Acc::SumI { sum, count, set } => {
+                out.push(2);
+                sum.encode(out);
+                count.encode(out);
+                set.encode(out);
+            }
+            Acc::SumF { sum, count, set } => {
+                out.push(3);
+                sum.encode(out);
+                count.encode(out);
+                set.encode(out);
+            }
+            Acc::Avg { sum, count } => {
+                out.push(4);
+                sum.encode(out);
+                count.encode(out);
+            }
+            Acc::Extreme(v) => {
+                out.push(5);
+                v.encode(out);
+            }
+        }
+    }
+}
+
+impl Decode for FnState {
+    fn decode(input: &mut &[u8]) -> Result<Self> {
+        let start = u64::decode(input)?;
+        let end = u64::decode(input)?;
+        let acc = match u8::decode(input)? {
+            0 => Acc::None,
+            1 => Acc::Count(i64::decode(input)?),
+            2 => Acc::SumI {
+                sum: i64::decode(input)?,
+                count: u64::decode(input)?,
+                set: bool::decode(input)?,
+            },
+            3 => Acc::SumF {
+                sum: f64::decode(input)?,
+                count: u64::decode(input)?,
+                set: bool::decode(input)?,
+            },
+            4 => Acc::Avg {
+                sum: Option::decode(input)?,
+                count: u64::decode(input)?,
+            },
+            5 => Acc::Extreme(Value::decode(input)?),
+            _ => {
+                return Err(RiffleError::Checkpoint(
+                    "OVER state: unknown accumulator".into(),
+                ));
+            }
+        };
+        Ok(FnState { start, end, acc })
+    }
+}
+
+/// What a partition keeps: its row count, the rows its frames still reach (`history`, which
+/// starts at row `base` of the partition), and each function's running state.
+#[derive(Clone, Debug, Default)]
+struct Partition {
+    seen: u64,
+    base: u64,
+    ts: VecDeque<i64>,
+    ties: VecDeque<Box<[u8]>>,
+    values: Vec<VecDeque<Value>>,
+    states: Vec<FnState>,
+}
+
+impl Partition {
+    fn value(&self, arg: usize, row: u64) -> &Value {
+        &self.values[arg][(row - self.base) as usize]
+    }
+
+    fn ts(&self, row: u64) -> i64 {
+        self.ts[(row - self.base) as usize]
+    }
+
+    /// The full ORDER BY key of a row, compared as (event time, the other ORDER BY columns).
+    fn key_cmp(&self, a: u64, b: u64) -> Ordering {
+        self.ts(a).cmp(&self.ts(b)).then_with(|| {
+            if self.ties.is_empty() {
+                Ordering::Equal
+            } else {
+                self.ties[(a - self.base) as usize].cmp(&self.ties[(b - self.base) as usize])
+            }
+        })
+    }
+}
+
+impl Encode for Partition {
+    fn encode(&self, out: &mut Vec<u8>) {
+        self.seen.encode(out);
+        self.base.encode(out);
+        self.ts.encode(out);
+        self.ties.encode(out);
+        self.values.encode(out);
+        self.states.encode(out);
+    }
+}
+
+impl Decode for Partition {
+    fn decode(input: &mut &[u8]) -> Result<Self> {
+        Ok(Partition {
+            seen: u64::decode(input)?,
+            base: u64::decode(input)?,
+            ts: Decode::decode(input)?,
+            ties: Decode::decode(input)?,
+            values: Decode::decode(input)?,
+            states: Decode::decode(input)?,
+        })
+    }
+}
+
+fn partition_size(p: &Partition) -> usize {
+    let values: usize = p
+        .values
+        .iter()
+        .map(|c| c.iter().map(|v| 24 + v.heap()).sum::<usize>())
+        .sum();
+    let ties: usize = p.ties.iter().map(|t| t.len() + 16).sum();
+    96 + p.ts.len() * 8 + values + ties + p.states.len() * 48
+}
+
+/// The sum Arrow's `sum` kernel gives for `values` (what DataFusion's float accumulators add
+/// or subtract per slice), or `None` when every value is NULL.
+fn slice_sum(values: impl Iterator<Item = Option<f64>> + Clone) -> Option<f64> {
+    let mut it = values.clone();
+    match (it.next(), it.next()) {
+        (None, _) | (Some(None), None) => None,
+        // One value: the kernel's lanes start at +0.0 and add it once.
+        (Some(Some(v)), None) => Some(0.0 + v),
+        _ => arrow::compute::sum(&values.collect::<Float64Array>()),
+    }
+}
+
+/// Streaming `... OVER (PARTITION BY ... ORDER BY <event time> ...)`.
+pub struct OverWindow {
+    partitions_by: KeyEncoder,
+    ts: usize,
+    ties: Option<(Vec<Arc<dyn PhysicalExpr>>, RowConverter)>,
+    args: Vec<(Arc<dyn PhysicalExpr>, Shape)>,
+    functions: Vec<Function>,
+    output_schema: SchemaRef,
+    pending: RowBuffer,
+    partitions: KeyedTable<Partition>,
+    watermark: Watermark,
+}
+
+impl OverWindow {
+    /// Plans the operator for a logical `Window` whose first ORDER BY is the input's
+    /// event-time column `ts`.
+    ///
+    /// # Errors
+    /// [`RiffleError::Unsupported`] for functions, frames or types the stream cannot compute.
+    pub fn new(window: &Window, state: &SessionState, ts: usize) -> Result<Self> {
+        let schema = window.input.schema();
+        let input_width = schema.fields().len();
+        let mut partition_by = None;
+        let mut order_by = None;
+        let mut args: Vec<(Arc<dyn PhysicalExpr>, Shape)> = Vec::new();
+        let mut arg_exprs: Vec<Expr> = Vec::new();
+        let mut functions = Vec::new();
+        for (i, expr) in window.window_expr.iter().enumerate() {
+            let inner = match expr {
+                Expr::Alias(a) => a.expr.as_ref(),
+                e => e,
+            };
+            let Expr::WindowFunction(f) = inner else {
+                return Err(RiffleError::Internal(format!("{expr} in a Window node")));
+            };
+            let p = &f.params;
+            if p.filter.is_some() || p.distinct {
+                return Err(unsupported(format!(
+                    "{expr}: FILTER and DISTINCT in OVER windows on streams"
+                )));
+            }
+            if p.null_treatment == Some(NullTreatment::IgnoreNulls) {
+                return Err(unsupported(format!("{expr}: IGNORE NULLS on streams")));
+            }
+            partition_by.get_or_insert_with(|| p.partition_by.clone());
+            order_by.get_or_insert_with(|| p.order_by.clone());
+            let name = match &f.fun {
+                WindowFunctionDefinition::AggregateUDF(u) => u.name().to_string(),
+                WindowFunctionDefinition::WindowUDF(u) => u.name().to_string(),
+            };
+            let field = window.schema.field(input_width + i);
+            let data_type = field.data_type().clone();
+            let shape = Shape::of(&data_type)
+                .ok_or_else(|| unsupported(format!("{expr}: results of type {data_type}")))?;
+            let mut arg = |e: &Expr| -> Result<usize> {
+                if let Some(k) = arg_exprs.iter().position(|a| a == e) {
+                    return Ok(k);
+                }
+                let physical = state.create_physical_expr(e.clone(), schema)?;
+                let dt = physical.data_type(schema.as_arrow())?;
+                let shape = Shape::of(&dt)
+                    .ok_or_else(|| unsupported(format!("{expr}: arguments of type {dt}")))?;
+                arg_exprs.push(e.clone());
+                args.push((physical, shape));
+                Ok(args.len() - 1)
+            };
+            let frame = frame_of(&p.window_frame, expr)?;
+            let literal = |e: Option<&Expr>| -> Option<ScalarValue> {
+                match e {
+                    Some(Expr::Literal(v, _)) => Some(v.clone()),
+                    Some(Expr::Cast(c)) => match c.expr.as_ref() {
+                        Expr::Literal(v, _) => v.cast_to(c.field.data_type()).ok(),
+                        _ => None,
+                    },
+                    _ => None,
+                }
+            };
+            let (kind, arg) = match name.as_str() {
+                "row_number" => (Kind::RowNumber, None),
+                "lag" => {
+                    let x = arg(&p.args[0])?;
+                    let offset = match literal(p.args.get(1)) {
+                        None if p.args.len() < 2 => 1,
+                        Some(v) if !v.is_null() => match v.cast_to(&DataType::Int64)? {
+                            ScalarValue::Int64(Some(n)) if n >= 0 => n as u64,
+                            _ => {
+                                return Err(unsupported(format!(
+                                    "{expr}: the offset must be a non-negative integer literal"
+                                )));
+                            }
+                        },
+                        Some(_) => 0,
+                        None => {
+                            return Err(unsupported(format!(
+                                "{expr}: the offset must be a literal"
+                            )));
+                        }
+                    };
+                    let default = match literal(p.args.get(2)) {
+                        None if p.args.len() < 3 => Value::Null,
+                        Some(v) if v.is_null() => Value::Null,
+                        Some(v) => Shape::of_scalar(&v.cast_to(&data_type)?)?,
+                        None => {
+                            return Err(unsupported(format!(
+                                "{expr}: the default must be a literal"
+                            )));
+                        }
+                    };
+                    (Kind::Lag { offset, default }, Some(x))
+                }
+                "first_value" => (Kind::First, Some(arg(&p.args[0])?)),
+                "last_value" => (Kind::Last, Some(arg(&p.args[0])?)),
+                "count" | "sum" | "avg" | "mean" | "min" | "max" => {
+                    let op = match name.as_str() {
+                        "count" => AggOp::Count,
+                        "sum" => AggOp::Sum,
+                        "avg" | "mean" => AggOp::Avg,
+                        "min" => AggOp::Min,
+                        _ => AggOp::Max,
+                    };
+                    if p.args.len() != 1 {
+                        return Err(unsupported(format!("{expr}: one argument expected")));
+                    }
+                    let a = arg(&p.args[0])?;
+                    if matches!(op, AggOp::Sum | AggOp::Avg)
+                        && !matches!(args[a].1, Shape::I64 | Shape::U64 | Shape::F64)
+                    {
+                        return Err(unsupported(format!("{expr}: sums of non-numbers")));
+                    }
+                    (Kind::Aggregate(op), Some(a))
+                }
+                other => {
+                    return Err(unsupported(format!(
+                        "{other}() in an OVER window on a stream (supported: row_number, lag, \
+                         first_value, last_value, count, sum, avg, min, max); lead and other \
+                         functions that look at later rows are not"
+                    )));
+                }
+            };
+            functions.push(Function {
+                kind,
+                arg,
+                frame,
+                data_type,
+                shape,
+            });
+        }
+        let partition_by = partition_by.unwrap_or_default();
+        let order_by = order_by.unwrap_or_default();
+        let ties = if order_by.len() > 1 {
+            let exprs = order_by[1..]
+                .iter()
+                .map(|s| state.create_physical_expr(s.expr.clone(), schema))
+                .collect::<datafusion::common::Result<Vec<_>>>()?;
+            let fields = exprs
+                .iter()
+                .zip(&order_by[1..])
+                .map(|(e, s)| {
+                    Ok(SortField::new_with_options(
+                        e.data_type(schema.as_arrow())?,
+                        arrow::compute::SortOptions {
+                            descending: !s.asc,
+                            nulls_first: s.nulls_first,
+                        },
+                    ))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Some((exprs, RowConverter::new(fields)?))
+        } else {
+            None
+        };
+        let input_schema = Arc::new(schema.as_arrow().clone());
+        Ok(OverWindow {
+            partitions_by: KeyEncoder::plan(&partition_by, schema, state)?,
+            ts,
+            ties,
+            args,
+            functions,
+            output_schema: Arc::new(window.schema.as_arrow().clone()),
+            pending: RowBuffer::new("pending", input_schema, ts),
+            partitions: KeyedTable::new(
+                "partitions",
+                Box::new(BytesCodec::with_size(partition_size)),
+            ),
+            watermark: Watermark::NONE,
+        })
+    }
+
+    /// Frame `[start, end)` of row `idx` of partition `p`, searching from the previous row's
+    /// frame as DataFusion does.
+    fn frame(&self, f: &Function, p: &Partition, idx: u64, last: (u64, u64)) -> (u64, u64) {
+        let len = p.seen;
+        let frame = f.frame;
+        if frame.rows {
+            let start = match frame.start {
+                Bound::Unbounded => 0,
+                Bound::Preceding(n) => idx.saturating_sub(n as u64),
+                Bound::Current => idx,
+            };
+            let end = match frame.end {
+                Bound::Current => idx + 1,
+                Bound::Preceding(m) => {
+                    let m = m as u64;
+                    if idx >= m { idx - m + 1 } else { 0 }
+                }
+                Bound::Unbounded => len,
+            };
+            return (start, end);
+        }
+        let ts = p.ts(idx);
+        // First row at or after `from` for which `before(row)` is false.
+        let scan = |from: u64, before: &dyn Fn(u64) -> bool| {
+            let mut j = from;
+            while j < len && before(j) {
+                j += 1;
+            }
+            j
+        };
+        let start = match frame.start {
+            Bound::Unbounded => 0,
+            Bound::Preceding(x) => match ts.checked_sub(x) {
+                Some(target) => scan(last.0, &|j| p.ts(j) < target),
+                None => last.0,
+            },
+            Bound::Current => scan(last.0, &|j| p.key_cmp(j, idx) == Ordering::Less),
+        };
+        let end = match frame.end {
+            Bound::Current => scan(last.1, &|j| p.key_cmp(j, idx) != Ordering::Greater),
+            Bound::Preceding(y) => match ts.checked_sub(y) {
+                Some(target) => scan(last.1, &|j| p.ts(j) <= target),
+                None => last.1,
+            },
+            Bound::Unbounded => len,
+        };
+        (start, end)
+    }
+
+    /// Computes every function for rows `first..p.seen` of `p` (already appended), pushing
+    /// one value per row into each of `out`.
+    fn evaluate(&self, p: &mut Partition, first: u64, out: &mut [Vec<Value>]) -> Result<()> {
+        for idx in first..p.seen {
+            for (k, f) in self.functions.iter().enumerate() {
+                let value = match &f.kind {
+                    Kind::RowNumber => Value::U64(idx + 1),
+                    Kind::Lag { offset, default } => {
+                        if idx >= *offset {
+                            p.value(f.arg.expect("lag has an argument"), idx - offset)
+                                .clone()
+                        } else {
+                            default.clone()
+                        }
+                    }
+                    Kind::First | Kind::Last => {
+                        let last = (p.states[k].start, p.states[k].end);
+                        let (s, e) = self.frame(f, p, idx, last);
+                        p.states[k].start = s;
+                        p.states[k].end = e;
+                        if s >= e {
+                            Value::Null
+                        } else {
+                            let row = if matches!(f.kind, Kind::First) {
+                                s
+                            } else {
+                                e - 1
+                            };
+                            p.value(f.arg.expect("an argument"), row).clone()
+                        }
+                    }
+                    Kind::Aggregate(op) => self.aggregate(*op, f, k, p, idx)?,
+                };
+                out[k].push(value);
+            }
+        }
+        Ok(())
+    }
+
+    /// One step of an aggregate, in DataFusion's order: add the rows entering the frame, then
+    /// (sliding frames) subtract the rows leaving it; an empty frame subtracts all of the
+    /// previous frame and gives the default.
+    fn aggregate(
+        &self,
+        op: AggOp,
+        f: &Function,
+        k: usize,
+        p: &mut Partition,
+        idx: u64,
+    ) -> Result<Value> {
+        let last = (p.states[k].start, p.states[k].end);
+        let cur = self.frame(f, p, idx, last);
+        let arg = f.arg.expect("aggregates have an argument");
+        let sliding = f.frame.sliding();
+        let mut acc = std::mem::replace(&mut p.states[k].acc, Acc::None);
+        let value = if cur.0 >= cur.1 {
+            if sliding && last.1 > last.0 {
+                step(&mut acc, op, p, arg, last.0, last.1, false);
+            }
+            match op {
+                AggOp::Count => Value::I64(0),
+                _ => Value::Null,
+            }
+        } else {
+            if cur.1 > last.1 {
+                step(&mut acc, op, p, arg, last.1, cur.1, true);
+            }
+            if sliding && cur.0 > last.0 {
+                step(&mut acc, op, p, arg, last.0, cur.0, false);
+            }
+            match op {
+                AggOp::Min | AggOp::Max if sliding => {
+                    // A sliding MIN/MAX is the extreme of the frame's values (DataFusion's
+                    // monotonic deque holds exactly those).
+                    let mut best: Option<&Value> = None;
+                    for row in cur.0..cur.1 {
+                        let v = p.value(arg, row);
+                        if v.is_null() {
+                            continue;
+                        }
+                        let better = match best {
+                            None => true,
+                            Some(b) => {
+                                let o = v.cmp(b);
+                                if op == AggOp::Min {
+                                    o == Ordering::Less
+                                } else {
+                                    o == Ordering::Greater
+                                }
+                            }
+                        };
+                        if better {
+                            best = Some(v);
+                        }
+                    }
+                    best.cloned().unwrap_or(Value::Null)
+                }
+                _ => evaluate(&acc, &f.shape),
+            }
+        };
+        p.states[k] = FnState {
+            start: cur.0,
+            end: cur.1,
+            acc,
+        };
+        Ok(value)
+    }
+
+    fn new_partition(&self) -> Partition {
+        Partition {
+            values: vec![VecDeque::new(); self.args.len()],
+            states: self
+                .functions
+                .iter()
+                .map(|f| FnState {
+                    start: 0,
+                    end: 0,
+                    acc: match &f.kind {
+                        Kind::Aggregate(AggOp::Count) => Acc::Count(0),
+                        Kind::Aggregate(AggOp::Sum) => match f.shape {
+                            Shape::F64 => Acc::SumF {
+                                sum: 0.0,
+                                count: 0,
+                                set: false,
+                            },
+                            _ => Acc::SumI {
+                                sum: 0,
+                                count: 0,
+                                set: false,
+                            },
+                        },
+                        Kind::Aggregate(AggOp::Avg) => Acc::Avg {
+                            sum: None,
+                            count: 0,
+                        },
+                        Kind::Aggregate(AggOp::Min | AggOp::Max) => Acc::Extreme(Value::Null),
+                        _ => Acc::None,
+                    },
+                })
+                .collect(),
+            ..Partition::default()
+        }
+    }
+
+    /// Drops the rows no frame, `lag` or running state of `p` can reach again.
+    fn prune(&self, p: &mut Partition) {
+        let mut keep_from = p.seen;
+        for (f, s) in self.functions.iter().zip(&p.states) {
+            let need = match &f.kind {
+                Kind::RowNumber => p.seen,
+                Kind::Lag { offset, .. } => p.seen.saturating_sub(*offset),
+                Kind::First | Kind::Last => s.start,
+                Kind::Aggregate(_) if f.frame.sliding() => s.start,
+                Kind::Aggregate(_) => s.end,
+            };
+            keep_from = keep_from.min(need);
+        }
+        while p.base < keep_from {
+            p.ts.pop_front();
+            p.ties.pop_front();
+            for v in &mut p.values {
+                v.pop_front();
+            }
+            p.base += 1;
+        }
+    }
+}
+
+/// Adds (`add`) or subtracts the rows `from..to` of argument `arg` to an accumulator, as
+/// DataFusion's accumulator does with one slice.
+fn step(acc: &mut Acc, op: AggOp, p: &Partition, arg: usize, from: u64, to: u64, add: bool) {
+    let values = || (from..to).map(|r| p.value(arg, r));
+    let non_null = values().filter(|v| !v.is_null()).count() as u64;
+    match acc {
+        Acc::None => {}
+        Acc::Count(c) => {
+            if add {
+                *c += non_null as i64;
+            } else {
+                *c -= non_null as i64;
+            }
+        }
+        Acc::SumI { sum, count, set } => {
+            let mut s: i64 = 0;
+            for v in values() {
+                match v {
+                    Value::I64(x) => s = s.wrapping_add(*x),
+                    Value::U64(x) => s = s.wrapping_add(*x as i64),
+                    _ => {}
+                }
+            }
+            if non_null > 0 {
+                *set = true;
+                if add {
+                    *sum = sum.wrapping_add(s);
+                    *count += non_null;
+                } else {
+                    *sum = sum.wrapping_sub(s);
+                    *count -= non_null;
+                }
+            }
+        }
+        Acc::SumF { sum, count, set } => {
+            let s = slice_sum(values().map(|v| match v {
+                Value::F64(x) => Some(*x),
+                _ => None,
+            }));
+            if add {
+                *count += non_null;
+                if let Some(s) = s {
+                    *sum = if *set { *sum + s } else { 0.0 + s };
+                    *set = true;
+                }
+            } else {
+                if let Some(s) = s {
+                    *sum -= s;
+                }
+                *count -= non_null;
+            }
+        }
+        Acc::Avg { sum, count } => {
+            let s = slice_sum(values().map(|v| match v {
+                Value::F64(x) => Some(*x),
+                Value::I64(x) => Some(*x as f64),
+                Value::U64(x) => Some(*x as f64),
+                _ => None,
+            }));
+            if add {
+                *count += non_null;
+                if let Some(s) = s {
+                    *sum = Some(sum.unwrap_or(0.0) + s);
+                }
+            } else {
+                *count -= non_null;
+                if let Some(s) = s {
+                    *sum = Some(sum.unwrap_or(0.0) - s);
+                }
+            }
+        }
+        Acc::Extreme(best) => {
+            // Plain MIN/MAX only add: keep the old extreme unless a new value is strictly
+            // better, as DataFusion's accumulators do.
+            if add {
+                for v in values().filter(|v| !v.is_null()) {
+                    let better = best.is_null() || {
+                        let o = v.cmp(best);
+                        if op == AggOp::Min {
+                            o == Ordering::Less
+                        } else {
+                            o == Ordering::Greater
+                        }
+                    };
+                    if better {
+                        *best = v.clone();
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn evaluate(acc: &Acc, shape: &Shape) -> Value {
+    match acc {
+        Acc::None => Value::Null,
+        Acc::Count(c) => Value::I64(*c),
+        Acc::SumI { sum, count, set } => {
+            // A sliding sum is NULL for a frame without values; a plain one until the first.
+            if *count == 0 || !*set {
+                Value::Null
+            } else if matches!(shape, Shape::U64) {
+                Value::U64(*sum as u64)
+            } else {
+                Value::I64(*sum)
+            }
+        }
+        Acc::SumF { sum, count, set } => {
+            if *count == 0 || !*set {
+                Value::Null
+            } else {
+                Value::F64(*sum)
+            }
+        }
+        Acc::Avg { sum, count } => match (sum, *count) {
+            (Some(s), c) if c > 0 => Value::F64(s / c as f64),
+            _ => Value::Null,
+        },
+        Acc::Extreme(v) => v.clone(),
+    }
+}
+
+fn frame_of(frame: &datafusion::logical_expr::WindowFrame, expr: &Expr) -> Result<Frame> {
+    let rows = match frame.units {
+        WindowFrameUnits::Rows => true,
+        WindowFrameUnits::Range => false,
+        WindowFrameUnits::Groups => {
+            return Err(unsupported(format!("{expr}: GROUPS frames on streams")));
+        }
+    };
+    let bound = |b: &WindowFrameBound, start: bool| -> Result<Bound> {
+        Ok(match b {
+            WindowFrameBound::CurrentRow => Bound::Current,
+            WindowFrameBound::Preceding(v) if v.is_null() => Bound::Unbounded,
+            WindowFrameBound::Preceding(v) => {
+                let n = if rows {
+                    match v {
+                        ScalarValue::UInt64(Some(n)) => *n as i64,
+                        other => match other.cast_to(&DataType::Int64)? {
+                            ScalarValue::Int64(Some(n)) if n >= 0 => n,
+                            _ => return Err(unsupported(format!("{expr}: frame offset {v}"))),
+                        },
+                    }
+                } else {
+                    range_micros(v).ok_or_else(|| {
+                        unsupported(format!(
+                            "{expr}: RANGE offset {v} (use an interval of days or less, e.g. \
+                             INTERVAL '1' HOUR)"
+                        ))
+                    })?
+                };
+                Bound::Preceding(n)
+            }
+            WindowFrameBound::Following(_) => {
+                return Err(unsupported(format!(
+                    "{expr}: frames that reach {} rows (FOLLOWING) on streams: a row's value \
+                     must be final once the watermark passes it",
+                    if start { "later" } else { "following" }
+                )));
+            }
+        })
+    };
+    let start = bound(&frame.start_bound, true)?;
+    let end = bound(&frame.end_bound, false)?;
+    if end == Bound::Unbounded {
+        return Err(unsupported(format!(
+            "{expr}: frames to UNBOUNDED FOLLOWING on streams"
+        )));
+    }
+    Ok(Frame { rows, start, end })
+}
+
+fn range_micros(v: &ScalarValue) -> Option<i64> {
+    match v {
+        ScalarValue::IntervalMonthDayNano(Some(i))
+            if i.months == 0 && i.nanoseconds % 1000 == 0 =>
+        {
+            Some(i.days as i64 * 86_400_000_000 + i.nanoseconds / 1000)
+        }
+        ScalarValue::IntervalDayTime(Some(i)) => {
+            Some(i.days as i64 * 86_400_000_000 + i.milliseconds as i64 * 1000)
+        }
+        _ => None,
+    }
+}
+
+#[async_trait::async_trait]
+impl Operator for OverWindow {
+    fn kind(&self) -> &'static str {
+        "over"
+    }
+
+    async fn process_batch(
+        &mut self,
+        _input: usize,
+        batch: RecordBatch,
+        out: &mut Output,
+    ) -> Result<()> {
+        let ts = to_micros(batch.column(self.ts))?;
+        let ts = ts.as_primitive::<Int64Type>();
+        // Rows behind the watermark (or without an event time) can no longer be placed in
+        // their partitions' order: they are late.
+        let on_time: arrow::array::BooleanArray = ts
+            .iter()
+            .map(|t| Some(t.is_some_and(|t| !self.watermark.is_late(t))))
+            .collect();
+        let late = batch.num_rows() - on_time.true_count();
+        out.late_rows += late as u64;
+        let batch = if late > 0 {
+            arrow::compute::filter_record_batch(&batch, &on_time)?
+        } else {
+            batch
+        };
+        self.pending.push(batch);
+        Ok(())
+    }
+
+    async fn on_watermark(&mut self, watermark: Watermark, out: &mut Output) -> Result<()> {
+        self.watermark = watermark;
+        let released = self.pending.release(watermark)?;
+        if released.is_empty() {
+            return Ok(());
+        }
+        let batch = concat_batches(&released[0].schema(), &released)?;
+        let n = batch.num_rows();
+        let keys = self
+            .partitions_by
+            .encode(&self.partitions_by.evaluate(&batch)?)?;
+        let ts = to_micros(batch.column(self.ts))?;
+        let ts = ts.as_primitive::<Int64Type>().values().clone();
+        let ties = match &self.ties {
+            Some((exprs, converter)) => {
+                let columns = exprs
+                    .iter()
+                    .map(|e| e.evaluate(&batch)?.into_array(n))
+                    .collect::<datafusion::common::Result<Vec<_>>>()?;
+                Some(converter.convert_columns(&columns)?)
+            }
+            None => None,
+        };
+        let args = self
+            .args
+            .iter()
+            .map(|(e, shape)| shape.read(&e.evaluate(&batch)?.into_array(n)?))
+            .collect::<Result<Vec<_>>>()?;
+        // Process each partition's rows in ORDER BY order.
+        let tie = |i: usize| ties.as_ref().map(|t| t.row(i).data()).unwrap_or(&[]);
+        let mut order: Vec<u32> = (0..n as u32).collect();
+        order.sort_unstable_by(|&a, &b| {
+            let (a, b) = (a as usize, b as usize);
+            keys.get(a)
+                .cmp(keys.get(b))
+                .then(ts[a].cmp(&ts[b]))
+                .then_with(|| tie(a).cmp(tie(b)))
+                .then(a.cmp(&b))
+        });
+        let mut values: Vec<Vec<Value>> = vec![Vec::with_capacity(n); self.functions.len()];
+        let mut i = 0;
+        while i < n {
+            let key = keys.get(order[i] as usize);
+            let mut j = i + 1;
+            while j < n && keys.get(order[j] as usize) == key {
+                j += 1;
+            }
+            let mut p = match self.partitions.remove(key) {
+                Some(p) => p,
+                None => self.new_partition(),
+            };
+            let first = p.seen;
+            for &row in &order[i..j] {
+                let row = row as usize;
+                p.ts.push_back(ts[row]);
+                if ties.is_some() {
+                    p.ties.push_back(tie(row).into());
+                }
+                for (column, arg) in p.values.iter_mut().zip(&args) {
+                    column.push_back(arg[row].clone());
+                }
+                p.seen += 1;
+            }
+            self.evaluate(&mut p, first, &mut values)?;
+            self.prune(&mut p);
+            self.partitions.insert(key, p);
+            i = j;
+        }
+        let rows = take_record_batch(&batch, &UInt32Array::from(order))?;
+        let mut columns = rows.columns().to_vec();
+        for (f, v) in self.functions.iter().zip(&values) {
+            columns.push(f.shape.write(v, &f.data_type)?);
+        }
+        out.push(RecordBatch::try_new(self.output_schema.clone(), columns)?);
+        Ok(())
+    }
+
+    fn tables(&mut self) -> Vec<&mut dyn StateTable> {
+        vec![&mut self.pending, &mut self.partitions]
+    }
+
+    fn on_restored(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exec::testing::{epoch, find, optimized, transplant};
+    use arrow::array::{Float64Array, Int64Array, StringArray, TimestampMicrosecondArray};
+    use arrow::datatypes::{Field, Schema, TimeUnit};
+    use datafusion::logical_expr::LogicalPlan;
+
+    const S: i64 = 1_000_000;
+
+    fn rows(card: &[&str], id: &[i64], ts_s: &[i64], amount: &[f64]) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("card", DataType::Utf8, false),
+            Field::new("id", DataType::Int64, false),
+            Field::new(
+                "ts",
+                DataType::Timestamp(TimeUnit::Microsecond, None),
+                false,
+            ),
+            Field::new("amount", DataType::Float64, true),
+        ]));
+        RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from(card.to_vec())),
+                Arc::new(Int64Array::from(id.to_vec())),
+                Arc::new(TimestampMicrosecondArray::from(
+                    ts_s.iter().map(|t| t * S).collect::<Vec<_>>(),
+                )),
+                Arc::new(Float64Array::from(amount.to_vec())),
+            ],
+        )
+        .unwrap()
+    }
+
+    async fn operator(sql: &str, sample: &RecordBatch) -> (OverWindow, OverWindow) {
+        let (plan, state) = optimized(sql, &[("t", sample.clone())]).await;
+        let node = find(&plan, &|p| matches!(p, LogicalPlan::Window(_)));
+        let LogicalPlan::Window(w) = node else {
+            unreachable!()
+        };
+        let ts = w
+            .input
+            .schema()
+            .index_of_column_by_name(None, "ts")
+            .unwrap();
+        (
+            OverWindow::new(&w, &state, ts).unwrap(),
+            OverWindow::new(&w, &state, ts).unwrap(),
+        )
+    }
+
+    /// (id, the window columns as text) of an output.
+    fn results(out: &Output) -> Vec<String> {
+        let mut v = Vec::new();
+        for b in &out.batches {
+            let id = b.column(1).as_primitive::<Int64Type>();
+            for r in 0..b.num_rows() {
+                let mut line = id.value(r).to_string();
+                for c in 4..b.num_columns() {
+                    let f = arrow::util::display::ArrayFormatter::try_new(
+                        b.column(c).as_ref(),
+                        &Default::default(),
+                    )
+                    .unwrap();
+                    line.push_str(&format!(" {}", f.value(r)));
+                }
+                v.push(line);
+            }
+        }
+        v.sort();
+        v
+    }
+
+    #[tokio::test]
+    async fn range_frames_include_peers_and_wait_for_the_watermark() {
+        let all = rows(
+            &["a"; 5],
+            &[1, 2, 3, 4, 5],
+            &[0, 10, 10, 70, 200],
+            &[1.0, 2.0, 4.0, 8.0, 16.0],
+        );
+        let sql = "SELECT card, id, ts, amount, \
+                   count(*) OVER (PARTITION BY card ORDER BY ts RANGE BETWEEN INTERVAL '1' MINUTE PRECEDING AND CURRENT ROW) AS c, \
+                   sum(amount) OVER (PARTITION BY card ORDER BY ts RANGE BETWEEN INTERVAL '1' MINUTE PRECEDING AND CURRENT ROW) AS s \
+                   FROM t";
+        let (mut op, mut restarted) = operator(sql, &all).await;
+        // Epoch 1, out of order: the watermark (65 s) releases the rows before it; the row at
+        // 70 s waits.
+        let first = rows(
+            &["a"; 4],
+            &[4, 1, 3, 2],
+            &[70, 0, 10, 10],
+            &[8.0, 1.0, 4.0, 2.0],
+        );
+        let out1 = epoch(&mut op, vec![(0, first)], Watermark(65 * S)).await;
+        assert_eq!(results(&out1), ["1 1 1.0", "2 3 7.0", "3 3 7.0"]);
+        // A restart from the checkpoint in between changes nothing.
+        transplant(&mut op, &mut restarted);
+        restarted.watermark = Watermark(65 * S);
+        let second = rows(&["a"; 2], &[5, 9], &[200, 30], &[16.0, 99.0]);
+        let out2 = epoch(&mut restarted, vec![(0, second)], Watermark::END).await;
+        assert_eq!(
+            out2.late_rows, 1,
+            "the row at 30 s came after the watermark passed it"
+        );
+        assert_eq!(results(&out2), ["4 3 14.0", "5 1 16.0"]);
+        let size = restarted.state_size();
+        assert_eq!(size.rows, 1, "one partition, no pending rows");
+    }
+
+    #[tokio::test]
+    async fn rows_frames_lag_and_row_number_match_datafusion_bit_for_bit() {
+        // Amounts whose running sums round: the stream must round exactly as DataFusion does.
+        let n = 400;
+        let cards: Vec<&str> = (0..n).map(|i| ["a", "b", "c"][i % 3]).collect();
+        let ids: Vec<i64> = (0..n as i64).collect();
+        let ts: Vec<i64> = (0..n as i64).map(|i| (i * 7919) % 1000).collect();
+        let amounts: Vec<f64> = (0..n).map(|i| (i as f64 * 0.1).sin() * 1e6 + 0.1).collect();
+        let all = rows(&cards, &ids, &ts, &amounts);
+        let w = "PARTITION BY card ORDER BY ts, id";
+        let sql = format!(
+            "SELECT card, id, ts, amount, \
+             lag(amount, 2) OVER ({w}) AS prev2, row_number() OVER ({w}) AS n, \
+             sum(amount) OVER ({w} ROWS BETWEEN 3 PRECEDING AND CURRENT ROW) AS s4, \
+             avg(amount) OVER ({w} ROWS BETWEEN 5 PRECEDING AND 1 PRECEDING) AS a5, \
+             min(amount) OVER ({w} ROWS BETWEEN 2 PRECEDING AND CURRENT ROW) AS lo, \
+             last_value(id) OVER ({w} ROWS BETWEEN 2 PRECEDING AND 1 PRECEDING) AS last_id \
+             FROM t"
+        );
+        let sql = sql.as_str();
+        // Batch: DataFusion's own window operators.
+        let ctx = SessionContext::new();
+        ctx.register_batch("t", all.clone()).unwrap();
+        let expected = results(&Output {
+            batches: ctx.sql(sql).await.unwrap().collect().await.unwrap(),
+            late_rows: 0,
+        });
+        // Stream: ten epochs of rows in event-time order (ties may span epochs), the watermark
+        // at the latest event time delivered, a restart after epoch 5.
+        let order = arrow::compute::sort_to_indices(all.column(2), None, None).unwrap();
+        let sorted = arrow::compute::take_record_batch(&all, &order).unwrap();
+        let (mut op, mut restarted) = operator(sql, &all).await;
+        let mut got = Vec::new();
+        let chunk = |e: usize| sorted.slice(e * 40, 40);
+        let mark = |e: usize| {
+            if e == 9 {
+                Watermark::END
+            } else {
+                let ts = to_micros(chunk(e).column(2)).unwrap();
+                Watermark(arrow::compute::max(ts.as_primitive::<Int64Type>()).unwrap())
+            }
+        };
+        for e in 0..5 {
+            got.extend(results(&epoch(&mut op, vec![(0, chunk(e))], mark(e)).await));
+        }
+        transplant(&mut op, &mut restarted);
+        restarted.watermark = mark(4);
+        for e in 5..10 {
+            got.extend(results(
+                &epoch(&mut restarted, vec![(0, chunk(e))], mark(e)).await,
+            ));
+        }
+        got.sort();
+        assert_eq!(got.len(), n);
+        assert_eq!(got, expected);
+    }
+
+    use datafusion::prelude::SessionContext;
+}

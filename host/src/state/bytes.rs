@@ -1,0 +1,256 @@
+//! A compact little-endian byte encoding for structured state values, and the
+//! [`BytesCodec`] that stores such values in one `Binary` column.
+//!
+//! Values whose shape is not a fixed set of columns (an OVER partition's frame rows, a join
+//! key's buffered rows) are encoded as bytes. The format is private to the operator that writes
+//! it, versioned by the checkpoint's fingerprint, and checked on read: a truncated or foreign
+//! value is an error, never a silent misread.
+
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, AsArray, BinaryBuilder};
+use arrow::datatypes::{DataType, Field, Fields};
+
+use super::ValueCodec;
+use crate::error::{Result, RiffleError};
+
+/// Appends a value's bytes.
+pub trait Encode {
+    /// Appends `self` to `out`.
+    fn encode(&self, out: &mut Vec<u8>);
+}
+
+/// Reads a value back, advancing the input.
+pub trait Decode: Sized {
+    /// Reads one value from the front of `input`.
+    ///
+    /// # Errors
+    /// Truncated or malformed input.
+    fn decode(input: &mut &[u8]) -> Result<Self>;
+}
+
+fn truncated() -> RiffleError {
+    RiffleError::Checkpoint("a state value is truncated or malformed".into())
+}
+
+/// Takes `n` bytes from the front of `input`.
+///
+/// # Errors
+/// Fewer than `n` bytes left.
+pub fn take<'a>(input: &mut &'a [u8], n: usize) -> Result<&'a [u8]> {
+    if input.len() < n {
+        return Err(truncated());
+    }
+    let (head, rest) = input.split_at(n);
+    *input = rest;
+    Ok(head)
+}
+
+macro_rules! fixed {
+    ($($t:ty),*) => {$(
+        impl Encode for $t {
+            fn encode(&self, out: &mut Vec<u8>) {
+                out.extend_from_slice(&self.to_le_bytes());
+            }
+        }
+        impl Decode for $t {
+            fn decode(input: &mut &[u8]) -> Result<Self> {
+                let bytes = take(input, std::mem::size_of::<$t>())?;
+                Ok(<$t>::from_le_bytes(bytes.try_into().expect("sized above")))
+            }
+        }
+    )*};
+}
+fixed!(u8, u32, u64, i64, f64);
+
+impl Encode for bool {
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.push(u8::from(*self));
+    }
+}
+
+impl Decode for bool {
+    fn decode(input: &mut &[u8]) -> Result<Self> {
+        match u8::decode(input)? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(truncated()),
+        }
+    }
+}
+
+impl Encode for [u8] {
+    fn encode(&self, out: &mut Vec<u8>) {
+        (self.len() as u32).encode(out);
+        out.extend_from_slice(self);
+    }
+}
+
+impl Encode for Box<[u8]> {
+    fn encode(&self, out: &mut Vec<u8>) {
+        self.as_ref().encode(out);
+    }
+}
+
+impl Decode for Box<[u8]> {
+    fn decode(input: &mut &[u8]) -> Result<Self> {
+        let n = u32::decode(input)? as usize;
+        Ok(take(input, n)?.into())
+    }
+}
+
+impl<T: Encode> Encode for Option<T> {
+    fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            None => out.push(0),
+            Some(v) => {
+                out.push(1);
+                v.encode(out);
+            }
+        }
+    }
+}
+
+impl<T: Decode> Decode for Option<T> {
+    fn decode(input: &mut &[u8]) -> Result<Self> {
+        match u8::decode(input)? {
+            0 => Ok(None),
+            1 => Ok(Some(T::decode(input)?)),
+            _ => Err(truncated()),
+        }
+    }
+}
+
+impl<T: Encode> Encode for Vec<T> {
+    fn encode(&self, out: &mut Vec<u8>) {
+        (self.len() as u32).encode(out);
+        for v in self {
+            v.encode(out);
+        }
+    }
+}
+
+impl<T: Decode> Decode for Vec<T> {
+    fn decode(input: &mut &[u8]) -> Result<Self> {
+        let n = u32::decode(input)? as usize;
+        // Do not trust a corrupt length for the allocation.
+        let mut out = Vec::with_capacity(n.min(input.len()));
+        for _ in 0..n {
+            out.push(T::decode(input)?);
+        }
+        Ok(out)
+    }
+}
+
+impl<T: Encode> Encode for std::collections::VecDeque<T> {
+    fn encode(&self, out: &mut Vec<u8>) {
+        (self.len() as u32).encode(out);
+        for v in self {
+            v.encode(out);
+        }
+    }
+}
+
+impl<T: Decode> Decode for std::collections::VecDeque<T> {
+    fn decode(input: &mut &[u8]) -> Result<Self> {
+        Ok(Vec::<T>::decode(input)?.into())
+    }
+}
+
+/// Stores values that implement [`Encode`]/[`Decode`] in one `Binary` column named `value`.
+pub struct BytesCodec<V> {
+    size: fn(&V) -> usize,
+    _value: PhantomData<fn() -> V>,
+}
+
+impl<V> BytesCodec<V> {
+    /// A codec that counts a value's size as its in-memory struct size.
+    pub fn new() -> Self {
+        Self::with_size(|_| std::mem::size_of::<V>())
+    }
+
+    /// A codec that counts a value's size with `size` (for values that own heap memory).
+    pub fn with_size(size: fn(&V) -> usize) -> Self {
+        BytesCodec {
+            size,
+            _value: PhantomData,
+        }
+    }
+}
+
+impl<V> Default for BytesCodec<V> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<V: Encode + Decode + Send> ValueCodec<V> for BytesCodec<V> {
+    fn fields(&self) -> Fields {
+        Fields::from(vec![Field::new("value", DataType::Binary, true)])
+    }
+
+    fn encode(&self, values: Vec<&mut V>) -> Result<Vec<ArrayRef>> {
+        let mut builder = BinaryBuilder::with_capacity(values.len(), values.len() * 16);
+        let mut buf = Vec::new();
+        for v in values {
+            buf.clear();
+            v.encode(&mut buf);
+            builder.append_value(&buf);
+        }
+        Ok(vec![Arc::new(builder.finish())])
+    }
+
+    fn decode(&self, columns: &[ArrayRef], row: usize) -> Result<V> {
+        let column = columns
+            .first()
+            .and_then(|c| c.as_binary_opt::<i32>())
+            .ok_or_else(truncated)?;
+        if column.is_null(row) {
+            return Err(truncated());
+        }
+        let mut input = column.value(row);
+        let value = V::decode(&mut input)?;
+        if !input.is_empty() {
+            return Err(truncated());
+        }
+        Ok(value)
+    }
+
+    fn size(&self, value: &V) -> usize {
+        (self.size)(value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_round_trip_and_truncation_is_an_error() {
+        let value: (Vec<Option<i64>>, Box<[u8]>, f64) = (
+            vec![Some(-3), None, Some(i64::MAX)],
+            Box::from(&b"key"[..]),
+            -0.5,
+        );
+        let mut out = Vec::new();
+        value.0.encode(&mut out);
+        value.1.encode(&mut out);
+        value.2.encode(&mut out);
+        let mut input = &out[..];
+        assert_eq!(Vec::<Option<i64>>::decode(&mut input).unwrap(), value.0);
+        assert_eq!(Box::<[u8]>::decode(&mut input).unwrap(), value.1);
+        assert_eq!(
+            f64::decode(&mut input).unwrap().to_bits(),
+            value.2.to_bits()
+        );
+        assert!(input.is_empty());
+        for cut in 0..out.len() {
+            let mut short = &out[..cut];
+            let ok = Vec::<Option<i64>>::decode(&mut short)
+                .and_then(|_| Box::<[u8]>::decode(&mut short))
+                .and_then(|_| f64::decode(&mut short));
+            assert!(ok.is_err(), "cut at {cut} must not decode");
+        }
+    }
+}
