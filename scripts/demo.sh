@@ -41,6 +41,22 @@ echo "    progress: $demo_dir/stream-windows-checkpoint/progress.jsonl" >&2
 "$riffle" run "$demo_dir/fraud_windows.toml" --mode batch
 echo "    batch output: $demo_dir/batch-windows.parquet" >&2
 
+echo "==> per-card features over two streams (OVER windows, an interval join): stream, then batch" >&2
+"$riffle" generate fraud --rows 100000 --events-per-second 2 --cards 2000 \
+    --out "$demo_dir/transactions-features.parquet"
+"$riffle" generate fraud --seed 7 --rows 40000 --events-per-second 0.8 --cards 2000 \
+    --out "$demo_dir/logins.parquet"
+cp scripts/demo/fraud_features.toml "$demo_dir/"
+rm -rf "$demo_dir/stream-features" "$demo_dir/stream-features-checkpoint"
+"$riffle" run "$demo_dir/fraud_features.toml" --mode stream
+"$riffle" run "$demo_dir/fraud_features.toml" --mode batch
+echo "    the same features in both modes (rows only one side has: 0):" >&2
+"$riffle" sql --table "stream=$demo_dir/stream-features" \
+    --table "batch=$demo_dir/batch-features.parquet" \
+    "SELECT (SELECT count(*) FROM stream) AS stream_rows, (SELECT count(*) FROM batch) AS batch_rows,
+            (SELECT count(*) FROM (SELECT * FROM stream EXCEPT SELECT * FROM batch)) AS only_stream,
+            (SELECT count(*) FROM (SELECT * FROM batch EXCEPT SELECT * FROM stream)) AS only_batch"
+
 echo "==> one Delta table, written by a stream and by a backfill (scripts/demo/fraud_delta.toml)" >&2
 cp scripts/demo/fraud_delta.toml "$demo_dir/"
 rm -rf "$demo_dir/risky-table" "$demo_dir/risky-table-checkpoint"
