@@ -16,6 +16,10 @@
 //!
 //! This is a benchmark, not a test: it asserts nothing about speed.
 
+/// The allocator the `riffle` binary runs with.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -9,7 +9,8 @@
 //! 1. stateless: filter + the `risk_score` Wasm UDF in the projection;
 //! 2. a 1-minute tumbling window per country with `max(risk_score(...))` inside the aggregate;
 //! 3. three OVER features per card (distance from the previous transaction with `lag`, a
-//!    one-hour rolling count, a 30-minute rolling average) over 1,000,000 distinct cards;
+//!    one-hour rolling count, a 30-minute rolling average; one window specification, so one
+//!    operator) over 1,000,000 distinct cards;
 //! 4. an interval join of two streams (transactions with logins of the same card within
 //!    minutes);
 //! 5. latency: the low-latency trigger at 100,000 events/s of arrival rate.
@@ -22,6 +23,10 @@
 //! includes it. Latency is per row, from when the generator makes the row available to when
 //! its epoch commits, interpolated within each epoch between its first and last row. This is a
 //! benchmark, not a test: it asserts nothing about speed.
+
+/// The allocator the `riffle` binary runs with.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
@@ -53,6 +58,8 @@ struct Run {
     latencies_ms: Vec<f64>,
     /// (operator id, state rows, state bytes) after the last epoch.
     state: Vec<(String, u64, u64)>,
+    /// Seconds in each phase over all epochs: operators, state, sink, commit.
+    phases: [f64; 4],
 }
 
 async fn run(
@@ -117,9 +124,16 @@ async fn run(
     let mut read_s = 0.0;
     let mut latencies_ms = Vec::new();
     let mut state = Vec::new();
+    let mut phases = [0.0; 4];
     for line in std::fs::read_to_string(&progress).unwrap().lines() {
         let p: serde_json::Value = serde_json::from_str(line).unwrap();
         read_s += p["durations"]["read_ms"].as_f64().unwrap() / 1e3;
+        for (i, phase) in ["operators_ms", "state_ms", "sink_ms", "commit_ms"]
+            .iter()
+            .enumerate()
+        {
+            phases[i] += p["durations"][phase].as_f64().unwrap() / 1e3;
+        }
         let n = p["input_rows"].as_u64().unwrap();
         if let (Some(fast), Some(slow)) = (p["latency_ms"][0].as_f64(), p["latency_ms"][1].as_f64())
         {
@@ -152,6 +166,7 @@ async fn run(
         epochs: summary.epochs,
         latencies_ms,
         state,
+        phases,
     }
 }
 
@@ -167,6 +182,10 @@ fn report(name: &str, r: &Run) {
 }
 
 fn report_state(r: &Run) {
+    println!(
+        "    phases: operators {:.2} s, state {:.2} s, sink {:.2} s, commit {:.2} s",
+        r.phases[0], r.phases[1], r.phases[2], r.phases[3]
+    );
     for (id, rows, bytes) in &r.state {
         if *rows > 0 {
             println!(
@@ -198,6 +217,12 @@ fn main() {
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(2_000_000);
+    // Other arguments pick runs by name (stateless, windowed, over, join, latency); none: all.
+    let only: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a.parse::<i64>().is_err() && !a.starts_with('-'))
+        .collect();
+    let wanted = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -205,6 +230,7 @@ fn main() {
         .unwrap();
     rt.block_on(async {
         let dir = tempfile::tempdir().unwrap();
+if wanted("stateless") {
         let stateless = run(
             "SELECT tx_id, ts, card_id, amount, risk_score(amount, country) AS risk \
              FROM transactions WHERE amount > 50 AND channel <> 'pos'",
@@ -216,7 +242,9 @@ fn main() {
         )
         .await;
         report("stateless filter + UDF", &stateless);
+        }
 
+if wanted("windowed") {
         let windowed = run(
             "SELECT window(ts, '1 minute') AS w, country, count(*) AS n, \
              max(risk_score(amount, country)) AS worst \
@@ -230,11 +258,13 @@ fn main() {
         .await;
         report("1-min tumbling, UDF in agg", &windowed);
         report_state(&windowed);
+        }
 
+if wanted("over") {
         let over = run(
             "SELECT tx_id, card_id, ts, \
-             haversine_km(lat, lon, lag(lat) OVER (PARTITION BY card_id ORDER BY ts, tx_id), \
-                          lag(lon) OVER (PARTITION BY card_id ORDER BY ts, tx_id)) AS km, \
+             haversine_km(lat, lon, lag(lat) OVER (PARTITION BY card_id ORDER BY ts), \
+                          lag(lon) OVER (PARTITION BY card_id ORDER BY ts)) AS km, \
              count(*) OVER (PARTITION BY card_id ORDER BY ts \
                             RANGE BETWEEN INTERVAL '1' HOUR PRECEDING AND CURRENT ROW) AS n_1h, \
              avg(amount) OVER (PARTITION BY card_id ORDER BY ts \
@@ -249,7 +279,9 @@ fn main() {
         .await;
         report("3 OVER features, 1M cards", &over);
         report_state(&over);
+        }
 
+if wanted("join") {
         let joined = run(
             "SELECT t.tx_id, t.amount, l.tx_id AS login, l.country \
              FROM transactions t JOIN logins l ON t.card_id = l.card_id \
@@ -266,7 +298,9 @@ fn main() {
         .await;
         report("interval join of 2 streams", &joined);
         report_state(&joined);
+        }
 
+        if wanted("latency") {
         let rate = 100_000.0;
         let latency_rows = (rate as i64 * 5).min(rows);
         let mut latency = run(
@@ -291,5 +325,6 @@ fn main() {
             percentile(l, 0.99),
             l.last().copied().unwrap_or(0.0)
         );
+        }
     });
 }

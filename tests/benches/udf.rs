@@ -9,6 +9,10 @@
 //! 1, 1024, 8192 and 65536 rows, and the cold start of a module with and without the compiled
 //! artifact cache. This is a benchmark, not a test: it asserts nothing about speed.
 
+/// The allocator the `riffle` binary runs with.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -12,7 +12,8 @@
 //! ```
 //!
 //! Per epoch the driver writes the offsets, runs the epoch, writes each state table's delta (or
-//! a snapshot), writes the sink, and then the commit. The commit's *manifest* lists, per
+//! a snapshot, once the deltas since the last one are as large as it), writes the sink, and
+//! then the commit. The commit's *manifest* lists, per
 //! operator and table, the snapshot and every delta since it that make up the state after the
 //! epoch. Recovery reads exactly those files, checks that each is there and says what it claims
 //! to be (operator, table, epoch), and refuses to start otherwise: a missing delta is never
@@ -82,8 +83,10 @@ pub struct TableManifest {
     pub snapshot: Option<u64>,
     /// Epochs whose deltas apply on top, in order.
     pub deltas: Vec<u64>,
-    /// Bytes of those files.
-    pub bytes: u64,
+    /// Bytes of the snapshot.
+    pub snapshot_bytes: u64,
+    /// Bytes of the deltas.
+    pub delta_bytes: u64,
 }
 
 /// Operator id -> table name -> files.
@@ -321,7 +324,12 @@ impl Checkpoint {
                     .and_then(|t| t.get(&name))
                     .cloned()
                     .unwrap_or_default();
-                let snapshot_due = before.deltas.len() + 1 >= self.snapshot_every;
+                // A snapshot once the deltas since the last one add up to as much as it did
+                // (and at least every `snapshot_every` epochs): restoring then reads at most
+                // about twice the state, and writing snapshots costs in proportion to the
+                // changes rather than to the state.
+                let snapshot_due = before.deltas.len() + 1 >= self.snapshot_every
+                    && before.delta_bytes >= before.snapshot_bytes;
                 let (batch, entry) = if snapshot_due {
                     let batch = table.snapshot()?;
                     (
@@ -329,7 +337,8 @@ impl Checkpoint {
                         TableManifest {
                             snapshot: Some(epoch),
                             deltas: Vec::new(),
-                            bytes: 0,
+                            snapshot_bytes: 0,
+                            delta_bytes: 0,
                         },
                     )
                 } else {
@@ -346,7 +355,11 @@ impl Checkpoint {
                 if let Some((batch, snapshot)) = batch {
                     let bytes = self.write_table(&id, &name, epoch, snapshot, &batch)?;
                     written += bytes;
-                    entry.bytes = if snapshot { bytes } else { entry.bytes + bytes };
+                    if snapshot {
+                        entry.snapshot_bytes = bytes;
+                    } else {
+                        entry.delta_bytes += bytes;
+                    }
                 }
                 if entry.snapshot.is_some() || !entry.deltas.is_empty() {
                     manifest.entry(id.clone()).or_default().insert(name, entry);
@@ -374,17 +387,39 @@ impl Checkpoint {
         metadata.insert("riffle.epoch".into(), epoch.to_string());
         metadata.insert("riffle.kind".into(), kind.into());
         let schema = Schema::new(batch.schema().fields().clone()).with_metadata(metadata);
-        let mut bytes = Vec::new();
-        {
-            let mut writer = FileWriter::try_new(&mut bytes, &schema)?;
+        // Written straight to the file (state can be tens of megabytes an epoch), then synced
+        // and renamed like every other checkpoint file.
+        let tmp = crate::common::fs::temp_path(&path);
+        let file = fs::File::create(&tmp).map_err(|e| RiffleError::io("creating", &tmp, e))?;
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+        let written = (|| -> std::result::Result<(), arrow::error::ArrowError> {
+            let mut writer = FileWriter::try_new(&mut out, &schema)?;
             writer.write(&RecordBatch::try_new(
                 schema.clone().into(),
                 batch.columns().to_vec(),
             )?)?;
-            writer.finish()?;
-        }
-        write_atomic(&path, &bytes)?;
-        Ok(bytes.len() as u64)
+            writer.finish()
+        })();
+        let flushed = written
+            .map_err(|e| RiffleError::io("writing", &tmp, std::io::Error::other(e)))
+            .and_then(|()| {
+                out.into_inner()
+                    .map_err(|e| RiffleError::io("writing", &tmp, e.into_error()))
+            });
+        let file = match flushed {
+            Ok(file) => file,
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        let bytes = file
+            .metadata()
+            .map_err(|e| RiffleError::io("writing", &tmp, e))?
+            .len();
+        drop(file);
+        crate::common::fs::publish(&tmp, &path)?;
+        Ok(bytes)
     }
 
     fn read_table(

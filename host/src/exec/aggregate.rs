@@ -26,7 +26,7 @@ use super::keys::KeyEncoder;
 use super::{Operator, Output};
 use crate::common::{OutputMode, Watermark, to_micros};
 use crate::error::{Result, RiffleError};
-use crate::state::{KeyedTable, StateTable, ValueCodec};
+use crate::state::{KeyedTable, StateTable, ValueCodec, ValueEncoder};
 use crate::window::{TimeWindows, WindowKind, window_array, window_call};
 
 /// One aggregate of a query, ready to feed accumulators from evaluated batches.
@@ -237,36 +237,49 @@ impl GroupCodec {
     }
 }
 
-impl ValueCodec<Group> for GroupCodec {
-    fn fields(&self) -> Fields {
-        self.fields.clone()
-    }
+/// Collects window starts and accumulator states (as scalars) column by column.
+struct GroupEncoder<'a> {
+    codec: &'a GroupCodec,
+    starts: Vec<Option<i64>>,
+    states: Vec<Vec<ScalarValue>>,
+}
 
-    fn encode(&self, values: Vec<&mut Group>) -> Result<Vec<ArrayRef>> {
-        let width = self.fields.len() - 1;
-        let mut states: Vec<Vec<ScalarValue>> = vec![Vec::with_capacity(values.len()); width];
-        let mut starts = Vec::with_capacity(values.len());
-        for group in values {
-            starts.push(group.window_start);
-            let mut column = 0;
-            for (acc, spec) in group.accs.iter_mut().zip(&self.specs) {
-                // `state()` may consume the accumulator's state: rebuild it from the state.
-                let state = acc.state()?;
-                let arrays = state
-                    .iter()
-                    .map(|s| s.to_array())
-                    .collect::<datafusion::common::Result<Vec<_>>>()?;
-                let mut rebuilt = spec.create_accumulator()?;
-                rebuilt.merge_batch(&arrays)?;
-                *acc = rebuilt;
-                for s in state {
-                    states[column].push(s);
-                    column += 1;
-                }
+impl ValueEncoder<Group> for GroupEncoder<'_> {
+    fn append(&mut self, group: &mut Group) -> Result<()> {
+        self.starts.push(Some(group.window_start));
+        let mut column = 0;
+        for (acc, spec) in group.accs.iter_mut().zip(&self.codec.specs) {
+            // `state()` may consume the accumulator's state: rebuild it from the state.
+            let state = acc.state()?;
+            let arrays = state
+                .iter()
+                .map(|s| s.to_array())
+                .collect::<datafusion::common::Result<Vec<_>>>()?;
+            let mut rebuilt = spec.create_accumulator()?;
+            rebuilt.merge_batch(&arrays)?;
+            *acc = rebuilt;
+            for s in state {
+                self.states[column].push(s);
+                column += 1;
             }
         }
-        let mut columns: Vec<ArrayRef> = vec![Arc::new(Int64Array::from(starts))];
-        for (values, field) in states.into_iter().zip(self.fields.iter().skip(1)) {
+        Ok(())
+    }
+
+    fn append_null(&mut self) {
+        self.starts.push(None);
+        for (column, field) in self.states.iter_mut().zip(self.codec.fields.iter().skip(1)) {
+            column.push(ScalarValue::try_from(field.data_type()).unwrap_or(ScalarValue::Null));
+        }
+    }
+
+    fn finish(self: Box<Self>) -> Result<Vec<ArrayRef>> {
+        let mut columns: Vec<ArrayRef> = vec![Arc::new(Int64Array::from(self.starts))];
+        for (values, field) in self
+            .states
+            .into_iter()
+            .zip(self.codec.fields.iter().skip(1))
+        {
             let array = if values.is_empty() {
                 new_empty_array(field.data_type())
             } else {
@@ -279,6 +292,20 @@ impl ValueCodec<Group> for GroupCodec {
             });
         }
         Ok(columns)
+    }
+}
+
+impl ValueCodec<Group> for GroupCodec {
+    fn fields(&self) -> Fields {
+        self.fields.clone()
+    }
+
+    fn encoder(&self, capacity: usize) -> Box<dyn ValueEncoder<Group> + '_> {
+        Box::new(GroupEncoder {
+            codec: self,
+            starts: Vec::with_capacity(capacity),
+            states: vec![Vec::with_capacity(capacity); self.fields.len() - 1],
+        })
     }
 
     fn decode(&self, columns: &[ArrayRef], row: usize) -> Result<Group> {

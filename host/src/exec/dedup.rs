@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Int64Array, RecordBatch};
+use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Int64Builder, RecordBatch};
 use arrow::compute::filter_record_batch;
 use arrow::datatypes::{DataType, Field, Fields, Int64Type, SchemaRef};
 use datafusion::execution::SessionState;
@@ -21,7 +21,7 @@ use super::keys::KeyEncoder;
 use super::{Operator, Output};
 use crate::common::Watermark;
 use crate::error::{Result, RiffleError};
-use crate::state::{KeyedTable, StateTable, ValueCodec};
+use crate::state::{KeyedTable, StateTable, ValueCodec, ValueEncoder};
 
 /// Stores an event time per key.
 struct EventTimeCodec;
@@ -31,10 +31,8 @@ impl ValueCodec<i64> for EventTimeCodec {
         Fields::from(vec![Field::new("ts", DataType::Int64, true)])
     }
 
-    fn encode(&self, values: Vec<&mut i64>) -> Result<Vec<ArrayRef>> {
-        Ok(vec![Arc::new(Int64Array::from_iter_values(
-            values.into_iter().map(|v| *v),
-        ))])
+    fn encoder(&self, capacity: usize) -> Box<dyn ValueEncoder<i64> + '_> {
+        Box::new(EventTimeEncoder(Int64Builder::with_capacity(capacity)))
     }
 
     fn decode(&self, columns: &[ArrayRef], row: usize) -> Result<i64> {
@@ -49,6 +47,23 @@ impl ValueCodec<i64> for EventTimeCodec {
 
     fn size(&self, _: &i64) -> usize {
         8
+    }
+}
+
+struct EventTimeEncoder(Int64Builder);
+
+impl ValueEncoder<i64> for EventTimeEncoder {
+    fn append(&mut self, value: &mut i64) -> Result<()> {
+        self.0.append_value(*value);
+        Ok(())
+    }
+
+    fn append_null(&mut self) {
+        self.0.append_null();
+    }
+
+    fn finish(mut self: Box<Self>) -> Result<Vec<ArrayRef>> {
+        Ok(vec![Arc::new(self.0.finish())])
     }
 }
 
@@ -188,7 +203,7 @@ impl Operator for Dedup {
 mod tests {
     use super::*;
     use crate::exec::testing::{epoch, find, optimized, transplant};
-    use arrow::array::TimestampMicrosecondArray;
+    use arrow::array::{Int64Array, TimestampMicrosecondArray};
     use arrow::datatypes::{Schema, TimeUnit};
     use datafusion::logical_expr::LogicalPlan;
 

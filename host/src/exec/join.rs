@@ -240,7 +240,7 @@ impl Operator for IntervalJoin {
 
         // Candidate pairs: (row of this batch, stored row of the other side).
         let mut this_rows: Vec<u32> = Vec::new();
-        let mut other_rows: Vec<(Box<[u8]>, usize)> = Vec::new();
+        let mut other_rows: Vec<usize> = Vec::new();
         let mut unmatched_now: Vec<u32> = Vec::new();
         let mut keep: Vec<u32> = Vec::new();
         for i in 0..n {
@@ -259,7 +259,7 @@ impl Operator for IntervalJoin {
                 for (k, r) in stored.iter().enumerate() {
                     if r.ts >= lo && r.ts <= hi {
                         this_rows.push(i as u32);
-                        other_rows.push((keys.get(i).into(), k));
+                        other_rows.push(k);
                     }
                 }
             }
@@ -270,10 +270,14 @@ impl Operator for IntervalJoin {
             let other = &self.sides[1 - s];
             let parser = other.rows.parser();
             let other_columns = {
-                let stored: Vec<&[u8]> = other_rows
+                let stored: Vec<&[u8]> = this_rows
                     .iter()
-                    .map(|(key, k)| {
-                        other.table.get(key).expect("candidate key")[*k]
+                    .zip(&other_rows)
+                    .map(|(i, k)| {
+                        other
+                            .table
+                            .get(keys.get(*i as usize))
+                            .expect("candidate key")[*k]
                             .row
                             .as_ref()
                     })
@@ -305,11 +309,13 @@ impl Operator for IntervalJoin {
             };
             for (p, ok) in mask.iter().enumerate() {
                 if ok == Some(true) {
-                    matched_here[this_rows[p] as usize] = true;
-                    let (key, k) = &other_rows[p];
+                    let i = this_rows[p] as usize;
+                    matched_here[i] = true;
+                    let (key, k) = (keys.get(i), other_rows[p]);
                     let other = &mut self.sides[1 - s].table;
-                    if !other.get(key).expect("candidate key")[*k].matched {
-                        other.get_mut(key).expect("candidate key")[*k].matched = true;
+                    // Only a stored row's first match changes (and checkpoints) it.
+                    if !other.get(key).expect("candidate key")[k].matched {
+                        other.get_mut(key).expect("candidate key")[k].matched = true;
                     }
                 }
             }
@@ -349,10 +355,7 @@ impl Operator for IntervalJoin {
                 matched: matched_here[i],
                 row: rows.row(i).data().into(),
             });
-            let current = table.deadline(key);
-            if current.is_none_or(|c| deadline < c) {
-                table.set_deadline(key, Some(deadline));
-            }
+            table.lower_deadline(key, deadline);
         }
         Ok(())
     }

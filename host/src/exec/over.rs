@@ -16,7 +16,6 @@
 //! several floats is summed with Arrow's own `sum` kernel, as DataFusion's accumulators do).
 
 use std::cmp::Ordering;
-use std::collections::VecDeque;
 use std::sync::Arc;
 
 use arrow::array::{
@@ -73,14 +72,6 @@ impl Value {
             (Value::Str(a), Value::Str(b)) => a.cmp(b),
             (Value::Bytes(a), Value::Bytes(b)) => a.cmp(b),
             _ => Ordering::Equal,
-        }
-    }
-
-    fn heap(&self) -> usize {
-        match self {
-            Value::Str(s) => s.len(),
-            Value::Bytes(b) => b.len(),
-            _ => 0,
         }
     }
 }
@@ -475,25 +466,32 @@ impl Decode for FnState {
     }
 }
 
-/// What a partition keeps: its row count, the rows its frames still reach (`history`, which
-/// starts at row `base` of the partition), and each function's running state.
+/// What a partition keeps: its row count, the rows its frames still reach (which start at row
+/// `base` of the partition), and each function's running state.
+///
+/// The kept rows are stored row by row in one vector: the event time, then the argument
+/// values, `width` values per row. A new partition costs two allocations whatever the number
+/// of functions, and its history is a few rows, so dropping rows from the front is cheap.
 #[derive(Clone, Debug, Default)]
 struct Partition {
     seen: u64,
     base: u64,
-    ts: VecDeque<i64>,
-    ties: VecDeque<Box<[u8]>>,
-    values: Vec<VecDeque<Value>>,
+    width: u32,
+    values: Vec<Value>,
+    ties: Vec<Box<[u8]>>,
     states: Vec<FnState>,
 }
 
 impl Partition {
     fn value(&self, arg: usize, row: u64) -> &Value {
-        &self.values[arg][(row - self.base) as usize]
+        &self.values[(row - self.base) as usize * self.width as usize + 1 + arg]
     }
 
     fn ts(&self, row: u64) -> i64 {
-        self.ts[(row - self.base) as usize]
+        match self.values[(row - self.base) as usize * self.width as usize] {
+            Value::I64(t) => t,
+            _ => unreachable!("each kept row starts with its event time"),
+        }
     }
 
     /// The full ORDER BY key of a row, compared as (event time, the other ORDER BY columns).
@@ -512,34 +510,37 @@ impl Encode for Partition {
     fn encode(&self, out: &mut Vec<u8>) {
         self.seen.encode(out);
         self.base.encode(out);
-        self.ts.encode(out);
-        self.ties.encode(out);
+        self.width.encode(out);
         self.values.encode(out);
+        self.ties.encode(out);
         self.states.encode(out);
     }
 }
 
 impl Decode for Partition {
     fn decode(input: &mut &[u8]) -> Result<Self> {
-        Ok(Partition {
+        let p = Partition {
             seen: u64::decode(input)?,
             base: u64::decode(input)?,
-            ts: Decode::decode(input)?,
-            ties: Decode::decode(input)?,
+            width: u32::decode(input)?,
             values: Decode::decode(input)?,
+            ties: Decode::decode(input)?,
             states: Decode::decode(input)?,
-        })
+        };
+        let kept = (p.seen - p.base.min(p.seen)) as usize;
+        if p.width == 0 || p.values.len() != kept * p.width as usize {
+            return Err(RiffleError::Checkpoint(
+                "OVER state: a partition is malformed".into(),
+            ));
+        }
+        Ok(p)
     }
 }
 
+/// Approximate bytes of a partition, in constant time (string values count at their slot
+/// size only).
 fn partition_size(p: &Partition) -> usize {
-    let values: usize = p
-        .values
-        .iter()
-        .map(|c| c.iter().map(|v| 24 + v.heap()).sum::<usize>())
-        .sum();
-    let ties: usize = p.ties.iter().map(|t| t.len() + 16).sum();
-    96 + p.ts.len() * 8 + values + ties + p.states.len() * 48
+    96 + p.values.capacity() * 24 + p.ties.len() * 24 + p.states.capacity() * 48
 }
 
 /// The sum Arrow's `sum` kernel gives for `values` (what DataFusion's float accumulators add
@@ -560,7 +561,7 @@ pub struct OverWindow {
     ts: usize,
     ties: Option<(Vec<Arc<dyn PhysicalExpr>>, RowConverter)>,
     args: Vec<(Arc<dyn PhysicalExpr>, Shape)>,
-    functions: Vec<Function>,
+    functions: Functions,
     output_schema: SchemaRef,
     pending: RowBuffer,
     partitions: KeyedTable<Partition>,
@@ -726,12 +727,20 @@ impl OverWindow {
             None
         };
         let input_schema = Arc::new(schema.as_arrow().clone());
+        let peers_by_ties = ties.is_some()
+            && functions.iter().any(|f| {
+                !f.frame.rows && (f.frame.start == Bound::Current || f.frame.end == Bound::Current)
+            });
         Ok(OverWindow {
             partitions_by: KeyEncoder::plan(&partition_by, schema, state)?,
             ts,
             ties,
+            functions: Functions {
+                peers_by_ties,
+                list: functions,
+                args: args.len(),
+            },
             args,
-            functions,
             output_schema: Arc::new(window.schema.as_arrow().clone()),
             pending: RowBuffer::new("pending", input_schema, ts),
             partitions: KeyedTable::new(
@@ -741,7 +750,19 @@ impl OverWindow {
             watermark: Watermark::NONE,
         })
     }
+}
 
+/// An OVER window's functions, with what each partition's state for them looks like.
+struct Functions {
+    list: Vec<Function>,
+    /// Argument columns per row.
+    args: usize,
+    /// Some RANGE frame ends (or starts) at the current row's peers and the ORDER BY has
+    /// columns after the event time: kept rows need those columns to tell peers apart.
+    peers_by_ties: bool,
+}
+
+impl Functions {
     /// Frame `[start, end)` of row `idx` of partition `p`, searching from the previous row's
     /// frame as DataFusion does.
     fn frame(&self, f: &Function, p: &Partition, idx: u64, last: (u64, u64)) -> (u64, u64) {
@@ -795,7 +816,7 @@ impl OverWindow {
     /// one value per row into each of `out`.
     fn evaluate(&self, p: &mut Partition, first: u64, out: &mut [Vec<Value>]) -> Result<()> {
         for idx in first..p.seen {
-            for (k, f) in self.functions.iter().enumerate() {
+            for (k, f) in self.list.iter().enumerate() {
                 let value = match &f.kind {
                     Kind::RowNumber => Value::U64(idx + 1),
                     Kind::Lag { offset, default } => {
@@ -901,9 +922,9 @@ impl OverWindow {
 
     fn new_partition(&self) -> Partition {
         Partition {
-            values: vec![VecDeque::new(); self.args.len()],
+            width: self.args as u32 + 1,
             states: self
-                .functions
+                .list
                 .iter()
                 .map(|f| FnState {
                     start: 0,
@@ -938,7 +959,7 @@ impl OverWindow {
     /// Drops the rows no frame, `lag` or running state of `p` can reach again.
     fn prune(&self, p: &mut Partition) {
         let mut keep_from = p.seen;
-        for (f, s) in self.functions.iter().zip(&p.states) {
+        for (f, s) in self.list.iter().zip(&p.states) {
             let need = match &f.kind {
                 Kind::RowNumber => p.seen,
                 Kind::Lag { offset, .. } => p.seen.saturating_sub(*offset),
@@ -948,13 +969,13 @@ impl OverWindow {
             };
             keep_from = keep_from.min(need);
         }
-        while p.base < keep_from {
-            p.ts.pop_front();
-            p.ties.pop_front();
-            for v in &mut p.values {
-                v.pop_front();
+        if p.base < keep_from {
+            let drop = (keep_from - p.base) as usize;
+            if !p.ties.is_empty() {
+                p.ties.drain(..drop);
             }
-            p.base += 1;
+            p.values.drain(..drop * p.width as usize);
+            p.base = keep_from;
         }
     }
 }
@@ -1206,47 +1227,45 @@ impl Operator for OverWindow {
             .collect::<Result<Vec<_>>>()?;
         // Process each partition's rows in ORDER BY order.
         let tie = |i: usize| ties.as_ref().map(|t| t.row(i).data()).unwrap_or(&[]);
-        let mut order: Vec<u32> = (0..n as u32).collect();
-        order.sort_unstable_by(|&a, &b| {
-            let (a, b) = (a as usize, b as usize);
-            keys.get(a)
-                .cmp(keys.get(b))
-                .then(ts[a].cmp(&ts[b]))
-                .then_with(|| tie(a).cmp(tie(b)))
-                .then(a.cmp(&b))
-        });
-        let mut values: Vec<Vec<Value>> = vec![Vec::with_capacity(n); self.functions.len()];
+        // Each partition's rows in ORDER BY order (the row index breaks remaining ties, as a
+        // stable sort would).
+        let mut sorted: Vec<(&[u8], i64, &[u8], u32)> = (0..n)
+            .map(|i| (keys.get(i), ts[i], tie(i), i as u32))
+            .collect();
+        sorted.sort_unstable();
+        let order: Vec<u32> = sorted.iter().map(|r| r.3).collect();
+        let mut values: Vec<Vec<Value>> = vec![Vec::with_capacity(n); self.functions.list.len()];
         let mut i = 0;
         while i < n {
-            let key = keys.get(order[i] as usize);
+            let key = sorted[i].0;
             let mut j = i + 1;
-            while j < n && keys.get(order[j] as usize) == key {
+            while j < n && sorted[j].0 == key {
                 j += 1;
             }
-            let mut p = match self.partitions.remove(key) {
-                Some(p) => p,
-                None => self.new_partition(),
-            };
+            let fns = &self.functions;
+            let p = self
+                .partitions
+                .get_or_insert_with(key, || fns.new_partition());
             let first = p.seen;
+            p.values.reserve((j - i) * p.width as usize);
             for &row in &order[i..j] {
                 let row = row as usize;
-                p.ts.push_back(ts[row]);
-                if ties.is_some() {
-                    p.ties.push_back(tie(row).into());
+                p.values.push(Value::I64(ts[row]));
+                for arg in &args {
+                    p.values.push(arg[row].clone());
                 }
-                for (column, arg) in p.values.iter_mut().zip(&args) {
-                    column.push_back(arg[row].clone());
+                if fns.peers_by_ties {
+                    p.ties.push(tie(row).into());
                 }
                 p.seen += 1;
             }
-            self.evaluate(&mut p, first, &mut values)?;
-            self.prune(&mut p);
-            self.partitions.insert(key, p);
+            fns.evaluate(p, first, &mut values)?;
+            fns.prune(p);
             i = j;
         }
         let rows = take_record_batch(&batch, &UInt32Array::from(order))?;
         let mut columns = rows.columns().to_vec();
-        for (f, v) in self.functions.iter().zip(&values) {
+        for (f, v) in self.functions.list.iter().zip(&values) {
             columns.push(f.shape.write(v, &f.data_type)?);
         }
         out.push(RecordBatch::try_new(self.output_schema.clone(), columns)?);

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use arrow::array::{Array, ArrayRef, AsArray, BinaryBuilder};
 use arrow::datatypes::{DataType, Field, Fields};
 
-use super::ValueCodec;
+use super::{ValueCodec, ValueEncoder};
 use crate::error::{Result, RiffleError};
 
 /// Appends a value's bytes.
@@ -62,7 +62,38 @@ macro_rules! fixed {
         }
     )*};
 }
-fixed!(u8, u32, u64, i64, f64);
+fixed!(u8, i64, f64);
+
+/// Unsigned integers (lengths, counters, row numbers) as LEB128 varints: mostly small, they
+/// take one or two bytes instead of eight.
+macro_rules! varint {
+    ($($t:ty),*) => {$(
+        impl Encode for $t {
+            fn encode(&self, out: &mut Vec<u8>) {
+                let mut v = *self as u64;
+                while v >= 0x80 {
+                    out.push((v as u8) | 0x80);
+                    v >>= 7;
+                }
+                out.push(v as u8);
+            }
+        }
+        impl Decode for $t {
+            fn decode(input: &mut &[u8]) -> Result<Self> {
+                let mut v: u64 = 0;
+                for shift in (0..64).step_by(7) {
+                    let byte = u8::decode(input)?;
+                    v |= u64::from(byte & 0x7f) << shift;
+                    if byte & 0x80 == 0 {
+                        return <$t>::try_from(v).map_err(|_| truncated());
+                    }
+                }
+                Err(truncated())
+            }
+        }
+    )*};
+}
+varint!(u32, u64);
 
 impl Encode for bool {
     fn encode(&self, out: &mut Vec<u8>) {
@@ -158,6 +189,28 @@ impl<T: Decode> Decode for std::collections::VecDeque<T> {
     }
 }
 
+struct BytesEncoder {
+    builder: BinaryBuilder,
+    buf: Vec<u8>,
+}
+
+impl<V: Encode> ValueEncoder<V> for BytesEncoder {
+    fn append(&mut self, value: &mut V) -> Result<()> {
+        self.buf.clear();
+        value.encode(&mut self.buf);
+        self.builder.append_value(&self.buf);
+        Ok(())
+    }
+
+    fn append_null(&mut self) {
+        self.builder.append_null();
+    }
+
+    fn finish(mut self: Box<Self>) -> Result<Vec<ArrayRef>> {
+        Ok(vec![Arc::new(self.builder.finish())])
+    }
+}
+
 /// Stores values that implement [`Encode`]/[`Decode`] in one `Binary` column named `value`.
 pub struct BytesCodec<V> {
     size: fn(&V) -> usize,
@@ -190,15 +243,11 @@ impl<V: Encode + Decode + Send> ValueCodec<V> for BytesCodec<V> {
         Fields::from(vec![Field::new("value", DataType::Binary, true)])
     }
 
-    fn encode(&self, values: Vec<&mut V>) -> Result<Vec<ArrayRef>> {
-        let mut builder = BinaryBuilder::with_capacity(values.len(), values.len() * 16);
-        let mut buf = Vec::new();
-        for v in values {
-            buf.clear();
-            v.encode(&mut buf);
-            builder.append_value(&buf);
-        }
-        Ok(vec![Arc::new(builder.finish())])
+    fn encoder(&self, capacity: usize) -> Box<dyn ValueEncoder<V> + '_> {
+        Box::new(BytesEncoder {
+            builder: BinaryBuilder::with_capacity(capacity, capacity * 32),
+            buf: Vec::new(),
+        })
     }
 
     fn decode(&self, columns: &[ArrayRef], row: usize) -> Result<V> {
@@ -225,6 +274,21 @@ impl<V: Encode + Decode + Send> ValueCodec<V> for BytesCodec<V> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn varints_round_trip() {
+        for v in [0u64, 1, 127, 128, 300, u32::MAX as u64, u64::MAX] {
+            let mut out = Vec::new();
+            v.encode(&mut out);
+            assert!(out.len() <= 10);
+            let mut input = &out[..];
+            assert_eq!(u64::decode(&mut input).unwrap(), v);
+            assert!(input.is_empty());
+        }
+        let mut out = Vec::new();
+        (u32::MAX as u64 + 1).encode(&mut out);
+        assert!(u32::decode(&mut &out[..]).is_err(), "too large for u32");
+    }
 
     #[test]
     fn values_round_trip_and_truncation_is_an_error() {

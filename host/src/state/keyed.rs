@@ -1,10 +1,14 @@
 //! [`KeyedTable`]: keyed state with change tracking and event-time expiry.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use std::hash::BuildHasher;
+
+use hashbrown::HashTable;
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, ArrayRef, AsArray, BinaryArray, BooleanArray, Int64Array, RecordBatch, new_null_array,
+    Array, ArrayRef, AsArray, BinaryBuilder, BooleanArray, Int64Array, RecordBatch,
 };
 use arrow::datatypes::{DataType, Field, Fields, Int64Type, Schema, SchemaRef};
 
@@ -14,20 +18,17 @@ use crate::error::{Result, RiffleError};
 
 /// How a table's values become Arrow columns and back.
 ///
-/// Encoding is batched (all values of a delta at once) so codecs can build typed columns, as
-/// the aggregate codec does with accumulator states; codecs for structured values usually
-/// write one `Binary` column with [`super::bytes`].
+/// Encoding is streamed value by value into an [`ValueEncoder`] that builds all the columns at
+/// once, so codecs can build typed columns (as the aggregate codec does with accumulator
+/// states); codecs for structured values usually write one `Binary` column with
+/// [`super::bytes`].
 pub trait ValueCodec<V>: Send {
     /// The value columns (they are made nullable in the table's schema: deleted keys have no
     /// value).
     fn fields(&self) -> Fields;
 
-    /// Encodes `values`, one row each, into one array per field. Takes `&mut` because some
-    /// values (DataFusion accumulators) must be mutated to read their state.
-    ///
-    /// # Errors
-    /// Values that cannot be encoded.
-    fn encode(&self, values: Vec<&mut V>) -> Result<Vec<ArrayRef>>;
+    /// An encoder for about `capacity` values.
+    fn encoder(&self, capacity: usize) -> Box<dyn ValueEncoder<V> + '_>;
 
     /// Decodes row `row` of `columns` (laid out as [`fields`](Self::fields)).
     ///
@@ -35,18 +36,44 @@ pub trait ValueCodec<V>: Send {
     /// Columns this codec did not write.
     fn decode(&self, columns: &[ArrayRef], row: usize) -> Result<V>;
 
-    /// Approximate bytes a value holds (for the progress's state size).
+    /// Approximate bytes a value holds (for the progress's state size); called often, so it
+    /// should be cheap.
     fn size(&self, value: &V) -> usize;
 }
 
-struct Entry<V> {
+/// Builds the value columns of one delta or snapshot.
+pub trait ValueEncoder<V> {
+    /// Appends one value. Takes `&mut` because some values (DataFusion accumulators) must be
+    /// mutated to read their state.
+    ///
+    /// # Errors
+    /// Values that cannot be encoded.
+    fn append(&mut self, value: &mut V) -> Result<()>;
+
+    /// Appends a row without a value (a deleted key).
+    fn append_null(&mut self);
+
+    /// The columns, one per field.
+    ///
+    /// # Errors
+    /// Encoding errors.
+    fn finish(self: Box<Self>) -> Result<Vec<ArrayRef>>;
+}
+
+/// The hasher of state maps: fast on short byte keys (foldhash), seeded per process.
+pub type StateHasher = hashbrown::DefaultHashBuilder;
+
+struct Slot<V> {
+    key: Box<[u8]>,
     value: V,
     /// The key goes (or its operator is told) once the watermark passes this event time.
     expires: Option<i64>,
-    /// Changed since the last delta; the key is then in `changed`.
+    /// Changed since the last delta; the slot is then in `changed`.
     changed: bool,
     /// Bytes at the last encode or insert.
     size: usize,
+    /// Tells a timer set for an earlier key of this slot from one set for this key.
+    generation: u32,
 }
 
 /// A map from encoded keys to values, with change tracking for incremental checkpoints and
@@ -57,16 +84,28 @@ struct Entry<V> {
 /// times: [`take_due`](Self::take_due) returns the keys whose deadline the watermark has
 /// passed, and the operator decides what that means (emit and remove a window, evict old
 /// join rows and set a new deadline).
+///
+/// Entries live in a slab of slots; the hash table holds only slot numbers (hashed by their
+/// key), so growing it moves four bytes per key rather than whole values, and change tracking
+/// and timers refer to slots without copying keys.
 pub struct KeyedTable<V> {
     name: String,
-    entries: HashMap<Box<[u8]>, Entry<V>>,
-    /// Keys changed or removed since the last delta (removed keys are no longer in
-    /// `entries`; a key may appear twice).
-    changed: Vec<Box<[u8]>>,
-    /// Deadline -> keys; stale pairs (the key's deadline moved) are skipped.
-    timers: BTreeMap<i64, Vec<Box<[u8]>>>,
+    hasher: StateHasher,
+    table: HashTable<u32>,
+    slots: Vec<Option<Slot<V>>>,
+    free: Vec<u32>,
+    /// Slots changed since the last delta (each once while its flag is set; a slot freed and
+    /// reused may be listed twice).
+    changed: Vec<u32>,
+    /// Keys removed since the last delta.
+    deleted: Vec<Box<[u8]>>,
+    /// Deadline -> (slot, generation); pairs whose slot moved on are skipped.
+    timers: BTreeMap<i64, Vec<(u32, u32)>>,
     codec: Box<dyn ValueCodec<V>>,
     bytes: usize,
+    len: usize,
+    /// Numbers slot occupancies, for timers.
+    next_generation: u32,
 }
 
 const KEY: &str = "key";
@@ -78,100 +117,177 @@ impl<V: Send> KeyedTable<V> {
     pub fn new(name: impl Into<String>, codec: Box<dyn ValueCodec<V>>) -> Self {
         KeyedTable {
             name: name.into(),
-            entries: HashMap::new(),
+            hasher: StateHasher::default(),
+            table: HashTable::new(),
+            slots: Vec::new(),
+            free: Vec::new(),
             changed: Vec::new(),
+            deleted: Vec::new(),
             timers: BTreeMap::new(),
             codec,
             bytes: 0,
+            len: 0,
+            next_generation: 0,
         }
     }
 
     /// Number of keys.
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.len
     }
 
     /// Whether there are no keys.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.len == 0
+    }
+
+    fn find(&self, key: &[u8]) -> Option<u32> {
+        let hash = self.hasher.hash_one(key);
+        let slots = &self.slots;
+        self.table
+            .find(hash, |&i| {
+                slots[i as usize]
+                    .as_ref()
+                    .is_some_and(|s| s.key.as_ref() == key)
+            })
+            .copied()
+    }
+
+    fn slot(&self, i: u32) -> &Slot<V> {
+        self.slots[i as usize].as_ref().expect("an occupied slot")
+    }
+
+    /// Marks slot `i` changed and returns it.
+    fn touch(&mut self, i: u32) -> &mut Slot<V> {
+        let slot = self.slots[i as usize].as_mut().expect("an occupied slot");
+        if !slot.changed {
+            slot.changed = true;
+            self.changed.push(i);
+        }
+        slot
     }
 
     /// The value of `key`.
     pub fn get(&self, key: &[u8]) -> Option<&V> {
-        self.entries.get(key).map(|e| &e.value)
+        self.find(key).map(|i| &self.slot(i).value)
     }
 
     /// The value of `key`, to change (the key goes into the next delta).
     pub fn get_mut(&mut self, key: &[u8]) -> Option<&mut V> {
-        let entry = self.entries.get_mut(key)?;
-        if !entry.changed {
-            entry.changed = true;
-            self.changed.push(key.into());
-        }
-        Some(&mut entry.value)
+        let i = self.find(key)?;
+        Some(&mut self.touch(i).value)
     }
 
     /// The value of `key`, created with `new` if missing, to change.
     pub fn get_or_insert_with(&mut self, key: &[u8], new: impl FnOnce() -> V) -> &mut V {
-        if !self.entries.contains_key(key) {
-            let value = new();
-            let size = key.len() + self.codec.size(&value) + ENTRY_OVERHEAD;
-            self.bytes += size;
-            self.entries.insert(
-                key.into(),
-                Entry {
-                    value,
-                    expires: None,
-                    changed: false,
-                    size,
-                },
-            );
-        }
-        self.get_mut(key).expect("inserted above")
+        let i = match self.find(key) {
+            Some(i) => i,
+            None => self.add(key, new()),
+        };
+        &mut self.touch(i).value
+    }
+
+    fn add(&mut self, key: &[u8], value: V) -> u32 {
+        let size = key.len() + self.codec.size(&value) + ENTRY_OVERHEAD;
+        self.bytes += size;
+        self.len += 1;
+        let generation = self.next_generation;
+        self.next_generation = self.next_generation.wrapping_add(1);
+        let i = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.slots.push(None);
+                (self.slots.len() - 1) as u32
+            }
+        };
+        self.slots[i as usize] = Some(Slot {
+            key: key.into(),
+            value,
+            expires: None,
+            changed: false,
+            size,
+            generation,
+        });
+        let hash = self.hasher.hash_one(key);
+        let (hasher, slots) = (&self.hasher, &self.slots);
+        self.table.insert_unique(hash, i, |&j| {
+            hasher.hash_one(
+                slots[j as usize]
+                    .as_ref()
+                    .expect("an occupied slot")
+                    .key
+                    .as_ref(),
+            )
+        });
+        i
     }
 
     /// Sets `key`'s value (keeping its deadline).
     pub fn insert(&mut self, key: &[u8], value: V) {
-        match self.get_mut(key) {
-            Some(slot) => *slot = value,
+        match self.find(key) {
+            Some(i) => self.touch(i).value = value,
             None => {
-                self.get_or_insert_with(key, || value);
+                let i = self.add(key, value);
+                self.touch(i);
             }
         }
     }
 
     /// Removes `key`, returning its value.
     pub fn remove(&mut self, key: &[u8]) -> Option<V> {
-        let entry = self.entries.remove(key)?;
-        self.bytes = self.bytes.saturating_sub(entry.size);
-        if !entry.changed {
-            self.changed.push(key.into());
-        }
-        Some(entry.value)
+        let hash = self.hasher.hash_one(key);
+        let slots = &self.slots;
+        let found = self.table.find_entry(hash, |&i| {
+            slots[i as usize]
+                .as_ref()
+                .is_some_and(|s| s.key.as_ref() == key)
+        });
+        let i = match found {
+            Ok(entry) => entry.remove().0,
+            Err(_) => return None,
+        };
+        let slot = self.slots[i as usize].take().expect("an occupied slot");
+        self.free.push(i);
+        self.len -= 1;
+        self.bytes = self.bytes.saturating_sub(slot.size);
+        self.deleted.push(slot.key);
+        Some(slot.value)
     }
 
     /// Sets (or clears) the event time after which `key` is due (see
     /// [`take_due`](Self::take_due)). The deadline is part of the checkpointed state.
     pub fn set_deadline(&mut self, key: &[u8], at: Option<i64>) {
-        let Some(entry) = self.entries.get_mut(key) else {
+        let Some(i) = self.find(key) else {
             return;
         };
-        if entry.expires == at {
+        if self.slot(i).expires == at {
             return;
         }
-        entry.expires = at;
-        if !entry.changed {
-            entry.changed = true;
-            self.changed.push(key.into());
-        }
+        let slot = self.touch(i);
+        slot.expires = at;
+        let generation = slot.generation;
         if let Some(at) = at {
-            self.timers.entry(at).or_default().push(key.into());
+            self.timers.entry(at).or_default().push((i, generation));
         }
+    }
+
+    /// Moves `key`'s deadline to `at` if that is earlier (or it has none).
+    pub fn lower_deadline(&mut self, key: &[u8], at: i64) {
+        let Some(i) = self.find(key) else {
+            return;
+        };
+        if self.slot(i).expires.is_some_and(|e| e <= at) {
+            return;
+        }
+        let slot = self.touch(i);
+        slot.expires = Some(at);
+        let generation = slot.generation;
+        self.timers.entry(at).or_default().push((i, generation));
     }
 
     /// The deadline of `key`.
     pub fn deadline(&self, key: &[u8]) -> Option<i64> {
-        self.entries.get(key).and_then(|e| e.expires)
+        self.find(key).and_then(|i| self.slot(i).expires)
     }
 
     /// Keys whose deadline the watermark has passed (deadline < watermark), earliest deadline
@@ -182,17 +298,15 @@ impl<V: Send> KeyedTable<V> {
             if !watermark.is_late(*entry.key()) {
                 break;
             }
-            let (at, keys) = entry.remove_entry();
-            for key in keys {
-                if let Some(e) = self.entries.get_mut(&key)
-                    && e.expires == Some(at)
-                {
-                    e.expires = None;
-                    if !e.changed {
-                        e.changed = true;
-                        self.changed.push(key.clone());
-                    }
-                    due.push(key);
+            let (at, slots) = entry.remove_entry();
+            for (i, generation) in slots {
+                let current = self.slots[i as usize]
+                    .as_ref()
+                    .is_some_and(|s| s.generation == generation && s.expires == Some(at));
+                if current {
+                    let slot = self.touch(i);
+                    slot.expires = None;
+                    due.push(slot.key.clone());
                 }
             }
         }
@@ -201,15 +315,19 @@ impl<V: Send> KeyedTable<V> {
 
     /// Every key and value, in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &V)> {
-        self.entries.iter().map(|(k, e)| (k.as_ref(), &e.value))
+        self.slots
+            .iter()
+            .flatten()
+            .map(|s| (s.key.as_ref(), &s.value))
     }
 
     /// Every value, mutably, *without* marking anything changed: for reads that need `&mut`
     /// but change nothing a restore would see (evaluating a DataFusion accumulator).
     pub fn values_mut_untracked(&mut self) -> impl Iterator<Item = (&[u8], &mut V)> {
-        self.entries
+        self.slots
             .iter_mut()
-            .map(|(k, e)| (k.as_ref(), &mut e.value))
+            .flatten()
+            .map(|s| (s.key.as_ref(), &mut s.value))
     }
 
     fn schema(&self) -> SchemaRef {
@@ -230,67 +348,45 @@ impl<V: Send> KeyedTable<V> {
         )
     }
 
-    /// Encodes `keys` (present ones as values, absent ones as deletions).
-    fn encode(&mut self, keys: Vec<Box<[u8]>>) -> Result<RecordBatch> {
+    /// Encodes the deleted keys (first) and the changed slots (each once), and resets change
+    /// tracking.
+    fn encode(&mut self, deleted: Vec<Box<[u8]>>, changed: Vec<u32>) -> Result<RecordBatch> {
         let schema = self.schema();
-        // Take the encoded entries out of the map while the codec borrows their values (it
-        // needs them all at once, mutably), then put them back: this costs two hash operations
-        // per changed key, where borrowing through the map would mean a scan of every key.
-        let mut present = Vec::with_capacity(keys.len());
-        let mut absent = Vec::new();
-        for key in keys {
-            match self.entries.remove_entry(&key) {
-                Some(pair) => present.push(pair),
-                None => absent.push(key),
-            }
+        let capacity = deleted.len() + changed.len();
+        let mut encoder = self.codec.encoder(capacity);
+        let mut keys = BinaryBuilder::with_capacity(capacity, capacity * 16);
+        let mut deadlines = Vec::with_capacity(capacity);
+        let mut flags = Vec::with_capacity(capacity);
+        for key in &deleted {
+            keys.append_value(key);
+            deadlines.push(None);
+            flags.push(true);
+            encoder.append_null();
         }
-        let mut deadlines = Vec::with_capacity(present.len() + absent.len());
         let mut total = 0usize;
         let mut old = 0usize;
-        for (key, entry) in present.iter_mut() {
-            entry.changed = false;
-            let size = key.len() + self.codec.size(&entry.value) + ENTRY_OVERHEAD;
-            old += entry.size;
+        for i in changed {
+            let Some(slot) = self.slots[i as usize].as_mut() else {
+                continue;
+            };
+            if !slot.changed {
+                continue;
+            }
+            slot.changed = false;
+            let size = slot.key.len() + self.codec.size(&slot.value) + ENTRY_OVERHEAD;
+            old += slot.size;
             total += size;
-            entry.size = size;
-            deadlines.push(entry.expires);
+            slot.size = size;
+            keys.append_value(&slot.key);
+            deadlines.push(slot.expires);
+            flags.push(false);
+            encoder.append(&mut slot.value)?;
         }
-        let encoded = self
-            .codec
-            .encode(present.iter_mut().map(|(_, e)| &mut e.value).collect());
-        let keys = BinaryArray::from_iter_values(
-            present
-                .iter()
-                .map(|(k, _)| k.as_ref())
-                .chain(absent.iter().map(|k| k.as_ref())),
-        );
-        let n_present = present.len();
-        for (key, entry) in present {
-            self.entries.insert(key, entry);
-        }
-        let mut columns = encoded?;
+        let columns = encoder.finish()?;
         self.bytes = (self.bytes + total).saturating_sub(old);
-        deadlines.extend(absent.iter().map(|_| None));
-        if !absent.is_empty() {
-            columns = columns
-                .iter()
-                .map(|c| {
-                    arrow::compute::concat(&[
-                        c.as_ref(),
-                        new_null_array(c.data_type(), absent.len()).as_ref(),
-                    ])
-                })
-                .collect::<std::result::Result<_, _>>()?;
-        }
-        let deleted = BooleanArray::from(
-            (0..n_present)
-                .map(|_| false)
-                .chain(absent.iter().map(|_| true))
-                .collect::<Vec<_>>(),
-        );
         let mut all: Vec<ArrayRef> = vec![
-            Arc::new(keys),
-            Arc::new(deleted),
+            Arc::new(keys.finish()),
+            Arc::new(BooleanArray::from(flags)),
             Arc::new(Int64Array::from(deadlines)),
         ];
         all.extend(columns);
@@ -307,23 +403,26 @@ impl<V: Send> StateTable for KeyedTable<V> {
     }
 
     fn take_delta(&mut self) -> Result<Option<RecordBatch>> {
-        if self.changed.is_empty() {
+        if self.changed.is_empty() && self.deleted.is_empty() {
             return Ok(None);
         }
-        let mut keys = std::mem::take(&mut self.changed);
-        keys.sort_unstable();
-        keys.dedup();
-        Ok(Some(self.encode(keys)?))
+        let deleted = std::mem::take(&mut self.deleted);
+        let changed = std::mem::take(&mut self.changed);
+        Ok(Some(self.encode(deleted, changed)?))
     }
 
     fn snapshot(&mut self) -> Result<RecordBatch> {
+        self.deleted.clear();
         self.changed.clear();
-        for e in self.entries.values_mut() {
-            e.changed = true;
+        let all: Vec<u32> = (0..self.slots.len() as u32)
+            .filter(|&i| self.slots[i as usize].is_some())
+            .collect();
+        for &i in &all {
+            if let Some(slot) = self.slots[i as usize].as_mut() {
+                slot.changed = true;
+            }
         }
-        let mut keys: Vec<Box<[u8]>> = self.entries.keys().cloned().collect();
-        keys.sort_unstable();
-        self.encode(keys)
+        self.encode(Vec::new(), all)
     }
 
     fn restore(&mut self, batch: &RecordBatch, snapshot: bool) -> Result<()> {
@@ -338,10 +437,12 @@ impl<V: Send> StateTable for KeyedTable<V> {
             )));
         }
         if snapshot {
-            self.entries.clear();
+            self.table.clear();
+            self.slots.clear();
+            self.free.clear();
             self.timers.clear();
-            self.changed.clear();
             self.bytes = 0;
+            self.len = 0;
         }
         let keys = batch.column(0).as_binary::<i32>();
         let deleted = batch.column(1).as_boolean();
@@ -350,36 +451,43 @@ impl<V: Send> StateTable for KeyedTable<V> {
         for row in 0..batch.num_rows() {
             let key = keys.value(row);
             if deleted.value(row) {
-                if let Some(e) = self.entries.remove(key) {
-                    self.bytes = self.bytes.saturating_sub(e.size);
-                }
+                self.remove(key);
                 continue;
             }
             let value = self.codec.decode(values, row)?;
             let expires = deadlines.is_valid(row).then(|| deadlines.value(row));
-            let size = key.len() + self.codec.size(&value) + ENTRY_OVERHEAD;
+            let i = match self.find(key) {
+                Some(i) => {
+                    let size = key.len() + self.codec.size(&value) + ENTRY_OVERHEAD;
+                    let slot = self.slots[i as usize].as_mut().expect("an occupied slot");
+                    self.bytes = (self.bytes + size).saturating_sub(slot.size);
+                    slot.size = size;
+                    slot.value = value;
+                    i
+                }
+                None => self.add(key, value),
+            };
+            let slot = self.slots[i as usize].as_mut().expect("an occupied slot");
+            slot.expires = expires;
             if let Some(at) = expires {
-                self.timers.entry(at).or_default().push(key.into());
+                self.timers
+                    .entry(at)
+                    .or_default()
+                    .push((i, slot.generation));
             }
-            if let Some(old) = self.entries.insert(
-                key.into(),
-                Entry {
-                    value,
-                    expires,
-                    changed: false,
-                    size,
-                },
-            ) {
-                self.bytes = self.bytes.saturating_sub(old.size);
-            }
-            self.bytes += size;
+        }
+        // Restoring is not a change.
+        self.changed.clear();
+        self.deleted.clear();
+        for slot in self.slots.iter_mut().flatten() {
+            slot.changed = false;
         }
         Ok(())
     }
 
     fn size(&self) -> StateSize {
         StateSize {
-            rows: self.entries.len() as u64,
+            rows: self.len as u64,
             bytes: self.bytes as u64,
         }
     }
@@ -467,13 +575,21 @@ mod tests {
         assert!(t.take_delta().unwrap().is_none(), "nothing changed");
         t.get_mut(&[3]).unwrap().0 = 33;
         t.remove(&[4]);
-        t.insert(&[4], Count(44)); // removed and re-added: one upsert
+        t.insert(&[4], Count(44)); // removed and re-added: a deletion, then the new value
         t.remove(&[5]);
         let delta = t.take_delta().unwrap().unwrap();
-        assert_eq!(delta.num_rows(), 3);
+        assert_eq!(delta.num_rows(), 4);
         let deleted = delta.column(1).as_boolean();
-        assert_eq!(deleted.true_count(), 1);
+        assert_eq!(deleted.true_count(), 2);
+        assert!(deleted.value(0) && deleted.value(1), "deletions come first");
         assert!(t.get(&[3]).is_some() && t.get(&[5]).is_none());
+        // Applied to the table before the changes, the delta gives the table after them.
+        let mut before = table();
+        for k in 0..100u8 {
+            before.insert(&[k], Count(k as i64));
+        }
+        before.restore(&delta, false).unwrap();
+        assert_eq!(contents(&before), contents(&t));
     }
 
     #[test]

@@ -35,7 +35,7 @@ use arrow::array::RecordBatch;
 use serde::Serialize;
 
 pub use buffer::RowBuffer;
-pub use keyed::{KeyedTable, ValueCodec};
+pub use keyed::{KeyedTable, StateHasher, ValueCodec, ValueEncoder};
 
 use crate::error::Result;
 
