@@ -773,3 +773,97 @@ fn late_rows_are_counted_and_kept_out_of_state() {
         "the late rows never reached the operator"
     );
 }
+
+/// Rows without an event time belong to no window, in batch mode as in streaming mode (and in
+/// Spark); they are never late.
+#[test]
+fn rows_without_an_event_time_belong_to_no_window_in_either_mode() {
+    let rt = common::runtime();
+    let all = transactions();
+    // The same rows with a NULL event time on every 37th.
+    let ts = all
+        .column(1)
+        .as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
+    let nulled: arrow::array::TimestampMicrosecondArray = (0..ts.len())
+        .map(|i| (i % 37 != 5).then(|| ts.value(i)))
+        .collect();
+    let mut fields: Vec<arrow::datatypes::Field> = all
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
+    fields[1] = fields[1].clone().with_nullable(true);
+    let schema = std::sync::Arc::new(arrow::datatypes::Schema::new(fields));
+    let mut columns = all.columns().to_vec();
+    columns[1] = std::sync::Arc::new(nulled);
+    let rows = RecordBatch::try_new(schema.clone(), columns).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for (sql, key_columns) in [
+        (
+            "SELECT window(ts, '1 minute') AS w, country, count(*) AS n FROM transactions \
+             GROUP BY window(ts, '1 minute'), country",
+            2,
+        ),
+        (
+            "SELECT session_window(ts, '20 seconds') AS s, card_id % 40 AS k, count(*) AS n \
+             FROM transactions GROUP BY session_window(ts, '20 seconds'), card_id % 40",
+            2,
+        ),
+    ] {
+        let g = Golden {
+            name: "NULL event times",
+            sql,
+            mode: OutputMode::Append,
+            key_columns,
+            approximate: false,
+        };
+        let expected = rt.block_on(batch_result(&g, &rows, &logins(), dir.path()));
+        let total: i64 = expected
+            .iter()
+            .map(|r| match r.last() {
+                Some(Cell::Text(n)) => n.parse::<i64>().unwrap(),
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(
+            total as usize,
+            rows.num_rows() - rows.column(1).null_count(),
+            "{sql}: batch counts only rows with an event time"
+        );
+        let session = session();
+        let input = StreamInput::register(
+            &session,
+            "transactions",
+            Box::new(ReplaySource::new(schema.clone(), delivery(&rows, 3, 9))),
+        )
+        .unwrap()
+        .with_event_time("ts", WATERMARK)
+        .unwrap();
+        let sink = MemorySink::default();
+        let streamed = rt.block_on(async {
+            let plan = session
+                .context()
+                .state()
+                .create_logical_plan(sql)
+                .await
+                .unwrap();
+            let mut q = StreamingQuery::new(
+                &session,
+                vec![input],
+                plan,
+                Box::new(sink.clone()),
+                StreamOptions {
+                    checkpoint: dir.path().join(format!("ckpt-{key_columns}-{}", sql.len())),
+                    ..StreamOptions::default()
+                },
+            )
+            .await
+            .unwrap();
+            let summary = q.run(&AtomicBool::new(false)).await.unwrap();
+            assert_eq!(summary.late_rows, 0, "a row without event time is not late");
+            final_rows(&g, &sink)
+        });
+        check(&g, &expected, &streamed, "streaming");
+    }
+}

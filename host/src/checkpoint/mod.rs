@@ -590,3 +590,250 @@ fn read_dirs(dir: &Path) -> Vec<PathBuf> {
         .filter(|p| p.is_dir())
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exec::graph::{Edge, Node};
+    use crate::exec::{Operator, Output};
+    use crate::plan::fingerprint::{OperatorPrint, STATE_FORMAT};
+    use crate::state::bytes::BytesCodec;
+    use crate::state::{KeyedTable, StateTable};
+    use arrow::array::{AsArray, Int64Array};
+    use arrow::datatypes::{DataType, Field, Int64Type, Schema};
+    use std::sync::Arc;
+
+    /// Counts rows per value of its input's column (as one key byte); 255 removes key 0.
+    struct Counter {
+        table: KeyedTable<u64>,
+    }
+
+    #[async_trait::async_trait]
+    impl Operator for Counter {
+        fn kind(&self) -> &'static str {
+            "counter"
+        }
+        async fn process_batch(
+            &mut self,
+            _: usize,
+            batch: RecordBatch,
+            _: &mut Output,
+        ) -> Result<()> {
+            let x = batch.column(0).as_primitive::<Int64Type>();
+            for v in x.values() {
+                if *v == 255 {
+                    self.table.remove(&[0]);
+                } else {
+                    *self.table.get_or_insert_with(&[*v as u8], || 0) += 1;
+                }
+            }
+            Ok(())
+        }
+        fn tables(&mut self) -> Vec<&mut dyn StateTable> {
+            vec![&mut self.table]
+        }
+    }
+
+    fn table() -> KeyedTable<u64> {
+        KeyedTable::new("counts", Box::new(BytesCodec::<u64>::new()))
+    }
+
+    fn graph() -> Graph {
+        let mut g = Graph::new();
+        g.add(Node::new(
+            Box::new(Counter { table: table() }),
+            vec![Edge::Source {
+                index: 0,
+                projection: None,
+            }],
+            input(&[]).schema(),
+        ))
+        .unwrap();
+        g
+    }
+
+    fn input(values: &[i64]) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, false)]));
+        RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(values.to_vec()))]).unwrap()
+    }
+
+    /// The counter's state, read through a snapshot.
+    fn contents(g: &mut Graph) -> Vec<(Vec<u8>, u64)> {
+        let snapshot = g.nodes_mut()[0].operator.tables()[0].snapshot().unwrap();
+        let mut copy = table();
+        copy.restore(&snapshot, true).unwrap();
+        let mut v: Vec<_> = copy.iter().map(|(k, n)| (k.to_vec(), *n)).collect();
+        v.sort();
+        v
+    }
+
+    fn print() -> Fingerprint {
+        Fingerprint {
+            state_format: STATE_FORMAT,
+            output_mode: "append".into(),
+            sources: Vec::new(),
+            operators: vec![OperatorPrint {
+                id: "0-counter".into(),
+                inputs: vec!["s".into()],
+                schema: "x: Int64".into(),
+            }],
+            udfs: Vec::new(),
+        }
+    }
+
+    /// Runs `epochs` epochs of changes, writing state and committing each; returns the live
+    /// graph and the last commit.
+    fn run(ckpt: &Checkpoint, epochs: u64) -> (Graph, EpochCommit) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let mut g = graph();
+        let mut manifest = StateManifest::new();
+        let mut last = None;
+        for epoch in 1..=epochs {
+            let mut values: Vec<i64> = (0..(epoch % 5 + 1) as i64)
+                .map(|k| k * 3 + epoch as i64 % 3)
+                .collect();
+            if epoch % 4 == 0 {
+                values.push(255);
+            }
+            rt.block_on(g.run_epoch(&[vec![input(&values)]], &[Watermark::NONE]))
+                .unwrap();
+            let (m, _) = ckpt.write_state(epoch, &mut g, &manifest).unwrap();
+            let commit = EpochCommit {
+                epoch,
+                sources: BTreeMap::new(),
+                state: m.clone(),
+                last: false,
+            };
+            ckpt.commit(&commit).unwrap();
+            manifest = m;
+            last = Some(commit);
+        }
+        (g, last.unwrap())
+    }
+
+    #[test]
+    fn the_manifest_restores_snapshot_and_deltas_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let ckpt = Checkpoint::open(dir.path(), &print()).unwrap();
+        let (mut live, commit) = run(&ckpt, 27);
+        let entry = &commit.state["0-counter"]["counts"];
+        assert!(
+            entry.snapshot.is_some(),
+            "a snapshot was due by epoch 27: {entry:?}"
+        );
+        let mut restored = graph();
+        ckpt.restore_state(&commit.state, &mut restored).unwrap();
+        assert_eq!(contents(&mut restored), contents(&mut live));
+        // Pruning left exactly the files this commit and the one before name.
+        let files = std::fs::read_dir(dir.path().join("state/0-counter/counts"))
+            .unwrap()
+            .count();
+        assert!(
+            files <= entry.deltas.len() + 1 + 2,
+            "{files} files for {entry:?}"
+        );
+    }
+
+    #[test]
+    fn a_missing_state_file_is_an_error_never_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let ckpt = Checkpoint::open(dir.path(), &print()).unwrap();
+        let (_, commit) = run(&ckpt, 6);
+        let delta = commit.state["0-counter"]["counts"].deltas[2];
+        std::fs::remove_file(
+            dir.path()
+                .join("state/0-counter/counts")
+                .join(name(delta, ".delta.arrow")),
+        )
+        .unwrap();
+        let error = ckpt.restore_state(&commit.state, &mut graph()).unwrap_err();
+        assert!(error.to_string().contains("is incomplete"), "{error}");
+    }
+
+    #[test]
+    fn a_file_of_another_epoch_under_a_listed_name_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let ckpt = Checkpoint::open(dir.path(), &print()).unwrap();
+        let (_, commit) = run(&ckpt, 5);
+        let deltas = &commit.state["0-counter"]["counts"].deltas;
+        let table = dir.path().join("state/0-counter/counts");
+        std::fs::copy(
+            table.join(name(deltas[0], ".delta.arrow")),
+            table.join(name(deltas[1], ".delta.arrow")),
+        )
+        .unwrap();
+        let error = ckpt.restore_state(&commit.state, &mut graph()).unwrap_err();
+        assert!(error.to_string().contains("is not the delta"), "{error}");
+    }
+
+    #[test]
+    fn a_stale_file_of_an_uncommitted_attempt_is_not_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let ckpt = Checkpoint::open(dir.path(), &print()).unwrap();
+        let (mut live, commit) = run(&ckpt, 3);
+        // An attempt at epoch 4 wrote its delta, then crashed before committing.
+        let mut attempt = graph();
+        ckpt.restore_state(&commit.state, &mut attempt).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(attempt.run_epoch(&[vec![input(&[42])]], &[Watermark::NONE]))
+            .unwrap();
+        ckpt.write_state(4, &mut attempt, &commit.state).unwrap();
+        assert!(
+            dir.path()
+                .join("state/0-counter/counts")
+                .join(name(4, ".delta.arrow"))
+                .exists()
+        );
+        // Restoring the last commit ignores it.
+        let mut restored = graph();
+        ckpt.restore_state(&commit.state, &mut restored).unwrap();
+        assert_eq!(contents(&mut restored), contents(&mut live));
+        // The replay of epoch 4 changes nothing this time: committing it removes the file.
+        let (m, _) = ckpt.write_state(4, &mut restored, &commit.state).unwrap();
+        ckpt.commit(&EpochCommit {
+            epoch: 4,
+            sources: BTreeMap::new(),
+            state: m,
+            last: false,
+        })
+        .unwrap();
+        assert!(
+            !dir.path()
+                .join("state/0-counter/counts")
+                .join(name(4, ".delta.arrow"))
+                .exists(),
+            "the stale delta was pruned"
+        );
+    }
+
+    #[test]
+    fn another_query_or_a_second_process_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let ckpt = Checkpoint::open(dir.path(), &print()).unwrap();
+        let error = Checkpoint::open(dir.path(), &print()).err().unwrap();
+        assert!(
+            error
+                .to_string()
+                .contains("in use by another running query"),
+            "{error}"
+        );
+        drop(ckpt);
+        let mut other = print();
+        other.output_mode = "update".into();
+        let error = Checkpoint::open(dir.path(), &other).err().unwrap();
+        assert!(
+            error
+                .to_string()
+                .contains("What changed: output mode append -> update"),
+            "{error}"
+        );
+        assert!(
+            Checkpoint::open(dir.path(), &print()).is_ok(),
+            "the same query resumes"
+        );
+    }
+}
