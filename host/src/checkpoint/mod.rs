@@ -29,6 +29,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::Schema;
@@ -330,10 +331,10 @@ impl Checkpoint {
                 // changes rather than to the state.
                 let snapshot_due = before.deltas.len() + 1 >= self.snapshot_every
                     && before.delta_bytes >= before.snapshot_bytes;
-                let (batch, entry) = if snapshot_due {
-                    let batch = table.snapshot()?;
+                let (batches, entry) = if snapshot_due {
+                    let batches = table.snapshot()?;
                     (
-                        Some((batch, true)),
+                        Some((batches, true)),
                         TableManifest {
                             snapshot: Some(epoch),
                             deltas: Vec::new(),
@@ -342,18 +343,18 @@ impl Checkpoint {
                         },
                     )
                 } else {
-                    match table.take_delta()? {
-                        Some(batch) => {
-                            let mut entry = before.clone();
-                            entry.deltas.push(epoch);
-                            (Some((batch, false)), entry)
-                        }
-                        None => (None, before.clone()),
+                    let batches = table.take_delta()?;
+                    if batches.is_empty() {
+                        (None, before.clone())
+                    } else {
+                        let mut entry = before.clone();
+                        entry.deltas.push(epoch);
+                        (Some((batches, false)), entry)
                     }
                 };
                 let mut entry = entry;
-                if let Some((batch, snapshot)) = batch {
-                    let bytes = self.write_table(&id, &name, epoch, snapshot, &batch)?;
+                if let Some((batches, snapshot)) = batches {
+                    let bytes = self.write_table(&id, &name, epoch, snapshot, &batches)?;
                     written += bytes;
                     if snapshot {
                         entry.snapshot_bytes = bytes;
@@ -375,18 +376,19 @@ impl Checkpoint {
         table: &str,
         epoch: u64,
         snapshot: bool,
-        batch: &RecordBatch,
+        batches: &[RecordBatch],
     ) -> Result<u64> {
         let dir = self.table_dir(operator, table);
         create_dir_durable(&dir)?;
         let kind = if snapshot { "snapshot" } else { "delta" };
         let path = dir.join(name(epoch, &format!(".{kind}.arrow")));
-        let mut metadata = batch.schema().metadata().clone();
+        let mut metadata = batches[0].schema().metadata().clone();
         metadata.insert("riffle.operator".into(), operator.into());
         metadata.insert("riffle.table".into(), table.into());
         metadata.insert("riffle.epoch".into(), epoch.to_string());
         metadata.insert("riffle.kind".into(), kind.into());
-        let schema = Schema::new(batch.schema().fields().clone()).with_metadata(metadata);
+        let schema =
+            Arc::new(Schema::new(batches[0].schema().fields().clone()).with_metadata(metadata));
         // Written straight to the file (state can be tens of megabytes an epoch), then synced
         // and renamed like every other checkpoint file.
         let tmp = crate::common::fs::temp_path(&path);
@@ -394,10 +396,12 @@ impl Checkpoint {
         let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
         let written = (|| -> std::result::Result<(), arrow::error::ArrowError> {
             let mut writer = FileWriter::try_new(&mut out, &schema)?;
-            writer.write(&RecordBatch::try_new(
-                schema.clone().into(),
-                batch.columns().to_vec(),
-            )?)?;
+            for batch in batches {
+                writer.write(&RecordBatch::try_new(
+                    schema.clone(),
+                    batch.columns().to_vec(),
+                )?)?;
+            }
             writer.finish()
         })();
         let flushed = written
@@ -428,7 +432,7 @@ impl Checkpoint {
         table: &str,
         epoch: u64,
         snapshot: bool,
-    ) -> Result<RecordBatch> {
+    ) -> Result<Vec<RecordBatch>> {
         let kind = if snapshot { "snapshot" } else { "delta" };
         let path = self
             .table_dir(operator, table)
@@ -461,10 +465,9 @@ impl Checkpoint {
                 format!("this file is not the {kind} of {operator}/{table} for epoch {epoch}"),
             ));
         }
-        let batches = reader
+        reader
             .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| corrupt(&path, format!("corrupt state file: {e}")))?;
-        Ok(arrow::compute::concat_batches(&schema, &batches)?)
+            .map_err(|e| corrupt(&path, format!("corrupt state file: {e}")))
     }
 
     /// Restores every operator's state from `manifest`.

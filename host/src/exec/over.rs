@@ -38,7 +38,7 @@ use super::{Operator, Output};
 use crate::common::{Watermark, to_micros};
 use crate::error::{Result, RiffleError};
 use crate::state::bytes::{BytesCodec, Decode, Encode};
-use crate::state::{KeyedTable, RowBuffer, StateTable};
+use crate::state::{EntryId, KeyedTable, RowBuffer, StateTable};
 
 fn unsupported(message: impl Into<String>) -> RiffleError {
     RiffleError::Unsupported(message.into())
@@ -360,10 +360,20 @@ struct Function {
     kind: Kind,
     /// Index into the operator's argument columns.
     arg: Option<usize>,
+    /// Index of its running state in a partition's `states` (functions that read only the
+    /// kept rows, `lag` and `row_number`, have none: a million partitions then do not carry
+    /// empty states).
+    state: usize,
     frame: Frame,
     /// Output type and shape.
     data_type: DataType,
     shape: Shape,
+}
+
+impl Function {
+    fn has_state(&self) -> bool {
+        !matches!(self.kind, Kind::RowNumber | Kind::Lag { .. })
+    }
 }
 
 /// Running state of one function in one partition: the frame of the last row, and an
@@ -694,9 +704,14 @@ impl OverWindow {
                     )));
                 }
             };
+            let state = functions
+                .iter()
+                .filter(|f: &&Function| f.has_state())
+                .count();
             functions.push(Function {
                 kind,
                 arg,
+                state,
                 frame,
                 data_type,
                 shape,
@@ -737,6 +752,7 @@ impl OverWindow {
             ties,
             functions: Functions {
                 peers_by_ties,
+                states: functions.iter().filter(|f| f.has_state()).count(),
                 list: functions,
                 args: args.len(),
             },
@@ -755,6 +771,8 @@ impl OverWindow {
 /// An OVER window's functions, with what each partition's state for them looks like.
 struct Functions {
     list: Vec<Function>,
+    /// Functions with a running state (see [`Function::state`]).
+    states: usize,
     /// Argument columns per row.
     args: usize,
     /// Some RANGE frame ends (or starts) at the current row's peers and the ORDER BY has
@@ -828,10 +846,10 @@ impl Functions {
                         }
                     }
                     Kind::First | Kind::Last => {
-                        let last = (p.states[k].start, p.states[k].end);
-                        let (s, e) = self.frame(f, p, idx, last);
-                        p.states[k].start = s;
-                        p.states[k].end = e;
+                        let state = &p.states[f.state];
+                        let (s, e) = self.frame(f, p, idx, (state.start, state.end));
+                        p.states[f.state].start = s;
+                        p.states[f.state].end = e;
                         if s >= e {
                             Value::Null
                         } else {
@@ -843,7 +861,7 @@ impl Functions {
                             p.value(f.arg.expect("an argument"), row).clone()
                         }
                     }
-                    Kind::Aggregate(op) => self.aggregate(*op, f, k, p, idx)?,
+                    Kind::Aggregate(op) => self.aggregate(*op, f, p, idx)?,
                 };
                 out[k].push(value);
             }
@@ -854,14 +872,8 @@ impl Functions {
     /// One step of an aggregate, in DataFusion's order: add the rows entering the frame, then
     /// (sliding frames) subtract the rows leaving it; an empty frame subtracts all of the
     /// previous frame and gives the default.
-    fn aggregate(
-        &self,
-        op: AggOp,
-        f: &Function,
-        k: usize,
-        p: &mut Partition,
-        idx: u64,
-    ) -> Result<Value> {
+    fn aggregate(&self, op: AggOp, f: &Function, p: &mut Partition, idx: u64) -> Result<Value> {
+        let k = f.state;
         let last = (p.states[k].start, p.states[k].end);
         let cur = self.frame(f, p, idx, last);
         let arg = f.arg.expect("aggregates have an argument");
@@ -923,10 +935,10 @@ impl Functions {
     fn new_partition(&self) -> Partition {
         Partition {
             width: self.args as u32 + 1,
-            states: self
-                .list
-                .iter()
-                .map(|f| FnState {
+            states: {
+                // Exactly as many as needed (a collected filter would reserve four).
+                let mut states = Vec::with_capacity(self.states);
+                states.extend(self.list.iter().filter(|f| f.has_state()).map(|f| FnState {
                     start: 0,
                     end: 0,
                     acc: match &f.kind {
@@ -950,8 +962,9 @@ impl Functions {
                         Kind::Aggregate(AggOp::Min | AggOp::Max) => Acc::Extreme(Value::Null),
                         _ => Acc::None,
                     },
-                })
-                .collect(),
+                }));
+                states
+            },
             ..Partition::default()
         }
     }
@@ -959,13 +972,13 @@ impl Functions {
     /// Drops the rows no frame, `lag` or running state of `p` can reach again.
     fn prune(&self, p: &mut Partition) {
         let mut keep_from = p.seen;
-        for (f, s) in self.list.iter().zip(&p.states) {
+        for f in &self.list {
             let need = match &f.kind {
                 Kind::RowNumber => p.seen,
                 Kind::Lag { offset, .. } => p.seen.saturating_sub(*offset),
-                Kind::First | Kind::Last => s.start,
-                Kind::Aggregate(_) if f.frame.sliding() => s.start,
-                Kind::Aggregate(_) => s.end,
+                Kind::First | Kind::Last => p.states[f.state].start,
+                Kind::Aggregate(_) if f.frame.sliding() => p.states[f.state].start,
+                Kind::Aggregate(_) => p.states[f.state].end,
             };
             keep_from = keep_from.min(need);
         }
@@ -1225,27 +1238,39 @@ impl Operator for OverWindow {
             .iter()
             .map(|(e, shape)| shape.read(&e.evaluate(&batch)?.into_array(n)?))
             .collect::<Result<Vec<_>>>()?;
-        // Process each partition's rows in ORDER BY order.
         let tie = |i: usize| ties.as_ref().map(|t| t.row(i).data()).unwrap_or(&[]);
-        // Each partition's rows in ORDER BY order (the row index breaks remaining ties, as a
-        // stable sort would).
-        let mut sorted: Vec<(&[u8], i64, &[u8], u32)> = (0..n)
-            .map(|i| (keys.get(i), ts[i], tie(i), i as u32))
+        // Each row's partition, looked up once; then the rows grouped by partition in ORDER BY
+        // order (the row index breaks remaining ties, as a stable sort would). Sorting entry
+        // handles rather than keys keeps the sort to integer compares.
+        let fns = &self.functions;
+        let mut sorted: Vec<(EntryId, i64, u32)> = (0..n)
+            .map(|i| {
+                let entry = self
+                    .partitions
+                    .entry_of(keys.get(i), || fns.new_partition());
+                (entry, ts[i], i as u32)
+            })
             .collect();
-        sorted.sort_unstable();
-        let order: Vec<u32> = sorted.iter().map(|r| r.3).collect();
-        let mut values: Vec<Vec<Value>> = vec![Vec::with_capacity(n); self.functions.list.len()];
+        if ties.is_some() {
+            sorted.sort_unstable_by(|a, b| {
+                (a.0, a.1)
+                    .cmp(&(b.0, b.1))
+                    .then_with(|| tie(a.2 as usize).cmp(tie(b.2 as usize)))
+                    .then(a.2.cmp(&b.2))
+            });
+        } else {
+            sorted.sort_unstable();
+        }
+        let order: Vec<u32> = sorted.iter().map(|r| r.2).collect();
+        let mut values: Vec<Vec<Value>> = vec![Vec::with_capacity(n); fns.list.len()];
         let mut i = 0;
         while i < n {
-            let key = sorted[i].0;
+            let entry = sorted[i].0;
             let mut j = i + 1;
-            while j < n && sorted[j].0 == key {
+            while j < n && sorted[j].0 == entry {
                 j += 1;
             }
-            let fns = &self.functions;
-            let p = self
-                .partitions
-                .get_or_insert_with(key, || fns.new_partition());
+            let p = self.partitions.entry_mut(entry);
             let first = p.seen;
             p.values.reserve((j - i) * p.width as usize);
             for &row in &order[i..j] {
@@ -1277,6 +1302,22 @@ impl Operator for OverWindow {
     }
 
     fn on_restored(&mut self) -> Result<()> {
+        // Partitions decode without knowing the functions; check they fit them (a checkpoint
+        // written by an earlier Riffle kept a state for every function).
+        let states = self.functions.states;
+        let width = self.functions.args as u32 + 1;
+        if self
+            .partitions
+            .iter()
+            .any(|(_, p)| p.states.len() != states || p.width != width)
+        {
+            return Err(RiffleError::Checkpoint(
+                "the OVER window's state in this checkpoint does not fit its functions (it was \
+                 written by an earlier version of Riffle); start over with a new checkpoint \
+                 directory"
+                    .into(),
+            ));
+        }
         Ok(())
     }
 }

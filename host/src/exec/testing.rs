@@ -58,7 +58,7 @@ pub(crate) async fn epoch(
 
 /// Moves `from`'s state into `to` through a snapshot of every table, as a restart does.
 pub(crate) fn transplant(from: &mut dyn Operator, to: &mut dyn Operator) {
-    let snapshots: Vec<(String, RecordBatch)> = from
+    let snapshots: Vec<(String, Vec<RecordBatch>)> = from
         .tables()
         .into_iter()
         .map(|t: &mut dyn StateTable| (t.name().to_string(), t.snapshot().unwrap()))

@@ -140,6 +140,28 @@ impl RowBuffer {
         let batch = concat_batches(&self.schema, batches)?;
         Ok(batch.with_schema(schema)?)
     }
+
+    /// Applies one batch of a snapshot or delta.
+    fn restore_one(&mut self, batch: &RecordBatch, snapshot: bool) -> Result<()> {
+        if batch.schema().fields() != self.schema.fields() {
+            return Err(RiffleError::Checkpoint(format!(
+                "state table {}: the checkpoint's rows have other columns than this query's \
+                 ({} vs {})",
+                self.name,
+                batch.schema(),
+                self.schema
+            )));
+        }
+        if let (false, Some(w)) = (snapshot, batch.schema().metadata().get(RELEASED_BELOW)) {
+            let w = w.parse().map_err(|_| {
+                RiffleError::Checkpoint(format!("state table {}: bad {RELEASED_BELOW}", self.name))
+            })?;
+            self.release(Watermark(w))?;
+        }
+        let rows = RecordBatch::try_new(self.schema.clone(), batch.columns().to_vec())?;
+        self.push(rows);
+        Ok(())
+    }
 }
 
 impl StateTable for RowBuffer {
@@ -147,16 +169,16 @@ impl StateTable for RowBuffer {
         &self.name
     }
 
-    fn take_delta(&mut self) -> Result<Option<RecordBatch>> {
+    fn take_delta(&mut self) -> Result<Vec<RecordBatch>> {
         if self.added.is_empty() && self.released_below.is_none() {
-            return Ok(None);
+            return Ok(Vec::new());
         }
         let added = std::mem::take(&mut self.added);
         let released = self.released_below.take();
-        Ok(Some(self.encode(&added, released)?))
+        Ok(vec![self.encode(&added, released)?])
     }
 
-    fn snapshot(&mut self) -> Result<RecordBatch> {
+    fn snapshot(&mut self) -> Result<Vec<RecordBatch>> {
         self.added.clear();
         self.released_below = None;
         let batch = self.encode(&self.batches, None)?;
@@ -169,30 +191,17 @@ impl StateTable for RowBuffer {
         } else {
             Vec::new()
         };
-        Ok(batch)
+        Ok(vec![batch])
     }
 
-    fn restore(&mut self, batch: &RecordBatch, snapshot: bool) -> Result<()> {
-        if batch.schema().fields() != self.schema.fields() {
-            return Err(RiffleError::Checkpoint(format!(
-                "state table {}: the checkpoint's rows have other columns than this query's \
-                 ({} vs {})",
-                self.name,
-                batch.schema(),
-                self.schema
-            )));
-        }
+    fn restore(&mut self, batches: &[RecordBatch], snapshot: bool) -> Result<()> {
         if snapshot {
             self.batches.clear();
             self.rows = 0;
-        } else if let Some(w) = batch.schema().metadata().get(RELEASED_BELOW) {
-            let w = w.parse().map_err(|_| {
-                RiffleError::Checkpoint(format!("state table {}: bad {RELEASED_BELOW}", self.name))
-            })?;
-            self.release(Watermark(w))?;
         }
-        let rows = RecordBatch::try_new(self.schema.clone(), batch.columns().to_vec())?;
-        self.push(rows);
+        for batch in batches {
+            self.restore_one(batch, snapshot)?;
+        }
         self.added.clear();
         self.released_below = None;
         Ok(())
@@ -248,15 +257,18 @@ mod tests {
     #[test]
     fn deltas_restore_exactly_what_is_held() {
         let mut live = RowBuffer::new("pending", schema(), 0);
-        let mut files: Vec<(RecordBatch, bool)> = Vec::new();
+        let mut files: Vec<(Vec<RecordBatch>, bool)> = Vec::new();
         let mut released = Vec::new();
         for epoch in 0..20i64 {
             live.push(batch(&[epoch * 10 + 7, epoch * 10 - 5, epoch * 10 + 30]));
             released.extend(times(&live.release(Watermark(epoch * 10)).unwrap()));
             if epoch == 8 {
                 files = vec![(live.snapshot().unwrap(), true)];
-            } else if let Some(d) = live.take_delta().unwrap() {
-                files.push((d, false));
+            } else {
+                let d = live.take_delta().unwrap();
+                if !d.is_empty() {
+                    files.push((d, false));
+                }
             }
             let mut restored = RowBuffer::new("pending", schema(), 0);
             for (b, snap) in &files {

@@ -60,6 +60,10 @@ pub trait ValueEncoder<V> {
     fn finish(self: Box<Self>) -> Result<Vec<ArrayRef>>;
 }
 
+/// A handle to an entry of a [`KeyedTable`] (see [`KeyedTable::entry_of`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EntryId(u32);
+
 /// The hasher of state maps: fast on short byte keys (foldhash), seeded per process.
 pub type StateHasher = hashbrown::DefaultHashBuilder;
 
@@ -180,11 +184,35 @@ impl<V: Send> KeyedTable<V> {
 
     /// The value of `key`, created with `new` if missing, to change.
     pub fn get_or_insert_with(&mut self, key: &[u8], new: impl FnOnce() -> V) -> &mut V {
-        let i = match self.find(key) {
+        let i = self.entry(key, new);
+        &mut self.touch(i).value
+    }
+
+    /// A handle to `key`'s entry, created with `new` if missing, and marked changed: for an
+    /// operator that looks keys up row by row and then works through them entry by entry
+    /// (sorting small handles rather than keys). Valid until the entry is removed.
+    pub fn entry_of(&mut self, key: &[u8], new: impl FnOnce() -> V) -> EntryId {
+        let i = self.entry(key, new);
+        self.touch(i);
+        EntryId(i)
+    }
+
+    /// The value behind a handle from [`entry_of`](Self::entry_of), already marked changed.
+    ///
+    /// # Panics
+    /// If the entry was removed since.
+    pub fn entry_mut(&mut self, id: EntryId) -> &mut V {
+        &mut self.slots[id.0 as usize]
+            .as_mut()
+            .expect("an entry handle outlived its entry")
+            .value
+    }
+
+    fn entry(&mut self, key: &[u8], new: impl FnOnce() -> V) -> u32 {
+        match self.find(key) {
             Some(i) => i,
             None => self.add(key, new()),
-        };
-        &mut self.touch(i).value
+        }
     }
 
     fn add(&mut self, key: &[u8], value: V) -> u32 {
@@ -349,19 +377,21 @@ impl<V: Send> KeyedTable<V> {
     }
 
     /// Encodes the deleted keys (first) and the changed slots (each once), and resets change
-    /// tracking.
-    fn encode(&mut self, deleted: Vec<Box<[u8]>>, changed: Vec<u32>) -> Result<RecordBatch> {
+    /// tracking. Batches hold at most [`CHUNK_ROWS`] rows, so encoding a million keys never
+    /// grows (and copies) one huge buffer and no Arrow offset can overflow.
+    fn encode(&mut self, deleted: Vec<Box<[u8]>>, changed: Vec<u32>) -> Result<Vec<RecordBatch>> {
         let schema = self.schema();
-        let capacity = deleted.len() + changed.len();
-        let mut encoder = self.codec.encoder(capacity);
-        let mut keys = BinaryBuilder::with_capacity(capacity, capacity * 16);
-        let mut deadlines = Vec::with_capacity(capacity);
-        let mut flags = Vec::with_capacity(capacity);
+        let mut batches = Vec::new();
+        let mut chunk = Chunk::new(&*self.codec, deleted.len() + changed.len());
         for key in &deleted {
-            keys.append_value(key);
-            deadlines.push(None);
-            flags.push(true);
-            encoder.append_null();
+            chunk.keys.append_value(key);
+            chunk.deadlines.push(None);
+            chunk.flags.push(true);
+            chunk.values.append_null();
+            if chunk.flags.len() == CHUNK_ROWS {
+                batches.push(chunk.finish(&schema)?);
+                chunk = Chunk::new(&*self.codec, CHUNK_ROWS);
+            }
         }
         let mut total = 0usize;
         let mut old = 0usize;
@@ -377,55 +407,24 @@ impl<V: Send> KeyedTable<V> {
             old += slot.size;
             total += size;
             slot.size = size;
-            keys.append_value(&slot.key);
-            deadlines.push(slot.expires);
-            flags.push(false);
-            encoder.append(&mut slot.value)?;
-        }
-        let columns = encoder.finish()?;
-        self.bytes = (self.bytes + total).saturating_sub(old);
-        let mut all: Vec<ArrayRef> = vec![
-            Arc::new(keys.finish()),
-            Arc::new(BooleanArray::from(flags)),
-            Arc::new(Int64Array::from(deadlines)),
-        ];
-        all.extend(columns);
-        Ok(RecordBatch::try_new(schema, all)?)
-    }
-}
-
-/// Map and bookkeeping bytes per key, beyond the key and value themselves.
-const ENTRY_OVERHEAD: usize = 64;
-
-impl<V: Send> StateTable for KeyedTable<V> {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn take_delta(&mut self) -> Result<Option<RecordBatch>> {
-        if self.changed.is_empty() && self.deleted.is_empty() {
-            return Ok(None);
-        }
-        let deleted = std::mem::take(&mut self.deleted);
-        let changed = std::mem::take(&mut self.changed);
-        Ok(Some(self.encode(deleted, changed)?))
-    }
-
-    fn snapshot(&mut self) -> Result<RecordBatch> {
-        self.deleted.clear();
-        self.changed.clear();
-        let all: Vec<u32> = (0..self.slots.len() as u32)
-            .filter(|&i| self.slots[i as usize].is_some())
-            .collect();
-        for &i in &all {
-            if let Some(slot) = self.slots[i as usize].as_mut() {
-                slot.changed = true;
+            chunk.keys.append_value(&slot.key);
+            chunk.deadlines.push(slot.expires);
+            chunk.flags.push(false);
+            chunk.values.append(&mut slot.value)?;
+            if chunk.flags.len() == CHUNK_ROWS {
+                batches.push(chunk.finish(&schema)?);
+                chunk = Chunk::new(&*self.codec, CHUNK_ROWS);
             }
         }
-        self.encode(Vec::new(), all)
+        if !chunk.flags.is_empty() || batches.is_empty() {
+            batches.push(chunk.finish(&schema)?);
+        }
+        self.bytes = (self.bytes + total).saturating_sub(old);
+        Ok(batches)
     }
 
-    fn restore(&mut self, batch: &RecordBatch, snapshot: bool) -> Result<()> {
+    /// Applies one batch of a snapshot or delta.
+    fn restore_one(&mut self, batch: &RecordBatch) -> Result<()> {
         let expected = self.schema();
         if batch.schema().fields() != expected.fields() {
             return Err(RiffleError::Checkpoint(format!(
@@ -435,14 +434,6 @@ impl<V: Send> StateTable for KeyedTable<V> {
                 describe(batch.schema().fields()),
                 describe(expected.fields())
             )));
-        }
-        if snapshot {
-            self.table.clear();
-            self.slots.clear();
-            self.free.clear();
-            self.timers.clear();
-            self.bytes = 0;
-            self.len = 0;
         }
         let keys = batch.column(0).as_binary::<i32>();
         let deleted = batch.column(1).as_boolean();
@@ -475,6 +466,86 @@ impl<V: Send> StateTable for KeyedTable<V> {
                     .or_default()
                     .push((i, slot.generation));
             }
+        }
+        Ok(())
+    }
+}
+
+/// Rows per batch of a delta or snapshot.
+const CHUNK_ROWS: usize = 16_384;
+
+/// The columns of one batch of a delta or snapshot, being built.
+struct Chunk<'a, V> {
+    keys: BinaryBuilder,
+    flags: Vec<bool>,
+    deadlines: Vec<Option<i64>>,
+    values: Box<dyn ValueEncoder<V> + 'a>,
+}
+
+impl<'a, V> Chunk<'a, V> {
+    fn new(codec: &'a dyn ValueCodec<V>, rows: usize) -> Self {
+        let rows = rows.min(CHUNK_ROWS);
+        Chunk {
+            keys: BinaryBuilder::with_capacity(rows, rows * 16),
+            flags: Vec::with_capacity(rows),
+            deadlines: Vec::with_capacity(rows),
+            values: codec.encoder(rows),
+        }
+    }
+
+    fn finish(mut self, schema: &SchemaRef) -> Result<RecordBatch> {
+        let mut columns: Vec<ArrayRef> = vec![
+            Arc::new(self.keys.finish()),
+            Arc::new(BooleanArray::from(self.flags)),
+            Arc::new(Int64Array::from(self.deadlines)),
+        ];
+        columns.extend(self.values.finish()?);
+        Ok(RecordBatch::try_new(schema.clone(), columns)?)
+    }
+}
+
+/// Map and bookkeeping bytes per key, beyond the key and value themselves.
+const ENTRY_OVERHEAD: usize = 64;
+
+impl<V: Send> StateTable for KeyedTable<V> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn take_delta(&mut self) -> Result<Vec<RecordBatch>> {
+        if self.changed.is_empty() && self.deleted.is_empty() {
+            return Ok(Vec::new());
+        }
+        let deleted = std::mem::take(&mut self.deleted);
+        let changed = std::mem::take(&mut self.changed);
+        self.encode(deleted, changed)
+    }
+
+    fn snapshot(&mut self) -> Result<Vec<RecordBatch>> {
+        self.deleted.clear();
+        self.changed.clear();
+        let all: Vec<u32> = (0..self.slots.len() as u32)
+            .filter(|&i| self.slots[i as usize].is_some())
+            .collect();
+        for &i in &all {
+            if let Some(slot) = self.slots[i as usize].as_mut() {
+                slot.changed = true;
+            }
+        }
+        self.encode(Vec::new(), all)
+    }
+
+    fn restore(&mut self, batches: &[RecordBatch], snapshot: bool) -> Result<()> {
+        if snapshot {
+            self.table.clear();
+            self.slots.clear();
+            self.free.clear();
+            self.timers.clear();
+            self.bytes = 0;
+            self.len = 0;
+        }
+        for batch in batches {
+            self.restore_one(batch)?;
         }
         // Restoring is not a change.
         self.changed.clear();
@@ -523,6 +594,38 @@ mod tests {
         KeyedTable::new("counts", Box::new(BytesCodec::<Count>::new()))
     }
 
+    fn rows(batches: &[RecordBatch]) -> usize {
+        batches.iter().map(RecordBatch::num_rows).sum()
+    }
+
+    #[test]
+    fn large_deltas_and_snapshots_come_in_bounded_batches() {
+        let mut live = table();
+        let n = 2 * CHUNK_ROWS as u32 + 100;
+        for k in 0..n {
+            live.insert(&k.to_be_bytes(), Count(k as i64));
+        }
+        let snapshot = live.snapshot().unwrap();
+        assert_eq!(snapshot.len(), 3);
+        assert!(snapshot.iter().all(|b| b.num_rows() <= CHUNK_ROWS));
+        // A delta with more deletions than one batch holds, then changes.
+        for k in 0..CHUNK_ROWS as u32 + 10 {
+            live.remove(&k.to_be_bytes());
+        }
+        live.get_mut(&(n - 1).to_be_bytes()).unwrap().0 = -1;
+        let delta = live.take_delta().unwrap();
+        assert_eq!(delta.len(), 2);
+        assert_eq!(rows(&delta), CHUNK_ROWS + 11);
+        let mut restored = table();
+        restored.restore(&snapshot, true).unwrap();
+        restored.restore(&delta, false).unwrap();
+        assert_eq!(contents(&restored), contents(&live));
+        assert_eq!(restored.size().rows, (n as usize - CHUNK_ROWS - 10) as u64);
+        // An empty table's snapshot is one empty batch (its file still names the columns).
+        assert_eq!(rows(&table().snapshot().unwrap()), 0);
+        assert_eq!(table().snapshot().unwrap().len(), 1);
+    }
+
     fn contents(t: &KeyedTable<Count>) -> Vec<(Vec<u8>, i64, Option<i64>)> {
         let mut v: Vec<_> = t
             .iter()
@@ -552,8 +655,11 @@ mod tests {
             if epoch == 12 {
                 files.clear();
                 files.push((live.snapshot().unwrap(), true));
-            } else if let Some(delta) = live.take_delta().unwrap() {
-                files.push((delta, false));
+            } else {
+                let delta = live.take_delta().unwrap();
+                if !delta.is_empty() {
+                    files.push((delta, false));
+                }
             }
             // Restoring the files written so far gives exactly the live table.
             let mut restored = table();
@@ -571,15 +677,15 @@ mod tests {
         for k in 0..100u8 {
             t.insert(&[k], Count(k as i64));
         }
-        assert_eq!(t.take_delta().unwrap().unwrap().num_rows(), 100);
-        assert!(t.take_delta().unwrap().is_none(), "nothing changed");
+        assert_eq!(rows(&t.take_delta().unwrap()), 100);
+        assert!(t.take_delta().unwrap().is_empty(), "nothing changed");
         t.get_mut(&[3]).unwrap().0 = 33;
         t.remove(&[4]);
         t.insert(&[4], Count(44)); // removed and re-added: a deletion, then the new value
         t.remove(&[5]);
-        let delta = t.take_delta().unwrap().unwrap();
-        assert_eq!(delta.num_rows(), 4);
-        let deleted = delta.column(1).as_boolean();
+        let delta = t.take_delta().unwrap();
+        assert_eq!(rows(&delta), 4);
+        let deleted = delta[0].column(1).as_boolean();
         assert_eq!(deleted.true_count(), 2);
         assert!(deleted.value(0) && deleted.value(1), "deletions come first");
         assert!(t.get(&[3]).is_some() && t.get(&[5]).is_none());
@@ -614,8 +720,8 @@ mod tests {
         let mut t = table();
         t.insert(b"a", Count(1));
         let batch = t.snapshot().unwrap();
-        let other = batch.project(&[0, 1, 2]).unwrap();
-        let error = table().restore(&other, true).unwrap_err();
+        let other = batch[0].project(&[0, 1, 2]).unwrap();
+        let error = table().restore(&[other], true).unwrap_err();
         assert!(error.to_string().contains("counts"), "{error}");
     }
 }

@@ -3,8 +3,10 @@
 //!
 //! Operators never write files. They own *tables* ([`StateTable`]) and the checkpoint asks each
 //! table, once per epoch, for its changes since the previous epoch (a *delta*) or, now and then,
-//! for all of it (a *snapshot*). Both are one Arrow [`RecordBatch`], encoded by the table, so
-//! no operator invents its own changelog format. Two shapes cover every operator:
+//! for all of it (a *snapshot*). Both are Arrow [`RecordBatch`]es encoded by the table, so no
+//! operator invents its own changelog format. A large delta or snapshot comes in several
+//! batches of bounded size: encoding never reallocates one huge buffer, and no Arrow offset
+//! overflows however big the state grows. Two shapes cover every operator:
 //!
 //! - [`KeyedTable`]: a map from an encoded key (Arrow's row format) to a value, with per-key
 //!   expiry by event time (a key goes once the watermark passes its deadline) and change
@@ -35,7 +37,7 @@ use arrow::array::RecordBatch;
 use serde::Serialize;
 
 pub use buffer::RowBuffer;
-pub use keyed::{KeyedTable, StateHasher, ValueCodec, ValueEncoder};
+pub use keyed::{EntryId, KeyedTable, StateHasher, ValueCodec, ValueEncoder};
 
 use crate::error::Result;
 
@@ -68,23 +70,24 @@ pub trait StateTable: Send {
     /// The table's name, unique within its operator (part of the checkpoint path).
     fn name(&self) -> &str;
 
-    /// Changes since the previous delta or snapshot, or `None` when nothing changed.
+    /// Changes since the previous delta or snapshot, in order; empty when nothing changed.
     ///
     /// # Errors
     /// Encoding errors.
-    fn take_delta(&mut self) -> Result<Option<RecordBatch>>;
+    fn take_delta(&mut self) -> Result<Vec<RecordBatch>>;
 
-    /// The whole table; resets change tracking as `take_delta` does.
+    /// The whole table, in at least one batch; resets change tracking as `take_delta` does.
     ///
     /// # Errors
     /// Encoding errors.
-    fn snapshot(&mut self) -> Result<RecordBatch>;
+    fn snapshot(&mut self) -> Result<Vec<RecordBatch>>;
 
-    /// Applies a snapshot (replacing everything) or a delta (on top of what is there).
+    /// Applies the batches of one snapshot (replacing everything) or one delta (on top of
+    /// what is there).
     ///
     /// # Errors
     /// A batch this table did not write (wrong schema) or undecodable values.
-    fn restore(&mut self, batch: &RecordBatch, snapshot: bool) -> Result<()>;
+    fn restore(&mut self, batches: &[RecordBatch], snapshot: bool) -> Result<()>;
 
     /// Current size.
     fn size(&self) -> StateSize;
