@@ -230,101 +230,101 @@ fn main() {
         .unwrap();
     rt.block_on(async {
         let dir = tempfile::tempdir().unwrap();
-if wanted("stateless") {
-        let stateless = run(
-            "SELECT tx_id, ts, card_id, amount, risk_score(amount, country) AS risk \
-             FROM transactions WHERE amount > 50 AND channel <> 'pos'",
-            OutputMode::Append,
-            Trigger::AvailableNow,
-            None,
-            &transactions(rows, 10_000),
-            &dir.path().join("stateless"),
-        )
-        .await;
-        report("stateless filter + UDF", &stateless);
+        if wanted("stateless") {
+            let stateless = run(
+                "SELECT tx_id, ts, card_id, amount, risk_score(amount, country) AS risk \
+                 FROM transactions WHERE amount > 50 AND channel <> 'pos'",
+                OutputMode::Append,
+                Trigger::AvailableNow,
+                None,
+                &transactions(rows, 10_000),
+                &dir.path().join("stateless"),
+            )
+            .await;
+            report("stateless filter + UDF", &stateless);
         }
 
-if wanted("windowed") {
-        let windowed = run(
-            "SELECT window(ts, '1 minute') AS w, country, count(*) AS n, \
-             max(risk_score(amount, country)) AS worst \
-             FROM transactions GROUP BY window(ts, '1 minute'), country",
-            OutputMode::Append,
-            Trigger::AvailableNow,
-            None,
-            &transactions(rows, 10_000),
-            &dir.path().join("windowed"),
-        )
-        .await;
-        report("1-min tumbling, UDF in agg", &windowed);
-        report_state(&windowed);
+        if wanted("windowed") {
+            let windowed = run(
+                "SELECT window(ts, '1 minute') AS w, country, count(*) AS n, \
+                 max(risk_score(amount, country)) AS worst \
+                 FROM transactions GROUP BY window(ts, '1 minute'), country",
+                OutputMode::Append,
+                Trigger::AvailableNow,
+                None,
+                &transactions(rows, 10_000),
+                &dir.path().join("windowed"),
+            )
+            .await;
+            report("1-min tumbling, UDF in agg", &windowed);
+            report_state(&windowed);
         }
 
-if wanted("over") {
-        let over = run(
-            "SELECT tx_id, card_id, ts, \
-             haversine_km(lat, lon, lag(lat) OVER (PARTITION BY card_id ORDER BY ts), \
-                          lag(lon) OVER (PARTITION BY card_id ORDER BY ts)) AS km, \
-             count(*) OVER (PARTITION BY card_id ORDER BY ts \
-                            RANGE BETWEEN INTERVAL '1' HOUR PRECEDING AND CURRENT ROW) AS n_1h, \
-             avg(amount) OVER (PARTITION BY card_id ORDER BY ts \
-                               RANGE BETWEEN INTERVAL '30' MINUTE PRECEDING AND CURRENT ROW) AS avg_30m \
-             FROM transactions",
-            OutputMode::Append,
-            Trigger::AvailableNow,
-            None,
-            &transactions(rows, 1_000_000),
-            &dir.path().join("over"),
-        )
-        .await;
-        report("3 OVER features, 1M cards", &over);
-        report_state(&over);
+        if wanted("over") {
+            let over = run(
+                "SELECT tx_id, card_id, ts, \
+                 haversine_km(lat, lon, lag(lat) OVER (PARTITION BY card_id ORDER BY ts), \
+                              lag(lon) OVER (PARTITION BY card_id ORDER BY ts)) AS km, \
+                 count(*) OVER (PARTITION BY card_id ORDER BY ts \
+                                RANGE BETWEEN INTERVAL '1' HOUR PRECEDING AND CURRENT ROW) AS n_1h, \
+                 avg(amount) OVER (PARTITION BY card_id ORDER BY ts \
+                                   RANGE BETWEEN INTERVAL '30' MINUTE PRECEDING AND CURRENT ROW) AS avg_30m \
+                 FROM transactions",
+                OutputMode::Append,
+                Trigger::AvailableNow,
+                None,
+                &transactions(rows, 1_000_000),
+                &dir.path().join("over"),
+            )
+            .await;
+            report("3 OVER features, 1M cards", &over);
+            report_state(&over);
         }
 
-if wanted("join") {
-        let joined = run(
-            "SELECT t.tx_id, t.amount, l.tx_id AS login, l.country \
-             FROM transactions t JOIN logins l ON t.card_id = l.card_id \
-             AND l.ts BETWEEN t.ts - INTERVAL '2' MINUTE AND t.ts + INTERVAL '1' MINUTE",
-            OutputMode::Append,
-            Trigger::AvailableNow,
-            None,
-            &[
-                Source { name: "transactions", seed: 42, cards: 100_000, events_per_second: 1_000.0, rows },
-                Source { name: "logins", seed: 7, cards: 100_000, events_per_second: 1_000.0, rows },
-            ],
-            &dir.path().join("join"),
-        )
-        .await;
-        report("interval join of 2 streams", &joined);
-        report_state(&joined);
+        if wanted("join") {
+            let joined = run(
+                "SELECT t.tx_id, t.amount, l.tx_id AS login, l.country \
+                 FROM transactions t JOIN logins l ON t.card_id = l.card_id \
+                 AND l.ts BETWEEN t.ts - INTERVAL '2' MINUTE AND t.ts + INTERVAL '1' MINUTE",
+                OutputMode::Append,
+                Trigger::AvailableNow,
+                None,
+                &[
+                    Source { name: "transactions", seed: 42, cards: 100_000, events_per_second: 1_000.0, rows },
+                    Source { name: "logins", seed: 7, cards: 100_000, events_per_second: 1_000.0, rows },
+                ],
+                &dir.path().join("join"),
+            )
+            .await;
+            report("interval join of 2 streams", &joined);
+            report_state(&joined);
         }
 
         if wanted("latency") {
-        let rate = 100_000.0;
-        let latency_rows = (rate as i64 * 5).min(rows);
-        let mut latency = run(
-            "SELECT tx_id, ts, amount, risk_score(amount, country) AS risk \
-             FROM transactions WHERE amount > 50",
-            OutputMode::Append,
-            Trigger::LowLatency,
-            Some(rate),
-            &transactions(latency_rows, 10_000),
-            &dir.path().join("latency"),
-        )
-        .await;
-        latency.latencies_ms.sort_by(f64::total_cmp);
-        let l = &latency.latencies_ms;
-        println!(
-            "low-latency at {rate:.0} ev/s: {} rows in {} epochs ({:.0} rows/epoch): \
-             p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-            latency.rows,
-            latency.epochs,
-            latency.rows as f64 / latency.epochs.max(1) as f64,
-            percentile(l, 0.50),
-            percentile(l, 0.99),
-            l.last().copied().unwrap_or(0.0)
-        );
+            let rate = 100_000.0;
+            let latency_rows = (rate as i64 * 5).min(rows);
+            let mut latency = run(
+                "SELECT tx_id, ts, amount, risk_score(amount, country) AS risk \
+                 FROM transactions WHERE amount > 50",
+                OutputMode::Append,
+                Trigger::LowLatency,
+                Some(rate),
+                &transactions(latency_rows, 10_000),
+                &dir.path().join("latency"),
+            )
+            .await;
+            latency.latencies_ms.sort_by(f64::total_cmp);
+            let l = &latency.latencies_ms;
+            println!(
+                "low-latency at {rate:.0} ev/s: {} rows in {} epochs ({:.0} rows/epoch): \
+                 p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                latency.rows,
+                latency.epochs,
+                latency.rows as f64 / latency.epochs.max(1) as f64,
+                percentile(l, 0.50),
+                percentile(l, 0.99),
+                l.last().copied().unwrap_or(0.0)
+            );
         }
     });
 }

@@ -7,7 +7,6 @@
 //! there is no second implementation of any aggregate. Accumulator state
 //! (`Accumulator::state`) is what goes into checkpoints, and `merge_batch` brings it back.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow::array::{
@@ -472,7 +471,9 @@ impl Operator for WindowAggregate {
         let encoded = self.keys.keys.encode(&key_arrays)?;
 
         // Group the expanded rows of this batch, then feed each group's accumulators once.
-        let mut batch_groups: HashMap<&[u8], usize> = HashMap::new();
+        // foldhash, not SipHash: keys come from our own data, and this map sees every row.
+        let mut batch_groups: hashbrown::HashMap<&[u8], usize> =
+            hashbrown::HashMap::with_capacity(64);
         let mut members: Vec<Vec<u32>> = Vec::new();
         let mut first_of: Vec<usize> = Vec::new();
         for (j, &row) in row_ids.iter().enumerate() {
