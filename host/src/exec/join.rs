@@ -454,8 +454,8 @@ mod tests {
         v
     }
 
-    #[tokio::test]
-    async fn matches_come_at_once_and_unmatched_rows_when_the_watermark_passes_their_range() {
+    /// `l LEFT JOIN r` on `k` with `r.ts` from 10 s before to 5 s after `l.ts`.
+    async fn left_join() -> IntervalJoin {
         let sql = "SELECT * FROM l LEFT JOIN r ON l.k = r.k \
                    AND r.ts BETWEEN l.ts - INTERVAL '10' SECOND AND l.ts + INTERVAL '5' SECOND";
         let (plan, state) = optimized(
@@ -472,8 +472,13 @@ mod tests {
             lower: -10 * S,
             upper: 5 * S,
         };
-        let mut op = IntervalJoin::new(&join, &state, bounds).unwrap();
-        let mut restarted = IntervalJoin::new(&join, &state, bounds).unwrap();
+        IntervalJoin::new(&join, &state, bounds).unwrap()
+    }
+
+    #[tokio::test]
+    async fn matches_come_at_once_and_unmatched_rows_when_the_watermark_passes_their_range() {
+        let mut op = left_join().await;
+        let mut restarted = left_join().await;
         assert_eq!(
             op.watermark_hold_back(),
             10 * S,
@@ -527,23 +532,7 @@ mod tests {
 
     #[tokio::test]
     async fn rows_with_null_keys_never_match() {
-        let sql = "SELECT * FROM l LEFT JOIN r ON l.k = r.k \
-                   AND r.ts BETWEEN l.ts - INTERVAL '10' SECOND AND l.ts + INTERVAL '5' SECOND";
-        let (plan, state) = optimized(
-            sql,
-            &[("l", side("lv", &[], &[])), ("r", side("rv", &[], &[]))],
-        )
-        .await;
-        let LogicalPlan::Join(join) = find(&plan, &|p| matches!(p, LogicalPlan::Join(_))) else {
-            unreachable!()
-        };
-        let bounds = JoinBounds {
-            left_ts: 1,
-            right_ts: 1,
-            lower: -10 * S,
-            upper: 5 * S,
-        };
-        let mut op = IntervalJoin::new(&join, &state, bounds).unwrap();
+        let mut op = left_join().await;
         let nulls = |name: &str| {
             let b = side(name, &["a"], &[100]);
             let k: ArrayRef = Arc::new(StringArray::from(vec![None::<&str>]));
