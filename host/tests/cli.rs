@@ -157,6 +157,36 @@ fn bad_input_gets_a_clear_error_and_a_failing_exit_code() {
         "{stderr}"
     );
 
+    // Rates of zero are refused before anything runs (no broker is needed to see that).
+    for args in [
+        &[
+            "produce",
+            "--topic",
+            "t",
+            "--bootstrap",
+            "127.0.0.1:1",
+            "--rate",
+            "0",
+        ][..],
+        &[
+            "produce",
+            "--topic",
+            "t",
+            "--bootstrap",
+            "127.0.0.1:1",
+            "--events-per-second=-1",
+        ],
+        &["generate", "fraud", "--out", "x.parquet", "--days", "0"],
+    ] {
+        let out = riffle(args, dir.path());
+        assert!(!out.status.success(), "{args:?}");
+        let stderr = text(&out.stderr);
+        assert!(
+            stderr.contains("must be a positive number"),
+            "{args:?}: {stderr}"
+        );
+    }
+
     let out = riffle(
         &["udf", "inspect", "Cargo.toml"],
         Path::new(env!("CARGO_MANIFEST_DIR")),

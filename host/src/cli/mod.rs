@@ -254,12 +254,7 @@ async fn run(cli: Cli) -> Result<()> {
             events_per_second,
         }) => {
             let rate = match events_per_second {
-                Some(r) if r.is_finite() && r > 0.0 => r,
-                Some(r) => {
-                    return Err(RiffleError::Config(format!(
-                        "--events-per-second {r}: must be a positive number"
-                    )));
-                }
+                Some(r) => positive("--events-per-second", r)?,
                 None => rate_over(rows, days)?,
             };
             if cards == 0 {
@@ -507,6 +502,11 @@ async fn sql(args: SqlArgs) -> Result<()> {
 
 async fn produce(args: ProduceArgs) -> Result<()> {
     use crate::connectors::kafka::{KafkaConfig, ensure_topic, produce_json};
+    // Checked before anything touches the broker: a zero rate would divide by zero.
+    if let Some(rate) = args.rate {
+        positive("--rate", rate)?;
+    }
+    positive("--events-per-second", args.events_per_second)?;
     let kafka = KafkaConfig {
         bootstrap: args.bootstrap,
         properties: Default::default(),
@@ -545,14 +545,20 @@ async fn produce(args: ProduceArgs) -> Result<()> {
     Ok(())
 }
 
+/// `value` of option `name`, when it is a positive finite number.
+fn positive(name: &str, value: f64) -> Result<f64> {
+    if value.is_finite() && value > 0.0 {
+        Ok(value)
+    } else {
+        Err(RiffleError::Config(format!(
+            "{name} {value}: must be a positive number"
+        )))
+    }
+}
+
 /// The event-time rate that spreads `rows` over `days`.
 fn rate_over(rows: u64, days: f64) -> Result<f64> {
-    if !(days > 0.0 && days.is_finite()) {
-        return Err(RiffleError::Config(format!(
-            "--days {days}: must be a positive number"
-        )));
-    }
-    Ok(rows.max(1) as f64 / (days * 86_400.0))
+    Ok(rows.max(1) as f64 / (positive("--days", days)? * 86_400.0))
 }
 
 fn generate(config: GeneratorConfig, rows: u64, out: &Path) -> Result<()> {
