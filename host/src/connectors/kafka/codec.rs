@@ -94,6 +94,11 @@ pub(crate) fn raw_batch(partition: i32, records: &[Record]) -> Result<Decoded> {
 
 /// Decodes the values of `records` in one pass; if that fails, record by record, so that
 /// only the bad ones are rejected (index, reason).
+///
+/// A CSV record may hold a line break inside a quoted field (RFC 4180; the sink writes such
+/// values that way). Records with line breaks are decoded one by one, where each must give
+/// exactly one row: joined with others, a record with an unclosed quote and one with an
+/// unquoted line break could cancel out in the row count and shift values between rows.
 pub(crate) fn decode_values(
     format: RecordFormat,
     schema: &SchemaRef,
@@ -103,7 +108,9 @@ pub(crate) fn decode_values(
         .iter()
         .map(|r| r.value.as_deref().unwrap_or_default())
         .collect();
-    if let Ok(batch) = decode_many(format, schema, &all)
+    let multiline = format == RecordFormat::Csv && all.iter().any(|v| v.contains(&b'\n'));
+    if !multiline
+        && let Ok(batch) = decode_many(format, schema, &all)
         && batch.num_rows() == records.len()
     {
         let ts = records.iter().map(|r| r.timestamp_ms).collect();
@@ -137,11 +144,6 @@ fn decode_many(
 ) -> std::result::Result<RecordBatch, arrow::error::ArrowError> {
     let mut text = Vec::with_capacity(values.iter().map(|v| v.len() + 1).sum());
     for v in values {
-        if v.contains(&b'\n') && format == RecordFormat::Csv {
-            return Err(arrow::error::ArrowError::CsvError(
-                "a CSV record must be one line".into(),
-            ));
-        }
         if v.iter().all(u8::is_ascii_whitespace) {
             return Err(arrow::error::ArrowError::ParseError("empty record".into()));
         }
@@ -168,6 +170,7 @@ mod tests {
     use super::*;
     use crate::connectors::generate::{FraudConfig, FraudGenerator};
     use crate::connectors::kafka::{Delivery, KafkaConfig, KafkaSink, KafkaSinkOptions};
+    use arrow::array::{Int64Array, StringArray};
 
     fn sink(format: RecordFormat) -> KafkaSink {
         KafkaSink::new(KafkaSinkOptions {
@@ -206,6 +209,41 @@ mod tests {
             assert_eq!(ts.len(), 2_000);
             assert_eq!(decoded, batch, "{format:?}");
         }
+    }
+
+    #[test]
+    fn csv_values_with_line_breaks_round_trip_and_unquoted_ones_are_rejected() {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("note", DataType::Utf8, true),
+        ]));
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(Int64Array::from(vec![1, 2, 3, 4])),
+                Arc::new(StringArray::from(vec![
+                    Some("plain"),
+                    Some("two\nlines"),
+                    Some("a, \"quoted\"\r\nvalue"),
+                    None,
+                ])),
+            ],
+        )
+        .unwrap();
+        let mut values = sink(RecordFormat::Csv).encode(&batch).unwrap();
+        assert_eq!(values.len(), 4, "one record per row");
+        let ((decoded, _), bad) =
+            decode_values(RecordFormat::Csv, &schema, &records(values.clone())).unwrap();
+        assert!(bad.is_empty(), "{bad:?}");
+        assert_eq!(decoded, batch);
+        // Two rows in one record, without quotes: rejected, the others kept.
+        values.insert(1, b"5,x\n6,y".to_vec());
+        let ((decoded, _), bad) =
+            decode_values(RecordFormat::Csv, &schema, &records(values)).unwrap();
+        assert_eq!(decoded, batch);
+        assert_eq!(bad.len(), 1);
+        assert_eq!(bad[0].0, 1);
+        assert!(bad[0].1.contains("one row per record"), "{}", bad[0].1);
     }
 
     #[test]

@@ -148,19 +148,35 @@ impl KafkaSink {
                 w.write(batch)?;
             }
         }
-        let rows: Vec<Vec<u8>> = buf
-            .split(|b| *b == b'\n')
-            .filter(|l| !l.is_empty())
-            .map(<[u8]>::to_vec)
-            .collect();
-        if rows.len() != batch.num_rows() {
+        // One line per row, unless a CSV field holds a line break (the writer quotes it,
+        // RFC 4180): then each row is encoded on its own.
+        let rows: Vec<Vec<u8>> = match buf.strip_suffix(b"\n") {
+            Some(body) => body.split(|b| *b == b'\n').map(<[u8]>::to_vec).collect(),
+            None => Vec::new(),
+        };
+        if rows.len() == batch.num_rows() {
+            return Ok(rows);
+        }
+        if self.options.format != RecordFormat::Csv {
             return Err(RiffleError::Internal(format!(
                 "kafka sink: {} rows encoded as {} lines",
                 batch.num_rows(),
                 rows.len()
             )));
         }
-        Ok(rows)
+        (0..batch.num_rows())
+            .map(|i| {
+                let mut row = Vec::new();
+                arrow::csv::WriterBuilder::new()
+                    .with_header(false)
+                    .build(&mut row)
+                    .write(&batch.slice(i, 1))?;
+                if row.last() == Some(&b'\n') {
+                    row.pop();
+                }
+                Ok(row)
+            })
+            .collect()
     }
 
     pub(crate) fn produce(
