@@ -11,6 +11,7 @@ use std::path::Path;
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
+use arrow::row::{RowConverter, SortField};
 use datafusion::prelude::SessionContext;
 use deltalake::kernel::Transaction;
 use deltalake::kernel::transaction::CommitProperties;
@@ -187,6 +188,47 @@ impl DeltaSink {
     }
 }
 
+/// The epoch's rows with one row per key, the last one (a key updated twice in one epoch ends
+/// with its latest value). A merge with two source rows for one target row would fail, and
+/// fail again on every replay of the epoch.
+fn last_per_key(
+    schema: &SchemaRef,
+    batches: &[RecordBatch],
+    keys: &[String],
+) -> Result<RecordBatch> {
+    let all = arrow::compute::concat_batches(schema, batches)?;
+    let columns = keys
+        .iter()
+        .map(|k| {
+            all.column_by_name(k).cloned().ok_or_else(|| {
+                RiffleError::Config(format!(
+                    "Delta sink: the key column {k:?} is not in the output"
+                ))
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let converter = RowConverter::new(
+        columns
+            .iter()
+            .map(|c| SortField::new(c.data_type().clone()))
+            .collect(),
+    )?;
+    let rows = converter.convert_columns(&columns)?;
+    let mut last: hashbrown::HashMap<&[u8], u32> = hashbrown::HashMap::new();
+    for i in 0..rows.num_rows() {
+        last.insert(rows.row(i).data(), i as u32);
+    }
+    if last.len() == all.num_rows() {
+        return Ok(all);
+    }
+    let mut keep: Vec<u32> = last.into_values().collect();
+    keep.sort_unstable();
+    Ok(arrow::compute::take_record_batch(
+        &all,
+        &arrow::array::UInt32Array::from(keep),
+    )?)
+}
+
 fn quoted(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
@@ -234,13 +276,21 @@ impl Sink for DeltaSink {
         };
         let properties = self.commit_properties(epoch);
         let exists = table.version().is_some();
+        let latest;
+        let batches = if self.mode == OutputMode::Update {
+            latest = [last_per_key(schema, batches, &self.keys)?];
+            &latest[..]
+        } else {
+            batches
+        };
         match self.mode {
             OutputMode::Update if exists => {
                 let source = SessionContext::new().read_batches(batches.iter().cloned())?;
+                // NULL-safe: a NULL key is one group like any other, updated in place.
                 let predicate = self
                     .keys
                     .iter()
-                    .map(|k| format!("target.{q} = source.{q}", q = quoted(k)))
+                    .map(|k| format!("target.{q} IS NOT DISTINCT FROM source.{q}", q = quoted(k)))
                     .collect::<Vec<_>>()
                     .join(" AND ");
                 let columns: Vec<String> =
