@@ -226,13 +226,54 @@ fn compiled_modules_are_cached_by_content_hash_and_a_corrupt_cache_is_survived()
         "{name}"
     );
 
+    let good = std::fs::read(&cached[0]).unwrap();
+
     std::fs::write(&cached[0], b"corrupted").unwrap();
     let again = engine.load(&udf("text")).unwrap();
     let out = call(&again, "slugify", &strings(&["Hello World"])).unwrap();
     assert_eq!(out.array.as_string::<i32>().value(0), "hello-world");
-    assert!(
-        std::fs::metadata(&cached[0]).unwrap().len() > 1000,
-        "rewritten"
+    assert_eq!(std::fs::read(&cached[0]).unwrap(), good, "rewritten");
+
+    // One byte of native code changed, length kept: the digest catches it and the file is
+    // compiled again rather than loaded.
+    let mut tampered = good.clone();
+    let middle = tampered.len() / 2;
+    tampered[middle] ^= 0x40;
+    std::fs::write(&cached[0], &tampered).unwrap();
+    let again = engine.load(&udf("text")).unwrap();
+    let out = call(&again, "slugify", &strings(&["Hello World"])).unwrap();
+    assert_eq!(out.array.as_string::<i32>().value(0), "hello-world");
+    assert_eq!(std::fs::read(&cached[0]).unwrap(), good, "replaced");
+}
+
+#[cfg(unix)]
+#[test]
+fn the_module_cache_is_private_and_a_shared_one_is_not_used() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = |cache: &std::path::Path| {
+        riffle::udf::UdfEngine::new(riffle::udf::EngineOptions {
+            cache_dir: Some(cache.to_path_buf()),
+            limits: limits(),
+        })
+        .unwrap()
+    };
+    let private = dir.path().join("new/cache");
+    engine(&private).load(&udf("text")).unwrap();
+    let mode = std::fs::metadata(&private).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700);
+    assert_eq!(std::fs::read_dir(&private).unwrap().count(), 1);
+
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let module = engine(&shared).load(&udf("text")).unwrap();
+    let out = call(&module, "slugify", &strings(&["A B"])).unwrap();
+    assert_eq!(out.array.as_string::<i32>().value(0), "a-b");
+    assert_eq!(
+        std::fs::read_dir(&shared).unwrap().count(),
+        0,
+        "nothing cached in a directory others can write"
     );
 }
 

@@ -143,6 +143,14 @@ impl UdfEngine {
     }
 
     /// Compiles a component, or loads the artifact cached under its content hash.
+    ///
+    /// A cached artifact is native code that wasmtime loads without validating it, so the
+    /// cache is guarded three ways: its directory is created private (0700) and not used at
+    /// all when other users could write to it; each file starts with the sha256 of the
+    /// artifact, checked before loading the very bytes that were checked (a file cut short
+    /// or altered is recompiled and replaced); and the file name pins the module's hash and
+    /// the engine build, whose header wasmtime checks again. The digest catches corruption,
+    /// not an attacker who can write as this user: such an attacker owns the process anyway.
     pub(crate) fn compile(&self, path: &Path, bytes: &[u8], hash: &str) -> Result<Component> {
         let invalid = |e: wasmtime::Error| RiffleError::InvalidModule {
             path: path.to_path_buf(),
@@ -151,11 +159,16 @@ impl UdfEngine {
         let Some(dir) = &self.inner.options.cache_dir else {
             return Component::from_binary(&self.inner.engine, bytes).map_err(invalid);
         };
+        if let Err(reason) = private_dir(dir) {
+            tracing::warn!(path = %dir.display(), "not using the compiled-UDF cache: {reason}");
+            return Component::from_binary(&self.inner.engine, bytes).map_err(invalid);
+        }
         let cached = dir.join(format!("{hash}-{}.cwasm", self.inner.compat_key));
-        if cached.exists() {
-            // SAFETY: only this engine writes this directory, and the file name pins the module
-            // hash and the engine's compatibility hash; wasmtime checks the header again.
-            match unsafe { Component::deserialize_file(&self.inner.engine, &cached) } {
+        if let Some(artifact) = read_verified(&cached) {
+            // SAFETY: these bytes are the ones whose digest was just checked, written by an
+            // engine of this build (the name says so) into a directory only this user can
+            // write; wasmtime checks the artifact's header again.
+            match unsafe { Component::deserialize(&self.inner.engine, &artifact) } {
                 Ok(component) => return Ok(component),
                 Err(e) => tracing::warn!(
                     path = %cached.display(),
@@ -168,9 +181,9 @@ impl UdfEngine {
             .engine
             .precompile_component(bytes)
             .map_err(invalid)?;
-        if let Err(e) = crate::common::fs::create_dir_durable(dir)
-            .and_then(|()| crate::common::fs::write_atomic(&cached, &artifact))
-        {
+        let mut file = Sha256::digest(&artifact).to_vec();
+        file.extend_from_slice(&artifact);
+        if let Err(e) = crate::common::fs::write_atomic(&cached, &file) {
             tracing::warn!(path = %cached.display(), "could not cache compiled UDF: {e}");
         }
         // SAFETY: `artifact` was produced by this engine a moment ago.
@@ -194,4 +207,48 @@ impl UdfEngine {
     pub(crate) fn deadline_ticks(timeout: Duration) -> u64 {
         (timeout.as_nanos() / EPOCH_TICK.as_nanos()) as u64 + 1
     }
+}
+
+/// The artifact in a cache file (its sha256, then the artifact), if the file exists and the
+/// digest matches.
+fn read_verified(file: &Path) -> Option<Vec<u8>> {
+    let mut bytes = std::fs::read(file).ok()?;
+    if bytes.len() < 32 || Sha256::digest(&bytes[32..])[..] != bytes[..32] {
+        tracing::warn!(path = %file.display(), "cached artifact fails its digest; recompiling");
+        return None;
+    }
+    bytes.drain(..32);
+    Some(bytes)
+}
+
+/// Creates `dir` private to this user if missing; an existing one must not be writable by
+/// group or others.
+fn private_dir(dir: &Path) -> std::result::Result<(), String> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        if !dir.is_dir() {
+            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                crate::common::fs::create_dir_durable(parent).map_err(|e| e.to_string())?;
+            }
+            match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(format!("creating it: {e}")),
+            }
+        }
+        let mode = std::fs::metadata(dir)
+            .map_err(|e| e.to_string())?
+            .permissions()
+            .mode();
+        if mode & 0o022 != 0 {
+            return Err(format!(
+                "it is writable by other users (mode {:o}); make it private with `chmod 700`",
+                mode & 0o777
+            ));
+        }
+        Ok(())
+    }
+    #[cfg(not(unix))]
+    crate::common::fs::create_dir_durable(dir).map_err(|e| e.to_string())
 }
