@@ -164,11 +164,11 @@ impl UdfEngine {
             return Component::from_binary(&self.inner.engine, bytes).map_err(invalid);
         }
         let cached = dir.join(format!("{hash}-{}.cwasm", self.inner.compat_key));
-        if let Some(artifact) = read_verified(&cached) {
+        if let Some(file) = read_verified(&cached) {
             // SAFETY: these bytes are the ones whose digest was just checked, written by an
             // engine of this build (the name says so) into a directory only this user can
             // write; wasmtime checks the artifact's header again.
-            match unsafe { Component::deserialize(&self.inner.engine, &artifact) } {
+            match unsafe { Component::deserialize(&self.inner.engine, &file[DIGEST..]) } {
                 Ok(component) => return Ok(component),
                 Err(e) => tracing::warn!(
                     path = %cached.display(),
@@ -209,15 +209,17 @@ impl UdfEngine {
     }
 }
 
-/// The artifact in a cache file (its sha256, then the artifact), if the file exists and the
-/// digest matches.
+/// Bytes of the sha256 that starts a cache file.
+const DIGEST: usize = 32;
+
+/// A cache file (the artifact's sha256, then the artifact), if it exists and the digest
+/// matches.
 fn read_verified(file: &Path) -> Option<Vec<u8>> {
-    let mut bytes = std::fs::read(file).ok()?;
-    if bytes.len() < 32 || Sha256::digest(&bytes[32..])[..] != bytes[..32] {
+    let bytes = std::fs::read(file).ok()?;
+    if bytes.len() < DIGEST || Sha256::digest(&bytes[DIGEST..])[..] != bytes[..DIGEST] {
         tracing::warn!(path = %file.display(), "cached artifact fails its digest; recompiling");
         return None;
     }
-    bytes.drain(..32);
     Some(bytes)
 }
 

@@ -45,6 +45,9 @@ pub async fn ensure_topic(kafka: &KafkaConfig, topic: &str, partitions: i32) -> 
 /// Produces `batches` to `topic` as JSON records keyed by `key` (if given), at most `rate`
 /// records per second, and waits until the broker has them all. Returns records sent.
 ///
+/// Blocking (it sleeps to keep the rate and waits for deliveries): call it from a plain
+/// thread or `spawn_blocking`, never on an async worker.
+///
 /// # Errors
 /// Broker errors and failed deliveries.
 pub fn produce_json(
