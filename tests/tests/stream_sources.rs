@@ -231,12 +231,11 @@ fn directory_source_picks_up_files_while_the_query_runs() {
     rt.block_on(async { assert_eq!(lines(&sink.batches()), batch(&all, STATELESS).await) });
 }
 
-/// Replays batches and runs a hook when asked for what follows batch `at`: lets a test change
+/// Replays batches and runs hooks when asked for what follows batch `at`: lets a test change
 /// the world between two epochs of one run.
 struct Hooked {
     inner: ReplaySource,
-    at: i64,
-    hook: Option<Box<dyn FnOnce() + Send>>,
+    hooks: Vec<(i64, Box<dyn FnOnce() + Send>)>,
 }
 
 impl StreamSource for Hooked {
@@ -247,10 +246,12 @@ impl StreamSource for Hooked {
         self.inner.initial()
     }
     fn available(&mut self, from: &Value, max_rows: usize) -> riffle::Result<Value> {
-        if from["batch"].as_i64() == Some(self.at)
-            && let Some(hook) = self.hook.take()
+        if let Some(i) = self
+            .hooks
+            .iter()
+            .position(|(at, _)| from["batch"].as_i64() == Some(*at))
         {
-            hook();
+            (self.hooks.remove(i).1)();
         }
         self.inner.available(from, max_rows)
     }
@@ -262,26 +263,37 @@ impl StreamSource for Hooked {
     }
 }
 
-fn write_merchants(path: &Path, label: &str, mtime_secs: u64) {
+fn merchants_csv(label: &str) -> String {
     let mut csv = String::from("merchant_id,category\n");
     for id in 0..20 {
         csv.push_str(&format!("{id},{label}-{}\n", id % 3));
     }
-    std::fs::write(path, csv).unwrap();
-    // Set the time explicitly: two writes within the file system's clock tick would otherwise
-    // look unchanged.
+    csv
+}
+
+/// Writes `text` in place (the file keeps its inode) and sets its modification time: two writes
+/// within the file system's clock tick would otherwise carry the same time.
+fn write_in_place(path: &Path, text: &str, mtime_secs: u64) {
+    std::fs::write(path, text).unwrap();
     let file = std::fs::File::options().write(true).open(path).unwrap();
     file.set_modified(std::time::UNIX_EPOCH + Duration::from_secs(mtime_secs))
         .unwrap();
 }
 
+/// Replaces the file the documented way: a complete file renamed over the path.
+fn replace(path: &Path, text: &str) {
+    let staged = path.with_extension("staged");
+    std::fs::write(&staged, text).unwrap();
+    std::fs::rename(&staged, path).unwrap();
+}
+
 #[test]
-fn static_tables_are_reloaded_when_their_file_changes() {
+fn static_tables_reload_complete_files_and_keep_their_rows_when_a_file_is_bad() {
     let rt = common::runtime();
-    let all = transactions(2_000);
+    let all = transactions(1_400);
     let dir = tempfile::tempdir().unwrap();
     let merchants = dir.path().join("merchants.csv");
-    write_merchants(&merchants, "old", 1_000_000);
+    write_in_place(&merchants, &merchants_csv("old"), 1_000_000);
     let session = session();
     let table = Arc::new(StaticTable::load(&merchants).unwrap());
     session
@@ -289,15 +301,37 @@ fn static_tables_are_reloaded_when_their_file_changes() {
         .register_table("merchants", table.clone())
         .unwrap();
     let path = merchants.clone();
+    let before = move |epoch: i64, change: fn(&Path)| {
+        let path = path.clone();
+        // Epoch `epoch` is planned from batch `epoch - 1` (batches count from 0).
+        (
+            epoch - 1,
+            Box::new(move || change(&path)) as Box<dyn FnOnce() + Send>,
+        )
+    };
+    let hooks = vec![
+        // Renamed over the path: loaded at once.
+        before(2, |p| replace(p, &merchants_csv("v2"))),
+        // Written in place and caught half-way (a cut line): not loaded while it may still be
+        // written, and not loaded once settled either, since it does not end in a line break.
+        before(3, |p| {
+            let full = merchants_csv("v3");
+            write_in_place(p, &full[..full.len() - 7], 3_000_000);
+        }),
+        // Written in place completely: loaded once it stayed the same for an epoch.
+        before(5, |p| write_in_place(p, &merchants_csv("v5"), 5_000_000)),
+        // A wrong file renamed over the path: the query goes on with the rows it has.
+        before(7, |p| replace(p, "merchant_id,category\nnot-a-number,x\n")),
+    ];
     let source = Hooked {
         inner: ReplaySource::new(
             all.schema(),
-            vec![all.slice(0, 1_000), all.slice(1_000, 1_000)],
+            (0..7).map(|i| all.slice(i * 200, 200)).collect(),
         ),
-        at: 1,
-        hook: Some(Box::new(move || write_merchants(&path, "new", 2_000_000))),
+        hooks,
     };
     let sink = MemorySink::default();
+    let progress = dir.path().join("progress.jsonl");
     rt.block_on(async {
         let input = StreamInput::register(&session, "transactions", Box::new(source))
             .unwrap()
@@ -317,7 +351,10 @@ fn static_tables_are_reloaded_when_their_file_changes() {
             vec![input],
             plan,
             Box::new(sink.clone()),
-            options(&dir.path().join("checkpoint"), Trigger::AvailableNow),
+            StreamOptions {
+                progress_file: Some(progress.clone()),
+                ..options(&dir.path().join("checkpoint"), Trigger::AvailableNow)
+            },
         )
         .await
         .unwrap()
@@ -325,17 +362,55 @@ fn static_tables_are_reloaded_when_their_file_changes() {
         query.run(&AtomicBool::new(false)).await.unwrap();
     });
     let epochs = sink.epochs();
-    assert_eq!(epochs.len(), 2);
-    for (epoch, label) in [(1, "old-"), (2, "new-")] {
-        let rows = &epochs[&epoch];
-        let n: usize = rows.iter().map(|b| b.num_rows()).sum();
-        assert_eq!(n, 1_000, "every transaction has its merchant");
-        for b in rows {
-            for category in b.column(1).as_string::<i32>().iter() {
-                assert!(category.unwrap().starts_with(label), "epoch {epoch}");
-            }
-        }
-    }
+    let seen: Vec<String> = (1..=7)
+        .map(|epoch| {
+            let rows = &epochs[&epoch];
+            let n: usize = rows.iter().map(|b| b.num_rows()).sum();
+            assert_eq!(
+                n, 200,
+                "every transaction of epoch {epoch} has its merchant"
+            );
+            let mut labels: Vec<String> = rows
+                .iter()
+                .flat_map(|b| b.column(1).as_string::<i32>().iter())
+                .map(|c| c.unwrap().split('-').next().unwrap().to_string())
+                .collect();
+            labels.dedup();
+            assert_eq!(
+                labels.len(),
+                1,
+                "epoch {epoch} joined one version: {labels:?}"
+            );
+            labels.pop().unwrap()
+        })
+        .collect();
+    assert_eq!(seen, ["old", "v2", "v2", "v2", "v2", "v5", "v5"]);
+
+    let warnings: Vec<(u64, String)> = std::fs::read_to_string(&progress)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .flat_map(|p| {
+            let epoch = p["epoch"].as_u64().unwrap();
+            p["warnings"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .map(move |w| (epoch, w.as_str().unwrap().to_string()))
+        })
+        .collect();
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert_eq!(warnings[0].0, 4, "the half-written file, once settled");
+    assert!(
+        warnings[0].1.contains("does not end with a line break"),
+        "{warnings:?}"
+    );
+    assert_eq!(warnings[1].0, 7, "the wrong file, at once");
+    assert!(
+        warnings[1].1.contains("previous rows stay in use"),
+        "{warnings:?}"
+    );
 }
 
 #[test]

@@ -36,7 +36,7 @@ use crate::checkpoint::{
     Checkpoint, EpochCommit, EpochPlan, SourceProgress, SourceRange, StateManifest,
 };
 use crate::common::{OutputMode, Watermark, to_micros};
-use crate::connectors::files::StaticTable;
+use crate::connectors::files::{Reload, StaticTable};
 use crate::connectors::sink::Sink;
 use crate::connectors::source::{Input, StreamSource};
 use crate::error::{Result, RiffleError};
@@ -465,8 +465,20 @@ impl StreamingQuery {
         let started = Instant::now();
         let mut phases = Phases::default();
         let mut reloaded = false;
+        let mut warnings = Vec::new();
         for table in &self.static_tables {
-            reloaded |= table.reload_if_changed()?;
+            match table.reload_if_changed() {
+                Reload::Reloaded => reloaded = true,
+                Reload::Unchanged | Reload::Settling => {}
+                Reload::Failed(e) => {
+                    let warning = format!(
+                        "static table {} not reloaded, its previous rows stay in use: {e}",
+                        table.path().display()
+                    );
+                    tracing::warn!("{warning}");
+                    warnings.push(warning);
+                }
+            }
         }
         if reloaded {
             self.graph.static_tables_changed(&self.state).await?;
@@ -648,7 +660,7 @@ impl StreamingQuery {
         });
         self.graph.measure_state();
         let watermark = watermarks.iter().copied().min().unwrap_or(Watermark::NONE);
-        self.progress.record(EpochProgress::new(
+        let mut progress = EpochProgress::new(
             plan,
             watermark,
             per_source,
@@ -659,7 +671,9 @@ impl StreamingQuery {
             state_bytes_written,
             latency_ms,
             &self.modules,
-        ))?;
+        );
+        progress.warnings = warnings;
+        self.progress.record(progress)?;
         Ok(())
     }
 }

@@ -101,6 +101,10 @@ pub struct EpochProgress {
     pub latency_ms: Option<(f64, f64)>,
     /// UDF activity.
     pub udfs: Vec<UdfProgress>,
+    /// Problems the query went on past (a static table that failed to reload), each reported
+    /// in the epoch it was found.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 impl EpochProgress {
@@ -157,6 +161,7 @@ impl EpochProgress {
             state_bytes_written,
             latency_ms,
             udfs,
+            warnings: Vec::new(),
         }
     }
 }

@@ -8,7 +8,7 @@ pub mod static_table;
 
 pub use directory::DirectorySource;
 pub use parquet_sink::ParquetDirSink;
-pub use static_table::StaticTable;
+pub use static_table::{Reload, StaticTable};
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
