@@ -124,6 +124,11 @@ pub enum RiffleError {
         source: std::io::Error,
     },
 
+    /// Input the query had not read yet is gone from its source (Kafka records deleted by
+    /// retention, a recreated topic). The message names what is missing and how to go on.
+    #[error("data loss: {0}")]
+    DataLoss(String),
+
     /// An external system (a Kafka broker, a Delta table's storage) failed or refused.
     #[error("{0}")]
     External(String),
@@ -154,7 +159,9 @@ impl RiffleError {
             | RiffleError::Unsupported(_) => Blame::User,
             RiffleError::Checkpoint(_) => Blame::External,
             RiffleError::UdfFailure { .. } | RiffleError::RowError { .. } => Blame::Udf,
-            RiffleError::Io { .. } | RiffleError::External(_) => Blame::External,
+            RiffleError::Io { .. } | RiffleError::External(_) | RiffleError::DataLoss(_) => {
+                Blame::External
+            }
             RiffleError::Query(e) => match RiffleError::find_in(e) {
                 Some(inner) => inner.blame(),
                 None => match e.find_root() {

@@ -36,6 +36,8 @@
 //! # timestamp_column = "kafka_ts"       # adds the record timestamp (use it as event_time)
 //! # start = "earliest"                  # earliest | latest | an RFC 3339 time
 //! # dead_letter_topic = "transactions.dlq"  # undecodable records (default: <topic>.dlq)
+//! # fail_on_data_loss = true            # records deleted before they were read: stop (default)
+//! #                                    # or, with false, log and count the gap and go on
 //! # [sources.transactions.stream.properties]  # librdkafka properties, passed through
 //! # "fetch.wait.max.ms" = "20"
 //!

@@ -667,3 +667,157 @@ max_rows_per_epoch = 400
         "the joined rows of batch mode, each once"
     );
 }
+
+/// Deletes every partition's records below `before` (what retention does to old segments).
+fn delete_records(broker: &Broker, topic: &str, before: &BTreeMap<i32, i64>) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &broker.bootstrap)
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for (p, o) in before {
+        tpl.add_partition_offset(topic, *p, rdkafka::Offset::Offset(*o))
+            .unwrap();
+    }
+    let done = runtime()
+        .block_on(admin.delete_records(&tpl, &AdminOptions::new()))
+        .unwrap();
+    for e in done.elements() {
+        e.error().unwrap();
+    }
+}
+
+fn tx_id(json: &[u8]) -> i64 {
+    serde_json::from_slice::<serde_json::Value>(json).unwrap()["tx_id"]
+        .as_i64()
+        .unwrap()
+}
+
+#[test]
+fn records_deleted_before_they_were_read_stop_the_query_unless_it_is_told_to_go_on() {
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let first = transactions(0, 1_200);
+    produce(&broker, "retained", &first);
+    let want_first = expected(dir.path(), &first, &broker);
+    let path = pipeline(
+        dir.path(),
+        "retained",
+        &broker,
+        "retained",
+        "stream = \"out\"",
+    );
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        "trigger = \"available-now\"",
+        "trigger = \"available-now\"\nprogress = \"progress.jsonl\"",
+    );
+    std::fs::write(&path, &text).unwrap();
+    run_ok(riffle(&path, "stream"));
+    let read: BTreeMap<i32, i64> =
+        read_topic(&broker, "retained")
+            .iter()
+            .fold(BTreeMap::new(), |mut m, (p, o, _, _)| {
+                let end = m.entry(*p).or_insert(0);
+                *end = (*end).max(o + 1);
+                m
+            });
+    assert_eq!(read.len(), 6, "every partition has records");
+
+    // While the query is down, more records arrive and retention deletes the first five of
+    // every partition after the ones the query read.
+    let second = transactions(1_200, 1_200);
+    produce(&broker, "retained", &second);
+    let cut: BTreeMap<i32, i64> = read.iter().map(|(p, o)| (*p, o + 5)).collect();
+    let lost: Vec<i64> = read_topic(&broker, "retained")
+        .iter()
+        .filter(|(p, o, _, _)| (read[p]..cut[p]).contains(o))
+        .map(|(_, _, value, _)| tx_id(value))
+        .collect();
+    assert_eq!(lost.len(), 30);
+    delete_records(&broker, "retained", &cut);
+
+    let out = riffle(&path, "stream").output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "data loss must stop the query");
+    assert!(stderr.contains("data loss"), "{stderr}");
+    let (p, o) = read.iter().next().unwrap();
+    assert!(
+        stderr.contains(&format!(
+            "kafka topic retained partition {p}: records at offsets {o}..{} (5 records)",
+            o + 5
+        )),
+        "{stderr}"
+    );
+    assert!(stderr.contains("fail_on_data_loss = false"), "{stderr}");
+    let output_rows = |dir: &Path| -> Vec<RecordBatch> {
+        std::fs::read_dir(dir.join("out"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+            .flat_map(|p| {
+                riffle::connectors::files::read_file(&p, riffle::common::FileFormat::Parquet, None)
+                    .unwrap()
+            })
+            .collect()
+    };
+    let before = count_batches(&output_rows(dir.path()));
+    assert_eq!(before, want_first, "nothing more was written");
+
+    // Told to go on: everything that still exists is processed, the gap is in the progress.
+    std::fs::write(
+        &path,
+        text.replace(
+            "format = \"json\"",
+            "format = \"json\"\nfail_on_data_loss = false",
+        ),
+    )
+    .unwrap();
+    run_ok(riffle(&path, "stream"));
+    let all = arrow::compute::concat_batches(&first.schema(), &[first.clone(), second]).unwrap();
+    let ids = all
+        .column_by_name("tx_id")
+        .unwrap()
+        .as_primitive::<Int64Type>();
+    let kept = arrow::compute::filter_record_batch(
+        &all,
+        &ids.iter()
+            .map(|id| Some(!lost.contains(&id.unwrap())))
+            .collect(),
+    )
+    .unwrap();
+    assert_eq!(
+        count_batches(&output_rows(dir.path())),
+        expected(dir.path(), &kept, &broker),
+        "every record that still exists, once"
+    );
+    let progress: Vec<serde_json::Value> =
+        std::fs::read_to_string(dir.path().join("progress.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+    let lost_counted: u64 = progress
+        .iter()
+        .flat_map(|p| p["sources"].as_array().unwrap())
+        .map(|s| s["lost_records"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(lost_counted, 30);
+    let warnings: Vec<&str> = progress
+        .iter()
+        .flat_map(|p| p["warnings"].as_array().into_iter().flatten())
+        .map(|w| w.as_str().unwrap())
+        .collect();
+    assert_eq!(warnings.len(), 6, "one per partition: {warnings:?}");
+    for (p, o) in &read {
+        let range = format!(
+            "partition {p}: records at offsets {o}..{} (5 records)",
+            o + 5
+        );
+        assert!(
+            warnings.iter().any(|w| w.contains(&range)),
+            "{range} in {warnings:?}"
+        );
+    }
+}

@@ -86,6 +86,7 @@ async fn query(
         start,
         dead_letter_topic: format!("{input}.dlq"),
         group_id: format!("bench-{output}"),
+        fail_on_data_loss: true,
     })
     .unwrap();
     let input = StreamInput::register(&session, "transactions", Box::new(source)).unwrap();

@@ -50,7 +50,7 @@ impl StreamSource for ReplaySource {
         );
         Ok(Input {
             batches: self.batches[a..b].to_vec(),
-            arrival: None,
+            ..Input::default()
         })
     }
 

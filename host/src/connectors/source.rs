@@ -11,11 +11,17 @@ use serde_json::Value;
 use crate::error::{Result, RiffleError};
 
 /// Rows of an epoch plus when the oldest of them became available (for latency).
+#[derive(Default)]
 pub struct Input {
     /// The rows.
     pub batches: Vec<RecordBatch>,
     /// When the first and last row became available, if the source knows.
     pub arrival: Option<(Instant, Instant)>,
+    /// Records the epoch should have had but that were gone when it read them (a source told
+    /// to go on past data loss), and what happened, for the progress.
+    pub lost_records: u64,
+    /// What the source went on past, in words (a data-loss gap).
+    pub warnings: Vec<String>,
 }
 
 /// A replayable streaming source.

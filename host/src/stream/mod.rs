@@ -565,8 +565,10 @@ impl StreamingQuery {
                 end_offset: plan.sources[&s.spec.name].end.clone(),
                 input_rows,
                 late_rows,
+                lost_records: input.lost_records,
                 watermark: s.watermark.rfc3339(),
             });
+            warnings.append(&mut input.warnings);
             batches.push(kept);
             late.push(late_batches);
         }

@@ -63,8 +63,16 @@ pub struct SourceEpoch {
     pub input_rows: u64,
     /// Rows behind the source's watermark, dropped.
     pub late_rows: u64,
+    /// Records gone from the source before they were read, skipped because the source was
+    /// told not to fail on data loss (the epoch's `warnings` say which).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub lost_records: u64,
     /// The source's watermark after the epoch (RFC 3339), if any.
     pub watermark: Option<String>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// One epoch's progress record.

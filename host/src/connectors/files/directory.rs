@@ -142,7 +142,7 @@ impl StreamSource for DirectorySource {
         }
         Ok(Input {
             batches,
-            arrival: None,
+            ..Input::default()
         })
     }
 

@@ -204,6 +204,7 @@ impl StreamSource for GeneratorSource {
         Ok(Input {
             batches: vec![batch],
             arrival,
+            ..Input::default()
         })
     }
 

@@ -12,6 +12,7 @@ use arrow::array::{RecordBatch, TimestampMicrosecondBuilder};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{Map, Value, json};
 
@@ -43,6 +44,10 @@ pub struct KafkaSourceConfig {
     pub dead_letter_topic: Option<String>,
     /// Consumer group for monitoring commits (default `riffle-<source name>`).
     pub group_id: Option<String>,
+    /// What to do when records the query has not read yet are gone from the broker (deleted
+    /// by retention, or the topic recreated): `true` (default) stops with an error naming the
+    /// missing range; `false` logs the gap, counts it in the progress and goes on.
+    pub fail_on_data_loss: Option<bool>,
     /// librdkafka properties, passed through.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
@@ -105,6 +110,7 @@ impl KafkaSourceConfig {
                 .group_id
                 .clone()
                 .unwrap_or_else(|| format!("riffle-{name}")),
+            fail_on_data_loss: self.fail_on_data_loss.unwrap_or(true),
         };
         tokio::task::spawn_blocking(move || KafkaSource::new(options))
             .await
@@ -158,6 +164,47 @@ pub struct KafkaSourceOptions {
     pub dead_letter_topic: String,
     /// Consumer group for monitoring commits.
     pub group_id: String,
+    /// Stop on records gone from the broker before they were read (else skip and count them).
+    pub fail_on_data_loss: bool,
+}
+
+/// Records of one partition that were gone when the source went to read them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Gap {
+    partition: i32,
+    /// The first offset the source wanted.
+    wanted: i64,
+    /// The partition's first and next offsets on the broker at the time.
+    low: i64,
+    high: i64,
+}
+
+impl Gap {
+    /// Records known lost: those below the partition's first offset. An offset beyond the end
+    /// means the topic was recreated or truncated, and how much was lost is unknown.
+    fn lost(&self) -> u64 {
+        (self.low - self.wanted).max(0) as u64
+    }
+
+    fn describe(&self, topic: &str) -> String {
+        if self.wanted < self.low {
+            format!(
+                "kafka topic {topic} partition {}: records at offsets {}..{} ({} records) \
+                 were deleted (by retention or DeleteRecords) before Riffle read them",
+                self.partition,
+                self.wanted,
+                self.low,
+                self.lost()
+            )
+        } else {
+            format!(
+                "kafka topic {topic} partition {}: offset {} is beyond the partition's end \
+                 ({}): the topic was recreated or truncated, and the records after offset {} of \
+                 the old topic are lost",
+                self.partition, self.wanted, self.high, self.wanted
+            )
+        }
+    }
 }
 
 /// A Kafka topic as a replayable source.
@@ -177,6 +224,8 @@ pub struct KafkaSource {
     partitions: Vec<i32>,
     partitions_checked: Option<Instant>,
     dead_letters: DeadLetters,
+    /// Data-loss gaps skipped (with `fail_on_data_loss = false`) and not yet reported.
+    gaps: Vec<Gap>,
 }
 
 fn partition_offsets(offset: &Value) -> BTreeMap<i32, i64> {
@@ -212,6 +261,8 @@ impl KafkaSource {
                 ("enable.auto.offset.store", "false"),
                 ("enable.partition.eof", "false"),
                 ("isolation.level", "read_committed"),
+                // Never jump silently when an offset is gone: `check_offsets` decides.
+                ("auto.offset.reset", "error"),
                 // The broker answers a fetch at once when it has data; when it has none it
                 // holds the fetch up to this long. librdkafka's 500 ms default would put up to
                 // half a second between a record's arrival and its epoch.
@@ -271,6 +322,7 @@ impl KafkaSource {
             partitions: Vec::new(),
             partitions_checked: None,
             dead_letters,
+            gaps: Vec::new(),
         };
         source.partitions()?;
         Ok(source)
@@ -332,22 +384,63 @@ impl KafkaSource {
     }
 
     /// Points the consumer at `from` unless it is already there (it is, epoch after epoch;
-    /// it is not after a restart or a replay).
+    /// it is not after a restart or a replay). Offsets gone from the broker are data loss (see
+    /// `check_offsets`); when the query goes on past them, the consumer starts at the first
+    /// record that exists while `next` stays at `from`.
     fn seek_to(&mut self, from: &BTreeMap<i32, i64>) -> Result<()> {
         if &self.next == from {
             return Ok(());
         }
+        let mut start = from.clone();
+        self.check_offsets(&mut start)?;
+        self.assign(&start)?;
+        self.next = from.clone();
+        self.fetched = start;
+        self.pending.clear();
+        Ok(())
+    }
+
+    fn assign(&self, offsets: &BTreeMap<i32, i64>) -> Result<()> {
         let mut tpl = TopicPartitionList::new();
-        for (p, o) in from {
+        for (p, o) in offsets {
             tpl.add_partition_offset(&self.options.topic, *p, Offset::Offset(*o))
                 .map_err(|e| kafka_error("assigning partitions", e))?;
         }
         self.consumer
             .assign(&tpl)
-            .map_err(|e| kafka_error("assigning partitions", e))?;
-        self.next = from.clone();
-        self.fetched = from.clone();
-        self.pending.clear();
+            .map_err(|e| kafka_error("assigning partitions", e))
+    }
+
+    /// Checks that each partition's offset still exists on the broker: between the first
+    /// record kept and the end. One that does not means records were lost before Riffle read
+    /// them (deleted by retention, or the topic recreated). By default that ends the query with
+    /// an error naming the range; with `fail_on_data_loss = false` the gap is logged, kept for
+    /// the progress, and the offset moves to the partition's first record.
+    fn check_offsets(&mut self, offsets: &mut BTreeMap<i32, i64>) -> Result<()> {
+        for (p, o) in offsets.iter_mut() {
+            let (low, high) = self.watermarks(*p)?;
+            if (low..=high).contains(o) {
+                continue;
+            }
+            let gap = Gap {
+                partition: *p,
+                wanted: *o,
+                low,
+                high,
+            };
+            let text = gap.describe(&self.options.topic);
+            if self.options.fail_on_data_loss {
+                return Err(RiffleError::DataLoss(format!(
+                    "{text}. To skip what is lost and go on, set fail_on_data_loss = false on \
+                     the source (the gap is then logged and counted in the progress)"
+                )));
+            }
+            tracing::warn!("{text}; going on from offset {low} (fail_on_data_loss = false)");
+            if !self.gaps.contains(&gap) {
+                self.gaps.push(gap);
+            }
+            *o = low;
+        }
         Ok(())
     }
 
@@ -364,6 +457,16 @@ impl KafkaSource {
                     value: m.payload().map(<[u8]>::to_vec),
                 });
                 Ok(true)
+            }
+            Some(Err(e)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::AutoOffsetReset) => {
+                // Records the consumer was about to fetch were deleted under it: check where
+                // every partition stands, then fetch on from there.
+                self.sync_positions();
+                let mut positions = self.fetched.clone();
+                self.check_offsets(&mut positions)?;
+                self.assign(&positions)?;
+                self.fetched = positions;
+                Ok(false)
             }
             Some(Err(e)) => Err(kafka_error("fetching", e)),
             None => Ok(false),
@@ -553,7 +656,16 @@ impl StreamSource for KafkaSource {
             _ => None,
         };
         let batches = self.decode(records)?;
-        Ok(Input { batches, arrival })
+        let gaps = std::mem::take(&mut self.gaps);
+        Ok(Input {
+            batches,
+            arrival,
+            lost_records: gaps.iter().map(Gap::lost).sum(),
+            warnings: gaps
+                .iter()
+                .map(|g| g.describe(&self.options.topic))
+                .collect(),
+        })
     }
 
     fn finished(&self, _at: &Value) -> bool {
