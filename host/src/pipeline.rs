@@ -237,6 +237,19 @@ pub struct RunOptions {
     pub live: bool,
     /// Stream mode: stop after this many epochs.
     pub max_epochs: Option<u64>,
+    /// Batch mode: a name that makes this run distinct from an earlier one with the same
+    /// query, UDFs and inputs (a batch run into Delta that already landed is not written
+    /// again unless its run name differs).
+    pub run_name: Option<String>,
+}
+
+/// What a batch run produced.
+#[derive(Debug, Default)]
+pub struct BatchOutcome {
+    /// Rows to print (no `sink.batch`).
+    pub rows: Vec<RecordBatch>,
+    /// What was written where, or why nothing was.
+    pub message: Option<String>,
 }
 
 fn key_error(file: &Path, key: &str, message: impl std::fmt::Display) -> RiffleError {
@@ -383,13 +396,14 @@ impl Pipeline {
     }
 
     /// Registers source `name`'s batch input (a file, directory or Delta table, with time
-    /// travel) as table `table` of `session`.
+    /// travel) as table `table` of `session`. Returns what identifies the input's version
+    /// (see [`input_identity`]), or `None` when the source has no batch input.
     async fn register_batch(
         &self,
         session: &RiffleSession,
         name: &str,
         table: &str,
-    ) -> Result<bool> {
+    ) -> Result<Option<String>> {
         let source = &self
             .sources
             .iter()
@@ -398,7 +412,7 @@ impl Pipeline {
             .1;
         let key = |k: &str| format!("sources.{name}.{k}");
         let Some(input) = &source.batch else {
-            return Ok(false);
+            return Ok(None);
         };
         let as_of = match (source.batch_version, &source.batch_as_of) {
             (None, None) => None,
@@ -412,20 +426,44 @@ impl Pipeline {
                 ));
             }
         };
-        match as_of {
-            // A Delta table at its newest version is an ordinary table to `register_table`;
-            // only time travel needs the Delta source's options.
-            None => session.register_table(table, input).await?,
-            Some(_) if !delta::is_delta_table(input) => {
-                return Err(key_error(
-                    &self.file,
-                    &key("batch_version"),
-                    "only applies when batch is a Delta table",
-                ));
-            }
-            Some(as_of) => delta::register(session.context(), table, input, &as_of).await?,
+        if as_of.is_some() && !delta::is_delta_table(input) {
+            return Err(key_error(
+                &self.file,
+                &key("batch_version"),
+                "only applies when batch is a Delta table",
+            ));
         }
-        Ok(true)
+        register_input(session, table, input, as_of.unwrap_or_default())
+            .await
+            .map(Some)
+    }
+
+    /// The id of a batch run: a digest of what decides its output (the query, each UDF
+    /// module and its configuration, each input's version) and the run name. Two runs with
+    /// the same id write the same rows.
+    fn batch_run_id(
+        &self,
+        session: &RiffleSession,
+        inputs: &[(String, String)],
+        run_name: Option<&str>,
+    ) -> String {
+        use sha2::{Digest, Sha256};
+        let mut digest = Sha256::new();
+        let mut line = |s: &str| {
+            digest.update(s.as_bytes());
+            digest.update(b"\n");
+        };
+        line("riffle batch run 1");
+        line(&self.query);
+        for module in session.modules() {
+            line(&format!("udf {} {}", module.hash(), module.config_hash()));
+        }
+        for (table, identity) in inputs {
+            line(&format!("input {table}"));
+            line(identity);
+        }
+        line(&format!("run name {}", run_name.unwrap_or("")));
+        format!("riffle-batch-{}", &hex::encode(digest.finalize())[..20])
     }
 
     /// Runs the query in batch mode over the sources' `batch` inputs; writes `sink.batch` or
@@ -433,34 +471,61 @@ impl Pipeline {
     ///
     /// # Errors
     /// Configuration, planning and execution errors.
-    pub async fn run_batch(&self, options: &RunOptions) -> Result<Vec<RecordBatch>> {
+    pub async fn run_batch(&self, options: &RunOptions) -> Result<BatchOutcome> {
         let session = self.session(options).await?;
+        let mut inputs = Vec::new();
         for (name, _) in &self.sources {
-            if !self.register_batch(&session, name, name).await? {
+            let Some(identity) = self.register_batch(&session, name, name).await? else {
                 return Err(key_error(
                     &self.file,
                     &format!("sources.{name}.batch"),
                     "missing: batch mode reads these files",
                 ));
-            }
+            };
+            inputs.push((name.clone(), identity));
         }
         for (name, path) in &self.contents.tables {
-            session.register_table(name, path).await?;
+            let identity = register_input(&session, name, path, delta::AsOf::Latest).await?;
+            inputs.push((name.clone(), identity));
+        }
+        let run_id = self.batch_run_id(&session, &inputs, options.run_name.as_deref());
+        if let Some(SinkSpec::Table(SinkTable::Delta(d))) = &self.contents.sink.batch
+            && delta::holds_run(&d.path, &run_id).await?
+        {
+            return Ok(BatchOutcome {
+                rows: Vec::new(),
+                message: Some(format!(
+                    "nothing written: {} already holds batch run {run_id} (the same query, \
+                     UDFs, inputs and run name); give another --run-name to write it again",
+                    d.path
+                )),
+            });
         }
         let df = session.dataframe(&self.query).await?;
         let schema = Arc::new(df.schema().as_arrow().clone());
         let batches = df.collect().await?;
+        let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
         match &self.contents.sink.batch {
-            None => Ok(batches),
+            None => Ok(BatchOutcome {
+                rows: batches,
+                message: None,
+            }),
             Some(SinkSpec::Path(out)) => {
                 crate::connectors::files::write_file(out, schema, batches)?;
-                Ok(Vec::new())
+                Ok(BatchOutcome {
+                    rows: Vec::new(),
+                    message: Some(format!("wrote {rows} rows to {}", out.display())),
+                })
             }
             Some(SinkSpec::Table(SinkTable::Delta(d))) => {
-                let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
-                let version = delta::append(&d.path, batches).await?;
-                tracing::info!(rows, version, table = %d.path, "appended to the Delta table");
-                Ok(Vec::new())
+                let version = delta::append(&d.path, batches, &run_id).await?;
+                Ok(BatchOutcome {
+                    rows: Vec::new(),
+                    message: Some(format!(
+                        "appended {rows} rows to {} as version {version} (batch run {run_id})",
+                        d.path
+                    )),
+                })
             }
             Some(SinkSpec::Table(SinkTable::Kafka(_))) => Err(key_error(
                 &self.file,
@@ -474,7 +539,7 @@ impl Pipeline {
     /// declared schema takes it).
     async fn batch_schema(&self, session: &RiffleSession, name: &str) -> Result<Option<SchemaRef>> {
         const PROBE: &str = "__riffle_schema_probe";
-        if !self.register_batch(session, name, PROBE).await? {
+        if self.register_batch(session, name, PROBE).await?.is_none() {
             return Ok(None);
         }
         let schema = session
@@ -623,4 +688,48 @@ impl Pipeline {
         }
         query.run(stop).await
     }
+}
+
+/// Registers `path` (a file, a directory of files or a Delta table) as `table` and returns
+/// what identifies the version read, for a batch run's id: a Delta table by its version
+/// (`as_of` resolved, so the id names what was read), files by name, size and modification
+/// time.
+async fn register_input(
+    session: &RiffleSession,
+    table: &str,
+    path: &Path,
+    as_of: delta::AsOf,
+) -> Result<String> {
+    let absolute = std::fs::canonicalize(path).map_err(|_| {
+        RiffleError::Config(format!("table {table}: {} does not exist", path.display()))
+    })?;
+    if delta::is_delta_table(path) {
+        let version = delta::register(session.context(), table, path, &as_of).await?;
+        return Ok(format!("delta {} version {version}", absolute.display()));
+    }
+    session.register_table(table, path).await?;
+    input_identity(&absolute)
+}
+
+/// Every file under `path` (or `path` itself) as `name size modified-nanoseconds` lines.
+fn input_identity(path: &Path) -> Result<String> {
+    let mut files = Vec::new();
+    let mut pending = vec![path.to_path_buf()];
+    while let Some(p) = pending.pop() {
+        let meta = std::fs::metadata(&p).map_err(|e| RiffleError::io("reading", &p, e))?;
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(&p).map_err(|e| RiffleError::io("listing", &p, e))? {
+                pending.push(entry.map_err(|e| RiffleError::io("listing", &p, e))?.path());
+            }
+        } else {
+            let modified = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos());
+            files.push(format!("{} {} {modified}", p.display(), meta.len()));
+        }
+    }
+    files.sort();
+    Ok(files.join("\n"))
 }

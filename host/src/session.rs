@@ -102,7 +102,8 @@ impl RiffleSession {
         }
         if crate::connectors::delta::is_delta_table(path) {
             let as_of = crate::connectors::delta::AsOf::Latest;
-            return crate::connectors::delta::register(&self.ctx, name, path, &as_of).await;
+            crate::connectors::delta::register(&self.ctx, name, path, &as_of).await?;
+            return Ok(());
         }
         let format = FileFormat::of(path)?;
         let location = path.to_string_lossy();

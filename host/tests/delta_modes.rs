@@ -235,3 +235,97 @@ fn update_mode_keeps_the_last_row_of_a_key_updated_twice_in_one_epoch() {
         assert_eq!(got, want);
     });
 }
+
+/// Runs the backfill pipeline in `dir` (batch mode, with `extra` arguments); returns stderr.
+fn backfill(dir: &Path, extra: &[&str]) -> String {
+    let out = common::riffle(&dir.join("backfill.toml"), "batch")
+        .args(extra)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}");
+    stderr
+}
+
+fn python_tx_ids(table: &Path) -> Vec<i64> {
+    let columns = common::python_delta_columns(table, &["tx_id"]);
+    let (ids,): (Vec<i64>,) = serde_json::from_value(columns).unwrap();
+    ids
+}
+
+#[test]
+fn a_backfill_into_delta_is_written_once_per_query_inputs_and_run_name() {
+    let rt = common::runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let mut generator = FraudGenerator::new(FraudConfig::default());
+    let input = dir.path().join("history");
+    let first = generator.next_batch(1_000);
+    rt.block_on(riffle::connectors::delta::append(
+        &input.to_string_lossy(),
+        vec![first.clone()],
+        "fixture-1",
+    ))
+    .unwrap();
+    std::fs::write(
+        dir.path().join("backfill.toml"),
+        r#"
+query = "SELECT tx_id, amount FROM transactions WHERE amount > 50"
+[source]
+name = "transactions"
+batch = "history"
+[sink]
+batch = { kind = "delta", path = "scores" }
+"#,
+    )
+    .unwrap();
+    let scores = dir.path().join("scores");
+    let selected = |b: &RecordBatch| -> usize {
+        let amount = b
+            .column_by_name("amount")
+            .unwrap()
+            .as_primitive::<Float64Type>();
+        amount
+            .iter()
+            .filter(|a| a.is_some_and(|a| a > 50.0))
+            .count()
+    };
+    let n = selected(&first);
+    assert!(n > 100);
+
+    let said = backfill(dir.path(), &[]);
+    assert!(said.contains(&format!("appended {n} rows")), "{said}");
+    let run_id = said
+        .split("batch run ")
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .unwrap()
+        .to_string();
+    assert_eq!(python_tx_ids(&scores).len(), n);
+
+    // The same run again (a retry after a crash that followed the commit): nothing written.
+    let said = backfill(dir.path(), &[]);
+    assert!(said.contains("nothing written"), "{said}");
+    assert!(said.contains(&run_id), "{said}");
+    assert_eq!(python_tx_ids(&scores).len(), n, "a rerun adds no rows");
+
+    // A new run name writes the rows again, on purpose.
+    let said = backfill(dir.path(), &["--run-name", "again"]);
+    assert!(said.contains(&format!("appended {n} rows")), "{said}");
+    assert_eq!(python_tx_ids(&scores).len(), 2 * n);
+
+    // New input data (a new version of the input table) is a new run.
+    let second = generator.next_batch(500);
+    rt.block_on(riffle::connectors::delta::append(
+        &input.to_string_lossy(),
+        vec![second.clone()],
+        "fixture-2",
+    ))
+    .unwrap();
+    let m = n + selected(&second);
+    let said = backfill(dir.path(), &[]);
+    assert!(said.contains(&format!("appended {m} rows")), "{said}");
+    assert!(!said.contains(&run_id), "a new id: {said}");
+    let said = backfill(dir.path(), &[]);
+    assert!(said.contains("nothing written"), "{said}");
+    assert_eq!(python_tx_ids(&scores).len(), 2 * n + m);
+}

@@ -89,6 +89,10 @@ struct RunArgs {
     /// Stream mode: stop after this many epochs (the next run resumes from the checkpoint).
     #[arg(long, value_name = "N")]
     max_epochs: Option<u64>,
+    /// Batch mode into Delta: a rerun of a run whose commit landed (same query, UDFs, inputs
+    /// and run name) writes nothing; a new name writes the rows again.
+    #[arg(long, value_name = "NAME")]
+    run_name: Option<String>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -296,13 +300,17 @@ async fn run_pipeline(args: RunArgs) -> Result<()> {
         cache_dir: args.cache_dir.or_else(EngineOptions::default_cache_dir),
         live: !args.quiet,
         max_epochs: args.max_epochs,
+        run_name: args.run_name,
     };
     match args.mode {
         RunMode::Batch => {
             let started = std::time::Instant::now();
-            let batches = pipeline.run_batch(&options).await?;
-            if !batches.is_empty() {
-                println!("{}", crate::connectors::files::pretty(&batches)?);
+            let outcome = pipeline.run_batch(&options).await?;
+            if !outcome.rows.is_empty() {
+                println!("{}", crate::connectors::files::pretty(&outcome.rows)?);
+            }
+            if let Some(message) = outcome.message {
+                eprintln!("{message}");
             }
             eprintln!("batch run done in {:.2} s", started.elapsed().as_secs_f64());
         }

@@ -6,6 +6,11 @@
 //! a crash, an epoch whose version the table already records is skipped, so a replay never
 //! adds rows twice. Appends from a concurrent backfill are separate optimistic commits that
 //! delta-rs retries on a newer version; they never conflict with the stream's appends.
+//!
+//! A batch run (a backfill) is idempotent the same way: its commit carries a `txn` action whose
+//! application id is the run's id (`riffle-batch-<digest>` of the query, the UDF modules and
+//! their configurations, the inputs' versions and the run name), so rerunning a run whose
+//! commit landed finds the id and writes nothing.
 
 use std::path::Path;
 
@@ -96,7 +101,7 @@ pub enum AsOf {
     Timestamp(String),
 }
 
-/// Registers a Delta table (at a version) as `name` in `context`.
+/// Registers a Delta table (at a version) as `name` in `context`. Returns the version read.
 ///
 /// # Errors
 /// A missing table or version.
@@ -105,7 +110,7 @@ pub async fn register(
     name: &str,
     path: &Path,
     as_of: &AsOf,
-) -> Result<()> {
+) -> Result<i64> {
     let url = table_url(&path.to_string_lossy())?;
     if !is_delta_table(path) {
         return Err(RiffleError::Config(format!(
@@ -127,20 +132,43 @@ pub async fn register(
         .await
         .map_err(|e| RiffleError::External(format!("delta table {url}: {e}")))?;
     context.register_table(name, provider)?;
-    Ok(())
+    Ok(table.version().unwrap_or(0) as i64)
+}
+
+/// Whether the table at `location` already holds the batch run `run_id` (a `txn` action of
+/// that application id, written by [`append`]).
+///
+/// # Errors
+/// Storage errors.
+pub async fn holds_run(location: &str, run_id: &str) -> Result<bool> {
+    let url = table_url(location)?;
+    let table = open(&url).await?;
+    if table.version().is_none() {
+        return Ok(false);
+    }
+    let state = table.snapshot().map_err(|e| delta_error(&url, e))?;
+    Ok(state
+        .transaction_version(table.log_store().as_ref(), run_id)
+        .await
+        .map_err(|e| delta_error(&url, e))?
+        .is_some())
 }
 
 /// Appends `batches` to a table as one commit (a batch run or backfill), creating it if
-/// missing. Returns the new table version.
+/// missing, with a `txn` action for `run_id` so that a rerun can see the rows are there
+/// ([`holds_run`]). Returns the new table version.
 ///
 /// # Errors
 /// Storage errors and schema mismatches.
-pub async fn append(location: &str, batches: Vec<RecordBatch>) -> Result<i64> {
+pub async fn append(location: &str, batches: Vec<RecordBatch>, run_id: &str) -> Result<i64> {
     let url = table_url(location)?;
     let table = open(&url)
         .await?
         .write(batches)
         .with_save_mode(SaveMode::Append)
+        .with_commit_properties(
+            CommitProperties::default().with_application_transaction(Transaction::new(run_id, 1)),
+        )
         .await
         .map_err(|e| delta_error(&url, e))?;
     Ok(table.version().unwrap_or(0) as i64)
