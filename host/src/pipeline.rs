@@ -28,6 +28,7 @@
 //! duplicates = 0.01                     # generator (fraud): fraction delivered twice
 //! # users = 50000, items = 5000         # generator (clickstream): key cardinalities
 //! # kind = "directory", path = "incoming/", max_files_per_trigger = 10, stop_when_empty = true
+//! #   (quarantine = "bad/": where unreadable files go, default incoming/_quarantine)
 //! # kind = "kafka"                      # a topic; offsets live in the checkpoint
 //! # bootstrap = "127.0.0.1:29092"       # default: $RIFFLE_KAFKA_BOOTSTRAP
 //! # topic = "transactions"

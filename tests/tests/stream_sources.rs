@@ -169,6 +169,109 @@ fn directory_source_reads_new_files_once_across_restarts() {
     });
 }
 
+/// Runs `sql` over the CSV directory `incoming` (bounded: it ends when nothing is new) into
+/// `sink`, with progress written to `progress`.
+fn run_csv_directory(
+    incoming: &Path,
+    sql: &str,
+    sink: &MemorySink,
+    options: StreamOptions,
+) -> riffle::Result<riffle::stream::RunSummary> {
+    common::runtime().block_on(async {
+        let session = session();
+        let source = DirectorySource::new(incoming, 10, true)?;
+        let input = StreamInput::register(&session, "transactions", Box::new(source))?;
+        let plan = session.context().state().create_logical_plan(sql).await?;
+        let mut query =
+            StreamingQuery::new(&session, vec![input], plan, Box::new(sink.clone()), options)
+                .await?;
+        query.run(&AtomicBool::new(false)).await
+    })
+}
+
+#[test]
+fn directory_source_quarantines_bad_files_matches_columns_by_name_and_rereads_rewritten_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let incoming = dir.path().join("incoming");
+    std::fs::create_dir(&incoming).unwrap();
+    let put = |name: &str, text: &str| std::fs::write(incoming.join(name), text).unwrap();
+    put("a.csv", "tx_id,amount,country\n1,10.5,DE\n2,20.0,FR\n");
+    // Columns in another order, and one the schema does not have.
+    put(
+        "b.csv",
+        "country,note,tx_id,amount\nUS,x,3,30.0\nGB,y,4,40.25\n",
+    );
+    // A nullable column missing.
+    put("c.csv", "tx_id,amount\n5,50.0\n");
+    // Not a number where the schema has one.
+    put("bad.csv", "tx_id,amount,country\nseven,1.0,DE\n");
+    let sql = "SELECT tx_id, country, amount * 2 AS twice FROM transactions";
+    let sink = MemorySink::default();
+    let checkpoint = dir.path().join("checkpoint");
+    let progress = dir.path().join("progress.jsonl");
+    let opts = || StreamOptions {
+        progress_file: Some(progress.clone()),
+        ..options(&checkpoint, Trigger::AvailableNow)
+    };
+    let summary = run_csv_directory(&incoming, sql, &sink, opts()).unwrap();
+    assert!(summary.finished);
+    // Hand-computed: columns by name, NULL for the missing one.
+    assert_eq!(
+        lines(&sink.batches()),
+        [
+            "1|DE|21.0",
+            "2|FR|40.0",
+            "3|US|60.0",
+            "4|GB|80.5",
+            "5|NULL|100.0"
+        ]
+    );
+    let quarantine = incoming.join("_quarantine");
+    assert!(!incoming.join("bad.csv").exists());
+    assert_eq!(
+        std::fs::read_to_string(quarantine.join("bad.csv")).unwrap(),
+        "tx_id,amount,country\nseven,1.0,DE\n",
+        "kept as it was"
+    );
+    let reason = std::fs::read_to_string(quarantine.join("bad.csv.reason.txt")).unwrap();
+    assert!(reason.contains("seven"), "{reason}");
+    let warnings = std::fs::read_to_string(&progress).unwrap();
+    assert!(warnings.contains("bad.csv moved to"), "{warnings}");
+
+    // Offsets stay small: a change time and the names of that instant, not every file.
+    let offsets: Vec<Value> = std::fs::read_dir(checkpoint.join("offsets"))
+        .unwrap()
+        .map(|e| serde_json::from_slice(&std::fs::read(e.unwrap().path()).unwrap()).unwrap())
+        .collect();
+    for o in &offsets {
+        let text = o.to_string();
+        assert!(!text.contains("\"files\""), "{text}");
+        assert!(text.contains("\"changed\""), "{text}");
+    }
+
+    // A file rewritten in place under the same name is a new file; the finished stateless
+    // query takes it on the next run.
+    put("a.csv", "tx_id,amount,country\n6,60.0,IT\n");
+    let summary = run_csv_directory(&incoming, sql, &sink, opts()).unwrap();
+    assert_eq!(summary.input_rows, 1);
+    assert!(lines(&sink.batches()).contains(&"6|IT|120.0".to_string()));
+
+    // A stateful query that finished cannot take input behind its end: a clear error.
+    let grouped = "SELECT country, count(*) AS n FROM transactions GROUP BY country";
+    let checkpoint = dir.path().join("grouped");
+    let complete = || StreamOptions {
+        output_mode: OutputMode::Complete,
+        ..options(&checkpoint, Trigger::AvailableNow)
+    };
+    run_csv_directory(&incoming, grouped, &MemorySink::default(), complete()).unwrap();
+    put("d.csv", "tx_id,amount,country\n7,70.0,DE\n");
+    let e = run_csv_directory(&incoming, grouped, &MemorySink::default(), complete())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("finished at epoch"), "{e}");
+    assert!(e.contains("new checkpoint directory"), "{e}");
+}
+
 #[test]
 fn directory_source_picks_up_files_while_the_query_runs() {
     let rt = common::runtime();

@@ -373,8 +373,32 @@ impl StreamingQuery {
                 let watermarks = self.source_watermarks();
                 self.graph.settle_watermarks(&watermarks);
                 if commit.last {
-                    summary.finished = true;
-                    return Ok(summary);
+                    // A bounded query that ended: new input since then reopens a stateless
+                    // query; a stateful one closed its windows and flushed its state when its
+                    // input ended, and cannot take more rows behind that end.
+                    let mut arrived = Vec::new();
+                    for s in &mut self.sources {
+                        let from = s.offset.clone();
+                        let end = s.blocking(move |src| src.available(&from, 1)).await?;
+                        if end != s.offset {
+                            arrived.push(s.spec.name.clone());
+                        }
+                    }
+                    if arrived.is_empty() {
+                        summary.finished = true;
+                        return Ok(summary);
+                    }
+                    if self.stateful {
+                        return Err(RiffleError::Checkpoint(format!(
+                            "checkpoint {}: this query finished at epoch {} when its input \
+                             ended, which closed its windows and flushed its state; new input \
+                             has arrived since in {}. Use a new checkpoint directory to run it \
+                             over everything, or run without stop_when_empty to keep it open",
+                            self.checkpoint.root().display(),
+                            commit.epoch,
+                            arrived.join(", ")
+                        )));
+                    }
                 }
                 commit.epoch
             }

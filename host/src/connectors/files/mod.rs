@@ -102,10 +102,13 @@ pub fn pretty(batches: &[RecordBatch]) -> Result<String> {
         .map_err(|e| RiffleError::Internal(e.to_string()))
 }
 
-/// Reads a whole Parquet, CSV (with header) or NDJSON file.
+/// Reads a whole Parquet, CSV (with header) or NDJSON file. With `schema`, columns are
+/// matched by name, not position: a CSV header may list them in any order, a column the file
+/// lacks is NULL if the schema allows it, and columns the schema does not name are dropped.
 ///
 /// # Errors
-/// I/O and decoding errors naming the file; a schema mismatch is the user's error.
+/// I/O and decoding errors naming the file; a file whose columns do not fit the schema (a
+/// missing non-nullable column, a value of the wrong type) is the user's error.
 pub fn read_file(
     path: &Path,
     format: FileFormat,
@@ -125,19 +128,40 @@ pub fn read_file(
             reader.collect::<std::result::Result<_, _>>().map_err(bad)?
         }
         FileFormat::Csv => {
-            let schema = match &schema {
-                Some(s) => s.clone(),
-                None => {
-                    let mut f = std::fs::File::open(path)
-                        .map_err(|e| RiffleError::io("opening", path, e))?;
-                    let (s, _) = arrow::csv::reader::Format::default()
-                        .with_header(true)
-                        .infer_schema(&mut f, Some(1000))
-                        .map_err(bad)?;
-                    Arc::new(s)
-                }
+            // The header's names, each typed as the schema types it (text if it does not).
+            let mut f =
+                std::fs::File::open(path).map_err(|e| RiffleError::io("opening", path, e))?;
+            let (inferred, _) = arrow::csv::reader::Format::default()
+                .with_header(true)
+                .infer_schema(
+                    &mut f,
+                    if schema.is_some() {
+                        Some(0)
+                    } else {
+                        Some(1000)
+                    },
+                )
+                .map_err(bad)?;
+            let file_schema = match &schema {
+                None => Arc::new(inferred),
+                Some(want) => Arc::new(arrow::datatypes::Schema::new(
+                    inferred
+                        .fields()
+                        .iter()
+                        .map(|f| match want.field_with_name(f.name()) {
+                            Ok(w) => {
+                                arrow::datatypes::Field::new(f.name(), w.data_type().clone(), true)
+                            }
+                            Err(_) => arrow::datatypes::Field::new(
+                                f.name(),
+                                arrow::datatypes::DataType::Utf8,
+                                true,
+                            ),
+                        })
+                        .collect::<Vec<_>>(),
+                )),
             };
-            arrow::csv::ReaderBuilder::new(schema)
+            arrow::csv::ReaderBuilder::new(file_schema)
                 .with_header(true)
                 .build(file)
                 .map_err(bad)?
@@ -165,17 +189,45 @@ pub fn read_file(
                 .map_err(bad)?
         }
     };
-    if let Some(expected) = schema {
-        for b in &batches {
-            if b.schema().fields() != expected.fields() {
-                return Err(RiffleError::Config(format!(
-                    "{}: schema differs from the source's ({} vs {})",
-                    path.display(),
-                    b.schema(),
-                    expected
-                )));
-            }
-        }
+    match schema {
+        None => Ok(batches),
+        Some(want) => batches
+            .iter()
+            .map(|b| conform(b, &want))
+            .collect::<std::result::Result<_, String>>()
+            .map_err(|e| {
+                RiffleError::Config(format!(
+                    "{}: does not fit the source's schema ({want}): {e}",
+                    path.display()
+                ))
+            }),
     }
-    Ok(batches)
+}
+
+/// `batch` with the columns of `want`, matched by name: cast where the type differs (a
+/// value that does not convert is an error, never a silent NULL), NULL where a nullable
+/// column is missing.
+fn conform(batch: &RecordBatch, want: &SchemaRef) -> std::result::Result<RecordBatch, String> {
+    if batch.schema().fields() == want.fields() {
+        return Ok(batch.clone());
+    }
+    let strict = arrow::compute::CastOptions {
+        safe: false,
+        ..Default::default()
+    };
+    let columns = want
+        .fields()
+        .iter()
+        .map(|f| match batch.column_by_name(f.name()) {
+            Some(c) if c.data_type() == f.data_type() => Ok(c.clone()),
+            Some(c) => arrow::compute::cast_with_options(c, f.data_type(), &strict)
+                .map_err(|e| format!("column {}: {e}", f.name())),
+            None if f.is_nullable() => Ok(arrow::array::new_null_array(
+                f.data_type(),
+                batch.num_rows(),
+            )),
+            None => Err(format!("the column {} is missing", f.name())),
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    RecordBatch::try_new(want.clone(), columns).map_err(|e| e.to_string())
 }
