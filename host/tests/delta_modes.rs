@@ -329,3 +329,44 @@ batch = { kind = "delta", path = "scores" }
     assert!(said.contains("nothing written"), "{said}");
     assert_eq!(python_tx_ids(&scores).len(), 2 * n + m);
 }
+
+#[test]
+fn a_second_process_on_the_same_query_fences_the_first_one_off() {
+    use riffle::connectors::sink::Sink;
+    let rt = common::runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let table = dir.path().join("fenced");
+    let location = table.to_string_lossy().to_string();
+    let rows = FraudGenerator::new(FraudConfig::default()).next_batch(300);
+    let schema = rows.schema();
+    let epoch = |i: usize| [rows.slice(i * 100, 100)];
+    rt.block_on(async {
+        let mut first = DeltaSink::new(&location, OutputMode::Append, Vec::new()).unwrap();
+        first.start("query-1").await.unwrap();
+        first.write_epoch(1, &schema, &epoch(0)).await.unwrap();
+        // A successor takes over the query (the first process hung, it did not die).
+        let mut second = DeltaSink::new(&location, OutputMode::Append, Vec::new()).unwrap();
+        second.start("query-1").await.unwrap();
+        second.write_epoch(2, &schema, &epoch(1)).await.unwrap();
+        // The first wakes up and goes on: refused, nothing written.
+        let e = first
+            .write_epoch(2, &schema, &epoch(1))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("fenced"), "{e}");
+        assert!(e.contains("another process committed epoch 2"), "{e}");
+        second.write_epoch(3, &schema, &epoch(2)).await.unwrap();
+    });
+    let columns = common::python_delta_columns(&table, &["tx_id"]);
+    let (mut ids,): (Vec<i64>,) = serde_json::from_value(columns).unwrap();
+    ids.sort_unstable();
+    let mut want: Vec<i64> = rows
+        .column_by_name("tx_id")
+        .unwrap()
+        .as_primitive::<Int64Type>()
+        .values()
+        .to_vec();
+    want.sort_unstable();
+    assert_eq!(ids, want, "each epoch once");
+}

@@ -210,6 +210,33 @@ impl DeltaSink {
         })
     }
 
+    fn fenced(&self, held: i64) -> RiffleError {
+        RiffleError::External(format!(
+            "delta table {}: another process committed epoch {held} of this query (this \
+             one last wrote epoch {}); this process is fenced off and stops. Only one process \
+             may run a query's checkpoint",
+            self.url, self.done
+        ))
+    }
+
+    /// A failed commit; one that lost to a concurrent commit of this query's own transaction
+    /// id is fencing, not a storage fault.
+    fn commit_error(&self, e: DeltaTableError) -> RiffleError {
+        use deltalake::kernel::transaction::{CommitConflictError, TransactionError};
+        if let DeltaTableError::Transaction {
+            source: TransactionError::CommitConflict(CommitConflictError::ConcurrentTransaction),
+        } = &e
+        {
+            return RiffleError::External(format!(
+                "delta table {}: another process committed for this query at the same time \
+                 ({e}); this process is fenced off and stops. Only one process may run a \
+                 query's checkpoint",
+                self.url
+            ));
+        }
+        delta_error(&self.url, e)
+    }
+
     fn commit_properties(&self, epoch: u64) -> CommitProperties {
         CommitProperties::default()
             .with_application_transaction(Transaction::new(&self.app_id, epoch as i64))
@@ -302,6 +329,25 @@ impl Sink for DeltaSink {
             // Not created yet when the sink started: someone (a backfill) may have since.
             _ => open(&self.url).await?,
         };
+        // Fencing, as Kafka's transactional id gives: this query's epochs are committed by one
+        // process at a time. An epoch this process did not write (it knows every epoch it
+        // wrote, and at start every epoch written before) means another process took over (a
+        // successor on the same checkpoint, this one being a zombie). A commit racing this
+        // one fails as a concurrent transaction of the same id (`commit_error`).
+        let held = if table.version().is_some() {
+            table
+                .snapshot()
+                .map_err(|e| delta_error(&self.url, e))?
+                .transaction_version(table.log_store().as_ref(), &self.app_id)
+                .await
+                .map_err(|e| delta_error(&self.url, e))?
+                .unwrap_or(-1)
+        } else {
+            -1
+        };
+        if held != self.done {
+            return Err(self.fenced(held));
+        }
         let properties = self.commit_properties(epoch);
         let exists = table.version().is_some();
         let latest;
@@ -345,7 +391,7 @@ impl Sink for DeltaSink {
                     })
                     .map_err(|e| delta_error(&self.url, e))?
                     .await
-                    .map_err(|e| delta_error(&self.url, e))?;
+                    .map_err(|e| self.commit_error(e))?;
                 self.table = Some(merged.0);
             }
             mode => {
@@ -364,7 +410,7 @@ impl Sink for DeltaSink {
                     .with_save_mode(save)
                     .with_commit_properties(properties)
                     .await
-                    .map_err(|e| delta_error(&self.url, e))?;
+                    .map_err(|e| self.commit_error(e))?;
                 self.table = Some(written);
             }
         }
