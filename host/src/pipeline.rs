@@ -63,6 +63,7 @@
 //! # or (stream only) a Kafka topic, exactly-once by default:
 //! # stream = { kind = "kafka", topic = "alerts", format = "json", key = "card_id",
 //! #            headers = ["country"], delivery = "exactly-once" }  # or "at-least-once"
+//! #   (marker_topic = "riffle.epochs": the compacted topic of each query's last epoch)
 //! late = "out/late"                     # optional: late rows, one Parquet file per epoch
 //!                                       # (with several sources, one subdirectory each)
 //!

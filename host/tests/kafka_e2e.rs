@@ -343,6 +343,26 @@ fn count_batches(batches: &[RecordBatch]) -> HashMap<(i64, Option<u64>), usize> 
     m
 }
 
+/// (tx_id, risk bits) of JSON records, decoded with arrow-json, whose float parsing is exact
+/// (serde_json's default is not).
+fn count_records(records: &[Read]) -> HashMap<(i64, Option<u64>), usize> {
+    let schema = std::sync::Arc::new(arrow::datatypes::Schema::new(vec![
+        arrow::datatypes::Field::new("tx_id", arrow::datatypes::DataType::Int64, false),
+        arrow::datatypes::Field::new("risk", arrow::datatypes::DataType::Float64, true),
+    ]));
+    let mut text = Vec::new();
+    for (_, _, payload, _) in records {
+        text.extend_from_slice(payload);
+        text.push(b'\n');
+    }
+    let batches: Vec<RecordBatch> = arrow::json::ReaderBuilder::new(schema)
+        .build(std::io::Cursor::new(text))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    count_batches(&batches)
+}
+
 /// Rows of a Delta table as read by the `deltalake` Python package (delta-rs's Python
 /// binding, installed from PyPI: an independent reader of the table format).
 fn python_delta_rows(table: &Path) -> HashMap<(i64, Option<u64>), usize> {
@@ -402,22 +422,7 @@ fn kafka_to_kafka_and_delta_exactly_once_across_kill_9() {
             "{headers:?}"
         );
     }
-    // Decoded with arrow-json, whose float parsing is exact (serde_json's default is not).
-    let schema = std::sync::Arc::new(arrow::datatypes::Schema::new(vec![
-        arrow::datatypes::Field::new("tx_id", arrow::datatypes::DataType::Int64, false),
-        arrow::datatypes::Field::new("risk", arrow::datatypes::DataType::Float64, true),
-    ]));
-    let mut text = Vec::new();
-    for (_, _, payload, _) in &records {
-        text.extend_from_slice(payload);
-        text.push(b'\n');
-    }
-    let batches: Vec<RecordBatch> = arrow::json::ReaderBuilder::new(schema)
-        .build(std::io::Cursor::new(text))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
-    let got = count_batches(&batches);
+    let got = count_records(&records);
     assert_eq!(got.len(), want.len(), "distinct rows in the topic");
     assert_eq!(got, want, "each row exactly once in the topic");
 
@@ -820,4 +825,118 @@ fn records_deleted_before_they_were_read_stop_the_query_unless_it_is_told_to_go_
             "{range} in {warnings:?}"
         );
     }
+}
+
+#[test]
+fn an_epoch_replayed_after_kafka_expired_the_marker_group_is_not_written_twice() {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let rows = transactions(0, 3_000);
+    produce(&broker, "long-down", &rows);
+    let want = expected(dir.path(), &rows, &broker);
+    let path = pipeline(
+        dir.path(),
+        "long",
+        &broker,
+        "long-down",
+        &format!(
+            "[sink.stream]\nkind = \"kafka\"\nbootstrap = \"{}\"\ntopic = \"long-out\"\n",
+            broker.bootstrap
+        ),
+    );
+    // Epoch 2's transaction is committed to Kafka; the process dies before Riffle's commit.
+    let out = riffle(&path, "stream")
+        .env("RIFFLE_CRASH", "after-sink:2")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("RIFFLE_CRASH: aborting"),
+        "{stderr}"
+    );
+    // The query stays down longer than offsets.retention.minutes: Kafka drops the group
+    // whose committed offset marks the epoch.
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &broker.bootstrap)
+        .create()
+        .unwrap();
+    let groups: Vec<String> = consumer
+        .fetch_group_list(None, Duration::from_secs(10))
+        .unwrap()
+        .groups()
+        .iter()
+        .map(|g| g.name().to_string())
+        .filter(|g| g.ends_with("-long-out-epochs"))
+        .collect();
+    assert_eq!(groups.len(), 1, "{groups:?}");
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &broker.bootstrap)
+        .create()
+        .unwrap();
+    let names: Vec<&str> = groups.iter().map(String::as_str).collect();
+    for result in runtime()
+        .block_on(admin.delete_groups(&names, &AdminOptions::new()))
+        .unwrap()
+    {
+        result.unwrap();
+    }
+    // The restart replays epoch 2: the marker topic says Kafka has it.
+    run_ok(riffle(&path, "stream"));
+    let got = count_records(&read_topic(&broker, "long-out"));
+    let twice = got.values().filter(|n| **n > 1).count();
+    assert_eq!(twice, 0, "rows written twice");
+    assert_eq!(got, want, "each row exactly once");
+}
+
+#[test]
+fn dead_letters_go_out_once_in_the_epoch_transaction_of_an_exactly_once_sink() {
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    // One partition: the bad records come first, so the first epochs carry them.
+    runtime()
+        .block_on(ensure_topic(&broker.kafka(), "dirty-eos", 1))
+        .unwrap();
+    let p = producer(&broker);
+    for payload in [&b"not json"[..], b"{\"tx_id\": \"x\"}", b"", b"[1, 2]"] {
+        p.send(
+            BaseRecord::<[u8], [u8]>::to("dirty-eos")
+                .payload(payload)
+                .key(&b"k"[..]),
+        )
+        .map_err(|(e, _)| e)
+        .unwrap();
+    }
+    p.flush(Duration::from_secs(10)).unwrap();
+    let rows = transactions(0, 1_500);
+    produce(&broker, "dirty-eos", &rows);
+    let want = expected(dir.path(), &rows, &broker);
+    let path = pipeline(
+        dir.path(),
+        "dirty-eos",
+        &broker,
+        "dirty-eos",
+        &format!(
+            "[sink.stream]\nkind = \"kafka\"\nbootstrap = \"{}\"\ntopic = \"clean-eos\"\n",
+            broker.bootstrap
+        ),
+    );
+    // Crashes after epochs 1 and 2 are in Kafka and before Riffle commits them: both epochs
+    // run again, dead letters included.
+    for epoch in [1, 2] {
+        let out = riffle(&path, "stream")
+            .env("RIFFLE_CRASH", format!("after-sink:{epoch}"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("RIFFLE_CRASH: aborting"), "{stderr}");
+    }
+    run_ok(riffle(&path, "stream"));
+    assert_eq!(
+        read_topic(&broker, "dirty-eos.dlq").len(),
+        4,
+        "each dead letter once"
+    );
+    assert_eq!(count_records(&read_topic(&broker, "clean-eos")), want);
 }

@@ -104,6 +104,7 @@ async fn query(
         header_columns: Vec::new(),
         headers: Vec::new(),
         delivery,
+        marker_topic: riffle::connectors::kafka::sink::MARKER_TOPIC.into(),
     })
     .unwrap();
     StreamingQuery::new(

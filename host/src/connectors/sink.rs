@@ -5,6 +5,7 @@
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 
+use crate::connectors::source::DeadLetter;
 use crate::error::Result;
 
 /// Where a streaming query's output goes. Async because transactional sinks (Delta, Kafka)
@@ -31,4 +32,14 @@ pub trait Sink: Send {
         schema: &SchemaRef,
         batches: &[RecordBatch],
     ) -> Result<()>;
+
+    /// Whether this sink writes dead letters bound for the Kafka cluster `bootstrap` inside
+    /// each epoch's transaction (see [`Sink::stage_dead_letters`]).
+    fn writes_dead_letters_for(&self, _bootstrap: &str) -> bool {
+        false
+    }
+
+    /// Dead letters to write with the next epoch, atomically with its rows. Only called on a
+    /// sink that said yes to [`Sink::writes_dead_letters_for`].
+    fn stage_dead_letters(&mut self, _letters: Vec<DeadLetter>) {}
 }

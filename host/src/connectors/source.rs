@@ -22,6 +22,24 @@ pub struct Input {
     pub lost_records: u64,
     /// What the source went on past, in words (a data-loss gap).
     pub warnings: Vec<String>,
+    /// Records the source rejected, for a transactional sink to write with the epoch (only
+    /// from a source told to [`hand over`](StreamSource::hand_over_dead_letters) its dead
+    /// letters).
+    pub dead_letters: Vec<DeadLetter>,
+}
+
+/// A record a source could not decode, bound for a dead-letter topic: its original bytes and
+/// headers that say where it came from and why it was rejected.
+#[derive(Clone, Debug)]
+pub struct DeadLetter {
+    /// The dead-letter topic.
+    pub topic: String,
+    /// The record's key.
+    pub key: Option<Vec<u8>>,
+    /// The record's value.
+    pub value: Option<Vec<u8>>,
+    /// Source topic, partition, offset and the reason.
+    pub headers: Vec<(String, String)>,
 }
 
 /// A replayable streaming source.
@@ -54,6 +72,14 @@ pub trait StreamSource: Send {
     /// Told after the epoch ending at `at` committed (for sources that report progress
     /// elsewhere, such as a Kafka consumer group).
     fn committed(&mut self, _at: &Value) {}
+    /// The Kafka cluster (bootstrap servers) this source sends dead letters to, if it has any.
+    fn dead_letter_cluster(&self) -> Option<String> {
+        None
+    }
+    /// From now on, return dead letters in [`Input::dead_letters`] instead of sending them:
+    /// the sink writes them in the epoch's transaction, so a replayed epoch does not send them
+    /// twice.
+    fn hand_over_dead_letters(&mut self) {}
 }
 
 /// The integer `key` of a JSON offset.

@@ -337,6 +337,16 @@ impl StreamingQuery {
         let mut summary = RunSummary::default();
         let id = self.checkpoint.query_id().to_string();
         self.sink.start(&id).await?;
+        // Dead letters bound for the cluster an exactly-once sink writes to go into the
+        // sink's epoch transactions: a replayed epoch then never sends them twice.
+        for s in &mut self.sources {
+            if let Some(source) = s.source.as_mut()
+                && let Some(cluster) = source.dead_letter_cluster()
+                && self.sink.writes_dead_letters_for(&cluster)
+            {
+                source.hand_over_dead_letters();
+            }
+        }
         for (name, late) in &mut self.late_sinks {
             late.start(&format!("{id}-late-{name}")).await?;
         }
@@ -621,6 +631,13 @@ impl StreamingQuery {
 
         let t = Instant::now();
         let output_rows: u64 = output.iter().map(|b| b.num_rows() as u64).sum();
+        let letters: Vec<_> = inputs
+            .iter_mut()
+            .flat_map(|i| std::mem::take(&mut i.dead_letters))
+            .collect();
+        if !letters.is_empty() {
+            self.sink.stage_dead_letters(letters);
+        }
         self.sink
             .write_epoch(plan.epoch, &self.output_schema, &output)
             .await?;

@@ -14,6 +14,19 @@ use crate::error::{Result, RiffleError};
 /// # Errors
 /// Unreachable brokers or a refused creation.
 pub async fn ensure_topic(kafka: &KafkaConfig, topic: &str, partitions: i32) -> Result<()> {
+    ensure_topic_with(kafka, topic, partitions, &[]).await
+}
+
+/// Creates `topic` with `partitions` partitions and topic `config` unless it exists.
+///
+/// # Errors
+/// Unreachable brokers or a refused creation.
+pub async fn ensure_topic_with(
+    kafka: &KafkaConfig,
+    topic: &str,
+    partitions: i32,
+    config: &[(&str, &str)],
+) -> Result<()> {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     use rdkafka::client::DefaultClientContext;
     use rdkafka::types::RDKafkaErrorCode;
@@ -21,7 +34,10 @@ pub async fn ensure_topic(kafka: &KafkaConfig, topic: &str, partitions: i32) -> 
         .client(&[])
         .create()
         .map_err(|e| kafka_error("creating an admin client", e))?;
-    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    for (k, v) in config {
+        new = new.set(k, v);
+    }
     let results = admin
         .create_topics(
             [&new],
@@ -67,6 +83,7 @@ pub fn produce_json(
         header_columns: Vec::new(),
         headers: Vec::new(),
         delivery: Delivery::AtLeastOnce,
+        marker_topic: super::sink::MARKER_TOPIC.into(),
     })?;
     let started = Instant::now();
     let mut sent = 0u64;

@@ -181,6 +181,7 @@ mod tests {
             header_columns: Vec::new(),
             headers: Vec::new(),
             delivery: Delivery::AtLeastOnce,
+            marker_topic: crate::connectors::kafka::sink::MARKER_TOPIC.into(),
         })
         .unwrap()
     }

@@ -15,11 +15,13 @@
 //! offset, and the reason, and is flushed there before the epoch runs.
 //!
 //! **Sink.** By default exactly-once: a transactional producer writes each epoch in one
-//! transaction, and the same transaction records the epoch number as the committed offset of a
-//! marker consumer group (`send_offsets_to_transaction`). After a crash, `init_transactions`
-//! aborts whatever the dead process left open, and an epoch that the marker already counts is
-//! not written again — so `read_committed` consumers see every row once. The at-least-once mode
-//! uses the idempotent producer without transactions, for the lowest latency.
+//! transaction, and the same transaction records the epoch number in the compacted marker topic
+//! (keyed by the transactional id; it lasts as long as the topic) and as the committed offset of
+//! a marker consumer group. After a crash, `init_transactions` aborts whatever the dead process
+//! left open, and an epoch that a marker already counts is not written again — so
+//! `read_committed` consumers see every row once. Dead letters of sources on the same cluster
+//! are written in the same transaction. The at-least-once mode uses the idempotent producer
+//! without transactions, for the lowest latency.
 
 pub mod admin;
 pub mod codec;

@@ -1,11 +1,15 @@
 //! A Kafka topic as a streaming sink.
 //!
 //! By default exactly-once: a transactional producer writes each epoch in one transaction, and
-//! the same transaction records the epoch number as the committed offset of a marker consumer
-//! group (`send_offsets_to_transaction`). After a crash, `init_transactions` aborts whatever the
-//! dead process left open, and an epoch that the marker already counts is not written again,
-//! so `read_committed` consumers see every row once. The at-least-once mode uses the idempotent
-//! producer without transactions, for the lowest latency.
+//! the same transaction records the epoch number in two markers: a record keyed by the
+//! transactional id in the compacted marker topic (`riffle.epochs` unless set), which lasts as
+//! long as the topic, and the committed offset of a marker consumer group
+//! (`send_offsets_to_transaction`), which Kafka expires after `offsets.retention.minutes` (7 days
+//! by default) and so only backs the topic up. After a crash, `init_transactions` aborts
+//! whatever the dead process left open, and an epoch that a marker already counts is not
+//! written again, so `read_committed` consumers see every row once, however long the query was
+//! down. The at-least-once mode uses the idempotent producer without transactions, for the
+//! lowest latency.
 //!
 //! librdkafka's calls block (a transaction commit waits for the broker), so the sink makes them
 //! on a blocking thread of the runtime rather than on an async worker.
@@ -24,6 +28,7 @@ use super::{
 };
 use crate::connectors::ConfigContext;
 use crate::connectors::sink::Sink;
+use crate::connectors::source::DeadLetter;
 use crate::error::{Result, RiffleError};
 
 /// A Kafka sink in a pipeline file (`kind = "kafka"`).
@@ -45,6 +50,9 @@ pub struct KafkaSinkConfig {
     /// `exactly-once` (default) or `at-least-once`.
     #[serde(default)]
     pub delivery: Delivery,
+    /// Exactly-once: the compacted topic holding each query's last committed epoch (default
+    /// `riffle.epochs`; created if missing).
+    pub marker_topic: Option<String>,
     /// librdkafka properties, passed through.
     #[serde(default)]
     pub properties: std::collections::BTreeMap<String, String>,
@@ -70,9 +78,16 @@ impl KafkaSinkConfig {
             header_columns: self.headers.clone(),
             headers,
             delivery: self.delivery,
+            marker_topic: self
+                .marker_topic
+                .clone()
+                .unwrap_or_else(|| MARKER_TOPIC.to_string()),
         })
     }
 }
+
+/// The default marker topic.
+pub const MARKER_TOPIC: &str = "riffle.epochs";
 
 /// Delivery guarantee of the Kafka sink.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Deserialize)]
@@ -102,14 +117,19 @@ pub struct KafkaSinkOptions {
     pub headers: Vec<(String, String)>,
     /// Guarantee.
     pub delivery: Delivery,
+    /// Exactly-once: the compacted topic of last committed epochs.
+    pub marker_topic: String,
 }
 
 /// A Kafka topic as a streaming sink.
 pub struct KafkaSink {
     options: KafkaSinkOptions,
     producer: Option<CheckedProducer>,
-    /// Exactly-once: the consumer whose group holds the last committed epoch.
-    marker: Option<(BaseConsumer, u64)>,
+    /// Exactly-once: the consumer whose group holds the last committed epoch, that epoch, and
+    /// the transactional id (the key of this query's records in the marker topic).
+    marker: Option<(BaseConsumer, u64, String)>,
+    /// Dead letters of the sources, written in the next epoch's transaction.
+    staged: Vec<DeadLetter>,
 }
 
 impl KafkaSink {
@@ -124,6 +144,7 @@ impl KafkaSink {
             options,
             producer: None,
             marker: None,
+            staged: Vec::new(),
         })
     }
 
@@ -254,6 +275,14 @@ impl Sink for KafkaSink {
     ) -> Result<()> {
         tokio::task::block_in_place(|| self.write(epoch, batches))
     }
+
+    fn writes_dead_letters_for(&self, bootstrap: &str) -> bool {
+        self.options.delivery == Delivery::ExactlyOnce && self.options.kafka.bootstrap == bootstrap
+    }
+
+    fn stage_dead_letters(&mut self, letters: Vec<DeadLetter>) {
+        self.staged.extend(letters);
+    }
 }
 
 impl KafkaSink {
@@ -291,11 +320,19 @@ impl KafkaSink {
                 let committed = consumer
                     .committed_offsets(self.marker_partition(), TIMEOUT)
                     .map_err(|e| kafka_error("reading the epoch marker", e))?;
-                let epoch = match committed.elements().first().map(|e| e.offset()) {
+                let in_group = match committed.elements().first().map(|e| e.offset()) {
                     Some(Offset::Offset(o)) if o > 0 => o as u64,
                     _ => 0,
                 };
-                self.marker = Some((consumer, epoch));
+                let topic = &self.options.marker_topic;
+                tokio::runtime::Handle::current().block_on(super::admin::ensure_topic_with(
+                    kafka,
+                    topic,
+                    1,
+                    &[("cleanup.policy", "compact")],
+                ))?;
+                let in_topic = last_marker(kafka, topic, &id)?;
+                self.marker = Some((consumer, in_group.max(in_topic), id));
                 self.producer = Some(p);
             }
         }
@@ -313,9 +350,11 @@ impl KafkaSink {
                 flush_checked(producer, "writing an epoch")
             }
             Delivery::ExactlyOnce => {
-                let (consumer, done) = self.marker.as_ref().expect("started");
+                let (consumer, done, id) = self.marker.as_ref().expect("started");
+                let letters = std::mem::take(&mut self.staged);
                 if epoch <= *done {
-                    // Committed to Kafka before the crash that made this epoch run again.
+                    // Committed to Kafka before the crash that made this epoch run again, with
+                    // its dead letters.
                     return Ok(());
                 }
                 producer
@@ -323,6 +362,16 @@ impl KafkaSink {
                     .map_err(|e| kafka_error("beginning a transaction", e))?;
                 let result = (|| {
                     self.produce(producer, batches)?;
+                    for letter in &letters {
+                        send(producer, super::dlq::record_of(letter))?;
+                    }
+                    let epoch_text = epoch.to_string();
+                    send(
+                        producer,
+                        BaseRecord::to(&self.options.marker_topic)
+                            .key(id.as_bytes())
+                            .payload(epoch_text.as_bytes()),
+                    )?;
                     let mut marker = self.marker_partition();
                     marker
                         .set_all_offsets(Offset::Offset(epoch as i64))
@@ -341,10 +390,77 @@ impl KafkaSink {
                     let _ = producer.abort_transaction(TIMEOUT);
                     return Err(e);
                 }
-                let (_, done) = self.marker.as_mut().expect("started");
+                let (_, done, _) = self.marker.as_mut().expect("started");
                 *done = epoch;
                 Ok(())
             }
         }
     }
+}
+
+/// The last epoch the marker topic records for `id`: the newest committed record with that
+/// key. Read backwards from the end in windows, since the topic holds every query's records
+/// (compaction keeps the newest per key, and a broker that does not compact keeps them all).
+fn last_marker(kafka: &KafkaConfig, topic: &str, id: &str) -> Result<u64> {
+    const WINDOW: i64 = 1_000;
+    let consumer: BaseConsumer = kafka
+        .client(&[
+            ("group.id", "riffle-marker-reader"),
+            ("enable.auto.commit", "false"),
+            ("isolation.level", "read_committed"),
+            // Reports the end of what read_committed may see (the last stable offset).
+            ("enable.partition.eof", "true"),
+        ])
+        .create()
+        .map_err(|e| kafka_error("creating the epoch marker reader", e))?;
+    let (low, high) = consumer
+        .fetch_watermarks(topic, 0, TIMEOUT)
+        .map_err(|e| kafka_error("reading the epoch marker topic", e))?;
+    let mut end = high;
+    while end > low {
+        let start = (end - WINDOW).max(low);
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, 0, Offset::Offset(start))
+            .map_err(|e| kafka_error("reading the epoch marker topic", e))?;
+        consumer
+            .assign(&tpl)
+            .map_err(|e| kafka_error("reading the epoch marker topic", e))?;
+        let mut found: Option<u64> = None;
+        let started = std::time::Instant::now();
+        loop {
+            let at_end = consumer.position().ok().is_some_and(|p| {
+                p.elements()
+                    .iter()
+                    .any(|e| matches!(e.offset(), Offset::Offset(o) if o >= end))
+            });
+            if at_end {
+                break;
+            }
+            match consumer.poll(std::time::Duration::from_millis(100)) {
+                Some(Ok(m)) => {
+                    use rdkafka::Message;
+                    if m.offset() < end && m.key() == Some(id.as_bytes()) {
+                        let epoch = m
+                            .payload()
+                            .and_then(|p| std::str::from_utf8(p).ok())
+                            .and_then(|t| t.parse::<u64>().ok());
+                        found = found.max(epoch);
+                    }
+                }
+                Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => break,
+                Some(Err(e)) => return Err(kafka_error("reading the epoch marker topic", e)),
+                None if started.elapsed() > TIMEOUT => {
+                    return Err(RiffleError::External(format!(
+                        "kafka: reading the epoch marker topic {topic}: no end within {TIMEOUT:?}"
+                    )));
+                }
+                None => {}
+            }
+        }
+        if let Some(epoch) = found {
+            return Ok(epoch);
+        }
+        end = start;
+    }
+    Ok(0)
 }

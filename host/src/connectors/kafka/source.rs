@@ -20,7 +20,7 @@ use super::codec::{Record, RecordFormat, decode_values, raw_batch, raw_schema};
 use super::dlq::DeadLetters;
 use super::{KafkaConfig, TIMEOUT, bootstrap, kafka_error};
 use crate::connectors::ConfigContext;
-use crate::connectors::source::{Input, StreamSource};
+use crate::connectors::source::{DeadLetter, Input, StreamSource};
 use crate::error::{Result, RiffleError};
 
 /// A Kafka source in a pipeline file (`kind = "kafka"`).
@@ -226,6 +226,8 @@ pub struct KafkaSource {
     dead_letters: DeadLetters,
     /// Data-loss gaps skipped (with `fail_on_data_loss = false`) and not yet reported.
     gaps: Vec<Gap>,
+    /// Dead letters go to the epoch (for the sink's transaction) instead of the producer.
+    hand_over: bool,
 }
 
 fn partition_offsets(offset: &Value) -> BTreeMap<i32, i64> {
@@ -323,6 +325,7 @@ impl KafkaSource {
             partitions_checked: None,
             dead_letters,
             gaps: Vec::new(),
+            hand_over: false,
         };
         source.partitions()?;
         Ok(source)
@@ -517,27 +520,38 @@ impl KafkaSource {
         Ok(out)
     }
 
-    /// Decodes records; the ones that fail go to the dead-letter topic.
-    fn decode(&mut self, records: BTreeMap<i32, Vec<Record>>) -> Result<Vec<RecordBatch>> {
+    /// Decodes records; the ones that fail become dead letters, sent (and flushed) now or
+    /// returned for the sink's transaction when handed over.
+    fn decode(
+        &mut self,
+        records: BTreeMap<i32, Vec<Record>>,
+    ) -> Result<(Vec<RecordBatch>, Vec<DeadLetter>)> {
         let mut batches = Vec::new();
-        let mut rejected = false;
+        let mut letters = Vec::new();
         for (partition, records) in &records {
             let (good, bad) = match self.options.format {
                 RecordFormat::Raw => (raw_batch(*partition, records)?, Vec::new()),
                 format => decode_values(format, &self.options.schema, records)?,
             };
             for (i, reason) in bad {
-                self.dead_letters
-                    .send(&self.options.topic, *partition, &records[i], &reason)?;
-                rejected = true;
+                letters.push(self.dead_letters.letter(
+                    &self.options.topic,
+                    *partition,
+                    &records[i],
+                    &reason,
+                ));
             }
             batches.push(self.with_timestamp(good.0, &good.1)?);
         }
-        if rejected {
+        if !self.hand_over && !letters.is_empty() {
+            for letter in &letters {
+                self.dead_letters.send(letter)?;
+            }
             // Never lost: the rejected records are on the broker before the epoch goes on.
             self.dead_letters.flush()?;
+            letters.clear();
         }
-        Ok(batches)
+        Ok((batches, letters))
     }
 
     /// Adds the record-timestamp column when configured. `timestamps` are the kept records'.
@@ -655,7 +669,7 @@ impl StreamSource for KafkaSource {
             (Some(a), Some(b)) => instant_of(*a).zip(instant_of(*b)),
             _ => None,
         };
-        let batches = self.decode(records)?;
+        let (batches, dead_letters) = self.decode(records)?;
         let gaps = std::mem::take(&mut self.gaps);
         Ok(Input {
             batches,
@@ -665,11 +679,20 @@ impl StreamSource for KafkaSource {
                 .iter()
                 .map(|g| g.describe(&self.options.topic))
                 .collect(),
+            dead_letters,
         })
     }
 
     fn finished(&self, _at: &Value) -> bool {
         false
+    }
+
+    fn dead_letter_cluster(&self) -> Option<String> {
+        Some(self.options.kafka.bootstrap.clone())
+    }
+
+    fn hand_over_dead_letters(&mut self) {
+        self.hand_over = true;
     }
 
     fn committed(&mut self, at: &Value) {
