@@ -509,3 +509,78 @@ pub(crate) fn lift_column(col: ColumnOut, ty: UdfType, rows: usize) -> Result<Ar
     };
     Ok(array)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn out<T: ArrowNativeType>(values: Vec<T>) -> ArrowOut<T> {
+        let len = values.len();
+        ArrowOut {
+            buffer: Buffer::from_vec(values),
+            len,
+            _type: std::marker::PhantomData,
+        }
+    }
+
+    const TYPES: [UdfType; 9] = [
+        UdfType::Boolean,
+        UdfType::Int32,
+        UdfType::Int64,
+        UdfType::Float32,
+        UdfType::Float64,
+        UdfType::Utf8,
+        UdfType::Binary,
+        UdfType::Timestamp,
+        UdfType::Date,
+    ];
+
+    /// Whatever a guest returns (any variant, lengths, bitmaps, offsets and bytes), lifting
+    /// gives an error or a valid array of the batch's length, never a panic.
+    fn values(kind: usize, bytes: Vec<u8>, offsets: Vec<i32>) -> ValuesOut {
+        let ints = |size: usize| bytes.len() / size;
+        match kind {
+            0 => ValuesOut::Boolean(out(bytes)),
+            1 => ValuesOut::Int32(out(vec![7i32; ints(4)])),
+            2 => ValuesOut::Int64(out(vec![-1i64; ints(8)])),
+            3 => ValuesOut::Float32(out(vec![f32::NAN; ints(4)])),
+            4 => ValuesOut::Float64(out(vec![0.5f64; ints(8)])),
+            5 => ValuesOut::Utf8(VarLenOut {
+                offsets: out(offsets),
+                data: out(bytes),
+            }),
+            6 => ValuesOut::Binary(VarLenOut {
+                offsets: out(offsets),
+                data: out(bytes),
+            }),
+            7 => ValuesOut::Timestamp(out(vec![i64::MIN; ints(8)])),
+            _ => ValuesOut::Date(out(vec![i32::MAX; ints(4)])),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2_000))]
+        #[test]
+        fn lifting_any_guest_output_is_an_error_or_a_valid_column(
+            ty in 0usize..9,
+            kind in 0usize..9,
+            rows in 0usize..20,
+            claimed in prop_oneof![Just(None), (0u32..25).prop_map(Some)],
+            validity in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..4)),
+            bytes in proptest::collection::vec(any::<u8>(), 0..80),
+            offsets in proptest::collection::vec(-3i32..90, 0..24),
+        ) {
+            let column = ColumnOut {
+                len: claimed.unwrap_or(rows as u32),
+                validity: validity.map(out),
+                values: values(kind, bytes, offsets),
+            };
+            if let Ok(array) = lift_column(column, TYPES[ty], rows) {
+                prop_assert_eq!(array.len(), rows);
+                prop_assert_eq!(array.data_type(), &TYPES[ty].arrow());
+                prop_assert!(array.to_data().validate_full().is_ok());
+            }
+        }
+    }
+}

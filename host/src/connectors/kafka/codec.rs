@@ -171,6 +171,7 @@ mod tests {
     use crate::connectors::generate::{FraudConfig, FraudGenerator};
     use crate::connectors::kafka::{Delivery, KafkaConfig, KafkaSink, KafkaSinkOptions};
     use arrow::array::{Int64Array, StringArray};
+    use proptest::prelude::*;
 
     fn sink(format: RecordFormat) -> KafkaSink {
         KafkaSink::new(KafkaSinkOptions {
@@ -261,5 +262,47 @@ mod tests {
         let rejected: Vec<usize> = bad.iter().map(|(i, _)| *i).collect();
         assert_eq!(rejected, vec![3, 7, 12]);
         assert!(bad.iter().all(|(_, reason)| !reason.is_empty()));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+        /// Any bytes: every record is decoded or rejected with a reason, never a panic, and the
+        /// rows decoded are the records not rejected.
+        #[test]
+        fn decoders_account_for_every_record_whatever_the_bytes(
+            csv in any::<bool>(),
+            picks in proptest::collection::vec((0usize..40, any::<usize>(), any::<u8>(), 0u8..4), 0..40),
+            garbage in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..60), 40),
+        ) {
+            let format = if csv { RecordFormat::Csv } else { RecordFormat::Json };
+            let batch = FraudGenerator::new(FraudConfig::default()).next_batch(40);
+            let valid = sink(format).encode(&batch).unwrap();
+            let values: Vec<Vec<u8>> = picks
+                .iter()
+                .map(|&(i, at, byte, how)| match how {
+                    // A valid row as it is.
+                    0 => valid[i].clone(),
+                    // One byte changed.
+                    1 => {
+                        let mut v = valid[i].clone();
+                        let at = at % v.len();
+                        v[at] = byte;
+                        v
+                    }
+                    // Cut short.
+                    2 => valid[i][..at % valid[i].len()].to_vec(),
+                    _ => garbage[i].clone(),
+                })
+                .collect();
+            let n = values.len();
+            let ((decoded, ts), bad) = decode_values(format, &batch.schema(), &records(values)).unwrap();
+            prop_assert_eq!(decoded.num_rows() + bad.len(), n);
+            prop_assert_eq!(ts.len(), decoded.num_rows());
+            prop_assert!(bad.windows(2).all(|w| w[0].0 < w[1].0));
+            prop_assert!(bad.iter().all(|(i, reason)| *i < n && !reason.is_empty()));
+            for column in decoded.columns() {
+                prop_assert!(column.to_data().validate_full().is_ok());
+            }
+        }
     }
 }
