@@ -142,6 +142,20 @@ pub enum RiffleError {
     Internal(String),
 }
 
+fn transient_io(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        StorageFull
+            | QuotaExceeded
+            | ConnectionRefused
+            | ConnectionReset
+            | ConnectionAborted
+            | TimedOut
+            | Interrupted
+    ) || e.to_string().contains("No space left on device")
+}
+
 fn detail_suffix(detail: &str) -> String {
     if detail.is_empty() {
         String::new()
@@ -173,6 +187,24 @@ impl RiffleError {
                 },
             },
             RiffleError::Internal(_) => Blame::Internal,
+        }
+    }
+
+    /// Whether the error may go away by itself: an unreachable broker or storage service, a
+    /// full disk. A streaming run retries such failures from its checkpoint (as a restart
+    /// would) instead of ending; anything else (bad input, data loss, a fenced process) ends it.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            RiffleError::External(_) => true,
+            RiffleError::Io { source, .. } => transient_io(source),
+            RiffleError::Query(e) => match RiffleError::find_in(e) {
+                Some(inner) => inner.is_transient(),
+                None => match e.find_root() {
+                    DataFusionError::IoError(io) => transient_io(io),
+                    _ => false,
+                },
+            },
+            _ => false,
         }
     }
 

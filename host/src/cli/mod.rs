@@ -93,6 +93,14 @@ struct RunArgs {
     /// and run name) writes nothing; a new name writes the rows again.
     #[arg(long, value_name = "NAME")]
     run_name: Option<String>,
+    /// Stream mode: how long to keep restarting from the checkpoint while a broker or storage
+    /// is unreachable or the disk is full (default 5 minutes; "0 seconds": never).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    retry_for: Option<crate::common::time::SqlDuration>,
+}
+
+fn parse_duration(text: &str) -> std::result::Result<crate::common::time::SqlDuration, String> {
+    crate::common::time::SqlDuration::try_from(text.to_string())
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -316,7 +324,11 @@ async fn run_pipeline(args: RunArgs) -> Result<()> {
         }
         RunMode::Stream => {
             let stop = crate::stream::ctrl_c_flag();
-            let summary = pipeline.run_stream(&options, &stop).await?;
+            let retry_for = args.retry_for.map_or(
+                std::time::Duration::from_secs(300),
+                crate::common::time::SqlDuration::std,
+            );
+            let summary = run_stream_retrying(&pipeline, &options, &stop, retry_for).await?;
             eprintln!(
                 "stream run {}: {} epochs, {} rows in, {} rows out, {} late",
                 if summary.finished {
@@ -332,6 +344,59 @@ async fn run_pipeline(args: RunArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Runs a streaming pipeline; a failure that may go away by itself (an unreachable broker, a
+/// full disk) restarts it from its checkpoint, exactly as a new process would, after a growing
+/// pause, for up to `retry_for` of failures in a row. The status goes to stderr while it waits.
+async fn run_stream_retrying(
+    pipeline: &crate::pipeline::Pipeline,
+    options: &crate::pipeline::RunOptions,
+    stop: &std::sync::atomic::AtomicBool,
+    retry_for: std::time::Duration,
+) -> Result<crate::stream::RunSummary> {
+    use std::time::{Duration, Instant};
+    let mut total = crate::stream::RunSummary::default();
+    let mut failing_since: Option<Instant> = None;
+    let mut attempt = 0u32;
+    loop {
+        let started = Instant::now();
+        match pipeline.run_stream(options, stop).await {
+            Ok(summary) => {
+                total.absorb(&summary);
+                return Ok(total);
+            }
+            Err(e) if e.is_transient() && !stop.load(std::sync::atomic::Ordering::Relaxed) => {
+                // Only failures in a row count against the limit: a run that went on for a
+                // minute before failing starts a new count.
+                if started.elapsed() > Duration::from_secs(60) {
+                    failing_since = None;
+                    attempt = 0;
+                }
+                let since = *failing_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= retry_for {
+                    eprintln!(
+                        "riffle: giving up after {:.0} s of retries (--retry-for)",
+                        since.elapsed().as_secs_f64()
+                    );
+                    return Err(e);
+                }
+                attempt += 1;
+                let pause = Duration::from_millis(500 * 2u64.pow(attempt.min(5)));
+                eprintln!(
+                    "riffle: waiting: {e}\nriffle: restarting from the checkpoint in {:.0} s \
+                     (attempt {attempt}; retrying for {:.0} s more)",
+                    pause.as_secs_f64(),
+                    retry_for.saturating_sub(since.elapsed()).as_secs_f64()
+                );
+                let until = Instant::now() + pause;
+                while Instant::now() < until && !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 fn engine_options(udf: &UdfOptions, file: &crate::config::LimitsConfig) -> EngineOptions {

@@ -178,6 +178,17 @@ pub struct RunSummary {
     pub finished: bool,
 }
 
+impl RunSummary {
+    /// Adds a later run's counts (a run restarted from its checkpoint after a failure).
+    pub fn absorb(&mut self, later: &RunSummary) {
+        self.epochs += later.epochs;
+        self.input_rows += later.input_rows;
+        self.output_rows += later.output_rows;
+        self.late_rows += later.late_rows;
+        self.finished = later.finished;
+    }
+}
+
 /// A source at run time: the source itself (absent while it runs on the blocking pool) and
 /// its event-time progress.
 struct SourceRuntime {

@@ -211,7 +211,7 @@ impl DeltaSink {
     }
 
     fn fenced(&self, held: i64) -> RiffleError {
-        RiffleError::External(format!(
+        RiffleError::Checkpoint(format!(
             "delta table {}: another process committed epoch {held} of this query (this \
              one last wrote epoch {}); this process is fenced off and stops. Only one process \
              may run a query's checkpoint",
@@ -227,7 +227,7 @@ impl DeltaSink {
             source: TransactionError::CommitConflict(CommitConflictError::ConcurrentTransaction),
         } = &e
         {
-            return RiffleError::External(format!(
+            return RiffleError::Checkpoint(format!(
                 "delta table {}: another process committed for this query at the same time \
                  ({e}); this process is fenced off and stops. Only one process may run a \
                  query's checkpoint",
