@@ -153,8 +153,11 @@ fn transient_io(e: &std::io::Error) -> bool {
             | ConnectionAborted
             | TimedOut
             | Interrupted
-    ) || e.to_string().contains("No space left on device")
+    ) || e.to_string().contains(DISK_FULL)
 }
+
+/// How the OS words ENOSPC, which writers that wrap I/O errors keep only as text.
+const DISK_FULL: &str = "No space left on device";
 
 fn detail_suffix(detail: &str) -> String {
     if detail.is_empty() {
@@ -201,7 +204,8 @@ impl RiffleError {
                 Some(inner) => inner.is_transient(),
                 None => match e.find_root() {
                     DataFusionError::IoError(io) => transient_io(io),
-                    _ => false,
+                    // Writers (Arrow IPC, Parquet) carry the OS error as text.
+                    root => root.to_string().contains(DISK_FULL),
                 },
             },
             _ => false,

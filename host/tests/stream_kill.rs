@@ -250,3 +250,75 @@ fn sigkill_at_random_moments_keeps_every_row_exactly_once() {
     let got = crash_and_finish(&p, "kill", &[]);
     assert!(got == expected, "the same windows as batch mode, each once");
 }
+
+/// A full disk under the checkpoint and the sink: the run says so, waits, and once space is
+/// back resumes from its checkpoint; what was committed before is intact and the output equals
+/// batch. The file system is a small tmpfs this test mounts (it needs root, as in CI).
+#[test]
+fn a_full_disk_stops_nothing_for_good_and_loses_nothing() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    write_inputs(dir.path());
+    let full = dir.path().join("small-disk");
+    std::fs::create_dir(&full).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(&full)
+        .status()
+        .unwrap();
+    assert!(
+        mounted.success(),
+        "this test mounts a 4 MiB tmpfs at {} and needs root to do so",
+        full.display()
+    );
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(full.clone());
+    let query = "SELECT tx_id, ts, card_id, amount, \
+                 count(*) OVER (PARTITION BY card_id ORDER BY ts \
+                                RANGE BETWEEN INTERVAL '1' HOUR PRECEDING AND CURRENT ROW) AS n_1h \
+                 FROM transactions";
+    let p = pipeline(dir.path(), "disk", query);
+    let text = std::fs::read_to_string(&p)
+        .unwrap()
+        .replace("stream = \"disk-out\"", "stream = \"small-disk/out\"")
+        .replace(
+            "checkpoint = \"disk-ckpt\"",
+            "checkpoint = \"small-disk/ckpt\"",
+        );
+    std::fs::write(&p, text).unwrap();
+    let expected = batch(&p, "disk");
+    // All but 150 KiB taken: the run fills the rest within a few epochs.
+    let filler = full.join("filler");
+    std::fs::write(&filler, vec![7u8; 4 * 1024 * 1024 - 150 * 1024]).unwrap();
+
+    let mut run = riffle(&p, "stream").spawn().unwrap();
+    let stderr = BufReader::new(run.stderr.take().unwrap());
+    let mut said = Vec::new();
+    for line in stderr.lines() {
+        let line = line.unwrap();
+        if line.starts_with("riffle: waiting:") && filler.exists() {
+            // Space comes back while the run waits.
+            std::fs::remove_file(&filler).unwrap();
+        }
+        said.push(line);
+    }
+    let status = run.wait().unwrap();
+    for line in said.iter().filter(|l| l.starts_with("riffle:")) {
+        eprintln!("{line}");
+    }
+    let said = said.join("\n");
+    assert!(status.success(), "{said}");
+    assert!(
+        said.contains("riffle: waiting:") && said.contains("No space left on device"),
+        "a clear error while the disk is full: {said}"
+    );
+    assert!(!filler.exists(), "the disk did fill up");
+    let got = lines(&read_dir(&full.join("out")));
+    assert_eq!(got.len(), expected.len(), "rows after the disk filled up");
+    assert!(got == expected, "the same rows as batch mode, each once");
+}
