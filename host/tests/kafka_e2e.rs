@@ -373,6 +373,9 @@ fn count_batches(batches: &[RecordBatch]) -> HashMap<(i64, Option<u64>), usize> 
     m
 }
 
+/// How many times each (tx_id, risk bits) row occurs.
+type RowCounts = HashMap<(i64, Option<u64>), usize>;
+
 /// (tx_id, risk bits) of JSON records, decoded with arrow-json, whose float parsing is exact
 /// (serde_json's default is not).
 fn count_records(records: &[Read]) -> HashMap<(i64, Option<u64>), usize> {
@@ -391,6 +394,43 @@ fn count_records(records: &[Read]) -> HashMap<(i64, Option<u64>), usize> {
         .collect::<Result<_, _>>()
         .unwrap();
     count_batches(&batches)
+}
+
+/// The `[sink.stream]` section of an exactly-once Kafka sink into `topic`.
+fn kafka_sink(broker: &Broker, topic: &str) -> String {
+    format!(
+        "[sink.stream]\nkind = \"kafka\"\nbootstrap = \"{}\"\ntopic = \"{topic}\"\n",
+        broker.bootstrap
+    )
+}
+
+/// One test's setup: `rows` transactions produced to topic `name`, the batch run's result over
+/// them (the oracle), and pipeline `name` streaming the topic into `sink`.
+fn setup(
+    broker: &Broker,
+    dir: &Path,
+    name: &str,
+    rows: usize,
+    sink: &str,
+) -> (RecordBatch, RowCounts, PathBuf) {
+    let batch = transactions(0, rows);
+    produce(broker, name, &batch);
+    let want = expected(dir, &batch, broker);
+    let path = pipeline(dir, name, broker, name, sink);
+    (batch, want, path)
+}
+
+/// Rewrites a pipeline file: `progress.jsonl` beside it, and each `(from, to)` replaced.
+fn edit_pipeline(path: &Path, edits: &[(&str, &str)]) -> String {
+    let mut text = std::fs::read_to_string(path).unwrap().replace(
+        "trigger = \"available-now\"",
+        "trigger = \"available-now\"\nprogress = \"progress.jsonl\"",
+    );
+    for (from, to) in edits {
+        text = text.replace(from, to);
+    }
+    std::fs::write(path, &text).unwrap();
+    text
 }
 
 /// Rows of a Delta table as read by the `deltalake` Python package (delta-rs's Python
@@ -734,21 +774,9 @@ fn tx_id(json: &[u8]) -> i64 {
 fn records_deleted_before_they_were_read_stop_the_query_unless_it_is_told_to_go_on() {
     let broker = Broker::start();
     let dir = tempfile::tempdir().unwrap();
-    let first = transactions(0, 1_200);
-    produce(&broker, "retained", &first);
-    let want_first = expected(dir.path(), &first, &broker);
-    let path = pipeline(
-        dir.path(),
-        "retained",
-        &broker,
-        "retained",
-        "stream = \"out\"",
-    );
-    let text = std::fs::read_to_string(&path).unwrap().replace(
-        "trigger = \"available-now\"",
-        "trigger = \"available-now\"\nprogress = \"progress.jsonl\"",
-    );
-    std::fs::write(&path, &text).unwrap();
+    let (first, want_first, path) =
+        setup(&broker, dir.path(), "retained", 1_200, "stream = \"out\"");
+    let text = edit_pipeline(&path, &[]);
     run_ok(riffle(&path, "stream"));
     let read: BTreeMap<i32, i64> =
         read_topic(&broker, "retained")
@@ -863,19 +891,8 @@ fn an_epoch_replayed_after_kafka_expired_the_marker_group_is_not_written_twice()
     use rdkafka::client::DefaultClientContext;
     let broker = Broker::start();
     let dir = tempfile::tempdir().unwrap();
-    let rows = transactions(0, 3_000);
-    produce(&broker, "long-down", &rows);
-    let want = expected(dir.path(), &rows, &broker);
-    let path = pipeline(
-        dir.path(),
-        "long",
-        &broker,
-        "long-down",
-        &format!(
-            "[sink.stream]\nkind = \"kafka\"\nbootstrap = \"{}\"\ntopic = \"long-out\"\n",
-            broker.bootstrap
-        ),
-    );
+    let sink = kafka_sink(&broker, "long-out");
+    let (_, want, path) = setup(&broker, dir.path(), "long-down", 3_000, &sink);
     // Epoch 2's transaction is committed to Kafka; the process dies before Riffle's commit.
     let out = riffle(&path, "stream")
         .env("RIFFLE_CRASH", "after-sink:2")
@@ -947,10 +964,7 @@ fn dead_letters_go_out_once_in_the_epoch_transaction_of_an_exactly_once_sink() {
         "dirty-eos",
         &broker,
         "dirty-eos",
-        &format!(
-            "[sink.stream]\nkind = \"kafka\"\nbootstrap = \"{}\"\ntopic = \"clean-eos\"\n",
-            broker.bootstrap
-        ),
+        &kafka_sink(&broker, "clean-eos"),
     );
     // Crashes after epochs 1 and 2 are in Kafka and before Riffle commits them: both epochs
     // run again, dead letters included.
@@ -979,28 +993,13 @@ fn the_query_waits_for_a_broker_that_stopped_answering_and_resumes_exactly_once(
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let rows = transactions(0, 6_000);
-    produce(&broker, "outage", &rows);
-    let want = expected(dir.path(), &rows, &broker);
-    let path = pipeline(
-        dir.path(),
-        "outage",
-        &broker,
-        "outage",
-        &format!(
-            "[sink.stream]\nkind = \"kafka\"\nbootstrap = \"{}\"\ntopic = \"outage-out\"\n",
-            broker.bootstrap
-        ),
+    let sink = kafka_sink(&broker, "outage-out");
+    let (rows, want, path) = setup(&broker, dir.path(), "outage", 6_000, &sink);
+    // Small epochs: the run is still going when the broker stops answering.
+    edit_pipeline(
+        &path,
+        &[("max_rows_per_epoch = 500", "max_rows_per_epoch = 50")],
     );
-    // Small epochs: the run is still going when the broker stops.
-    let text = std::fs::read_to_string(&path)
-        .unwrap()
-        .replace("max_rows_per_epoch = 500", "max_rows_per_epoch = 50")
-        .replace(
-            "trigger = \"available-now\"",
-            "trigger = \"available-now\"\nprogress = \"progress.jsonl\"",
-        );
-    std::fs::write(&path, text).unwrap();
     let run = riffle(&path, "stream").spawn().unwrap();
     let progress = dir.path().join("progress.jsonl");
     let epochs = || {
