@@ -71,6 +71,10 @@ struct ProduceArgs {
     /// Transactions per second of event time.
     #[arg(long, default_value_t = 1.0)]
     events_per_second: f64,
+    /// Retention of a newly created topic (Kafka's `retention.ms`, with segments rolled four
+    /// times as often), for long runs whose old records may go (default: the broker's).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    retention: Option<crate::common::time::SqlDuration>,
 }
 
 #[derive(Args, Debug)]
@@ -574,7 +578,8 @@ async fn sql(args: SqlArgs) -> Result<()> {
 }
 
 async fn produce(args: ProduceArgs) -> Result<()> {
-    use crate::connectors::kafka::{KafkaConfig, ensure_topic, produce_json};
+    use crate::connectors::kafka::admin::ensure_topic_with;
+    use crate::connectors::kafka::{KafkaConfig, produce_json};
     // Checked before anything touches the broker: a zero rate would divide by zero.
     if let Some(rate) = args.rate {
         positive("--rate", rate)?;
@@ -584,7 +589,22 @@ async fn produce(args: ProduceArgs) -> Result<()> {
         bootstrap: args.bootstrap,
         properties: Default::default(),
     };
-    ensure_topic(&kafka, &args.topic, args.partitions).await?;
+    // Retention drops whole segments, never the one being written: segments roll four times
+    // per retention period so that old records actually go.
+    let retention = args.retention.map(|d| {
+        let ms = (d.micros() / 1000).max(4);
+        (ms.to_string(), (ms / 4).to_string())
+    });
+    let config: Vec<(&str, &str)> = retention
+        .iter()
+        .flat_map(|(ms, segment)| {
+            [
+                ("retention.ms", ms.as_str()),
+                ("segment.ms", segment.as_str()),
+            ]
+        })
+        .collect();
+    ensure_topic_with(&kafka, &args.topic, args.partitions, &config).await?;
     let config = GeneratorConfig::Fraud(FraudConfig {
         seed: args.seed,
         rows_per_second: args.events_per_second,
