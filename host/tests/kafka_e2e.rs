@@ -80,14 +80,7 @@ impl Broker {
     /// with noida-db: it saves its data as a snapshot while still serving, and loses commits it
     /// acknowledged after the snapshot, as this test found.)
     fn freeze(&self) {
-        let child = self.child.as_ref().expect("a broker this test started");
-        assert!(
-            Command::new("kill")
-                .args(["-STOP", &child.id().to_string()])
-                .status()
-                .unwrap()
-                .success()
-        );
+        self.signal("-STOP");
     }
 
     fn kafka(&self) -> KafkaConfig {
@@ -99,14 +92,16 @@ impl Broker {
 
     /// Lets a frozen broker run again (SIGCONT).
     fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
         let child = self.child.as_ref().expect("a broker this test started");
-        assert!(
-            Command::new("kill")
-                .args(["-CONT", &child.id().to_string()])
-                .status()
-                .unwrap()
-                .success()
-        );
+        let sent = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill {signal} {}", child.id());
     }
 }
 
