@@ -8,8 +8,10 @@
 
 use std::marker::PhantomData;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 
-use arrow::array::{Array, ArrayRef, AsArray, BinaryBuilder};
+use arrow::array::{Array, ArrayRef, AsArray, BinaryArray, NullBufferBuilder};
+use arrow::buffer::{Buffer, OffsetBuffer, ScalarBuffer};
 use arrow::datatypes::{DataType, Field, Fields};
 
 use super::{ValueCodec, ValueEncoder};
@@ -189,31 +191,50 @@ impl<T: Decode> Decode for std::collections::VecDeque<T> {
     }
 }
 
-struct BytesEncoder {
-    builder: BinaryBuilder,
-    buf: Vec<u8>,
+/// Encodes values straight into the bytes of a `Binary` column (no copy through a scratch
+/// buffer), sized by the average value of the previous batch so that a batch of large values
+/// does not grow its buffer by doubling.
+struct BytesEncoder<'a> {
+    bytes: Vec<u8>,
+    offsets: Vec<i32>,
+    nulls: NullBufferBuilder,
+    average: &'a AtomicUsize,
 }
 
-impl<V: Encode> ValueEncoder<V> for BytesEncoder {
+impl<V: Encode> ValueEncoder<V> for BytesEncoder<'_> {
     fn append(&mut self, value: &mut V) -> Result<()> {
-        self.buf.clear();
-        value.encode(&mut self.buf);
-        self.builder.append_value(&self.buf);
+        value.encode(&mut self.bytes);
+        let end = i32::try_from(self.bytes.len())
+            .map_err(|_| RiffleError::Internal("a batch of state values exceeds 2 GiB".into()))?;
+        self.offsets.push(end);
+        self.nulls.append_non_null();
         Ok(())
     }
 
     fn append_null(&mut self) {
-        self.builder.append_null();
+        self.offsets
+            .push(*self.offsets.last().expect("offsets start at 0"));
+        self.nulls.append_null();
     }
 
     fn finish(mut self: Box<Self>) -> Result<Vec<ArrayRef>> {
-        Ok(vec![Arc::new(self.builder.finish())])
+        let values = self.offsets.len() - 1;
+        if values > 0 {
+            self.average
+                .store(self.bytes.len() / values + 1, AtomicOrdering::Relaxed);
+        }
+        let offsets = OffsetBuffer::new(ScalarBuffer::from(self.offsets));
+        let array =
+            BinaryArray::try_new(offsets, Buffer::from_vec(self.bytes), self.nulls.finish())?;
+        Ok(vec![Arc::new(array)])
     }
 }
 
 /// Stores values that implement [`Encode`]/[`Decode`] in one `Binary` column named `value`.
 pub struct BytesCodec<V> {
     size: fn(&V) -> usize,
+    /// Bytes per value in the last batch encoded.
+    average: AtomicUsize,
     _value: PhantomData<fn() -> V>,
 }
 
@@ -227,6 +248,7 @@ impl<V> BytesCodec<V> {
     pub fn with_size(size: fn(&V) -> usize) -> Self {
         BytesCodec {
             size,
+            average: AtomicUsize::new(32),
             _value: PhantomData,
         }
     }
@@ -244,9 +266,13 @@ impl<V: Encode + Decode + Send> ValueCodec<V> for BytesCodec<V> {
     }
 
     fn encoder(&self, capacity: usize) -> Box<dyn ValueEncoder<V> + '_> {
+        let mut offsets = Vec::with_capacity(capacity + 1);
+        offsets.push(0);
         Box::new(BytesEncoder {
-            builder: BinaryBuilder::with_capacity(capacity, capacity * 32),
-            buf: Vec::new(),
+            bytes: Vec::with_capacity(capacity * self.average.load(AtomicOrdering::Relaxed)),
+            offsets,
+            nulls: NullBufferBuilder::new(capacity),
+            average: &self.average,
         })
     }
 

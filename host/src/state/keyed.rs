@@ -12,6 +12,7 @@ use arrow::array::{
 };
 use arrow::datatypes::{DataType, Field, Fields, Int64Type, Schema, SchemaRef};
 
+use super::slab::Slab;
 use super::{StateSize, StateTable};
 use crate::common::Watermark;
 use crate::error::{Result, RiffleError};
@@ -67,8 +68,43 @@ pub struct EntryId(u32);
 /// The hasher of state maps: fast on short byte keys (foldhash), seeded per process.
 pub type StateHasher = hashbrown::DefaultHashBuilder;
 
+/// Longest key kept inside its slot.
+const INLINE: usize = 22;
+
+/// A key, kept inside its slot when short (most keys are: an id or two in Arrow's row format,
+/// 9 bytes for one BIGINT), so that comparing or encoding it does not chase a pointer and a
+/// new key costs no allocation.
+enum Key {
+    Inline { len: u8, bytes: [u8; INLINE] },
+    Heap(Box<[u8]>),
+}
+
+impl Key {
+    fn new(key: &[u8]) -> Key {
+        if key.len() <= INLINE {
+            let mut bytes = [0; INLINE];
+            bytes[..key.len()].copy_from_slice(key);
+            Key::Inline {
+                len: key.len() as u8,
+                bytes,
+            }
+        } else {
+            Key::Heap(key.into())
+        }
+    }
+}
+
+impl AsRef<[u8]> for Key {
+    fn as_ref(&self) -> &[u8] {
+        match self {
+            Key::Inline { len, bytes } => &bytes[..*len as usize],
+            Key::Heap(bytes) => bytes,
+        }
+    }
+}
+
 struct Slot<V> {
-    key: Box<[u8]>,
+    key: Key,
     value: V,
     /// The key goes (or its operator is told) once the watermark passes this event time.
     expires: Option<i64>,
@@ -95,8 +131,8 @@ struct Slot<V> {
 pub struct KeyedTable<V> {
     name: String,
     hasher: StateHasher,
-    table: HashTable<u32>,
-    slots: Vec<Option<Slot<V>>>,
+    table: HashTable<Bucket>,
+    slots: Slab<Slot<V>>,
     free: Vec<u32>,
     /// Slots changed since the last delta (each once while its flag is set; a slot freed and
     /// reused may be listed twice).
@@ -112,6 +148,21 @@ pub struct KeyedTable<V> {
     next_generation: u32,
 }
 
+/// An entry of the hash table: a slot and 32 bits of its key's hash. Growing the table and
+/// probing past other keys then use the stored bits and never touch the slots (a cache miss
+/// each, with a million keys).
+#[derive(Clone, Copy)]
+struct Bucket {
+    slot: u32,
+    hash: u32,
+}
+
+/// The table's 64-bit hash of a stored 32-bit one: multiplying by an odd constant spreads the
+/// bits into the top ones hashbrown tags buckets with.
+fn spread(hash: u32) -> u64 {
+    u64::from(hash).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
 const KEY: &str = "key";
 const DELETED: &str = "deleted";
 const EXPIRES: &str = "expires";
@@ -123,7 +174,7 @@ impl<V: Send> KeyedTable<V> {
             name: name.into(),
             hasher: StateHasher::default(),
             table: HashTable::new(),
-            slots: Vec::new(),
+            slots: Slab::new(),
             free: Vec::new(),
             changed: Vec::new(),
             deleted: Vec::new(),
@@ -145,16 +196,21 @@ impl<V: Send> KeyedTable<V> {
         self.len == 0
     }
 
+    fn hash(&self, key: &[u8]) -> u32 {
+        self.hasher.hash_one(key) as u32
+    }
+
     fn find(&self, key: &[u8]) -> Option<u32> {
-        let hash = self.hasher.hash_one(key);
+        let hash = self.hash(key);
         let slots = &self.slots;
         self.table
-            .find(hash, |&i| {
-                slots[i as usize]
-                    .as_ref()
-                    .is_some_and(|s| s.key.as_ref() == key)
+            .find(spread(hash), |b| {
+                b.hash == hash
+                    && slots[b.slot as usize]
+                        .as_ref()
+                        .is_some_and(|s| s.key.as_ref() == key)
             })
-            .copied()
+            .map(|b| b.slot)
     }
 
     fn slot(&self, i: u32) -> &Slot<V> {
@@ -208,14 +264,28 @@ impl<V: Send> KeyedTable<V> {
             .value
     }
 
+    /// The slot of `key`, created with `new` if missing (one probe of the table either way).
     fn entry(&mut self, key: &[u8], new: impl FnOnce() -> V) -> u32 {
-        match self.find(key) {
-            Some(i) => i,
-            None => self.add(key, new()),
+        let hash = self.hash(key);
+        let slots = &self.slots;
+        let found = self.table.find(spread(hash), |b| {
+            b.hash == hash
+                && slots[b.slot as usize]
+                    .as_ref()
+                    .is_some_and(|s| s.key.as_ref() == key)
+        });
+        match found {
+            Some(b) => b.slot,
+            None => self.add_hashed(key, new(), hash),
         }
     }
 
     fn add(&mut self, key: &[u8], value: V) -> u32 {
+        let hash = self.hash(key);
+        self.add_hashed(key, value, hash)
+    }
+
+    fn add_hashed(&mut self, key: &[u8], value: V, hash: u32) -> u32 {
         let size = key.len() + self.codec.size(&value) + ENTRY_OVERHEAD;
         self.bytes += size;
         self.len += 1;
@@ -223,30 +293,18 @@ impl<V: Send> KeyedTable<V> {
         self.next_generation = self.next_generation.wrapping_add(1);
         let i = match self.free.pop() {
             Some(i) => i,
-            None => {
-                self.slots.push(None);
-                (self.slots.len() - 1) as u32
-            }
+            None => self.slots.push_empty() as u32,
         };
         self.slots[i as usize] = Some(Slot {
-            key: key.into(),
+            key: Key::new(key),
             value,
             expires: None,
             changed: false,
             size,
             generation,
         });
-        let hash = self.hasher.hash_one(key);
-        let (hasher, slots) = (&self.hasher, &self.slots);
-        self.table.insert_unique(hash, i, |&j| {
-            hasher.hash_one(
-                slots[j as usize]
-                    .as_ref()
-                    .expect("an occupied slot")
-                    .key
-                    .as_ref(),
-            )
-        });
+        self.table
+            .insert_unique(spread(hash), Bucket { slot: i, hash }, |b| spread(b.hash));
         i
     }
 
@@ -263,22 +321,23 @@ impl<V: Send> KeyedTable<V> {
 
     /// Removes `key`, returning its value.
     pub fn remove(&mut self, key: &[u8]) -> Option<V> {
-        let hash = self.hasher.hash_one(key);
+        let hash = self.hash(key);
         let slots = &self.slots;
-        let found = self.table.find_entry(hash, |&i| {
-            slots[i as usize]
-                .as_ref()
-                .is_some_and(|s| s.key.as_ref() == key)
+        let found = self.table.find_entry(spread(hash), |b| {
+            b.hash == hash
+                && slots[b.slot as usize]
+                    .as_ref()
+                    .is_some_and(|s| s.key.as_ref() == key)
         });
         let i = match found {
-            Ok(entry) => entry.remove().0,
+            Ok(entry) => entry.remove().0.slot,
             Err(_) => return None,
         };
         let slot = self.slots[i as usize].take().expect("an occupied slot");
         self.free.push(i);
         self.len -= 1;
         self.bytes = self.bytes.saturating_sub(slot.size);
-        self.deleted.push(slot.key);
+        self.deleted.push(slot.key.as_ref().into());
         Some(slot.value)
     }
 
@@ -334,7 +393,7 @@ impl<V: Send> KeyedTable<V> {
                 if current {
                     let slot = self.touch(i);
                     slot.expires = None;
-                    due.push(slot.key.clone());
+                    due.push(slot.key.as_ref().into());
                 }
             }
         }
@@ -343,10 +402,7 @@ impl<V: Send> KeyedTable<V> {
 
     /// Every key and value, in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &V)> {
-        self.slots
-            .iter()
-            .flatten()
-            .map(|s| (s.key.as_ref(), &s.value))
+        self.slots.iter().map(|s| (s.key.as_ref(), &s.value))
     }
 
     /// Every value, mutably, *without* marking anything changed: for reads that need `&mut`
@@ -354,7 +410,6 @@ impl<V: Send> KeyedTable<V> {
     pub fn values_mut_untracked(&mut self) -> impl Iterator<Item = (&[u8], &mut V)> {
         self.slots
             .iter_mut()
-            .flatten()
             .map(|s| (s.key.as_ref(), &mut s.value))
     }
 
@@ -379,7 +434,16 @@ impl<V: Send> KeyedTable<V> {
     /// Encodes the deleted keys (first) and the changed slots (each once), and resets change
     /// tracking. Batches hold at most [`CHUNK_ROWS`] rows, so encoding a million keys never
     /// grows (and copies) one huge buffer and no Arrow offset can overflow.
-    fn encode(&mut self, deleted: Vec<Box<[u8]>>, changed: Vec<u32>) -> Result<Vec<RecordBatch>> {
+    ///
+    /// Slots are visited in slab order, not in the order they changed: a million keys touched
+    /// at random are then read front to back (with their values, mostly allocated in the
+    /// same order) instead of one cache miss after another.
+    fn encode(
+        &mut self,
+        deleted: Vec<Box<[u8]>>,
+        mut changed: Vec<u32>,
+    ) -> Result<Vec<RecordBatch>> {
+        changed.sort_unstable();
         let schema = self.schema();
         let mut batches = Vec::new();
         let mut chunk = Chunk::new(&*self.codec, deleted.len() + changed.len());
@@ -403,11 +467,11 @@ impl<V: Send> KeyedTable<V> {
                 continue;
             }
             slot.changed = false;
-            let size = slot.key.len() + self.codec.size(&slot.value) + ENTRY_OVERHEAD;
+            let size = slot.key.as_ref().len() + self.codec.size(&slot.value) + ENTRY_OVERHEAD;
             old += slot.size;
             total += size;
             slot.size = size;
-            chunk.keys.append_value(&slot.key);
+            chunk.keys.append_value(slot.key.as_ref());
             chunk.deadlines.push(slot.expires);
             chunk.flags.push(false);
             chunk.values.append(&mut slot.value)?;
@@ -550,7 +614,7 @@ impl<V: Send> StateTable for KeyedTable<V> {
         // Restoring is not a change.
         self.changed.clear();
         self.deleted.clear();
-        for slot in self.slots.iter_mut().flatten() {
+        for slot in self.slots.iter_mut() {
             slot.changed = false;
         }
         Ok(())

@@ -32,6 +32,7 @@
 mod buffer;
 pub mod bytes;
 mod keyed;
+mod slab;
 
 use arrow::array::RecordBatch;
 use serde::Serialize;
