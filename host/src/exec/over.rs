@@ -22,6 +22,7 @@ use arrow::array::{
     Array, ArrayRef, AsArray, BinaryBuilder, BooleanBuilder, Float64Array, Float64Builder,
     Int64Builder, RecordBatch, StringBuilder, UInt32Array, UInt64Builder,
 };
+use arrow::buffer::NullBuffer;
 use arrow::compute::{cast, concat_batches, take_record_batch};
 use arrow::datatypes::{DataType, Float64Type, Int64Type, SchemaRef, UInt64Type};
 use arrow::row::{RowConverter, SortField};
@@ -37,14 +38,14 @@ use super::keys::KeyEncoder;
 use super::{Operator, Output};
 use crate::common::{Watermark, to_micros};
 use crate::error::{Result, RiffleError};
-use crate::state::bytes::{BytesCodec, Decode, Encode};
+use crate::state::bytes::{BytesCodec, Decode, Encode, take};
 use crate::state::{EntryId, KeyedTable, RowBuffer, StateTable};
 
 fn unsupported(message: impl Into<String>) -> RiffleError {
     RiffleError::Unsupported(message.into())
 }
 
-/// One value of a function argument, in the few physical shapes OVER functions need.
+/// One value of a function argument or result, owned: a running MIN/MAX, a `lag` default.
 #[derive(Clone, Debug, PartialEq)]
 enum Value {
     Null,
@@ -57,23 +58,70 @@ enum Value {
 }
 
 impl Value {
+    fn cell(&self) -> Cell<'_> {
+        match self {
+            Value::Null => Cell::Null,
+            Value::I64(v) => Cell::I64(*v),
+            Value::U64(v) => Cell::U64(*v),
+            Value::F64(v) => Cell::F64(*v),
+            Value::Bool(v) => Cell::Bool(*v),
+            Value::Str(v) => Cell::Str(v.as_bytes()),
+            Value::Bytes(v) => Cell::Bytes(v),
+        }
+    }
+}
+
+/// A value read in place, from a kept row of a partition or a column of a batch. Strings are
+/// their UTF-8 bytes (which order as the strings do); they are checked when written out.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Cell<'a> {
+    Null,
+    I64(i64),
+    U64(u64),
+    F64(f64),
+    Bool(bool),
+    Str(&'a [u8]),
+    Bytes(&'a [u8]),
+}
+
+impl Cell<'_> {
     fn is_null(&self) -> bool {
-        matches!(self, Value::Null)
+        matches!(self, Cell::Null)
     }
 
     /// The order of DataFusion's `ScalarValue` comparisons (floats by `total_cmp`), for
     /// values of one type.
-    fn cmp(&self, other: &Value) -> Ordering {
+    fn cmp(&self, other: &Cell<'_>) -> Ordering {
         match (self, other) {
-            (Value::I64(a), Value::I64(b)) => a.cmp(b),
-            (Value::U64(a), Value::U64(b)) => a.cmp(b),
-            (Value::F64(a), Value::F64(b)) => a.total_cmp(b),
-            (Value::Bool(a), Value::Bool(b)) => a.cmp(b),
-            (Value::Str(a), Value::Str(b)) => a.cmp(b),
-            (Value::Bytes(a), Value::Bytes(b)) => a.cmp(b),
+            (Cell::I64(a), Cell::I64(b)) => a.cmp(b),
+            (Cell::U64(a), Cell::U64(b)) => a.cmp(b),
+            (Cell::F64(a), Cell::F64(b)) => a.total_cmp(b),
+            (Cell::Bool(a), Cell::Bool(b)) => a.cmp(b),
+            (Cell::Str(a), Cell::Str(b)) | (Cell::Bytes(a), Cell::Bytes(b)) => a.cmp(b),
             _ => Ordering::Equal,
         }
     }
+
+    /// A copy that owns its bytes.
+    ///
+    /// # Errors
+    /// A string that is not UTF-8 (only a damaged checkpoint holds one).
+    fn to_value(self) -> Result<Value> {
+        Ok(match self {
+            Cell::Null => Value::Null,
+            Cell::I64(v) => Value::I64(v),
+            Cell::U64(v) => Value::U64(v),
+            Cell::F64(v) => Value::F64(v),
+            Cell::Bool(v) => Value::Bool(v),
+            Cell::Str(v) => Value::Str(utf8(v)?.into()),
+            Cell::Bytes(v) => Value::Bytes(v.into()),
+        })
+    }
+}
+
+fn utf8(bytes: &[u8]) -> Result<&str> {
+    std::str::from_utf8(bytes)
+        .map_err(|_| RiffleError::Checkpoint("OVER state: a string is not UTF-8".into()))
 }
 
 impl Encode for Value {
@@ -116,22 +164,15 @@ impl Decode for Value {
             2 => Value::U64(u64::decode(input)?),
             3 => Value::F64(f64::decode(input)?),
             4 => Value::Bool(bool::decode(input)?),
-            5 => {
-                let bytes = Box::<[u8]>::decode(input)?;
-                Value::Str(
-                    String::from_utf8(bytes.into_vec())
-                        .map_err(|_| RiffleError::Checkpoint("OVER state: bad UTF-8".into()))?
-                        .into(),
-                )
-            }
+            5 => Value::Str(utf8(&Box::<[u8]>::decode(input)?)?.into()),
             6 => Value::Bytes(Box::decode(input)?),
             _ => return Err(RiffleError::Checkpoint("OVER state: unknown value".into())),
         })
     }
 }
 
-/// How values of an Arrow type are read into [`Value`]s and written back.
-#[derive(Clone, Debug)]
+/// The physical shape of an argument or result: how its Arrow type is read and written back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Shape {
     /// Integers, dates, times, timestamps and durations: read as `Int64`, cast back.
     I64,
@@ -158,160 +199,175 @@ impl Shape {
         })
     }
 
-    fn read(&self, array: &ArrayRef) -> Result<Vec<Value>> {
-        let n = array.len();
-        let mut out = Vec::with_capacity(n);
+    /// Values of this shape live in a row's words; strings and bytes live in its blobs.
+    fn fixed(self) -> bool {
+        !matches!(self, Shape::Str | Shape::Bytes)
+    }
+
+    /// A fixed-width value from its word.
+    fn cell_of(self, word: u64) -> Cell<'static> {
         match self {
+            Shape::I64 => Cell::I64(word as i64),
+            Shape::U64 => Cell::U64(word),
+            Shape::F64 => Cell::F64(f64::from_bits(word)),
+            Shape::Bool => Cell::Bool(word != 0),
+            Shape::Str | Shape::Bytes => unreachable!("variable-width values have no word"),
+        }
+    }
+
+    /// The column `array` in this shape.
+    fn read(self, array: &ArrayRef) -> Result<Column> {
+        let words = |values: Vec<u64>, nulls: Option<&NullBuffer>| Column {
+            shape: self,
+            words: values,
+            nulls: nulls.cloned(),
+            var: None,
+        };
+        Ok(match self {
             Shape::I64 => {
                 let a = cast(array, &DataType::Int64)?;
                 let a = a.as_primitive::<Int64Type>();
-                out.extend((0..n).map(|i| {
-                    if a.is_null(i) {
-                        Value::Null
-                    } else {
-                        Value::I64(a.value(i))
-                    }
-                }));
+                words(a.values().iter().map(|&v| v as u64).collect(), a.nulls())
             }
             Shape::U64 => {
                 let a = array.as_primitive::<UInt64Type>();
-                out.extend((0..n).map(|i| {
-                    if a.is_null(i) {
-                        Value::Null
-                    } else {
-                        Value::U64(a.value(i))
-                    }
-                }));
+                words(a.values().to_vec(), a.nulls())
             }
             Shape::F64 => {
                 let a = cast(array, &DataType::Float64)?;
                 let a = a.as_primitive::<Float64Type>();
-                out.extend((0..n).map(|i| {
-                    if a.is_null(i) {
-                        Value::Null
-                    } else {
-                        Value::F64(a.value(i))
-                    }
-                }));
+                words(a.values().iter().map(|v| v.to_bits()).collect(), a.nulls())
             }
             Shape::Bool => {
                 let a = array.as_boolean();
-                out.extend((0..n).map(|i| {
-                    if a.is_null(i) {
-                        Value::Null
-                    } else {
-                        Value::Bool(a.value(i))
-                    }
-                }));
+                words(a.values().iter().map(u64::from).collect(), a.nulls())
             }
-            Shape::Str => {
-                let a = cast(array, &DataType::Utf8)?;
-                let a = a.as_string::<i32>();
-                out.extend((0..n).map(|i| {
-                    if a.is_null(i) {
-                        Value::Null
-                    } else {
-                        Value::Str(a.value(i).into())
-                    }
-                }));
+            Shape::Str | Shape::Bytes => {
+                let target = if self == Shape::Str {
+                    DataType::Utf8
+                } else {
+                    DataType::Binary
+                };
+                let a = cast(array, &target)?;
+                Column {
+                    shape: self,
+                    words: Vec::new(),
+                    nulls: a.nulls().cloned(),
+                    var: Some(a),
+                }
             }
-            Shape::Bytes => {
-                let a = cast(array, &DataType::Binary)?;
-                let a = a.as_binary::<i32>();
-                out.extend((0..n).map(|i| {
-                    if a.is_null(i) {
-                        Value::Null
-                    } else {
-                        Value::Bytes(a.value(i).into())
-                    }
-                }));
-            }
-        }
-        Ok(out)
+        })
     }
 
-    fn write(&self, values: &[Value], data_type: &DataType) -> Result<ArrayRef> {
-        let mismatch = || RiffleError::Internal("OVER: a value of the wrong type".into());
-        let array: ArrayRef = match self {
-            Shape::I64 => {
-                let mut b = Int64Builder::with_capacity(values.len());
-                for v in values {
-                    match v {
-                        Value::Null => b.append_null(),
-                        Value::I64(x) => b.append_value(*x),
-                        _ => return Err(mismatch()),
-                    }
-                }
-                Arc::new(b.finish())
-            }
-            Shape::U64 => {
-                let mut b = UInt64Builder::with_capacity(values.len());
-                for v in values {
-                    match v {
-                        Value::Null => b.append_null(),
-                        Value::U64(x) => b.append_value(*x),
-                        _ => return Err(mismatch()),
-                    }
-                }
-                Arc::new(b.finish())
-            }
-            Shape::F64 => {
-                let mut b = Float64Builder::with_capacity(values.len());
-                for v in values {
-                    match v {
-                        Value::Null => b.append_null(),
-                        Value::F64(x) => b.append_value(*x),
-                        _ => return Err(mismatch()),
-                    }
-                }
-                Arc::new(b.finish())
-            }
-            Shape::Bool => {
-                let mut b = BooleanBuilder::with_capacity(values.len());
-                for v in values {
-                    match v {
-                        Value::Null => b.append_null(),
-                        Value::Bool(x) => b.append_value(*x),
-                        _ => return Err(mismatch()),
-                    }
-                }
-                Arc::new(b.finish())
-            }
-            Shape::Str => {
-                let mut b = StringBuilder::new();
-                for v in values {
-                    match v {
-                        Value::Null => b.append_null(),
-                        Value::Str(x) => b.append_value(x),
-                        _ => return Err(mismatch()),
-                    }
-                }
-                Arc::new(b.finish())
-            }
-            Shape::Bytes => {
-                let mut b = BinaryBuilder::new();
-                for v in values {
-                    match v {
-                        Value::Null => b.append_null(),
-                        Value::Bytes(x) => b.append_value(x),
-                        _ => return Err(mismatch()),
-                    }
-                }
-                Arc::new(b.finish())
-            }
-        };
-        Ok(if array.data_type() == data_type {
-            array
-        } else {
-            cast(&array, data_type)?
-        })
+    /// A builder of `capacity` results of this shape.
+    fn builder(self, capacity: usize) -> Builder {
+        match self {
+            Shape::I64 => Builder::I64(Int64Builder::with_capacity(capacity)),
+            Shape::U64 => Builder::U64(UInt64Builder::with_capacity(capacity)),
+            Shape::F64 => Builder::F64(Float64Builder::with_capacity(capacity)),
+            Shape::Bool => Builder::Bool(BooleanBuilder::with_capacity(capacity)),
+            Shape::Str => Builder::Str(StringBuilder::with_capacity(capacity, capacity * 8)),
+            Shape::Bytes => Builder::Bytes(BinaryBuilder::with_capacity(capacity, capacity * 8)),
+        }
     }
 
     fn of_scalar(value: &ScalarValue) -> Result<Value> {
         let array = value.to_array()?;
         let shape = Shape::of(array.data_type())
             .ok_or_else(|| unsupported(format!("OVER: values of type {}", array.data_type())))?;
-        Ok(shape.read(&array)?.remove(0))
+        shape.read(&array)?.cell(0).to_value()
+    }
+}
+
+/// An argument column of released rows, in the shape kept rows store it.
+struct Column {
+    shape: Shape,
+    /// Fixed-width values as words: integers as they are, floats as their bits, booleans as
+    /// 0 or 1 (empty for strings and bytes).
+    words: Vec<u64>,
+    nulls: Option<NullBuffer>,
+    /// Strings (`Utf8`) or bytes (`Binary`).
+    var: Option<ArrayRef>,
+}
+
+impl Column {
+    fn is_null(&self, i: usize) -> bool {
+        self.nulls.as_ref().is_some_and(|n| n.is_null(i))
+    }
+
+    fn word(&self, i: usize) -> u64 {
+        self.words.get(i).copied().unwrap_or(0)
+    }
+
+    fn bytes(&self, i: usize) -> &[u8] {
+        match &self.var {
+            Some(a) if self.shape == Shape::Str => a.as_string::<i32>().value(i).as_bytes(),
+            Some(a) => a.as_binary::<i32>().value(i),
+            None => &[],
+        }
+    }
+
+    fn cell(&self, i: usize) -> Cell<'_> {
+        if self.is_null(i) {
+            Cell::Null
+        } else if self.shape.fixed() {
+            self.shape.cell_of(self.word(i))
+        } else if self.shape == Shape::Str {
+            Cell::Str(self.bytes(i))
+        } else {
+            Cell::Bytes(self.bytes(i))
+        }
+    }
+}
+
+/// Results of one function, built as they are computed.
+enum Builder {
+    I64(Int64Builder),
+    U64(UInt64Builder),
+    F64(Float64Builder),
+    Bool(BooleanBuilder),
+    Str(StringBuilder),
+    Bytes(BinaryBuilder),
+}
+
+impl Builder {
+    fn push(&mut self, cell: Cell<'_>) -> Result<()> {
+        match (self, cell) {
+            (Builder::I64(b), Cell::Null) => b.append_null(),
+            (Builder::U64(b), Cell::Null) => b.append_null(),
+            (Builder::F64(b), Cell::Null) => b.append_null(),
+            (Builder::Bool(b), Cell::Null) => b.append_null(),
+            (Builder::Str(b), Cell::Null) => b.append_null(),
+            (Builder::Bytes(b), Cell::Null) => b.append_null(),
+            (Builder::I64(b), Cell::I64(v)) => b.append_value(v),
+            (Builder::U64(b), Cell::U64(v)) => b.append_value(v),
+            (Builder::F64(b), Cell::F64(v)) => b.append_value(v),
+            (Builder::Bool(b), Cell::Bool(v)) => b.append_value(v),
+            (Builder::Str(b), Cell::Str(v)) => b.append_value(utf8(v)?),
+            (Builder::Bytes(b), Cell::Bytes(v)) => b.append_value(v),
+            _ => {
+                return Err(RiffleError::Internal(
+                    "OVER: a value of the wrong type".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(self, data_type: &DataType) -> Result<ArrayRef> {
+        let array: ArrayRef = match self {
+            Builder::I64(mut b) => Arc::new(b.finish()),
+            Builder::U64(mut b) => Arc::new(b.finish()),
+            Builder::F64(mut b) => Arc::new(b.finish()),
+            Builder::Bool(mut b) => Arc::new(b.finish()),
+            Builder::Str(mut b) => Arc::new(b.finish()),
+            Builder::Bytes(mut b) => Arc::new(b.finish()),
+        };
+        Ok(if array.data_type() == data_type {
+            array
+        } else {
+            cast(&array, data_type)?
+        })
     }
 }
 
@@ -479,40 +535,30 @@ impl Decode for FnState {
 /// What a partition keeps: its row count, the rows its frames still reach (which start at row
 /// `base` of the partition), and each function's running state.
 ///
-/// The kept rows are stored row by row in one vector: the event time, then the argument
-/// values, `width` values per row. A new partition costs two allocations whatever the number
-/// of functions, and its history is a few rows, so dropping rows from the front is cheap.
+/// Kept rows are fixed-width words in one vector, `words` per row: the event time, a mask of
+/// the row's NULL arguments (bit k for argument k), then one word per argument (its value's
+/// bits; unused for strings and bytes). Strings, bytes and, when peers need them, the ORDER BY
+/// columns after the event time are `blob_width` blobs per row in a second vector. A million
+/// partitions of a few rows each then cost one small allocation each (plus the states), and
+/// the checkpoint copies the words as they are.
 #[derive(Clone, Debug, Default)]
 struct Partition {
     seen: u64,
     base: u64,
-    width: u32,
-    values: Vec<Value>,
-    ties: Vec<Box<[u8]>>,
+    words: u32,
+    blob_width: u32,
+    rows: Vec<u64>,
+    blobs: Vec<Box<[u8]>>,
     states: Vec<FnState>,
 }
 
 impl Partition {
-    fn value(&self, arg: usize, row: u64) -> &Value {
-        &self.values[(row - self.base) as usize * self.width as usize + 1 + arg]
-    }
-
     fn ts(&self, row: u64) -> i64 {
-        match self.values[(row - self.base) as usize * self.width as usize] {
-            Value::I64(t) => t,
-            _ => unreachable!("each kept row starts with its event time"),
-        }
+        self.rows[(row - self.base) as usize * self.words as usize] as i64
     }
 
-    /// The full ORDER BY key of a row, compared as (event time, the other ORDER BY columns).
-    fn key_cmp(&self, a: u64, b: u64) -> Ordering {
-        self.ts(a).cmp(&self.ts(b)).then_with(|| {
-            if self.ties.is_empty() {
-                Ordering::Equal
-            } else {
-                self.ties[(a - self.base) as usize].cmp(&self.ties[(b - self.base) as usize])
-            }
-        })
+    fn blob(&self, row: u64, k: usize) -> &[u8] {
+        &self.blobs[(row - self.base) as usize * self.blob_width as usize + k]
     }
 }
 
@@ -520,37 +566,56 @@ impl Encode for Partition {
     fn encode(&self, out: &mut Vec<u8>) {
         self.seen.encode(out);
         self.base.encode(out);
-        self.width.encode(out);
-        self.values.encode(out);
-        self.ties.encode(out);
+        self.words.encode(out);
+        self.blob_width.encode(out);
+        (self.rows.len() as u32).encode(out);
+        out.reserve(self.rows.len() * 8);
+        for w in &self.rows {
+            out.extend_from_slice(&w.to_le_bytes());
+        }
+        self.blobs.encode(out);
         self.states.encode(out);
     }
 }
 
 impl Decode for Partition {
     fn decode(input: &mut &[u8]) -> Result<Self> {
+        let malformed = || RiffleError::Checkpoint("OVER state: a partition is malformed".into());
+        let seen = u64::decode(input)?;
+        let base = u64::decode(input)?;
+        let words = u32::decode(input)?;
+        let blob_width = u32::decode(input)?;
+        let n = u32::decode(input)? as usize;
+        let rows = take(input, n * 8)?
+            .chunks_exact(8)
+            .map(|w| u64::from_le_bytes(w.try_into().expect("eight bytes")))
+            .collect();
         let p = Partition {
-            seen: u64::decode(input)?,
-            base: u64::decode(input)?,
-            width: u32::decode(input)?,
-            values: Decode::decode(input)?,
-            ties: Decode::decode(input)?,
+            seen,
+            base,
+            words,
+            blob_width,
+            rows,
+            blobs: Decode::decode(input)?,
             states: Decode::decode(input)?,
         };
-        let kept = (p.seen - p.base.min(p.seen)) as usize;
-        if p.width == 0 || p.values.len() != kept * p.width as usize {
-            return Err(RiffleError::Checkpoint(
-                "OVER state: a partition is malformed".into(),
-            ));
+        let kept = p.seen.checked_sub(p.base).ok_or_else(malformed)? as usize;
+        if p.words < 2
+            || p.rows.len() != kept * p.words as usize
+            || p.blobs.len() != kept * p.blob_width as usize
+        {
+            return Err(malformed());
         }
         Ok(p)
     }
 }
 
-/// Approximate bytes of a partition, in constant time (string values count at their slot
-/// size only).
+/// Approximate bytes of a partition, in constant time (blobs count at their slot size only).
 fn partition_size(p: &Partition) -> usize {
-    96 + p.values.capacity() * 24 + p.ties.len() * 24 + p.states.capacity() * 48
+    std::mem::size_of::<Partition>()
+        + p.rows.capacity() * 8
+        + p.blobs.capacity() * 16
+        + p.states.capacity() * std::mem::size_of::<FnState>()
 }
 
 /// The sum Arrow's `sum` kernel gives for `values` (what DataFusion's float accumulators add
@@ -741,6 +806,11 @@ impl OverWindow {
         } else {
             None
         };
+        if args.len() > 64 {
+            return Err(unsupported(
+                "OVER windows on streams with more than 64 distinct argument expressions",
+            ));
+        }
         let input_schema = Arc::new(schema.as_arrow().clone());
         let peers_by_ties = ties.is_some()
             && functions.iter().any(|f| {
@@ -750,12 +820,11 @@ impl OverWindow {
             partitions_by: KeyEncoder::plan(&partition_by, schema, state)?,
             ts,
             ties,
-            functions: Functions {
+            functions: Functions::new(
+                functions,
+                args.iter().map(|(_, shape)| *shape).collect(),
                 peers_by_ties,
-                states: functions.iter().filter(|f| f.has_state()).count(),
-                list: functions,
-                args: args.len(),
-            },
+            ),
             args,
             output_schema: Arc::new(window.schema.as_arrow().clone()),
             pending: RowBuffer::new("pending", input_schema, ts),
@@ -773,14 +842,89 @@ struct Functions {
     list: Vec<Function>,
     /// Functions with a running state (see [`Function::state`]).
     states: usize,
-    /// Argument columns per row.
-    args: usize,
+    /// The shape of each argument column.
+    args: Vec<Shape>,
+    /// For a string or bytes argument, its blob in a kept row.
+    blob_of: Vec<usize>,
+    /// Words per kept row: event time, NULL mask, one per argument.
+    words: usize,
+    /// Blobs per kept row: one per string or bytes argument, then the ties.
+    blob_width: usize,
     /// Some RANGE frame ends (or starts) at the current row's peers and the ORDER BY has
-    /// columns after the event time: kept rows need those columns to tell peers apart.
+    /// columns after the event time: kept rows need those columns (the last blob) to tell
+    /// peers apart.
     peers_by_ties: bool,
 }
 
 impl Functions {
+    fn new(list: Vec<Function>, args: Vec<Shape>, peers_by_ties: bool) -> Self {
+        let mut blob_of = Vec::with_capacity(args.len());
+        let mut blobs = 0;
+        for shape in &args {
+            blob_of.push(blobs);
+            if !shape.fixed() {
+                blobs += 1;
+            }
+        }
+        Functions {
+            states: list.iter().filter(|f| f.has_state()).count(),
+            list,
+            words: 2 + args.len(),
+            blob_width: blobs + usize::from(peers_by_ties),
+            args,
+            blob_of,
+            peers_by_ties,
+        }
+    }
+
+    /// Argument `arg` of kept row `row` of `p`.
+    fn cell<'p>(&self, p: &'p Partition, arg: usize, row: u64) -> Cell<'p> {
+        let at = (row - p.base) as usize * self.words;
+        if p.rows[at + 1] >> arg & 1 == 1 {
+            return Cell::Null;
+        }
+        match self.args[arg] {
+            Shape::Str => Cell::Str(p.blob(row, self.blob_of[arg])),
+            Shape::Bytes => Cell::Bytes(p.blob(row, self.blob_of[arg])),
+            shape => shape.cell_of(p.rows[at + 2 + arg]),
+        }
+    }
+
+    /// Appends row `i` of the released rows to `p`.
+    fn push_row(&self, p: &mut Partition, ts: i64, args: &[Column], i: usize, tie: &[u8]) {
+        p.rows.push(ts as u64);
+        let mut mask = 0u64;
+        for (k, a) in args.iter().enumerate() {
+            if a.is_null(i) {
+                mask |= 1 << k;
+            }
+        }
+        p.rows.push(mask);
+        p.rows.extend(args.iter().map(|a| a.word(i)));
+        if self.blob_width > 0 {
+            for a in args.iter().filter(|a| !a.shape.fixed()) {
+                p.blobs.push(a.bytes(i).into());
+            }
+            if self.peers_by_ties {
+                p.blobs.push(tie.into());
+            }
+        }
+        p.seen += 1;
+    }
+
+    /// The full ORDER BY key of two kept rows, compared as (event time, the other ORDER BY
+    /// columns).
+    fn key_cmp(&self, p: &Partition, a: u64, b: u64) -> Ordering {
+        p.ts(a).cmp(&p.ts(b)).then_with(|| {
+            if self.peers_by_ties {
+                let k = self.blob_width - 1;
+                p.blob(a, k).cmp(p.blob(b, k))
+            } else {
+                Ordering::Equal
+            }
+        })
+    }
+
     /// Frame `[start, end)` of row `idx` of partition `p`, searching from the previous row's
     /// frame as DataFusion does.
     fn frame(&self, f: &Function, p: &Partition, idx: u64, last: (u64, u64)) -> (u64, u64) {
@@ -817,10 +961,10 @@ impl Functions {
                 Some(target) => scan(last.0, &|j| p.ts(j) < target),
                 None => last.0,
             },
-            Bound::Current => scan(last.0, &|j| p.key_cmp(j, idx) == Ordering::Less),
+            Bound::Current => scan(last.0, &|j| self.key_cmp(p, j, idx) == Ordering::Less),
         };
         let end = match frame.end {
-            Bound::Current => scan(last.1, &|j| p.key_cmp(j, idx) != Ordering::Greater),
+            Bound::Current => scan(last.1, &|j| self.key_cmp(p, j, idx) != Ordering::Greater),
             Bound::Preceding(y) => match ts.checked_sub(y) {
                 Some(target) => scan(last.1, &|j| p.ts(j) <= target),
                 None => last.1,
@@ -832,38 +976,41 @@ impl Functions {
 
     /// Computes every function for rows `first..p.seen` of `p` (already appended), pushing
     /// one value per row into each of `out`.
-    fn evaluate(&self, p: &mut Partition, first: u64, out: &mut [Vec<Value>]) -> Result<()> {
+    fn evaluate(&self, p: &mut Partition, first: u64, out: &mut [Builder]) -> Result<()> {
         for idx in first..p.seen {
             for (k, f) in self.list.iter().enumerate() {
-                let value = match &f.kind {
-                    Kind::RowNumber => Value::U64(idx + 1),
+                match &f.kind {
+                    Kind::RowNumber => out[k].push(Cell::U64(idx + 1))?,
                     Kind::Lag { offset, default } => {
-                        if idx >= *offset {
-                            p.value(f.arg.expect("lag has an argument"), idx - offset)
-                                .clone()
+                        let value = if idx >= *offset {
+                            self.cell(p, f.arg.expect("lag has an argument"), idx - offset)
                         } else {
-                            default.clone()
-                        }
+                            default.cell()
+                        };
+                        out[k].push(value)?;
                     }
                     Kind::First | Kind::Last => {
                         let state = &p.states[f.state];
                         let (s, e) = self.frame(f, p, idx, (state.start, state.end));
                         p.states[f.state].start = s;
                         p.states[f.state].end = e;
-                        if s >= e {
-                            Value::Null
+                        let value = if s >= e {
+                            Cell::Null
                         } else {
                             let row = if matches!(f.kind, Kind::First) {
                                 s
                             } else {
                                 e - 1
                             };
-                            p.value(f.arg.expect("an argument"), row).clone()
-                        }
+                            self.cell(p, f.arg.expect("an argument"), row)
+                        };
+                        out[k].push(value)?;
                     }
-                    Kind::Aggregate(op) => self.aggregate(*op, f, p, idx)?,
-                };
-                out[k].push(value);
+                    Kind::Aggregate(op) => {
+                        let value = self.aggregate(*op, f, p, idx)?;
+                        out[k].push(value.cell())?;
+                    }
+                }
             }
         }
         Ok(())
@@ -879,9 +1026,11 @@ impl Functions {
         let arg = f.arg.expect("aggregates have an argument");
         let sliding = f.frame.sliding();
         let mut acc = std::mem::replace(&mut p.states[k].acc, Acc::None);
+        let kept: &Partition = p;
+        let cell = |row: u64| self.cell(kept, arg, row);
         let value = if cur.0 >= cur.1 {
             if sliding && last.1 > last.0 {
-                step(&mut acc, op, p, arg, last.0, last.1, false);
+                step(&mut acc, op, &cell, last.0, last.1, false)?;
             }
             match op {
                 AggOp::Count => Value::I64(0),
@@ -889,22 +1038,22 @@ impl Functions {
             }
         } else {
             if cur.1 > last.1 {
-                step(&mut acc, op, p, arg, last.1, cur.1, true);
+                step(&mut acc, op, &cell, last.1, cur.1, true)?;
             }
             if sliding && cur.0 > last.0 {
-                step(&mut acc, op, p, arg, last.0, cur.0, false);
+                step(&mut acc, op, &cell, last.0, cur.0, false)?;
             }
             match op {
                 AggOp::Min | AggOp::Max if sliding => {
                     // A sliding MIN/MAX is the extreme of the frame's values (DataFusion's
                     // monotonic deque holds exactly those).
-                    let mut best: Option<&Value> = None;
+                    let mut best: Option<Cell<'_>> = None;
                     for row in cur.0..cur.1 {
-                        let v = p.value(arg, row);
+                        let v = cell(row);
                         if v.is_null() {
                             continue;
                         }
-                        let better = match best {
+                        let better = match &best {
                             None => true,
                             Some(b) => {
                                 let o = v.cmp(b);
@@ -919,7 +1068,7 @@ impl Functions {
                             best = Some(v);
                         }
                     }
-                    best.cloned().unwrap_or(Value::Null)
+                    best.unwrap_or(Cell::Null).to_value()?
                 }
                 _ => evaluate(&acc, &f.shape),
             }
@@ -934,7 +1083,8 @@ impl Functions {
 
     fn new_partition(&self) -> Partition {
         Partition {
-            width: self.args as u32 + 1,
+            words: self.words as u32,
+            blob_width: self.blob_width as u32,
             states: {
                 // Exactly as many as needed (a collected filter would reserve four).
                 let mut states = Vec::with_capacity(self.states);
@@ -984,10 +1134,8 @@ impl Functions {
         }
         if p.base < keep_from {
             let drop = (keep_from - p.base) as usize;
-            if !p.ties.is_empty() {
-                p.ties.drain(..drop);
-            }
-            p.values.drain(..drop * p.width as usize);
+            p.rows.drain(..drop * self.words);
+            p.blobs.drain(..drop * self.blob_width);
             p.base = keep_from;
         }
     }
@@ -995,8 +1143,15 @@ impl Functions {
 
 /// Adds (`add`) or subtracts the rows `from..to` of argument `arg` to an accumulator, as
 /// DataFusion's accumulator does with one slice.
-fn step(acc: &mut Acc, op: AggOp, p: &Partition, arg: usize, from: u64, to: u64, add: bool) {
-    let values = || (from..to).map(|r| p.value(arg, r));
+fn step<'p>(
+    acc: &mut Acc,
+    op: AggOp,
+    cell: &dyn Fn(u64) -> Cell<'p>,
+    from: u64,
+    to: u64,
+    add: bool,
+) -> Result<()> {
+    let values = || (from..to).map(cell);
     let non_null = values().filter(|v| !v.is_null()).count() as u64;
     match acc {
         Acc::None => {}
@@ -1011,8 +1166,8 @@ fn step(acc: &mut Acc, op: AggOp, p: &Partition, arg: usize, from: u64, to: u64,
             let mut s: i64 = 0;
             for v in values() {
                 match v {
-                    Value::I64(x) => s = s.wrapping_add(*x),
-                    Value::U64(x) => s = s.wrapping_add(*x as i64),
+                    Cell::I64(x) => s = s.wrapping_add(x),
+                    Cell::U64(x) => s = s.wrapping_add(x as i64),
                     _ => {}
                 }
             }
@@ -1029,7 +1184,7 @@ fn step(acc: &mut Acc, op: AggOp, p: &Partition, arg: usize, from: u64, to: u64,
         }
         Acc::SumF { sum, count, set } => {
             let s = slice_sum(values().map(|v| match v {
-                Value::F64(x) => Some(*x),
+                Cell::F64(x) => Some(x),
                 _ => None,
             }));
             if add {
@@ -1047,9 +1202,9 @@ fn step(acc: &mut Acc, op: AggOp, p: &Partition, arg: usize, from: u64, to: u64,
         }
         Acc::Avg { sum, count } => {
             let s = slice_sum(values().map(|v| match v {
-                Value::F64(x) => Some(*x),
-                Value::I64(x) => Some(*x as f64),
-                Value::U64(x) => Some(*x as f64),
+                Cell::F64(x) => Some(x),
+                Cell::I64(x) => Some(x as f64),
+                Cell::U64(x) => Some(x as f64),
                 _ => None,
             }));
             if add {
@@ -1069,8 +1224,8 @@ fn step(acc: &mut Acc, op: AggOp, p: &Partition, arg: usize, from: u64, to: u64,
             // better, as DataFusion's accumulators do.
             if add {
                 for v in values().filter(|v| !v.is_null()) {
-                    let better = best.is_null() || {
-                        let o = v.cmp(best);
+                    let better = matches!(best, Value::Null) || {
+                        let o = v.cmp(&best.cell());
                         if op == AggOp::Min {
                             o == Ordering::Less
                         } else {
@@ -1078,12 +1233,13 @@ fn step(acc: &mut Acc, op: AggOp, p: &Partition, arg: usize, from: u64, to: u64,
                         }
                     };
                     if better {
-                        *best = v.clone();
+                        *best = v.to_value()?;
                     }
                 }
             }
         }
     }
+    Ok(())
 }
 
 fn evaluate(acc: &Acc, shape: &Shape) -> Value {
@@ -1262,7 +1418,7 @@ impl Operator for OverWindow {
             sorted.sort_unstable();
         }
         let order: Vec<u32> = sorted.iter().map(|r| r.2).collect();
-        let mut values: Vec<Vec<Value>> = vec![Vec::with_capacity(n); fns.list.len()];
+        let mut values: Vec<Builder> = fns.list.iter().map(|f| f.shape.builder(n)).collect();
         let mut i = 0;
         while i < n {
             let entry = sorted[i].0;
@@ -1272,17 +1428,10 @@ impl Operator for OverWindow {
             }
             let p = self.partitions.entry_mut(entry);
             let first = p.seen;
-            p.values.reserve((j - i) * p.width as usize);
+            p.rows.reserve((j - i) * fns.words);
             for &row in &order[i..j] {
                 let row = row as usize;
-                p.values.push(Value::I64(ts[row]));
-                for arg in &args {
-                    p.values.push(arg[row].clone());
-                }
-                if fns.peers_by_ties {
-                    p.ties.push(tie(row).into());
-                }
-                p.seen += 1;
+                fns.push_row(p, ts[row], &args, row, tie(row));
             }
             fns.evaluate(p, first, &mut values)?;
             fns.prune(p);
@@ -1290,8 +1439,8 @@ impl Operator for OverWindow {
         }
         let rows = take_record_batch(&batch, &UInt32Array::from(order))?;
         let mut columns = rows.columns().to_vec();
-        for (f, v) in self.functions.list.iter().zip(&values) {
-            columns.push(f.shape.write(v, &f.data_type)?);
+        for (f, v) in self.functions.list.iter().zip(values) {
+            columns.push(v.finish(&f.data_type)?);
         }
         out.push(RecordBatch::try_new(self.output_schema.clone(), columns)?);
         Ok(())
@@ -1304,13 +1453,12 @@ impl Operator for OverWindow {
     fn on_restored(&mut self) -> Result<()> {
         // Partitions decode without knowing the functions; check they fit them (a checkpoint
         // written by an earlier Riffle kept a state for every function).
-        let states = self.functions.states;
-        let width = self.functions.args as u32 + 1;
-        if self
-            .partitions
-            .iter()
-            .any(|(_, p)| p.states.len() != states || p.width != width)
-        {
+        let fns = &self.functions;
+        if self.partitions.iter().any(|(_, p)| {
+            p.states.len() != fns.states
+                || p.words as usize != fns.words
+                || p.blob_width as usize != fns.blob_width
+        }) {
             return Err(RiffleError::Checkpoint(
                 "the OVER window's state in this checkpoint does not fit its functions (it was \
                  written by an earlier version of Riffle); start over with a new checkpoint \
