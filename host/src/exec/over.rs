@@ -279,6 +279,17 @@ impl Shape {
     }
 }
 
+/// Where kept rows hold an argument.
+#[derive(Clone, Debug)]
+enum Place {
+    /// Word `k` after the event time and the NULL mask.
+    Word(usize),
+    /// Blob `k` of the row.
+    Blob(usize),
+    /// Nowhere: a literal (such as the `1` of `count(*)`) is the same in every row.
+    Constant(Value),
+}
+
 /// An argument column of released rows, in the shape kept rows store it.
 struct Column {
     shape: Shape,
@@ -635,7 +646,8 @@ pub struct OverWindow {
     partitions_by: KeyEncoder,
     ts: usize,
     ties: Option<(Vec<Arc<dyn PhysicalExpr>>, RowConverter)>,
-    args: Vec<(Arc<dyn PhysicalExpr>, Shape)>,
+    /// Argument expressions; `None` for a literal (see [`Place::Constant`]).
+    args: Vec<Option<(Arc<dyn PhysicalExpr>, Shape)>>,
     functions: Functions,
     output_schema: SchemaRef,
     pending: RowBuffer,
@@ -654,7 +666,7 @@ impl OverWindow {
         let input_width = schema.fields().len();
         let mut partition_by = None;
         let mut order_by = None;
-        let mut args: Vec<(Arc<dyn PhysicalExpr>, Shape)> = Vec::new();
+        let mut args: Vec<(Arc<dyn PhysicalExpr>, Shape, Option<Value>)> = Vec::new();
         let mut arg_exprs: Vec<Expr> = Vec::new();
         let mut functions = Vec::new();
         for (i, expr) in window.window_expr.iter().enumerate() {
@@ -692,8 +704,12 @@ impl OverWindow {
                 let dt = physical.data_type(schema.as_arrow())?;
                 let shape = Shape::of(&dt)
                     .ok_or_else(|| unsupported(format!("{expr}: arguments of type {dt}")))?;
+                let constant = match e {
+                    Expr::Literal(v, _) if !v.is_null() => Some(Shape::of_scalar(v)?),
+                    _ => None,
+                };
                 arg_exprs.push(e.clone());
-                args.push((physical, shape));
+                args.push((physical, shape, constant));
                 Ok(args.len() - 1)
             };
             let frame = frame_of(&p.window_frame, expr)?;
@@ -822,10 +838,15 @@ impl OverWindow {
             ties,
             functions: Functions::new(
                 functions,
-                args.iter().map(|(_, shape)| *shape).collect(),
+                args.iter()
+                    .map(|(_, shape, c)| (*shape, c.clone()))
+                    .collect(),
                 peers_by_ties,
             ),
-            args,
+            args: args
+                .into_iter()
+                .map(|(e, shape, constant)| constant.is_none().then_some((e, shape)))
+                .collect(),
             output_schema: Arc::new(window.schema.as_arrow().clone()),
             pending: RowBuffer::new("pending", input_schema, ts),
             partitions: KeyedTable::new(
@@ -842,11 +863,9 @@ struct Functions {
     list: Vec<Function>,
     /// Functions with a running state (see [`Function::state`]).
     states: usize,
-    /// The shape of each argument column.
-    args: Vec<Shape>,
-    /// For a string or bytes argument, its blob in a kept row.
-    blob_of: Vec<usize>,
-    /// Words per kept row: event time, NULL mask, one per argument.
+    /// The shape of each argument and where kept rows hold it.
+    args: Vec<(Shape, Place)>,
+    /// Words per kept row: event time, NULL mask, one per fixed-width argument.
     words: usize,
     /// Blobs per kept row: one per string or bytes argument, then the ties.
     blob_width: usize,
@@ -857,52 +876,73 @@ struct Functions {
 }
 
 impl Functions {
-    fn new(list: Vec<Function>, args: Vec<Shape>, peers_by_ties: bool) -> Self {
-        let mut blob_of = Vec::with_capacity(args.len());
-        let mut blobs = 0;
-        for shape in &args {
-            blob_of.push(blobs);
-            if !shape.fixed() {
-                blobs += 1;
-            }
-        }
+    /// Functions over arguments of the given shapes (with the value of each literal one).
+    fn new(list: Vec<Function>, args: Vec<(Shape, Option<Value>)>, peers_by_ties: bool) -> Self {
+        let (mut words, mut blobs) = (0, 0);
+        let args = args
+            .into_iter()
+            .map(|(shape, constant)| {
+                let place = match constant {
+                    Some(v) => Place::Constant(v),
+                    None if shape.fixed() => {
+                        words += 1;
+                        Place::Word(words - 1)
+                    }
+                    None => {
+                        blobs += 1;
+                        Place::Blob(blobs - 1)
+                    }
+                };
+                (shape, place)
+            })
+            .collect();
         Functions {
             states: list.iter().filter(|f| f.has_state()).count(),
             list,
-            words: 2 + args.len(),
+            words: 2 + words,
             blob_width: blobs + usize::from(peers_by_ties),
             args,
-            blob_of,
             peers_by_ties,
         }
     }
 
     /// Argument `arg` of kept row `row` of `p`.
-    fn cell<'p>(&self, p: &'p Partition, arg: usize, row: u64) -> Cell<'p> {
+    fn cell<'p>(&'p self, p: &'p Partition, arg: usize, row: u64) -> Cell<'p> {
+        let (shape, place) = &self.args[arg];
         let at = (row - p.base) as usize * self.words;
+        if let Place::Constant(v) = place {
+            return v.cell();
+        }
         if p.rows[at + 1] >> arg & 1 == 1 {
             return Cell::Null;
         }
-        match self.args[arg] {
-            Shape::Str => Cell::Str(p.blob(row, self.blob_of[arg])),
-            Shape::Bytes => Cell::Bytes(p.blob(row, self.blob_of[arg])),
-            shape => shape.cell_of(p.rows[at + 2 + arg]),
+        match place {
+            Place::Word(k) => shape.cell_of(p.rows[at + 2 + k]),
+            Place::Blob(k) if *shape == Shape::Str => Cell::Str(p.blob(row, *k)),
+            Place::Blob(k) => Cell::Bytes(p.blob(row, *k)),
+            Place::Constant(_) => unreachable!("returned above"),
         }
     }
 
-    /// Appends row `i` of the released rows to `p`.
-    fn push_row(&self, p: &mut Partition, ts: i64, args: &[Column], i: usize, tie: &[u8]) {
+    /// Appends row `i` of the released rows to `p` (`args` as [`OverWindow::args`]: no
+    /// column for a literal).
+    fn push_row(&self, p: &mut Partition, ts: i64, args: &[Option<Column>], i: usize, tie: &[u8]) {
         p.rows.push(ts as u64);
+        let mask_at = p.rows.len();
+        p.rows.push(0);
         let mut mask = 0u64;
         for (k, a) in args.iter().enumerate() {
+            let Some(a) = a else { continue };
             if a.is_null(i) {
                 mask |= 1 << k;
             }
+            if a.shape.fixed() {
+                p.rows.push(a.word(i));
+            }
         }
-        p.rows.push(mask);
-        p.rows.extend(args.iter().map(|a| a.word(i)));
+        p.rows[mask_at] = mask;
         if self.blob_width > 0 {
-            for a in args.iter().filter(|a| !a.shape.fixed()) {
+            for a in args.iter().flatten().filter(|a| !a.shape.fixed()) {
                 p.blobs.push(a.bytes(i).into());
             }
             if self.peers_by_ties {
@@ -1392,7 +1432,10 @@ impl Operator for OverWindow {
         let args = self
             .args
             .iter()
-            .map(|(e, shape)| shape.read(&e.evaluate(&batch)?.into_array(n)?))
+            .map(|a| match a {
+                Some((e, shape)) => Ok(Some(shape.read(&e.evaluate(&batch)?.into_array(n)?)?)),
+                None => Ok(None),
+            })
             .collect::<Result<Vec<_>>>()?;
         let tie = |i: usize| ties.as_ref().map(|t| t.row(i).data()).unwrap_or(&[]);
         // Each row's partition, looked up once; then the rows grouped by partition in ORDER BY
@@ -1557,6 +1600,11 @@ mod tests {
                    sum(amount) OVER (PARTITION BY card ORDER BY ts RANGE BETWEEN INTERVAL '1' MINUTE PRECEDING AND CURRENT ROW) AS s \
                    FROM t";
         let (mut op, mut restarted) = operator(sql, &all).await;
+        assert!(
+            matches!(op.functions.args[0].1, Place::Constant(Value::I64(1))),
+            "count(*) counts a literal, which kept rows do not store"
+        );
+        assert_eq!(op.functions.words, 3, "event time, NULL mask, amount");
         // Epoch 1, out of order: the watermark (65 s) releases the rows before it; the row at
         // 70 s waits.
         let first = rows(
