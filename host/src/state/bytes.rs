@@ -219,9 +219,8 @@ impl<V: Encode> ValueEncoder<V> for BytesEncoder<'_> {
 
     fn finish(mut self: Box<Self>) -> Result<Vec<ArrayRef>> {
         let values = self.offsets.len() - 1;
-        if values > 0 {
-            self.average
-                .store(self.bytes.len() / values + 1, AtomicOrdering::Relaxed);
+        if let Some(average) = self.bytes.len().checked_div(values) {
+            self.average.store(average + 1, AtomicOrdering::Relaxed);
         }
         let offsets = OffsetBuffer::new(ScalarBuffer::from(self.offsets));
         let array =

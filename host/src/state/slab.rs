@@ -32,7 +32,7 @@ impl<T> Slab<T> {
 
     /// Appends an empty slot and returns its index.
     pub(crate) fn push_empty(&mut self) -> usize {
-        if self.len % CHUNK == 0 {
+        if self.len.is_multiple_of(CHUNK) {
             let mut chunk = Vec::with_capacity(CHUNK);
             chunk.resize_with(CHUNK, || None);
             self.chunks.push(chunk);
