@@ -163,6 +163,21 @@ fn spread(hash: u32) -> u64 {
     u64::from(hash).wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
+/// Whether a bucket holds `key` (of hash `hash`): the stored hash bits first, the slot's key
+/// only when they agree.
+fn holds<'a, V>(
+    slots: &'a Slab<Slot<V>>,
+    key: &'a [u8],
+    hash: u32,
+) -> impl Fn(&Bucket) -> bool + 'a {
+    move |b| {
+        b.hash == hash
+            && slots[b.slot as usize]
+                .as_ref()
+                .is_some_and(|s| s.key.as_ref() == key)
+    }
+}
+
 const KEY: &str = "key";
 const DELETED: &str = "deleted";
 const EXPIRES: &str = "expires";
@@ -201,15 +216,12 @@ impl<V: Send> KeyedTable<V> {
     }
 
     fn find(&self, key: &[u8]) -> Option<u32> {
-        let hash = self.hash(key);
-        let slots = &self.slots;
+        self.find_hashed(key, self.hash(key))
+    }
+
+    fn find_hashed(&self, key: &[u8], hash: u32) -> Option<u32> {
         self.table
-            .find(spread(hash), |b| {
-                b.hash == hash
-                    && slots[b.slot as usize]
-                        .as_ref()
-                        .is_some_and(|s| s.key.as_ref() == key)
-            })
+            .find(spread(hash), holds(&self.slots, key, hash))
             .map(|b| b.slot)
     }
 
@@ -267,15 +279,8 @@ impl<V: Send> KeyedTable<V> {
     /// The slot of `key`, created with `new` if missing (one probe of the table either way).
     fn entry(&mut self, key: &[u8], new: impl FnOnce() -> V) -> u32 {
         let hash = self.hash(key);
-        let slots = &self.slots;
-        let found = self.table.find(spread(hash), |b| {
-            b.hash == hash
-                && slots[b.slot as usize]
-                    .as_ref()
-                    .is_some_and(|s| s.key.as_ref() == key)
-        });
-        match found {
-            Some(b) => b.slot,
+        match self.find_hashed(key, hash) {
+            Some(i) => i,
             None => self.add_hashed(key, new(), hash),
         }
     }
@@ -322,13 +327,9 @@ impl<V: Send> KeyedTable<V> {
     /// Removes `key`, returning its value.
     pub fn remove(&mut self, key: &[u8]) -> Option<V> {
         let hash = self.hash(key);
-        let slots = &self.slots;
-        let found = self.table.find_entry(spread(hash), |b| {
-            b.hash == hash
-                && slots[b.slot as usize]
-                    .as_ref()
-                    .is_some_and(|s| s.key.as_ref() == key)
-        });
+        let found = self
+            .table
+            .find_entry(spread(hash), holds(&self.slots, key, hash));
         let i = match found {
             Ok(entry) => entry.remove().0.slot,
             Err(_) => return None,
