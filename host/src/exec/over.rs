@@ -547,8 +547,8 @@ impl Decode for FnState {
 /// `base` of the partition), and each function's running state.
 ///
 /// Kept rows are fixed-width words in one vector, `words` per row: the event time, a mask of
-/// the row's NULL arguments (bit k for argument k), then one word per argument (its value's
-/// bits; unused for strings and bytes). Strings, bytes and, when peers need them, the ORDER BY
+/// the row's NULL arguments (bit k for argument k), then one word per fixed-width argument
+/// (its value's bits; see [`Place`]). Strings, bytes and, when peers need them, the ORDER BY
 /// columns after the event time are `blob_width` blobs per row in a second vector. A million
 /// partitions of a few rows each then cost one small allocation each (plus the states), and
 /// the checkpoint copies the words as they are.
