@@ -909,10 +909,10 @@ impl Functions {
     /// Argument `arg` of kept row `row` of `p`.
     fn cell<'p>(&'p self, p: &'p Partition, arg: usize, row: u64) -> Cell<'p> {
         let (shape, place) = &self.args[arg];
-        let at = (row - p.base) as usize * self.words;
         if let Place::Constant(v) = place {
             return v.cell();
         }
+        let at = (row - p.base) as usize * self.words;
         if p.rows[at + 1] >> arg & 1 == 1 {
             return Cell::Null;
         }

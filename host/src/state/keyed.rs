@@ -125,9 +125,10 @@ struct Slot<V> {
 /// passed, and the operator decides what that means (emit and remove a window, evict old
 /// join rows and set a new deadline).
 ///
-/// Entries live in a slab of slots; the hash table holds only slot numbers (hashed by their
-/// key), so growing it moves four bytes per key rather than whole values, and change tracking
-/// and timers refer to slots without copying keys.
+/// Entries live in a slab of slots; the hash table holds only slot numbers with 32 bits of
+/// their key's hash ([`Bucket`]), so growing it moves eight bytes per key rather than whole
+/// values and reads no slot, and change tracking and timers refer to slots without copying
+/// keys.
 pub struct KeyedTable<V> {
     name: String,
     hasher: StateHasher,
@@ -281,16 +282,12 @@ impl<V: Send> KeyedTable<V> {
         let hash = self.hash(key);
         match self.find_hashed(key, hash) {
             Some(i) => i,
-            None => self.add_hashed(key, new(), hash),
+            None => self.add(key, new(), hash),
         }
     }
 
-    fn add(&mut self, key: &[u8], value: V) -> u32 {
-        let hash = self.hash(key);
-        self.add_hashed(key, value, hash)
-    }
-
-    fn add_hashed(&mut self, key: &[u8], value: V, hash: u32) -> u32 {
+    /// Adds `key` (of hash `hash`, not in the table) with `value`.
+    fn add(&mut self, key: &[u8], value: V, hash: u32) -> u32 {
         let size = key.len() + self.codec.size(&value) + ENTRY_OVERHEAD;
         self.bytes += size;
         self.len += 1;
@@ -315,10 +312,11 @@ impl<V: Send> KeyedTable<V> {
 
     /// Sets `key`'s value (keeping its deadline).
     pub fn insert(&mut self, key: &[u8], value: V) {
-        match self.find(key) {
+        let hash = self.hash(key);
+        match self.find_hashed(key, hash) {
             Some(i) => self.touch(i).value = value,
             None => {
-                let i = self.add(key, value);
+                let i = self.add(key, value, hash);
                 self.touch(i);
             }
         }
@@ -512,7 +510,8 @@ impl<V: Send> KeyedTable<V> {
             }
             let value = self.codec.decode(values, row)?;
             let expires = deadlines.is_valid(row).then(|| deadlines.value(row));
-            let i = match self.find(key) {
+            let hash = self.hash(key);
+            let i = match self.find_hashed(key, hash) {
                 Some(i) => {
                     let size = key.len() + self.codec.size(&value) + ENTRY_OVERHEAD;
                     let slot = self.slots[i as usize].as_mut().expect("an occupied slot");
@@ -521,7 +520,7 @@ impl<V: Send> KeyedTable<V> {
                     slot.value = value;
                     i
                 }
-                None => self.add(key, value),
+                None => self.add(key, value, hash),
             };
             let slot = self.slots[i as usize].as_mut().expect("an occupied slot");
             slot.expires = expires;
