@@ -1,6 +1,7 @@
 //! [`KeyedTable`]: keyed state with change tracking and event-time expiry.
 
-use std::collections::BTreeMap;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 
 use std::hash::BuildHasher;
 
@@ -140,13 +141,26 @@ pub struct KeyedTable<V> {
     changed: Vec<u32>,
     /// Keys removed since the last delta.
     deleted: Vec<Box<[u8]>>,
-    /// Deadline -> (slot, generation); pairs whose slot moved on are skipped.
-    timers: BTreeMap<i64, Vec<(u32, u32)>>,
+    /// Deadlines, earliest first; those whose slot moved on (another key, or another
+    /// deadline) are skipped when they come up.
+    timers: BinaryHeap<Reverse<Timer>>,
+    /// Numbers timers, so that equal deadlines come up in the order they were set.
+    next_timer: u64,
     codec: Box<dyn ValueCodec<V>>,
     bytes: usize,
     len: usize,
     /// Numbers slot occupancies, for timers.
     next_generation: u32,
+}
+
+/// A deadline set for a slot. A heap of these costs no allocation per deadline (a map from
+/// deadlines to slot lists cost one per distinct event time, which is nearly every row's).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Timer {
+    at: i64,
+    seq: u64,
+    slot: u32,
+    generation: u32,
 }
 
 /// An entry of the hash table: a slot and 32 bits of its key's hash. Growing the table and
@@ -194,7 +208,8 @@ impl<V: Send> KeyedTable<V> {
             free: Vec::new(),
             changed: Vec::new(),
             deleted: Vec::new(),
-            timers: BTreeMap::new(),
+            timers: BinaryHeap::new(),
+            next_timer: 0,
             codec,
             bytes: 0,
             len: 0,
@@ -242,13 +257,36 @@ impl<V: Send> KeyedTable<V> {
 
     /// The value of `key`.
     pub fn get(&self, key: &[u8]) -> Option<&V> {
-        self.find(key).map(|i| &self.slot(i).value)
+        self.lookup(key).map(|id| self.value(id))
     }
 
     /// The value of `key`, to change (the key goes into the next delta).
     pub fn get_mut(&mut self, key: &[u8]) -> Option<&mut V> {
-        let i = self.find(key)?;
-        Some(&mut self.touch(i).value)
+        let id = self.lookup(key)?;
+        Some(self.value_mut(id))
+    }
+
+    /// A handle to `key`'s entry, if it has one (not marked changed): for an operator that
+    /// reads an entry several times (a join probing a key's rows, then marking some matched)
+    /// without hashing the key again each time.
+    pub fn lookup(&self, key: &[u8]) -> Option<EntryId> {
+        self.find(key).map(EntryId)
+    }
+
+    /// The value behind a handle.
+    ///
+    /// # Panics
+    /// If the entry was removed since.
+    pub fn value(&self, id: EntryId) -> &V {
+        &self.slot(id.0).value
+    }
+
+    /// The value behind a handle, to change (the key goes into the next delta).
+    ///
+    /// # Panics
+    /// If the entry was removed since.
+    pub fn value_mut(&mut self, id: EntryId) -> &mut V {
+        &mut self.touch(id.0).value
     }
 
     /// The value of `key`, created with `new` if missing, to change.
@@ -324,28 +362,41 @@ impl<V: Send> KeyedTable<V> {
 
     /// Removes `key`, returning its value.
     pub fn remove(&mut self, key: &[u8]) -> Option<V> {
-        let hash = self.hash(key);
-        let found = self
-            .table
-            .find_entry(spread(hash), holds(&self.slots, key, hash));
-        let i = match found {
-            Ok(entry) => entry.remove().0.slot,
-            Err(_) => return None,
-        };
+        let id = self.lookup(key)?;
+        Some(self.remove_entry(id))
+    }
+
+    /// Removes the entry behind a handle, returning its value.
+    ///
+    /// # Panics
+    /// If the entry was removed already.
+    pub fn remove_entry(&mut self, id: EntryId) -> V {
+        let i = id.0;
+        let hash = self.hash(self.slot(i).key.as_ref());
+        self.table
+            .find_entry(spread(hash), |b| b.slot == i)
+            .ok()
+            .expect("an occupied slot is in the table")
+            .remove();
         let slot = self.slots[i as usize].take().expect("an occupied slot");
         self.free.push(i);
         self.len -= 1;
         self.bytes = self.bytes.saturating_sub(slot.size);
         self.deleted.push(slot.key.as_ref().into());
-        Some(slot.value)
+        slot.value
     }
 
     /// Sets (or clears) the event time after which `key` is due (see
     /// [`take_due`](Self::take_due)). The deadline is part of the checkpointed state.
     pub fn set_deadline(&mut self, key: &[u8], at: Option<i64>) {
-        let Some(i) = self.find(key) else {
-            return;
-        };
+        if let Some(id) = self.lookup(key) {
+            self.set_deadline_of(id, at);
+        }
+    }
+
+    /// [`set_deadline`](Self::set_deadline) of the entry behind a handle.
+    pub fn set_deadline_of(&mut self, id: EntryId, at: Option<i64>) {
+        let i = id.0;
         if self.slot(i).expires == at {
             return;
         }
@@ -353,22 +404,23 @@ impl<V: Send> KeyedTable<V> {
         slot.expires = at;
         let generation = slot.generation;
         if let Some(at) = at {
-            self.timers.entry(at).or_default().push((i, generation));
+            self.schedule(at, i, generation);
         }
     }
 
     /// Moves `key`'s deadline to `at` if that is earlier (or it has none).
     pub fn lower_deadline(&mut self, key: &[u8], at: i64) {
-        let Some(i) = self.find(key) else {
-            return;
-        };
-        if self.slot(i).expires.is_some_and(|e| e <= at) {
+        if let Some(id) = self.lookup(key) {
+            self.lower_deadline_of(id, at);
+        }
+    }
+
+    /// [`lower_deadline`](Self::lower_deadline) of the entry behind a handle.
+    pub fn lower_deadline_of(&mut self, id: EntryId, at: i64) {
+        if self.slot(id.0).expires.is_some_and(|e| e <= at) {
             return;
         }
-        let slot = self.touch(i);
-        slot.expires = Some(at);
-        let generation = slot.generation;
-        self.timers.entry(at).or_default().push((i, generation));
+        self.set_deadline_of(id, Some(at));
     }
 
     /// The deadline of `key`.
@@ -376,24 +428,41 @@ impl<V: Send> KeyedTable<V> {
         self.find(key).and_then(|i| self.slot(i).expires)
     }
 
+    fn schedule(&mut self, at: i64, slot: u32, generation: u32) {
+        let seq = self.next_timer;
+        self.next_timer += 1;
+        self.timers.push(Reverse(Timer {
+            at,
+            seq,
+            slot,
+            generation,
+        }));
+    }
+
     /// Keys whose deadline the watermark has passed (deadline < watermark), earliest deadline
     /// first. Their deadlines are cleared; the caller removes them or sets new ones.
     pub fn take_due(&mut self, watermark: Watermark) -> Vec<Box<[u8]>> {
+        self.take_due_entries(watermark)
+            .into_iter()
+            .map(|id| self.slot(id.0).key.as_ref().into())
+            .collect()
+    }
+
+    /// [`take_due`](Self::take_due) as handles (each entry once), for an operator that
+    /// changes or removes the entries in place rather than by key.
+    pub fn take_due_entries(&mut self, watermark: Watermark) -> Vec<EntryId> {
         let mut due = Vec::new();
-        while let Some(entry) = self.timers.first_entry() {
-            if !watermark.is_late(*entry.key()) {
+        while let Some(&Reverse(timer)) = self.timers.peek() {
+            if !watermark.is_late(timer.at) {
                 break;
             }
-            let (at, slots) = entry.remove_entry();
-            for (i, generation) in slots {
-                let current = self.slots[i as usize]
-                    .as_ref()
-                    .is_some_and(|s| s.generation == generation && s.expires == Some(at));
-                if current {
-                    let slot = self.touch(i);
-                    slot.expires = None;
-                    due.push(slot.key.as_ref().into());
-                }
+            self.timers.pop();
+            let current = self.slots[timer.slot as usize]
+                .as_ref()
+                .is_some_and(|s| s.generation == timer.generation && s.expires == Some(timer.at));
+            if current {
+                self.touch(timer.slot).expires = None;
+                due.push(EntryId(timer.slot));
             }
         }
         due
@@ -525,10 +594,8 @@ impl<V: Send> KeyedTable<V> {
             let slot = self.slots[i as usize].as_mut().expect("an occupied slot");
             slot.expires = expires;
             if let Some(at) = expires {
-                self.timers
-                    .entry(at)
-                    .or_default()
-                    .push((i, slot.generation));
+                let generation = slot.generation;
+                self.schedule(at, i, generation);
             }
         }
         Ok(())
