@@ -6,8 +6,10 @@
 //! joined row is emitted as soon as its second row arrives; an outer join's unmatched row is
 //! emitted with NULLs once the watermark has passed every event time a match could have.
 //!
-//! The join condition is evaluated as DataFusion evaluates it (the whole `ON` expression on the
-//! candidate pairs), so the range only decides how long rows are kept, never which pairs match.
+//! The join condition is evaluated as DataFusion evaluates it, on the candidate pairs, except
+//! for the range's own conjuncts where the planner found that checking the range on integer
+//! microseconds gives the same answer (a fixed offset on microsecond timestamps): those the
+//! candidate search decides, without a second evaluation per pair.
 //! Output rows may carry event times up to the range's width older than the watermark, so the
 //! operator holds its output watermark back by that much (Flink does the same): windows after a
 //! join still see every row they should.
@@ -22,7 +24,7 @@ use arrow::datatypes::{Int64Type, SchemaRef};
 use arrow::row::{RowConverter, SortField};
 use datafusion::common::NullEquality;
 use datafusion::execution::SessionState;
-use datafusion::logical_expr::{Join, JoinType};
+use datafusion::logical_expr::{Expr, Join, JoinType};
 use datafusion::physical_plan::PhysicalExpr;
 
 use super::keys::KeyEncoder;
@@ -30,7 +32,7 @@ use super::{Operator, Output};
 use crate::common::{Watermark, to_micros};
 use crate::error::{Result, RiffleError};
 use crate::state::bytes::{BytesCodec, Decode, Encode};
-use crate::state::{KeyedTable, StateTable};
+use crate::state::{EntryId, KeyedTable, StateTable};
 
 /// The event-time range of an interval join: `right.ts - left.ts` lies in `[lower, upper]`
 /// (microseconds) for every matching pair.
@@ -44,6 +46,27 @@ pub struct JoinBounds {
     pub lower: i64,
     /// Largest `right.ts - left.ts` of a match.
     pub upper: i64,
+}
+
+impl JoinBounds {
+    /// When a row of side `s` with event time `ts` can no longer match: the watermark has
+    /// passed the latest event time of a possible partner.
+    fn deadline(&self, s: usize, ts: i64) -> i64 {
+        if s == 0 {
+            ts.saturating_add(self.upper)
+        } else {
+            ts.saturating_sub(self.lower)
+        }
+    }
+
+    /// Event times of the other side that can match a row of side `s` at `ts`.
+    fn partner_range(&self, s: usize, ts: i64) -> (i64, i64) {
+        if s == 0 {
+            (ts.saturating_add(self.lower), ts.saturating_add(self.upper))
+        } else {
+            (ts.saturating_sub(self.upper), ts.saturating_sub(self.lower))
+        }
+    }
 }
 
 /// A buffered row of one side.
@@ -86,10 +109,6 @@ struct Side {
     table: KeyedTable<Vec<JoinRow>>,
 }
 
-fn side_outer(side: &Side) -> bool {
-    side.outer
-}
-
 /// Streaming interval join of two streams.
 pub struct IntervalJoin {
     sides: [Side; 2],
@@ -106,7 +125,14 @@ impl IntervalJoin {
     /// # Errors
     /// [`RiffleError::Unsupported`] for join types other than inner and outer, or columns the
     /// state cannot hold.
-    pub fn new(join: &Join, state: &SessionState, bounds: JoinBounds) -> Result<Self> {
+    /// `residual` is the part of the join condition (after the equality keys) the range does
+    /// not already decide; `None` when the range and the keys are the whole condition.
+    pub fn new(
+        join: &Join,
+        state: &SessionState,
+        bounds: JoinBounds,
+        residual: Option<&Expr>,
+    ) -> Result<Self> {
         let (left_outer, right_outer) = match join.join_type {
             JoinType::Inner => (false, false),
             JoinType::Left => (true, false),
@@ -156,7 +182,7 @@ impl IntervalJoin {
             right_outer,
             "right",
         )?;
-        let filter = match &join.filter {
+        let filter = match residual {
             Some(f) => Some(state.create_physical_expr(f.clone(), &join.schema)?),
             None => None,
         };
@@ -168,31 +194,6 @@ impl IntervalJoin {
             output_schema: Arc::new(join.schema.as_arrow().clone()),
             watermark: Watermark::NONE,
         })
-    }
-
-    /// When a row of side `s` with event time `ts` can no longer match: the watermark has
-    /// passed the latest event time of a possible partner.
-    fn deadline(&self, s: usize, ts: i64) -> i64 {
-        if s == 0 {
-            ts.saturating_add(self.bounds.upper)
-        } else {
-            ts.saturating_sub(self.bounds.lower)
-        }
-    }
-
-    /// Event times of the other side that can match a row of side `s` at `ts`.
-    fn partner_range(&self, s: usize, ts: i64) -> (i64, i64) {
-        if s == 0 {
-            (
-                ts.saturating_add(self.bounds.lower),
-                ts.saturating_add(self.bounds.upper),
-            )
-        } else {
-            (
-                ts.saturating_sub(self.bounds.upper),
-                ts.saturating_sub(self.bounds.lower),
-            )
-        }
     }
 
     /// Rows of side `s` (given as its columns) with NULLs for the other side.
@@ -230,21 +231,26 @@ impl Operator for IntervalJoin {
         if n == 0 {
             return Ok(());
         }
-        let side = &self.sides[s];
+        let bounds = self.bounds;
+        let [left, right] = &mut self.sides;
+        let (side, other) = if s == 0 { (left, right) } else { (right, left) };
         let key_columns = side.keys.evaluate(&batch)?;
         let keys = side.keys.encode(&key_columns)?;
         let ts = to_micros(batch.column(side.ts))?;
         let ts = ts.as_primitive::<Int64Type>();
         let rows = side.rows.convert_columns(batch.columns())?;
         let watermark = self.watermark;
+        let nullable_keys =
+            !self.null_equals_null && key_columns.iter().any(|c| c.null_count() > 0);
 
-        // Candidate pairs: (row of this batch, stored row of the other side).
-        let mut this_rows: Vec<u32> = Vec::new();
-        let mut other_rows: Vec<usize> = Vec::new();
+        // Candidate pairs: (row of this batch, stored row of the other side). Each row's key
+        // is looked up once, and its entry is then used by handle.
+        let mut this_rows: Vec<u32> = Vec::with_capacity(n);
+        let mut other_rows: Vec<(EntryId, u32)> = Vec::with_capacity(n);
         let mut unmatched_now: Vec<u32> = Vec::new();
-        let mut keep: Vec<u32> = Vec::new();
+        let mut keep: Vec<u32> = Vec::with_capacity(n);
         for i in 0..n {
-            let null_key = !self.null_equals_null && key_columns.iter().any(|c| c.is_null(i));
+            let null_key = nullable_keys && key_columns.iter().any(|c| c.is_null(i));
             if ts.is_null(i) || null_key {
                 // Can never match: an outer side's row is final at once.
                 if side.outer {
@@ -252,14 +258,13 @@ impl Operator for IntervalJoin {
                 }
                 continue;
             }
-            let t = ts.value(i);
             keep.push(i as u32);
-            let (lo, hi) = self.partner_range(s, t);
-            if let Some(stored) = self.sides[1 - s].table.get(keys.get(i)) {
-                for (k, r) in stored.iter().enumerate() {
+            let (lo, hi) = bounds.partner_range(s, ts.value(i));
+            if let Some(id) = other.table.lookup(keys.get(i)) {
+                for (k, r) in other.table.value(id).iter().enumerate() {
                     if r.ts >= lo && r.ts <= hi {
                         this_rows.push(i as u32);
-                        other_rows.push(k);
+                        other_rows.push((id, k as u32));
                     }
                 }
             }
@@ -267,26 +272,13 @@ impl Operator for IntervalJoin {
 
         let mut matched_here = vec![false; n];
         if !this_rows.is_empty() {
-            let other = &self.sides[1 - s];
             let parser = other.rows.parser();
-            let other_columns = {
-                let stored: Vec<&[u8]> = this_rows
+            let other_columns = other.rows.convert_rows(
+                other_rows
                     .iter()
-                    .zip(&other_rows)
-                    .map(|(i, k)| {
-                        other
-                            .table
-                            .get(keys.get(*i as usize))
-                            .expect("candidate key")[*k]
-                            .row
-                            .as_ref()
-                    })
-                    .collect();
-                other
-                    .rows
-                    .convert_rows(stored.iter().map(|r| parser.parse(r)))?
-            };
-            let ids = UInt32Array::from(this_rows.clone());
+                    .map(|&(id, k)| parser.parse(&other.table.value(id)[k as usize].row)),
+            )?;
+            let ids = UInt32Array::from(std::mem::take(&mut this_rows));
             let this_columns = batch
                 .columns()
                 .iter()
@@ -303,39 +295,48 @@ impl Operator for IntervalJoin {
                     let m = f.evaluate(&joined)?.into_array(joined.num_rows())?;
                     let m = m.as_boolean();
                     // NULL is not a match.
-                    BooleanArray::from_iter(m.iter().map(|v| Some(v == Some(true))))
+                    Some(BooleanArray::from_iter(
+                        m.iter().map(|v| Some(v == Some(true))),
+                    ))
                 }
-                None => BooleanArray::from(vec![true; joined.num_rows()]),
+                None => None,
             };
-            for (p, ok) in mask.iter().enumerate() {
-                if ok == Some(true) {
-                    let i = this_rows[p] as usize;
-                    matched_here[i] = true;
-                    let (key, k) = (keys.get(i), other_rows[p]);
-                    let other = &mut self.sides[1 - s].table;
+            for (p, &(id, k)) in other_rows.iter().enumerate() {
+                if mask.as_ref().is_none_or(|m| m.value(p)) {
+                    matched_here[ids.value(p) as usize] = true;
                     // Only a stored row's first match changes (and checkpoints) it.
-                    if !other.get(key).expect("candidate key")[k].matched {
-                        other.get_mut(key).expect("candidate key")[k].matched = true;
+                    if !other.table.value(id)[k as usize].matched {
+                        other.table.value_mut(id)[k as usize].matched = true;
                     }
                 }
             }
-            out.push(filter_record_batch(&joined, &mask)?);
+            out.push(match &mask {
+                Some(mask) => filter_record_batch(&joined, mask)?,
+                None => joined,
+            });
         }
         // Keep this batch's rows for the other side's later rows, unless no later row can
         // match them any more (a range entirely behind the watermark): then an outer side's
         // unmatched row is final now.
-        let mut stored = Vec::with_capacity(keep.len());
         for i in keep {
-            let deadline = self.deadline(s, ts.value(i as usize));
+            let t = ts.value(i as usize);
+            let deadline = bounds.deadline(s, t);
             if watermark.is_late(deadline) {
-                if side_outer(&self.sides[s]) && !matched_here[i as usize] {
+                if side.outer && !matched_here[i as usize] {
                     unmatched_now.push(i);
                 }
-            } else {
-                stored.push(i);
+                continue;
             }
+            let id = side.table.entry_of(keys.get(i as usize), Vec::new);
+            side.table.entry_mut(id).push(JoinRow {
+                ts: t,
+                matched: matched_here[i as usize],
+                row: rows.row(i as usize).data().into(),
+            });
+            side.table.lower_deadline_of(id, deadline);
         }
         if !unmatched_now.is_empty() {
+            unmatched_now.sort_unstable();
             let ids = UInt32Array::from(unmatched_now);
             let columns = batch
                 .columns()
@@ -344,47 +345,32 @@ impl Operator for IntervalJoin {
                 .collect::<std::result::Result<Vec<_>, _>>()?;
             out.push(self.unmatched(s, columns)?);
         }
-        for i in stored {
-            let i = i as usize;
-            let t = ts.value(i);
-            let deadline = self.deadline(s, t);
-            let key = keys.get(i);
-            let table = &mut self.sides[s].table;
-            table.get_or_insert_with(key, Vec::new).push(JoinRow {
-                ts: t,
-                matched: matched_here[i],
-                row: rows.row(i).data().into(),
-            });
-            table.lower_deadline(key, deadline);
-        }
         Ok(())
     }
 
     async fn on_watermark(&mut self, watermark: Watermark, out: &mut Output) -> Result<()> {
         self.watermark = watermark;
+        let bounds = self.bounds;
         for s in 0..2 {
-            let due = self.sides[s].table.take_due(watermark);
+            let side = &mut self.sides[s];
             let mut expired_unmatched: Vec<Box<[u8]>> = Vec::new();
-            for key in due {
-                let Some(rows) = self.sides[s].table.remove(&key) else {
-                    continue;
-                };
-                let (gone, kept): (Vec<JoinRow>, Vec<JoinRow>) = rows
-                    .into_iter()
-                    .partition(|r| watermark.is_late(self.deadline(s, r.ts)));
-                if self.sides[s].outer {
-                    expired_unmatched
-                        .extend(gone.into_iter().filter(|r| !r.matched).map(|r| r.row));
+            for id in side.table.take_due_entries(watermark) {
+                // The rows no partner can reach any more go; the entry stays, with the next
+                // row's deadline, while rows remain.
+                let rows = side.table.value_mut(id);
+                for gone in rows.extract_if(.., |r| watermark.is_late(bounds.deadline(s, r.ts))) {
+                    if side.outer && !gone.matched {
+                        expired_unmatched.push(gone.row);
+                    }
                 }
-                if !kept.is_empty() {
-                    let next = kept.iter().map(|r| self.deadline(s, r.ts)).min();
-                    let table = &mut self.sides[s].table;
-                    table.insert(&key, kept);
-                    table.set_deadline(&key, next);
+                match rows.iter().map(|r| bounds.deadline(s, r.ts)).min() {
+                    Some(next) => side.table.set_deadline_of(id, Some(next)),
+                    None => {
+                        side.table.remove_entry(id);
+                    }
                 }
             }
             if !expired_unmatched.is_empty() {
-                let side = &self.sides[s];
                 let parser = side.rows.parser();
                 let columns = side
                     .rows
@@ -472,7 +458,7 @@ mod tests {
             lower: -10 * S,
             upper: 5 * S,
         };
-        IntervalJoin::new(&join, &state, bounds).unwrap()
+        IntervalJoin::new(&join, &state, bounds, join.filter.as_ref()).unwrap()
     }
 
     #[tokio::test]

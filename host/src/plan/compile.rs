@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use arrow::datatypes::{DataType, TimeUnit};
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::common::{DFSchema, ScalarValue};
 use datafusion::execution::SessionState;
@@ -311,6 +312,28 @@ fn shifted(expr: &Expr) -> (&Expr, Option<i64>) {
         }
     }
     (expr, Some(0))
+}
+
+/// Whether DataFusion computes `expr` (a time column `column` of type `data_type`, or it
+/// plus or minus an interval) as the integer microseconds [`shifted`] says: for microsecond
+/// timestamps with a fixed offset. A day added to a zoned timestamp is a calendar day (23 or
+/// 25 hours across a clock change), and other units round.
+fn exact_shift(expr: &Expr, column: &Expr, data_type: &DataType) -> bool {
+    let DataType::Timestamp(TimeUnit::Microsecond, zone) = data_type else {
+        return false;
+    };
+    if !matches!(column, Expr::Column(_)) {
+        return false;
+    }
+    let calendar_days = match expr {
+        Expr::BinaryExpr(BinaryExpr { right, .. }) => match right.as_ref() {
+            Expr::Literal(ScalarValue::IntervalMonthDayNano(Some(i)), _) => i.days != 0,
+            Expr::Literal(ScalarValue::IntervalDayTime(Some(i)), _) => i.days != 0,
+            _ => false,
+        },
+        _ => false,
+    };
+    zone.is_none() || !calendar_days
 }
 
 impl Compiler<'_> {
@@ -769,8 +792,8 @@ impl Compiler<'_> {
         }
         let left = self.stateful_input(&join.left, "a join")?;
         let right = self.stateful_input(&join.right, "a join")?;
-        let bounds = join_bounds(join, &left.times, &right.times)?;
-        let operator = IntervalJoin::new(join, self.state, bounds)?;
+        let (bounds, residual) = join_bounds(join, &left.times, &right.times)?;
+        let operator = IntervalJoin::new(join, self.state, bounds, residual.as_ref())?;
         let times = join_times(
             join.join_type,
             left.times.clone(),
@@ -801,36 +824,51 @@ fn join_times(join_type: JoinType, left: Vec<Time>, right: Vec<Time>, width: usi
 /// The event-time range of a join of two streams: the bounds on `right.ts - left.ts` that its
 /// condition implies, from conjuncts like `l.ts BETWEEN r.ts - INTERVAL '5' MINUTE AND r.ts +
 /// INTERVAL '10' MINUTE`. Both bounds are needed, or one side's rows could never be forgotten.
-fn join_bounds(join: &Join, left_times: &[Time], right_times: &[Time]) -> Result<JoinBounds> {
+///
+/// Also returns the rest of the condition: the conjuncts the range does not decide exactly.
+/// The join checks the range itself on integer microseconds, so a conjunct it came from needs
+/// no second evaluation by DataFusion when integer arithmetic is what DataFusion would do too
+/// (see [`exact_shift`]).
+fn join_bounds(
+    join: &Join,
+    left_times: &[Time],
+    right_times: &[Time],
+) -> Result<(JoinBounds, Option<Expr>)> {
     let left_schema = join.left.schema();
     let right_schema = join.right.schema();
     let mut lower: Option<i64> = None;
     let mut upper: Option<i64> = None;
     let mut columns: Option<(usize, usize)> = None;
-    let side = |e: &Expr| -> Option<(bool, usize, i64)> {
+    let mut residual = Vec::new();
+    // (left side?, column, offset, exact).
+    let side = |e: &Expr| -> Option<(bool, usize, i64, bool)> {
         let (column, offset) = shifted(e);
         let offset = offset?;
-        if let Some(c) = time_column(column, left_schema)
-            && left_times[c] == Time::Event
-        {
-            return Some((true, c, offset));
-        }
-        if let Some(c) = time_column(column, right_schema)
-            && right_times[c] == Time::Event
-        {
-            return Some((false, c, offset));
+        for (left, schema, times) in [
+            (true, left_schema, left_times),
+            (false, right_schema, right_times),
+        ] {
+            if let Some(c) = time_column(column, schema)
+                && times[c] == Time::Event
+            {
+                let exact = exact_shift(e, column, schema.field(c).data_type());
+                return Some((left, c, offset, exact));
+            }
         }
         None
     };
     if let Some(filter) = &join.filter {
         for conjunct in datafusion::logical_expr::utils::split_conjunction(filter) {
             let Expr::BinaryExpr(BinaryExpr { left, op, right }) = conjunct else {
+                residual.push(conjunct.clone());
                 continue;
             };
             let (Some(a), Some(b)) = (side(left), side(right)) else {
+                residual.push(conjunct.clone());
                 continue;
             };
             if a.0 == b.0 {
+                residual.push(conjunct.clone());
                 continue;
             }
             // Normalise to `L + x  op  R + y`.
@@ -849,7 +887,19 @@ fn join_bounds(join: &Join, left_times: &[Time], right_times: &[Time]) -> Result
             match columns {
                 None => columns = Some((l.1, r.1)),
                 Some(c) if c == (l.1, r.1) => {}
-                Some(_) => continue,
+                Some(_) => {
+                    residual.push(conjunct.clone());
+                    continue;
+                }
+            }
+            if !(l.3
+                && r.3
+                && matches!(
+                    op,
+                    BinOp::GtEq | BinOp::Gt | BinOp::LtEq | BinOp::Lt | BinOp::Eq
+                ))
+            {
+                residual.push(conjunct.clone());
             }
             // d = R - L;  L + x >= R + y  <=>  d <= x - y.
             let k = l.2 - r.2;
@@ -867,17 +917,83 @@ fn join_bounds(join: &Join, left_times: &[Time], right_times: &[Time]) -> Result
         }
     }
     match (columns, lower, upper) {
-        (Some((left_ts, right_ts)), Some(lower), Some(upper)) => Ok(JoinBounds {
-            left_ts,
-            right_ts,
-            lower,
-            upper,
-        }),
+        (Some((left_ts, right_ts)), Some(lower), Some(upper)) => Ok((
+            JoinBounds {
+                left_ts,
+                right_ts,
+                lower,
+                upper,
+            },
+            datafusion::logical_expr::utils::conjunction(residual),
+        )),
         _ => Err(unsupported(
             "a join of two streams needs an event-time range on both sides' watermarked \
              event-time columns, bounded in both directions (for example `ON l.k = r.k AND \
              l.ts BETWEEN r.ts - INTERVAL '5' MINUTE AND r.ts + INTERVAL '10' MINUTE`): without \
              it either side's rows would have to be kept forever",
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exec::testing::{find, optimized};
+    use arrow::array::RecordBatch;
+    use arrow::datatypes::{Field, Schema};
+
+    /// An empty table `name(k, ts, v)` with `ts` of type `ts`.
+    fn table(ts: DataType) -> RecordBatch {
+        RecordBatch::new_empty(Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, true),
+            Field::new("ts", ts, false),
+            Field::new("v", DataType::Int64, true),
+        ])))
+    }
+
+    /// The bounds and the residual condition (as text) of the join in `on`.
+    async fn bounds(ts: DataType, on: &str) -> (JoinBounds, Option<String>) {
+        let sql = format!("SELECT * FROM l JOIN r ON {on}");
+        let (plan, _) = optimized(&sql, &[("l", table(ts.clone())), ("r", table(ts))]).await;
+        let LogicalPlan::Join(join) = find(&plan, &|p| matches!(p, LogicalPlan::Join(_))) else {
+            unreachable!()
+        };
+        let times = [Time::None, Time::Event, Time::None];
+        let (bounds, residual) = join_bounds(&join, &times, &times).unwrap();
+        (bounds, residual.map(|e| e.to_string()))
+    }
+
+    #[tokio::test]
+    async fn a_range_on_microsecond_times_needs_no_second_evaluation() {
+        const MIN: i64 = 60_000_000;
+        let us = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
+        let on =
+            "l.k = r.k AND r.ts BETWEEN l.ts - INTERVAL '2' MINUTE AND l.ts + INTERVAL '1' MINUTE";
+        let (b, residual) = bounds(us.clone(), on).await;
+        assert_eq!((b.lower, b.upper), (-2 * MIN, MIN));
+        assert_eq!(residual, None);
+
+        // Other conjuncts stay; strict comparisons become inclusive bounds a microsecond in.
+        let on = "l.k = r.k AND r.ts > l.ts AND r.ts < l.ts + INTERVAL '1' MINUTE AND l.v < r.v";
+        let (b, residual) = bounds(us.clone(), on).await;
+        assert_eq!((b.lower, b.upper), (1, MIN - 1));
+        assert_eq!(residual.as_deref(), Some("l.v < r.v"));
+
+        // A day is a calendar day in a time zone: DataFusion decides.
+        let on = "l.k = r.k AND r.ts BETWEEN l.ts AND l.ts + INTERVAL '1' DAY";
+        let (b, residual) = bounds(us, on).await;
+        assert_eq!((b.lower, b.upper), (0, 1440 * MIN));
+        assert_eq!(
+            residual.as_deref(),
+            Some(
+                "r.ts <= l.ts + IntervalMonthDayNano(\"IntervalMonthDayNano { months: 0, days: 1, nanoseconds: 0 }\")"
+            )
+        );
+
+        // Milliseconds round differently from microseconds: DataFusion decides.
+        let ms = DataType::Timestamp(TimeUnit::Millisecond, None);
+        let on = "l.k = r.k AND r.ts BETWEEN l.ts AND l.ts + INTERVAL '1' MINUTE";
+        let (_, residual) = bounds(ms, on).await;
+        assert!(residual.is_some_and(|r| r.contains(" >= ") && r.contains(" <= ")));
     }
 }
