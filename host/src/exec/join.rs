@@ -122,11 +122,12 @@ pub struct IntervalJoin {
 impl IntervalJoin {
     /// Plans the operator for a logical `Join` of two streams with `bounds`.
     ///
+    /// `residual` is the part of the join condition (after the equality keys) the range does
+    /// not already decide; `None` when the range and the keys are the whole condition.
+    ///
     /// # Errors
     /// [`RiffleError::Unsupported`] for join types other than inner and outer, or columns the
     /// state cannot hold.
-    /// `residual` is the part of the join condition (after the equality keys) the range does
-    /// not already decide; `None` when the range and the keys are the whole condition.
     pub fn new(
         join: &Join,
         state: &SessionState,
@@ -328,7 +329,7 @@ impl Operator for IntervalJoin {
                 continue;
             }
             let id = side.table.entry_of(keys.get(i as usize), Vec::new);
-            side.table.entry_mut(id).push(JoinRow {
+            side.table.value_mut(id).push(JoinRow {
                 ts: t,
                 matched: matched_here[i as usize],
                 row: rows.row(i as usize).data().into(),

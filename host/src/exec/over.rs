@@ -1469,7 +1469,7 @@ impl Operator for OverWindow {
             while j < n && sorted[j].0 == entry {
                 j += 1;
             }
-            let p = self.partitions.entry_mut(entry);
+            let p = self.partitions.value_mut(entry);
             let first = p.seen;
             p.rows.reserve((j - i) * fns.words);
             for &row in &order[i..j] {

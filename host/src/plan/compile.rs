@@ -840,8 +840,8 @@ fn join_bounds(
     let mut upper: Option<i64> = None;
     let mut columns: Option<(usize, usize)> = None;
     let mut residual = Vec::new();
-    // (left side?, column, offset, exact).
-    let side = |e: &Expr| -> Option<(bool, usize, i64, bool)> {
+    // (left side?, column, offset, exact, column type).
+    let side = |e: &Expr| -> Option<(bool, usize, i64, bool, &DataType)> {
         let (column, offset) = shifted(e);
         let offset = offset?;
         for (left, schema, times) in [
@@ -851,8 +851,9 @@ fn join_bounds(
             if let Some(c) = time_column(column, schema)
                 && times[c] == Time::Event
             {
-                let exact = exact_shift(e, column, schema.field(c).data_type());
-                return Some((left, c, offset, exact));
+                let data_type = schema.field(c).data_type();
+                let exact = exact_shift(e, column, data_type);
+                return Some((left, c, offset, exact, data_type));
             }
         }
         None
@@ -892,8 +893,11 @@ fn join_bounds(
                     continue;
                 }
             }
+            // Both sides of one type (a zone-less time compared with a zoned one is converted
+            // first), each exact, in a comparison the bounds capture.
             if !(l.3
                 && r.3
+                && l.4 == r.4
                 && matches!(
                     op,
                     BinOp::GtEq | BinOp::Gt | BinOp::LtEq | BinOp::Lt | BinOp::Eq

@@ -304,17 +304,6 @@ impl<V: Send> KeyedTable<V> {
         EntryId(i)
     }
 
-    /// The value behind a handle from [`entry_of`](Self::entry_of), already marked changed.
-    ///
-    /// # Panics
-    /// If the entry was removed since.
-    pub fn entry_mut(&mut self, id: EntryId) -> &mut V {
-        &mut self.slots[id.0 as usize]
-            .as_mut()
-            .expect("an entry handle outlived its entry")
-            .value
-    }
-
     /// The slot of `key`, created with `new` if missing (one probe of the table either way).
     fn entry(&mut self, key: &[u8], new: impl FnOnce() -> V) -> u32 {
         let hash = self.hash(key);
@@ -362,8 +351,9 @@ impl<V: Send> KeyedTable<V> {
 
     /// Removes `key`, returning its value.
     pub fn remove(&mut self, key: &[u8]) -> Option<V> {
-        let id = self.lookup(key)?;
-        Some(self.remove_entry(id))
+        let hash = self.hash(key);
+        let i = self.find_hashed(key, hash)?;
+        Some(self.unlink(i, hash))
     }
 
     /// Removes the entry behind a handle, returning its value.
@@ -371,8 +361,12 @@ impl<V: Send> KeyedTable<V> {
     /// # Panics
     /// If the entry was removed already.
     pub fn remove_entry(&mut self, id: EntryId) -> V {
-        let i = id.0;
-        let hash = self.hash(self.slot(i).key.as_ref());
+        let hash = self.hash(self.slot(id.0).key.as_ref());
+        self.unlink(id.0, hash)
+    }
+
+    /// Removes occupied slot `i`, whose key hashes to `hash`.
+    fn unlink(&mut self, i: u32, hash: u32) -> V {
         self.table
             .find_entry(spread(hash), |b| b.slot == i)
             .ok()
