@@ -15,7 +15,7 @@ scripts/install-build-deps.sh
 scripts/install-guest-toolchain.sh
 echo "==> building the UDFs (udfs/*) into Wasm components" >&2
 wasm_dir=$(scripts/build-udfs.sh)
-echo "==> building riffle (the first build compiles DataFusion and wasmtime: 10-20 minutes)" >&2
+echo "==> building riffle (the first build compiles DataFusion, wasmtime and deltalake: about 25 minutes on 2 cores)" >&2
 cargo build -p riffle --bin riffle
 riffle="$CARGO_TARGET_DIR/debug/riffle"
 
