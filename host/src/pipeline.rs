@@ -380,6 +380,16 @@ impl Pipeline {
         })
     }
 
+    /// The checkpoint directory of stream mode, if the file names one.
+    pub fn checkpoint_dir(&self) -> Option<&Path> {
+        self.contents.stream.checkpoint.as_deref()
+    }
+
+    /// Where stream mode writes its progress, if the file moves it out of the checkpoint.
+    pub fn progress_file(&self) -> Option<&Path> {
+        self.contents.stream.progress.as_deref()
+    }
+
     async fn session(&self, options: &RunOptions) -> Result<RiffleSession> {
         let limits_file = &self.contents.limits;
         let session = RiffleSession::new(SessionOptions {

@@ -43,6 +43,8 @@ use crate::error::{Result, RiffleError};
 use crate::exec::graph::Graph;
 use crate::plan::Fingerprint;
 
+pub mod status;
+
 /// Version of the checkpoint layout.
 pub const FORMAT: u32 = 2;
 

@@ -5,6 +5,8 @@
 //! riffle sql --table tx=data/tx.parquet --udf fraud.wasm "SELECT risk_score(amount, country) FROM tx"
 //! riffle sql --config riffle.toml --file report.sql --output out.parquet
 //! riffle generate fraud --rows 1000000 --out data/tx.parquet
+//! riffle run pipeline.toml --mode stream      # SIGTERM/Ctrl-C: commit the epoch, stop
+//! riffle status pipeline.toml                 # or a checkpoint directory; --json
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -40,6 +42,10 @@ enum Command {
     Generate(GenerateCommand),
     /// Run a pipeline file in batch or stream mode.
     Run(RunArgs),
+    /// Show a streaming query's state from its checkpoint without running anything: the last
+    /// committed epoch, offsets and watermark per source, state size, UDF module hashes and
+    /// the last progress line.
+    Status(StatusArgs),
     /// Produce generated fraud transactions to a Kafka topic as JSON (demo and benchmark
     /// input); creates the topic if missing.
     Produce(ProduceArgs),
@@ -101,6 +107,16 @@ struct RunArgs {
     /// is unreachable or the disk is full (default 5 minutes; "0 seconds": never).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     retry_for: Option<crate::common::time::SqlDuration>,
+}
+
+#[derive(Args, Debug)]
+struct StatusArgs {
+    /// A checkpoint directory, or a pipeline file (for the checkpoint its [stream] section
+    /// names).
+    path: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 fn parse_duration(text: &str) -> std::result::Result<crate::common::time::SqlDuration, String> {
@@ -302,8 +318,37 @@ async fn run(cli: Cli) -> Result<()> {
             generate(GeneratorConfig::Clickstream(config), rows, &out)
         }
         Command::Run(args) => run_pipeline(args).await,
+        Command::Status(args) => status(&args),
         Command::Produce(args) => produce(args).await,
     }
+}
+
+fn status(args: &StatusArgs) -> Result<()> {
+    let (root, progress) = if args.path.is_file() {
+        let pipeline = crate::pipeline::Pipeline::load(&args.path)?;
+        let root = pipeline.checkpoint_dir().ok_or_else(|| {
+            RiffleError::Config(format!(
+                "{}: stream.checkpoint: missing: the pipeline has no checkpoint directory",
+                args.path.display()
+            ))
+        })?;
+        (
+            root.to_path_buf(),
+            pipeline.progress_file().map(Path::to_path_buf),
+        )
+    } else {
+        (args.path.clone(), None)
+    };
+    let status = crate::checkpoint::status::read(&root, progress.as_deref())?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&status).expect("serialisable")
+        );
+    } else {
+        print!("{status}");
+    }
+    Ok(())
 }
 
 async fn run_pipeline(args: RunArgs) -> Result<()> {
@@ -327,7 +372,7 @@ async fn run_pipeline(args: RunArgs) -> Result<()> {
             eprintln!("batch run done in {:.2} s", started.elapsed().as_secs_f64());
         }
         RunMode::Stream => {
-            let stop = crate::stream::ctrl_c_flag();
+            let stop = crate::stream::stop_on_signals();
             let retry_for = args.retry_for.map_or(
                 std::time::Duration::from_secs(300),
                 crate::common::time::SqlDuration::std,

@@ -489,7 +489,7 @@ impl StreamingQuery {
                 last,
             };
             self.checkpoint.write_plan(&plan)?;
-            crash_point("after-plan", plan.epoch);
+            failpoint("after-plan", plan.epoch).await;
             self.run_epoch(&plan, &mut summary).await?;
             epoch = plan.epoch;
             if last {
@@ -638,7 +638,7 @@ impl StreamingQuery {
             self.checkpoint
                 .write_state(plan.epoch, &mut self.graph, &self.manifest)?;
         phases.state_ms = ms(t);
-        crash_point("after-state", plan.epoch);
+        failpoint("after-state", plan.epoch).await;
 
         let t = Instant::now();
         let output_rows: u64 = output.iter().map(|b| b.num_rows() as u64).sum();
@@ -660,7 +660,7 @@ impl StreamingQuery {
             }
         }
         phases.sink_ms = ms(t);
-        crash_point("after-sink", plan.epoch);
+        failpoint("after-sink", plan.epoch).await;
 
         let t = Instant::now();
         self.checkpoint.commit(&EpochCommit {
@@ -692,7 +692,7 @@ impl StreamingQuery {
         }
         phases.commit_ms = ms(t);
         phases.total_ms = ms(started);
-        crash_point("after-commit", plan.epoch);
+        failpoint("after-commit", plan.epoch).await;
 
         let input_rows: u64 = per_source.iter().map(|s| s.input_rows).sum();
         let late_rows: u64 =
@@ -736,35 +736,71 @@ fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1000.0
 }
 
-/// A stop flag set by Ctrl-C (the epoch in flight finishes and commits first).
-pub fn ctrl_c_flag() -> Arc<AtomicBool> {
+/// A stop flag for SIGINT (Ctrl-C) and SIGTERM (what service managers and `kill` send). The
+/// first signal lets the epoch in flight finish and commit, then the run stops and says so;
+/// a second one exits at once with the shell's code for the signal (130 or 143). Stopping at
+/// once is safe for the same reason a crash is: the epoch in flight is not committed, and the
+/// next run re-runs it with the offsets it recorded.
+pub fn stop_on_signals() -> Arc<AtomicBool> {
+    use tokio::signal::unix::{SignalKind, signal};
     let flag = Arc::new(AtomicBool::new(false));
     let set = flag.clone();
+    let (interrupt, terminate) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    );
+    let (Ok(mut interrupt), Ok(mut terminate)) = (interrupt, terminate) else {
+        eprintln!("riffle: cannot listen for signals; Ctrl-C stops the run at once");
+        return flag;
+    };
     tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            set.store(true, Ordering::Relaxed);
+        loop {
+            let code = tokio::select! {
+                _ = interrupt.recv() => 130,
+                _ = terminate.recv() => 143,
+            };
+            if set.swap(true, Ordering::Relaxed) {
+                eprintln!(
+                    "riffle: stopping now; the epoch in flight is not committed and the next run \
+                     re-runs it"
+                );
+                std::process::exit(code);
+            }
+            eprintln!(
+                "riffle: stopping after the epoch in flight commits (signal again to stop now)"
+            );
         }
     });
     flag
 }
 
-/// Failpoints for crash tests: `RIFFLE_CRASH=<point>:<epoch>` aborts the process (as abruptly as
-/// `kill -9`: no destructors, no flushing) at that point of that epoch. The points follow the
-/// epoch protocol: `after-plan` (offsets written), `after-state` (state written),
-/// `after-sink` (output written, not committed: the narrowest window of exactly-once, which
-/// random kills rarely hit) and `after-commit`.
-fn crash_point(point: &str, epoch: u64) {
-    static PLAN: std::sync::OnceLock<Option<(String, u64)>> = std::sync::OnceLock::new();
-    let plan = PLAN.get_or_init(|| {
-        let value = std::env::var("RIFFLE_CRASH").ok()?;
-        let (at, n) = value.rsplit_once(':')?;
-        Some((at.to_string(), n.parse().ok()?))
+/// Failpoints for crash tests, at the steps of the epoch protocol: `after-plan` (offsets
+/// written), `after-state` (state written), `after-sink` (output written, not committed: the
+/// narrowest window of exactly-once, which random kills rarely hit) and `after-commit`.
+///
+/// - `RIFFLE_CRASH=<point>:<epoch>` aborts the process there (as abruptly as `kill -9`: no
+///   destructors, no flushing).
+/// - `RIFFLE_HANG=<point>:<epoch>` holds the run there for good, as a stuck sink or a slow
+///   disk would, so a test can signal a process whose epoch cannot finish.
+async fn failpoint(point: &str, epoch: u64) {
+    static PLANS: std::sync::OnceLock<[Option<(String, u64)>; 2]> = std::sync::OnceLock::new();
+    let plans = PLANS.get_or_init(|| {
+        ["RIFFLE_CRASH", "RIFFLE_HANG"].map(|var| {
+            let value = std::env::var(var).ok()?;
+            let (at, n) = value.rsplit_once(':')?;
+            Some((at.to_string(), n.parse().ok()?))
+        })
     });
-    if let Some((at, n)) = plan
-        && at == point
-        && *n == epoch
-    {
+    let hit = |plan: &Option<(String, u64)>| {
+        plan.as_ref()
+            .is_some_and(|(at, n)| at == point && *n == epoch)
+    };
+    if hit(&plans[0]) {
         eprintln!("RIFFLE_CRASH: aborting {point} epoch {epoch}");
         std::process::abort();
+    }
+    if hit(&plans[1]) {
+        eprintln!("RIFFLE_HANG: holding {point} epoch {epoch}");
+        std::future::pending::<()>().await;
     }
 }
