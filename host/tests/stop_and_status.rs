@@ -233,3 +233,56 @@ fn a_second_signal_stops_at_once_and_the_next_run_re_runs_the_epoch() {
     let json: serde_json::Value = serde_json::from_str(&status(&p, true)).unwrap();
     assert_eq!(json["last_commit"]["last"], true, "{json}");
 }
+
+fn progress_lines(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("checkpoint/progress.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn a_crash_between_a_commit_and_its_progress_line_loses_no_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pipeline(
+        dir.path(),
+        "{ kind = \"generator\", rows = 3000 }",
+        "trigger = \"available-now\"",
+    );
+    let out = riffle(&p, "stream")
+        .env("RIFFLE_CRASH", "after-commit:2")
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success() && stderr_of(&out).contains("RIFFLE_CRASH: aborting"),
+        "{}",
+        stderr_of(&out)
+    );
+    // Epoch 2 is committed, but the process died before writing its line.
+    let epochs_of = |lines: &[serde_json::Value]| -> Vec<u64> {
+        lines.iter().map(|l| l["epoch"].as_u64().unwrap()).collect()
+    };
+    assert_eq!(epochs_of(&progress_lines(dir.path())), [1]);
+
+    let out = riffle(&p, "stream").output().unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let lines = progress_lines(dir.path());
+    assert_eq!(epochs_of(&lines), [1, 2, 3, 4, 5, 6]);
+    assert_eq!(lines[1]["recovered"], true, "{}", lines[1]);
+    assert_eq!(lines[1]["input_rows"], 500, "{}", lines[1]);
+    for (i, line) in lines.iter().enumerate() {
+        assert_eq!(line.get("recovered").is_some(), i == 1, "{line}");
+    }
+    // One query id throughout, the checkpoint's; the run id tells the two processes apart,
+    // and the recovered line is the first run's.
+    let json: serde_json::Value = serde_json::from_str(&status(&p, true)).unwrap();
+    assert!(lines.iter().all(|l| l["query_id"] == json["query_id"]));
+    let runs: Vec<&str> = lines
+        .iter()
+        .map(|l| l["run_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(runs[0], runs[1]);
+    assert_ne!(runs[1], runs[2]);
+    assert!(runs[2..].iter().all(|r| *r == runs[2]));
+}

@@ -106,6 +106,11 @@ pub struct EpochCommit {
     pub state: StateManifest,
     /// Whether every source had ended.
     pub last: bool,
+    /// The epoch's progress record (without the commit's own time): the progress file's line
+    /// is written after the commit, so a crash in between would lose it; the next run writes
+    /// it from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<serde_json::Value>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -706,6 +711,7 @@ mod tests {
                 .unwrap();
             let (m, _) = ckpt.write_state(epoch, &mut g, &manifest).unwrap();
             let commit = EpochCommit {
+                progress: None,
                 epoch,
                 sources: BTreeMap::new(),
                 state: m.clone(),
@@ -800,6 +806,7 @@ mod tests {
         // The replay of epoch 4 changes nothing this time: committing it removes the file.
         let (m, _) = ckpt.write_state(4, &mut restored, &commit.state).unwrap();
         ckpt.commit(&EpochCommit {
+            progress: None,
             epoch: 4,
             sources: BTreeMap::new(),
             state: m,

@@ -284,7 +284,7 @@ impl StreamingQuery {
             })
             .collect();
         Ok(StreamingQuery {
-            progress: ProgressWriter::new(&progress_path, options.live)?,
+            progress: ProgressWriter::new(&progress_path, checkpoint.query_id(), options.live)?,
             state,
             modules,
             sources,
@@ -365,6 +365,7 @@ impl StreamingQuery {
             Some(commit) => {
                 self.checkpoint
                     .restore_state(&commit.state, &mut self.graph)?;
+                self.progress.recover(&commit)?;
                 self.manifest = commit.state.clone();
                 let plan = self.checkpoint.planned(commit.epoch)?.ok_or_else(|| {
                     RiffleError::Checkpoint(format!(
@@ -662,6 +663,28 @@ impl StreamingQuery {
         phases.sink_ms = ms(t);
         failpoint("after-sink", plan.epoch).await;
 
+        let input_rows: u64 = per_source.iter().map(|s| s.input_rows).sum();
+        let late_rows: u64 =
+            per_source.iter().map(|s| s.late_rows).sum::<u64>() + self.graph.late_rows();
+        self.graph.measure_state();
+        let watermark = watermarks.iter().copied().min().unwrap_or(Watermark::NONE);
+        phases.total_ms = ms(started);
+        let mut progress = EpochProgress::new(
+            plan,
+            watermark,
+            per_source,
+            output_rows,
+            late_rows,
+            phases,
+            &self.graph,
+            state_bytes_written,
+            None,
+            &self.modules,
+        );
+        progress.warnings = warnings;
+        self.progress.prepare(&mut progress);
+        let record = serde_json::to_value(&progress).expect("serialisable");
+
         let t = Instant::now();
         self.checkpoint.commit(&EpochCommit {
             epoch: plan.epoch,
@@ -680,6 +703,7 @@ impl StreamingQuery {
                 .collect(),
             state: manifest.clone(),
             last: plan.last,
+            progress: Some(record),
         })?;
         self.manifest = manifest;
         for s in &mut self.sources {
@@ -690,13 +714,12 @@ impl StreamingQuery {
             })
             .await?;
         }
-        phases.commit_ms = ms(t);
-        phases.total_ms = ms(started);
+        progress.durations.commit_ms = ms(t);
+        progress.durations.total_ms = ms(started);
+        progress.processed_rows_per_second =
+            input_rows as f64 / (progress.durations.total_ms / 1000.0).max(1e-9);
         failpoint("after-commit", plan.epoch).await;
 
-        let input_rows: u64 = per_source.iter().map(|s| s.input_rows).sum();
-        let late_rows: u64 =
-            per_source.iter().map(|s| s.late_rows).sum::<u64>() + self.graph.late_rows();
         summary.epochs += 1;
         summary.input_rows += input_rows;
         summary.output_rows += output_rows;
@@ -705,29 +728,14 @@ impl StreamingQuery {
             .iter()
             .filter_map(|i| i.arrival)
             .reduce(|a, b| (a.0.min(b.0), a.1.max(b.1)));
-        let latency_ms = arrival.map(|(first, last)| {
+        progress.latency_ms = arrival.map(|(first, last)| {
             let now = Instant::now();
             (
                 now.saturating_duration_since(last).as_secs_f64() * 1000.0,
                 now.saturating_duration_since(first).as_secs_f64() * 1000.0,
             )
         });
-        self.graph.measure_state();
-        let watermark = watermarks.iter().copied().min().unwrap_or(Watermark::NONE);
-        let mut progress = EpochProgress::new(
-            plan,
-            watermark,
-            per_source,
-            output_rows,
-            late_rows,
-            phases,
-            &self.graph,
-            state_bytes_written,
-            latency_ms,
-            &self.modules,
-        );
-        progress.warnings = warnings;
-        self.progress.record(progress)?;
+        self.progress.write(&progress)?;
         Ok(())
     }
 }

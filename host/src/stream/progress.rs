@@ -2,13 +2,13 @@
 //! and a compact live line on the terminal.
 
 use std::io::{IsTerminal, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::checkpoint::EpochPlan;
+use crate::checkpoint::{EpochCommit, EpochPlan};
 use crate::common::Watermark;
 use crate::error::{Result, RiffleError};
 use crate::exec::OperatorMetrics;
@@ -78,6 +78,11 @@ fn is_zero(n: &u64) -> bool {
 /// One epoch's progress record.
 #[derive(Clone, Debug, Serialize)]
 pub struct EpochProgress {
+    /// The query's id (stable across restarts: it is the checkpoint's).
+    pub query_id: String,
+    /// This run's id (new at every start of the process), so that lines from before and after
+    /// a restart can be told apart.
+    pub run_id: String,
     /// Epoch number.
     pub epoch: u64,
     /// Wall-clock time the epoch finished (RFC 3339).
@@ -151,6 +156,8 @@ impl EpochProgress {
             graph.nodes().iter().map(|n| n.metrics.clone()).collect();
         let input_rows = sources.iter().map(|s| s.input_rows).sum::<u64>();
         EpochProgress {
+            query_id: String::new(),
+            run_id: String::new(),
             epoch: plan.epoch,
             timestamp: Watermark(now_micros).rfc3339().unwrap_or_default(),
             sources,
@@ -175,8 +182,17 @@ impl EpochProgress {
 }
 
 /// Writes progress records and the live line.
+///
+/// A committed epoch never loses its line: the driver [`prepare`](Self::prepare)s the record
+/// before the commit and stores it in the commit file, [`write`](Self::write)s the line
+/// (synced to disk) after the commit, and on restart [`recover`](Self::recover)s the line of
+/// the last commit if a crash came between the two. Earlier lines were synced before the next
+/// epoch began.
 pub struct ProgressWriter {
+    path: PathBuf,
     file: std::io::BufWriter<std::fs::File>,
+    query_id: String,
+    run_id: String,
     live: bool,
     terminal: bool,
     last_epoch_end: Option<Instant>,
@@ -185,11 +201,11 @@ pub struct ProgressWriter {
 }
 
 impl ProgressWriter {
-    /// Appends to `path`.
+    /// Appends to `path` the progress of the query `query_id`.
     ///
     /// # Errors
     /// I/O errors opening the file.
-    pub fn new(path: &Path, live: bool) -> Result<Self> {
+    pub fn new(path: &Path, query_id: &str, live: bool) -> Result<Self> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| RiffleError::io("creating", dir, e))?;
         }
@@ -199,7 +215,10 @@ impl ProgressWriter {
             .open(path)
             .map_err(|e| RiffleError::io("opening", path, e))?;
         Ok(ProgressWriter {
+            path: path.to_path_buf(),
             file: std::io::BufWriter::new(file),
+            query_id: query_id.to_string(),
+            run_id: format!("{:016x}", rand::random::<u64>()),
             live,
             terminal: std::io::stderr().is_terminal(),
             last_epoch_end: None,
@@ -208,14 +227,17 @@ impl ProgressWriter {
         })
     }
 
-    pub(crate) fn record(&mut self, mut p: EpochProgress) -> Result<()> {
+    /// Completes a record before its epoch commits: the ids, the input rate since the
+    /// previous epoch and this epoch's share of the (cumulative) UDF counters.
+    pub(crate) fn prepare(&mut self, p: &mut EpochProgress) {
+        p.query_id.clone_from(&self.query_id);
+        p.run_id.clone_from(&self.run_id);
         let now = Instant::now();
         if let Some(prev) = self.last_epoch_end {
             p.input_rows_per_second =
                 p.input_rows as f64 / now.duration_since(prev).as_secs_f64().max(1e-9);
         }
         self.last_epoch_end = Some(now);
-        // UDF counters are cumulative in the runtime; report this epoch's share.
         let cumulative = p.udfs.clone();
         for u in &mut p.udfs {
             if let Some(prev) = self
@@ -231,12 +253,17 @@ impl ProgressWriter {
         }
         p.udfs.retain(|u| u.calls > 0 || u.errors > 0);
         self.previous_udfs = cumulative;
-        let line = serde_json::to_string(&p).expect("serialisable");
-        writeln!(self.file, "{line}").map_err(|e| RiffleError::io("writing", "progress", e))?;
-        self.file
-            .flush()
-            .map_err(|e| RiffleError::io("writing", "progress", e))?;
+    }
+
+    /// Writes the line of a committed epoch (synced, so that it outlives a power loss before
+    /// the next commit) and the live line.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub(crate) fn write(&mut self, p: &EpochProgress) -> Result<()> {
+        self.append(&serde_json::to_string(p).expect("serialisable"))?;
         if self.live {
+            let now = Instant::now();
             let throttle = if self.terminal { 0.1 } else { 1.0 };
             if self
                 .last_line
@@ -264,9 +291,54 @@ impl ProgressWriter {
         Ok(())
     }
 
+    /// Writes the line of the last committed epoch from its commit, marked `"recovered":
+    /// true`, when a crash between the commit and the line lost it.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub(crate) fn recover(&mut self, commit: &EpochCommit) -> Result<()> {
+        let Some(record) = &commit.progress else {
+            return Ok(());
+        };
+        if last_epoch(&self.path).is_some_and(|e| e >= commit.epoch) {
+            return Ok(());
+        }
+        let mut record = record.clone();
+        record["recovered"] = true.into();
+        self.append(&record.to_string())
+    }
+
+    fn append(&mut self, line: &str) -> Result<()> {
+        let fail = |e| RiffleError::io("writing", &self.path, e);
+        writeln!(self.file, "{line}").map_err(fail)?;
+        self.file.flush().map_err(fail)?;
+        self.file.get_ref().sync_data().map_err(fail)
+    }
+
     pub(crate) fn finish(&mut self) {
         if self.live && self.terminal {
             eprintln!();
         }
     }
+}
+
+/// The epoch of the last complete line of a progress file (read from its end: the file grows
+/// by a line per epoch for the life of the query).
+fn last_epoch(path: &Path) -> Option<u64> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path).ok()?;
+    let len = file.metadata().ok()?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(1 << 16)))
+        .ok()?;
+    let mut tail = Vec::new();
+    file.read_to_end(&mut tail).ok()?;
+    String::from_utf8_lossy(&tail)
+        .lines()
+        .rev()
+        .find_map(|line| {
+            serde_json::from_str::<serde_json::Value>(line)
+                .ok()?
+                .get("epoch")?
+                .as_u64()
+        })
 }
