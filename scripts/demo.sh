@@ -37,7 +37,8 @@ cp scripts/demo/fraud_windows.toml "$wasm_dir/riffle_udfs_fraud.wasm" "$demo_dir
 rm -rf "$demo_dir/stream-windows" "$demo_dir/stream-windows-checkpoint"
 "$riffle" run "$demo_dir/fraud_windows.toml" --mode stream
 echo "    stream output: $demo_dir/stream-windows/ (one Parquet file per epoch)," >&2
-echo "    progress: $demo_dir/stream-windows-checkpoint/progress.jsonl" >&2
+echo "    progress: $demo_dir/stream-windows-checkpoint/progress.jsonl; its checkpoint:" >&2
+"$riffle" status "$demo_dir/fraud_windows.toml" >&2
 "$riffle" run "$demo_dir/fraud_windows.toml" --mode batch
 echo "    batch output: $demo_dir/batch-windows.parquet" >&2
 
