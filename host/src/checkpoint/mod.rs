@@ -106,9 +106,9 @@ pub struct EpochCommit {
     pub state: StateManifest,
     /// Whether every source had ended.
     pub last: bool,
-    /// The epoch's progress record (without the commit's own time): the progress file's line
-    /// is written after the commit, so a crash in between would lose it; the next run writes
-    /// it from here.
+    /// The epoch's progress record as it stood just before the commit (so without the
+    /// commit's time and the rows' latency): the progress file's line is written after the
+    /// commit, and if a crash comes in between, the next run writes the line from here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<serde_json::Value>,
 }

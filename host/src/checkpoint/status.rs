@@ -79,7 +79,7 @@ pub fn read(root: &Path, progress: Option<&Path>) -> Result<Status> {
         committed_offsets,
         uncommitted,
         fingerprint: meta.fingerprint,
-        last_progress: last_progress(
+        last_progress: crate::common::fs::last_json_line(
             &progress.map_or_else(|| root.join("progress.jsonl"), Path::to_path_buf),
         ),
     })
@@ -87,10 +87,12 @@ pub fn read(root: &Path, progress: Option<&Path>) -> Result<Status> {
 
 /// The process holding the `flock` on `lock`, from `/proc/locks` (Linux): a line such as
 /// `3: FLOCK  ADVISORY  WRITE 4242 fd:01:1234567 0 EOF` names the holder's pid and the file's
-/// device and inode.
+/// device and inode. Only the inode is compared (device numbers there and in `stat` differ on
+/// some file systems), so the holder must also be the process the lock file names.
 fn lock_holder(lock: &Path) -> Option<u32> {
     use std::os::unix::fs::MetadataExt;
     let inode = std::fs::metadata(lock).ok()?.ino();
+    let named: u32 = std::fs::read_to_string(lock).ok()?.trim().parse().ok()?;
     let table = std::fs::read_to_string("/proc/locks").ok()?;
     table.lines().find_map(|line| {
         let fields: Vec<&str> = line.split_whitespace().collect();
@@ -99,19 +101,9 @@ fn lock_holder(lock: &Path) -> Option<u32> {
             return None;
         }
         let file_inode = fields.get(5)?.rsplit(':').next()?.parse::<u64>().ok()?;
-        (file_inode == inode)
-            .then(|| fields.get(4)?.parse().ok())
-            .flatten()
+        let pid: u32 = fields.get(4)?.parse().ok()?;
+        (file_inode == inode && pid == named).then_some(pid)
     })
-}
-
-/// The last complete line of a progress file, parsed.
-fn last_progress(path: &Path) -> Option<serde_json::Value> {
-    let text = std::fs::read_to_string(path).ok()?;
-    // A line cut short by a crash does not parse; the one before it is the last record.
-    text.lines()
-        .rev()
-        .find_map(|line| serde_json::from_str(line).ok())
 }
 
 impl std::fmt::Display for Status {

@@ -332,12 +332,24 @@ fn status(args: &StatusArgs) -> Result<()> {
                 args.path.display()
             ))
         })?;
+        if !root.join("metadata.json").is_file() {
+            return Err(RiffleError::Config(format!(
+                "no checkpoint yet at {}: {} has not run in stream mode",
+                root.display(),
+                args.path.display()
+            )));
+        }
         (
             root.to_path_buf(),
             pipeline.progress_file().map(Path::to_path_buf),
         )
-    } else {
+    } else if args.path.is_dir() {
         (args.path.clone(), None)
+    } else {
+        return Err(RiffleError::Config(format!(
+            "{}: no such pipeline file or checkpoint directory",
+            args.path.display()
+        )));
     };
     let status = crate::checkpoint::status::read(&root, progress.as_deref())?;
     if args.json {
@@ -441,6 +453,11 @@ async fn run_stream_retrying(
                 let until = Instant::now() + pause;
                 while Instant::now() < until && !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                // Stopped while waiting: what is committed stays committed; do not reconnect
+                // to what was failing just to stop again.
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Ok(total);
                 }
             }
             Err(e) => return Err(e),

@@ -5,6 +5,8 @@
 //! when only the process dies (`kill -9`); after a power loss the data and the rename are on
 //! disk only if the file and then its directory were synced, and a committed epoch must never
 //! point at data that vanished.
+//!
+//! Also here: reading back the last record of an append-only JSON-lines file.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -76,6 +78,39 @@ fn sync_parent(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The last line of a JSON-lines file that parses, read from its end (a progress file grows by
+/// a line per epoch for the life of a query): the last 64 KiB, or more when one line is longer.
+/// A line cut short by a crash does not parse, so the one before it counts.
+pub fn last_json_line(path: &Path) -> Option<serde_json::Value> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path).ok()?;
+    let len = file.metadata().ok()?.len();
+    let mut window = 1u64 << 16;
+    loop {
+        let start = len.saturating_sub(window);
+        file.seek(SeekFrom::Start(start)).ok()?;
+        let mut tail = Vec::new();
+        file.read_to_end(&mut tail).ok()?;
+        // The first line of a window that does not start the file may be cut: skip it.
+        let text = String::from_utf8_lossy(&tail);
+        let mut lines: Vec<&str> = text.lines().collect();
+        if start > 0 && !lines.is_empty() {
+            lines.remove(0);
+        }
+        if let Some(record) = lines
+            .iter()
+            .rev()
+            .find_map(|l| serde_json::from_str(l).ok())
+        {
+            return Some(record);
+        }
+        if start == 0 {
+            return None;
+        }
+        window *= 4;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,5 +135,21 @@ mod tests {
                 .to_string_lossy()
                 .starts_with('.')
         );
+    }
+
+    #[test]
+    fn the_last_json_line_skips_a_cut_line_and_finds_one_longer_than_the_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("progress.jsonl");
+        let long = "x".repeat(200_000);
+        std::fs::write(
+            &path,
+            format!("{{\"epoch\":1}}\n{{\"epoch\":2,\"pad\":\"{long}\"}}\n{{\"epoch\":3,\"cut"),
+        )
+        .unwrap();
+        let last = last_json_line(&path).unwrap();
+        assert_eq!(last["epoch"], 2);
+        assert_eq!(last["pad"].as_str().unwrap().len(), 200_000);
+        assert!(last_json_line(&dir.path().join("missing")).is_none());
     }
 }

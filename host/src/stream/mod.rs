@@ -750,33 +750,45 @@ fn ms(since: Instant) -> f64 {
 /// once is safe for the same reason a crash is: the epoch in flight is not committed, and the
 /// next run re-runs it with the offsets it recorded.
 pub fn stop_on_signals() -> Arc<AtomicBool> {
-    use tokio::signal::unix::{SignalKind, signal};
+    use tokio::signal::unix::{Signal, SignalKind, signal};
+    // A signal that cannot be listened for keeps its default action (it stops the run at
+    // once); one that can is handled here for good, so each is taken on its own.
+    async fn next(signal: &mut Option<Signal>) {
+        match signal {
+            Some(s) => {
+                s.recv().await;
+            }
+            None => std::future::pending().await,
+        }
+    }
     let flag = Arc::new(AtomicBool::new(false));
     let set = flag.clone();
-    let (interrupt, terminate) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    );
-    let (Ok(mut interrupt), Ok(mut terminate)) = (interrupt, terminate) else {
-        eprintln!("riffle: cannot listen for signals; Ctrl-C stops the run at once");
-        return flag;
-    };
+    let mut interrupt = signal(SignalKind::interrupt()).ok();
+    let mut terminate = signal(SignalKind::terminate()).ok();
+    if interrupt.is_none() || terminate.is_none() {
+        eprintln!("riffle: cannot listen for SIGINT or SIGTERM; that signal stops the run at once");
+    }
     tokio::spawn(async move {
         loop {
             let code = tokio::select! {
-                _ = interrupt.recv() => 130,
-                _ = terminate.recv() => 143,
+                () = next(&mut interrupt) => 130,
+                () = next(&mut terminate) => 143,
             };
-            if set.swap(true, Ordering::Relaxed) {
+            if set.load(Ordering::Relaxed) {
                 eprintln!(
                     "riffle: stopping now; the epoch in flight is not committed and the next run \
                      re-runs it"
                 );
-                std::process::exit(code);
+                // SAFETY: `_exit` ends the process without running exit handlers, which could
+                // otherwise tear down C libraries (librdkafka) under threads still using them;
+                // an abrupt end is what this second signal asks for, and what the checkpoint
+                // protocol makes safe.
+                unsafe { libc::_exit(code) };
             }
             eprintln!(
                 "riffle: stopping after the epoch in flight commits (signal again to stop now)"
             );
+            set.store(true, Ordering::Relaxed);
         }
     });
     flag

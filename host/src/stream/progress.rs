@@ -80,12 +80,13 @@ fn is_zero(n: &u64) -> bool {
 pub struct EpochProgress {
     /// The query's id (stable across restarts: it is the checkpoint's).
     pub query_id: String,
-    /// This run's id (new at every start of the process), so that lines from before and after
-    /// a restart can be told apart.
+    /// This run's id, new at every start of the query (a new process, or a restart from the
+    /// checkpoint after a transient failure), so that lines from before and after a restart
+    /// can be told apart.
     pub run_id: String,
     /// Epoch number.
     pub epoch: u64,
-    /// Wall-clock time the epoch finished (RFC 3339).
+    /// Wall-clock time the epoch's work finished, just before its commit (RFC 3339).
     pub timestamp: String,
     /// Per source: offsets, rows, late rows, watermark.
     pub sources: Vec<SourceEpoch>,
@@ -209,11 +210,16 @@ impl ProgressWriter {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| RiffleError::io("creating", dir, e))?;
         }
-        let file = std::fs::OpenOptions::new()
+        let mut file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .read(true)
             .open(path)
             .map_err(|e| RiffleError::io("opening", path, e))?;
+        // A line cut short by a power loss must not swallow the next one: end it first.
+        if !ends_with_newline(&mut file).map_err(|e| RiffleError::io("reading", path, e))? {
+            writeln!(file).map_err(|e| RiffleError::io("writing", path, e))?;
+        }
         Ok(ProgressWriter {
             path: path.to_path_buf(),
             file: std::io::BufWriter::new(file),
@@ -300,7 +306,9 @@ impl ProgressWriter {
         let Some(record) = &commit.progress else {
             return Ok(());
         };
-        if last_epoch(&self.path).is_some_and(|e| e >= commit.epoch) {
+        let last_epoch = crate::common::fs::last_json_line(&self.path)
+            .and_then(|r| r.get("epoch").and_then(serde_json::Value::as_u64));
+        if last_epoch.is_some_and(|e| e >= commit.epoch) {
             return Ok(());
         }
         let mut record = record.clone();
@@ -322,23 +330,15 @@ impl ProgressWriter {
     }
 }
 
-/// The epoch of the last complete line of a progress file (read from its end: the file grows
-/// by a line per epoch for the life of the query).
-fn last_epoch(path: &Path) -> Option<u64> {
+/// Whether a file is empty or ends with a newline.
+fn ends_with_newline(file: &mut std::fs::File) -> std::io::Result<bool> {
     use std::io::{Read, Seek, SeekFrom};
-    let mut file = std::fs::File::open(path).ok()?;
-    let len = file.metadata().ok()?.len();
-    file.seek(SeekFrom::Start(len.saturating_sub(1 << 16)))
-        .ok()?;
-    let mut tail = Vec::new();
-    file.read_to_end(&mut tail).ok()?;
-    String::from_utf8_lossy(&tail)
-        .lines()
-        .rev()
-        .find_map(|line| {
-            serde_json::from_str::<serde_json::Value>(line)
-                .ok()?
-                .get("epoch")?
-                .as_u64()
-        })
+    let len = file.metadata()?.len();
+    if len == 0 {
+        return Ok(true);
+    }
+    file.seek(SeekFrom::Start(len - 1))?;
+    let mut last = [0u8];
+    file.read_exact(&mut last)?;
+    Ok(last[0] == b'\n')
 }
