@@ -13,6 +13,8 @@
 //! - Latency: records produced at a fixed rate while the query runs with the low-latency
 //!   trigger; a `read_committed` consumer of the output topic measures, per record, the time
 //!   from its creation at the producer (the record timestamp, ms) to when it could read it.
+//! - The broker's floor: the same producer and reader on one topic with no query between, so
+//!   the query's share of the latency is the difference.
 //!
 //! This is a benchmark, not a test: it asserts nothing about speed.
 
@@ -204,6 +206,53 @@ fn main() {
     // Latency at a fixed rate.
     let rate = 20_000.0;
     let seconds = 8.0;
+
+    // The broker's floor: the same producer at the same rate and the same read_committed
+    // reader, on one topic with no Riffle in between.
+    {
+        let topic = format!("bench-floor-{run}");
+        rt.block_on(ensure_topic(&kafka, &topic, 6)).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let (bootstrap, topic, stop) = (kafka.bootstrap.clone(), topic.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let consumer: BaseConsumer = ClientConfig::new()
+                    .set("bootstrap.servers", &bootstrap)
+                    .set("group.id", format!("floor-{topic}"))
+                    .set("isolation.level", "read_committed")
+                    .set("auto.offset.reset", "earliest")
+                    .set("fetch.wait.max.ms", "5")
+                    .create()
+                    .unwrap();
+                consumer.subscribe(&[&topic]).unwrap();
+                let mut latencies = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    if let Some(Ok(m)) = consumer.poll(Duration::from_millis(50))
+                        && let Some(created) = m.timestamp().to_millis()
+                    {
+                        latencies.push((now_ms() - created) as f64);
+                    }
+                }
+                latencies
+            })
+        };
+        std::thread::sleep(Duration::from_secs(2)); // let the reader settle
+        let n = (rate * seconds) as usize;
+        let batch = FraudGenerator::new(FraudConfig::default()).next_batch(n);
+        produce_json(&kafka, &topic, Some("card_id"), Some(rate), [batch], |_| {}).unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+        stop.store(true, Ordering::Relaxed);
+        let mut l = reader.join().unwrap();
+        l.sort_by(f64::total_cmp);
+        println!(
+            "broker floor  at {rate:.0} records/s: {} records, creation → visible to \
+             read_committed with no query between: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+            l.len(),
+            percentile(&l, 0.5),
+            percentile(&l, 0.99),
+            l.last().copied().unwrap_or(f64::NAN)
+        );
+    }
     for (name, delivery) in [
         ("exactly-once", Delivery::ExactlyOnce),
         ("at-least-once", Delivery::AtLeastOnce),
@@ -218,7 +267,9 @@ fn main() {
                 (kafka.clone(), input.clone(), output.clone(), stop.clone());
             let checkpoint = dir.path().join(format!("lat-{name}"));
             std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
+                // Multi-threaded (with one worker): the Kafka sink writes with `block_in_place`.
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
                     .enable_all()
                     .build()
                     .unwrap();
