@@ -30,6 +30,7 @@ use std::time::{Duration, Instant, SystemTime};
 use rdkafka::Message;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::BorrowedMessage;
 use riffle::connectors::generate::{FraudConfig, FraudGenerator};
 use riffle::connectors::kafka::{
     Delivery, KafkaConfig, KafkaSink, KafkaSinkOptions, KafkaSource, KafkaSourceOptions,
@@ -213,29 +214,9 @@ fn main() {
         let topic = format!("bench-floor-{run}");
         rt.block_on(ensure_topic(&kafka, &topic, 6)).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
-        let reader = {
-            let (bootstrap, topic, stop) = (kafka.bootstrap.clone(), topic.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let consumer: BaseConsumer = ClientConfig::new()
-                    .set("bootstrap.servers", &bootstrap)
-                    .set("group.id", format!("floor-{topic}"))
-                    .set("isolation.level", "read_committed")
-                    .set("auto.offset.reset", "earliest")
-                    .set("fetch.wait.max.ms", "5")
-                    .create()
-                    .unwrap();
-                consumer.subscribe(&[&topic]).unwrap();
-                let mut latencies = Vec::new();
-                while !stop.load(Ordering::Relaxed) {
-                    if let Some(Ok(m)) = consumer.poll(Duration::from_millis(50))
-                        && let Some(created) = m.timestamp().to_millis()
-                    {
-                        latencies.push((now_ms() - created) as f64);
-                    }
-                }
-                latencies
-            })
-        };
+        let reader = read_latencies(&kafka.bootstrap, &topic, &stop, |m| {
+            m.timestamp().to_millis()
+        });
         std::thread::sleep(Duration::from_secs(2)); // let the reader settle
         let n = (rate * seconds) as usize;
         let batch = FraudGenerator::new(FraudConfig::default()).next_batch(n);
@@ -289,32 +270,11 @@ fn main() {
             })
         };
         // The reader: every output record's visibility time minus its source creation time.
-        let reader = {
-            let (bootstrap, output, stop) = (kafka.bootstrap.clone(), output.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let consumer: BaseConsumer = ClientConfig::new()
-                    .set("bootstrap.servers", &bootstrap)
-                    .set("group.id", format!("lat-{output}"))
-                    .set("isolation.level", "read_committed")
-                    .set("auto.offset.reset", "earliest")
-                    .set("fetch.wait.max.ms", "5")
-                    .create()
-                    .unwrap();
-                consumer.subscribe(&[&output]).unwrap();
-                let mut latencies = Vec::new();
-                while !stop.load(Ordering::Relaxed) {
-                    if let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) {
-                        let v: serde_json::Value =
-                            serde_json::from_slice(m.payload().unwrap_or_default()).unwrap();
-                        if let Some(created) = v["kafka_ts"].as_str() {
-                            let created = chrono_ms(created);
-                            latencies.push((now_ms() - created) as f64);
-                        }
-                    }
-                }
-                latencies
-            })
-        };
+        let reader = read_latencies(&kafka.bootstrap, &output, &stop, |m| {
+            let v: serde_json::Value =
+                serde_json::from_slice(m.payload().unwrap_or_default()).ok()?;
+            Some(chrono_ms(v["kafka_ts"].as_str()?))
+        });
         std::thread::sleep(Duration::from_secs(2)); // let the query and reader settle
         let n = (rate * seconds) as usize;
         let batch = FraudGenerator::new(FraudConfig::default()).next_batch(n);
@@ -354,6 +314,37 @@ fn main() {
             l.last().copied().unwrap_or(f64::NAN)
         );
     }
+}
+
+/// A `read_committed` reader of `topic` until `stop`: for every record it reads, the time from
+/// its creation (`created`, ms since the epoch) to now.
+fn read_latencies(
+    bootstrap: &str,
+    topic: &str,
+    stop: &Arc<AtomicBool>,
+    created: fn(&BorrowedMessage<'_>) -> Option<i64>,
+) -> std::thread::JoinHandle<Vec<f64>> {
+    let (bootstrap, topic, stop) = (bootstrap.to_string(), topic.to_string(), stop.clone());
+    std::thread::spawn(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("group.id", format!("lat-{topic}"))
+            .set("isolation.level", "read_committed")
+            .set("auto.offset.reset", "earliest")
+            .set("fetch.wait.max.ms", "5")
+            .create()
+            .unwrap();
+        consumer.subscribe(&[&topic]).unwrap();
+        let mut latencies = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(50))
+                && let Some(created) = created(&m)
+            {
+                latencies.push((now_ms() - created) as f64);
+            }
+        }
+        latencies
+    })
 }
 
 /// Parses arrow-json's timestamp text (`2026-01-01T00:00:00.123`, UTC) to ms.

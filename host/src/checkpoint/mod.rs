@@ -173,6 +173,25 @@ fn epochs_in(dir: &Path, suffix: &str) -> Result<Vec<(u64, PathBuf)>> {
     Ok(found)
 }
 
+/// The last commit in the checkpoint at `root` (also read, without the lock, by
+/// [`status`]).
+fn last_commit_in(root: &Path) -> Result<Option<EpochCommit>> {
+    match epochs_in(&root.join("commits"), ".json")?.last() {
+        Some((_, path)) => Ok(Some(read_json(path)?)),
+        None => Ok(None),
+    }
+}
+
+/// The plan of `epoch` in the checkpoint at `root`, if one was written.
+fn plan_in(root: &Path, epoch: u64) -> Result<Option<EpochPlan>> {
+    let path = root.join("offsets").join(name(epoch, ".json"));
+    if path.exists() {
+        Ok(Some(read_json(&path)?))
+    } else {
+        Ok(None)
+    }
+}
+
 impl Checkpoint {
     /// Opens (creating) a checkpoint directory for the query with `fingerprint`, and locks it.
     ///
@@ -278,10 +297,7 @@ impl Checkpoint {
     /// # Errors
     /// Unreadable checkpoint files.
     pub fn last_commit(&self) -> Result<Option<EpochCommit>> {
-        match epochs_in(&self.root.join("commits"), ".json")?.last() {
-            Some((_, path)) => Ok(Some(read_json(path)?)),
-            None => Ok(None),
-        }
+        last_commit_in(&self.root)
     }
 
     /// The plan of `epoch`, if one was written.
@@ -289,12 +305,7 @@ impl Checkpoint {
     /// # Errors
     /// Unreadable checkpoint files.
     pub fn planned(&self, epoch: u64) -> Result<Option<EpochPlan>> {
-        let path = self.root.join("offsets").join(name(epoch, ".json"));
-        if path.exists() {
-            Ok(Some(read_json(&path)?))
-        } else {
-            Ok(None)
-        }
+        plan_in(&self.root, epoch)
     }
 
     /// Writes an epoch's plan ahead of processing it.

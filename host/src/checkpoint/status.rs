@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::{EpochCommit, EpochPlan, Metadata, epochs_in, read_json};
+use super::{EpochCommit, EpochPlan, Metadata, last_commit_in, plan_in, read_json};
 use crate::error::{Result, RiffleError};
 use crate::plan::Fingerprint;
 
@@ -56,21 +56,13 @@ pub fn read(root: &Path, progress: Option<&Path>) -> Result<Status> {
         )));
     }
     let meta: Metadata = read_json(&meta_path)?;
-    let commits = epochs_in(&root.join("commits"), ".json")?;
-    let last_commit: Option<EpochCommit> = match commits.last() {
-        Some((_, path)) => Some(read_json(path)?),
-        None => None,
-    };
+    let last_commit = last_commit_in(root)?;
     let committed = last_commit.as_ref().map_or(0, |c| c.epoch);
-    let mut committed_offsets = None;
-    let mut uncommitted = None;
-    for (epoch, path) in epochs_in(&root.join("offsets"), ".json")? {
-        if epoch == committed && committed > 0 {
-            committed_offsets = Some(read_json(&path)?);
-        } else if epoch == committed + 1 {
-            uncommitted = Some(read_json(&path)?);
-        }
-    }
+    let committed_offsets = match committed {
+        0 => None,
+        epoch => plan_in(root, epoch)?,
+    };
+    let uncommitted = plan_in(root, committed + 1)?;
     Ok(Status {
         checkpoint: root.to_path_buf(),
         query_id: meta.id,

@@ -714,10 +714,7 @@ impl StreamingQuery {
             })
             .await?;
         }
-        progress.durations.commit_ms = ms(t);
-        progress.durations.total_ms = ms(started);
-        progress.processed_rows_per_second =
-            input_rows as f64 / (progress.durations.total_ms / 1000.0).max(1e-9);
+        progress.add_commit_time(ms(t), ms(started));
         failpoint("after-commit", plan.epoch).await;
 
         summary.epochs += 1;

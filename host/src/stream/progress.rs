@@ -121,7 +121,20 @@ pub struct EpochProgress {
     pub warnings: Vec<String>,
 }
 
+/// Rows per second of `ms` milliseconds.
+fn rate(rows: u64, ms: f64) -> f64 {
+    rows as f64 / (ms / 1000.0).max(1e-9)
+}
+
 impl EpochProgress {
+    /// Adds the commit's time, once the epoch has committed (the record stored in the commit
+    /// is taken before it).
+    pub(crate) fn add_commit_time(&mut self, commit_ms: f64, total_ms: f64) {
+        self.durations.commit_ms = commit_ms;
+        self.durations.total_ms = total_ms;
+        self.processed_rows_per_second = rate(self.input_rows, total_ms);
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         plan: &EpochPlan,
@@ -164,7 +177,7 @@ impl EpochProgress {
             sources,
             input_rows,
             input_rows_per_second: 0.0,
-            processed_rows_per_second: input_rows as f64 / (durations.total_ms / 1000.0).max(1e-9),
+            processed_rows_per_second: rate(input_rows, durations.total_ms),
             output_rows,
             late_rows,
             watermark: watermark.rfc3339(),
