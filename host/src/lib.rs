@@ -27,7 +27,10 @@
 //!   Kafka, Delta Lake), each owning its configuration.
 //! - [`session`]: batch SQL over files with UDFs registered from `.wasm` modules, including the
 //!   `CREATE FUNCTIONS FROM 'module.wasm'` statement.
-//! - [`stream`]: the epoch driver: triggers, watermarks, late rows, recovery, progress.
+//! - [`stream`]: the epoch driver: triggers, watermarks, late rows, recovery, progress, and the
+//!   [`stream::QueryObserver`] hook monitoring attaches to.
+//! - [`server`]: `riffle run --http`: Prometheus metrics, the JSON API and the web dashboard,
+//!   fed through that hook.
 //! - [`pipeline`]: pipeline files (`riffle run PIPELINE --mode batch|stream`).
 //! - [`cli`]: the `riffle` command line; `main.rs` is a one-line wrapper.
 //!
@@ -46,6 +49,7 @@ pub mod error;
 pub mod exec;
 pub mod pipeline;
 pub mod plan;
+pub mod server;
 pub mod session;
 pub mod state;
 pub mod stream;

@@ -243,6 +243,8 @@ pub struct RunOptions {
     /// query, UDFs and inputs (a batch run into Delta that already landed is not written
     /// again unless its run name differs).
     pub run_name: Option<String>,
+    /// Where the run reports what it does (`riffle run --http`).
+    pub monitor: Option<Arc<crate::server::Monitor>>,
 }
 
 /// What a batch run produced.
@@ -513,6 +515,9 @@ impl Pipeline {
                 )),
             });
         }
+        if let Some(monitor) = &options.monitor {
+            monitor.batch_started(session.modules());
+        }
         let df = session.dataframe(&self.query).await?;
         let schema = Arc::new(df.schema().as_arrow().clone());
         let batches = df.collect().await?;
@@ -697,6 +702,9 @@ impl Pipeline {
                     .collect::<Result<Vec<_>>>()?
             };
             query = query.with_late_sinks(sinks);
+        }
+        if let Some(monitor) = &options.monitor {
+            query = query.with_observer(monitor.clone());
         }
         query.run(stop).await
     }

@@ -565,6 +565,27 @@ fn malformed_records_go_to_the_dead_letter_topic_and_the_query_keeps_running() {
         header("riffle.offset").parse::<i64>().unwrap();
         assert!(!header("riffle.error").is_empty());
     }
+
+    // The progress (and so `/metrics`) counts the dead letters, and reports the consumer lag
+    // per partition: none left once the available-now run has read everything.
+    let progress: Vec<serde_json::Value> =
+        std::fs::read_to_string(dir.path().join("dirty-checkpoint/progress.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+    let counted: u64 = progress
+        .iter()
+        .map(|p| p["sources"][0]["dead_letters"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(counted, bad.len() as u64);
+    let lag = progress
+        .iter()
+        .rev()
+        .find_map(|p| p["sources"][0]["lag"].as_object())
+        .expect("a lag per partition");
+    assert!(!lag.is_empty());
+    assert!(lag.values().all(|v| v == 0), "{lag:?}");
 }
 
 #[test]

@@ -13,7 +13,11 @@
 //!    operator) over 1,000,000 distinct cards;
 //! 4. an interval join of two streams (transactions with logins of the same card within
 //!    minutes);
-//! 5. latency: the low-latency trigger at 100,000 events/s of arrival rate.
+//! 5. latency: the low-latency trigger at 100,000 events/s of arrival rate;
+//! 6. monitoring: the stateless query with `riffle run --http`'s monitor and HTTP server
+//!    attached and scraped (`/metrics` and the dashboard's `/api/progress`) ten times a second,
+//!    against the same query without them, in turn, in 10,000-row epochs (the cost is per
+//!    epoch).
 //!
 //! For the stateful runs it also prints the state each operator holds at the end, in bytes per
 //! key (what a million keys cost).
@@ -29,13 +33,15 @@
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
-use std::time::Instant;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use riffle::common::OutputMode;
 use riffle::connectors::files::ParquetDirSink;
 use riffle::connectors::generate::GeneratorSource;
 use riffle::connectors::generate::{FraudConfig, GeneratorConfig};
+use riffle::server::{HttpServer, Monitor};
 use riffle::session::{RiffleSession, SessionOptions};
 use riffle::stream::{StreamInput, StreamOptions, StreamingQuery, Trigger};
 use riffle::udf::{EngineOptions, RowErrorPolicy};
@@ -62,6 +68,7 @@ struct Run {
     phases: [f64; 4],
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run(
     sql: &str,
     mode: OutputMode,
@@ -69,6 +76,8 @@ async fn run(
     rate: Option<f64>,
     sources: &[Source],
     dir: &Path,
+    epoch_rows: usize,
+    monitor: Option<Arc<Monitor>>,
 ) -> Run {
     let session = RiffleSession::new(SessionOptions {
         engine: EngineOptions::default(),
@@ -108,7 +117,7 @@ async fn run(
     let options = StreamOptions {
         output_mode: mode,
         trigger,
-        max_rows_per_epoch: 200_000,
+        max_rows_per_epoch: epoch_rows,
         checkpoint,
         progress_file: Some(progress.clone()),
         ..StreamOptions::default()
@@ -117,6 +126,9 @@ async fn run(
     let mut query = StreamingQuery::new(&session, inputs, plan, Box::new(sink), options)
         .await
         .unwrap();
+    if let Some(monitor) = monitor {
+        query = query.with_observer(monitor);
+    }
     let started = Instant::now();
     let summary = query.run(&AtomicBool::new(false)).await.unwrap();
     let wall_s = started.elapsed().as_secs_f64();
@@ -239,6 +251,8 @@ fn main() {
                 None,
                 &transactions(rows, 10_000),
                 &dir.path().join("stateless"),
+                200_000,
+                None,
             )
             .await;
             report("stateless filter + UDF", &stateless);
@@ -254,6 +268,8 @@ fn main() {
                 None,
                 &transactions(rows, 10_000),
                 &dir.path().join("windowed"),
+                200_000,
+                None,
             )
             .await;
             report("1-min tumbling, UDF in agg", &windowed);
@@ -275,6 +291,8 @@ fn main() {
                 None,
                 &transactions(rows, 1_000_000),
                 &dir.path().join("over"),
+                200_000,
+                None,
             )
             .await;
             report("3 OVER features, 1M cards", &over);
@@ -294,6 +312,8 @@ fn main() {
                     Source { name: "logins", seed: 7, cards: 100_000, events_per_second: 1_000.0, rows },
                 ],
                 &dir.path().join("join"),
+                200_000,
+                None,
             )
             .await;
             report("interval join of 2 streams", &joined);
@@ -311,6 +331,8 @@ fn main() {
                 Some(rate),
                 &transactions(latency_rows, 10_000),
                 &dir.path().join("latency"),
+                200_000,
+                None,
             )
             .await;
             latency.latencies_ms.sort_by(f64::total_cmp);
@@ -326,5 +348,89 @@ fn main() {
                 l.last().copied().unwrap_or(0.0)
             );
         }
+
+        if wanted("monitoring") {
+            monitoring(rows, dir.path()).await;
+        }
     });
+}
+
+/// GETs `path` from `addr` and reads the whole answer.
+fn scrape(addr: std::net::SocketAddr, path: &str) {
+    use std::io::{Read, Write};
+    if let Ok(mut s) = std::net::TcpStream::connect(addr) {
+        let _ = write!(s, "GET {path} HTTP/1.0\r\n\r\n");
+        let _ = s.read_to_end(&mut Vec::new());
+    }
+}
+
+/// The stateless query without the monitor, and with it and its HTTP server scraped once a
+/// second (the dashboard's rate, and more often than Prometheus scrapes) and ten times a
+/// second, in turn.
+async fn monitoring(rows: i64, dir: &Path) {
+    let sql = "SELECT tx_id, ts, card_id, amount, risk_score(amount, country) AS risk \
+               FROM transactions WHERE amount > 50 AND channel <> 'pos'";
+    // Scrapes per second; 0: no monitor at all.
+    let variants = [0u64, 1, 10];
+    let mut engine: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+    for round in 0..7 {
+        for (v, per_second) in variants.iter().enumerate() {
+            let path = dir.join(format!("monitoring-{round}-{per_second}"));
+            let mut server = None;
+            let mut scraper = None;
+            let stop = Arc::new(AtomicBool::new(false));
+            let monitor = (*per_second > 0).then(|| {
+                let monitor = Monitor::new("bench", "stream");
+                let http = HttpServer::start("127.0.0.1:0", monitor.clone()).unwrap();
+                let (addr, stop) = (http.addr(), stop.clone());
+                let pause = Duration::from_millis(1000 / per_second);
+                scraper = Some(std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        scrape(addr, "/metrics");
+                        scrape(addr, "/api/progress?limit=300");
+                        std::thread::sleep(pause);
+                    }
+                }));
+                server = Some(http);
+                monitor
+            });
+            let r = run(
+                sql,
+                OutputMode::Append,
+                Trigger::AvailableNow,
+                None,
+                &transactions(rows, 10_000),
+                &path,
+                10_000,
+                monitor,
+            )
+            .await;
+            stop.store(true, Ordering::Relaxed);
+            if let Some(s) = scraper {
+                s.join().unwrap();
+            }
+            drop(server);
+            engine[v].push(r.rows as f64 / (r.wall_s - r.read_s));
+        }
+    }
+    let medians: Vec<f64> = engine
+        .iter_mut()
+        .map(|v| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        })
+        .collect();
+    println!(
+        "monitoring, 10,000-row epochs (medians of 7 runs each, in turn): engine {:.0} \
+         rows/s/core without --http",
+        medians[0]
+    );
+    for (v, per_second) in variants.iter().enumerate().skip(1) {
+        println!(
+            "    with --http, /metrics and /api/progress scraped {per_second}/s: {:.0} rows/s/core, \
+             cost {:+.1} %",
+            medians[v],
+            (medians[0] / medians[v] - 1.0) * 100.0
+        );
+    }
 }

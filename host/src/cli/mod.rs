@@ -6,6 +6,7 @@
 //! riffle sql --config riffle.toml --file report.sql --output out.parquet
 //! riffle generate fraud --rows 1000000 --out data/tx.parquet
 //! riffle run pipeline.toml --mode stream      # SIGTERM/Ctrl-C: commit the epoch, stop
+//! riffle run pipeline.toml --mode stream --http 127.0.0.1:9464   # metrics, API, dashboard
 //! riffle status pipeline.toml                 # or a checkpoint directory; --json
 //! ```
 
@@ -107,6 +108,12 @@ struct RunArgs {
     /// is unreachable or the disk is full (default 5 minutes; "0 seconds": never).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     retry_for: Option<crate::common::time::SqlDuration>,
+    /// Serve Prometheus metrics (/metrics), a JSON API (/api/...) and a web dashboard (/) while
+    /// the run lasts, on HOST:PORT, or on loopback for a bare PORT or no value (port 9464).
+    /// Loopback unless you say otherwise: the dashboard shows offsets, UDF hashes and error
+    /// messages. Port 0 picks a free port.
+    #[arg(long, value_name = "HOST:PORT", num_args = 0..=1, default_missing_value = "9464")]
+    http: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -365,16 +372,58 @@ fn status(args: &StatusArgs) -> Result<()> {
 
 async fn run_pipeline(args: RunArgs) -> Result<()> {
     let pipeline = crate::pipeline::Pipeline::load(&args.pipeline)?;
+    let monitor = args.http.as_ref().map(|_| {
+        crate::server::Monitor::new(
+            &args.pipeline.display().to_string(),
+            match args.mode {
+                RunMode::Batch => "batch",
+                RunMode::Stream => "stream",
+            },
+        )
+    });
+    // Listening comes first: a taken port fails the command before any work starts.
+    let _server = match (&args.http, &monitor) {
+        (Some(addr), Some(monitor)) => {
+            let server = crate::server::HttpServer::start(addr, monitor.clone())?;
+            eprintln!(
+                "riffle: serving the dashboard at http://{0}/ (metrics at http://{0}/metrics)",
+                server.addr()
+            );
+            Some(server)
+        }
+        _ => None,
+    };
     let options = crate::pipeline::RunOptions {
         cache_dir: args.cache_dir.or_else(EngineOptions::default_cache_dir),
         live: !args.quiet,
         max_epochs: args.max_epochs,
         run_name: args.run_name,
+        monitor: monitor.clone(),
     };
-    match args.mode {
+    let result = run_mode(&pipeline, &options, args.mode, args.retry_for).await;
+    if let Some(monitor) = &monitor {
+        match &result {
+            Ok(status) => monitor.set_status(status),
+            Err(e) => {
+                monitor.error("failure", &e.to_string());
+                monitor.set_status("failed");
+            }
+        }
+    }
+    result.map(|_| ())
+}
+
+/// Runs the pipeline in `mode`; returns how the run ended (`finished` or `stopped`).
+async fn run_mode(
+    pipeline: &crate::pipeline::Pipeline,
+    options: &crate::pipeline::RunOptions,
+    mode: RunMode,
+    retry_for: Option<crate::common::time::SqlDuration>,
+) -> Result<&'static str> {
+    match mode {
         RunMode::Batch => {
             let started = std::time::Instant::now();
-            let outcome = pipeline.run_batch(&options).await?;
+            let outcome = pipeline.run_batch(options).await?;
             if !outcome.rows.is_empty() {
                 println!("{}", crate::connectors::files::pretty(&outcome.rows)?);
             }
@@ -382,14 +431,15 @@ async fn run_pipeline(args: RunArgs) -> Result<()> {
                 eprintln!("{message}");
             }
             eprintln!("batch run done in {:.2} s", started.elapsed().as_secs_f64());
+            Ok("finished")
         }
         RunMode::Stream => {
             let stop = crate::stream::stop_on_signals();
-            let retry_for = args.retry_for.map_or(
+            let retry_for = retry_for.map_or(
                 std::time::Duration::from_secs(300),
                 crate::common::time::SqlDuration::std,
             );
-            let summary = run_stream_retrying(&pipeline, &options, &stop, retry_for).await?;
+            let summary = run_stream_retrying(pipeline, options, &stop, retry_for).await?;
             eprintln!(
                 "stream run {}: {} epochs, {} rows in, {} rows out, {} late",
                 if summary.finished {
@@ -402,9 +452,13 @@ async fn run_pipeline(args: RunArgs) -> Result<()> {
                 summary.output_rows,
                 summary.late_rows
             );
+            Ok(if summary.finished {
+                "finished"
+            } else {
+                "stopped"
+            })
         }
     }
-    Ok(())
 }
 
 /// Runs a streaming pipeline; a failure that may go away by itself (an unreachable broker, a
@@ -443,6 +497,10 @@ async fn run_stream_retrying(
                     return Err(e);
                 }
                 attempt += 1;
+                if let Some(monitor) = &options.monitor {
+                    monitor.error("failure", &e.to_string());
+                    monitor.set_status("retrying");
+                }
                 let pause = Duration::from_millis(500 * 2u64.pow(attempt.min(5)));
                 eprintln!(
                     "riffle: waiting: {e}\nriffle: restarting from the checkpoint in {:.0} s \

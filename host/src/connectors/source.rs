@@ -2,6 +2,7 @@
 //! reading between two offsets always returns the same rows: that is what lets an epoch be
 //! replayed exactly after a crash.
 
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use arrow::array::RecordBatch;
@@ -26,6 +27,11 @@ pub struct Input {
     /// from a source told to [`hand over`](StreamSource::hand_over_dead_letters) its dead
     /// letters).
     pub dead_letters: Vec<DeadLetter>,
+    /// How many records the source rejected as dead letters (sent, or in `dead_letters`).
+    pub rejected: u64,
+    /// Records beyond the epoch's end, per partition, where the source knows without asking
+    /// its broker again (Kafka's consumer lag).
+    pub backlog: BTreeMap<String, i64>,
 }
 
 /// A record a source could not decode, bound for a dead-letter topic: its original bytes and

@@ -90,6 +90,24 @@ impl Default for StreamOptions {
     }
 }
 
+/// Told what a running query does, for monitoring (the HTTP server's
+/// [`Monitor`](crate::server::Monitor) implements it). Called on the driver's task between
+/// epochs, so an implementation must be quick and must not block.
+pub trait QueryObserver: Send + Sync {
+    /// A run of the query starts (also after a restart from the checkpoint): its ids, its
+    /// operator graph, its sources (name, kind) and UDF modules.
+    fn query_started(
+        &self,
+        query_id: &str,
+        run_id: &str,
+        graph: &Graph,
+        sources: Vec<(String, String)>,
+        modules: &[Arc<UdfModule>],
+    );
+    /// An epoch committed; `progress` is its record as the progress file has it.
+    fn epoch_committed(&self, progress: &EpochProgress);
+}
+
 /// A streaming source registered as a table, ready to plan queries against.
 pub struct StreamInput {
     spec: SourceSpec,
@@ -238,6 +256,7 @@ pub struct StreamingQuery {
     manifest: StateManifest,
     options: StreamOptions,
     progress: ProgressWriter,
+    observer: Option<Arc<dyn QueryObserver>>,
 }
 
 impl StreamingQuery {
@@ -297,7 +316,14 @@ impl StreamingQuery {
             checkpoint,
             manifest: StateManifest::new(),
             options,
+            observer: None,
         })
+    }
+
+    /// Reports the run's start and every committed epoch to `observer`.
+    pub fn with_observer(mut self, observer: Arc<dyn QueryObserver>) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     /// Sends the first source's late rows (rows behind its watermark) to `sink`.
@@ -360,6 +386,23 @@ impl StreamingQuery {
         }
         for (name, late) in &mut self.late_sinks {
             late.start(&format!("{id}-late-{name}")).await?;
+        }
+        if let Some(observer) = &self.observer {
+            let sources = self
+                .sources
+                .iter()
+                .map(|s| {
+                    let kind = s.source.as_ref().map_or("unknown", |x| x.kind());
+                    (s.spec.name.clone(), kind.to_string())
+                })
+                .collect();
+            observer.query_started(
+                &id,
+                self.progress.run_id(),
+                &self.graph,
+                sources,
+                &self.modules,
+            );
         }
         let mut epoch = match self.checkpoint.last_commit()? {
             Some(commit) => {
@@ -612,6 +655,8 @@ impl StreamingQuery {
                 input_rows,
                 late_rows,
                 lost_records: input.lost_records,
+                dead_letters: input.rejected,
+                lag: std::mem::take(&mut input.backlog),
                 watermark: s.watermark.rfc3339(),
             });
             warnings.append(&mut input.warnings);
@@ -733,6 +778,9 @@ impl StreamingQuery {
             )
         });
         self.progress.write(&progress)?;
+        if let Some(observer) = &self.observer {
+            observer.epoch_committed(&progress);
+        }
         Ok(())
     }
 }

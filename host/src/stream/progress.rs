@@ -1,6 +1,7 @@
 //! Per-epoch progress, like Spark's `StreamingQueryProgress`: a JSON line per epoch in a file,
 //! and a compact live line on the terminal.
 
+use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -67,6 +68,13 @@ pub struct SourceEpoch {
     /// told not to fail on data loss (the epoch's `warnings` say which).
     #[serde(skip_serializing_if = "is_zero")]
     pub lost_records: u64,
+    /// Records the source could not decode, sent to its dead-letter topic.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub dead_letters: u64,
+    /// Records beyond the epoch's end offset, per partition, for sources that know (Kafka's
+    /// consumer lag, from the high watermarks of the epoch's fetches).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub lag: BTreeMap<String, i64>,
     /// The source's watermark after the epoch (RFC 3339), if any.
     pub watermark: Option<String>,
 }
@@ -244,6 +252,11 @@ impl ProgressWriter {
             last_line: None,
             previous_udfs: Vec::new(),
         })
+    }
+
+    /// This run's id.
+    pub fn run_id(&self) -> &str {
+        &self.run_id
     }
 
     /// Completes a record before its epoch commits: the ids, the input rate since the

@@ -104,6 +104,8 @@ pub struct FunctionStats {
     nanos: AtomicU64,
     row_errors: AtomicU64,
     failures: AtomicU64,
+    timeouts: AtomicU64,
+    out_of_memory: AtomicU64,
 }
 
 /// A snapshot of [`FunctionStats`].
@@ -119,6 +121,13 @@ pub struct StatsSnapshot {
     pub row_errors: u64,
     /// Calls that failed as a whole (trap, timeout, out of memory).
     pub failures: u64,
+    /// Of the failures, calls stopped at the time limit.
+    pub timeouts: u64,
+    /// Of the failures, calls stopped at the memory limit.
+    pub out_of_memory: u64,
+    /// Of the failures, the others: traps (a panic), a failure the guest reported, a result
+    /// that broke the contract.
+    pub traps: u64,
 }
 
 /// The result of one call.
@@ -136,6 +145,15 @@ type CallFunc = TypedFunc<(u32, u32, Vec<ColumnIn>), (Result<CallOutputOut, Call
 struct Instance {
     store: Store<HostState>,
     call: CallFunc,
+    /// The module's count of live instances, which this one leaves when dropped (after a
+    /// trap, or when the idle pool is full).
+    live: Arc<AtomicU64>,
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        self.live.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A loaded UDF module.
@@ -149,6 +167,7 @@ pub struct UdfModule {
     pre: InstancePre<HostState>,
     pool: Mutex<Vec<Instance>>,
     stats: Vec<FunctionStats>,
+    live: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for UdfModule {
@@ -188,6 +207,7 @@ impl UdfModule {
             config,
             pre,
             pool: Mutex::new(Vec::new()),
+            live: Arc::new(AtomicU64::new(0)),
         };
         // Create the first instance now, so a bad init configuration fails at load time.
         let first = module.instantiate()?;
@@ -230,13 +250,24 @@ impl UdfModule {
     /// Counters of function `index`.
     pub fn stats(&self, index: usize) -> StatsSnapshot {
         let s = &self.stats[index];
+        let failures = s.failures.load(Ordering::Relaxed);
+        let timeouts = s.timeouts.load(Ordering::Relaxed);
+        let out_of_memory = s.out_of_memory.load(Ordering::Relaxed);
         StatsSnapshot {
             calls: s.calls.load(Ordering::Relaxed),
             rows: s.rows.load(Ordering::Relaxed),
             nanos: s.nanos.load(Ordering::Relaxed),
             row_errors: s.row_errors.load(Ordering::Relaxed),
-            failures: s.failures.load(Ordering::Relaxed),
+            failures,
+            timeouts,
+            out_of_memory,
+            traps: failures.saturating_sub(timeouts + out_of_memory),
         }
+    }
+
+    /// Sandbox instances alive now (idle in the pool or running a call).
+    pub fn live_instances(&self) -> u64 {
+        self.live.load(Ordering::Relaxed)
     }
 
     /// Creates a fresh instance (and runs the init hook).
@@ -273,7 +304,12 @@ impl UdfModule {
                 format!("{e:#}"),
             )
         })?;
-        Ok(Instance { store, call })
+        self.live.fetch_add(1, Ordering::Relaxed);
+        Ok(Instance {
+            store,
+            call,
+            live: self.live.clone(),
+        })
     }
 
     fn error(&self, function: &str, kind: UdfFailureKind, detail: String) -> RiffleError {
@@ -362,8 +398,19 @@ impl UdfModule {
                     .row_errors
                     .fetch_add(out.row_errors.len() as u64, Ordering::Relaxed);
             }
-            Err(_) => {
+            Err(e) => {
                 stats.failures.fetch_add(1, Ordering::Relaxed);
+                match e {
+                    RiffleError::UdfFailure {
+                        kind: UdfFailureKind::Timeout(_),
+                        ..
+                    } => stats.timeouts.fetch_add(1, Ordering::Relaxed),
+                    RiffleError::UdfFailure {
+                        kind: UdfFailureKind::OutOfMemory(_),
+                        ..
+                    } => stats.out_of_memory.fetch_add(1, Ordering::Relaxed),
+                    _ => 0,
+                };
             }
         }
         result

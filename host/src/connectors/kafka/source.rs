@@ -352,6 +352,27 @@ impl KafkaSource {
             .map_err(|e| kafka_error("reading offsets", e))
     }
 
+    /// The high watermark of `partition` as the consumer's last fetch reported it, without
+    /// asking the broker (`None` before the first fetch). rdkafka's safe API only has the
+    /// blocking round trip, so this calls librdkafka's cached lookup directly.
+    fn cached_high_watermark(&self, partition: i32) -> Option<i64> {
+        use rdkafka::bindings::{rd_kafka_get_watermark_offsets, rd_kafka_resp_err_t};
+        let topic = std::ffi::CString::new(self.options.topic.as_str()).ok()?;
+        let (mut low, mut high) = (-1i64, -1i64);
+        // SAFETY: the client pointer is valid while `self.consumer` lives; the topic is a
+        // NUL-terminated string that outlives the call; librdkafka writes only the two i64s.
+        let err = unsafe {
+            rd_kafka_get_watermark_offsets(
+                self.consumer.client().native_ptr(),
+                topic.as_ptr(),
+                partition,
+                &mut low,
+                &mut high,
+            )
+        };
+        (err == rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some(high)
+    }
+
     fn start_offset(&self, partition: i32, start: StartAt) -> Result<i64> {
         let (low, high) = self.watermarks(partition)?;
         Ok(match start {
@@ -525,7 +546,7 @@ impl KafkaSource {
     fn decode(
         &mut self,
         records: BTreeMap<i32, Vec<Record>>,
-    ) -> Result<(Vec<RecordBatch>, Vec<DeadLetter>)> {
+    ) -> Result<(Vec<RecordBatch>, Vec<DeadLetter>, u64)> {
         let mut batches = Vec::new();
         let mut letters = Vec::new();
         for (partition, records) in &records {
@@ -543,6 +564,7 @@ impl KafkaSource {
             }
             batches.push(self.with_timestamp(good.0, &good.1)?);
         }
+        let rejected = letters.len() as u64;
         if !self.hand_over && !letters.is_empty() {
             for letter in &letters {
                 self.dead_letters.send(letter)?;
@@ -551,7 +573,7 @@ impl KafkaSource {
             self.dead_letters.flush()?;
             letters.clear();
         }
-        Ok((batches, letters))
+        Ok((batches, letters, rejected))
     }
 
     /// Adds the record-timestamp column when configured. `timestamps` are the kept records'.
@@ -669,8 +691,17 @@ impl StreamSource for KafkaSource {
             (Some(a), Some(b)) => instant_of(*a).zip(instant_of(*b)),
             _ => None,
         };
-        let (batches, dead_letters) = self.decode(records)?;
+        let (batches, dead_letters, rejected) = self.decode(records)?;
         let gaps = std::mem::take(&mut self.gaps);
+        // Consumer lag from the high watermarks the fetches brought back (no broker round
+        // trip; a partition not fetched yet has none and is left out).
+        let backlog = to
+            .iter()
+            .filter_map(|(p, end)| {
+                let high = self.cached_high_watermark(*p)?;
+                Some((p.to_string(), (high - end).max(0)))
+            })
+            .collect();
         Ok(Input {
             batches,
             arrival,
@@ -680,6 +711,8 @@ impl StreamSource for KafkaSource {
                 .map(|g| g.describe(&self.options.topic))
                 .collect(),
             dead_letters,
+            rejected,
+            backlog,
         })
     }
 

@@ -1,0 +1,434 @@
+//! What the HTTP server shows of a run: the driver tells the [`Monitor`] when a query starts,
+//! when an epoch commits and when something fails; the server reads it from its own thread.
+//!
+//! The driver's side costs one lock and a few copies per committed epoch, never anything per
+//! row, and the server never waits on the driver: a slow epoch leaves the dashboard showing the
+//! last committed one, which is also what the checkpoint says.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use super::metrics::Metrics;
+use crate::exec::graph::{Edge, Graph};
+use crate::stream::QueryObserver;
+use crate::stream::progress::EpochProgress;
+use crate::udf::UdfModule;
+
+/// Progress records kept for `/api/progress` and the dashboard's charts.
+pub const HISTORY: usize = 600;
+/// Commits kept for the checkpoint history.
+const CHECKPOINTS: usize = 200;
+/// Errors and warnings kept.
+const ERRORS: usize = 200;
+
+/// One operator of the graph, as the API shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct NodeView {
+    /// Stable id (`<position>-<kind>`).
+    pub id: String,
+    /// Operator kind.
+    pub kind: &'static str,
+    /// Where its inputs come from: `source:<name>` or another operator's id.
+    pub inputs: Vec<String>,
+    /// Columns it emits.
+    pub columns: Vec<String>,
+}
+
+/// The shape of a streaming query: sources, operators and which of them is the result.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct GraphView {
+    /// Sources by name, with their kind (`kafka`, `generator`, ...).
+    pub sources: Vec<(String, String)>,
+    /// Operators in topological order.
+    pub nodes: Vec<NodeView>,
+    /// What the sink receives: `source:<name>` or an operator's id.
+    pub output: String,
+}
+
+impl GraphView {
+    /// The view of `graph` whose source `i` is `sources[i]` (name, kind).
+    pub fn of(graph: &Graph, sources: Vec<(String, String)>) -> Self {
+        let nodes = graph.nodes();
+        let name = |e: &Edge| match e {
+            Edge::Source { index, .. } => format!(
+                "source:{}",
+                sources.get(*index).map_or("?", |s| s.0.as_str())
+            ),
+            Edge::Node(i) => nodes.get(*i).map_or_else(|| "?".into(), |n| n.id.clone()),
+        };
+        GraphView {
+            nodes: nodes
+                .iter()
+                .map(|n| NodeView {
+                    id: n.id.clone(),
+                    kind: n.metrics.kind,
+                    inputs: n.inputs.iter().map(name).collect(),
+                    columns: n.schema.fields().iter().map(|f| f.name().clone()).collect(),
+                })
+                .collect(),
+            output: name(graph.output()),
+            sources,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+struct ErrorView {
+    time: String,
+    kind: String,
+    message: String,
+}
+
+#[derive(Default)]
+struct Totals {
+    epochs: u64,
+    input_rows: u64,
+    output_rows: u64,
+    late_rows: u64,
+    dead_letters: u64,
+}
+
+struct State {
+    pipeline: String,
+    mode: &'static str,
+    status: String,
+    started: String,
+    query_id: Option<String>,
+    run_id: Option<String>,
+    runs: u64,
+    graph: GraphView,
+    modules: Vec<Arc<UdfModule>>,
+    /// Progress records as JSON text: kept compact, and served without re-encoding.
+    history: VecDeque<Arc<str>>,
+    latest: Option<EpochProgress>,
+    checkpoints: VecDeque<Value>,
+    errors: VecDeque<ErrorView>,
+    totals: Totals,
+}
+
+impl QueryObserver for Monitor {
+    fn query_started(
+        &self,
+        query_id: &str,
+        run_id: &str,
+        graph: &Graph,
+        sources: Vec<(String, String)>,
+        modules: &[Arc<UdfModule>],
+    ) {
+        self.run_started(
+            query_id,
+            run_id,
+            GraphView::of(graph, sources),
+            modules.to_vec(),
+        );
+    }
+
+    fn epoch_committed(&self, progress: &EpochProgress) {
+        self.add_epoch(progress);
+    }
+}
+
+/// A run's live view, shared by the driver and the HTTP server.
+pub struct Monitor {
+    state: Mutex<State>,
+    metrics: Mutex<Metrics>,
+}
+
+impl std::fmt::Debug for Monitor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Monitor").finish_non_exhaustive()
+    }
+}
+
+fn now_rfc3339() -> String {
+    chrono::DateTime::<chrono::Utc>::from(std::time::SystemTime::now())
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+fn push_bounded<T>(queue: &mut VecDeque<T>, item: T, bound: usize) {
+    if queue.len() == bound {
+        queue.pop_front();
+    }
+    queue.push_back(item);
+}
+
+impl Monitor {
+    /// A monitor for a run of the pipeline `pipeline` in `mode` (`stream` or `batch`).
+    pub fn new(pipeline: &str, mode: &'static str) -> Arc<Self> {
+        Arc::new(Monitor {
+            state: Mutex::new(State {
+                pipeline: pipeline.to_string(),
+                mode,
+                status: "starting".into(),
+                started: now_rfc3339(),
+                query_id: None,
+                run_id: None,
+                runs: 0,
+                graph: GraphView::default(),
+                modules: Vec::new(),
+                history: VecDeque::new(),
+                latest: None,
+                checkpoints: VecDeque::new(),
+                errors: VecDeque::new(),
+                totals: Totals::default(),
+            }),
+            metrics: Mutex::new(Metrics::new()),
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain data behind; keep serving it.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn metrics(&self) -> MutexGuard<'_, Metrics> {
+        self.metrics.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A query run starts (again, after a retry): its ids, shape and UDF modules.
+    pub fn run_started(
+        &self,
+        query_id: &str,
+        run_id: &str,
+        graph: GraphView,
+        modules: Vec<Arc<UdfModule>>,
+    ) {
+        let mode = {
+            let mut s = self.state();
+            s.query_id = Some(query_id.to_string());
+            s.run_id = Some(run_id.to_string());
+            s.runs += 1;
+            s.status = "running".into();
+            s.graph = graph;
+            s.modules = modules;
+            s.mode
+        };
+        self.metrics().run_started(query_id, run_id, mode);
+    }
+
+    /// UDF modules of a run that has no operator graph (batch).
+    pub fn batch_started(&self, modules: Vec<Arc<UdfModule>>) {
+        let mut s = self.state();
+        s.status = "running".into();
+        s.modules = modules;
+    }
+
+    /// Sets the run's status (`running`, `retrying`, `stopping`, `stopped`, `finished`,
+    /// `failed`).
+    pub fn set_status(&self, status: &str) {
+        self.state().status = status.to_string();
+    }
+
+    /// An epoch committed; `p` is its complete progress record.
+    pub fn add_epoch(&self, p: &EpochProgress) {
+        let record: Arc<str> = serde_json::to_string(p).expect("serialisable").into();
+        let checkpoint = json!({
+            "epoch": p.epoch,
+            "committed_at": now_rfc3339(),
+            "state_bytes_written": p.state_bytes_written,
+            "state_rows": p.state.rows,
+            "state_ms": p.durations.state_ms,
+            "commit_ms": p.durations.commit_ms,
+            "watermark": p.watermark,
+            "offsets": p.sources.iter()
+                .map(|s| (s.name.clone(), s.end_offset.clone()))
+                .collect::<BTreeMap<_, _>>(),
+        });
+        let modules = {
+            let mut s = self.state();
+            push_bounded(&mut s.history, record, HISTORY);
+            s.latest = Some(p.clone());
+            push_bounded(&mut s.checkpoints, checkpoint, CHECKPOINTS);
+            s.totals.epochs += 1;
+            s.totals.input_rows += p.input_rows;
+            s.totals.output_rows += p.output_rows;
+            s.totals.late_rows += p.late_rows;
+            s.totals.dead_letters += p.sources.iter().map(|x| x.dead_letters).sum::<u64>();
+            for w in &p.warnings {
+                push_bounded(
+                    &mut s.errors,
+                    ErrorView {
+                        time: p.timestamp.clone(),
+                        kind: "warning".into(),
+                        message: w.clone(),
+                    },
+                    ERRORS,
+                );
+            }
+            for src in p.sources.iter().filter(|x| x.dead_letters > 0) {
+                push_bounded(
+                    &mut s.errors,
+                    ErrorView {
+                        time: p.timestamp.clone(),
+                        kind: "dead-letter".into(),
+                        message: format!(
+                            "epoch {}: {} records of source {} could not be decoded and went \
+                             to its dead-letter topic",
+                            p.epoch, src.dead_letters, src.name
+                        ),
+                    },
+                    ERRORS,
+                );
+            }
+            s.modules.clone()
+        };
+        let now = chrono::Utc::now().timestamp_micros();
+        let mut m = self.metrics();
+        m.epoch(p, now);
+        for _ in &p.warnings {
+            m.error(&p.query_id, "warning");
+        }
+        m.udfs(&modules);
+    }
+
+    /// Something failed (`kind`: `failure` for a run that ends or retries, `warning` for one
+    /// that goes on).
+    pub fn error(&self, kind: &str, message: &str) {
+        let query = {
+            let mut s = self.state();
+            push_bounded(
+                &mut s.errors,
+                ErrorView {
+                    time: now_rfc3339(),
+                    kind: kind.to_string(),
+                    message: message.to_string(),
+                },
+                ERRORS,
+            );
+            s.query_id.clone().unwrap_or_default()
+        };
+        self.metrics().error(&query, kind);
+    }
+
+    /// `/metrics`: every metric in Prometheus' text format.
+    pub fn render_metrics(&self) -> String {
+        let modules = self.state().modules.clone();
+        let mut m = self.metrics();
+        m.udfs(&modules);
+        m.render()
+    }
+
+    /// `/api/query`: ids, status and totals.
+    pub fn overview(&self) -> Value {
+        let s = self.state();
+        let last = s.latest.as_ref();
+        json!({
+            "pipeline": s.pipeline,
+            "mode": s.mode,
+            "status": s.status,
+            "started": s.started,
+            "query_id": s.query_id,
+            "run_id": s.run_id,
+            "runs": s.runs,
+            "last_epoch": last.map(|p| p.epoch),
+            "watermark": last.and_then(|p| p.watermark.clone()),
+            "totals": {
+                "epochs": s.totals.epochs,
+                "input_rows": s.totals.input_rows,
+                "output_rows": s.totals.output_rows,
+                "late_rows": s.totals.late_rows,
+                "dead_letters": s.totals.dead_letters,
+            },
+        })
+    }
+
+    /// `/api/progress`: the latest record and up to `limit` earlier ones, oldest first, as
+    /// JSON text (the records are kept encoded; this only joins them).
+    pub fn progress(&self, limit: usize) -> String {
+        // Only the handles are copied under the lock: the driver waits for it at every commit.
+        let (latest, kept): (Option<Arc<str>>, Vec<Arc<str>>) = {
+            let s = self.state();
+            let skip = s.history.len().saturating_sub(limit);
+            (
+                s.history.back().cloned(),
+                s.history.iter().skip(skip).cloned().collect(),
+            )
+        };
+        let mut out = String::with_capacity(kept.iter().map(|r| r.len() + 1).sum::<usize>() + 64);
+        out.push_str("{\"latest\":");
+        out.push_str(latest.as_deref().unwrap_or("null"));
+        out.push_str(",\"history\":[");
+        out.push_str(&kept.join(","));
+        out.push_str("]}");
+        out
+    }
+
+    /// `/api/graph`: the operators with their latest and cumulative counters.
+    pub fn graph(&self) -> Value {
+        let s = self.state();
+        let latest = s.latest.as_ref();
+        let sources: Vec<Value> = s
+            .graph
+            .sources
+            .iter()
+            .map(|(name, kind)| {
+                let latest = latest.and_then(|p| p.sources.iter().find(|x| &x.name == name));
+                json!({ "name": name, "kind": kind, "latest": latest })
+            })
+            .collect();
+        let nodes: Vec<Value> = s
+            .graph
+            .nodes
+            .iter()
+            .map(|n| {
+                let mut v = serde_json::to_value(n).expect("serialisable");
+                v["metrics"] = latest
+                    .and_then(|p| p.operators.iter().find(|o| o.id == n.id))
+                    .map_or(Value::Null, |o| {
+                        serde_json::to_value(o).expect("serialisable")
+                    });
+                v
+            })
+            .collect();
+        json!({ "sources": sources, "nodes": nodes, "output": s.graph.output })
+    }
+
+    /// `/api/checkpoints`: the commits of this process, oldest first.
+    pub fn checkpoints(&self) -> Value {
+        Value::Array(self.state().checkpoints.iter().cloned().collect())
+    }
+
+    /// `/api/udfs`: modules with their hashes, functions and cumulative counters.
+    pub fn udfs(&self) -> Value {
+        let modules = self.state().modules.clone();
+        Value::Array(
+            modules
+                .iter()
+                .map(|m| {
+                    let functions: Vec<Value> = m
+                        .spec()
+                        .functions
+                        .iter()
+                        .enumerate()
+                        .map(|(i, f)| {
+                            json!({
+                                "name": f.name,
+                                "args": f.args.iter()
+                                    .map(|a| format!("{}: {:?}", a.name, a.data_type))
+                                    .collect::<Vec<_>>(),
+                                "returns": format!("{:?}", f.returns),
+                                "stats": m.stats(i),
+                            })
+                        })
+                        .collect();
+                    json!({
+                        "file": m.file_name(),
+                        "path": m.path(),
+                        "sha256": m.hash(),
+                        "config_sha256": m.config_hash(),
+                        "instances": m.live_instances(),
+                        "functions": functions,
+                    })
+                })
+                .collect(),
+        )
+    }
+
+    /// `/api/errors`: recent failures, warnings and dead letters, oldest first.
+    pub fn errors(&self) -> Value {
+        serde_json::to_value(&self.state().errors).expect("serialisable")
+    }
+}
