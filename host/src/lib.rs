@@ -26,7 +26,7 @@
 //! - [`connectors`]: sources and sinks (generators, files and directories, static tables,
 //!   Kafka, Delta Lake), each owning its configuration.
 //! - [`session`]: batch SQL over files with UDFs registered from `.wasm` modules, including the
-//!   `CREATE FUNCTIONS FROM 'module.wasm'` statement.
+//!   `CREATE FUNCTIONS FROM 'module.wasm'` statement, and the batch progress bar.
 //! - [`stream`]: the epoch driver: triggers, watermarks, late rows, recovery, progress, and the
 //!   [`stream::QueryObserver`] hook monitoring attaches to.
 //! - [`server`]: `riffle run --http`: Prometheus metrics, the JSON API and the web dashboard,

@@ -520,7 +520,8 @@ impl Pipeline {
         }
         let df = session.dataframe(&self.query).await?;
         let schema = Arc::new(df.schema().as_arrow().clone());
-        let batches = df.collect().await?;
+        session.show_progress(options.live);
+        let batches = session.collect(df).await?;
         let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
         match &self.contents.sink.batch {
             None => Ok(BatchOutcome {

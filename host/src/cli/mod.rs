@@ -193,6 +193,9 @@ struct SqlArgs {
     /// Rows per batch (one UDF call per batch).
     #[arg(long, value_name = "ROWS")]
     batch_size: Option<usize>,
+    /// No progress bar (one appears on a terminal for queries that take a while).
+    #[arg(long)]
+    quiet: bool,
     #[command(flatten)]
     udf: UdfOptions,
 }
@@ -653,6 +656,7 @@ async fn sql(args: SqlArgs) -> Result<()> {
     };
 
     let started = Instant::now();
+    session.show_progress(!args.quiet);
     let batches = session.sql(&query).await?;
     let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
     match &args.output {

@@ -10,7 +10,10 @@
 //! CREATE FUNCTIONS FROM 'fraud.wasm' WITH CONFIG 'model.txt';  -- bytes for the init hook
 //! ```
 
+pub mod progress;
+
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arrow::record_batch::RecordBatch;
@@ -43,6 +46,7 @@ pub struct RiffleSession {
     engine: UdfEngine,
     policy: RowErrorPolicy,
     modules: Mutex<Vec<Arc<UdfModule>>>,
+    progress_bar: AtomicBool,
 }
 
 impl RiffleSession {
@@ -69,6 +73,7 @@ impl RiffleSession {
             engine: UdfEngine::new(options.engine)?,
             policy: options.row_error_policy,
             modules: Mutex::new(Vec::new()),
+            progress_bar: AtomicBool::new(false),
         })
     }
 
@@ -200,10 +205,26 @@ impl RiffleSession {
                     self.load_udfs(&path, config, only.as_deref())?;
                     Vec::new()
                 }
-                Statement::Sql(text) => self.dataframe(&text).await?.collect().await?,
+                Statement::Sql(text) => self.collect(self.dataframe(&text).await?).await?,
             };
         }
         Ok(last)
+    }
+
+    /// Shows a progress bar on stderr while queries run (only where stderr is a terminal).
+    pub fn show_progress(&self, on: bool) {
+        self.progress_bar
+            .store(on && progress::on_terminal(), Ordering::Relaxed);
+    }
+
+    /// Runs `df` and returns its rows, with a progress bar if [`show_progress`] is on.
+    ///
+    /// [`show_progress`]: Self::show_progress
+    ///
+    /// # Errors
+    /// Planning and execution errors.
+    pub async fn collect(&self, df: DataFrame) -> Result<Vec<RecordBatch>> {
+        progress::collect(df, self.progress_bar.load(Ordering::Relaxed)).await
     }
 
     /// Plans one SQL statement as a DataFrame (for streaming results or writing them out).
