@@ -516,7 +516,7 @@ impl Pipeline {
             });
         }
         if let Some(monitor) = &options.monitor {
-            monitor.batch_started(session.modules());
+            monitor.batch_started(&run_id, session.modules());
         }
         let df = session.dataframe(&self.query).await?;
         let schema = Arc::new(df.schema().as_arrow().clone());

@@ -568,12 +568,7 @@ fn malformed_records_go_to_the_dead_letter_topic_and_the_query_keeps_running() {
 
     // The progress (and so `/metrics`) counts the dead letters, and reports the consumer lag
     // per partition: none left once the available-now run has read everything.
-    let progress: Vec<serde_json::Value> =
-        std::fs::read_to_string(dir.path().join("dirty-checkpoint/progress.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+    let progress = common::progress_lines(&dir.path().join("dirty-checkpoint/progress.jsonl"));
     let counted: u64 = progress
         .iter()
         .map(|p| p["sources"][0]["dead_letters"].as_u64().unwrap_or(0))
@@ -871,12 +866,7 @@ fn records_deleted_before_they_were_read_stop_the_query_unless_it_is_told_to_go_
         expected(dir.path(), &kept, &broker),
         "every record that still exists, once"
     );
-    let progress: Vec<serde_json::Value> =
-        std::fs::read_to_string(dir.path().join("progress.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+    let progress = common::progress_lines(&dir.path().join("progress.jsonl"));
     let lost_counted: u64 = progress
         .iter()
         .flat_map(|p| p["sources"].as_array().unwrap())

@@ -238,11 +238,7 @@ fn a_second_signal_stops_at_once_and_the_next_run_re_runs_the_epoch() {
 }
 
 fn progress_lines(dir: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.join("checkpoint/progress.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    common::progress_lines(&dir.join("checkpoint/progress.jsonl"))
 }
 
 #[test]

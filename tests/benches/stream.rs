@@ -15,9 +15,9 @@
 //!    minutes);
 //! 5. latency: the low-latency trigger at 100,000 events/s of arrival rate;
 //! 6. monitoring: the stateless query with `riffle run --http`'s monitor and HTTP server
-//!    attached and scraped (`/metrics` and the dashboard's `/api/progress`) ten times a second,
-//!    against the same query without them, in turn, in 10,000-row epochs (the cost is per
-//!    epoch).
+//!    attached and scraped (`/metrics` and the dashboard's `/api/progress`) once and ten times
+//!    a second, against the same query without them, in turn, in 10,000-row epochs (the cost
+//!    is per epoch).
 //!
 //! For the stateful runs it also prints the state each operator holds at the end, in bytes per
 //! key (what a million keys cost).

@@ -109,10 +109,10 @@ struct RunArgs {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     retry_for: Option<crate::common::time::SqlDuration>,
     /// Serve Prometheus metrics (/metrics), a JSON API (/api/...) and a web dashboard (/) while
-    /// the run lasts, on HOST:PORT, or on loopback for a bare PORT or no value (port 9464).
-    /// Loopback unless you say otherwise: the dashboard shows offsets, UDF hashes and error
-    /// messages. Port 0 picks a free port.
-    #[arg(long, value_name = "HOST:PORT", num_args = 0..=1, default_missing_value = "9464")]
+    /// the run lasts, on PORT (loopback) or HOST:PORT. Keep it on loopback unless you mean
+    /// otherwise: the dashboard shows offsets, UDF hashes and error messages. Port 0 picks a
+    /// free port.
+    #[arg(long, value_name = "[HOST:]PORT")]
     http: Option<String>,
 }
 

@@ -70,9 +70,11 @@ pub(crate) struct Metrics {
     udf_out_of_memory: Count,
     udf_instances: Level,
     errors: Count,
-    /// UDF counters already added, per (function, module hash), so that the modules' cumulative
-    /// counters become increments.
-    udf_seen: HashMap<(String, String), StatsSnapshot>,
+    /// UDF counters already added, per loaded module (by address: the same file may be loaded
+    /// twice, with another configuration) and function index, so that the modules' cumulative
+    /// counters become increments. Emptied, after a last reading, when a run's modules are
+    /// replaced.
+    udf_seen: HashMap<(usize, usize), StatsSnapshot>,
 }
 
 fn family<M: prometheus_client::registry::Metric + Clone + Default>(
@@ -200,7 +202,8 @@ impl Metrics {
             kafka_lag: family(
                 &mut r,
                 "kafka_consumer_lag",
-                "Records in a Kafka partition beyond the last epoch's end offset",
+                "Records in a Kafka partition beyond the last epoch's end offset (against the \
+                 high watermark of the fetch that epoch read with)",
                 None,
             ),
             operator_rows_in: family(&mut r, "operator_rows_in", "Rows into an operator", None),
@@ -281,7 +284,19 @@ impl Metrics {
         out
     }
 
-    pub(crate) fn run_started(&self, query: &str, run: &str, mode: &str) {
+    /// A run starts with new modules: the old ones' last calls are counted, and what was only
+    /// true of the old run (its instances, the partitions it read) is forgotten.
+    pub(crate) fn run_started(
+        &mut self,
+        query: &str,
+        run: &str,
+        mode: &str,
+        old_modules: &[Arc<UdfModule>],
+    ) {
+        self.udfs(old_modules);
+        self.udf_seen.clear();
+        self.udf_instances.clear();
+        self.kafka_lag.clear();
         let q = query.to_string();
         // Only the current run is 1: an earlier run of this process (before a retry) is gone.
         self.run_info.clear();
@@ -412,26 +427,28 @@ impl Metrics {
                 let now = module.stats(i);
                 let seen = self
                     .udf_seen
-                    .entry((f.name.clone(), hash.clone()))
+                    .entry((Arc::as_ptr(module) as usize, i))
                     .or_default();
                 let labels = vec![("function", f.name.clone()), ("module", hash.clone())];
-                let add = |c: &Count, new: u64, old: u64| {
-                    c.get_or_create(&labels).inc_by(new.saturating_sub(old));
+                // Counters only go up: what was seen is never lowered.
+                let add = |c: &Count, new: u64, old: &mut u64| {
+                    c.get_or_create(&labels).inc_by(new.saturating_sub(*old));
+                    *old = (*old).max(new);
                 };
-                add(&self.udf_calls, now.calls, seen.calls);
-                add(&self.udf_rows, now.rows, seen.rows);
-                add(&self.udf_row_errors, now.row_errors, seen.row_errors);
-                add(&self.udf_timeouts, now.timeouts, seen.timeouts);
-                add(&self.udf_traps, now.traps, seen.traps);
+                add(&self.udf_calls, now.calls, &mut seen.calls);
+                add(&self.udf_rows, now.rows, &mut seen.rows);
+                add(&self.udf_row_errors, now.row_errors, &mut seen.row_errors);
+                add(&self.udf_timeouts, now.timeouts, &mut seen.timeouts);
+                add(&self.udf_traps, now.traps, &mut seen.traps);
                 add(
                     &self.udf_out_of_memory,
                     now.out_of_memory,
-                    seen.out_of_memory,
+                    &mut seen.out_of_memory,
                 );
                 self.udf_seconds
                     .get_or_create(&labels)
                     .inc_by(now.nanos.saturating_sub(seen.nanos) as f64 / 1e9);
-                *seen = now;
+                seen.nanos = seen.nanos.max(now.nanos);
             }
         }
     }

@@ -7,8 +7,9 @@
 //! - `metrics` turns those reports into Prometheus metric families.
 //! - [`HttpServer`] answers `/metrics`, `/api/...` and the dashboard (`/`) on its own thread.
 //!
-//! Everything is updated per committed epoch, so what the server shows is always a committed
-//! state, the one a restart would resume from.
+//! Rows, epochs, phases, watermarks, state and source figures are updated per committed epoch:
+//! they show a committed state, the one a restart would resume from. UDF counters are read
+//! live from the modules, so they include the epoch in flight.
 
 mod http;
 mod metrics;

@@ -1,9 +1,11 @@
 //! What the HTTP server shows of a run: the driver tells the [`Monitor`] when a query starts,
 //! when an epoch commits and when something fails; the server reads it from its own thread.
 //!
-//! The driver's side costs one lock and a few copies per committed epoch, never anything per
-//! row, and the server never waits on the driver: a slow epoch leaves the dashboard showing the
-//! last committed one, which is also what the checkpoint says.
+//! The driver's side costs two short locks, a JSON encoding of the progress record and the
+//! metric updates per committed epoch, never anything per row; the server never waits on the
+//! driver: a slow epoch leaves the dashboard showing the last committed one, which is also what
+//! the checkpoint says. UDF counters are the exception: they are read from the modules when
+//! asked for, so they include calls of the epoch in flight.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -196,28 +198,41 @@ impl Monitor {
         graph: GraphView,
         modules: Vec<Arc<UdfModule>>,
     ) {
-        let mode = {
+        self.start(query_id, run_id, Some(graph), modules);
+    }
+
+    /// A batch run starts: its id (it names the query, UDFs, inputs and run name) and UDF
+    /// modules; it has no operator graph.
+    pub fn batch_started(&self, run_id: &str, modules: Vec<Arc<UdfModule>>) {
+        self.start(run_id, run_id, None, modules);
+    }
+
+    fn start(
+        &self,
+        query_id: &str,
+        run_id: &str,
+        graph: Option<GraphView>,
+        modules: Vec<Arc<UdfModule>>,
+    ) {
+        // The metrics lock is held across the swap of modules, so that no scrape counts the
+        // new modules before the old ones' counters are settled (nothing takes the two locks
+        // the other way round: every other path lets go of the state before the metrics).
+        let mut metrics = self.metrics();
+        let (mode, old) = {
             let mut s = self.state();
             s.query_id = Some(query_id.to_string());
             s.run_id = Some(run_id.to_string());
             s.runs += 1;
             s.status = "running".into();
-            s.graph = graph;
-            s.modules = modules;
-            s.mode
+            if let Some(graph) = graph {
+                s.graph = graph;
+            }
+            (s.mode, std::mem::replace(&mut s.modules, modules))
         };
-        self.metrics().run_started(query_id, run_id, mode);
+        metrics.run_started(query_id, run_id, mode, &old);
     }
 
-    /// UDF modules of a run that has no operator graph (batch).
-    pub fn batch_started(&self, modules: Vec<Arc<UdfModule>>) {
-        let mut s = self.state();
-        s.status = "running".into();
-        s.modules = modules;
-    }
-
-    /// Sets the run's status (`running`, `retrying`, `stopping`, `stopped`, `finished`,
-    /// `failed`).
+    /// Sets the run's status (`running`, `retrying`, `stopped`, `finished`, `failed`).
     pub fn set_status(&self, status: &str) {
         self.state().status = status.to_string();
     }
@@ -430,5 +445,66 @@ impl Monitor {
     /// `/api/errors`: recent failures, warnings and dead letters, oldest first.
     pub fn errors(&self) -> Value {
         serde_json::to_value(&self.state().errors).expect("serialisable")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{ArrayRef, Float64Array, StringArray};
+
+    fn call(module: &UdfModule, rows: usize) {
+        let amounts: ArrayRef = Arc::new(Float64Array::from(vec![10.0; rows]));
+        let countries: ArrayRef = Arc::new(StringArray::from(vec!["FR"; rows]));
+        let f = module.function_index("risk_score").unwrap();
+        module.call(f, rows, &[amounts, countries]).unwrap();
+    }
+
+    /// `riffle_udf_calls_total` and `riffle_udf_rows_total` of `risk_score`.
+    fn udf_counters(monitor: &Monitor) -> (u64, u64) {
+        let text = monitor.render_metrics();
+        let value = |name: &str| -> u64 {
+            text.lines()
+                .find(|l| l.starts_with(name) && l.contains("function=\"risk_score\""))
+                .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+                .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+        };
+        (
+            value("riffle_udf_calls_total"),
+            value("riffle_udf_rows_total"),
+        )
+    }
+
+    fn session() -> crate::session::RiffleSession {
+        crate::session::RiffleSession::new(crate::session::SessionOptions::default()).unwrap()
+    }
+
+    #[test]
+    fn udf_counters_add_up_over_modules_and_runs_and_never_count_twice() {
+        let path = riffle_tests::udf("fraud");
+        // The same file loaded twice (another configuration could differ): two modules with
+        // one hash, whose calls add up.
+        let (a, b) = (session(), session());
+        let a = a.load_udfs(&path, Vec::new(), None).unwrap();
+        let b = b.load_udfs(&path, Vec::new(), None).unwrap();
+        let monitor = Monitor::new("p.toml", "stream");
+        monitor.run_started("q", "r1", GraphView::default(), vec![a.clone(), b.clone()]);
+        call(&a, 10);
+        call(&b, 5);
+        assert_eq!(udf_counters(&monitor), (2, 15));
+        assert_eq!(
+            udf_counters(&monitor),
+            (2, 15),
+            "a second scrape adds nothing"
+        );
+        call(&a, 1);
+        // A retry replaces the modules: the old ones' last calls still count, and the new
+        // module starts from its own zero.
+        let c = session().load_udfs(&path, Vec::new(), None).unwrap();
+        monitor.run_started("q", "r2", GraphView::default(), vec![c.clone()]);
+        call(&c, 100);
+        assert_eq!(udf_counters(&monitor), (4, 116));
+        assert!(monitor.render_metrics().contains("run=\"r2\""));
+        assert!(!monitor.render_metrics().contains("run=\"r1\""));
     }
 }

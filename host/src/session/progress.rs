@@ -55,7 +55,7 @@ pub async fn collect(df: DataFrame, show: bool) -> Result<Vec<RecordBatch>> {
         ),
     };
     let ticking = bar.clone();
-    let ticker = tokio::spawn(async move {
+    let _ticker = AbortOnDrop(tokio::spawn(async move {
         let started = tokio::time::Instant::now();
         let mut shown = false;
         let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -67,11 +67,19 @@ pub async fn collect(df: DataFrame, show: bool) -> Result<Vec<RecordBatch>> {
             }
             ticking.set_position(rows_read(&scans) as u64);
         }
-    });
+    }));
     let result = datafusion::physical_plan::collect(plan, task).await;
-    ticker.abort();
     bar.finish_and_clear();
     Ok(result?)
+}
+
+/// Stops the ticker when the query ends, also when its future is dropped half way.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// The plan's leaves: its scans.

@@ -777,11 +777,13 @@ impl StreamingQuery {
                 now.saturating_duration_since(first).as_secs_f64() * 1000.0,
             )
         });
-        self.progress.write(&progress)?;
+        // The epoch is committed whether or not its line could be written (a restart writes
+        // a lost line from the commit): the observer hears of it either way.
+        let written = self.progress.write(&progress);
         if let Some(observer) = &self.observer {
             observer.epoch_committed(&progress);
         }
-        Ok(())
+        written
     }
 }
 

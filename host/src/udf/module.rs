@@ -106,6 +106,7 @@ pub struct FunctionStats {
     failures: AtomicU64,
     timeouts: AtomicU64,
     out_of_memory: AtomicU64,
+    traps: AtomicU64,
 }
 
 /// A snapshot of [`FunctionStats`].
@@ -250,18 +251,15 @@ impl UdfModule {
     /// Counters of function `index`.
     pub fn stats(&self, index: usize) -> StatsSnapshot {
         let s = &self.stats[index];
-        let failures = s.failures.load(Ordering::Relaxed);
-        let timeouts = s.timeouts.load(Ordering::Relaxed);
-        let out_of_memory = s.out_of_memory.load(Ordering::Relaxed);
         StatsSnapshot {
             calls: s.calls.load(Ordering::Relaxed),
             rows: s.rows.load(Ordering::Relaxed),
             nanos: s.nanos.load(Ordering::Relaxed),
             row_errors: s.row_errors.load(Ordering::Relaxed),
-            failures,
-            timeouts,
-            out_of_memory,
-            traps: failures.saturating_sub(timeouts + out_of_memory),
+            failures: s.failures.load(Ordering::Relaxed),
+            timeouts: s.timeouts.load(Ordering::Relaxed),
+            out_of_memory: s.out_of_memory.load(Ordering::Relaxed),
+            traps: s.traps.load(Ordering::Relaxed),
         }
     }
 
@@ -409,7 +407,7 @@ impl UdfModule {
                         kind: UdfFailureKind::OutOfMemory(_),
                         ..
                     } => stats.out_of_memory.fetch_add(1, Ordering::Relaxed),
-                    _ => 0,
+                    _ => stats.traps.fetch_add(1, Ordering::Relaxed),
                 };
             }
         }

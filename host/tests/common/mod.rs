@@ -60,3 +60,14 @@ os._exit(0)
     );
     serde_json::from_slice(&out.stdout).unwrap()
 }
+
+/// The records of a progress file (`progress.jsonl`), one per line; a last line still being
+/// written by a running query (no newline yet) is left out.
+pub fn progress_lines(file: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+    complete
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}

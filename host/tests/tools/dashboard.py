@@ -14,6 +14,7 @@ from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.support.ui import WebDriverWait
 
 url, screenshot = sys.argv[1], sys.argv[2]
@@ -29,8 +30,9 @@ for flag in ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic"
              "--window-size=1366,900"]:
     options.add_argument(flag)
 options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
-try:
+
+
+def check(driver):
     driver.get(url)
     wait = WebDriverWait(driver, DEADLINE, poll_frequency=0.2)
     updates = lambda d: int(d.find_element(By.TAG_NAME, "body").get_attribute("data-updates") or 0)
@@ -62,5 +64,25 @@ try:
         "checkpoint_rows": checkpoint_rows, "status": driver.find_element(By.ID, "status").text,
         "scroll_width": size[0], "window_width": size[1], "console_errors": console,
     }))
+
+
+driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+try:
+    check(driver)
+except TimeoutException:
+    # Say what the page said: a script error is the usual reason it stopped updating.
+    print("timed out; browser console:", json.dumps(driver.get_log("browser"), indent=1),
+          file=sys.stderr)
+    import urllib.request
+    try:
+        with urllib.request.urlopen(url + "api/query", timeout=5) as r:
+            print("server answers:", r.read()[:200], file=sys.stderr)
+    except Exception as e:
+        print("server does not answer:", e, file=sys.stderr)
+    print("status:", driver.find_element(By.ID, "status").text, file=sys.stderr)
+    print("perf:", json.dumps(driver.execute_script(
+        "return performance.getEntriesByType('resource').map(e => [e.name, e.duration, e.responseEnd])")),
+        file=sys.stderr)
+    raise
 finally:
     driver.quit()
