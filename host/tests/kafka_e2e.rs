@@ -1000,8 +1000,10 @@ fn the_query_waits_for_a_broker_that_stopped_answering_and_resumes_exactly_once(
     }
     let dir = tempfile::tempdir().unwrap();
     let sink = kafka_sink(&broker, "outage-out");
-    let (rows, want, path) = setup(&broker, dir.path(), "outage", 6_000, &sink);
-    // Small epochs: the run is still going when the broker stops answering.
+    // Small epochs over enough rows that the run is still going when the broker stops
+    // answering, however long this test's thread waits for a core on a loaded machine (with
+    // 6,000 rows a starved check once saw the run finish before the outage).
+    let (rows, want, path) = setup(&broker, dir.path(), "outage", 20_000, &sink);
     edit_pipeline(
         &path,
         &[("max_rows_per_epoch = 500", "max_rows_per_epoch = 50")],
