@@ -128,8 +128,8 @@ impl QueryObserver for Monitor {
         );
     }
 
-    fn epoch_committed(&self, progress: &EpochProgress) {
-        self.add_epoch(progress);
+    fn epoch_committed(&self, progress: &EpochProgress, line: &str) {
+        self.add_epoch(progress, line);
     }
 }
 
@@ -237,9 +237,10 @@ impl Monitor {
         self.state().status = status.to_string();
     }
 
-    /// An epoch committed; `p` is its complete progress record.
-    pub fn add_epoch(&self, p: &EpochProgress) {
-        let record: Arc<str> = serde_json::to_string(p).expect("serialisable").into();
+    /// An epoch committed; `p` is its complete progress record, `line` its JSON text (kept as
+    /// the history, so that the API serves what the progress file has).
+    pub fn add_epoch(&self, p: &EpochProgress, line: &str) {
+        let record: Arc<str> = line.into();
         let checkpoint = json!({
             "epoch": p.epoch,
             "committed_at": now_rfc3339(),

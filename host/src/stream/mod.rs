@@ -104,8 +104,9 @@ pub trait QueryObserver: Send + Sync {
         sources: Vec<(String, String)>,
         modules: &[Arc<UdfModule>],
     );
-    /// An epoch committed; `progress` is its record as the progress file has it.
-    fn epoch_committed(&self, progress: &EpochProgress);
+    /// An epoch committed; `progress` is its record and `line` the JSON line the progress
+    /// file gets for it.
+    fn epoch_committed(&self, progress: &EpochProgress, line: &str);
 }
 
 /// A streaming source registered as a table, ready to plan queries against.
@@ -779,9 +780,10 @@ impl StreamingQuery {
         });
         // The epoch is committed whether or not its line could be written (a restart writes
         // a lost line from the commit): the observer hears of it either way.
-        let written = self.progress.write(&progress);
+        let line = serde_json::to_string(&progress).expect("serialisable");
+        let written = self.progress.write(&progress, &line);
         if let Some(observer) = &self.observer {
-            observer.epoch_committed(&progress);
+            observer.epoch_committed(&progress, &line);
         }
         written
     }

@@ -287,13 +287,13 @@ impl ProgressWriter {
         self.previous_udfs = cumulative;
     }
 
-    /// Writes the line of a committed epoch (synced, so that it outlives a power loss before
-    /// the next commit) and the live line.
+    /// Writes `line`, the JSON of the committed epoch's record `p` (synced, so that it outlives
+    /// a power loss before the next commit), and the live line.
     ///
     /// # Errors
     /// I/O errors.
-    pub(crate) fn write(&mut self, p: &EpochProgress) -> Result<()> {
-        self.append(&serde_json::to_string(p).expect("serialisable"))?;
+    pub(crate) fn write(&mut self, p: &EpochProgress, line: &str) -> Result<()> {
+        self.append(line)?;
         if self.live {
             let now = Instant::now();
             let throttle = if self.terminal { 0.1 } else { 1.0 };
