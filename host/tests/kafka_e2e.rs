@@ -1000,39 +1000,63 @@ fn the_query_waits_for_a_broker_that_stopped_answering_and_resumes_exactly_once(
     }
     let dir = tempfile::tempdir().unwrap();
     let sink = kafka_sink(&broker, "outage-out");
-    // Small epochs over enough rows that the run is still going when the broker stops
-    // answering, however long this test's thread waits for a core on a loaded machine (with
-    // 6,000 rows a starved check once saw the run finish before the outage).
-    let (rows, want, path) = setup(&broker, dir.path(), "outage", 20_000, &sink);
+    let (rows, want, path) = setup(&broker, dir.path(), "outage", 6_000, &sink);
     edit_pipeline(
         &path,
         &[("max_rows_per_epoch = 500", "max_rows_per_epoch = 50")],
     );
-    let run = riffle(&path, "stream").spawn().unwrap();
+    // The run holds after committing epoch 3 until the broker is frozen, so the outage always
+    // falls inside the run (racing a running query once saw it finish first on a loaded
+    // machine). The broker then stays away until the run says it is waiting for it: every
+    // Kafka call in flight has timed out, however long that takes here.
+    let release = dir.path().join("release");
+    let mut run = riffle(&path, "stream")
+        .env("RIFFLE_HANG", "after-commit:3")
+        .env("RIFFLE_HANG_UNTIL", &release)
+        .spawn()
+        .unwrap();
+    let (said, lines) = std::sync::mpsc::channel::<String>();
+    let reader = {
+        let stderr = run.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            let mut all = String::new();
+            for line in std::io::BufReader::new(stderr).lines() {
+                let line = line.unwrap();
+                all.push_str(&line);
+                all.push('\n');
+                let _ = said.send(line);
+            }
+            all
+        })
+    };
+    let wait_for = |text: &str| loop {
+        match lines.recv_timeout(Duration::from_secs(300)) {
+            Ok(line) if line.contains(text) => return,
+            Ok(_) => {}
+            Err(e) => panic!("the run never said {text:?} ({e})"),
+        }
+    };
     let progress = dir.path().join("progress.jsonl");
     let epochs = || {
         std::fs::read_to_string(&progress)
             .map(|t| t.lines().count())
             .unwrap_or(0)
     };
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while epochs() < 3 {
-        assert!(Instant::now() < deadline, "the query never got going");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    // Away long enough for every Kafka call in flight to time out.
+    wait_for("RIFFLE_HANG: holding after-commit epoch 3");
     broker.freeze();
     let down_at = epochs();
-    std::thread::sleep(Duration::from_secs(35));
+    std::fs::write(&release, "").unwrap();
+    wait_for("riffle: waiting:");
     broker.thaw();
-    let out = run.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
+    let status = run.wait().unwrap();
+    let stderr = reader.join().unwrap();
+    assert!(status.success(), "{stderr}");
     for line in stderr.lines().filter(|l| l.starts_with("riffle:")) {
         eprintln!("{line}");
     }
     assert!(
-        stderr.contains("riffle: waiting:") && stderr.contains("restarting from the checkpoint"),
+        stderr.contains("restarting from the checkpoint"),
         "a clear status while the broker is away: {stderr}"
     );
     assert!(epochs() > down_at, "it went on after the broker came back");

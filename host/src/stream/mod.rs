@@ -850,7 +850,10 @@ pub fn stop_on_signals() -> Arc<AtomicBool> {
 /// - `RIFFLE_CRASH=<point>:<epoch>` aborts the process there (as abruptly as `kill -9`: no
 ///   destructors, no flushing).
 /// - `RIFFLE_HANG=<point>:<epoch>` holds the run there for good, as a stuck sink or a slow
-///   disk would, so a test can signal a process whose epoch cannot finish.
+///   disk would, so a test can signal a process whose epoch cannot finish. With
+///   `RIFFLE_HANG_UNTIL=<file>` the hold ends once that file exists: a test can then change the
+///   world around a run at a known epoch (stop a broker, say) before letting it go on, instead
+///   of racing it.
 async fn failpoint(point: &str, epoch: u64) {
     static PLANS: std::sync::OnceLock<[Option<(String, u64)>; 2]> = std::sync::OnceLock::new();
     let plans = PLANS.get_or_init(|| {
@@ -870,6 +873,13 @@ async fn failpoint(point: &str, epoch: u64) {
     }
     if hit(&plans[1]) {
         eprintln!("RIFFLE_HANG: holding {point} epoch {epoch}");
-        std::future::pending::<()>().await;
+        let Some(release) = std::env::var_os("RIFFLE_HANG_UNTIL") else {
+            return std::future::pending::<()>().await;
+        };
+        let release = std::path::PathBuf::from(release);
+        while !release.exists() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        eprintln!("RIFFLE_HANG: released {point} epoch {epoch}");
     }
 }
