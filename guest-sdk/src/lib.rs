@@ -4,7 +4,10 @@
 // Generated code in this crate and in UDF crates names `riffle_udf::...` paths.
 extern crate self as riffle_udf;
 
+mod aggregate;
 mod column;
+
+pub use aggregate::{AggregateState, StateValue};
 
 pub use column::{
     Arg, BoolBuffer, BoolReader, BytesReader, Date, FixedBuffer, FixedReader, OptionReader, Output,
@@ -15,26 +18,32 @@ pub use column::{
 /// must produce identical results in native unit tests and in the sandbox: `f64::sin` calls the
 /// platform's libm, whose last bits differ between glibc and the Wasm target.
 pub use libm as math;
+/// Derives [`AggregateState`] for a struct whose fields are [`StateValue`]s.
+pub use riffle_udf_macros::AggregateState;
+/// Turns an `impl` block with `update`, `merge`, `finish` (and optionally `retract`) into a
+/// Riffle aggregate UDF. See the crate documentation.
+pub use riffle_udf_macros::aggregate;
 /// Marks a plain Rust function as a Riffle scalar UDF. See the crate documentation.
 pub use riffle_udf_macros::scalar;
 pub use wire::{
-    ArgInfo, CallError, CallOutput, Column, DataType, FunctionInfo, ModuleInfo, RowError, Values,
-    VarLen,
+    AggregateInfo, AggregateStep, ArgInfo, CallError, CallOutput, Column, DataType, FunctionInfo,
+    ModuleInfo, RowError, StateField, Values, VarLen,
 };
 
-/// Version of the WIT contract (`wit/udf.wit`) this SDK implements; the host refuses modules
-/// whose version it does not know.
-pub const ABI_VERSION: u32 = 1;
+/// Version of the WIT contract (`wit/udf.wit`) this SDK implements: 2 is `riffle:udf@0.2.0`
+/// (aggregates). The host refuses modules whose version it does not know.
+pub const ABI_VERSION: u32 = 2;
 
 /// The wire types of the WIT contract, for tests that drive a function's batch path natively.
 pub mod wire {
     pub use crate::bindings::riffle::udf::types::{
-        ArgInfo, CallError, CallOutput, Column, DataType, FunctionInfo, ModuleInfo, RowError,
-        Values, VarLen,
+        AggregateInfo, AggregateStep, ArgInfo, CallError, CallOutput, Column, DataType,
+        FunctionInfo, ModuleInfo, RowError, StateField, Values, VarLen,
     };
 }
 
 #[doc(hidden)]
+#[allow(clippy::too_many_arguments)] // generated: the contract's `aggregate` takes six
 pub mod bindings {
     wit_bindgen::generate!({
         path: "../wit",
@@ -46,11 +55,12 @@ pub mod bindings {
     });
 }
 
-/// Exports the listed `#[scalar]` functions as this crate's UDF module.
+/// Exports the listed `#[scalar]` functions and `#[aggregate]` types as this crate's UDF module.
 ///
 /// Call it once per UDF crate, at the crate root, naming each function (they must be in scope by
-/// name; `use` brings in what `#[scalar]` generated alongside them). The order is the order
-/// `riffle udf inspect` shows. An optional init hook, a `fn(&[u8]) -> Result<(), String>`, runs
+/// name; `use` brings in what `#[scalar]` generated alongside them) and each aggregate by the
+/// module `#[aggregate]` generated (its SQL name: `DecayedAverage` is `decayed_average`). The
+/// order is the order `riffle udf inspect` shows. An optional init hook, a `fn(&[u8]) -> Result<(), String>`, runs
 /// once per instance with the configuration bytes the host was given for this module.
 ///
 /// ```
@@ -84,9 +94,22 @@ macro_rules! export_udfs {
         #[doc(hidden)]
         pub struct __RiffleUdfModule;
 
+        impl __RiffleUdfModule {
+            /// The exported functions, in the order they were listed.
+            fn registry() -> &'static $crate::__private::Registry {
+                static REGISTRY: ::std::sync::OnceLock<$crate::__private::Registry> =
+                    ::std::sync::OnceLock::new();
+                REGISTRY.get_or_init(|| {
+                    let mut registry = $crate::__private::Registry::default();
+                    $($f::__riffle_register(&mut registry);)+
+                    registry
+                })
+            }
+        }
+
         impl $crate::__private::Guest for __RiffleUdfModule {
             fn describe() -> $crate::ModuleInfo {
-                $crate::__private::module_info($has_init, ::std::vec![$($f::__riffle_info()),+])
+                $crate::__private::module_info($has_init, Self::registry())
             }
 
             fn init(config: ::std::vec::Vec<u8>) -> ::std::result::Result<(), ::std::string::String> {
@@ -99,9 +122,37 @@ macro_rules! export_udfs {
                 rows: u32,
                 args: ::std::vec::Vec<$crate::Column>,
             ) -> ::std::result::Result<$crate::CallOutput, $crate::CallError> {
-                const FUNCTIONS: &[$crate::__private::BatchFn] = &[$($f::__riffle_call),+];
-                match FUNCTIONS.get(function as usize) {
-                    Some(f) => f(rows as usize, &args),
+                match Self::registry().scalars.get(function as usize) {
+                    Some((_, f)) => f(rows as usize, &args),
+                    None => Err($crate::CallError::NoSuchFunction(function)),
+                }
+            }
+
+            fn describe_aggregates() -> ::std::vec::Vec<$crate::AggregateInfo> {
+                Self::registry().aggregates.iter().map(|a| (a.info)()).collect()
+            }
+
+            fn aggregate(
+                function: u32,
+                step: $crate::AggregateStep,
+                groups: u32,
+                states: ::std::vec::Vec<$crate::Column>,
+                group_of: ::std::vec::Vec<u32>,
+                args: ::std::vec::Vec<$crate::Column>,
+            ) -> ::std::result::Result<::std::vec::Vec<$crate::Column>, $crate::CallError> {
+                match Self::registry().aggregates.get(function as usize) {
+                    Some(a) => (a.step)(step, groups as usize, &states, &group_of, &args),
+                    None => Err($crate::CallError::NoSuchFunction(function)),
+                }
+            }
+
+            fn finish(
+                function: u32,
+                groups: u32,
+                states: ::std::vec::Vec<$crate::Column>,
+            ) -> ::std::result::Result<$crate::CallOutput, $crate::CallError> {
+                match Self::registry().aggregates.get(function as usize) {
+                    Some(a) => (a.finish)(groups as usize, &states),
                     None => Err($crate::CallError::NoSuchFunction(function)),
                 }
             }
@@ -115,18 +166,51 @@ macro_rules! export_udfs {
 /// Support for generated code; not a stable API.
 #[doc(hidden)]
 pub mod __private {
+    pub use crate::aggregate::support::*;
     pub use crate::bindings::Guest;
-    use crate::{Arg, ArgInfo, CallError, Column, FunctionInfo, ModuleInfo, Output};
+    use crate::{
+        AggregateInfo, AggregateStep, Arg, ArgInfo, CallError, CallOutput, Column, FunctionInfo,
+        ModuleInfo, Output,
+    };
     pub use wit_bindgen;
 
     /// The batch entry point `#[scalar]` generates for each function.
-    pub type BatchFn = fn(usize, &[Column]) -> Result<crate::CallOutput, CallError>;
+    pub type BatchFn = fn(usize, &[Column]) -> Result<CallOutput, CallError>;
 
-    pub fn module_info(has_init: bool, functions: Vec<FunctionInfo>) -> ModuleInfo {
+    /// The step entry point `#[aggregate]` generates: (step, groups, states, group of each
+    /// row, rows) to new states.
+    pub type StepFn =
+        fn(AggregateStep, usize, &[Column], &[u32], &[Column]) -> Result<Vec<Column>, CallError>;
+
+    /// One aggregate's entry points, as `#[aggregate]` generates them.
+    pub struct AggregateFns {
+        pub info: fn() -> AggregateInfo,
+        pub step: StepFn,
+        pub finish: fn(usize, &[Column]) -> Result<CallOutput, CallError>,
+    }
+
+    /// What `export_udfs!` exports, filled by each listed item's `__riffle_register`.
+    #[derive(Default)]
+    pub struct Registry {
+        pub scalars: Vec<(fn() -> FunctionInfo, BatchFn)>,
+        pub aggregates: Vec<AggregateFns>,
+    }
+
+    impl Registry {
+        pub fn scalar(&mut self, info: fn() -> FunctionInfo, call: BatchFn) {
+            self.scalars.push((info, call));
+        }
+
+        pub fn aggregate(&mut self, fns: AggregateFns) {
+            self.aggregates.push(fns);
+        }
+    }
+
+    pub fn module_info(has_init: bool, registry: &Registry) -> ModuleInfo {
         ModuleInfo {
             abi_version: crate::ABI_VERSION,
             sdk: concat!("riffle-udf ", env!("CARGO_PKG_VERSION")).to_string(),
-            functions,
+            functions: registry.scalars.iter().map(|(info, _)| info()).collect(),
             has_init,
         }
     }

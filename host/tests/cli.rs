@@ -47,6 +47,14 @@ fn inspect_shows_signatures_hash_and_sandbox_mode() {
         stdout.contains("Great-circle distance"),
         "docs are shown: {stdout}"
     );
+    // Aggregates, with the columns of their state.
+    assert!(
+        stdout.contains("aggregates (1):")
+            && stdout
+                .contains("decayed_avg(amount DOUBLE, ts TIMESTAMP) -> DOUBLE NULL  [retractable]")
+            && stdout.contains("state: at TIMESTAMP NULL, weighted DOUBLE, weight DOUBLE"),
+        "{stdout}"
+    );
 
     // A module whose init hook requires configuration is still described.
     let out = riffle(
@@ -63,9 +71,21 @@ fn inspect_shows_signatures_hash_and_sandbox_mode() {
     assert!(out.status.success());
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["deterministic"], false);
-    assert_eq!(json["abi_version"], 1);
+    assert_eq!(json["abi_version"], 2);
     assert_eq!(json["functions"][0]["name"], "now");
     assert_eq!(json["functions"][0]["returns"], "timestamp");
+
+    let out = riffle(
+        &["udf", "inspect", "--json", udf("sketch").to_str().unwrap()],
+        dir.path(),
+    );
+    assert!(out.status.success());
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let sketch = &json["aggregates"][0];
+    assert_eq!(sketch["name"], "dd_quantile");
+    assert_eq!(sketch["retractable"], true);
+    assert_eq!(sketch["state"][2]["name"], "positive");
+    assert_eq!(sketch["state"][2]["data_type"], "binary");
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {

@@ -77,6 +77,9 @@ stream = {{ kind = "generator", seed = 7, rows = {LOGIN_ROWS}, events_per_second
 [[udfs]]
 path = "{udf}"
 
+[[udfs]]
+path = "{sketch}"
+
 [sink]
 batch = "{name}-batch.parquet"
 stream = "{name}-out"
@@ -86,7 +89,8 @@ checkpoint = "{name}-ckpt"
 trigger = "available-now"
 max_rows_per_epoch = 500
 "#,
-            udf = udf.display()
+            udf = udf.display(),
+            sketch = riffle_tests::udf("sketch").display()
         ),
     )
     .unwrap();
@@ -224,6 +228,27 @@ fn over_window_features_survive_a_crash_at_every_step_of_the_protocol() {
     assert!(
         got == expected,
         "the same features as batch mode, bit for bit"
+    );
+}
+
+/// A Wasm aggregate's state (a quantile sketch per window and country) is checkpointed and
+/// restored as the columns the module declared. The sketch's answer depends only on the
+/// multiset of values, so the comparison with batch mode is exact.
+#[test]
+fn wasm_aggregate_state_survives_a_crash_at_every_step_of_the_protocol() {
+    let dir = tempfile::tempdir().unwrap();
+    write_inputs(dir.path());
+    let query = "SELECT window(ts, '1 minute') AS w, country, count(*) AS n, \
+                 dd_quantile(amount, 0.9) AS p90, dd_quantile(amount, 0.1) AS p10 \
+                 FROM transactions GROUP BY window(ts, '1 minute'), country";
+    let p = pipeline(dir.path(), "agg", query);
+    let expected = batch(&p, "agg");
+    assert!(expected.len() > 100, "{} windows", expected.len());
+    let got = crash_and_finish(&p, "agg", CRASHES);
+    assert_eq!(got.len(), expected.len(), "windows after the crashes");
+    assert!(
+        got == expected,
+        "the same quantiles as batch mode, each window once"
     );
 }
 

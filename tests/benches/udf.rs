@@ -112,6 +112,8 @@ fn main() {
         report("x*2+1", rows, wasm, native);
     }
 
+    aggregates(&engine, &batch);
+
     println!("\nCold start: load a module (read, hash, compile or fetch from cache, describe) and");
     println!("create its first instance\n");
     let cache = std::env::temp_dir().join(format!("riffle-bench-cache-{}", std::process::id()));
@@ -132,6 +134,119 @@ fn main() {
         );
     }
     let _ = std::fs::remove_dir_all(&cache);
+}
+
+/// Wasm aggregates against the same state types compiled natively: 8192-row batches spread
+/// over 1,000 groups. "call" is one `aggregate` call carrying all the groups' states in and
+/// out, as the guest sees it; "groups acc" adds the host's side of a batch `GROUP BY`
+/// (DataFusion's groups accumulator: gathering the touched groups' states from Arrow's row
+/// format and storing them back). Native keeps a `Vec` of states and calls `update` per row.
+fn aggregates(engine: &UdfEngine, batch: &arrow::array::RecordBatch) {
+    use arrow::datatypes::{DataType, Field, Schema, TimestampMicrosecondType};
+    use datafusion::logical_expr::AggregateUDFImpl;
+    use datafusion::logical_expr::function::AccumulatorArgs;
+    use riffle::udf::{AggregateStep, RowErrorPolicy, WasmAggregateUdf};
+    use riffle_udf::Timestamp;
+
+    const ROWS: usize = 8192;
+    const GROUPS: usize = 1000;
+    let amount: ArrayRef = Arc::new(
+        batch
+            .column_by_name("amount")
+            .unwrap()
+            .as_primitive::<Float64Type>()
+            .iter()
+            .take(ROWS)
+            .map(|v| v.unwrap_or(1.0))
+            .collect::<Float64Array>(),
+    );
+    let ts: ArrayRef = batch.column_by_name("ts").unwrap().slice(0, ROWS);
+    let q: ArrayRef = Arc::new(Float64Array::from(vec![0.9; ROWS]));
+    let group_of: Vec<u32> = (0..ROWS as u32)
+        .map(|i| (i * 7919) % GROUPS as u32)
+        .collect();
+    let group_indices: Vec<usize> = group_of.iter().map(|g| *g as usize).collect();
+    let (amounts, times) = (
+        amount.as_primitive::<Float64Type>(),
+        ts.as_primitive::<TimestampMicrosecondType>(),
+    );
+
+    println!("\nWasm aggregate vs the same state type native: {ROWS} rows over {GROUPS} groups\n");
+    println!(
+        "{:<24} {:>12} {:>12} {:>8}",
+        "aggregate", "wasm", "native", "ratio"
+    );
+    let sketch = engine.load(&udf("sketch")).unwrap();
+    let fraud = engine.load(&udf("fraud")).unwrap();
+    let cases: [(&str, &Arc<riffle::udf::UdfModule>, Vec<ArrayRef>); 2] = [
+        ("decayed_avg", &fraud, vec![amount.clone(), ts.clone()]),
+        ("dd_quantile", &sketch, vec![amount.clone(), q.clone()]),
+    ];
+    for (name, module, args) in cases {
+        let index = module.aggregate_index(name).unwrap();
+        let mut states: Vec<ArrayRef> = Vec::new();
+        let call = measure(|| {
+            states = module
+                .aggregate(
+                    index,
+                    AggregateStep::Update,
+                    GROUPS,
+                    &states,
+                    &group_of,
+                    &args,
+                )
+                .unwrap();
+        });
+        let udaf = WasmAggregateUdf::new(module.clone(), index, RowErrorPolicy::Fail);
+        let schema = Schema::new(vec![Field::new("x", DataType::Float64, true)]);
+        let mut acc = udaf
+            .create_groups_accumulator(AccumulatorArgs {
+                return_field: Arc::new(Field::new(name, DataType::Float64, true)),
+                schema: &schema,
+                ignore_nulls: false,
+                order_bys: &[],
+                is_reversed: false,
+                name,
+                is_distinct: false,
+                exprs: &[],
+                expr_fields: &[],
+            })
+            .unwrap();
+        let groups_acc = measure(|| {
+            acc.update_batch(&args, &group_indices, None, GROUPS)
+                .unwrap();
+        });
+        let native = match name {
+            "decayed_avg" => {
+                let mut states = vec![riffle_udfs_fraud::DecayedAvg::default(); GROUPS];
+                measure(|| {
+                    for (i, g) in group_of.iter().enumerate() {
+                        states[*g as usize].update(amounts.value(i), Timestamp(times.value(i)));
+                    }
+                    black_box(&states);
+                })
+            }
+            _ => {
+                let mut states = vec![riffle_udfs_sketch::DdQuantile::default(); GROUPS];
+                measure(|| {
+                    for (i, g) in group_of.iter().enumerate() {
+                        states[*g as usize].update(amounts.value(i), 0.9);
+                    }
+                    black_box(&states);
+                })
+            }
+        };
+        let us = |d: Duration| format!("{:.1} µs", d.as_secs_f64() * 1e6);
+        for (what, wasm) in [("call", call), ("groups acc", groups_acc)] {
+            println!(
+                "{:<24} {:>12} {:>12} {:>7.2}x",
+                format!("{name} ({what})"),
+                us(wasm),
+                us(native),
+                wasm.as_secs_f64() / native.as_secs_f64()
+            );
+        }
+    }
 }
 
 /// Cold starts are slow and few: the median of 9.

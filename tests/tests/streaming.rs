@@ -64,7 +64,7 @@ const GOLDEN: &[Golden] = &[
     Golden {
         name: "session windows per key",
         sql: "SELECT session_window(ts, '20 seconds') AS s, card_id % 40 AS k, count(*) AS n, \
-              sum(amount) AS total \
+              sum(amount) AS total, dd_quantile(amount, 0.5) AS median \
               FROM transactions GROUP BY session_window(ts, '20 seconds'), card_id % 40",
         mode: OutputMode::Append,
         key_columns: 2,
@@ -77,6 +77,24 @@ const GOLDEN: &[Golden] = &[
               FROM transactions GROUP BY country HAVING count(*) > 10",
         mode: OutputMode::Update,
         key_columns: 1,
+        approximate: true,
+    },
+    Golden {
+        name: "Wasm aggregates in a tumbling window: decayed average and quantile sketch",
+        sql: "SELECT window(ts, '1 minute') AS w, country, count(*) AS n, \
+              decayed_avg(amount, ts) AS recent, dd_quantile(amount, 0.9) AS p90 \
+              FROM transactions GROUP BY window(ts, '1 minute'), country",
+        mode: OutputMode::Append,
+        key_columns: 2,
+        approximate: true,
+    },
+    Golden {
+        name: "Wasm aggregates per key in update mode, in a hopping window",
+        sql: "SELECT window(ts, '2 minutes', '1 minute') AS w, card_id % 25 AS k, \
+              decayed_avg(amount, ts) AS recent, dd_quantile(amount, 0.5) AS median \
+              FROM transactions GROUP BY window(ts, '2 minutes', '1 minute'), card_id % 25",
+        mode: OutputMode::Update,
+        key_columns: 2,
         approximate: true,
     },
     Golden {
@@ -282,9 +300,11 @@ fn merchants() -> RecordBatch {
 
 fn session() -> RiffleSession {
     let session = common::session(RowErrorPolicy::Null);
-    session
-        .load_udfs(&common::udf("fraud"), Vec::new(), None)
-        .unwrap();
+    for name in ["fraud", "sketch"] {
+        session
+            .load_udfs(&common::udf(name), Vec::new(), None)
+            .unwrap();
+    }
     let m = merchants();
     common::register_batch(&session, "merchants", &m);
     session

@@ -1,9 +1,13 @@
-//! The `#[scalar]` attribute of the `riffle-udf` guest SDK.
+//! The `#[scalar]` and `#[aggregate]` attributes and `#[derive(AggregateState)]` of the
+//! `riffle-udf` guest SDK.
 //!
-//! It leaves the author's function untouched (so it stays a plain, natively testable Rust
-//! function) and generates, next to it, a module of the same name (modules and functions live
-//! in different namespaces) holding the function's self-description and its batch loop. The
-//! `export_udfs!` macro then refers to `name::__riffle_info` and `name::__riffle_call`.
+//! They leave the author's code untouched (so it stays plain, natively testable Rust) and
+//! generate, next to it, a module holding the function's self-description and its batch entry
+//! points: for a scalar, a module of the function's own name (modules and functions live in
+//! different namespaces); for an aggregate, a module named after the state type in snake case.
+//! The `export_udfs!` macro then calls each listed module's `__riffle_register`.
+
+mod aggregate;
 
 use proc_macro::TokenStream;
 use proc_macro2::Span;
@@ -30,12 +34,39 @@ pub fn scalar(attr: TokenStream, item: TokenStream) -> TokenStream {
     }
 }
 
-struct Options {
-    name: Option<String>,
-    deterministic: bool,
+/// Turns an `impl` block of an aggregate's state type into a Riffle aggregate UDF.
+///
+/// The type must implement `AggregateState` (derive it) and `Default` (the empty state). The
+/// block must define `fn update(&mut self, a: A, ...)` with argument types as for `#[scalar]`,
+/// `fn merge(&mut self, other: Self)`, and `fn finish(&self) -> R` with a result type as for
+/// `#[scalar]` (a `Result` error is the group's error); it may define `fn retract(&mut self,
+/// a: A, ...)` with the same arguments as `update`, which makes the aggregate usable in sliding
+/// OVER frames. Options as for `#[scalar]`; the default SQL name is the type's name in snake
+/// case.
+#[proc_macro_attribute]
+pub fn aggregate(attr: TokenStream, item: TokenStream) -> TokenStream {
+    match parse_options(attr.into()).and_then(|o| aggregate::expand(o, item.into())) {
+        Ok(tokens) => tokens.into(),
+        Err(e) => e.to_compile_error().into(),
+    }
 }
 
-fn parse_options(attr: proc_macro2::TokenStream) -> syn::Result<Options> {
+/// Derives `AggregateState` for a struct with named fields of state value types: the fields,
+/// in order, are the state's columns.
+#[proc_macro_derive(AggregateState)]
+pub fn derive_aggregate_state(item: TokenStream) -> TokenStream {
+    match aggregate::derive_state(item.into()) {
+        Ok(tokens) => tokens.into(),
+        Err(e) => e.to_compile_error().into(),
+    }
+}
+
+pub(crate) struct Options {
+    pub(crate) name: Option<String>,
+    pub(crate) deterministic: bool,
+}
+
+pub(crate) fn parse_options(attr: proc_macro2::TokenStream) -> syn::Result<Options> {
     let mut options = Options {
         name: None,
         deterministic: true,
@@ -63,8 +94,12 @@ fn parse_options(attr: proc_macro2::TokenStream) -> syn::Result<Options> {
 
 /// The function's `///` comments, joined as they would appear in rustdoc.
 fn doc_of(item: &ItemFn) -> String {
-    let lines: Vec<String> = item
-        .attrs
+    doc_of_attrs(&item.attrs)
+}
+
+/// `///` comments among `attrs`, joined as they would appear in rustdoc.
+pub(crate) fn doc_of_attrs(attrs: &[syn::Attribute]) -> String {
+    let lines: Vec<String> = attrs
         .iter()
         .filter(|a| a.path().is_ident("doc"))
         .filter_map(|a| match &a.meta {
@@ -148,6 +183,10 @@ fn expand(
         #[allow(non_snake_case, unused_imports, unused_variables, clippy::all)]
         #vis mod #ident {
             use super::*;
+
+            pub fn __riffle_register(registry: &mut ::riffle_udf::__private::Registry) {
+                registry.scalar(__riffle_info, __riffle_call);
+            }
 
             pub fn __riffle_info() -> ::riffle_udf::FunctionInfo {
                 ::riffle_udf::__private::function_info::<#ret>(

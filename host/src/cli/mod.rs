@@ -550,6 +550,7 @@ fn inspect(path: &Path, json: bool) -> Result<()> {
             "has_init": spec.has_init,
             "deterministic": spec.deterministic,
             "functions": spec.functions,
+            "aggregates": spec.aggregates,
         });
         println!(
             "{}",
@@ -587,6 +588,23 @@ fn inspect(path: &Path, json: bool) -> Result<()> {
         println!("  {}{det}", f.signature());
         for line in f.doc.lines() {
             println!("      {line}");
+        }
+    }
+    if !spec.aggregates.is_empty() {
+        println!("aggregates ({}):", spec.aggregates.len());
+        for a in &spec.aggregates {
+            let mut notes = String::new();
+            if a.retractable {
+                notes.push_str("  [retractable]");
+            }
+            if !a.deterministic {
+                notes.push_str("  [nondeterministic]");
+            }
+            println!("  {}{notes}", a.signature());
+            println!("      state: {}", a.state_schema());
+            for line in a.doc.lines() {
+                println!("      {line}");
+            }
         }
     }
     Ok(())
@@ -684,11 +702,11 @@ async fn sql(args: SqlArgs) -> Result<()> {
         }
     }
     for module in session.modules() {
-        for (i, f) in module.spec().functions.iter().enumerate() {
+        for (i, name) in module.counted() {
             let s = module.stats(i);
             if s.calls > 0 {
                 tracing::info!(
-                    udf = %f.name,
+                    udf = %name,
                     calls = s.calls,
                     rows = s.rows,
                     ms = s.nanos as f64 / 1e6,

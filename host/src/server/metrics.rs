@@ -423,13 +423,13 @@ impl Metrics {
                     ("file", module.file_name().to_string()),
                 ])
                 .set(module.live_instances() as i64);
-            for (i, f) in module.spec().functions.iter().enumerate() {
+            for (i, name) in module.counted() {
                 let now = module.stats(i);
                 let seen = self
                     .udf_seen
                     .entry((Arc::as_ptr(module) as usize, i))
                     .or_default();
-                let labels = vec![("function", f.name.clone()), ("module", hash.clone())];
+                let labels = vec![("function", name.to_string()), ("module", hash.clone())];
                 // Counters only go up: what was seen is never lowered.
                 let add = |c: &Count, new: u64, old: &mut u64| {
                     c.get_or_create(&labels).inc_by(new.saturating_sub(*old));

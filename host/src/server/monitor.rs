@@ -430,6 +430,20 @@ impl Monitor {
                             })
                         })
                         .collect();
+                    let aggregates: Vec<Value> = m
+                        .spec()
+                        .aggregates
+                        .iter()
+                        .enumerate()
+                        .map(|(i, a)| {
+                            json!({
+                                "name": a.name,
+                                "signature": a.signature(),
+                                "state": a.state_schema(),
+                                "stats": m.aggregate_stats(i),
+                            })
+                        })
+                        .collect();
                     json!({
                         "file": m.file_name(),
                         "path": m.path(),
@@ -437,6 +451,7 @@ impl Monitor {
                         "config_sha256": m.config_hash(),
                         "instances": m.live_instances(),
                         "functions": functions,
+                        "aggregates": aggregates,
                     })
                 })
                 .collect(),

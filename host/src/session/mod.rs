@@ -152,12 +152,13 @@ impl RiffleSession {
         let module = self.engine.load_with_config(path, config)?;
         if let Some(names) = only {
             for name in names {
-                if module.function_index(name).is_none() {
-                    let available: Vec<&str> = module
-                        .spec()
+                if module.function_index(name).is_none() && module.aggregate_index(name).is_none() {
+                    let spec = module.spec();
+                    let available: Vec<&str> = spec
                         .functions
                         .iter()
                         .map(|f| f.name.as_str())
+                        .chain(spec.aggregates.iter().map(|a| a.name.as_str()))
                         .collect();
                     return Err(RiffleError::Config(format!(
                         "{} exports no function {name} (it has: {})",
@@ -179,10 +180,23 @@ impl RiffleSession {
                     WasmScalarUdf::new(module.clone(), i, self.policy),
                 ));
         }
+        for (i, _) in module
+            .spec()
+            .aggregates
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| only.is_none_or(|names| names.contains(&f.name)))
+        {
+            self.ctx
+                .register_udaf(datafusion::logical_expr::AggregateUDF::new_from_impl(
+                    crate::udf::WasmAggregateUdf::new(module.clone(), i, self.policy),
+                ));
+        }
         tracing::info!(
             module = %path.display(),
             sha256 = module.hash(),
             functions = module.spec().functions.len(),
+            aggregates = module.spec().aggregates.len(),
             "loaded UDF module"
         );
         self.modules

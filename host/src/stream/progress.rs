@@ -158,10 +158,10 @@ impl EpochProgress {
     ) -> Self {
         let mut udfs = Vec::new();
         for module in modules {
-            for (i, f) in module.spec().functions.iter().enumerate() {
+            for (i, name) in module.counted() {
                 let s = module.stats(i);
                 udfs.push(UdfProgress {
-                    name: f.name.clone(),
+                    name: name.to_string(),
                     module: module.hash().chars().take(12).collect(),
                     calls: s.calls,
                     rows: s.rows,

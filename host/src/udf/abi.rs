@@ -157,6 +157,12 @@ impl UdfType {
 /// the wasmtime version is pinned exactly in Cargo.toml.
 pub(crate) struct WitList<T: ArrowNativeType>(ScalarBuffer<T>);
 
+impl<T: ArrowNativeType> WitList<T> {
+    pub(crate) fn new(values: ScalarBuffer<T>) -> Self {
+        WitList(values)
+    }
+}
+
 /// `ComponentType` for a newtype that crosses the boundary exactly as `list<T>` does.
 macro_rules! list_component_type {
     ($($name:ident),*) => {$(

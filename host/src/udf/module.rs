@@ -14,16 +14,19 @@ use serde::Serialize;
 use wasmtime::component::{Component, InstancePre, TypedFunc};
 use wasmtime::{Store, Trap};
 
-use super::abi::{CallErrorOut, CallOutputOut, ColumnIn, UdfType, lift_column, lower_column};
-use super::bindings::{Udf, riffle::udf::types as wire};
+use super::abi::{
+    CallErrorOut, CallOutputOut, ColumnIn, ColumnOut, UdfType, WitList, lift_column, lower_column,
+};
+use super::bindings::{Scalars, riffle::udf::types as wire};
 use super::engine::UdfEngine;
 use super::sandbox::HostState;
 use crate::error::{Result, RiffleError, UdfFailureKind};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 
-/// Version of `wit/udf.wit` this host implements.
-pub const ABI_VERSION: u32 = 1;
+/// Version of `wit/udf.wit` this host implements: 2 is `riffle:udf@0.2.0` (aggregates). It also
+/// loads modules of version 1 (`riffle:udf@0.1.0`, scalars only), whose contract 0.2.0 kept.
+pub const ABI_VERSION: u32 = 2;
 
 /// Most instances kept idle per module; more are created under load and dropped after.
 const MAX_IDLE_INSTANCES: usize = 32;
@@ -80,6 +83,79 @@ impl FunctionSpec {
     }
 }
 
+/// One column of an aggregate's state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct StateFieldSpec {
+    /// Field name in the UDF's source.
+    pub name: String,
+    /// Column type.
+    pub data_type: UdfType,
+    /// The column may hold NULLs.
+    pub nullable: bool,
+}
+
+/// One aggregate function of a module, as the module describes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct AggregateSpec {
+    /// SQL name.
+    pub name: String,
+    /// Aggregated arguments in order.
+    pub args: Vec<ArgSpec>,
+    /// Result type.
+    pub returns: UdfType,
+    /// The result may be NULL.
+    pub returns_null: bool,
+    /// Finishing a group may fail (a row error for that group).
+    pub fallible: bool,
+    /// The state of one group: its columns.
+    pub state: Vec<StateFieldSpec>,
+    /// Rows can be taken back out of a state (sliding OVER frames).
+    pub retractable: bool,
+    /// Same inputs give the same output.
+    pub deterministic: bool,
+    /// Documentation from the UDF's source.
+    pub doc: String,
+}
+
+impl AggregateSpec {
+    /// `name(amount DOUBLE) -> DOUBLE`, as `udf inspect` shows it.
+    pub fn signature(&self) -> String {
+        FunctionSpec {
+            name: self.name.clone(),
+            args: self.args.clone(),
+            returns: self.returns,
+            returns_null: self.returns_null,
+            fallible: self.fallible,
+            deterministic: self.deterministic,
+            doc: String::new(),
+        }
+        .signature()
+    }
+
+    /// `sum DOUBLE, weight DOUBLE, last TIMESTAMP NULL`: the state's columns.
+    pub fn state_schema(&self) -> String {
+        self.state
+            .iter()
+            .map(|f| {
+                let null = if f.nullable { " NULL" } else { "" };
+                format!("{} {}{null}", f.name, f.data_type.sql_name())
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// What an aggregate call does with its rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AggregateStep {
+    /// Add argument rows to their groups.
+    Update,
+    /// Take argument rows back out of their groups.
+    Retract,
+    /// The rows are partial states: merge each into its group.
+    Merge,
+}
+
 /// What a module says about itself.
 #[derive(Clone, Debug, Serialize)]
 pub struct ModuleSpec {
@@ -94,6 +170,8 @@ pub struct ModuleSpec {
     pub deterministic: bool,
     /// Its functions, in call-index order.
     pub functions: Vec<FunctionSpec>,
+    /// Its aggregate functions, in call-index order (none before contract 0.2.0).
+    pub aggregates: Vec<AggregateSpec>,
 }
 
 /// Counters for one function, for progress reports and metrics.
@@ -141,11 +219,25 @@ pub struct UdfOutput {
 }
 
 type CallFunc = TypedFunc<(u32, u32, Vec<ColumnIn>), (Result<CallOutputOut, CallErrorOut>,)>;
+type AggregateFunc = TypedFunc<
+    (
+        u32,
+        wire::AggregateStep,
+        u32,
+        Vec<ColumnIn>,
+        WitList<u32>,
+        Vec<ColumnIn>,
+    ),
+    (Result<Vec<ColumnOut>, CallErrorOut>,),
+>;
+type FinishFunc = TypedFunc<(u32, u32, Vec<ColumnIn>), (Result<CallOutputOut, CallErrorOut>,)>;
 
 /// A live instance with its own store (memory, sandbox, limits).
 struct Instance {
     store: Store<HostState>,
     call: CallFunc,
+    /// The aggregate entry points, when the module has aggregates.
+    aggregates: Option<(AggregateFunc, FinishFunc)>,
     /// The module's count of live instances, which this one leaves when dropped (after a
     /// trap, or when the idle pool is full).
     live: Arc<AtomicU64>,
@@ -199,9 +291,7 @@ impl UdfModule {
             path: path.to_path_buf(),
             file_name,
             hash,
-            stats: spec
-                .functions
-                .iter()
+            stats: (0..spec.functions.len() + spec.aggregates.len())
                 .map(|_| FunctionStats::default())
                 .collect(),
             spec,
@@ -248,7 +338,29 @@ impl UdfModule {
         self.spec.functions.iter().position(|f| f.name == name)
     }
 
-    /// Counters of function `index`.
+    /// Index of the aggregate function named `name`.
+    pub fn aggregate_index(&self, name: &str) -> Option<usize> {
+        self.spec.aggregates.iter().position(|f| f.name == name)
+    }
+
+    /// Every function and aggregate by name, with the index of its counters for
+    /// [`stats`](Self::stats): functions first, then aggregates.
+    pub fn counted(&self) -> impl Iterator<Item = (usize, &str)> {
+        self.spec
+            .functions
+            .iter()
+            .map(|f| f.name.as_str())
+            .chain(self.spec.aggregates.iter().map(|a| a.name.as_str()))
+            .enumerate()
+    }
+
+    /// Counters of aggregate `index` (rows are the rows updated, retracted or merged).
+    pub fn aggregate_stats(&self, index: usize) -> StatsSnapshot {
+        self.stats(self.spec.functions.len() + index)
+    }
+
+    /// Counters of function `index` (or, past the functions, of an aggregate: see
+    /// [`counted`](Self::counted)).
     pub fn stats(&self, index: usize) -> StatsSnapshot {
         let s = &self.stats[index];
         StatsSnapshot {
@@ -284,7 +396,7 @@ impl UdfModule {
             .instantiate(&mut store)
             .map_err(|e| self.failure("<instantiate>", e, &mut store, limits.init_timeout))?;
         if self.spec.has_init {
-            let udf = Udf::new(&mut store, &instance)
+            let udf = Scalars::new(&mut store, &instance)
                 .map_err(|e| self.failure("<init>", e, &mut store, limits.init_timeout))?;
             match udf.call_init(&mut store, &self.config) {
                 Ok(Ok(())) => {}
@@ -302,10 +414,27 @@ impl UdfModule {
                 format!("{e:#}"),
             )
         })?;
+        let aggregates = if self.spec.aggregates.is_empty() {
+            None
+        } else {
+            let abi = |e: wasmtime::Error| {
+                self.error(
+                    "<instantiate>",
+                    UdfFailureKind::AbiViolation,
+                    format!("{e:#}"),
+                )
+            };
+            let aggregate = instance
+                .get_typed_func(&mut store, "aggregate")
+                .map_err(abi)?;
+            let finish = instance.get_typed_func(&mut store, "finish").map_err(abi)?;
+            Some((aggregate, finish))
+        };
         self.live.fetch_add(1, Ordering::Relaxed);
         Ok(Instance {
             store,
             call,
+            aggregates,
             live: self.live.clone(),
         })
     }
@@ -384,17 +513,101 @@ impl UdfModule {
             .ok_or_else(|| RiffleError::Internal(format!("no UDF with index {index}")))?;
         let started = Instant::now();
         let result = outside_async_runtime(|| self.call_inner(function, index, rows, args));
-        let stats = &self.stats[index];
+        self.count(index, rows, started, &result, |out| out.row_errors.len());
+        result
+    }
+
+    /// Runs one step of aggregate `index` over a batch: `states` holds the current states of
+    /// `groups` groups (each column `groups` rows, typed as the aggregate's state; empty for
+    /// all-fresh groups), `group_of` the group of each row, `args` the rows (argument columns,
+    /// or state columns for [`AggregateStep::Merge`]). Returns the new states of the groups.
+    ///
+    /// # Errors
+    /// As [`UdfModule::call`].
+    pub fn aggregate(
+        &self,
+        index: usize,
+        step: AggregateStep,
+        groups: usize,
+        states: &[ArrayRef],
+        group_of: &[u32],
+        args: &[ArrayRef],
+    ) -> Result<Vec<ArrayRef>> {
+        let spec = self
+            .spec
+            .aggregates
+            .get(index)
+            .ok_or_else(|| RiffleError::Internal(format!("no aggregate with index {index}")))?;
+        let started = Instant::now();
+        let result = outside_async_runtime(|| {
+            self.aggregate_inner(spec, index, step, groups, states, group_of, args)
+        });
+        self.count(
+            self.spec.functions.len() + index,
+            group_of.len(),
+            started,
+            &result,
+            |_| 0,
+        );
+        result
+    }
+
+    /// The final values of `groups` states of aggregate `index` (an empty `states` means all
+    /// fresh). A group whose `finish` failed is NULL with a row error for its index.
+    ///
+    /// # Errors
+    /// As [`UdfModule::call`].
+    pub fn finish(&self, index: usize, groups: usize, states: &[ArrayRef]) -> Result<UdfOutput> {
+        let spec = self
+            .spec
+            .aggregates
+            .get(index)
+            .ok_or_else(|| RiffleError::Internal(format!("no aggregate with index {index}")))?;
+        let started = Instant::now();
+        let result = outside_async_runtime(|| {
+            let states = self.lower_states(spec, groups, states)?;
+            let output = self.run(&spec.name, |instance| {
+                let (_, finish) = instance
+                    .aggregates
+                    .as_ref()
+                    .expect("aggregate entry points");
+                finish
+                    .call(&mut instance.store, (index as u32, groups as u32, states))
+                    .map(|(out,)| out)
+            })?;
+            let output = self.guest_result(&spec.name, output)?;
+            self.lift_output(&spec.name, output, spec.returns, groups)
+        });
+        self.count(
+            self.spec.functions.len() + index,
+            0,
+            started,
+            &result,
+            |out| out.row_errors.len(),
+        );
+        result
+    }
+
+    /// Adds one call to the counters of entry `stat`.
+    fn count<T>(
+        &self,
+        stat: usize,
+        rows: usize,
+        started: Instant,
+        result: &Result<T>,
+        row_errors: impl Fn(&T) -> usize,
+    ) {
+        let stats = &self.stats[stat];
         stats.calls.fetch_add(1, Ordering::Relaxed);
         stats.rows.fetch_add(rows as u64, Ordering::Relaxed);
         stats
             .nanos
             .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        match &result {
+        match result {
             Ok(out) => {
                 stats
                     .row_errors
-                    .fetch_add(out.row_errors.len() as u64, Ordering::Relaxed);
+                    .fetch_add(row_errors(out) as u64, Ordering::Relaxed);
             }
             Err(e) => {
                 stats.failures.fetch_add(1, Ordering::Relaxed);
@@ -411,7 +624,192 @@ impl UdfModule {
                 };
             }
         }
-        result
+    }
+
+    /// Runs `f` on a pooled instance under the call time limit. The instance goes back to the
+    /// pool only when the call returned in time; after a trap its state is undefined.
+    fn run<T>(
+        &self,
+        function: &str,
+        f: impl FnOnce(&mut Instance) -> wasmtime::Result<T>,
+    ) -> Result<T> {
+        let mut instance = self.checkout()?;
+        let timeout = self.engine.limits().call_timeout;
+        instance
+            .store
+            .set_epoch_deadline(UdfEngine::deadline_ticks(timeout));
+        instance.store.data_mut().deadline = Some(Instant::now() + timeout);
+        instance
+            .store
+            .data()
+            .overslept
+            .store(false, Ordering::Relaxed);
+        let result = f(&mut instance);
+        let overslept = instance.store.data().overslept.load(Ordering::Relaxed);
+        match result {
+            Ok(_) if overslept => {
+                self.drain_output(function, &mut instance.store);
+                Err(self.error(
+                    function,
+                    UdfFailureKind::Timeout(timeout),
+                    "slept past the deadline".into(),
+                ))
+            }
+            Ok(value) => {
+                self.drain_output(function, &mut instance.store);
+                self.checkin(instance);
+                Ok(value)
+            }
+            Err(e) => Err(self.failure(function, e, &mut instance.store, timeout)),
+        }
+    }
+
+    /// Maps an error the guest returned (rather than a trap).
+    fn guest_result<T>(
+        &self,
+        function: &str,
+        result: std::result::Result<T, CallErrorOut>,
+    ) -> Result<T> {
+        result.map_err(|e| match e {
+            CallErrorOut::Failed(message) => self.error(function, UdfFailureKind::Guest, message),
+            CallErrorOut::NoSuchFunction(i) => {
+                RiffleError::Internal(format!("module has no function {i}"))
+            }
+            CallErrorOut::BadArguments(message) => RiffleError::Internal(format!(
+                "{function} rejected the arguments the host passed: {message}"
+            )),
+        })
+    }
+
+    /// Lifts a column of `rows` results and checks its row errors.
+    fn lift_output(
+        &self,
+        function: &str,
+        output: CallOutputOut,
+        returns: UdfType,
+        rows: usize,
+    ) -> Result<UdfOutput> {
+        let array = lift_column(output.column, returns, rows)
+            .map_err(|e| self.error(function, UdfFailureKind::AbiViolation, e))?;
+        let mut row_errors = Vec::with_capacity(output.row_errors.len());
+        for e in output.row_errors {
+            let row = e.row as usize;
+            if row >= rows || array.is_valid(row) {
+                return Err(self.error(
+                    function,
+                    UdfFailureKind::AbiViolation,
+                    format!("row error for row {row}, which is out of range or not NULL"),
+                ));
+            }
+            row_errors.push((row, e.message));
+        }
+        Ok(UdfOutput { array, row_errors })
+    }
+
+    /// Lowers `groups` states of `spec` (or none, for all-fresh groups).
+    fn lower_states(
+        &self,
+        spec: &AggregateSpec,
+        groups: usize,
+        states: &[ArrayRef],
+    ) -> Result<Vec<ColumnIn>> {
+        if states.is_empty() {
+            return Ok(Vec::new());
+        }
+        lower_all(
+            states,
+            spec.state.iter().map(|f| (&f.name, f.data_type)),
+            groups,
+        )
+        .map_err(|e| RiffleError::Internal(format!("{} state: {e}", spec.name)))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn aggregate_inner(
+        &self,
+        spec: &AggregateSpec,
+        index: usize,
+        step: AggregateStep,
+        groups: usize,
+        states: &[ArrayRef],
+        group_of: &[u32],
+        args: &[ArrayRef],
+    ) -> Result<Vec<ArrayRef>> {
+        if step == AggregateStep::Retract && !spec.retractable {
+            return Err(RiffleError::Internal(format!(
+                "{} cannot retract rows",
+                spec.name
+            )));
+        }
+        let lowered_states = self.lower_states(spec, groups, states)?;
+        let rows = group_of.len();
+        let lowered_args = match step {
+            AggregateStep::Merge => lower_all(
+                args,
+                spec.state.iter().map(|f| (&f.name, f.data_type)),
+                rows,
+            ),
+            AggregateStep::Update | AggregateStep::Retract => {
+                lower_all(args, spec.args.iter().map(|a| (&a.name, a.data_type)), rows)
+            }
+        }
+        .map_err(|e| RiffleError::Internal(format!("{}: {e}", spec.name)))?;
+        let wire_step = match step {
+            AggregateStep::Update => wire::AggregateStep::Update,
+            AggregateStep::Retract => wire::AggregateStep::Retract,
+            AggregateStep::Merge => wire::AggregateStep::Merge,
+        };
+        let group_of = WitList::new(group_of.to_vec().into());
+        let output = self.run(&spec.name, |instance| {
+            let (aggregate, _) = instance
+                .aggregates
+                .as_ref()
+                .expect("aggregate entry points");
+            aggregate
+                .call(
+                    &mut instance.store,
+                    (
+                        index as u32,
+                        wire_step,
+                        groups as u32,
+                        lowered_states,
+                        group_of,
+                        lowered_args,
+                    ),
+                )
+                .map(|(out,)| out)
+        })?;
+        let columns = self.guest_result(&spec.name, output)?;
+        if columns.len() != spec.state.len() {
+            return Err(self.error(
+                &spec.name,
+                UdfFailureKind::AbiViolation,
+                format!(
+                    "returned {} state columns, its state has {}",
+                    columns.len(),
+                    spec.state.len()
+                ),
+            ));
+        }
+        columns
+            .into_iter()
+            .zip(&spec.state)
+            .map(|(column, field)| {
+                let array = lift_column(column, field.data_type, groups)
+                    .map_err(|e| self.error(&spec.name, UdfFailureKind::AbiViolation, e))?;
+                if !field.nullable && array.null_count() > 0 {
+                    return Err(self.error(
+                        &spec.name,
+                        UdfFailureKind::AbiViolation,
+                        format!(
+                            "state field {} is not nullable but came back NULL",
+                            field.name
+                        ),
+                    ));
+                }
+                Ok(array)
+            })
+            .collect()
     }
 
     fn call_inner(
@@ -429,83 +827,20 @@ impl UdfModule {
                 args.len()
             )));
         }
-        let columns = args
-            .iter()
-            .zip(&function.args)
-            .map(|(array, arg)| {
-                if array.len() != rows {
-                    return Err(format!(
-                        "argument {} has {} rows, not {rows}",
-                        arg.name,
-                        array.len()
-                    ));
-                }
-                lower_column(array, arg.data_type)
-            })
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| RiffleError::Internal(format!("{}: {e}", function.name)))?;
-
-        let mut instance = self.checkout()?;
-        let timeout = self.engine.limits().call_timeout;
-        instance
-            .store
-            .set_epoch_deadline(UdfEngine::deadline_ticks(timeout));
-        instance.store.data_mut().deadline = Some(Instant::now() + timeout);
-        instance
-            .store
-            .data()
-            .overslept
-            .store(false, Ordering::Relaxed);
-        let result = instance
-            .call
-            .call(&mut instance.store, (index as u32, rows as u32, columns));
-        let overslept = instance.store.data().overslept.load(Ordering::Relaxed);
-        let output = match result {
-            Ok(_) if overslept => {
-                self.drain_output(&function.name, &mut instance.store);
-                return Err(self.error(
-                    &function.name,
-                    UdfFailureKind::Timeout(timeout),
-                    "slept past the deadline".into(),
-                ));
-            }
-            Ok((output,)) => {
-                self.drain_output(&function.name, &mut instance.store);
-                self.checkin(instance);
-                output
-            }
-            Err(e) => {
-                // The instance is dropped here: after a trap its state is undefined.
-                return Err(self.failure(&function.name, e, &mut instance.store, timeout));
-            }
-        };
-        let output = output.map_err(|e| match e {
-            CallErrorOut::Failed(message) => {
-                self.error(&function.name, UdfFailureKind::Guest, message)
-            }
-            CallErrorOut::NoSuchFunction(i) => {
-                RiffleError::Internal(format!("module has no function {i}"))
-            }
-            CallErrorOut::BadArguments(message) => RiffleError::Internal(format!(
-                "{} rejected the arguments the host passed: {message}",
-                function.name
-            )),
+        let columns = lower_all(
+            args,
+            function.args.iter().map(|a| (&a.name, a.data_type)),
+            rows,
+        )
+        .map_err(|e| RiffleError::Internal(format!("{}: {e}", function.name)))?;
+        let output = self.run(&function.name, |instance| {
+            instance
+                .call
+                .call(&mut instance.store, (index as u32, rows as u32, columns))
+                .map(|(out,)| out)
         })?;
-        let array = lift_column(output.column, function.returns, rows)
-            .map_err(|e| self.error(&function.name, UdfFailureKind::AbiViolation, e))?;
-        let mut row_errors = Vec::with_capacity(output.row_errors.len());
-        for e in output.row_errors {
-            let row = e.row as usize;
-            if row >= rows || array.is_valid(row) {
-                return Err(self.error(
-                    &function.name,
-                    UdfFailureKind::AbiViolation,
-                    format!("row error for row {row}, which is out of range or not NULL"),
-                ));
-            }
-            row_errors.push((row, e.message));
-        }
-        Ok(UdfOutput { array, row_errors })
+        let output = self.guest_result(&function.name, output)?;
+        self.lift_output(&function.name, output, function.returns, rows)
     }
 
     fn checkout(&self) -> Result<Instance> {
@@ -522,6 +857,31 @@ impl UdfModule {
             pool.push(instance);
         }
     }
+}
+
+/// Lowers columns of `rows` rows, each with its declared name and type.
+fn lower_all<'a>(
+    arrays: &[ArrayRef],
+    declared: impl ExactSizeIterator<Item = (&'a String, UdfType)>,
+    rows: usize,
+) -> std::result::Result<Vec<ColumnIn>, String> {
+    if arrays.len() != declared.len() {
+        return Err(format!(
+            "{} columns passed, {} declared",
+            arrays.len(),
+            declared.len()
+        ));
+    }
+    arrays
+        .iter()
+        .zip(declared)
+        .map(|(array, (name, ty))| {
+            if array.len() != rows {
+                return Err(format!("{name} has {} rows, not {rows}", array.len()));
+            }
+            lower_column(array, ty)
+        })
+        .collect()
 }
 
 /// Runs `f`, which calls into Wasm, outside any tokio runtime's context.
@@ -569,57 +929,97 @@ pub(crate) fn describe(
     store.limiter(|s| &mut s.memory);
     store.set_epoch_deadline(UdfEngine::deadline_ticks(engine.limits().init_timeout));
     store.epoch_deadline_trap();
-    let info = pre
+    let (info, aggregates) = pre
         .instantiate(&mut store)
-        .and_then(|instance| Udf::new(&mut store, &instance))
-        .and_then(|udf| udf.call_describe(&mut store))
+        .and_then(|instance| {
+            let info = Scalars::new(&mut store, &instance)?.call_describe(&mut store)?;
+            // Aggregates came with contract 0.2.0; a 0.1.0 module has no such export.
+            let aggregates = match instance.get_func(&mut store, "describe-aggregates") {
+                Some(f) => {
+                    let f = f.typed::<(), (Vec<wire::AggregateInfo>,)>(&store)?;
+                    f.call(&mut store, ())?.0
+                }
+                None => Vec::new(),
+            };
+            Ok((info, aggregates))
+        })
         .map_err(|e| {
             invalid(format!(
                 "it is not a Riffle UDF module (describe failed): {e:#}"
             ))
         })?;
-    let spec = validate(info).map_err(invalid)?;
+    if info.abi_version >= 2 && !has_aggregate_exports(component, engine) {
+        return Err(invalid(
+            "it says it was built for contract 0.2.0 but does not export its aggregate entry \
+             points"
+                .into(),
+        ));
+    }
+    let spec = validate(info, aggregates).map_err(invalid)?;
     Ok((pre, spec))
 }
 
-/// Checks a module's self-description before anything is registered.
-fn validate(info: wire::ModuleInfo) -> std::result::Result<ModuleSpec, String> {
-    if info.abi_version != ABI_VERSION {
+/// Whether a component exports the aggregate entry points of contract 0.2.0.
+fn has_aggregate_exports(component: &Component, engine: &UdfEngine) -> bool {
+    let ty = component.component_type();
+    let names: Vec<&str> = ty.exports(engine.engine()).map(|(name, _)| name).collect();
+    ["describe-aggregates", "aggregate", "finish"]
+        .iter()
+        .all(|n| names.contains(n))
+}
+
+/// Checks a name a module gives a function: it must be usable unquoted in SQL.
+fn check_name(name: &str, taken: &[&str]) -> std::result::Result<(), String> {
+    let valid = !name.is_empty()
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !name.starts_with(|c: char| c.is_ascii_digit());
+    if !valid {
         return Err(format!(
-            "it was built for Riffle UDF ABI version {} ({}); this host speaks version {ABI_VERSION}",
+            "function name {name:?} is not a valid SQL identifier"
+        ));
+    }
+    if taken.contains(&name) {
+        return Err(format!("function {name} is exported twice"));
+    }
+    Ok(())
+}
+
+fn arg_specs(args: Vec<wire::ArgInfo>) -> Vec<ArgSpec> {
+    args.into_iter()
+        .map(|a| ArgSpec {
+            name: a.name,
+            data_type: UdfType::from_wire(a.data_type),
+            nullable: a.nullable,
+        })
+        .collect()
+}
+
+/// Checks a module's self-description before anything is registered.
+fn validate(
+    info: wire::ModuleInfo,
+    aggregates: Vec<wire::AggregateInfo>,
+) -> std::result::Result<ModuleSpec, String> {
+    if !(1..=ABI_VERSION).contains(&info.abi_version) {
+        return Err(format!(
+            "it was built for Riffle UDF ABI version {} ({}); this host speaks versions 1 to \
+             {ABI_VERSION}",
             info.abi_version, info.sdk
         ));
     }
-    if info.functions.is_empty() {
+    if info.functions.is_empty() && aggregates.is_empty() {
         return Err("it exports no functions".into());
     }
     let mut functions: Vec<FunctionSpec> = Vec::with_capacity(info.functions.len());
+    let mut names: Vec<String> = Vec::new();
     for f in info.functions {
-        let valid_name = !f.name.is_empty()
-            && f.name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_')
-            && !f.name.starts_with(|c: char| c.is_ascii_digit());
-        if !valid_name {
-            return Err(format!(
-                "function name {:?} is not a valid SQL identifier",
-                f.name
-            ));
-        }
-        if functions.iter().any(|g| g.name == f.name) {
-            return Err(format!("function {} is exported twice", f.name));
-        }
+        check_name(
+            &f.name,
+            &names.iter().map(String::as_str).collect::<Vec<_>>(),
+        )?;
+        names.push(f.name.clone());
         functions.push(FunctionSpec {
             name: f.name,
-            args: f
-                .args
-                .into_iter()
-                .map(|a| ArgSpec {
-                    name: a.name,
-                    data_type: UdfType::from_wire(a.data_type),
-                    nullable: a.nullable,
-                })
-                .collect(),
+            args: arg_specs(f.args),
             returns: UdfType::from_wire(f.returns),
             returns_null: f.returns_null,
             fallible: f.fallible,
@@ -627,12 +1027,47 @@ fn validate(info: wire::ModuleInfo) -> std::result::Result<ModuleSpec, String> {
             doc: f.doc,
         });
     }
+    let mut specs = Vec::with_capacity(aggregates.len());
+    for a in aggregates {
+        check_name(
+            &a.name,
+            &names.iter().map(String::as_str).collect::<Vec<_>>(),
+        )?;
+        names.push(a.name.clone());
+        if a.state.is_empty() {
+            return Err(format!("aggregate {} declares no state", a.name));
+        }
+        if a.args.is_empty() {
+            return Err(format!("aggregate {} takes no arguments", a.name));
+        }
+        specs.push(AggregateSpec {
+            name: a.name,
+            args: arg_specs(a.args),
+            returns: UdfType::from_wire(a.returns),
+            returns_null: a.returns_null,
+            fallible: a.fallible,
+            state: a
+                .state
+                .into_iter()
+                .map(|f| StateFieldSpec {
+                    name: f.name,
+                    data_type: UdfType::from_wire(f.data_type),
+                    nullable: f.nullable,
+                })
+                .collect(),
+            retractable: a.retractable,
+            deterministic: a.deterministic,
+            doc: a.doc,
+        });
+    }
     Ok(ModuleSpec {
         abi_version: info.abi_version,
         sdk: info.sdk,
         has_init: info.has_init,
-        deterministic: functions.iter().all(|f| f.deterministic),
+        deterministic: functions.iter().all(|f| f.deterministic)
+            && specs.iter().all(|a| a.deterministic),
         functions,
+        aggregates: specs,
     })
 }
 

@@ -8,7 +8,7 @@
 
 use std::sync::OnceLock;
 
-use riffle_udf::{Timestamp, export_udfs, math, scalar};
+use riffle_udf::{AggregateState, Timestamp, aggregate, export_udfs, math, scalar};
 
 /// Weights of the risk model.
 #[derive(Clone, Debug, PartialEq)]
@@ -155,7 +155,77 @@ pub fn is_night(ts: Timestamp) -> bool {
     ts.hour_of_day() < 6
 }
 
-export_udfs!(risk_score, haversine_km, amount_bucket, is_night; init = configure);
+/// Half-life of [`DecayedAvg`]: a transaction's weight halves every hour.
+pub const DECAY_HALF_LIFE_MICROS: i64 = 3_600 * Timestamp::MICROS_PER_SECOND;
+
+/// Running state of `decayed_avg`: sums weighted as of `at`, the latest event time seen, so
+/// that the order rows arrive in changes nothing but rounding (batch and stream agree to
+/// floating-point rounding, not necessarily to the bit).
+#[derive(Clone, Debug, Default, PartialEq, AggregateState)]
+pub struct DecayedAvg {
+    /// Latest event time seen (NULL before the first row).
+    at: Option<Timestamp>,
+    /// Sum of `amount * weight`, each weight as of `at`.
+    weighted: f64,
+    /// Sum of the weights as of `at`.
+    weight: f64,
+}
+
+impl DecayedAvg {
+    /// Weight, as of `at`, of a row at `ts`: 1 at `at`, halving per half-life before it.
+    fn weight_at(ts: Timestamp, at: Timestamp) -> f64 {
+        math::exp2(-((at.0 - ts.0) as f64) / DECAY_HALF_LIFE_MICROS as f64)
+    }
+
+    /// Moves the reference time to `at` (never backwards), rescaling the sums.
+    fn advance(&mut self, at: Timestamp) {
+        match self.at {
+            Some(old) if old >= at => {}
+            Some(old) => {
+                let scale = Self::weight_at(old, at);
+                self.weighted *= scale;
+                self.weight *= scale;
+                self.at = Some(at);
+            }
+            None => self.at = Some(at),
+        }
+    }
+}
+
+/// Exponentially decayed average amount (half-life one hour, as of the latest transaction):
+/// the card's recent spending level, with old history fading out instead of falling off a
+/// window edge. NULL for a card with no rows.
+#[aggregate]
+impl DecayedAvg {
+    pub fn update(&mut self, amount: f64, ts: Timestamp) {
+        self.advance(ts);
+        let w = Self::weight_at(ts, self.at.expect("set by advance"));
+        self.weighted += amount * w;
+        self.weight += w;
+    }
+
+    pub fn retract(&mut self, amount: f64, ts: Timestamp) {
+        self.advance(ts);
+        let w = Self::weight_at(ts, self.at.expect("set by advance"));
+        self.weighted -= amount * w;
+        self.weight -= w;
+    }
+
+    pub fn merge(&mut self, other: Self) {
+        if let Some(at) = other.at {
+            self.advance(at);
+            let scale = Self::weight_at(at, self.at.expect("set by advance"));
+            self.weighted += other.weighted * scale;
+            self.weight += other.weight * scale;
+        }
+    }
+
+    pub fn finish(&self) -> Option<f64> {
+        (self.weight > 0.0).then(|| self.weighted / self.weight)
+    }
+}
+
+export_udfs!(risk_score, haversine_km, amount_bucket, is_night, decayed_avg; init = configure);
 
 #[cfg(test)]
 mod tests {

@@ -7,7 +7,7 @@ use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use riffle_udf::{Timestamp, export_udfs, scalar};
+use riffle_udf::{AggregateState, Timestamp, aggregate, export_udfs, scalar};
 
 /// Never returns: stopped by the host's CPU deadline.
 #[scalar]
@@ -123,7 +123,58 @@ pub fn chatty(x: i64) -> i64 {
     x
 }
 
+/// State of `hoard`: everything it was ever given, and then some.
+#[derive(Default, AggregateState)]
+pub struct Hoard {
+    kept: Vec<u8>,
+}
+
+/// An aggregate whose state grows without bound (a megabyte per row): stopped by the memory
+/// cap when the state no longer fits the sandbox, with the aggregate named.
+#[aggregate]
+impl Hoard {
+    pub fn update(&mut self, x: i64) {
+        self.kept.extend(std::iter::repeat_n(x as u8, 1 << 20));
+    }
+
+    pub fn merge(&mut self, other: Self) {
+        self.kept.extend(other.kept);
+    }
+
+    pub fn finish(&self) -> i64 {
+        self.kept.len() as i64
+    }
+}
+
+/// State of `merge_boom`: a count.
+#[derive(Default, AggregateState)]
+pub struct MergeBoom {
+    n: i64,
+}
+
+/// Counts rows, and panics when asked to merge two partial counts (a bug in user code):
+/// batch plans merge partial states, so a `GROUP BY` over several partitions fails cleanly.
+#[aggregate]
+impl MergeBoom {
+    pub fn update(&mut self, _x: i64) {
+        self.n += 1;
+    }
+
+    pub fn merge(&mut self, other: Self) {
+        panic!(
+            "merge_boom: the aggregate panicked on purpose merging {} rows",
+            other.n
+        );
+    }
+
+    pub fn finish(&self) -> i64 {
+        self.n
+    }
+}
+
 export_udfs!(
+    hoard,
+    merge_boom,
     spin,
     balloon,
     boom,
