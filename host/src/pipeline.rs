@@ -230,6 +230,24 @@ pub struct Pipeline {
     trigger: Trigger,
 }
 
+/// `riffle.udf.<module file stem>` = sha256 of each loaded module: what sinks stamp on their
+/// output (Kafka headers, Parquet key-value metadata, Delta commit metadata) so every row or
+/// commit names the UDF builds that produced it.
+fn udf_modules(session: &RiffleSession) -> Vec<(String, String)> {
+    session
+        .modules()
+        .iter()
+        .map(|m| {
+            let stem = m
+                .path()
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            (format!("riffle.udf.{stem}"), m.hash().to_string())
+        })
+        .collect()
+}
+
 /// How to run a pipeline beyond what its file says.
 #[derive(Clone, Debug, Default)]
 pub struct RunOptions {
@@ -239,6 +257,9 @@ pub struct RunOptions {
     pub live: bool,
     /// Stream mode: stop after this many epochs.
     pub max_epochs: Option<u64>,
+    /// Stream mode: resume a checkpoint written with other UDF code or configuration, the
+    /// new modules serving from the next epoch (`riffle run --upgrade-udfs`).
+    pub upgrade_udfs: bool,
     /// Batch mode: a name that makes this run distinct from an earlier one with the same
     /// query, UDFs and inputs (a batch run into Delta that already landed is not written
     /// again unless its run name differs).
@@ -601,26 +622,16 @@ impl Pipeline {
             Some(SinkSpec::Path(p)) if p.as_os_str() == "console" => {
                 Box::new(ConsoleSink { max_rows: 20 })
             }
-            Some(SinkSpec::Path(dir)) => Box::new(ParquetDirSink::new(dir)?),
-            Some(SinkSpec::Table(SinkTable::Delta(d))) => Box::new(DeltaSink::new(
-                &d.path,
-                self.contents.output_mode,
-                d.keys.clone(),
-            )?),
+            Some(SinkSpec::Path(dir)) => {
+                Box::new(ParquetDirSink::new(dir)?.with_udf_modules(udf_modules(session)))
+            }
+            Some(SinkSpec::Table(SinkTable::Delta(d))) => Box::new(
+                DeltaSink::new(&d.path, self.contents.output_mode, d.keys.clone())?
+                    .with_udf_modules(udf_modules(session)),
+            ),
             Some(SinkSpec::Table(SinkTable::Kafka(k))) => {
                 // Every record says which UDF builds made it.
-                let headers = session
-                    .modules()
-                    .iter()
-                    .map(|m| {
-                        let stem = m
-                            .path()
-                            .file_stem()
-                            .map(|s| s.to_string_lossy().into_owned())
-                            .unwrap_or_default();
-                        (format!("riffle.udf.{stem}"), m.hash().to_string())
-                    })
-                    .collect();
+                let headers = udf_modules(session);
                 Box::new(k.build(&ctx, headers)?)
             }
         })
@@ -680,6 +691,7 @@ impl Pipeline {
             progress_file: file.stream.progress.clone(),
             live: options.live,
             max_epochs: options.max_epochs,
+            upgrade_udfs: options.upgrade_udfs,
         };
         let names: Vec<String> = inputs.iter().map(|i| i.name().to_string()).collect();
         let mut query = StreamingQuery::new(&session, inputs, plan, sink, stream_options)

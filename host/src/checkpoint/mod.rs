@@ -113,11 +113,37 @@ pub struct EpochCommit {
     pub progress: Option<serde_json::Value>,
 }
 
+/// Which UDF module (code and configuration) served a query from which epoch on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UdfServed {
+    /// Module file name.
+    pub module: String,
+    /// sha256 of the module.
+    pub sha256: String,
+    /// sha256 of its init configuration.
+    pub config_sha256: String,
+    /// The first epoch it served.
+    pub from_epoch: u64,
+}
+
 #[derive(Serialize, Deserialize)]
-struct Metadata {
+pub(crate) struct Metadata {
     format: u32,
-    id: String,
-    fingerprint: Fingerprint,
+    pub(crate) id: String,
+    pub(crate) fingerprint: Fingerprint,
+    /// Every module version that served this query, oldest first: what `--upgrade-udfs`
+    /// appends to. (Empty in checkpoints written before it was kept.)
+    #[serde(default)]
+    pub(crate) udf_history: Vec<UdfServed>,
+}
+
+fn served(fingerprint: &Fingerprint, from_epoch: u64) -> impl Iterator<Item = UdfServed> + '_ {
+    fingerprint.udfs.iter().map(move |u| UdfServed {
+        module: u.module.clone(),
+        sha256: u.sha256.clone(),
+        config_sha256: u.config_sha256.clone(),
+        from_epoch,
+    })
 }
 
 /// A checkpoint directory, locked for the life of this value.
@@ -199,6 +225,21 @@ impl Checkpoint {
     /// [`RiffleError::Checkpoint`] when another process holds the directory, or it belongs to
     /// a different query (the message lists what differs).
     pub fn open(root: &Path, fingerprint: &Fingerprint) -> Result<Self> {
+        Self::open_upgrading(root, fingerprint, false)
+    }
+
+    /// As [`Checkpoint::open`]; with `upgrade_udfs`, a checkpoint whose query differs only in
+    /// UDF code or configuration is taken over on purpose: the new modules serve from the next
+    /// epoch on, and the checkpoint's UDF history records the switch. An aggregate whose state
+    /// columns changed is still refused (its old state would not be readable).
+    ///
+    /// # Errors
+    /// As [`Checkpoint::open`].
+    pub fn open_upgrading(
+        root: &Path,
+        fingerprint: &Fingerprint,
+        upgrade_udfs: bool,
+    ) -> Result<Self> {
         for sub in ["offsets", "commits", "state"] {
             create_dir_durable(&root.join(sub))?;
         }
@@ -245,17 +286,74 @@ impl Checkpoint {
                     value["format"]
                 )));
             }
-            let meta: Metadata = serde_json::from_value(value)
+            let mut meta: Metadata = serde_json::from_value(value)
                 .map_err(|e| corrupt(&meta_path, format!("corrupt checkpoint metadata: {e}")))?;
-            let changes = fingerprint.changes_since(&meta.fingerprint);
-            if !changes.is_empty() {
+            let query = fingerprint.query_changes_since(&meta.fingerprint);
+            let udfs = fingerprint.udf_changes_since(&meta.fingerprint);
+            if !query.is_empty() {
                 return Err(RiffleError::Checkpoint(format!(
                     "checkpoint {} was written by a different query; resuming from it could \
                      give wrong results. What changed: {}. Use a new checkpoint directory to \
                      start over (or restore the old query to resume)",
                     root.display(),
-                    changes.join("; ")
+                    query
+                        .iter()
+                        .chain(&udfs)
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join("; ")
                 )));
+            }
+            if !udfs.is_empty() {
+                let blockers = fingerprint.upgrade_blockers(&meta.fingerprint);
+                if !upgrade_udfs || !blockers.is_empty() {
+                    let how = if blockers.is_empty() {
+                        "To run the new code from the next epoch on purpose, restart with \
+                         --upgrade-udfs (the checkpoint then records which module served which \
+                         epochs); to run the old code, restore the old module"
+                            .to_string()
+                    } else {
+                        format!(
+                            "It cannot be upgraded in place: {}. Use a new checkpoint directory \
+                             to start over with the new module",
+                            blockers.join("; ")
+                        )
+                    };
+                    return Err(RiffleError::Checkpoint(format!(
+                        "checkpoint {} was written with other UDF code: {}. {how}",
+                        root.display(),
+                        udfs.join("; ")
+                    )));
+                }
+                let from_epoch = last_commit_in(root)?.map_or(1, |c| c.epoch + 1);
+                if meta.udf_history.is_empty() {
+                    // Written before the history was kept: what it had served since epoch 1.
+                    meta.udf_history = served(&meta.fingerprint, 1).collect();
+                }
+                let changed: Vec<UdfServed> = served(fingerprint, from_epoch)
+                    .filter(|n| {
+                        !meta.fingerprint.udfs.iter().any(|o| {
+                            o.module == n.module
+                                && o.sha256 == n.sha256
+                                && o.config_sha256 == n.config_sha256
+                        })
+                    })
+                    .collect();
+                for n in &changed {
+                    tracing::warn!(
+                        module = %n.module,
+                        sha256 = %n.sha256,
+                        config_sha256 = %n.config_sha256,
+                        from_epoch,
+                        "upgrading a UDF module on purpose (--upgrade-udfs)"
+                    );
+                }
+                meta.udf_history.extend(changed);
+                meta.fingerprint = fingerprint.clone();
+                write_atomic(
+                    &meta_path,
+                    &serde_json::to_vec_pretty(&meta).expect("serialisable"),
+                )?;
             }
             meta.id
         } else {
@@ -267,6 +365,7 @@ impl Checkpoint {
                 format: FORMAT,
                 id: id.clone(),
                 fingerprint: fingerprint.clone(),
+                udf_history: served(fingerprint, 1).collect(),
             };
             write_atomic(
                 &meta_path,

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::{EpochCommit, EpochPlan, Metadata, last_commit_in, plan_in, read_json};
+use super::{EpochCommit, EpochPlan, Metadata, UdfServed, last_commit_in, plan_in, read_json};
 use crate::error::{Result, RiffleError};
 use crate::plan::Fingerprint;
 
@@ -36,6 +36,8 @@ pub struct Status {
     pub uncommitted: Option<EpochPlan>,
     /// The query's identity: sources, operators, output mode, UDF modules and their hashes.
     pub fingerprint: Fingerprint,
+    /// Which UDF module versions served which epochs, oldest first.
+    pub udf_history: Vec<UdfServed>,
     /// The last line of the progress file.
     pub last_progress: Option<serde_json::Value>,
 }
@@ -71,6 +73,7 @@ pub fn read(root: &Path, progress: Option<&Path>) -> Result<Status> {
         committed_offsets,
         uncommitted,
         fingerprint: meta.fingerprint,
+        udf_history: meta.udf_history,
         last_progress: crate::common::fs::last_json_line(
             &progress.map_or_else(|| root.join("progress.jsonl"), Path::to_path_buf),
         ),
@@ -171,6 +174,19 @@ impl std::fmt::Display for Status {
                 "udf module   {} sha256 {} (configuration sha256 {})",
                 udf.module, udf.sha256, udf.config_sha256
             )?;
+        }
+        if self.udf_history.len() > self.fingerprint.udfs.len() {
+            // Some module was upgraded on purpose: say which version served which epochs.
+            for served in &self.udf_history {
+                writeln!(
+                    f,
+                    "udf served   {} sha256 {} (configuration sha256 {}) from epoch {}",
+                    served.module,
+                    &served.sha256[..served.sha256.len().min(12)],
+                    &served.config_sha256[..served.config_sha256.len().min(12)],
+                    served.from_epoch
+                )?;
+            }
         }
         if let Some(p) = &self.last_progress {
             let field = |name: &str| p.get(name).cloned().unwrap_or(serde_json::Value::Null);

@@ -100,6 +100,12 @@ struct RunArgs {
     /// Stream mode: stop after this many epochs (the next run resumes from the checkpoint).
     #[arg(long, value_name = "N")]
     max_epochs: Option<u64>,
+    /// Stream mode: resume a checkpoint written with other UDF code or init configuration on
+    /// purpose. The new modules serve from the next epoch; the checkpoint records which
+    /// module served which epochs (`riffle status` shows it). Without it such a restart is
+    /// refused. An aggregate whose state columns changed is refused either way.
+    #[arg(long)]
+    upgrade_udfs: bool,
     /// Batch mode into Delta: a rerun of a run whose commit landed (same query, UDFs, inputs
     /// and run name) writes nothing; a new name writes the rows again.
     #[arg(long, value_name = "NAME")]
@@ -400,6 +406,7 @@ async fn run_pipeline(args: RunArgs) -> Result<()> {
         cache_dir: args.cache_dir.or_else(EngineOptions::default_cache_dir),
         live: !args.quiet,
         max_epochs: args.max_epochs,
+        upgrade_udfs: args.upgrade_udfs,
         run_name: args.run_name,
         monitor: monitor.clone(),
     };

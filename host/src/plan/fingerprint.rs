@@ -48,6 +48,25 @@ pub struct UdfPrint {
     pub sha256: String,
     /// sha256 of its init configuration.
     pub config_sha256: String,
+    /// The functions and aggregates it exports, for messages (absent in checkpoints written
+    /// before they were recorded).
+    #[serde(default)]
+    pub functions: Vec<String>,
+    /// Each aggregate's state columns, as `name(col TYPE, ...)`: state a module checkpointed
+    /// can only be restored by a module that declares the same columns.
+    #[serde(default)]
+    pub aggregate_states: Vec<String>,
+}
+
+impl UdfPrint {
+    /// `fraud.wasm (risk_score, is_night)`.
+    fn named(&self) -> String {
+        if self.functions.is_empty() {
+            self.module.clone()
+        } else {
+            format!("{} ({})", self.module, self.functions.join(", "))
+        }
+    }
 }
 
 /// What identifies a streaming query's state.
@@ -90,6 +109,13 @@ impl Fingerprint {
     /// What changed from `old` (a checkpoint's) to `self` (this run's), one sentence each;
     /// empty when they match.
     pub fn changes_since(&self, old: &Fingerprint) -> Vec<String> {
+        let mut out = self.query_changes_since(old);
+        out.extend(self.udf_changes_since(old));
+        out
+    }
+
+    /// What changed apart from UDF code and configuration: none of it can be resumed.
+    pub fn query_changes_since(&self, old: &Fingerprint) -> Vec<String> {
         let mut out = Vec::new();
         if self.state_format != old.state_format {
             out.push(format!(
@@ -175,14 +201,21 @@ impl Fingerprint {
                 }
             }
         }
+        out
+    }
+
+    /// Which UDF modules changed code or configuration, were removed or were added: what
+    /// `--upgrade-udfs` may accept.
+    pub fn udf_changes_since(&self, old: &Fingerprint) -> Vec<String> {
+        let mut out = Vec::new();
         for u in &old.udfs {
             match self.udfs.iter().find(|n| n.module == u.module) {
-                None => out.push(format!("UDF module {} is no longer loaded", u.module)),
+                None => out.push(format!("UDF module {} is no longer loaded", u.named())),
                 Some(n) => {
                     if n.sha256 != u.sha256 {
                         out.push(format!(
                             "UDF module {} changed (sha256 {} -> {})",
-                            u.module,
+                            n.named(),
                             short(&u.sha256),
                             short(&n.sha256)
                         ));
@@ -190,7 +223,7 @@ impl Fingerprint {
                     if n.config_sha256 != u.config_sha256 {
                         out.push(format!(
                             "UDF module {}: its init configuration changed (sha256 {} -> {})",
-                            u.module,
+                            n.named(),
                             short(&u.config_sha256),
                             short(&n.config_sha256)
                         ));
@@ -200,7 +233,31 @@ impl Fingerprint {
         }
         for n in &self.udfs {
             if !old.udfs.iter().any(|u| u.module == n.module) {
-                out.push(format!("UDF module {} was added", n.module));
+                out.push(format!("UDF module {} was added", n.named()));
+            }
+        }
+        out
+    }
+
+    /// Why the UDF changes since `old` cannot be accepted even on purpose: an aggregate whose
+    /// state columns changed could not read the state its old version checkpointed.
+    pub fn upgrade_blockers(&self, old: &Fingerprint) -> Vec<String> {
+        let name = |s: &str| s.split('(').next().unwrap_or(s).to_string();
+        let mut out = Vec::new();
+        for u in &old.udfs {
+            for before in &u.aggregate_states {
+                let after = self
+                    .udfs
+                    .iter()
+                    .flat_map(|n| &n.aggregate_states)
+                    .find(|a| name(a) == name(before));
+                if let Some(after) = after.filter(|a| *a != before) {
+                    out.push(format!(
+                        "aggregate {}'s state changed ({before} -> {after}): the new module \
+                         cannot read the state the old one checkpointed",
+                        name(before)
+                    ));
+                }
             }
         }
         out
@@ -228,11 +285,33 @@ mod tests {
                 schema: "n: Int64".into(),
             }],
             udfs: vec![UdfPrint {
+                functions: vec!["risk_score".into()],
+                aggregate_states: vec!["decayed_avg(at TIMESTAMP NULL, weight DOUBLE)".into()],
                 module: "fraud.wasm".into(),
                 sha256: "1b1b0b5d0c8e0000".into(),
                 config_sha256: "e3b0c44298fc".into(),
             }],
         }
+    }
+
+    #[test]
+    fn only_a_changed_aggregate_state_blocks_an_upgrade() {
+        let old = print();
+        let mut new = print();
+        new.udfs[0].sha256 = "9994ce5a251f0000".into();
+        assert!(new.query_changes_since(&old).is_empty());
+        assert_eq!(new.udf_changes_since(&old).len(), 1);
+        assert!(
+            new.upgrade_blockers(&old).is_empty(),
+            "new code, same state"
+        );
+        new.udfs[0].aggregate_states[0] = "decayed_avg(weight DOUBLE)".into();
+        let blockers = new.upgrade_blockers(&old);
+        assert_eq!(blockers.len(), 1);
+        assert!(
+            blockers[0].starts_with("aggregate decayed_avg's state changed"),
+            "{blockers:?}"
+        );
     }
 
     #[test]
@@ -245,7 +324,9 @@ mod tests {
         new.output_mode = "update".into();
         let changes = new.changes_since(&old).join("; ");
         assert!(
-            changes.contains("UDF module fraud.wasm changed (sha256 1b1b0b5d0c8e -> 9994ce5a251f)"),
+            changes.contains(
+                "UDF module fraud.wasm (risk_score) changed (sha256 1b1b0b5d0c8e -> 9994ce5a251f)"
+            ),
             "{changes}"
         );
         assert!(

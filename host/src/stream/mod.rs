@@ -74,6 +74,9 @@ pub struct StreamOptions {
     pub live: bool,
     /// Stop after this many epochs in this run (tests, and `riffle run --max-epochs`).
     pub max_epochs: Option<u64>,
+    /// Take over a checkpoint written with other UDF code or configuration on purpose
+    /// (`riffle run --upgrade-udfs`): the new modules serve from the next epoch.
+    pub upgrade_udfs: bool,
 }
 
 impl Default for StreamOptions {
@@ -86,6 +89,7 @@ impl Default for StreamOptions {
             progress_file: None,
             live: false,
             max_epochs: None,
+            upgrade_udfs: false,
         }
     }
 }
@@ -280,7 +284,11 @@ impl StreamingQuery {
         let compiled = compile(&plan, &specs, options.output_mode, &state, &modules).await?;
         let mut graph = compiled.graph;
         let stateful = graph.is_stateful();
-        let checkpoint = Checkpoint::open(&options.checkpoint, &compiled.fingerprint)?;
+        let checkpoint = Checkpoint::open_upgrading(
+            &options.checkpoint,
+            &compiled.fingerprint,
+            options.upgrade_udfs,
+        )?;
         let progress_path = options
             .progress_file
             .clone()

@@ -187,6 +187,8 @@ pub struct DeltaSink {
     /// The table as of the last commit; brought up to date incrementally before each epoch
     /// (other writers, such as a backfill, may have committed since) instead of reloaded.
     table: Option<DeltaTable>,
+    /// Commit metadata of every epoch: the UDF modules that produced it.
+    udf_modules: Vec<(String, String)>,
 }
 
 impl DeltaSink {
@@ -207,7 +209,15 @@ impl DeltaSink {
             app_id: String::new(),
             done: -1,
             table: None,
+            udf_modules: Vec::new(),
         })
+    }
+
+    /// Stamps every commit's metadata (`commitInfo`) with `(riffle.udf.<module>, sha256)`
+    /// pairs.
+    pub fn with_udf_modules(mut self, modules: Vec<(String, String)>) -> Self {
+        self.udf_modules = modules;
+        self
     }
 
     fn fenced(&self, held: i64) -> RiffleError {
@@ -240,6 +250,12 @@ impl DeltaSink {
     fn commit_properties(&self, epoch: u64) -> CommitProperties {
         CommitProperties::default()
             .with_application_transaction(Transaction::new(&self.app_id, epoch as i64))
+            .with_metadata(
+                self.udf_modules
+                    .iter()
+                    .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+                    .chain([("riffle.epoch".to_string(), serde_json::json!(epoch))]),
+            )
     }
 }
 

@@ -16,6 +16,8 @@ use crate::error::{Result, RiffleError};
 pub struct ParquetDirSink {
     dir: PathBuf,
     query_id: String,
+    /// Key-value metadata of every file: the UDF modules that produced it.
+    metadata: Vec<(String, String)>,
 }
 
 impl ParquetDirSink {
@@ -28,7 +30,14 @@ impl ParquetDirSink {
         Ok(ParquetDirSink {
             dir: dir.to_path_buf(),
             query_id: String::new(),
+            metadata: Vec::new(),
         })
+    }
+
+    /// Stamps every file's key-value metadata with `(riffle.udf.<module>, sha256)` pairs.
+    pub fn with_udf_modules(mut self, modules: Vec<(String, String)>) -> Self {
+        self.metadata = modules;
+        self
     }
 }
 
@@ -56,7 +65,19 @@ impl Sink for ParquetDirSink {
         // Hidden temporary name: readers of the directory skip it until the rename.
         let tmp = crate::common::fs::temp_path(&path);
         let file = std::fs::File::create(&tmp).map_err(|e| RiffleError::io("creating", &tmp, e))?;
-        let mut writer = parquet::arrow::ArrowWriter::try_new(file, schema.clone(), None)
+        let mut metadata = vec![parquet::file::metadata::KeyValue::new(
+            "riffle.epoch".to_string(),
+            epoch.to_string(),
+        )];
+        metadata.extend(
+            self.metadata
+                .iter()
+                .map(|(k, v)| parquet::file::metadata::KeyValue::new(k.clone(), v.clone())),
+        );
+        let props = parquet::file::properties::WriterProperties::builder()
+            .set_key_value_metadata(Some(metadata))
+            .build();
+        let mut writer = parquet::arrow::ArrowWriter::try_new(file, schema.clone(), Some(props))
             .map_err(|e| RiffleError::Internal(format!("parquet writer: {e}")))?;
         for b in batches {
             writer

@@ -1,0 +1,198 @@
+//! Pinned UDF versions. A streaming query's checkpoint records the sha256 of every UDF module
+//! and of its configuration: a restart with a rebuilt module is refused with a message naming
+//! the functions, both hashes and how to upgrade; `riffle run --upgrade-udfs` goes on with the
+//! new module from the next epoch, and the outputs name the module that produced them: the
+//! progress records, each Parquet file's key-value metadata (read back by pyarrow, a reader we
+//! did not write) and the history `riffle status` prints.
+
+mod common;
+
+use common::riffle;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use arrow::array::{AsArray, RecordBatch};
+use arrow::datatypes::Int64Type;
+use riffle::common::FileFormat;
+use riffle::connectors::files::read_file;
+
+const ROWS: usize = 3000;
+
+fn pipeline(dir: &Path, module: &Path) -> PathBuf {
+    let path = dir.join("pipeline.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+query = "SELECT tx_id, risk_score(amount, country) AS risk FROM transactions"
+
+[source]
+name = "transactions"
+stream = {{ kind = "generator", rows = {ROWS} }}
+
+[[udfs]]
+path = "{module}"
+
+[sink]
+stream = "out"
+
+[stream]
+checkpoint = "checkpoint"
+trigger = "available-now"
+max_rows_per_epoch = 500
+"#,
+            module = module.display(),
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// The same component with a custom section appended: identical code and behaviour, another
+/// sha256, as a rebuild with another compiler would give.
+fn rebuild(module: &Path) {
+    let mut bytes = std::fs::read(module).unwrap();
+    let name = b"riffle-test-rebuild";
+    let payload = b"2";
+    bytes.push(0); // custom section
+    bytes.push((1 + name.len() + payload.len()) as u8); // size (< 128: one LEB128 byte)
+    bytes.push(name.len() as u8);
+    bytes.extend_from_slice(name);
+    bytes.extend_from_slice(payload);
+    std::fs::write(module, bytes).unwrap();
+}
+
+fn sha256(path: &Path) -> String {
+    // Not the host's implementation: coreutils.
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    String::from_utf8(out.stdout).unwrap()[..64].to_string()
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// `riffle.udf.fraud` of each output file's Parquet metadata, by epoch, as pyarrow reads it.
+fn stamped_hashes(out: &Path) -> BTreeMap<u64, String> {
+    let files: Vec<PathBuf> = std::fs::read_dir(out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+        .collect();
+    let script = "import json, sys\n\
+                  import pyarrow.parquet as pq\n\
+                  print(json.dumps({f: {k.decode(): v.decode() for k, v in \
+                  pq.read_metadata(f).metadata.items() if k.startswith(b'riffle.')} \
+                  for f in sys.argv[1:]}))";
+    let run = Command::new("python3")
+        .args(["-c", script])
+        .args(&files)
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "pyarrow: {}", stderr(&run));
+    let json: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    json.as_object()
+        .unwrap()
+        .values()
+        .map(|meta| {
+            (
+                meta["riffle.epoch"].as_str().unwrap().parse().unwrap(),
+                meta["riffle.udf.fraud"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn output_ids(out: &Path) -> Vec<i64> {
+    let mut ids = Vec::new();
+    for entry in std::fs::read_dir(out).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "parquet") {
+            let batches: Vec<RecordBatch> = read_file(&path, FileFormat::Parquet, None).unwrap();
+            for b in batches {
+                ids.extend(b.column(0).as_primitive::<Int64Type>().values().iter());
+            }
+        }
+    }
+    ids.sort_unstable();
+    ids
+}
+
+#[test]
+fn a_rebuilt_module_is_refused_until_upgraded_on_purpose_and_outputs_name_each_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let module = dir.path().join("fraud.wasm");
+    std::fs::copy(riffle_tests::udf("fraud"), &module).unwrap();
+    let p = pipeline(dir.path(), &module);
+    let old = sha256(&module);
+
+    let first = riffle(&p, "stream")
+        .args(["--max-epochs", "2"])
+        .output()
+        .unwrap();
+    assert!(first.status.success(), "{}", stderr(&first));
+
+    rebuild(&module);
+    let new = sha256(&module);
+    assert_ne!(old, new);
+    let refused = riffle(&p, "stream").output().unwrap();
+    let message = stderr(&refused);
+    assert!(!refused.status.success(), "{message}");
+    assert!(
+        message.contains(&format!(
+            "UDF module fraud.wasm (risk_score, haversine_km, amount_bucket, is_night, \
+             decayed_avg) changed (sha256 {} -> {})",
+            &old[..12],
+            &new[..12]
+        )) && message.contains("restart with --upgrade-udfs"),
+        "{message}"
+    );
+    assert_eq!(
+        output_ids(&dir.path().join("out")).len(),
+        1000,
+        "the refused run wrote nothing"
+    );
+
+    let upgraded = riffle(&p, "stream").arg("--upgrade-udfs").output().unwrap();
+    assert!(upgraded.status.success(), "{}", stderr(&upgraded));
+    assert!(
+        stderr(&upgraded).contains("upgrading a UDF module on purpose"),
+        "{}",
+        stderr(&upgraded)
+    );
+
+    // Every row once, and each epoch's output names the module that computed it.
+    let ids = output_ids(&dir.path().join("out"));
+    assert_eq!(ids, (0..ROWS as i64).collect::<Vec<_>>());
+    let stamped = stamped_hashes(&dir.path().join("out"));
+    assert_eq!(stamped.len(), ROWS / 500);
+    for (epoch, hash) in &stamped {
+        let want = if *epoch <= 2 { &old } else { &new };
+        assert_eq!(hash, want, "epoch {epoch}");
+    }
+    let progress = common::progress_lines(&dir.path().join("checkpoint/progress.jsonl"));
+    assert_eq!(progress.len(), ROWS / 500);
+    for line in &progress {
+        let epoch = line["epoch"].as_u64().unwrap();
+        let want = if epoch <= 2 { &old } else { &new };
+        assert_eq!(line["udfs"][0]["module"], want[..12], "{line}");
+    }
+
+    // The checkpoint keeps the history; a later restart with the new module needs nothing.
+    let status = Command::new(env!("CARGO_BIN_EXE_riffle"))
+        .args(["status", p.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    for (hash, from) in [(&old, 1), (&new, 3)] {
+        assert!(
+            text.contains(&format!("udf served   fraud.wasm sha256 {}", &hash[..12]))
+                && text.contains(&format!("from epoch {from}")),
+            "{text}"
+        );
+    }
+    let again = riffle(&p, "stream").output().unwrap();
+    assert!(again.status.success(), "{}", stderr(&again));
+}
