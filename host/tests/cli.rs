@@ -251,3 +251,139 @@ fn bad_input_gets_a_clear_error_and_a_failing_exit_code() {
         "{stderr}"
     );
 }
+
+#[test]
+fn udf_test_runs_a_function_or_an_aggregate_over_a_sample() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = riffle(
+        &[
+            "generate",
+            "fraud",
+            "--rows",
+            "20000",
+            "--out",
+            "tx.parquet",
+        ],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let fraud = udf("fraud");
+    let sketch = udf("sketch");
+    let fraud = fraud.to_str().unwrap();
+    let sketch = sketch.to_str().unwrap();
+
+    // A scalar with row errors: every one is listed (by its row), counted as SQL counts them.
+    let out = riffle(
+        &[
+            "udf",
+            "test",
+            fraud,
+            "--input",
+            "tx.parquet",
+            "amount_bucket(amount)",
+            "--errors",
+            "1000",
+        ],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let negative = riffle(
+        &[
+            "sql",
+            "--table",
+            "tx=tx.parquet",
+            "--output",
+            "neg.csv",
+            "SELECT count(*) AS n FROM tx WHERE amount < 0",
+        ],
+        dir.path(),
+    );
+    assert!(negative.status.success(), "{}", text(&negative.stderr));
+    let negative: usize = std::fs::read_to_string(dir.path().join("neg.csv"))
+        .unwrap()
+        .lines()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(negative > 0, "the generator writes refunds");
+    assert!(
+        stdout.contains("amount_bucket(amount)")
+            && stdout.contains("20000 rows (20 shown)")
+            && stdout.contains(&format!("row errors: {negative}\n"))
+            && stdout.contains(": invalid amount -")
+            && stdout.contains("limits: 5000.000 ms per call"),
+        "{stdout}"
+    );
+    assert_eq!(stdout.matches("\n  row ").count(), negative, "{stdout}");
+
+    // An aggregate over the whole sample: the same value `riffle sql` computes.
+    let out = riffle(
+        &[
+            "udf",
+            "test",
+            sketch,
+            "--input",
+            "tx.parquet",
+            "dd_quantile(amount, 0.5)",
+        ],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let sql = riffle(
+        &[
+            "sql",
+            "--udf",
+            sketch,
+            "--table",
+            "tx=tx.parquet",
+            "--output",
+            "q.csv",
+            "SELECT dd_quantile(amount, 0.5) AS q FROM tx",
+        ],
+        dir.path(),
+    );
+    assert!(sql.status.success(), "{}", text(&sql.stderr));
+    let median = std::fs::read_to_string(dir.path().join("q.csv")).unwrap();
+    let median = median.lines().nth(1).unwrap();
+    assert!(
+        stdout.contains(&format!("| {median} "))
+            && stdout
+                .contains("state after 20000 rows: q DOUBLE NULL, zeros BIGINT, positive BYTEA"),
+        "{median}: {stdout}"
+    );
+
+    // CSV input, expressions as arguments, a 0.1.0 module; a name the module lacks.
+    std::fs::write(dir.path().join("x.csv"), "x\n1\n2\n").unwrap();
+    let legacy = udf("legacy");
+    let legacy = legacy.to_str().unwrap();
+    let out = riffle(
+        &[
+            "udf",
+            "test",
+            legacy,
+            "--input",
+            "x.csv",
+            "legacy_triple(x * 2)",
+        ],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("| 2     | 6 ") && stdout.contains("| 4     | 12 "),
+        "{stdout}"
+    );
+    let out = riffle(
+        &["udf", "test", legacy, "--input", "x.csv", "tripple(x)"],
+        dir.path(),
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("exports no function tripple (it has: legacy_triple)"),
+        "{}",
+        text(&out.stderr)
+    );
+}

@@ -2,6 +2,8 @@
 //!
 //! ```text
 //! riffle udf inspect fraud.wasm [--json]
+//! riffle udf test fraud.wasm --input sample.parquet "risk_score(amount, country)"
+//! riffle udf new my_udfs && cd my_udfs && cargo test && riffle udf build
 //! riffle sql --table tx=data/tx.parquet --udf fraud.wasm "SELECT risk_score(amount, country) FROM tx"
 //! riffle sql --config riffle.toml --file report.sql --output out.parquet
 //! riffle generate fraud --rows 1000000 --out data/tx.parquet
@@ -15,6 +17,9 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
+
+mod udf_project;
+mod udf_test;
 
 use crate::connectors::files::{pretty, write_file};
 use crate::connectors::generate::ClickConfig;
@@ -151,6 +156,25 @@ enum UdfCommand {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+    },
+    /// Run a function or aggregate of a module over a sample file in the sandbox: prints the
+    /// results beside their arguments, every row error, and each batch's time next to the
+    /// module's limits.
+    Test(udf_test::UdfTestArgs),
+    /// Create a UDF project (a Rust crate with an example function and aggregate, native tests,
+    /// a README, and a copy of the guest SDK) in DIR/NAME.
+    New {
+        /// Crate name.
+        name: String,
+        /// Directory to create it in.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Build a UDF crate into a wasm32-wasip2 component; prints its path, sha256 and functions.
+    Build {
+        /// The crate's directory.
+        #[arg(default_value = ".")]
+        path: PathBuf,
     },
 }
 
@@ -292,6 +316,17 @@ pub fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Udf(UdfCommand::Inspect { path, json }) => inspect(&path, json),
+        Command::Udf(UdfCommand::Test(args)) => udf_test::run(args).await,
+        Command::Udf(UdfCommand::New { name, dir }) => {
+            let root = udf_project::new(&name, &dir)?;
+            println!("created {}", root.display());
+            println!(
+                "next: cd {} && cargo test && riffle udf build",
+                root.display()
+            );
+            Ok(())
+        }
+        Command::Udf(UdfCommand::Build { path }) => udf_project::build_and_report(&path),
         Command::Sql(args) => sql(args).await,
         Command::Generate(GenerateCommand::Fraud {
             rows,

@@ -1,0 +1,208 @@
+//! The UDF author's toolbox, used as an author outside this repository would: `riffle udf
+//! new` in a temporary directory, the project's own native tests with `cargo test`, `riffle
+//! udf build` into a component (its sha256 checked with coreutils), `riffle udf test` over a
+//! sample, and the module in `riffle sql` and in a `riffle run` pipeline. Bad projects fail
+//! with errors that say what to fix.
+//!
+//! The new project resolves its dependencies (wit-bindgen, syn, quote, libm) from crates.io
+//! like any crate; the Cargo cache this workspace's build filled already holds them.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn riffle(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_riffle"))
+        .args(args)
+        .current_dir(cwd)
+        .env(
+            "RIFFLE_CACHE_DIR",
+            std::env::temp_dir().join("riffle-test-wasm-cache"),
+        )
+        .output()
+        .expect("riffle runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn ok(out: &Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what}: {}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+#[test]
+fn new_test_build_try_and_use_a_udf_project_outside_the_repository() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    ok(&riffle(&["udf", "new", "shop-udfs"], root), "udf new");
+    let project = root.join("shop-udfs");
+    for file in [
+        "Cargo.toml",
+        "src/lib.rs",
+        "README.md",
+        "riffle-udf/wit/udf.wit",
+    ] {
+        assert!(project.join(file).is_file(), "{file}");
+    }
+    let again = riffle(&["udf", "new", "shop-udfs"], root);
+    assert!(!again.status.success());
+    assert!(text(&again.stderr).contains("already exists"));
+
+    // The example's native unit tests pass with plain `cargo test`.
+    let test = Command::new("cargo")
+        .arg("test")
+        .current_dir(&project)
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("RUSTFLAGS")
+        .output()
+        .unwrap();
+    let said = format!("{}{}", text(&test.stdout), text(&test.stderr));
+    assert!(test.status.success(), "cargo test: {said}");
+    assert!(said.contains("test result: ok. 2 passed"), "{said}");
+
+    let built = ok(&riffle(&["udf", "build", "shop-udfs"], root), "udf build");
+    let wasm = std::fs::canonicalize(&project)
+        .unwrap()
+        .join("target/wasm32-wasip2/release/shop_udfs.wasm");
+    assert!(
+        built.starts_with(&format!("{}\n", wasm.display())),
+        "{built}"
+    );
+    let sha = Command::new("sha256sum").arg(&wasm).output().unwrap();
+    assert!(
+        built.contains(&format!("sha256 {}", &text(&sha.stdout)[..64])),
+        "{built}"
+    );
+    assert!(
+        built.contains("discounted(amount DOUBLE, percent DOUBLE) -> DOUBLE or row error")
+            && built.contains("range_width(value DOUBLE) -> DOUBLE NULL  (aggregate; state: low DOUBLE NULL, high DOUBLE NULL)"),
+        "{built}"
+    );
+
+    // Try it on a sample, then use it in SQL and in a pipeline.
+    std::fs::write(
+        root.join("sample.csv"),
+        "shop,amount,percent\na,100,10\na,50,200\nb,80,50\n",
+    )
+    .unwrap();
+    let wasm = wasm.to_str().unwrap();
+    let tried = ok(
+        &riffle(
+            &[
+                "udf",
+                "test",
+                wasm,
+                "--input",
+                "sample.csv",
+                "discounted(amount, percent)",
+            ],
+            root,
+        ),
+        "udf test",
+    );
+    assert!(
+        tried.contains("row errors: 1") && tried.contains("row 1: percent 200 is not between"),
+        "{tried}"
+    );
+    let sql = ok(
+        &riffle(
+            &[
+                "sql",
+                "--udf",
+                wasm,
+                "--table",
+                "t=sample.csv",
+                "--on-row-error",
+                "null",
+                "SELECT shop, sum(discounted(amount, percent)) AS paid, \
+                 range_width(amount) AS spread FROM t GROUP BY shop ORDER BY shop",
+            ],
+            root,
+        ),
+        "sql",
+    );
+    assert!(
+        sql.contains("| a    | 90.0 | 50.0   |") && sql.contains("| b    | 40.0 | 0.0    |"),
+        "{sql}"
+    );
+    std::fs::write(
+        root.join("pipeline.toml"),
+        format!(
+            r#"
+query = "SELECT shop, range_width(amount) AS spread FROM t GROUP BY shop"
+[source]
+name = "t"
+batch = "sample.csv"
+[[udfs]]
+path = "{wasm}"
+[sink]
+batch = "spread.csv"
+"#
+        ),
+    )
+    .unwrap();
+    ok(
+        &riffle(
+            &["run", "pipeline.toml", "--mode", "batch", "--quiet"],
+            root,
+        ),
+        "run",
+    );
+    let mut lines: Vec<String> = std::fs::read_to_string(root.join("spread.csv"))
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    lines.sort();
+    assert_eq!(lines, ["a,50.0", "b,0.0", "shop,spread"]);
+}
+
+#[test]
+fn building_what_is_not_a_udf_crate_says_what_to_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let out = riffle(&["udf", "build", "nowhere"], root);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("not a Rust crate") && text(&out.stderr).contains("udf new"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    std::fs::create_dir_all(root.join("plain/src")).unwrap();
+    std::fs::write(
+        root.join("plain/Cargo.toml"),
+        "[package]\nname = \"plain\"\nversion = \"0.1.0\"\nedition = \"2024\"\n[workspace]\n",
+    )
+    .unwrap();
+    std::fs::write(root.join("plain/src/lib.rs"), "").unwrap();
+    let out = riffle(&["udf", "build", "plain"], root);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("not a cdylib")
+            && text(&out.stderr).contains("crate-type = [\"cdylib\", \"rlib\"]"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // A cdylib that exports no functions builds, and is refused as a module.
+    std::fs::write(
+        root.join("plain/Cargo.toml"),
+        "[package]\nname = \"plain\"\nversion = \"0.1.0\"\nedition = \"2024\"\n\
+         [lib]\ncrate-type = [\"cdylib\"]\n[workspace]\n",
+    )
+    .unwrap();
+    let out = riffle(&["udf", "build", "plain"], root);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("not a Riffle UDF module"),
+        "{}",
+        text(&out.stderr)
+    );
+}
