@@ -557,7 +557,8 @@ impl Pipeline {
                 })
             }
             Some(SinkSpec::Table(SinkTable::Delta(d))) => {
-                let version = delta::append(&d.path, batches, &run_id).await?;
+                let version =
+                    delta::append(&d.path, batches, &run_id, udf_modules(&session)).await?;
                 Ok(BatchOutcome {
                     rows: Vec::new(),
                     message: Some(format!(

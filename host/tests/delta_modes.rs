@@ -264,6 +264,7 @@ fn a_backfill_into_delta_is_written_once_per_query_inputs_and_run_name() {
         &input.to_string_lossy(),
         vec![first.clone()],
         "fixture-1",
+        Vec::new(),
     ))
     .unwrap();
     std::fs::write(
@@ -319,6 +320,7 @@ batch = { kind = "delta", path = "scores" }
         &input.to_string_lossy(),
         vec![second.clone()],
         "fixture-2",
+        Vec::new(),
     ))
     .unwrap();
     let m = n + selected(&second);

@@ -624,6 +624,34 @@ fn backfill_and_stream_into_one_delta_table_equal_the_batch_result() {
 
     let table = python_delta_rows(&dir.path().join("fraud-table"));
     assert_eq!(table, want, "backfill + stream = batch over all rows");
+
+    // Every commit, the backfill's and each epoch's, names the UDF build that made its rows
+    // (as delta-rs's Python binding reads the commit history).
+    let script = "import json, os, sys\n\
+                  from deltalake import DeltaTable\n\
+                  print(json.dumps(DeltaTable(sys.argv[1]).history(), default=str), flush=True)\n\
+                  os._exit(0)";
+    let history = Command::new("python3")
+        .args(["-c", script])
+        .arg(dir.path().join("fraud-table"))
+        .output()
+        .unwrap();
+    assert!(
+        history.status.success(),
+        "{}",
+        String::from_utf8_lossy(&history.stderr)
+    );
+    let commits: Vec<serde_json::Value> = serde_json::from_slice(&history.stdout).unwrap();
+    let module = riffle_tests::udf("fraud");
+    let sha = Command::new("sha256sum").arg(&module).output().unwrap();
+    let sha = String::from_utf8_lossy(&sha.stdout)[..64].to_string();
+    assert!(commits.len() > 2, "{commits:?}");
+    for commit in &commits {
+        assert_eq!(
+            commit["riffle.udf.riffle_udfs_fraud"], sha,
+            "commit {commit}"
+        );
+    }
 }
 
 /// Two topics as two sources of one query (an interval join), through crashes at failpoints:

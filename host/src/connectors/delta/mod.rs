@@ -156,18 +156,30 @@ pub async fn holds_run(location: &str, run_id: &str) -> Result<bool> {
 
 /// Appends `batches` to a table as one commit (a batch run or backfill), creating it if
 /// missing, with a `txn` action for `run_id` so that a rerun can see the rows are there
-/// ([`holds_run`]). Returns the new table version.
+/// ([`holds_run`]), and `metadata` (the UDF modules that produced the rows) in the commit's
+/// metadata. Returns the new table version.
 ///
 /// # Errors
 /// Storage errors and schema mismatches.
-pub async fn append(location: &str, batches: Vec<RecordBatch>, run_id: &str) -> Result<i64> {
+pub async fn append(
+    location: &str,
+    batches: Vec<RecordBatch>,
+    run_id: &str,
+    metadata: Vec<(String, String)>,
+) -> Result<i64> {
     let url = table_url(location)?;
     let table = open(&url)
         .await?
         .write(batches)
         .with_save_mode(SaveMode::Append)
         .with_commit_properties(
-            CommitProperties::default().with_application_transaction(Transaction::new(run_id, 1)),
+            CommitProperties::default()
+                .with_application_transaction(Transaction::new(run_id, 1))
+                .with_metadata(
+                    metadata
+                        .into_iter()
+                        .map(|(k, v)| (k, serde_json::Value::String(v))),
+                ),
         )
         .await
         .map_err(|e| delta_error(&url, e))?;
