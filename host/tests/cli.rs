@@ -1,25 +1,13 @@
 //! The `riffle` binary, run as a user would.
 
+mod common;
+
+use common::{riffle_in as riffle, text};
+
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
 use riffle_tests::udf;
-
-fn riffle(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_riffle"))
-        .args(args)
-        .current_dir(cwd)
-        .env(
-            "RIFFLE_CACHE_DIR",
-            std::env::temp_dir().join("riffle-test-wasm-cache"),
-        )
-        .output()
-        .expect("riffle runs")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
 
 #[test]
 fn inspect_shows_signatures_hash_and_sandbox_mode() {

@@ -7,24 +7,11 @@
 //! The new project resolves its dependencies (wit-bindgen, syn, quote, libm) from crates.io
 //! like any crate; the Cargo cache this workspace's build filled already holds them.
 
-use std::path::Path;
+mod common;
+
+use common::{riffle_in as riffle, text};
+
 use std::process::{Command, Output};
-
-fn riffle(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_riffle"))
-        .args(args)
-        .current_dir(cwd)
-        .env(
-            "RIFFLE_CACHE_DIR",
-            std::env::temp_dir().join("riffle-test-wasm-cache"),
-        )
-        .output()
-        .expect("riffle runs")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
 
 fn ok(out: &Output, what: &str) -> String {
     assert!(

@@ -175,7 +175,7 @@ impl std::fmt::Display for Status {
                 udf.module, udf.sha256, udf.config_sha256
             )?;
         }
-        if self.udf_history.len() > self.fingerprint.udfs.len() {
+        if self.udf_history.iter().any(|served| served.from_epoch > 1) {
             // Some module was upgraded on purpose: say which version served which epochs.
             for served in &self.udf_history {
                 writeln!(

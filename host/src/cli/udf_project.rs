@@ -180,7 +180,7 @@ riffle udf build .                           # -> target/wasm32-wasip2/release/{
 riffle udf inspect target/wasm32-wasip2/release/{file}.wasm
 riffle udf test target/wasm32-wasip2/release/{file}.wasm --input sample.csv "discounted(amount, 10)"
 riffle sql --udf target/wasm32-wasip2/release/{file}.wasm --table t=sample.csv \
-    "SELECT discounted(amount, 10), range_width(amount) FROM t GROUP BY 1"
+    "SELECT shop, sum(discounted(amount, 10)), range_width(amount) FROM t GROUP BY shop"
 ```
 
 `riffle udf build` uses rustup's `wasm32-wasip2` target when it is installed
@@ -199,6 +199,12 @@ pub(super) fn new(name: &str, parent: &Path) -> Result<PathBuf> {
     if !valid {
         return Err(RiffleError::Config(format!(
             "{name:?} is not a crate name: letters, digits, `-` and `_`, starting with a letter"
+        )));
+    }
+    if name.replace('-', "_").starts_with("riffle_udf") {
+        return Err(RiffleError::Config(format!(
+            "{name:?} would clash with the SDK crates the project carries (riffle-udf, \
+             riffle-udf-macros); choose another name"
         )));
     }
     let root = parent.join(name);
@@ -240,8 +246,10 @@ enum Toolchain {
     Debian,
 }
 
-fn toolchain() -> Option<Toolchain> {
+fn toolchain(project: &Path) -> Option<Toolchain> {
+    // From the project, so that its rust-toolchain.toml, if any, picks the toolchain.
     let rustup = Command::new("rustup")
+        .current_dir(project)
         .args(["target", "list", "--installed"])
         .output()
         .ok()
@@ -295,7 +303,14 @@ pub(super) fn build(path: &Path) -> Result<PathBuf> {
             manifest_path.display()
         )));
     }
-    let Some(toolchain) = toolchain() else {
+    // The module is named after the library target (`[lib] name`, else the package).
+    let lib_name = manifest
+        .get("lib")
+        .and_then(|l| l.get("name"))
+        .and_then(|n| n.as_str())
+        .unwrap_or(name)
+        .replace('-', "_");
+    let Some(toolchain) = toolchain(path) else {
         return Err(RiffleError::Config(
             "no Rust toolchain for wasm32-wasip2: run `rustup target add wasm32-wasip2`, or \
              on Debian install rustc-web, cargo-web, rust-web-src, lld-22 and wasi-libc"
@@ -323,6 +338,7 @@ pub(super) fn build(path: &Path) -> Result<PathBuf> {
         cargo.env_remove(var);
     }
     cargo
+        .current_dir(path)
         .args(["build", "--release", "--target", "wasm32-wasip2"])
         .arg("--manifest-path")
         .arg(&manifest_path)
@@ -369,7 +385,7 @@ pub(super) fn build(path: &Path) -> Result<PathBuf> {
     }
     Ok(target_dir
         .join("wasm32-wasip2/release")
-        .join(format!("{}.wasm", name.replace('-', "_"))))
+        .join(format!("{lib_name}.wasm")))
 }
 
 /// Builds, then checks the module loads here and prints what it exports.

@@ -69,6 +69,16 @@ fn parse_call(call: &str) -> Result<(String, Vec<String>)> {
     let SqlExpr::Function(f) = expr else {
         return Err(bad("not a function call"));
     };
+    if f.over.is_some() || f.filter.is_some() || !f.within_group.is_empty() {
+        return Err(bad(
+            "OVER, FILTER and WITHIN GROUP are for queries (riffle sql)",
+        ));
+    }
+    if let FunctionArguments::List(list) = &f.args
+        && (list.duplicate_treatment.is_some() || !list.clauses.is_empty())
+    {
+        return Err(bad("DISTINCT and ORDER BY are for queries (riffle sql)"));
+    }
     let args = match &f.args {
         FunctionArguments::List(list) => list
             .args
@@ -81,7 +91,21 @@ fn parse_call(call: &str) -> Result<(String, Vec<String>)> {
         FunctionArguments::None => Vec::new(),
         FunctionArguments::Subquery(_) => return Err(bad("a subquery is not an argument list")),
     };
-    Ok((f.name.to_string(), args))
+    // As SQL does: unquoted names are case-insensitive.
+    let name = f
+        .name
+        .0
+        .last()
+        .and_then(|part| part.as_ident())
+        .map(|id| {
+            if id.quote_style.is_some() {
+                id.value.clone()
+            } else {
+                id.value.to_lowercase()
+            }
+        })
+        .unwrap_or_else(|| f.name.to_string());
+    Ok((name, args))
 }
 
 /// Casts evaluated arguments to the types the function declares, as the SQL adapter does.
@@ -147,7 +171,13 @@ pub(super) async fn run(args: UdfTestArgs) -> Result<()> {
         // A function without arguments still gets one value per row.
         "SELECT 1 AS no_arguments FROM input".to_string()
     } else {
-        format!("SELECT {} FROM input", arg_sql.join(", "))
+        // Aliased: the same expression may be passed twice (`haversine_km(lat, lon, lat, lon)`).
+        let columns: Vec<String> = arg_sql
+            .iter()
+            .enumerate()
+            .map(|(i, sql)| format!("{sql} AS arg{i}"))
+            .collect();
+        format!("SELECT {} FROM input", columns.join(", "))
     };
     let batches = session.sql(&select).await?;
 
@@ -291,7 +321,10 @@ mod tests {
             )
         );
         assert_eq!(parse_call("now()").unwrap(), ("now".to_string(), vec![]));
+        assert_eq!(parse_call("RISK_SCORE(x)").unwrap().0, "risk_score");
         assert!(parse_call("amount + 1").is_err());
+        assert!(parse_call("count(DISTINCT x)").is_err());
+        assert!(parse_call("sum(x) OVER ()").is_err());
         assert!(parse_call("f(").is_err());
     }
 }

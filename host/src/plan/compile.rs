@@ -196,12 +196,13 @@ fn fingerprint(
                 sha256: m.hash().to_string(),
                 config_sha256: m.config_hash(),
                 functions: m.counted().map(|(_, name)| name.to_string()).collect(),
-                aggregate_states: m
-                    .spec()
-                    .aggregates
-                    .iter()
-                    .map(|a| format!("{}({})", a.name, a.state_schema()))
-                    .collect(),
+                aggregate_states: Some(
+                    m.spec()
+                        .aggregates
+                        .iter()
+                        .map(|a| format!("{}({})", a.name, a.state_schema()))
+                        .collect(),
+                ),
             })
             .collect(),
     }

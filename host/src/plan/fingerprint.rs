@@ -53,9 +53,10 @@ pub struct UdfPrint {
     #[serde(default)]
     pub functions: Vec<String>,
     /// Each aggregate's state columns, as `name(col TYPE, ...)`: state a module checkpointed
-    /// can only be restored by a module that declares the same columns.
+    /// can only be restored by a module that declares the same columns. `None` in
+    /// checkpoints written before they were recorded: unknown, so not assumed unchanged.
     #[serde(default)]
-    pub aggregate_states: Vec<String>,
+    pub aggregate_states: Option<Vec<String>>,
 }
 
 impl UdfPrint {
@@ -245,11 +246,27 @@ impl Fingerprint {
         let name = |s: &str| s.split('(').next().unwrap_or(s).to_string();
         let mut out = Vec::new();
         for u in &old.udfs {
-            for before in &u.aggregate_states {
+            let Some(states) = &u.aggregate_states else {
+                let has_aggregates = self
+                    .udfs
+                    .iter()
+                    .find(|n| n.module == u.module)
+                    .and_then(|n| n.aggregate_states.as_ref())
+                    .is_some_and(|a| !a.is_empty());
+                if has_aggregates {
+                    out.push(format!(
+                        "the checkpoint predates recorded aggregate states, so whether {}'s \
+                         aggregates can read their old state is unknown",
+                        u.module
+                    ));
+                }
+                continue;
+            };
+            for before in states {
                 let after = self
                     .udfs
                     .iter()
-                    .flat_map(|n| &n.aggregate_states)
+                    .flat_map(|n| n.aggregate_states.iter().flatten())
                     .find(|a| name(a) == name(before));
                 if let Some(after) = after.filter(|a| *a != before) {
                     out.push(format!(
@@ -286,7 +303,9 @@ mod tests {
             }],
             udfs: vec![UdfPrint {
                 functions: vec!["risk_score".into()],
-                aggregate_states: vec!["decayed_avg(at TIMESTAMP NULL, weight DOUBLE)".into()],
+                aggregate_states: Some(vec![
+                    "decayed_avg(at TIMESTAMP NULL, weight DOUBLE)".into(),
+                ]),
                 module: "fraud.wasm".into(),
                 sha256: "1b1b0b5d0c8e0000".into(),
                 config_sha256: "e3b0c44298fc".into(),
@@ -305,13 +324,17 @@ mod tests {
             new.upgrade_blockers(&old).is_empty(),
             "new code, same state"
         );
-        new.udfs[0].aggregate_states[0] = "decayed_avg(weight DOUBLE)".into();
+        new.udfs[0].aggregate_states = Some(vec!["decayed_avg(weight DOUBLE)".into()]);
         let blockers = new.upgrade_blockers(&old);
         assert_eq!(blockers.len(), 1);
         assert!(
             blockers[0].starts_with("aggregate decayed_avg's state changed"),
             "{blockers:?}"
         );
+        // A checkpoint that did not record states cannot vouch for them.
+        let mut unknown = print();
+        unknown.udfs[0].aggregate_states = None;
+        assert_eq!(new.upgrade_blockers(&unknown).len(), 1);
     }
 
     #[test]

@@ -48,6 +48,9 @@ struct Shared {
     module: Arc<UdfModule>,
     index: usize,
     policy: RowErrorPolicy,
+    /// The empty state, asked of the guest once (streaming operators ask every new or
+    /// restored group's accumulator for its state).
+    empty: std::sync::OnceLock<Vec<ArrayRef>>,
 }
 
 impl Shared {
@@ -70,13 +73,17 @@ impl Shared {
 
     /// The state of a group that has seen no rows, as one-row columns.
     fn empty_state(&self) -> DfResult<Vec<ArrayRef>> {
+        if let Some(empty) = self.empty.get() {
+            return Ok(empty.clone());
+        }
         let args: Vec<ArrayRef> = self
             .spec()
             .args
             .iter()
             .map(|a| new_empty_array(&a.data_type.arrow()))
             .collect();
-        self.step(AggregateStep::Update, 1, &[], &[], &args)
+        let empty = self.step(AggregateStep::Update, 1, &[], &[], &args)?;
+        Ok(self.empty.get_or_init(|| empty).clone())
     }
 
     /// Final values of `groups` states, with the row-error policy applied.
@@ -85,24 +92,8 @@ impl Shared {
             .module
             .finish(self.index, groups, states)
             .map_err(RiffleError::into_datafusion)?;
-        if let Some((group, message)) = row_errors.first() {
-            match self.policy {
-                RowErrorPolicy::Fail => {
-                    return Err(RiffleError::RowError {
-                        function: self.spec().name.clone(),
-                        hash: self.module.hash().to_string(),
-                        row: *group,
-                        message: message.clone(),
-                    }
-                    .into_datafusion());
-                }
-                RowErrorPolicy::Null => tracing::warn!(
-                    udf = %self.spec().name,
-                    errors = row_errors.len(),
-                    "groups set to NULL by errors in finish; first (group {group}): {message}"
-                ),
-            }
-        }
+        self.policy
+            .apply(&self.spec().name, self.module.hash(), &row_errors, "group")?;
         Ok(array)
     }
 }
@@ -138,6 +129,7 @@ impl WasmAggregateUdf {
                 module,
                 index,
                 policy,
+                empty: std::sync::OnceLock::new(),
             }),
             signature: Signature::user_defined(volatility),
         }

@@ -933,8 +933,13 @@ pub(crate) fn describe(
         .instantiate(&mut store)
         .and_then(|instance| {
             let info = Scalars::new(&mut store, &instance)?.call_describe(&mut store)?;
-            // Aggregates came with contract 0.2.0; a 0.1.0 module has no such export.
-            let aggregates = match instance.get_func(&mut store, "describe-aggregates") {
+            // Aggregates came with contract 0.2.0; a 0.1.0 module has no such export. A module
+            // of a version this host does not know is not asked (`validate` says why).
+            let known = (1..=ABI_VERSION).contains(&info.abi_version);
+            let aggregates = match instance
+                .get_func(&mut store, "describe-aggregates")
+                .filter(|_| known)
+            {
                 Some(f) => {
                     let f = f.typed::<(), (Vec<wire::AggregateInfo>,)>(&store)?;
                     f.call(&mut store, ())?.0
@@ -948,7 +953,9 @@ pub(crate) fn describe(
                 "it is not a Riffle UDF module (describe failed): {e:#}"
             ))
         })?;
-    if info.abi_version >= 2 && !has_aggregate_exports(component, engine) {
+    if (info.abi_version >= 2 || !aggregates.is_empty())
+        && !has_aggregate_exports(component, engine)
+    {
         return Err(invalid(
             "it says it was built for contract 0.2.0 but does not export its aggregate entry \
              points"

@@ -41,6 +41,40 @@ impl std::str::FromStr for RowErrorPolicy {
     }
 }
 
+impl RowErrorPolicy {
+    /// Applies the policy to the row errors of one call of `function` (module `hash`):
+    /// the first fails the query, or all are logged and their values stay NULL. `unit` names
+    /// what a row error's index counts (rows of a batch, groups of an aggregation).
+    pub(crate) fn apply(
+        self,
+        function: &str,
+        hash: &str,
+        row_errors: &[(usize, String)],
+        unit: &str,
+    ) -> DfResult<()> {
+        let Some((row, message)) = row_errors.first() else {
+            return Ok(());
+        };
+        match self {
+            RowErrorPolicy::Fail => Err(RiffleError::RowError {
+                function: function.to_string(),
+                hash: hash.to_string(),
+                row: *row,
+                message: message.clone(),
+            }
+            .into_datafusion()),
+            RowErrorPolicy::Null => {
+                tracing::warn!(
+                    udf = %function,
+                    errors = row_errors.len(),
+                    "{unit}s set to NULL by errors; first ({unit} {row}): {message}"
+                );
+                Ok(())
+            }
+        }
+    }
+}
+
 /// One exported Wasm function, as a DataFusion scalar UDF.
 #[derive(Debug)]
 pub struct WasmScalarUdf {
@@ -161,24 +195,12 @@ impl ScalarUDFImpl for WasmScalarUdf {
             .module
             .call(self.index, rows, &arrays)
             .map_err(RiffleError::into_datafusion)?;
-        if let Some((row, message)) = output.row_errors.first() {
-            match self.policy {
-                RowErrorPolicy::Fail => {
-                    return Err(RiffleError::RowError {
-                        function: self.spec().name.clone(),
-                        hash: self.module.hash().to_string(),
-                        row: *row,
-                        message: message.clone(),
-                    }
-                    .into_datafusion());
-                }
-                RowErrorPolicy::Null => tracing::warn!(
-                    udf = %self.spec().name,
-                    errors = output.row_errors.len(),
-                    "rows set to NULL by row errors; first (row {row}): {message}"
-                ),
-            }
-        }
+        self.policy.apply(
+            &self.spec().name,
+            self.module.hash(),
+            &output.row_errors,
+            "row",
+        )?;
         Ok(ColumnarValue::Array(output.array))
     }
 }

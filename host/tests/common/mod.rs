@@ -22,6 +22,24 @@ pub fn riffle(pipeline: &Path, mode: &str) -> Command {
     c
 }
 
+/// `riffle ARGS...` run from `cwd` as a user would, sharing the tests' compiled-UDF cache.
+pub fn riffle_in(args: &[&str], cwd: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_riffle"))
+        .args(args)
+        .current_dir(cwd)
+        .env(
+            "RIFFLE_CACHE_DIR",
+            std::env::temp_dir().join("riffle-test-wasm-cache"),
+        )
+        .output()
+        .expect("riffle runs")
+}
+
+/// Text of captured output.
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
 /// A two-thread runtime for tests that drive the engine from Rust.
 pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()

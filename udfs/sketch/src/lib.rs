@@ -136,7 +136,8 @@ impl DdQuantile {
     }
 
     fn add(&mut self, value: f64, n: i64) {
-        if value.is_nan() {
+        // NaN and the infinities have no bucket: skipped, as NULLs are.
+        if !value.is_finite() {
             return;
         }
         if value.abs() < f64::MIN_POSITIVE {
@@ -150,7 +151,8 @@ impl DdQuantile {
 }
 
 /// The `q`-quantile (0 to 1) of `value`, within 1 % relative error (DDSketch). `q` must be the
-/// same in every row. NULL values are skipped; NULL for a group with no values.
+/// same in every row. NULL, NaN and infinite values are skipped; NULL for a group with no
+/// values.
 #[aggregate]
 impl DdQuantile {
     pub fn update(&mut self, value: f64, q: f64) {
