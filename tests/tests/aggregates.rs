@@ -355,3 +355,56 @@ fn a_module_built_for_contract_0_1_0_still_loads_and_runs() {
     let values: Vec<Option<i64>> = got.column(0).as_primitive::<Int64Type>().iter().collect();
     assert_eq!(values, vec![Some(3), None, Some(-12)]);
 }
+
+#[test]
+fn a_sliding_over_window_takes_rows_back_out_with_retract() {
+    let tx = transactions();
+    let rt = runtime();
+    let session = session(&tx);
+    let got = rt
+        .block_on(query(
+            &session,
+            "SELECT tx_id, dd_quantile(amount, 0.5) OVER (PARTITION BY card_id ORDER BY ts, tx_id \
+             ROWS BETWEEN 3 PRECEDING AND CURRENT ROW) AS med4 FROM transactions",
+        ))
+        .unwrap();
+    // Oracle: per card in (ts, tx_id) order, a fresh native sketch of each row's frame.
+    let cards = tx
+        .column_by_name("card_id")
+        .unwrap()
+        .as_primitive::<Int64Type>();
+    let ids = tx
+        .column_by_name("tx_id")
+        .unwrap()
+        .as_primitive::<Int64Type>();
+    let amounts = tx
+        .column_by_name("amount")
+        .unwrap()
+        .as_primitive::<Float64Type>();
+    let ts = tx
+        .column_by_name("ts")
+        .unwrap()
+        .as_primitive::<TimestampMicrosecondType>();
+    let mut rows: Vec<usize> = (0..tx.num_rows()).collect();
+    rows.sort_by_key(|&i| (cards.value(i), ts.value(i), ids.value(i)));
+    let mut want: Vec<(i64, Option<u64>)> = Vec::new();
+    for (n, &i) in rows.iter().enumerate() {
+        let mut sketch = DdQuantile::default();
+        for &j in &rows[n.saturating_sub(3)..=n] {
+            if cards.value(j) == cards.value(i) && amounts.is_valid(j) {
+                sketch.update(amounts.value(j), 0.5);
+            }
+        }
+        want.push((ids.value(i), sketch.finish().unwrap().map(f64::to_bits)));
+    }
+    let got_ids = got.column(0).as_primitive::<Int64Type>();
+    let mut got: Vec<(i64, Option<u64>)> = floats(&got, 1)
+        .into_iter()
+        .enumerate()
+        .map(|(r, v)| (got_ids.value(r), v.map(f64::to_bits)))
+        .collect();
+    got.sort_unstable();
+    want.sort_unstable();
+    assert_eq!(got.len(), ROWS);
+    assert!(got == want, "every frame's median, bit for bit");
+}
