@@ -60,18 +60,9 @@ fn native_per_card(
     tx: &RecordBatch,
     keep: impl Fn(f64) -> bool,
 ) -> BTreeMap<i64, (DdQuantile, DecayedAvg)> {
-    let cards = tx
-        .column_by_name("card_id")
-        .unwrap()
-        .as_primitive::<Int64Type>();
-    let amounts = tx
-        .column_by_name("amount")
-        .unwrap()
-        .as_primitive::<Float64Type>();
-    let ts = tx
-        .column_by_name("ts")
-        .unwrap()
-        .as_primitive::<TimestampMicrosecondType>();
+    let cards = column::<Int64Type>(tx, "card_id");
+    let amounts = column::<Float64Type>(tx, "amount");
+    let ts = column::<TimestampMicrosecondType>(tx, "ts");
     let mut out: BTreeMap<i64, (DdQuantile, DecayedAvg)> = BTreeMap::new();
     for i in 0..tx.num_rows() {
         let entry = out.entry(cards.value(i)).or_default();
@@ -81,6 +72,14 @@ fn native_per_card(
         }
     }
     out
+}
+
+/// Column `name` of `batch` as primitive type `T`.
+fn column<'a, T: arrow::datatypes::ArrowPrimitiveType>(
+    batch: &'a RecordBatch,
+    name: &str,
+) -> &'a arrow::array::PrimitiveArray<T> {
+    batch.column_by_name(name).unwrap().as_primitive::<T>()
 }
 
 fn floats(batch: &RecordBatch, column: usize) -> Vec<Option<f64>> {
@@ -157,10 +156,7 @@ fn without_group_by_with_nulls_and_over_no_rows() {
         ))
         .unwrap();
     let mut whole = DdQuantile::default();
-    let amounts = tx
-        .column_by_name("amount")
-        .unwrap()
-        .as_primitive::<Float64Type>();
+    let amounts = column::<Float64Type>(&tx, "amount");
     assert!(
         amounts.null_count() > 0,
         "the generator writes some NULL amounts"
@@ -369,22 +365,10 @@ fn a_sliding_over_window_takes_rows_back_out_with_retract() {
         ))
         .unwrap();
     // Oracle: per card in (ts, tx_id) order, a fresh native sketch of each row's frame.
-    let cards = tx
-        .column_by_name("card_id")
-        .unwrap()
-        .as_primitive::<Int64Type>();
-    let ids = tx
-        .column_by_name("tx_id")
-        .unwrap()
-        .as_primitive::<Int64Type>();
-    let amounts = tx
-        .column_by_name("amount")
-        .unwrap()
-        .as_primitive::<Float64Type>();
-    let ts = tx
-        .column_by_name("ts")
-        .unwrap()
-        .as_primitive::<TimestampMicrosecondType>();
+    let cards = column::<Int64Type>(&tx, "card_id");
+    let ids = column::<Int64Type>(&tx, "tx_id");
+    let amounts = column::<Float64Type>(&tx, "amount");
+    let ts = column::<TimestampMicrosecondType>(&tx, "ts");
     let mut rows: Vec<usize> = (0..tx.num_rows()).collect();
     rows.sort_by_key(|&i| (cards.value(i), ts.value(i), ids.value(i)));
     let mut want: Vec<(i64, Option<u64>)> = Vec::new();

@@ -21,9 +21,9 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, BooleanArray, new_empty_array};
-use arrow::compute::{can_cast_types, filter};
+use arrow::compute::filter;
 use arrow::datatypes::{DataType, Field, FieldRef};
-use datafusion::common::{Result as DfResult, ScalarValue, not_impl_err, plan_err};
+use datafusion::common::{Result as DfResult, ScalarValue, not_impl_err};
 use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
 use datafusion::logical_expr::utils::format_state_name;
 use datafusion::logical_expr::{
@@ -31,7 +31,7 @@ use datafusion::logical_expr::{
 };
 
 use super::module::{AggregateSpec, AggregateStep, UdfModule, UdfOutput};
-use super::sql_function::RowErrorPolicy;
+use super::sql_function::{RowErrorPolicy, coerce_arguments};
 use super::state_store::StateStore;
 use crate::error::RiffleError;
 
@@ -174,31 +174,14 @@ impl AggregateUDFImpl for WasmAggregateUdf {
 
     fn coerce_types(&self, arg_types: &[DataType]) -> DfResult<Vec<DataType>> {
         let spec = self.udf.spec();
-        if arg_types.len() != spec.args.len() {
-            return plan_err!(
-                "{} takes {} arguments, got {}: {}",
-                spec.name,
-                spec.args.len(),
-                arg_types.len(),
-                spec.signature()
-            );
-        }
-        let mut coerced = Vec::with_capacity(arg_types.len());
-        for (actual, arg) in arg_types.iter().zip(&spec.args) {
-            // Arguments are lowered as the declared Arrow type exactly (no view types).
-            let wanted = arg.data_type.arrow();
-            if actual != &wanted && !can_cast_types(actual, &wanted) {
-                return plan_err!(
-                    "{}: argument {} is {actual}, which cannot be cast to {}: {}",
-                    spec.name,
-                    arg.name,
-                    arg.data_type.sql_name(),
-                    spec.signature()
-                );
-            }
-            coerced.push(wanted);
-        }
-        Ok(coerced)
+        // Arguments are lowered as the declared Arrow type exactly (no view types).
+        coerce_arguments(
+            &spec.name,
+            &spec.args,
+            arg_types,
+            &spec.signature(),
+            |declared, _| declared.arrow(),
+        )
     }
 
     fn state_fields(&self, args: StateFieldsArgs) -> DfResult<Vec<FieldRef>> {

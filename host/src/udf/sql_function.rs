@@ -15,7 +15,8 @@ use datafusion::logical_expr::{
     ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
 };
 
-use super::module::UdfModule;
+use super::abi::UdfType;
+use super::module::{ArgSpec, UdfModule};
 use crate::error::RiffleError;
 
 /// What happens when a UDF returns an error for a row.
@@ -73,6 +74,39 @@ impl RowErrorPolicy {
             }
         }
     }
+}
+
+/// The types DataFusion casts a Wasm function's arguments to before a call (`wanted` picks
+/// each from the declared and the actual type), or a planning error naming the function, the
+/// argument and the `signature` when the count is wrong or a cast is impossible. Shared by
+/// scalar and aggregate functions.
+pub(crate) fn coerce_arguments(
+    name: &str,
+    args: &[ArgSpec],
+    arg_types: &[DataType],
+    signature: &str,
+    wanted: impl Fn(UdfType, &DataType) -> DataType,
+) -> DfResult<Vec<DataType>> {
+    if arg_types.len() != args.len() {
+        return plan_err!(
+            "{name} takes {} arguments, got {}: {signature}",
+            args.len(),
+            arg_types.len()
+        );
+    }
+    let mut coerced = Vec::with_capacity(arg_types.len());
+    for (actual, arg) in arg_types.iter().zip(args) {
+        let wanted = wanted(arg.data_type, actual);
+        if actual != &wanted && !can_cast_types(actual, &wanted) {
+            return plan_err!(
+                "{name}: argument {} is {actual}, which cannot be cast to {}: {signature}",
+                arg.name,
+                arg.data_type.sql_name()
+            );
+        }
+        coerced.push(wanted);
+    }
+    Ok(coerced)
 }
 
 /// One exported Wasm function, as a DataFusion scalar UDF.
@@ -151,30 +185,13 @@ impl ScalarUDFImpl for WasmScalarUdf {
 
     fn coerce_types(&self, arg_types: &[DataType]) -> DfResult<Vec<DataType>> {
         let spec = self.spec();
-        if arg_types.len() != spec.args.len() {
-            return plan_err!(
-                "{} takes {} arguments, got {}: {}",
-                spec.name,
-                spec.args.len(),
-                arg_types.len(),
-                spec.signature()
-            );
-        }
-        let mut coerced = Vec::with_capacity(arg_types.len());
-        for (actual, arg) in arg_types.iter().zip(&spec.args) {
-            let wanted = arg.data_type.arrow_for_arg(actual);
-            if actual != &wanted && !can_cast_types(actual, &wanted) {
-                return plan_err!(
-                    "{}: argument {} is {actual}, which cannot be cast to {}: {}",
-                    spec.name,
-                    arg.name,
-                    arg.data_type.sql_name(),
-                    spec.signature()
-                );
-            }
-            coerced.push(wanted);
-        }
-        Ok(coerced)
+        coerce_arguments(
+            &spec.name,
+            &spec.args,
+            arg_types,
+            &spec.signature(),
+            |declared, actual| declared.arrow_for_arg(actual),
+        )
     }
 
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
