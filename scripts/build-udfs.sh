@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds every UDF crate under udfs/ into a wasm32-wasip2 component.
+# Builds every UDF crate under udfs/ into a wasm32-wasip2 component, and every Python UDF
+# (a directory under udfs/ with an app.py) into a component with componentize-py.
 #
 #   scripts/build-udfs.sh            # prints the directory holding the .wasm files
 #
@@ -20,6 +21,7 @@ unset CARGO_ENCODED_RUSTFLAGS RUSTFLAGS RUSTC RUSTDOC RUSTC_WRAPPER RUSTC_WORKSP
 
 packages=()
 for manifest in "$root"/udfs/*/Cargo.toml; do
+    [ -f "$manifest" ] || continue
     name=$(sed -n 's/^name *= *"\(.*\)"/\1/p' "$manifest" | head -n1)
     packages+=(-p "$name")
 done
@@ -54,4 +56,32 @@ else
     exit 1
 fi
 
-echo "$target_dir/wasm32-wasip2/release"
+out="$target_dir/wasm32-wasip2/release"
+
+# Python UDFs: componentize-py bundles CPython with the app and the SDK (guest-sdk-py) into one
+# component. It takes ~10 s per module, so a module is rebuilt only when a source is newer.
+for app in "$root"/udfs/*/app.py; do
+    [ -f "$app" ] || continue
+    dir=$(dirname "$app")
+    wasm="$out/riffle_udfs_$(basename "$dir").wasm"
+    if [ -f "$wasm" ] && [ -z "$(find "$dir" "$root/guest-sdk-py" "$root/wit" -newer "$wasm" \
+        -name '*.py' -o -newer "$wasm" -name '*.wit' | head -n1)" ]; then
+        continue
+    fi
+    if ! command -v componentize-py >/dev/null 2>&1; then
+        echo "error: componentize-py is missing; run scripts/install-guest-toolchain.sh" >&2
+        exit 1
+    fi
+    # Build from a copy: componentize-py writes __pycache__ beside the sources it imports,
+    # which would make cargo (watching udfs/) rerun the build script every time.
+    stage="$target_dir/python-stage/$(basename "$dir")"
+    rm -rf "$stage"
+    mkdir -p "$stage" "$out"
+    cp -r "$dir" "$stage/app"
+    cp -r "$root/guest-sdk-py" "$stage/sdk"
+    (cd "$stage" && componentize-py -d "$root/wit" -w udf componentize \
+        -p "$stage/sdk" -p "$stage/app" app -o "$wasm.tmp" >&2)
+    mv "$wasm.tmp" "$wasm"
+done
+
+echo "$out"

@@ -3,7 +3,8 @@
 #
 # Prefers rustup's wasm32-wasip2 target. Where rustup cannot download it (machines without
 # internet access to rustup's servers), installs Debian's rustc-web toolchain, whose standard
-# library builds for wasm32-wasip2 from source (see scripts/build-udfs.sh). Idempotent.
+# library builds for wasm32-wasip2 from source (see scripts/build-udfs.sh). Also installs
+# componentize-py, which builds Python UDFs. Idempotent.
 set -euo pipefail
 
 have_rustup_target() {
@@ -16,6 +17,14 @@ have_debian_route() {
         [ -x /usr/lib/llvm-22/bin/lld ] && ls /usr/src/rustc-*/library/std/Cargo.toml >/dev/null 2>&1 &&
         /usr/bin/rustc --version | grep -q '^rustc 1\.96'
 }
+
+# Python UDFs build with componentize-py (PyPI), pinned: its output embeds a CPython build.
+componentize_py_version=0.25.1
+if ! componentize-py --version 2>/dev/null | grep -qx "componentize-py $componentize_py_version"; then
+    echo "guest toolchain: pip install componentize-py==$componentize_py_version" >&2
+    python3 -m pip install --quiet "componentize-py==$componentize_py_version" >&2
+    command -v componentize-py >/dev/null 2>&1 || { echo "guest toolchain: componentize-py is not on PATH after pip install" >&2; exit 1; }
+fi
 
 if have_rustup_target || have_debian_route; then
     exit 0

@@ -3,8 +3,8 @@
 # noida-db Kafka-protocol broker the Kafka tests start, the `deltalake` Python package that
 # reads our Delta tables back as an independent reader, `prometheus-client` whose parser reads
 # our /metrics, and Debian's Chromium with ChromeDriver plus Selenium, which drive the
-# dashboard), then runs every test in the workspace (the tests crate's build script compiles
-# the UDF guests from source first).
+# dashboard), then runs the Python SDK's own tests and every test in the workspace (the tests
+# crate's build script compiles the UDF guests, Rust and Python, from source first).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -22,4 +22,7 @@ if ! [ -x /usr/bin/chromium ] || ! [ -x /usr/bin/chromedriver ]; then
     $sudo_cmd apt-get update -qq >&2
     DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq chromium chromium-driver >&2
 fi
+# The Python SDK's batch path, natively (the component's exports driven through the bindings
+# componentize-py generates).
+PYTHONDONTWRITEBYTECODE=1 python3 -m unittest discover -s guest-sdk-py/tests
 cargo test --workspace "$@"

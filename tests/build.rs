@@ -15,6 +15,7 @@ fn main() {
     for path in [
         "../udfs",
         "../guest-sdk",
+        "../guest-sdk-py",
         "../wit",
         "../scripts/build-udfs.sh",
         "../Cargo.lock",

@@ -114,17 +114,41 @@ fn main() {
 
     aggregates(&engine, &batch);
 
+    // The Python port of the fraud module (componentize-py: CPython inside the component).
+    println!("\nPython against Rust, both in the sandbox: risk_score per batch\n");
+    println!(
+        "{:<12} {:>7} {:>12} {:>12} {:>8}",
+        "function", "rows", "python", "rust", "ratio"
+    );
+    let python = engine.load(&udf("fraud_py")).unwrap();
+    let python_risk = python.function_index("risk_score").unwrap();
+    for rows in [1usize, 1024, 8192] {
+        let args: [ArrayRef; 2] = [
+            Arc::new(amount.slice(0, rows)),
+            Arc::new(country.slice(0, rows)),
+        ];
+        let py = measure(|| {
+            black_box(python.call(python_risk, rows, &args).unwrap());
+        });
+        let rust = measure(|| {
+            black_box(fraud.call(risk, rows, &args).unwrap());
+        });
+        report("risk_score", rows, py, rust);
+    }
+
     println!("\nCold start: load a module (read, hash, compile or fetch from cache, describe) and");
     println!("create its first instance\n");
     let cache = std::env::temp_dir().join(format!("riffle-bench-cache-{}", std::process::id()));
-    for name in ["fraud", "conformance"] {
+    // A Python module is ~18 MB of Wasm (CPython and its standard library): compiling it takes
+    // long enough that three uncached runs say enough.
+    for (name, uncached_runs) in [("fraud", 9), ("conformance", 9), ("fraud_py", 3)] {
         let path = udf(name);
-        let uncached = measure_cold(|| {
+        let uncached = measure_cold(uncached_runs, || {
             black_box(engine.load(&path).unwrap());
         });
         let warm_engine = new_engine(Some(cache.clone()));
         warm_engine.load(&path).unwrap();
-        let cached = measure_cold(|| {
+        let cached = measure_cold(9, || {
             black_box(warm_engine.load(&path).unwrap());
         });
         println!(
@@ -249,9 +273,9 @@ fn aggregates(engine: &UdfEngine, batch: &arrow::array::RecordBatch) {
     }
 }
 
-/// Cold starts are slow and few: the median of 9.
-fn measure_cold(mut f: impl FnMut()) -> Duration {
-    let mut times: Vec<Duration> = (0..9)
+/// Cold starts are slow and few: the median of `runs`.
+fn measure_cold(runs: usize, mut f: impl FnMut()) -> Duration {
+    let mut times: Vec<Duration> = (0..runs)
         .map(|_| {
             let started = Instant::now();
             f();

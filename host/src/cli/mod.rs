@@ -161,18 +161,22 @@ enum UdfCommand {
     /// results beside their arguments, every row error, and each batch's time next to the
     /// module's limits.
     Test(udf_test::UdfTestArgs),
-    /// Create a UDF project (a Rust crate with an example function and aggregate, native tests,
-    /// a README, and a copy of the guest SDK) in DIR/NAME.
+    /// Create a UDF project (a Rust crate or a Python package with an example function and
+    /// aggregate, native tests, a README, and a copy of the guest SDK) in DIR/NAME.
     New {
-        /// Crate name.
+        /// Project name.
         name: String,
         /// Directory to create it in.
         #[arg(long, default_value = ".")]
         dir: PathBuf,
+        /// The language the functions are written in.
+        #[arg(long, value_enum, default_value = "rust")]
+        lang: udf_project::Lang,
     },
-    /// Build a UDF crate into a wasm32-wasip2 component; prints its path, sha256 and functions.
+    /// Build a UDF project into a wasm32-wasip2 component (cargo for a Rust crate,
+    /// componentize-py for a Python one); prints its path, sha256 and functions.
     Build {
-        /// The crate's directory.
+        /// The project's directory.
         #[arg(default_value = ".")]
         path: PathBuf,
     },
@@ -317,13 +321,14 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Udf(UdfCommand::Inspect { path, json }) => inspect(&path, json),
         Command::Udf(UdfCommand::Test(args)) => udf_test::run(args).await,
-        Command::Udf(UdfCommand::New { name, dir }) => {
-            let root = udf_project::new(&name, &dir)?;
+        Command::Udf(UdfCommand::New { name, dir, lang }) => {
+            let root = udf_project::new(&name, &dir, lang)?;
             println!("created {}", root.display());
-            println!(
-                "next: cd {} && cargo test && riffle udf build",
-                root.display()
-            );
+            let test = match lang {
+                udf_project::Lang::Rust => "cargo test",
+                udf_project::Lang::Python => "python3 -m unittest",
+            };
+            println!("next: cd {} && {test} && riffle udf build", root.display());
             Ok(())
         }
         Command::Udf(UdfCommand::Build { path }) => udf_project::build_and_report(&path),

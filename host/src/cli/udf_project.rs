@@ -1,12 +1,16 @@
 //! `riffle udf new` and `riffle udf build`: write, build and try a UDF without this repository.
 //!
-//! `new` writes a crate with one example scalar, one example aggregate, native unit tests and a
-//! README, and beside it a copy of the guest SDK (`riffle-udf/`, with the WIT contract) taken
-//! from this binary, so the project builds with nothing but crates.io and matches the contract
-//! this host speaks. `build` compiles any UDF crate into a `wasm32-wasip2` component with the
-//! toolchains the project supports (rustup's target, else Debian's `rustc-web` with the standard
-//! library built from source, as `scripts/build-udfs.sh` does for the repository's own UDFs),
-//! checks that the result is a module this host loads, and prints its path and sha256.
+//! `new` writes a project with one example scalar, one example aggregate, native unit tests
+//! and a README, and beside it a copy of the guest SDK (with the WIT contract) taken from this
+//! binary, so the project builds with nothing but crates.io (or PyPI) and matches the contract
+//! this host speaks. A Rust project is a crate; a Python project is an `app.py` that
+//! componentize-py turns into a component embedding CPython.
+//!
+//! `build` compiles a Rust crate into a `wasm32-wasip2` component with the toolchains the
+//! project supports (rustup's target, else Debian's `rustc-web` with the standard library built
+//! from source, as `scripts/build-udfs.sh` does for the repository's own UDFs), or a Python
+//! project with componentize-py, checks that the result is a module this host loads, and
+//! prints its path and sha256.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -37,8 +41,11 @@ const SDK_FILES: &[(&str, &str)] = &[
         "macros/src/aggregate.rs",
         include_str!("../../../guest-sdk/macros/src/aggregate.rs"),
     ),
-    ("wit/udf.wit", include_str!("../../../wit/udf.wit")),
+    ("wit/udf.wit", WIT),
 ];
+
+/// The WIT contract this host speaks.
+const WIT: &str = include_str!("../../../wit/udf.wit");
 
 /// The SDK's manifests, standalone (the repository's inherit from its workspace). Versions
 /// are the workspace's.
@@ -189,8 +196,130 @@ riffle sql --udf target/wasm32-wasip2/release/{file}.wasm --table t=sample.csv \
     )
 }
 
+/// The languages `riffle udf new` writes projects in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Lang {
+    /// A Rust crate using the `riffle-udf` SDK.
+    Rust,
+    /// A Python package using the `riffle_udf` SDK, built with componentize-py.
+    Python,
+}
+
+/// The componentize-py release the Python SDK is built and tested with (as pinned by
+/// `scripts/install-guest-toolchain.sh`).
+const COMPONENTIZE_PY_VERSION: &str = "0.25.1";
+
+/// The Python SDK's files, as this binary was built with them.
+const PYTHON_SDK: &[(&str, &str)] = &[
+    (
+        "riffle_udf/__init__.py",
+        include_str!("../../../guest-sdk-py/riffle_udf/__init__.py"),
+    ),
+    (
+        "riffle_udf/math.py",
+        include_str!("../../../guest-sdk-py/riffle_udf/math.py"),
+    ),
+];
+
+const PYTHON_APP: &str = r#""""UDFs for Riffle. Each @scalar function and @aggregate class listed in `export_udfs`
+becomes a SQL function of the module this file builds into (`riffle udf build`)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from riffle_udf import Result, RowError, aggregate, export_udfs, scalar
+
+
+@scalar
+def discounted(amount: float, percent: float) -> Result[float]:
+    """`amount` less `percent` per cent. A percentage outside 0..=100 is a row error: the host
+    fails the query, or sets the value to NULL, as the user chose."""
+    if not 0.0 <= percent <= 100.0:
+        raise RowError(f"percent {percent} is not between 0 and 100")
+    return amount * (1.0 - percent / 100.0)
+
+
+@aggregate
+class RangeWidth:
+    """Largest minus smallest value (NULL for no rows)."""
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+
+    def update(self, value: float) -> None:
+        self.low = value if self.low is None else min(self.low, value)
+        self.high = value if self.high is None else max(self.high, value)
+
+    def merge(self, other: RangeWidth) -> None:
+        if other.low is not None and other.high is not None:
+            self.update(other.low)
+            self.update(other.high)
+
+    def finish(self) -> Optional[float]:
+        if self.low is None or self.high is None:
+            return None
+        return self.high - self.low
+
+
+# The component's exports: componentize-py looks for `WitWorld` in this module.
+WitWorld = export_udfs(discounted, RangeWidth)
+"#;
+
+const PYTHON_TEST: &str = r#""""The functions stay plain Python: test them natively with `python3 -m unittest`."""
+
+import unittest
+
+from riffle_udf import RowError
+
+from app import RangeWidth, discounted
+
+
+class AppTest(unittest.TestCase):
+    def test_discounted_takes_off_the_percentage(self):
+        self.assertEqual(discounted(200.0, 25.0), 150.0)
+        with self.assertRaises(RowError):
+            discounted(200.0, 120.0)
+
+    def test_range_width_merges_partial_states(self):
+        a, b = RangeWidth(), RangeWidth()
+        a.update(3.0)
+        b.update(10.0)
+        b.update(-2.0)
+        a.merge(b)
+        self.assertEqual(a.finish(), 12.0)
+        self.assertIsNone(RangeWidth().finish())
+
+
+if __name__ == "__main__":
+    unittest.main()
+"#;
+
+fn python_readme(name: &str) -> String {
+    let file = name.replace('-', "_");
+    format!(
+        r#"# {name}
+
+Riffle UDFs in Python, written with the `riffle_udf` SDK (a copy is in `riffle_udf/`, with the
+WIT contract in `wit/`; its docstring documents the types and rules). `riffle udf build` turns
+`app.py` into a WebAssembly component with componentize-py
+(`pip install componentize-py=={COMPONENTIZE_PY_VERSION}`); the component embeds CPython and
+runs in the same sandbox as a Rust module.
+
+```sh
+python3 -m unittest                          # the functions are plain Python: test them natively
+riffle udf build .                           # -> build/{file}.wasm
+riffle udf inspect build/{file}.wasm
+riffle udf test build/{file}.wasm --input sample.csv "discounted(amount, 10)"
+riffle sql --udf build/{file}.wasm --table t=sample.csv \
+    "SELECT shop, sum(discounted(amount, 10)), range_width(amount) FROM t GROUP BY shop"
+```
+"#
+    )
+}
+
 /// `riffle udf new NAME`: writes the project into `parent/NAME`.
-pub(super) fn new(name: &str, parent: &Path) -> Result<PathBuf> {
+pub(super) fn new(name: &str, parent: &Path, lang: Lang) -> Result<PathBuf> {
     let valid = !name.is_empty()
         && name
             .chars()
@@ -214,6 +343,38 @@ pub(super) fn new(name: &str, parent: &Path) -> Result<PathBuf> {
             root.display()
         )));
     }
+    let files = match lang {
+        Lang::Rust => rust_project(name, &root),
+        Lang::Python => python_project(name, &root),
+    };
+    for (path, text) in files {
+        let dir = path.parent().expect("files are inside the project");
+        std::fs::create_dir_all(dir).map_err(|e| RiffleError::io("creating", dir, e))?;
+        std::fs::write(&path, text).map_err(|e| RiffleError::io("writing", &path, e))?;
+    }
+    Ok(root)
+}
+
+fn python_project(name: &str, root: &Path) -> Vec<(PathBuf, String)> {
+    let sdk = PYTHON_SDK
+        .iter()
+        .map(|(path, text)| (root.join(path), text.to_string()));
+    vec![
+        (root.join("app.py"), PYTHON_APP.to_string()),
+        (root.join("test_app.py"), PYTHON_TEST.to_string()),
+        (root.join("README.md"), python_readme(name)),
+        (
+            root.join(".gitignore"),
+            "/build\n__pycache__/\n".to_string(),
+        ),
+        (root.join("wit/udf.wit"), WIT.to_string()),
+    ]
+    .into_iter()
+    .chain(sdk)
+    .collect()
+}
+
+fn rust_project(name: &str, root: &Path) -> Vec<(PathBuf, String)> {
     let mut files: Vec<(PathBuf, String)> = vec![
         (root.join("Cargo.toml"), project_manifest(name)),
         (root.join("src/lib.rs"), PROJECT_LIB.to_string()),
@@ -230,12 +391,7 @@ pub(super) fn new(name: &str, parent: &Path) -> Result<PathBuf> {
         let text = text.replace(r#"path: "../wit""#, r#"path: "wit""#);
         files.push((root.join("riffle-udf").join(path), text));
     }
-    for (path, text) in files {
-        let dir = path.parent().expect("files are inside the project");
-        std::fs::create_dir_all(dir).map_err(|e| RiffleError::io("creating", dir, e))?;
-        std::fs::write(&path, text).map_err(|e| RiffleError::io("writing", &path, e))?;
-    }
-    Ok(root)
+    files
 }
 
 /// How this machine builds `wasm32-wasip2` components.
@@ -271,14 +427,67 @@ fn toolchain(project: &Path) -> Option<Toolchain> {
     debian.then_some(Toolchain::Debian)
 }
 
-/// `riffle udf build [PATH]`: builds the crate at `path` and returns the component's path.
+/// `riffle udf build [PATH]`: builds the project at `path` and returns the component's path.
 pub(super) fn build(path: &Path) -> Result<PathBuf> {
     // Absolute, so the path printed for the module works from anywhere.
     let path = &std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    if !path.join("Cargo.toml").exists() && path.join("app.py").exists() {
+        return build_python(path);
+    }
+    build_rust(path)
+}
+
+/// Builds a Python project (`app.py`, the SDK package beside it, the contract in `wit/`) with
+/// componentize-py into `build/NAME.wasm`.
+fn build_python(path: &Path) -> Result<PathBuf> {
+    let wit = path.join("wit");
+    if !wit.join("udf.wit").exists() {
+        return Err(RiffleError::Config(format!(
+            "{}: no wit/udf.wit; `riffle udf new NAME --lang python` writes a project with the \
+             contract this host speaks",
+            path.display()
+        )));
+    }
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("udfs")
+        .replace('-', "_");
+    let out_dir = path.join("build");
+    std::fs::create_dir_all(&out_dir).map_err(|e| RiffleError::io("creating", &out_dir, e))?;
+    let wasm = out_dir.join(format!("{name}.wasm"));
+    let status = Command::new("componentize-py")
+        .current_dir(path)
+        .arg("-d")
+        .arg(&wit)
+        .args(["-w", "udf", "componentize", "-p"])
+        .arg(path)
+        .args(["app", "-o"])
+        .arg(&wasm)
+        // Its chatter goes to stderr: stdout is the module's path, sha256 and functions.
+        .stdout(std::io::stderr())
+        .status()
+        .map_err(|e| {
+            RiffleError::Config(format!(
+                "cannot run componentize-py ({e}); install it with \
+                 `python3 -m pip install componentize-py=={COMPONENTIZE_PY_VERSION}`"
+            ))
+        })?;
+    if !status.success() {
+        return Err(RiffleError::Config(format!(
+            "componentize-py could not build {} ({status}); its errors are above",
+            path.join("app.py").display()
+        )));
+    }
+    Ok(wasm)
+}
+
+fn build_rust(path: &Path) -> Result<PathBuf> {
     let manifest_path = path.join("Cargo.toml");
     let text = std::fs::read_to_string(&manifest_path).map_err(|e| {
         RiffleError::Config(format!(
-            "{}: not a Rust crate ({e}); `riffle udf new NAME` creates one",
+            "{}: not a UDF project: no Rust crate ({e}) and no Python app.py; `riffle udf new \
+             NAME [--lang python]` creates one",
             manifest_path.display()
         ))
     })?;
@@ -393,6 +602,12 @@ pub(super) fn build_and_report(path: &Path) -> Result<()> {
     let wasm = build(path)?;
     let engine = UdfEngine::new(engine_options(&Default::default(), &Default::default()))?;
     let (_, spec) = engine.describe(&wasm)?;
+    if spec.functions.is_empty() && spec.aggregates.is_empty() {
+        return Err(RiffleError::InvalidModule {
+            path: wasm,
+            reason: "the module exports no functions: list them in `export_udfs`".into(),
+        });
+    }
     let bytes = std::fs::read(&wasm).map_err(|e| RiffleError::io("reading", &wasm, e))?;
     println!("{}", wasm.display());
     println!("sha256 {}", hex::encode(Sha256::digest(&bytes)));

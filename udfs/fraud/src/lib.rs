@@ -173,8 +173,10 @@ pub struct DecayedAvg {
 
 impl DecayedAvg {
     /// Weight, as of `at`, of a row at `ts`: 1 at `at`, halving per half-life before it.
+    /// (`exp` of a multiple of ln 2 rather than `exp2`: the Python SDK carries the same `exp`,
+    /// so `udfs/fraud_py` computes the same bits.)
     fn weight_at(ts: Timestamp, at: Timestamp) -> f64 {
-        math::exp2(-((at.0 - ts.0) as f64) / DECAY_HALF_LIFE_MICROS as f64)
+        math::exp(-((at.0 - ts.0) as f64) / DECAY_HALF_LIFE_MICROS as f64 * std::f64::consts::LN_2)
     }
 
     /// Moves the reference time to `at` (never backwards), rescaling the sums.
