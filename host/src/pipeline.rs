@@ -234,18 +234,7 @@ pub struct Pipeline {
 /// output (Kafka headers, Parquet key-value metadata, Delta commit metadata) so every row or
 /// commit names the UDF builds that produced it.
 fn udf_modules(session: &RiffleSession) -> Vec<(String, String)> {
-    session
-        .modules()
-        .iter()
-        .map(|m| {
-            let stem = m
-                .path()
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            (format!("riffle.udf.{stem}"), m.hash().to_string())
-        })
-        .collect()
+    session.modules().iter().map(|m| m.stamp()).collect()
 }
 
 /// How to run a pipeline beyond what its file says.
@@ -260,6 +249,9 @@ pub struct RunOptions {
     /// Stream mode: resume a checkpoint written with other UDF code or configuration, the
     /// new modules serving from the next epoch (`riffle run --upgrade-udfs`).
     pub upgrade_udfs: bool,
+    /// Stream mode: swap in a UDF module whose file is replaced while the query runs
+    /// (`riffle run --hot-swap-udfs`).
+    pub hot_swap_udfs: bool,
     /// Batch mode: a name that makes this run distinct from an earlier one with the same
     /// query, UDFs and inputs (a batch run into Delta that already landed is not written
     /// again unless its run name differs).
@@ -693,6 +685,7 @@ impl Pipeline {
             live: options.live,
             max_epochs: options.max_epochs,
             upgrade_udfs: options.upgrade_udfs,
+            hot_swap_udfs: options.hot_swap_udfs,
         };
         let names: Vec<String> = inputs.iter().map(|i| i.name().to_string()).collect();
         let mut query = StreamingQuery::new(&session, inputs, plan, sink, stream_options)

@@ -196,3 +196,126 @@ fn a_rebuilt_module_is_refused_until_upgraded_on_purpose_and_outputs_name_each_v
     let again = riffle(&p, "stream").output().unwrap();
     assert!(again.status.success(), "{}", stderr(&again));
 }
+
+/// Replaces `module` atomically (a new file renamed over it, as deployment tools do) with
+/// `bytes`.
+fn replace(module: &Path, bytes: &[u8]) {
+    let staged = module.with_extension("wasm.new");
+    std::fs::write(&staged, bytes).unwrap();
+    std::fs::rename(&staged, module).unwrap();
+}
+
+/// Runs the pipeline with `--hot-swap-udfs`, holding after epoch `hold` commits until `swap`
+/// has replaced the module; returns the run's stderr.
+fn run_with_swap(p: &Path, hold: u64, swap: impl FnOnce()) -> String {
+    let dir = p.parent().unwrap();
+    let (log, release) = (dir.join("stderr.log"), dir.join("release"));
+    let _ = std::fs::remove_file(&release);
+    let mut child = riffle(p, "stream")
+        .arg("--hot-swap-udfs")
+        .env("RIFFLE_HANG", format!("after-commit:{hold}"))
+        .env("RIFFLE_HANG_UNTIL", &release)
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let held = format!("RIFFLE_HANG: holding after-commit epoch {hold}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    while !std::fs::read_to_string(&log).unwrap().contains(&held) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the run never held: {}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        assert!(child.try_wait().unwrap().is_none(), "the run ended early");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    swap();
+    std::fs::write(&release, "").unwrap();
+    let status = child.wait().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{text}");
+    text
+}
+
+#[test]
+fn a_module_replaced_while_the_query_runs_serves_from_the_next_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let module = dir.path().join("fraud.wasm");
+    std::fs::copy(riffle_tests::udf("fraud"), &module).unwrap();
+    let p = pipeline(dir.path(), &module);
+    let old = sha256(&module);
+    let mut rebuilt = std::fs::read(&module).unwrap();
+    let rebuilt_path = dir.path().join("rebuilt.wasm");
+    std::fs::write(&rebuilt_path, &rebuilt).unwrap();
+    rebuild(&rebuilt_path);
+    rebuilt = std::fs::read(&rebuilt_path).unwrap();
+    let new = sha256(&rebuilt_path);
+
+    let said = run_with_swap(&p, 2, || replace(&module, &rebuilt));
+    assert!(
+        said.contains("hot swap: the replaced UDF module serves from this epoch on"),
+        "{said}"
+    );
+
+    // One run, every row once, and each epoch's output names the module that computed it.
+    let ids = output_ids(&dir.path().join("out"));
+    assert_eq!(ids, (0..ROWS as i64).collect::<Vec<_>>());
+    let stamped = stamped_hashes(&dir.path().join("out"));
+    assert_eq!(stamped.len(), ROWS / 500);
+    for (epoch, hash) in &stamped {
+        let want = if *epoch <= 2 { &old } else { &new };
+        assert_eq!(hash, want, "epoch {epoch}");
+    }
+    let progress = common::progress_lines(&dir.path().join("checkpoint/progress.jsonl"));
+    for line in &progress {
+        let epoch = line["epoch"].as_u64().unwrap();
+        let want = if epoch <= 2 { &old } else { &new };
+        assert_eq!(line["udfs"][0]["module"], want[..12], "{line}");
+    }
+    let status = Command::new(env!("CARGO_BIN_EXE_riffle"))
+        .args(["status", p.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    for (hash, from) in [(&old, 1), (&new, 3)] {
+        assert!(
+            text.contains(&format!("udf served   fraud.wasm sha256 {}", &hash[..12]))
+                && text.contains(&format!("from epoch {from}")),
+            "{text}"
+        );
+    }
+    // The checkpoint pinned the new module: a restart with it needs no --upgrade-udfs.
+    let again = riffle(&p, "stream").output().unwrap();
+    assert!(again.status.success(), "{}", stderr(&again));
+}
+
+#[test]
+fn a_replacement_that_drops_a_function_is_not_swapped_in_and_the_query_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let module = dir.path().join("fraud.wasm");
+    std::fs::copy(riffle_tests::udf("fraud"), &module).unwrap();
+    let p = pipeline(dir.path(), &module);
+    let old = sha256(&module);
+
+    // The text module exports none of fraud's functions.
+    let other = std::fs::read(riffle_tests::udf("text")).unwrap();
+    let said = run_with_swap(&p, 1, || replace(&module, &other));
+    assert!(
+        said.contains("cannot replace the serving one in a running query")
+            && said.contains("it no longer exports risk_score(amount DOUBLE, country VARCHAR)"),
+        "{said}"
+    );
+    let ids = output_ids(&dir.path().join("out"));
+    assert_eq!(ids, (0..ROWS as i64).collect::<Vec<_>>());
+    for (epoch, hash) in stamped_hashes(&dir.path().join("out")) {
+        assert_eq!(hash, old, "epoch {epoch}");
+    }
+    // The refusal is in the next epoch's progress record, once.
+    let progress = common::progress_lines(&dir.path().join("checkpoint/progress.jsonl"));
+    let warned: Vec<u64> = progress
+        .iter()
+        .filter(|l| l["warnings"].to_string().contains("cannot replace"))
+        .map(|l| l["epoch"].as_u64().unwrap())
+        .collect();
+    assert_eq!(warned, [2], "{progress:?}");
+}

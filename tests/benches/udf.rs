@@ -169,7 +169,7 @@ fn aggregates(engine: &UdfEngine, batch: &arrow::array::RecordBatch) {
     use arrow::datatypes::{DataType, Field, Schema, TimestampMicrosecondType};
     use datafusion::logical_expr::AggregateUDFImpl;
     use datafusion::logical_expr::function::AccumulatorArgs;
-    use riffle::udf::{AggregateStep, RowErrorPolicy, WasmAggregateUdf};
+    use riffle::udf::{AggregateStep, ModuleSlot, RowErrorPolicy, WasmAggregateUdf};
     use riffle_udf::Timestamp;
 
     const ROWS: usize = 8192;
@@ -221,7 +221,8 @@ fn aggregates(engine: &UdfEngine, batch: &arrow::array::RecordBatch) {
                 )
                 .unwrap();
         });
-        let udaf = WasmAggregateUdf::new(module.clone(), index, RowErrorPolicy::Fail);
+        let udaf =
+            WasmAggregateUdf::new(ModuleSlot::new(module.clone()), index, RowErrorPolicy::Fail);
         let schema = Schema::new(vec![Field::new("x", DataType::Float64, true)]);
         let mut acc = udaf
             .create_groups_accumulator(AccumulatorArgs {

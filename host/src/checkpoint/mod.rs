@@ -137,6 +137,29 @@ pub(crate) struct Metadata {
     pub(crate) udf_history: Vec<UdfServed>,
 }
 
+impl Metadata {
+    /// Takes `fingerprint`'s UDF modules as serving from `from_epoch` on: appends the ones
+    /// that changed to the history (returned) and pins the new fingerprint.
+    fn upgrade(&mut self, fingerprint: &Fingerprint, from_epoch: u64) -> Vec<UdfServed> {
+        if self.udf_history.is_empty() {
+            // Written before the history was kept: what it had served since epoch 1.
+            self.udf_history = served(&self.fingerprint, 1).collect();
+        }
+        let changed: Vec<UdfServed> = served(fingerprint, from_epoch)
+            .filter(|n| {
+                !self.fingerprint.udfs.iter().any(|o| {
+                    o.module == n.module
+                        && o.sha256 == n.sha256
+                        && o.config_sha256 == n.config_sha256
+                })
+            })
+            .collect();
+        self.udf_history.extend(changed.iter().cloned());
+        self.fingerprint = fingerprint.clone();
+        changed
+    }
+}
+
 fn served(fingerprint: &Fingerprint, from_epoch: u64) -> impl Iterator<Item = UdfServed> + '_ {
     fingerprint.udfs.iter().map(move |u| UdfServed {
         module: u.module.clone(),
@@ -326,20 +349,7 @@ impl Checkpoint {
                     )));
                 }
                 let from_epoch = last_commit_in(root)?.map_or(1, |c| c.epoch + 1);
-                if meta.udf_history.is_empty() {
-                    // Written before the history was kept: what it had served since epoch 1.
-                    meta.udf_history = served(&meta.fingerprint, 1).collect();
-                }
-                let changed: Vec<UdfServed> = served(fingerprint, from_epoch)
-                    .filter(|n| {
-                        !meta.fingerprint.udfs.iter().any(|o| {
-                            o.module == n.module
-                                && o.sha256 == n.sha256
-                                && o.config_sha256 == n.config_sha256
-                        })
-                    })
-                    .collect();
-                for n in &changed {
+                for n in meta.upgrade(fingerprint, from_epoch) {
                     tracing::warn!(
                         module = %n.module,
                         sha256 = %n.sha256,
@@ -348,8 +358,6 @@ impl Checkpoint {
                         "upgrading a UDF module on purpose (--upgrade-udfs)"
                     );
                 }
-                meta.udf_history.extend(changed);
-                meta.fingerprint = fingerprint.clone();
                 write_atomic(
                     &meta_path,
                     &serde_json::to_vec_pretty(&meta).expect("serialisable"),
@@ -379,6 +387,24 @@ impl Checkpoint {
             snapshot_every: 10,
             _lock: lock,
         })
+    }
+
+    /// Records that a running query swapped UDF modules (a hot swap): from epoch `from_epoch`
+    /// on, the modules in `fingerprint` serve, so a restart with them is accepted as it is and
+    /// the history says which module served which epochs. The caller has checked that the
+    /// swap is safe, and calls this before the epoch is planned: a crash in between restarts
+    /// with the new modules, which is what the checkpoint then expects.
+    ///
+    /// # Errors
+    /// I/O errors reading or writing the metadata.
+    pub fn record_udf_swap(&self, fingerprint: &Fingerprint, from_epoch: u64) -> Result<()> {
+        let meta_path = self.root.join("metadata.json");
+        let mut meta: Metadata = read_json(&meta_path)?;
+        meta.upgrade(fingerprint, from_epoch);
+        write_atomic(
+            &meta_path,
+            &serde_json::to_vec_pretty(&meta).expect("serialisable"),
+        )
     }
 
     /// The query's id, stable for the life of this checkpoint.

@@ -111,6 +111,13 @@ struct RunArgs {
     /// refused. An aggregate whose state columns changed is refused either way.
     #[arg(long)]
     upgrade_udfs: bool,
+    /// Stream mode: when a UDF module file is replaced while the query runs, swap the new
+    /// module in at the next epoch boundary, without restarting, under the rules of
+    /// --upgrade-udfs (the same functions and aggregate states; otherwise the old module
+    /// keeps serving and a warning says why). The checkpoint, progress and sink stamps name
+    /// the module that served each epoch.
+    #[arg(long)]
+    hot_swap_udfs: bool,
     /// Batch mode into Delta: a rerun of a run whose commit landed (same query, UDFs, inputs
     /// and run name) writes nothing; a new name writes the rows again.
     #[arg(long, value_name = "NAME")]
@@ -447,6 +454,7 @@ async fn run_pipeline(args: RunArgs) -> Result<()> {
         live: !args.quiet,
         max_epochs: args.max_epochs,
         upgrade_udfs: args.upgrade_udfs,
+        hot_swap_udfs: args.hot_swap_udfs,
         run_name: args.run_name,
         monitor: monitor.clone(),
     };

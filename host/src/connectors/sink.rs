@@ -42,4 +42,9 @@ pub trait Sink: Send {
     /// Dead letters to write with the next epoch, atomically with its rows. Only called on a
     /// sink that said yes to [`Sink::writes_dead_letters_for`].
     fn stage_dead_letters(&mut self, _letters: Vec<DeadLetter>) {}
+
+    /// The `(riffle.udf.<module>, sha256)` pairs to stamp on output from the next epoch on:
+    /// called when a running query swaps a UDF module, so each epoch's output names the
+    /// module that produced it. Sinks that stamp nothing ignore it.
+    fn set_udf_modules(&mut self, _modules: Vec<(String, String)>) {}
 }

@@ -189,22 +189,7 @@ fn fingerprint(
                 schema: describe_schema(&n.schema),
             })
             .collect(),
-        udfs: udfs
-            .iter()
-            .map(|m| UdfPrint {
-                module: m.file_name().to_string(),
-                sha256: m.hash().to_string(),
-                config_sha256: m.config_hash(),
-                functions: m.counted().map(|(_, name)| name.to_string()).collect(),
-                aggregate_states: Some(
-                    m.spec()
-                        .aggregates
-                        .iter()
-                        .map(|a| format!("{}({})", a.name, a.state_schema()))
-                        .collect(),
-                ),
-            })
-            .collect(),
+        udfs: udfs.iter().map(|m| UdfPrint::of(m)).collect(),
     }
 }
 

@@ -60,6 +60,24 @@ pub struct UdfPrint {
 }
 
 impl UdfPrint {
+    /// What a checkpoint pins of `module`.
+    pub fn of(module: &crate::udf::UdfModule) -> Self {
+        UdfPrint {
+            module: module.file_name().to_string(),
+            sha256: module.hash().to_string(),
+            config_sha256: module.config_hash(),
+            functions: module.counted().map(|(_, name)| name.to_string()).collect(),
+            aggregate_states: Some(
+                module
+                    .spec()
+                    .aggregates
+                    .iter()
+                    .map(|a| format!("{}({})", a.name, a.state_schema()))
+                    .collect(),
+            ),
+        }
+    }
+
     /// `fraud.wasm (risk_score, is_night)`.
     fn named(&self) -> String {
         if self.functions.is_empty() {

@@ -286,6 +286,13 @@ impl Metrics {
 
     /// A run starts with new modules: the old ones' last calls are counted, and what was only
     /// true of the old run (its instances, the partitions it read) is forgotten.
+    /// A running query swapped UDF modules: settle the old ones' counters, as at a new run.
+    pub(crate) fn udfs_swapped(&mut self, old_modules: &[Arc<UdfModule>]) {
+        self.udfs(old_modules);
+        self.udf_seen.clear();
+        self.udf_instances.clear();
+    }
+
     pub(crate) fn run_started(
         &mut self,
         query: &str,

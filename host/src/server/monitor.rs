@@ -131,6 +131,13 @@ impl QueryObserver for Monitor {
     fn epoch_committed(&self, progress: &EpochProgress, line: &str) {
         self.add_epoch(progress, line);
     }
+
+    fn udfs_swapped(&self, modules: &[Arc<UdfModule>]) {
+        // As in `start`: the metrics lock is held across the swap.
+        let mut metrics = self.metrics();
+        let old = std::mem::replace(&mut self.state().modules, modules.to_vec());
+        metrics.udfs_swapped(&old);
+    }
 }
 
 /// A run's live view, shared by the driver and the HTTP server.

@@ -27,7 +27,7 @@ use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
 
 use crate::common::FileFormat;
 use crate::error::{Result, RiffleError};
-use crate::udf::{EngineOptions, RowErrorPolicy, UdfEngine, UdfModule, WasmScalarUdf};
+use crate::udf::{EngineOptions, ModuleSlot, RowErrorPolicy, UdfEngine, UdfModule, WasmScalarUdf};
 
 /// Settings of a [`RiffleSession`].
 #[derive(Clone, Debug, Default)]
@@ -45,7 +45,8 @@ pub struct RiffleSession {
     ctx: SessionContext,
     engine: UdfEngine,
     policy: RowErrorPolicy,
-    modules: Mutex<Vec<Arc<UdfModule>>>,
+    /// One slot per loaded module: what its registered functions call into.
+    modules: Mutex<Vec<Arc<ModuleSlot>>>,
     progress_bar: AtomicBool,
 }
 
@@ -87,8 +88,14 @@ impl RiffleSession {
         &self.engine
     }
 
-    /// Modules loaded so far.
+    /// Modules loaded so far (those serving now, after any hot swap).
     pub fn modules(&self) -> Vec<Arc<UdfModule>> {
+        self.slots().iter().map(|s| s.get()).collect()
+    }
+
+    /// The slot of each module loaded so far, in load order: a running query swaps modules
+    /// through them.
+    pub fn slots(&self) -> Vec<Arc<ModuleSlot>> {
         self.modules.lock().expect("modules lock").clone()
     }
 
@@ -168,6 +175,7 @@ impl RiffleSession {
                 }
             }
         }
+        let slot = ModuleSlot::new(module.clone());
         for (i, _) in module
             .spec()
             .functions
@@ -177,7 +185,7 @@ impl RiffleSession {
         {
             self.ctx
                 .register_udf(datafusion::logical_expr::ScalarUDF::new_from_impl(
-                    WasmScalarUdf::new(module.clone(), i, self.policy),
+                    WasmScalarUdf::new(slot.clone(), i, self.policy),
                 ));
         }
         for (i, _) in module
@@ -189,7 +197,7 @@ impl RiffleSession {
         {
             self.ctx
                 .register_udaf(datafusion::logical_expr::AggregateUDF::new_from_impl(
-                    crate::udf::WasmAggregateUdf::new(module.clone(), i, self.policy),
+                    crate::udf::WasmAggregateUdf::new(slot.clone(), i, self.policy),
                 ));
         }
         tracing::info!(
@@ -199,10 +207,7 @@ impl RiffleSession {
             aggregates = module.spec().aggregates.len(),
             "loaded UDF module"
         );
-        self.modules
-            .lock()
-            .expect("modules lock")
-            .push(module.clone());
+        self.modules.lock().expect("modules lock").push(slot);
         Ok(module)
     }
 

@@ -17,6 +17,7 @@
 //! The driver runs on the async runtime and never blocks it: sources (whose reads may wait on
 //! a broker or a disk) run on the blocking pool, and triggers wait with the runtime's timers.
 
+mod hot_swap;
 pub mod progress;
 
 use std::collections::BTreeMap;
@@ -41,9 +42,11 @@ use crate::connectors::sink::Sink;
 use crate::connectors::source::{Input, StreamSource};
 use crate::error::{Result, RiffleError};
 use crate::exec::graph::Graph;
-use crate::plan::{SourceSpec, compile, streaming_state};
+use crate::plan::fingerprint::UdfPrint;
+use crate::plan::{Fingerprint, SourceSpec, compile, streaming_state};
 use crate::session::RiffleSession;
 use crate::udf::UdfModule;
+use hot_swap::UdfWatch;
 use progress::{EpochProgress, Phases, ProgressWriter, SourceEpoch};
 
 /// When epochs run.
@@ -77,6 +80,10 @@ pub struct StreamOptions {
     /// Take over a checkpoint written with other UDF code or configuration on purpose
     /// (`riffle run --upgrade-udfs`): the new modules serve from the next epoch.
     pub upgrade_udfs: bool,
+    /// Swap in a UDF module whose file is replaced while the query runs, at the next epoch
+    /// boundary, under the rules of `upgrade_udfs` (`riffle run --hot-swap-udfs`; see
+    /// [`hot_swap`]).
+    pub hot_swap_udfs: bool,
 }
 
 impl Default for StreamOptions {
@@ -90,6 +97,7 @@ impl Default for StreamOptions {
             live: false,
             max_epochs: None,
             upgrade_udfs: false,
+            hot_swap_udfs: false,
         }
     }
 }
@@ -111,6 +119,8 @@ pub trait QueryObserver: Send + Sync {
     /// An epoch committed; `progress` is its record and `line` the JSON line the progress
     /// file gets for it.
     fn epoch_committed(&self, progress: &EpochProgress, line: &str);
+    /// The query swapped UDF modules between epochs (a hot swap): `modules` serve from now on.
+    fn udfs_swapped(&self, _modules: &[Arc<UdfModule>]) {}
 }
 
 /// A streaming source registered as a table, ready to plan queries against.
@@ -258,6 +268,12 @@ pub struct StreamingQuery {
     late_sinks: BTreeMap<String, Box<dyn Sink>>,
     static_tables: Vec<Arc<StaticTable>>,
     checkpoint: Checkpoint,
+    /// What the checkpoint pins; a hot swap updates its UDF part.
+    fingerprint: Fingerprint,
+    /// The module files, watched for a hot swap (`None` unless it is on).
+    udf_watch: Option<UdfWatch>,
+    /// Warnings for the next epoch's progress record (a module that could not be swapped).
+    pending_warnings: Vec<String>,
     manifest: StateManifest,
     options: StreamOptions,
     progress: ProgressWriter,
@@ -323,6 +339,11 @@ impl StreamingQuery {
             late_sinks: BTreeMap::new(),
             static_tables: Vec::new(),
             checkpoint,
+            fingerprint: compiled.fingerprint,
+            udf_watch: options
+                .hot_swap_udfs
+                .then(|| UdfWatch::new(session.slots())),
+            pending_warnings: Vec::new(),
             manifest: StateManifest::new(),
             options,
             observer: None,
@@ -531,6 +552,7 @@ impl StreamingQuery {
                 }
                 continue;
             }
+            self.swap_udfs(epoch + 1)?;
             let plan = EpochPlan {
                 epoch: epoch + 1,
                 sources: ranges,
@@ -559,11 +581,63 @@ impl StreamingQuery {
         Ok(summary)
     }
 
+    /// Swaps in the UDF modules whose files were replaced (see [`hot_swap`]), to serve from
+    /// epoch `from_epoch` on. The checkpoint pins them first, so that a crash before the
+    /// epoch commits restarts with the modules now on disk, as it expects.
+    fn swap_udfs(&mut self, from_epoch: u64) -> Result<()> {
+        let Some(watch) = &mut self.udf_watch else {
+            return Ok(());
+        };
+        let (ready, warnings) = watch.changed();
+        for warning in &warnings {
+            tracing::warn!("{warning}");
+        }
+        self.pending_warnings.extend(warnings);
+        if ready.is_empty() {
+            return Ok(());
+        }
+        for r in &ready {
+            let print = UdfPrint::of(&r.module);
+            if let Some(p) = self
+                .fingerprint
+                .udfs
+                .iter_mut()
+                .find(|p| p.module == print.module)
+            {
+                *p = print;
+            }
+        }
+        self.checkpoint
+            .record_udf_swap(&self.fingerprint, from_epoch)?;
+        for r in ready {
+            let old = r.slot.get();
+            tracing::warn!(
+                module = %old.file_name(),
+                old_sha256 = %old.hash(),
+                sha256 = %r.module.hash(),
+                from_epoch,
+                "hot swap: the replaced UDF module serves from this epoch on"
+            );
+            r.slot.replace(r.module.clone());
+            for m in &mut self.modules {
+                if Arc::ptr_eq(m, &old) {
+                    *m = r.module.clone();
+                }
+            }
+        }
+        self.sink
+            .set_udf_modules(self.modules.iter().map(|m| m.stamp()).collect());
+        if let Some(observer) = &self.observer {
+            observer.udfs_swapped(&self.modules);
+        }
+        Ok(())
+    }
+
     async fn run_epoch(&mut self, plan: &EpochPlan, summary: &mut RunSummary) -> Result<()> {
         let started = Instant::now();
         let mut phases = Phases::default();
         let mut reloaded = false;
-        let mut warnings = Vec::new();
+        let mut warnings = std::mem::take(&mut self.pending_warnings);
         for table in &self.static_tables {
             match table.reload_if_changed() {
                 Reload::Reloaded => reloaded = true,

@@ -31,6 +31,7 @@ use datafusion::logical_expr::{
 };
 
 use super::module::{AggregateSpec, AggregateStep, UdfModule, UdfOutput};
+use super::slot::ModuleSlot;
 use super::sql_function::{RowErrorPolicy, coerce_arguments};
 use super::state_store::StateStore;
 use crate::error::RiffleError;
@@ -45,17 +46,35 @@ pub struct WasmAggregateUdf {
 /// What the accumulators of one aggregate share.
 #[derive(Debug)]
 struct Shared {
-    module: Arc<UdfModule>,
-    index: usize,
+    /// Where the module serving the aggregate is found: a hot swap replaces it between
+    /// epochs, with the same signature and state columns (see [`super::swap_blockers`]).
+    slot: Arc<ModuleSlot>,
+    /// The aggregate as registered.
+    spec: AggregateSpec,
     policy: RowErrorPolicy,
-    /// The empty state, asked of the guest once (streaming operators ask every new or
-    /// restored group's accumulator for its state).
-    empty: std::sync::OnceLock<Vec<ArrayRef>>,
+    /// The empty state, asked of the guest once per module (streaming operators ask every
+    /// new or restored group's accumulator for its state), with the hash of the module that
+    /// gave it.
+    empty: std::sync::Mutex<Option<(String, Vec<ArrayRef>)>>,
 }
 
 impl Shared {
     fn spec(&self) -> &AggregateSpec {
-        &self.module.spec().aggregates[self.index]
+        &self.spec
+    }
+
+    /// The module serving now and the aggregate's index in it.
+    fn serving(&self) -> DfResult<(Arc<UdfModule>, usize)> {
+        let module = self.slot.get();
+        match module.aggregate_index(&self.spec.name) {
+            Some(index) => Ok((module, index)),
+            None => Err(RiffleError::Internal(format!(
+                "module {} no longer exports aggregate {} (a swap should have been refused)",
+                module.file_name(),
+                self.spec.name
+            ))
+            .into_datafusion()),
+        }
     }
 
     fn step(
@@ -66,14 +85,18 @@ impl Shared {
         group_of: &[u32],
         args: &[ArrayRef],
     ) -> DfResult<Vec<ArrayRef>> {
-        self.module
-            .aggregate(self.index, step, groups, states, group_of, args)
+        let (module, index) = self.serving()?;
+        module
+            .aggregate(index, step, groups, states, group_of, args)
             .map_err(RiffleError::into_datafusion)
     }
 
     /// The state of a group that has seen no rows, as one-row columns.
     fn empty_state(&self) -> DfResult<Vec<ArrayRef>> {
-        if let Some(empty) = self.empty.get() {
+        let hash = self.slot.get().hash().to_string();
+        if let Some((of, empty)) = &*self.empty.lock().expect("empty state lock")
+            && *of == hash
+        {
             return Ok(empty.clone());
         }
         let args: Vec<ArrayRef> = self
@@ -83,25 +106,26 @@ impl Shared {
             .map(|a| new_empty_array(&a.data_type.arrow()))
             .collect();
         let empty = self.step(AggregateStep::Update, 1, &[], &[], &args)?;
-        Ok(self.empty.get_or_init(|| empty).clone())
+        *self.empty.lock().expect("empty state lock") = Some((hash, empty.clone()));
+        Ok(empty)
     }
 
     /// Final values of `groups` states, with the row-error policy applied.
     fn finish(&self, groups: usize, states: &[ArrayRef]) -> DfResult<ArrayRef> {
-        let UdfOutput { array, row_errors } = self
-            .module
-            .finish(self.index, groups, states)
+        let (module, index) = self.serving()?;
+        let UdfOutput { array, row_errors } = module
+            .finish(index, groups, states)
             .map_err(RiffleError::into_datafusion)?;
         self.policy
-            .apply(&self.spec().name, self.module.hash(), &row_errors, "group")?;
+            .apply(&self.spec.name, module.hash(), &row_errors, "group")?;
         Ok(array)
     }
 }
 
 impl PartialEq for WasmAggregateUdf {
     fn eq(&self, other: &Self) -> bool {
-        self.udf.module.hash() == other.udf.module.hash()
-            && self.udf.index == other.udf.index
+        Arc::ptr_eq(&self.udf.slot, &other.udf.slot)
+            && self.udf.spec.name == other.udf.spec.name
             && self.udf.policy == other.udf.policy
     }
 }
@@ -110,35 +134,36 @@ impl Eq for WasmAggregateUdf {}
 
 impl Hash for WasmAggregateUdf {
     fn hash<H: Hasher>(&self, state: &mut H) {
-        self.udf.module.hash().hash(state);
-        self.udf.index.hash(state);
+        Arc::as_ptr(&self.udf.slot).hash(state);
+        self.udf.spec.name.hash(state);
         self.udf.policy.hash(state);
     }
 }
 
 impl WasmAggregateUdf {
-    /// Wraps aggregate `index` of `module`.
-    pub fn new(module: Arc<UdfModule>, index: usize, policy: RowErrorPolicy) -> Self {
-        let volatility = if module.spec().aggregates[index].deterministic {
+    /// Wraps aggregate `index` of the module `slot` serves now.
+    pub fn new(slot: Arc<ModuleSlot>, index: usize, policy: RowErrorPolicy) -> Self {
+        let spec = slot.get().spec().aggregates[index].clone();
+        let volatility = if spec.deterministic {
             Volatility::Immutable
         } else {
             Volatility::Volatile
         };
         WasmAggregateUdf {
             udf: Arc::new(Shared {
-                module,
-                index,
+                slot,
+                spec,
                 policy,
-                empty: std::sync::OnceLock::new(),
+                empty: std::sync::Mutex::new(None),
             }),
             signature: Signature::user_defined(volatility),
         }
     }
 
-    /// All aggregates of `module`, ready to register.
-    pub fn all(module: &Arc<UdfModule>, policy: RowErrorPolicy) -> Vec<AggregateUDF> {
-        (0..module.spec().aggregates.len())
-            .map(|i| AggregateUDF::new_from_impl(WasmAggregateUdf::new(module.clone(), i, policy)))
+    /// All aggregates of the module `slot` serves, ready to register.
+    pub fn all(slot: &Arc<ModuleSlot>, policy: RowErrorPolicy) -> Vec<AggregateUDF> {
+        (0..slot.get().spec().aggregates.len())
+            .map(|i| AggregateUDF::new_from_impl(WasmAggregateUdf::new(slot.clone(), i, policy)))
             .collect()
     }
 

@@ -18,6 +18,7 @@ mod aggregate_function;
 mod engine;
 mod module;
 mod sandbox;
+mod slot;
 mod sql_function;
 mod state_store;
 
@@ -28,6 +29,7 @@ pub use module::{
     ABI_VERSION, AggregateSpec, AggregateStep, ArgSpec, FunctionSpec, ModuleSpec, StateFieldSpec,
     StatsSnapshot, UdfModule, UdfOutput,
 };
+pub use slot::{ModuleSlot, swap_blockers};
 pub use sql_function::{RowErrorPolicy, WasmScalarUdf};
 
 /// Host bindings generated from `wit/udf.wit`, for the `scalars` world that every module

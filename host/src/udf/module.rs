@@ -328,6 +328,33 @@ impl UdfModule {
         hex::encode(sha2::Sha256::digest(&self.config))
     }
 
+    /// `(riffle.udf.<file stem>, sha256)`: how sinks name this module on the output it
+    /// produced (Kafka headers, Parquet key-value metadata, Delta commit metadata).
+    pub fn stamp(&self) -> (String, String) {
+        let stem = self
+            .path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        (format!("riffle.udf.{stem}"), self.hash.clone())
+    }
+
+    /// The module file as it is on disk now, loaded with the same configuration, when its
+    /// content changed since this module was loaded; `None` when it did not.
+    ///
+    /// # Errors
+    /// As [`UdfEngine::load_with_config`].
+    pub fn reload_if_changed(&self) -> Result<Option<Arc<UdfModule>>> {
+        let bytes =
+            std::fs::read(&self.path).map_err(|e| RiffleError::io("reading", &self.path, e))?;
+        if hex::encode(Sha256::digest(&bytes)) == self.hash {
+            return Ok(None);
+        }
+        self.engine
+            .load_with_config(&self.path, self.config.clone())
+            .map(Some)
+    }
+
     /// What the module says about itself.
     pub fn spec(&self) -> &ModuleSpec {
         &self.spec

@@ -16,7 +16,8 @@ use datafusion::logical_expr::{
 };
 
 use super::abi::UdfType;
-use super::module::{ArgSpec, UdfModule};
+use super::module::{ArgSpec, FunctionSpec};
+use super::slot::ModuleSlot;
 use crate::error::RiffleError;
 
 /// What happens when a UDF returns an error for a row.
@@ -110,18 +111,22 @@ pub(crate) fn coerce_arguments(
 }
 
 /// One exported Wasm function, as a DataFusion scalar UDF.
+///
+/// It reaches its module through a [`ModuleSlot`], so a hot swap takes effect in plans already
+/// built; the signature is the one registered, which a swap keeps (see
+/// [`swap_blockers`](super::swap_blockers)).
 #[derive(Debug)]
 pub struct WasmScalarUdf {
-    module: Arc<UdfModule>,
-    index: usize,
+    slot: Arc<ModuleSlot>,
+    spec: FunctionSpec,
     signature: Signature,
     policy: RowErrorPolicy,
 }
 
 impl PartialEq for WasmScalarUdf {
     fn eq(&self, other: &Self) -> bool {
-        self.module.hash() == other.module.hash()
-            && self.index == other.index
+        Arc::ptr_eq(&self.slot, &other.slot)
+            && self.spec.name == other.spec.name
             && self.policy == other.policy
     }
 }
@@ -130,16 +135,16 @@ impl Eq for WasmScalarUdf {}
 
 impl Hash for WasmScalarUdf {
     fn hash<H: Hasher>(&self, state: &mut H) {
-        self.module.hash().hash(state);
-        self.index.hash(state);
+        Arc::as_ptr(&self.slot).hash(state);
+        self.spec.name.hash(state);
         self.policy.hash(state);
     }
 }
 
 impl WasmScalarUdf {
-    /// Wraps function `index` of `module`.
-    pub fn new(module: Arc<UdfModule>, index: usize, policy: RowErrorPolicy) -> Self {
-        let spec = &module.spec().functions[index];
+    /// Wraps function `index` of the module `slot` serves now.
+    pub fn new(slot: Arc<ModuleSlot>, index: usize, policy: RowErrorPolicy) -> Self {
+        let spec = slot.get().spec().functions[index].clone();
         let volatility = if spec.deterministic {
             Volatility::Immutable
         } else {
@@ -151,22 +156,22 @@ impl WasmScalarUdf {
             Signature::user_defined(volatility)
         };
         WasmScalarUdf {
-            module,
-            index,
+            slot,
+            spec,
             signature,
             policy,
         }
     }
 
-    /// All functions of `module`, ready to register.
-    pub fn all(module: &Arc<UdfModule>, policy: RowErrorPolicy) -> Vec<ScalarUDF> {
-        (0..module.spec().functions.len())
-            .map(|i| ScalarUDF::new_from_impl(WasmScalarUdf::new(module.clone(), i, policy)))
+    /// All functions of the module `slot` serves, ready to register.
+    pub fn all(slot: &Arc<ModuleSlot>, policy: RowErrorPolicy) -> Vec<ScalarUDF> {
+        (0..slot.get().spec().functions.len())
+            .map(|i| ScalarUDF::new_from_impl(WasmScalarUdf::new(slot.clone(), i, policy)))
             .collect()
     }
 
-    fn spec(&self) -> &super::module::FunctionSpec {
-        &self.module.spec().functions[self.index]
+    fn spec(&self) -> &FunctionSpec {
+        &self.spec
     }
 }
 
@@ -208,16 +213,20 @@ impl ScalarUDFImpl for WasmScalarUdf {
                 }
             })
             .collect::<DfResult<Vec<_>>>()?;
-        let output = self
-            .module
-            .call(self.index, rows, &arrays)
+        let module = self.slot.get();
+        let index = module.function_index(&self.spec.name).ok_or_else(|| {
+            RiffleError::Internal(format!(
+                "module {} no longer exports {} (a swap should have been refused)",
+                module.file_name(),
+                self.spec.name
+            ))
+            .into_datafusion()
+        })?;
+        let output = module
+            .call(index, rows, &arrays)
             .map_err(RiffleError::into_datafusion)?;
-        self.policy.apply(
-            &self.spec().name,
-            self.module.hash(),
-            &output.row_errors,
-            "row",
-        )?;
+        self.policy
+            .apply(&self.spec.name, module.hash(), &output.row_errors, "row")?;
         Ok(ColumnarValue::Array(output.array))
     }
 }

@@ -318,6 +318,10 @@ fn quoted(name: &str) -> String {
 
 #[async_trait::async_trait]
 impl Sink for DeltaSink {
+    fn set_udf_modules(&mut self, modules: Vec<(String, String)>) {
+        self.udf_modules = modules;
+    }
+
     async fn start(&mut self, query_id: &str) -> Result<()> {
         self.app_id = format!("riffle-{query_id}");
         let table = open(&self.url).await?;

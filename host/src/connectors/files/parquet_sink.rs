@@ -43,6 +43,10 @@ impl ParquetDirSink {
 
 #[async_trait::async_trait]
 impl Sink for ParquetDirSink {
+    fn set_udf_modules(&mut self, modules: Vec<(String, String)>) {
+        self.metadata = modules;
+    }
+
     async fn start(&mut self, query_id: &str) -> Result<()> {
         self.query_id = query_id.to_string();
         Ok(())

@@ -263,6 +263,10 @@ impl KafkaSink {
 
 #[async_trait::async_trait]
 impl Sink for KafkaSink {
+    fn set_udf_modules(&mut self, modules: Vec<(String, String)>) {
+        self.options.headers = modules;
+    }
+
     async fn start(&mut self, query_id: &str) -> Result<()> {
         tokio::task::block_in_place(|| self.connect(query_id))
     }
