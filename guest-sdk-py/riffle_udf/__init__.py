@@ -416,13 +416,10 @@ def _run_scalar(spec: _Scalar, rows: int, columns: list) -> tuple[list, list]:
     """Results (``None`` at NULL rows) and ``(row, message)`` errors for one batch."""
     if len(columns) != len(spec.args):
         raise _BadArguments(f"expected {len(spec.args)} argument columns, got {len(columns)}")
-    if not columns:
-        out = [spec.fn() for _ in range(rows)]
-        _check_not_none(spec.returns, out, spec.name)
-        return out, []
     strict = [not t.nullable for _, t in spec.args]
-    values = [_decode(c, t, rows) for c, (_, t) in zip(columns, spec.args)]
-    fn = spec.fn
+    # A function without arguments still produces `rows` values: one empty tuple per row.
+    values = [_decode(c, t, rows) for c, (_, t) in zip(columns, spec.args)] if columns else [[()] * rows]
+    fn = spec.fn if columns else (lambda _: spec.fn())
     has_nulls = any(c.validity is not None for c in columns)
     if not has_nulls and not spec.fallible:
         out = list(map(fn, *values))

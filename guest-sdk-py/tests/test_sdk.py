@@ -79,6 +79,11 @@ def now_ish() -> Timestamp:
     return Timestamp(42)
 
 
+@scalar
+def refuse() -> Result[int]:
+    raise RowError("nothing to give")
+
+
 @aggregate
 class SumCount:
     """Sum and count of values."""
@@ -109,7 +114,7 @@ class SumCount:
         return None if self.count == 0 else self.total / self.count
 
 
-World = export_udfs(echo_all, maybe_length, strict_double, checked_sqrt, broken, lies, flip, now_ish, SumCount)
+World = export_udfs(echo_all, maybe_length, strict_double, checked_sqrt, broken, lies, flip, now_ish, refuse, SumCount)
 
 
 def bits(flags):
@@ -234,6 +239,9 @@ class CallTest(unittest.TestCase):
     def test_a_function_without_arguments_fills_the_batch(self):
         out = self.call("now_ish", 3, [])
         self.assertEqual(out.column.values.value, [42, 42, 42])
+        out = self.call("refuse", 2, [])
+        self.assertEqual(out.column.validity, bits([False, False]))
+        self.assertEqual([(e.row, e.message) for e in out.row_errors], [(0, "nothing to give"), (1, "nothing to give")])
 
 
 class AggregateTest(unittest.TestCase):

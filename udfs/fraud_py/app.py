@@ -113,14 +113,23 @@ def risk_score(amount: float, country: str) -> float:
 EARTH_RADIUS_KM = 6_371.008_8
 
 
+def _sin(x: float) -> float:
+    # CPython raises for an infinite argument; libm (and so the Rust module) gives NaN.
+    return math.nan if math.isinf(x) else math.sin(x)
+
+
+def _cos(x: float) -> float:
+    return math.nan if math.isinf(x) else math.cos(x)
+
+
 @scalar
 def haversine_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
     """Great-circle distance in kilometres between two points given in degrees."""
     p1, p2 = math.radians(lat1), math.radians(lat2)
     dp = p2 - p1
     dl = math.radians(lon2 - lon1)
-    s1, s2 = math.sin(dp / 2.0), math.sin(dl / 2.0)
-    a = s1 * s1 + math.cos(p1) * math.cos(p2) * (s2 * s2)
+    s1, s2 = _sin(dp / 2.0), _sin(dl / 2.0)
+    a = s1 * s1 + _cos(p1) * _cos(p2) * (s2 * s2)
     a = a if a != a else min(max(a, 0.0), 1.0)  # clamp, keeping NaN as Rust's clamp does
     return 2.0 * EARTH_RADIUS_KM * math.asin(math.sqrt(a))
 

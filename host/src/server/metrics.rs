@@ -286,10 +286,21 @@ impl Metrics {
 
     /// A run starts with new modules: the old ones' last calls are counted, and what was only
     /// true of the old run (its instances, the partitions it read) is forgotten.
-    /// A running query swapped UDF modules: settle the old ones' counters, as at a new run.
-    pub(crate) fn udfs_swapped(&mut self, old_modules: &[Arc<UdfModule>]) {
+    /// A running query swapped UDF modules: settle the old ones' counters, and forget what
+    /// was seen of the modules that no longer serve (those still serving keep their marks, or
+    /// their totals would be counted twice).
+    pub(crate) fn udfs_swapped(
+        &mut self,
+        old_modules: &[Arc<UdfModule>],
+        new_modules: &[Arc<UdfModule>],
+    ) {
         self.udfs(old_modules);
-        self.udf_seen.clear();
+        let serving: Vec<usize> = new_modules
+            .iter()
+            .map(|m| Arc::as_ptr(m) as usize)
+            .collect();
+        self.udf_seen
+            .retain(|(module, _), _| serving.contains(module));
         self.udf_instances.clear();
     }
 

@@ -136,7 +136,7 @@ impl QueryObserver for Monitor {
         // As in `start`: the metrics lock is held across the swap.
         let mut metrics = self.metrics();
         let old = std::mem::replace(&mut self.state().modules, modules.to_vec());
-        metrics.udfs_swapped(&old);
+        metrics.udfs_swapped(&old, modules);
     }
 }
 

@@ -53,6 +53,8 @@ struct Watched {
 
 /// A module version ready to take over a slot.
 pub(super) struct Replacement {
+    /// Position of the slot among the session's (and of its module in the fingerprint).
+    pub index: usize,
     pub slot: Arc<ModuleSlot>,
     pub module: Arc<UdfModule>,
 }
@@ -63,15 +65,13 @@ pub(super) struct UdfWatch {
 }
 
 impl UdfWatch {
-    /// Watches the files of `slots` from their state now.
+    /// Watches the files of `slots`. The first look hashes every file, so a file replaced
+    /// between loading the module and starting the query is noticed too.
     pub(super) fn new(slots: Vec<Arc<ModuleSlot>>) -> Self {
         UdfWatch {
             watched: slots
                 .into_iter()
-                .map(|slot| {
-                    let seen = FileStamp::of(&slot.path());
-                    Watched { slot, seen }
-                })
+                .map(|slot| Watched { slot, seen: None })
                 .collect(),
         }
     }
@@ -80,7 +80,7 @@ impl UdfWatch {
     /// changed file that may not (the old module keeps serving).
     pub(super) fn changed(&mut self) -> (Vec<Replacement>, Vec<String>) {
         let (mut ready, mut warnings) = (Vec::new(), Vec::new());
-        for w in &mut self.watched {
+        for (index, w) in self.watched.iter_mut().enumerate() {
             let old = w.slot.get();
             let now = FileStamp::of(old.path());
             if now == w.seen {
@@ -103,13 +103,16 @@ impl UdfWatch {
             let blockers = swap_blockers(old.spec(), new.spec());
             if blockers.is_empty() {
                 ready.push(Replacement {
+                    index,
                     slot: w.slot.clone(),
                     module: new,
                 });
             } else {
                 warnings.push(format!(
                     "UDF module {} changed on disk (sha256 {} -> {}) but cannot replace the \
-                     serving one in a running query: {}; {} keeps serving",
+                     serving one in a running query: {}; {} keeps serving. Restore the old \
+                     file before the query restarts: a restart loads the file on disk, which \
+                     the checkpoint refuses",
                     old.file_name(),
                     short(old.hash()),
                     short(new.hash()),

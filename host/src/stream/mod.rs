@@ -597,14 +597,9 @@ impl StreamingQuery {
             return Ok(());
         }
         for r in &ready {
-            let print = UdfPrint::of(&r.module);
-            if let Some(p) = self
-                .fingerprint
-                .udfs
-                .iter_mut()
-                .find(|p| p.module == print.module)
-            {
-                *p = print;
+            // The fingerprint lists the session's modules in load order, as the slots.
+            if let Some(p) = self.fingerprint.udfs.get_mut(r.index) {
+                *p = UdfPrint::of(&r.module);
             }
         }
         self.checkpoint
