@@ -345,14 +345,17 @@ impl UdfModule {
     /// # Errors
     /// As [`UdfEngine::load_with_config`].
     pub fn reload_if_changed(&self) -> Result<Option<Arc<UdfModule>>> {
-        let bytes =
-            std::fs::read(&self.path).map_err(|e| RiffleError::io("reading", &self.path, e))?;
-        if hex::encode(Sha256::digest(&bytes)) == self.hash {
-            return Ok(None);
-        }
-        self.engine
-            .load_with_config(&self.path, self.config.clone())
-            .map(Some)
+        outside_async_runtime(|| {
+            let bytes =
+                std::fs::read(&self.path).map_err(|e| RiffleError::io("reading", &self.path, e))?;
+            let hash = hex::encode(Sha256::digest(&bytes));
+            if hash == self.hash {
+                return Ok(None);
+            }
+            self.engine
+                .load_bytes(&self.path, &bytes, hash, self.config.clone())
+                .map(Some)
+        })
     }
 
     /// What the module says about itself.
@@ -1123,12 +1126,25 @@ impl UdfEngine {
     /// As [`UdfEngine::load`], plus a [`RiffleError::UdfFailure`] when init rejects `config`.
     pub fn load_with_config(&self, path: &Path, config: Vec<u8>) -> Result<Arc<UdfModule>> {
         // Compiling blocks for a while and describe/init run Wasm: keep both off async workers.
+        // Compiling blocks for a while and describe/init run Wasm: keep both off async workers.
         outside_async_runtime(|| {
             let bytes = std::fs::read(path).map_err(|e| RiffleError::io("reading", path, e))?;
             let hash = hex::encode(Sha256::digest(&bytes));
-            let component = self.compile(path, &bytes, &hash)?;
-            UdfModule::new(self.clone(), path, hash, &component, config).map(Arc::new)
+            self.load_bytes(path, &bytes, hash, config)
         })
+    }
+
+    /// As [`load_with_config`](Self::load_with_config), for the module file's `bytes` already
+    /// read and hashed. Blocks: call it outside async workers.
+    fn load_bytes(
+        &self,
+        path: &Path,
+        bytes: &[u8],
+        hash: String,
+        config: Vec<u8>,
+    ) -> Result<Arc<UdfModule>> {
+        let component = self.compile(path, bytes, &hash)?;
+        UdfModule::new(self.clone(), path, hash, &component, config).map(Arc::new)
     }
 
     /// What a module file says about itself, and its sha256, without running its init hook

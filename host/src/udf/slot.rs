@@ -8,7 +8,6 @@
 //! signature, and every aggregate with the same state columns (its groups' checkpointed states
 //! are read by the new code): [`swap_blockers`] says what stands in the way.
 
-use std::path::Path;
 use std::sync::{Arc, RwLock};
 
 use super::module::{ModuleSpec, UdfModule};
@@ -33,20 +32,10 @@ impl ModuleSlot {
         self.current.read().expect("module slot lock").clone()
     }
 
-    /// The module file this slot serves.
-    pub fn path(&self) -> std::path::PathBuf {
-        self.get().path().to_path_buf()
-    }
-
     /// Serves from `module` from the next call on. The caller has checked
     /// [`swap_blockers`].
     pub fn replace(&self, module: Arc<UdfModule>) {
         *self.current.write().expect("module slot lock") = module;
-    }
-
-    /// Whether this slot serves the module file at `path`.
-    pub fn serves(&self, path: &Path) -> bool {
-        self.get().path() == path
     }
 }
 
