@@ -209,41 +209,52 @@ fn compiled_modules_are_cached_by_content_hash_and_a_corrupt_cache_is_survived()
         limits: limits(),
     })
     .unwrap();
-    let module = engine.load(&udf("text")).unwrap();
-    let cached: Vec<_> = std::fs::read_dir(dir.path())
+    let hash = engine.load(&udf("text")).unwrap().hash().to_string();
+    let mut cached: Vec<String> = std::fs::read_dir(dir.path())
         .unwrap()
         .flatten()
-        .map(|e| e.path())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(cached.len(), 1);
-    let name = cached[0]
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned();
+    cached.sort();
+    assert_eq!(cached.len(), 2, "{cached:?}");
     assert!(
-        name.starts_with(module.hash()) && name.ends_with(".cwasm"),
-        "{name}"
+        cached[0].starts_with(&hash) && cached[0].ends_with(".cwasm"),
+        "{cached:?}"
     );
+    assert_eq!(
+        cached[1],
+        format!("{}.sum", cached[0]),
+        "the checksum beside it"
+    );
+    let artifact = dir.path().join(&cached[0]);
+    let sum = dir.path().join(&cached[1]);
+    let good = std::fs::read(&artifact).unwrap();
+    let slugify = || {
+        let module = engine.load(&udf("text")).unwrap();
+        let out = call(&module, "slugify", &strings(&["Hello World"])).unwrap();
+        assert_eq!(out.array.as_string::<i32>().value(0), "hello-world");
+    };
 
-    let good = std::fs::read(&cached[0]).unwrap();
+    // Each damage is done with no module loaded: a loaded module maps its artifact, and the
+    // cache's own writers only ever rename whole files into place.
+    std::fs::write(&artifact, b"corrupted").unwrap();
+    slugify();
+    assert_eq!(std::fs::read(&artifact).unwrap(), good, "rewritten");
 
-    std::fs::write(&cached[0], b"corrupted").unwrap();
-    let again = engine.load(&udf("text")).unwrap();
-    let out = call(&again, "slugify", &strings(&["Hello World"])).unwrap();
-    assert_eq!(out.array.as_string::<i32>().value(0), "hello-world");
-    assert_eq!(std::fs::read(&cached[0]).unwrap(), good, "rewritten");
-
-    // One byte of native code changed, length kept: the digest catches it and the file is
+    // One byte of native code changed, length kept: the checksum catches it and the file is
     // compiled again rather than loaded.
     let mut tampered = good.clone();
     let middle = tampered.len() / 2;
     tampered[middle] ^= 0x40;
-    std::fs::write(&cached[0], &tampered).unwrap();
-    let again = engine.load(&udf("text")).unwrap();
-    let out = call(&again, "slugify", &strings(&["Hello World"])).unwrap();
-    assert_eq!(out.array.as_string::<i32>().value(0), "hello-world");
-    assert_eq!(std::fs::read(&cached[0]).unwrap(), good, "replaced");
+    std::fs::write(&artifact, &tampered).unwrap();
+    slugify();
+    assert_eq!(std::fs::read(&artifact).unwrap(), good, "replaced");
+
+    // A missing checksum is as good as a damaged artifact.
+    std::fs::remove_file(&sum).unwrap();
+    slugify();
+    assert!(sum.exists(), "written again");
+    assert_eq!(std::fs::read(&artifact).unwrap(), good);
 }
 
 #[cfg(unix)]
@@ -262,7 +273,11 @@ fn the_module_cache_is_private_and_a_shared_one_is_not_used() {
     engine(&private).load(&udf("text")).unwrap();
     let mode = std::fs::metadata(&private).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o700);
-    assert_eq!(std::fs::read_dir(&private).unwrap().count(), 1);
+    assert_eq!(
+        std::fs::read_dir(&private).unwrap().count(),
+        2,
+        "the artifact and its checksum"
+    );
 
     let shared = dir.path().join("shared");
     std::fs::create_dir(&shared).unwrap();

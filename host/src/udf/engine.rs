@@ -142,52 +142,80 @@ impl UdfEngine {
         })
     }
 
-    /// Compiles a component, or loads the artifact cached under its content hash.
+    /// The compiled module whose file has sha256 `hash`, from the artifact cache, when it is
+    /// there and intact.
     ///
-    /// A cached artifact is native code that wasmtime loads without validating it, so the
+    /// Compiled artifacts are native code that wasmtime loads without validating it, so the
     /// cache is guarded three ways: its directory is created private (0700) and not used at
-    /// all when other users could write to it; each file starts with the sha256 of the
-    /// artifact, checked before loading the very bytes that were checked (a file cut short
-    /// or altered is recompiled and replaced); and the file name pins the module's hash and
-    /// the engine build, whose header wasmtime checks again. The digest catches corruption,
-    /// not an attacker who can write as this user: such an attacker owns the process anyway.
+    /// all when other users could write to it; each artifact has a checksum beside it that is
+    /// checked before loading (a file cut short or damaged is recompiled and replaced); and
+    /// the file name pins the module's hash and the engine build, whose header wasmtime checks
+    /// again. The checksum catches corruption, not an attacker who can write as this user:
+    /// such an attacker owns the process anyway. So it is CRC-32 (a few milliseconds for a
+    /// 35 MB Python artifact) rather than a cryptographic digest.
+    ///
+    /// The artifact is mapped from its file, not read into memory: wasmtime then maps each
+    /// instance's initial linear memory copy-on-write straight from the file too. A Python
+    /// module's memory image is the whole pre-initialized interpreter, and reading and copying
+    /// it (and the artifact) into fresh memory was most of its cold start.
+    pub(crate) fn cached(&self, hash: &str) -> Option<Component> {
+        let file = self.cache_file(hash)?;
+        if !intact(&file) {
+            return None;
+        }
+        // SAFETY: the file was just checked against the checksum written with it by an
+        // engine of this build (the name says so), in a directory only this user can write;
+        // files there are only ever replaced whole (renamed into place), never changed in
+        // place, so the file wasmtime maps is a complete artifact; wasmtime checks its header
+        // again.
+        match unsafe { Component::deserialize_file(&self.inner.engine, &file) } {
+            Ok(component) => Some(component),
+            Err(e) => {
+                tracing::warn!(
+                    path = %file.display(),
+                    "ignoring unusable cached artifact ({e:#}); recompiling"
+                );
+                None
+            }
+        }
+    }
+
+    /// Compiles the component in `bytes` (the file `path`, whose sha256 is `hash`) and caches
+    /// the artifact; see [`cached`](Self::cached) for how the cache is guarded.
     pub(crate) fn compile(&self, path: &Path, bytes: &[u8], hash: &str) -> Result<Component> {
         let invalid = |e: wasmtime::Error| RiffleError::InvalidModule {
             path: path.to_path_buf(),
             reason: format!("{e:#}"),
         };
-        let Some(dir) = &self.inner.options.cache_dir else {
+        let Some(file) = self.cache_file(hash) else {
             return Component::from_binary(&self.inner.engine, bytes).map_err(invalid);
         };
-        if let Err(reason) = private_dir(dir) {
-            tracing::warn!(path = %dir.display(), "not using the compiled-UDF cache: {reason}");
-            return Component::from_binary(&self.inner.engine, bytes).map_err(invalid);
-        }
-        let cached = dir.join(format!("{hash}-{}.cwasm", self.inner.compat_key));
-        if let Some(file) = read_verified(&cached) {
-            // SAFETY: these bytes are the ones whose digest was just checked, written by an
-            // engine of this build (the name says so) into a directory only this user can
-            // write; wasmtime checks the artifact's header again.
-            match unsafe { Component::deserialize(&self.inner.engine, &file[DIGEST..]) } {
-                Ok(component) => return Ok(component),
-                Err(e) => tracing::warn!(
-                    path = %cached.display(),
-                    "ignoring unusable cached artifact ({e}); recompiling"
-                ),
-            }
-        }
         let artifact = self
             .inner
             .engine
             .precompile_component(bytes)
             .map_err(invalid)?;
-        let mut file = Sha256::digest(&artifact).to_vec();
-        file.extend_from_slice(&artifact);
-        if let Err(e) = crate::common::fs::write_atomic(&cached, &file) {
-            tracing::warn!(path = %cached.display(), "could not cache compiled UDF: {e}");
+        let sum = checksum_record(&artifact);
+        let written = crate::common::fs::write_atomic(&file, &artifact)
+            .and_then(|()| crate::common::fs::write_atomic(&sum_file(&file), &sum));
+        if let Err(e) = written {
+            tracing::warn!(path = %file.display(), "could not cache compiled UDF: {e}");
+        } else if let Some(component) = self.cached(hash) {
+            return Ok(component);
         }
         // SAFETY: `artifact` was produced by this engine a moment ago.
         unsafe { Component::deserialize(&self.inner.engine, &artifact) }.map_err(invalid)
+    }
+
+    /// The cache file for module `hash` from this engine build; `None` when caching is off or
+    /// the cache directory is not safe to use.
+    fn cache_file(&self, hash: &str) -> Option<PathBuf> {
+        let dir = self.inner.options.cache_dir.as_ref()?;
+        if let Err(reason) = private_dir(dir) {
+            tracing::warn!(path = %dir.display(), "not using the compiled-UDF cache: {reason}");
+            return None;
+        }
+        Some(dir.join(format!("{hash}-{}.cwasm", self.inner.compat_key)))
     }
 
     pub(crate) fn engine(&self) -> &Engine {
@@ -209,18 +237,56 @@ impl UdfEngine {
     }
 }
 
-/// Bytes of the sha256 that starts a cache file.
-const DIGEST: usize = 32;
+/// The checksum file beside artifact `file`.
+fn sum_file(file: &Path) -> PathBuf {
+    let mut name = file.as_os_str().to_owned();
+    name.push(".sum");
+    PathBuf::from(name)
+}
 
-/// A cache file (the artifact's sha256, then the artifact), if it exists and the digest
-/// matches.
-fn read_verified(file: &Path) -> Option<Vec<u8>> {
-    let bytes = std::fs::read(file).ok()?;
-    if bytes.len() < DIGEST || Sha256::digest(&bytes[DIGEST..])[..] != bytes[..DIGEST] {
-        tracing::warn!(path = %file.display(), "cached artifact fails its digest; recompiling");
-        return None;
+/// What the checksum file holds: the artifact's length and CRC-32, little-endian.
+fn checksum_record(artifact: &[u8]) -> Vec<u8> {
+    let mut record = (artifact.len() as u64).to_le_bytes().to_vec();
+    record.extend_from_slice(&crc32fast::hash(artifact).to_le_bytes());
+    record
+}
+
+/// Whether artifact `file` exists and matches the checksum file beside it. Reads the file in
+/// chunks: the bytes are only checked here, and wasmtime maps the file itself.
+fn intact(file: &Path) -> bool {
+    use std::io::Read;
+    let Ok(record) = std::fs::read(sum_file(file)) else {
+        return false;
+    };
+    let check = || -> std::io::Result<bool> {
+        let mut f = std::fs::File::open(file)?;
+        let mut crc = crc32fast::Hasher::new();
+        let mut len = 0u64;
+        let mut chunk = vec![0u8; 1 << 20];
+        loop {
+            let n = f.read(&mut chunk)?;
+            if n == 0 {
+                break;
+            }
+            crc.update(&chunk[..n]);
+            len += n as u64;
+        }
+        let mut want = len.to_le_bytes().to_vec();
+        want.extend_from_slice(&crc.finalize().to_le_bytes());
+        Ok(record == want)
+    };
+    match check() {
+        Ok(true) => true,
+        Ok(false) => {
+            tracing::warn!(path = %file.display(), "cached artifact fails its checksum; recompiling");
+            false
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => {
+            tracing::warn!(path = %file.display(), "cannot read cached artifact ({e}); recompiling");
+            false
+        }
     }
-    Some(bytes)
 }
 
 /// Creates `dir` private to this user if missing; an existing one must not be writable by

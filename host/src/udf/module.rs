@@ -346,14 +346,12 @@ impl UdfModule {
     /// As [`UdfEngine::load_with_config`].
     pub fn reload_if_changed(&self) -> Result<Option<Arc<UdfModule>>> {
         outside_async_runtime(|| {
-            let bytes =
-                std::fs::read(&self.path).map_err(|e| RiffleError::io("reading", &self.path, e))?;
-            let hash = hex::encode(Sha256::digest(&bytes));
+            let hash = file_sha256(&self.path)?;
             if hash == self.hash {
                 return Ok(None);
             }
             self.engine
-                .load_bytes(&self.path, &bytes, hash, self.config.clone())
+                .load_hashed(&self.path, hash, self.config.clone())
                 .map(Some)
         })
     }
@@ -1108,6 +1106,25 @@ fn validate(
     })
 }
 
+/// The sha256 of a file, hex, read in chunks: a module whose compiled artifact is cached is
+/// only hashed, and a Python module is 19 MB that would otherwise first be copied into fresh
+/// memory.
+fn file_sha256(path: &Path) -> Result<String> {
+    use std::io::Read;
+    let io = |e| RiffleError::io("reading", path, e);
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let mut hasher = Sha256::new();
+    let mut chunk = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut chunk).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&chunk[..n]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
 /// Loading modules: here rather than beside the engine so that the engine, which modules use,
 /// does not depend on them.
 impl UdfEngine {
@@ -1126,25 +1143,28 @@ impl UdfEngine {
     /// As [`UdfEngine::load`], plus a [`RiffleError::UdfFailure`] when init rejects `config`.
     pub fn load_with_config(&self, path: &Path, config: Vec<u8>) -> Result<Arc<UdfModule>> {
         // Compiling blocks for a while and describe/init run Wasm: keep both off async workers.
-        // Compiling blocks for a while and describe/init run Wasm: keep both off async workers.
-        outside_async_runtime(|| {
-            let bytes = std::fs::read(path).map_err(|e| RiffleError::io("reading", path, e))?;
-            let hash = hex::encode(Sha256::digest(&bytes));
-            self.load_bytes(path, &bytes, hash, config)
-        })
+        outside_async_runtime(|| self.load_hashed(path, file_sha256(path)?, config))
     }
 
-    /// As [`load_with_config`](Self::load_with_config), for the module file's `bytes` already
-    /// read and hashed. Blocks: call it outside async workers.
-    fn load_bytes(
-        &self,
-        path: &Path,
-        bytes: &[u8],
-        hash: String,
-        config: Vec<u8>,
-    ) -> Result<Arc<UdfModule>> {
-        let component = self.compile(path, bytes, &hash)?;
+    /// As [`load_with_config`](Self::load_with_config), for a module file whose sha256 was
+    /// just computed. Blocks: call it outside async workers.
+    fn load_hashed(&self, path: &Path, hash: String, config: Vec<u8>) -> Result<Arc<UdfModule>> {
+        let (hash, component) = self.component(path, hash)?;
         UdfModule::new(self.clone(), path, hash, &component, config).map(Arc::new)
+    }
+
+    /// The compiled module file `path`, whose sha256 was just computed as `hash`: from the
+    /// artifact cache when it holds it (the module's bytes are then never needed, only their
+    /// hash), else compiled. Gives the hash of what was compiled: the file is read again to
+    /// compile it, and may have changed in between.
+    fn component(&self, path: &Path, hash: String) -> Result<(String, Component)> {
+        if let Some(component) = self.cached(&hash) {
+            return Ok((hash, component));
+        }
+        let bytes = std::fs::read(path).map_err(|e| RiffleError::io("reading", path, e))?;
+        let hash = hex::encode(Sha256::digest(&bytes));
+        let component = self.compile(path, &bytes, &hash)?;
+        Ok((hash, component))
     }
 
     /// What a module file says about itself, and its sha256, without running its init hook
@@ -1154,9 +1174,7 @@ impl UdfEngine {
     /// As [`UdfEngine::load`].
     pub fn describe(&self, path: &Path) -> Result<(String, ModuleSpec)> {
         outside_async_runtime(|| {
-            let bytes = std::fs::read(path).map_err(|e| RiffleError::io("reading", path, e))?;
-            let hash = hex::encode(Sha256::digest(&bytes));
-            let component = self.compile(path, &bytes, &hash)?;
+            let (hash, component) = self.component(path, file_sha256(path)?)?;
             describe(self, path, &component).map(|(_, spec)| (hash, spec))
         })
     }
