@@ -11,10 +11,14 @@
 //! 3. three OVER features per card (distance from the previous transaction with `lag`, a
 //!    one-hour rolling count, a 30-minute rolling average; one window specification, so one
 //!    operator) over 1,000,000 distinct cards;
-//! 4. an interval join of two streams (transactions with logins of the same card within
+//! 4. `over-wasm`: Wasm aggregates in OVER windows (a sliding quantile sketch that retracts, a
+//!    running decayed average) against the built-in `avg` over the same frames, 10,000 cards;
+//! 5. `session`: a 30-second session window per card with a Wasm aggregate, over 10,000 cards
+//!    (short sessions) and 1,000 (sessions open all run);
+//! 6. an interval join of two streams (transactions with logins of the same card within
 //!    minutes);
-//! 5. latency: the low-latency trigger at 100,000 events/s of arrival rate;
-//! 6. monitoring: the stateless query with `riffle run --http`'s monitor and HTTP server
+//! 7. latency: the low-latency trigger at 100,000 events/s of arrival rate;
+//! 8. monitoring: the stateless query with `riffle run --http`'s monitor and HTTP server
 //!    attached and scraped (`/metrics` and the dashboard's `/api/progress`) once and ten times
 //!    a second, against the same query without them, in turn, in 10,000-row epochs (the cost
 //!    is per epoch).
@@ -64,6 +68,8 @@ struct Run {
     latencies_ms: Vec<f64>,
     /// (operator id, state rows, state bytes) after the last epoch.
     state: Vec<(String, u64, u64)>,
+    /// The same after the epoch at which each operator's state was largest.
+    peak: Vec<(String, u64, u64)>,
     /// Seconds in each phase over all epochs: operators, state, sink, commit.
     phases: [f64; 4],
 }
@@ -85,7 +91,9 @@ async fn run(
         batch_size: None,
     })
     .unwrap();
-    session.load_udfs(&udf("fraud"), Vec::new(), None).unwrap();
+    for name in ["fraud", "sketch"] {
+        session.load_udfs(&udf(name), Vec::new(), None).unwrap();
+    }
     let inputs = sources
         .iter()
         .map(|s| {
@@ -135,7 +143,8 @@ async fn run(
 
     let mut read_s = 0.0;
     let mut latencies_ms = Vec::new();
-    let mut state = Vec::new();
+    let mut state: Vec<(String, u64, u64)> = Vec::new();
+    let mut peak: Vec<(String, u64, u64)> = Vec::new();
     let mut phases = [0.0; 4];
     for line in std::fs::read_to_string(&progress).unwrap().lines() {
         let p: serde_json::Value = serde_json::from_str(line).unwrap();
@@ -170,6 +179,13 @@ async fn run(
                 )
             })
             .collect();
+        for now in &state {
+            match peak.iter_mut().find(|p| p.0 == now.0) {
+                Some(p) if p.2 < now.2 => *p = now.clone(),
+                Some(_) => {}
+                None => peak.push(now.clone()),
+            }
+        }
     }
     Run {
         rows: summary.input_rows,
@@ -178,6 +194,7 @@ async fn run(
         epochs: summary.epochs,
         latencies_ms,
         state,
+        peak,
         phases,
     }
 }
@@ -206,6 +223,15 @@ fn report_state(r: &Run) {
             );
         }
     }
+    for (id, rows, bytes) in &r.peak {
+        let last = r.state.iter().find(|s| &s.0 == id).map_or(0, |s| s.2);
+        if *rows > 0 && *bytes > last {
+            println!(
+                "    peak state of {id:<15} {rows:>9} keys {bytes:>12} bytes  {:>7.0} bytes/key",
+                *bytes as f64 / *rows as f64
+            );
+        }
+    }
 }
 
 /// One source of `rows` transactions over `cards` cards at 1,000 per second of event time
@@ -229,7 +255,8 @@ fn main() {
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(2_000_000);
-    // Other arguments pick runs by name (stateless, windowed, over, join, latency); none: all.
+    // Other arguments pick runs by name (stateless, windowed, over, over-wasm, session, join,
+    // latency); none: all.
     let only: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| a.parse::<i64>().is_err() && !a.starts_with('-'))
@@ -297,6 +324,66 @@ fn main() {
             .await;
             report("3 OVER features, 1M cards", &over);
             report_state(&over);
+        }
+
+        if wanted("over-wasm") {
+            // The same frames with a built-in aggregate and with Wasm aggregates (a sliding
+            // quantile sketch that retracts, a running decayed average): what stepping the
+            // partitions' states through the guest costs.
+            let frames = |sliding: &str, running: &str| {
+                format!(
+                    "SELECT tx_id, {sliding} OVER (PARTITION BY card_id ORDER BY ts \
+                     ROWS BETWEEN 4 PRECEDING AND CURRENT ROW) AS last_5, \
+                     {running} OVER (PARTITION BY card_id ORDER BY ts) AS running \
+                     FROM transactions"
+                )
+            };
+            for (name, sql) in [
+                ("OVER built-in avg, 10k cards", frames("avg(amount)", "avg(amount)")),
+                (
+                    "OVER Wasm aggs, 10k cards",
+                    frames("dd_quantile(amount, 0.5)", "decayed_avg(amount, ts)"),
+                ),
+            ] {
+                let r = run(
+                    &sql,
+                    OutputMode::Append,
+                    Trigger::AvailableNow,
+                    None,
+                    &transactions(rows, 10_000),
+                    &dir.path().join(name.replace(' ', "-")),
+                    200_000,
+                    None,
+                )
+                .await;
+                report(name, &r);
+                report_state(&r);
+            }
+        }
+
+        if wanted("session") {
+            // 10,000 cards: a card's transactions are ~10 s apart, so sessions are a few rows
+            // long; 1,000 cards: ~1 s apart, so each card's session stays open all run.
+            for (name, cards) in [
+                ("session, Wasm agg, 10k cards", 10_000),
+                ("session, Wasm agg, 1k cards", 1_000),
+            ] {
+                let r = run(
+                    "SELECT session_window(ts, '30 seconds') AS s, card_id, count(*) AS n, \
+                     sum(amount) AS total, dd_quantile(amount, 0.5) AS median \
+                     FROM transactions GROUP BY session_window(ts, '30 seconds'), card_id",
+                    OutputMode::Append,
+                    Trigger::AvailableNow,
+                    None,
+                    &transactions(rows, cards),
+                    &dir.path().join(format!("session-{cards}")),
+                    100_000,
+                    None,
+                )
+                .await;
+                report(name, &r);
+                report_state(&r);
+            }
         }
 
         if wanted("join") {

@@ -153,6 +153,22 @@ const GOLDEN: &[Golden] = &[
         approximate: false,
     },
     Golden {
+        name: "Wasm aggregates in OVER windows: a sliding median (retract), a quantile of the \
+               rows before, and a running decayed average",
+        sql: "SELECT tx_id, \
+              dd_quantile(amount, 0.5) OVER (PARTITION BY card_id ORDER BY ts, tx_id \
+                                ROWS BETWEEN 4 PRECEDING AND CURRENT ROW) AS median_5, \
+              dd_quantile(amount, 0.9) OVER (PARTITION BY card_id ORDER BY ts \
+                                RANGE BETWEEN INTERVAL '10' MINUTE PRECEDING AND INTERVAL '1' MINUTE PRECEDING) AS p90_before, \
+              decayed_avg(amount, ts) OVER (PARTITION BY card_id ORDER BY ts, tx_id) AS recent, \
+              decayed_avg(amount, ts) OVER (PARTITION BY country ORDER BY ts \
+                                RANGE BETWEEN INTERVAL '2' MINUTE PRECEDING AND CURRENT ROW) AS recent_country \
+              FROM transactions",
+        mode: OutputMode::Append,
+        key_columns: 1,
+        approximate: false,
+    },
+    Golden {
         name: "inner interval join of two streams",
         sql: "SELECT t.tx_id, t.amount, l.tx_id AS login, l.country AS login_country \
               FROM transactions t JOIN logins l ON t.card_id = l.card_id \
@@ -590,10 +606,13 @@ proptest! {
 
 /// Runs `sql` in stream mode over nothing and returns the planning error.
 fn rejection(sql: &str, mode: OutputMode, event_time: bool) -> String {
+    rejection_in(&session(), sql, mode, event_time)
+}
+
+fn rejection_in(session: &RiffleSession, sql: &str, mode: OutputMode, event_time: bool) -> String {
     let rt = common::runtime();
-    let session = session();
     let mut input = StreamInput::register(
-        &session,
+        session,
         "transactions",
         Box::new(ReplaySource::new(FraudGenerator::schema(), vec![])),
     )
@@ -602,7 +621,7 @@ fn rejection(sql: &str, mode: OutputMode, event_time: bool) -> String {
         input = input.with_event_time("ts", WATERMARK).unwrap();
     }
     let logins = StreamInput::register(
-        &session,
+        session,
         "logins",
         Box::new(ReplaySource::new(FraudGenerator::schema(), vec![])),
     )
@@ -613,7 +632,7 @@ fn rejection(sql: &str, mode: OutputMode, event_time: bool) -> String {
     rt.block_on(async {
         let plan = session.context().state().create_logical_plan(sql).await?;
         StreamingQuery::new(
-            &session,
+            session,
             vec![input, logins],
             plan,
             Box::new(MemorySink::default()),
@@ -714,6 +733,23 @@ fn queries_a_stream_cannot_run_are_rejected_with_the_rule() {
         false,
     );
     assert!(error.contains("watermarked event-time column"), "{error}");
+
+    // A Wasm aggregate without `retract` cannot slide; from the first row it can.
+    let session = session();
+    session
+        .load_udfs(&common::udf("hostile"), Vec::new(), None)
+        .unwrap();
+    let error = rejection_in(
+        &session,
+        "SELECT tx_id, merge_boom(card_id) OVER (PARTITION BY card_id ORDER BY ts \
+         ROWS BETWEEN 2 PRECEDING AND CURRENT ROW) FROM transactions",
+        OutputMode::Append,
+        true,
+    );
+    assert!(
+        error.contains("merge_boom cannot take rows back out of its state"),
+        "{error}"
+    );
 }
 
 #[test]
@@ -885,5 +921,143 @@ fn rows_without_an_event_time_belong_to_no_window_in_either_mode() {
             final_rows(&g, &sink)
         });
         check(&g, &expected, &streamed, "streaming");
+    }
+}
+
+/// `n` rows of card 1 at the given seconds of event time (the other columns from generated
+/// transactions).
+fn card_rows_at(seconds: &[i64]) -> RecordBatch {
+    let base = transactions().slice(0, seconds.len());
+    let schema = base.schema();
+    let columns = schema
+        .fields()
+        .iter()
+        .zip(base.columns())
+        .map(|(f, c)| {
+            let values: arrow::array::ArrayRef = match f.name().as_str() {
+                "card_id" => {
+                    std::sync::Arc::new(arrow::array::Int64Array::from(vec![1; seconds.len()]))
+                }
+                "ts" => std::sync::Arc::new(arrow::array::Int64Array::from_iter_values(
+                    seconds.iter().map(|s| s * 1_000_000),
+                )),
+                _ => return c.clone(),
+            };
+            arrow::compute::cast(&values, f.data_type()).unwrap()
+        })
+        .collect();
+    RecordBatch::try_new(schema, columns).unwrap()
+}
+
+/// Runs `sql` over `epochs` (one batch each) and gives the rows it emitted or its error.
+fn run_epochs(
+    session: &RiffleSession,
+    sql: &str,
+    epochs: Vec<RecordBatch>,
+) -> Result<Vec<RecordBatch>, riffle::RiffleError> {
+    let rt = common::runtime();
+    let input = StreamInput::register(
+        session,
+        "transactions",
+        Box::new(ReplaySource::new(FraudGenerator::schema(), epochs)),
+    )
+    .unwrap()
+    .with_event_time("ts", WATERMARK)
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sink = MemorySink::default();
+    rt.block_on(async {
+        let plan = session.context().state().create_logical_plan(sql).await?;
+        let mut q = StreamingQuery::new(
+            session,
+            vec![input],
+            plan,
+            Box::new(sink.clone()),
+            StreamOptions {
+                checkpoint: dir.path().to_path_buf(),
+                ..StreamOptions::default()
+            },
+        )
+        .await?;
+        q.run(&AtomicBool::new(false)).await
+    })?;
+    Ok(sink.batches())
+}
+
+/// A row that arrives between two open sessions of its key joins them into one, whose
+/// aggregates are the two sessions' states merged (a Wasm aggregate's own `merge`) plus the
+/// row: the same session and values batch mode gives. A Wasm aggregate whose `merge` panics
+/// fails the query cleanly, naming itself.
+#[test]
+fn a_row_bridging_two_sessions_merges_their_wasm_aggregate_states() {
+    // Gap one minute, watermark 10 s behind: [0, 60) and [65, 125) are both open after the
+    // first epoch (watermark 55 s); 58 s is on time and within a minute of both.
+    let epochs = vec![card_rows_at(&[0, 65]), card_rows_at(&[58])];
+    let amounts: Vec<f64> = epochs
+        .iter()
+        .flat_map(|b| {
+            let a = b
+                .column(b.schema().index_of("amount").unwrap())
+                .as_primitive::<Float64Type>();
+            a.iter().flatten().collect::<Vec<_>>()
+        })
+        .collect();
+    let session = session();
+    let out = run_epochs(
+        &session,
+        "SELECT session_window(ts, '1 minute') AS s, count(*) AS n, \
+         dd_quantile(amount, 0.5) AS median FROM transactions \
+         GROUP BY session_window(ts, '1 minute')",
+        epochs.clone(),
+    )
+    .unwrap();
+    let out = arrow::compute::concat_batches(&out[0].schema(), &out).unwrap();
+    assert_eq!(out.num_rows(), 1, "one session");
+    let bounds = out.column(0).as_struct();
+    let micros = |c: usize| {
+        bounds
+            .column(c)
+            .as_primitive::<arrow::datatypes::TimestampMicrosecondType>()
+            .value(0)
+    };
+    assert_eq!((micros(0), micros(1)), (0, 125_000_000));
+    assert_eq!(
+        out.column(1)
+            .as_primitive::<arrow::datatypes::Int64Type>()
+            .value(0),
+        3
+    );
+    let mut native = riffle_udfs_sketch::DdQuantile::default();
+    for a in &amounts {
+        native.update(*a, 0.5);
+    }
+    assert_eq!(
+        out.column(2)
+            .as_primitive::<Float64Type>()
+            .value(0)
+            .to_bits(),
+        native.finish().unwrap().unwrap().to_bits(),
+        "the merged sketch's median is the one of all three rows"
+    );
+
+    let session = self::session();
+    session
+        .load_udfs(&common::udf("hostile"), Vec::new(), None)
+        .unwrap();
+    let err = run_epochs(
+        &session,
+        "SELECT session_window(ts, '1 minute') AS s, merge_boom(tx_id) AS n FROM transactions \
+         GROUP BY session_window(ts, '1 minute')",
+        epochs,
+    )
+    .unwrap_err();
+    match common::riffle_error(&err) {
+        riffle::RiffleError::UdfFailure {
+            function, detail, ..
+        } => {
+            assert_eq!(function, "merge_boom", "{err}");
+            assert!(detail.contains("panicked on purpose"), "{detail}");
+        }
+        other => panic!("expected the merge to fail, got {other}"),
     }
 }

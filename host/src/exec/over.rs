@@ -14,16 +14,24 @@
 //! the same sequence of accumulator steps (add the rows that enter the frame, then subtract the
 //! rows that leave it, never resetting a running float sum), and the same arithmetic (a slice of
 //! several floats is summed with Arrow's own `sum` kernel, as DataFusion's accumulators do).
+//!
+//! Wasm aggregates (`riffle:udf@0.2.0`) take the same steps through the module: `update` with
+//! the rows entering a frame, `retract` with the rows leaving it, `finish`. Their state per
+//! partition is a row of the columns the module declares. A partition's rows depend on each
+//! other but partitions do not, so the calls go round by round across partitions (see
+//! [`Functions::wasm_column`]): one call per step for many partitions, as the contract wants.
 
 use std::cmp::Ordering;
+use std::ops::Range;
 use std::sync::Arc;
 
+use arrow::array::new_null_array;
 use arrow::array::{
     Array, ArrayRef, AsArray, BinaryBuilder, BooleanBuilder, Float64Array, Float64Builder,
     Int64Builder, RecordBatch, StringBuilder, UInt32Array, UInt64Builder,
 };
 use arrow::buffer::NullBuffer;
-use arrow::compute::{cast, concat_batches, take_record_batch};
+use arrow::compute::{cast, concat_batches, interleave, take_record_batch};
 use arrow::datatypes::{DataType, Float64Type, Int64Type, SchemaRef, UInt64Type};
 use arrow::row::{RowConverter, SortField};
 use datafusion::common::ScalarValue;
@@ -40,6 +48,7 @@ use crate::common::{Watermark, to_micros};
 use crate::error::{Result, RiffleError};
 use crate::state::bytes::{BytesCodec, Decode, Encode, take};
 use crate::state::{EntryId, KeyedTable, RowBuffer, StateTable};
+use crate::udf::{AggregateCalls, AggregateStep, WasmAggregateUdf};
 
 fn unsupported(message: impl Into<String>) -> RiffleError {
     RiffleError::Unsupported(message.into())
@@ -421,6 +430,26 @@ enum Kind {
     Aggregate(AggOp),
     First,
     Last,
+    Wasm(Arc<WasmFn>),
+}
+
+/// A Wasm aggregate in an OVER window.
+struct WasmFn {
+    calls: Arc<AggregateCalls>,
+    /// Its arguments: indexes into the operator's argument columns, with the Arrow type each
+    /// is passed to the guest as.
+    args: Vec<(usize, DataType)>,
+    /// Encodes a partition's state (one row of the declared state columns) to the bytes the
+    /// partition keeps, and back.
+    states: RowConverter,
+}
+
+impl std::fmt::Debug for WasmFn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WasmFn")
+            .field("name", &self.calls.spec().name)
+            .finish_non_exhaustive()
+    }
 }
 
 struct Function {
@@ -474,6 +503,9 @@ enum Acc {
     },
     /// Plain MIN/MAX: the running extreme.
     Extreme(Value),
+    /// A Wasm aggregate's state in Arrow's row format (see [`WasmFn::states`]); `None` until
+    /// the partition's first step.
+    Wasm(Option<Box<[u8]>>),
 }
 
 impl Encode for FnState {
@@ -507,6 +539,10 @@ impl Encode for FnState {
                 out.push(5);
                 v.encode(out);
             }
+            Acc::Wasm(state) => {
+                out.push(6);
+                state.encode(out);
+            }
         }
     }
 }
@@ -533,6 +569,7 @@ impl Decode for FnState {
                 count: u64::decode(input)?,
             },
             5 => Acc::Extreme(Value::decode(input)?),
+            6 => Acc::Wasm(Option::decode(input)?),
             _ => {
                 return Err(RiffleError::Checkpoint(
                     "OVER state: unknown accumulator".into(),
@@ -621,12 +658,22 @@ impl Decode for Partition {
     }
 }
 
-/// Approximate bytes of a partition, in constant time (blobs count at their slot size only).
+/// Approximate bytes of a partition, in time independent of its rows (blobs count at their
+/// slot size only).
 fn partition_size(p: &Partition) -> usize {
+    let wasm_states: usize = p
+        .states
+        .iter()
+        .map(|s| match &s.acc {
+            Acc::Wasm(Some(state)) => state.len(),
+            _ => 0,
+        })
+        .sum();
     std::mem::size_of::<Partition>()
         + p.rows.capacity() * 8
         + p.blobs.capacity() * 16
         + p.states.capacity() * std::mem::size_of::<FnState>()
+        + wasm_states
 }
 
 /// The sum Arrow's `sum` kernel gives for `values` (what DataFusion's float accumulators add
@@ -667,6 +714,7 @@ impl OverWindow {
         let mut partition_by = None;
         let mut order_by = None;
         let mut args: Vec<(Arc<dyn PhysicalExpr>, Shape, Option<Value>)> = Vec::new();
+        let mut arg_types: Vec<DataType> = Vec::new();
         let mut arg_exprs: Vec<Expr> = Vec::new();
         let mut functions = Vec::new();
         for (i, expr) in window.window_expr.iter().enumerate() {
@@ -710,6 +758,7 @@ impl OverWindow {
                 };
                 arg_exprs.push(e.clone());
                 args.push((physical, shape, constant));
+                arg_types.push(dt);
                 Ok(args.len() - 1)
             };
             let frame = frame_of(&p.window_frame, expr)?;
@@ -723,7 +772,40 @@ impl OverWindow {
                     _ => None,
                 }
             };
+            let wasm = match &f.fun {
+                WindowFunctionDefinition::AggregateUDF(u) => u
+                    .inner()
+                    .downcast_ref::<WasmAggregateUdf>()
+                    .map(|w| w.calls().clone()),
+                WindowFunctionDefinition::WindowUDF(_) => None,
+            };
             let (kind, arg) = match name.as_str() {
+                _ if wasm.is_some() => {
+                    let calls = wasm.expect("matched");
+                    let spec = calls.spec();
+                    if frame.sliding() && !spec.retractable {
+                        return Err(unsupported(format!(
+                            "{expr}: {} cannot take rows back out of its state (its module \
+                             exports no `retract`), so on streams it runs only over frames \
+                             that start at UNBOUNDED PRECEDING",
+                            spec.name
+                        )));
+                    }
+                    let ks = p.args.iter().map(&mut arg).collect::<Result<Vec<_>>>()?;
+                    let states = RowConverter::new(
+                        spec.state
+                            .iter()
+                            .map(|f| SortField::new(f.data_type.arrow()))
+                            .collect(),
+                    )?;
+                    let wasm_args = ks.iter().map(|&k| (k, arg_types[k].clone())).collect();
+                    let f = WasmFn {
+                        calls,
+                        args: wasm_args,
+                        states,
+                    };
+                    (Kind::Wasm(Arc::new(f)), None)
+                }
                 "row_number" => (Kind::RowNumber, None),
                 "lag" => {
                     let x = arg(&p.args[0])?;
@@ -780,8 +862,8 @@ impl OverWindow {
                 other => {
                     return Err(unsupported(format!(
                         "{other}() in an OVER window on a stream (supported: row_number, lag, \
-                         first_value, last_value, count, sum, avg, min, max); lead and other \
-                         functions that look at later rows are not"
+                         first_value, last_value, count, sum, avg, min, max and Wasm \
+                         aggregates); lead and other functions that look at later rows are not"
                     )));
                 }
             };
@@ -1050,6 +1132,8 @@ impl Functions {
                         let value = self.aggregate(*op, f, p, idx)?;
                         out[k].push(value.cell())?;
                     }
+                    // Computed across partitions afterwards (see `wasm_column`).
+                    Kind::Wasm(_) => {}
                 }
             }
         }
@@ -1121,6 +1205,101 @@ impl Functions {
         Ok(value)
     }
 
+    /// The values of Wasm aggregate `f` for this epoch's released rows, in output order.
+    ///
+    /// Each row's state is the previous row's plus the rows entering its frame minus the rows
+    /// leaving it, so a partition's rows go one after another; partitions are independent, so
+    /// round `r` steps the `r`-th released row of every partition together: an `update` call
+    /// with the entering rows of all of them, a `retract` call with the leaving rows, and a
+    /// `finish` call for the states whose frame is not empty. An epoch then costs three calls
+    /// per round (as many rounds as the most rows one partition released), not three per row.
+    /// Every partition's state sees exactly the steps DataFusion's batch window operator
+    /// makes for it, in the same order, so both modes agree bit for bit.
+    fn wasm_column(
+        &self,
+        f: &Function,
+        w: &WasmFn,
+        partitions: &mut KeyedTable<Partition>,
+        runs: &[Run],
+        n: usize,
+    ) -> Result<ArrayRef> {
+        let calls = &w.calls;
+        let sliding = f.frame.sliding();
+        let empty = w.states.convert_columns(&calls.empty_state()?)?;
+        let parser = w.states.parser();
+        // Row `i` of the output is row `picks[i].1` of `sources[picks[i].0]`; source 0 is the
+        // NULL of an empty frame.
+        let mut sources: Vec<ArrayRef> = vec![new_null_array(&f.data_type, 1)];
+        let mut picks = vec![(0, 0); n];
+        let rounds = runs.iter().map(|r| r.len).max().unwrap_or(0);
+        for r in 0..rounds {
+            let active: Vec<&Run> = runs.iter().filter(|run| run.len > r).collect();
+            let groups = active.len();
+            let mut update = ArgRows::new(self, w);
+            let mut retract = ArgRows::new(self, w);
+            let mut frames = Vec::with_capacity(groups);
+            let mut finishing: Vec<u32> = Vec::new();
+            let mut states = Vec::with_capacity(groups);
+            for (g, run) in active.iter().enumerate() {
+                let p = partitions.value(run.entry);
+                let state = &p.states[f.state];
+                let last = (state.start, state.end);
+                let cur = self.frame(f, p, run.first + r as u64, last);
+                if cur.0 >= cur.1 {
+                    // DataFusion keeps a sliding state in step with the last frame.
+                    if sliding && last.1 > last.0 {
+                        retract.add(g as u32, p, last.0..last.1)?;
+                    }
+                } else {
+                    if cur.1 > last.1 {
+                        update.add(g as u32, p, last.1..cur.1)?;
+                    }
+                    if sliding && cur.0 > last.0 {
+                        retract.add(g as u32, p, last.0..cur.0)?;
+                    }
+                    finishing.push(g as u32);
+                }
+                frames.push(cur);
+                states.push(match &state.acc {
+                    Acc::Wasm(Some(bytes)) => parser.parse(bytes),
+                    _ => empty.row(0),
+                });
+            }
+            let mut columns = w.states.convert_rows(states)?;
+            for (step, rows) in [
+                (AggregateStep::Update, update),
+                (AggregateStep::Retract, retract),
+            ] {
+                if let Some((group_of, args)) = rows.finish()? {
+                    columns = calls.step(step, groups, &columns, &group_of, &args)?;
+                }
+            }
+            if !finishing.is_empty() {
+                let finished = if finishing.len() == groups {
+                    columns.clone()
+                } else {
+                    let which = UInt32Array::from(finishing.clone());
+                    columns
+                        .iter()
+                        .map(|c| arrow::compute::take(c, &which, None))
+                        .collect::<std::result::Result<_, _>>()?
+                };
+                sources.push(calls.finish(finishing.len(), &finished)?);
+                for (k, &g) in finishing.iter().enumerate() {
+                    picks[active[g as usize].at + r] = (sources.len() - 1, k);
+                }
+            }
+            let rows = w.states.convert_columns(&columns)?;
+            for (g, run) in active.iter().enumerate() {
+                let state = &mut partitions.value_mut(run.entry).states[f.state];
+                (state.start, state.end) = frames[g];
+                state.acc = Acc::Wasm(Some(rows.row(g).as_ref().into()));
+            }
+        }
+        let sources: Vec<&dyn Array> = sources.iter().map(|a| a.as_ref()).collect();
+        Ok(interleave(&sources, &picks)?)
+    }
+
     fn new_partition(&self) -> Partition {
         Partition {
             words: self.words as u32,
@@ -1150,6 +1329,7 @@ impl Functions {
                             count: 0,
                         },
                         Kind::Aggregate(AggOp::Min | AggOp::Max) => Acc::Extreme(Value::Null),
+                        Kind::Wasm(_) => Acc::Wasm(None),
                         _ => Acc::None,
                     },
                 }));
@@ -1167,8 +1347,8 @@ impl Functions {
                 Kind::RowNumber => p.seen,
                 Kind::Lag { offset, .. } => p.seen.saturating_sub(*offset),
                 Kind::First | Kind::Last => p.states[f.state].start,
-                Kind::Aggregate(_) if f.frame.sliding() => p.states[f.state].start,
-                Kind::Aggregate(_) => p.states[f.state].end,
+                Kind::Aggregate(_) | Kind::Wasm(_) if f.frame.sliding() => p.states[f.state].start,
+                Kind::Aggregate(_) | Kind::Wasm(_) => p.states[f.state].end,
             };
             keep_from = keep_from.min(need);
         }
@@ -1178,6 +1358,65 @@ impl Functions {
             p.blobs.drain(..drop * self.blob_width);
             p.base = keep_from;
         }
+    }
+}
+
+/// The `len` rows partition `entry` released this epoch: its rows `first..`, at output rows
+/// `at..`.
+struct Run {
+    entry: EntryId,
+    first: u64,
+    at: usize,
+    len: usize,
+}
+
+/// The argument rows of one step of a Wasm aggregate, for many partitions: the group (index
+/// among the step's partitions) of each row, and the argument columns being built.
+struct ArgRows<'a> {
+    fns: &'a Functions,
+    w: &'a WasmFn,
+    group_of: Vec<u32>,
+    columns: Vec<Builder>,
+}
+
+impl<'a> ArgRows<'a> {
+    fn new(fns: &'a Functions, w: &'a WasmFn) -> Self {
+        ArgRows {
+            fns,
+            w,
+            group_of: Vec::new(),
+            columns: w
+                .args
+                .iter()
+                .map(|(k, _)| fns.args[*k].0.builder(16))
+                .collect(),
+        }
+    }
+
+    /// Adds kept rows `rows` of partition `p` to group `g`.
+    fn add(&mut self, g: u32, p: &Partition, rows: Range<u64>) -> Result<()> {
+        for row in rows {
+            self.group_of.push(g);
+            for (column, (k, _)) in self.columns.iter_mut().zip(&self.w.args) {
+                column.push(self.fns.cell(p, *k, row))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The groups and argument columns, or `None` when there is nothing to call with. A
+    /// function without arguments is never stepped, as DataFusion's accumulator is not.
+    fn finish(self) -> Result<Option<(Vec<u32>, Vec<ArrayRef>)>> {
+        if self.group_of.is_empty() || self.columns.is_empty() {
+            return Ok(None);
+        }
+        let args = self
+            .columns
+            .into_iter()
+            .zip(&self.w.args)
+            .map(|(c, (_, data_type))| c.finish(data_type))
+            .collect::<Result<_>>()?;
+        Ok(Some((self.group_of, args)))
     }
 }
 
@@ -1194,7 +1433,8 @@ fn step<'p>(
     let values = || (from..to).map(cell);
     let non_null = values().filter(|v| !v.is_null()).count() as u64;
     match acc {
-        Acc::None => {}
+        // A Wasm aggregate's steps are calls (see `Functions::wasm_column`).
+        Acc::None | Acc::Wasm(_) => {}
         Acc::Count(c) => {
             if add {
                 *c += non_null as i64;
@@ -1284,7 +1524,7 @@ fn step<'p>(
 
 fn evaluate(acc: &Acc, shape: &Shape) -> Value {
     match acc {
-        Acc::None => Value::Null,
+        Acc::None | Acc::Wasm(_) => Value::Null,
         Acc::Count(c) => Value::I64(*c),
         Acc::SumI { sum, count, set } => {
             // A sliding sum is NULL for a frame without values; a plain one until the first.
@@ -1462,6 +1702,7 @@ impl Operator for OverWindow {
         }
         let order: Vec<u32> = sorted.iter().map(|r| r.2).collect();
         let mut values: Vec<Builder> = fns.list.iter().map(|f| f.shape.builder(n)).collect();
+        let mut runs = Vec::new();
         let mut i = 0;
         while i < n {
             let entry = sorted[i].0;
@@ -1477,13 +1718,25 @@ impl Operator for OverWindow {
                 fns.push_row(p, ts[row], &args, row, tie(row));
             }
             fns.evaluate(p, first, &mut values)?;
-            fns.prune(p);
+            runs.push(Run {
+                entry,
+                first,
+                at: i,
+                len: j - i,
+            });
             i = j;
         }
         let rows = take_record_batch(&batch, &UInt32Array::from(order))?;
         let mut columns = rows.columns().to_vec();
-        for (f, v) in self.functions.list.iter().zip(values) {
-            columns.push(v.finish(&f.data_type)?);
+        for (f, v) in fns.list.iter().zip(values) {
+            columns.push(match &f.kind {
+                Kind::Wasm(w) => fns.wasm_column(f, w, &mut self.partitions, &runs, n)?,
+                _ => v.finish(&f.data_type)?,
+            });
+        }
+        // Only now: the Wasm aggregates' steps read rows their frames left this epoch.
+        for run in &runs {
+            fns.prune(self.partitions.value_mut(run.entry));
         }
         out.push(RecordBatch::try_new(self.output_schema.clone(), columns)?);
         Ok(())

@@ -1,20 +1,29 @@
 //! Streaming session windows.
 //!
-//! A session's bounds depend on rows that may still arrive, so until the watermark passes a
-//! session's end its rows are kept as they are: per group key, the open rows (encoded with
-//! Arrow's row format). When a session closes, its rows go through fresh accumulators, the same
-//! ones batch mode uses, and the finished row is emitted once: session windows run in append
-//! mode, as in Spark. Only keys that received rows or closed a session are in an epoch's
-//! checkpoint delta.
+//! A session's bounds depend on rows that may still arrive: per group key, rows closer than
+//! the gap form one session `[first ts, last ts + gap)`, and a row that arrives late (but
+//! before the watermark) can extend a session or bridge two. So each key keeps its open
+//! sessions, each with one DataFusion accumulator per aggregate (the same ones batch mode
+//! uses), as Flink's merging window set does: a row folds into the session it falls in, a new
+//! session starts when it falls in none, and when it bridges sessions their accumulators are
+//! **merged** (`Accumulator::merge_batch` of the others' states, which for a Wasm aggregate is
+//! its `merge`). State is then one accumulator set per open session, not every row. A session
+//! is emitted once, when the watermark passes its end: session windows run in append mode, as
+//! in Spark.
+//!
+//! Merging re-associates an aggregate's additions, as DataFusion's own partial and final
+//! aggregation does in batch mode: sums of floats agree with batch to rounding, everything
+//! else exactly.
 
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, UInt32Array};
-use arrow::datatypes::{Int64Type, SchemaRef};
+use arrow::array::{Array, ArrayRef, AsArray, BinaryBuilder, RecordBatch, UInt32Array};
+use arrow::datatypes::{DataType, Field, Fields, Int64Type, SchemaRef};
 use arrow::row::{RowConverter, SortField};
 use datafusion::common::ScalarValue;
 use datafusion::execution::SessionState;
-use datafusion::logical_expr::Aggregate;
+use datafusion::logical_expr::{Accumulator, Aggregate};
+use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
 use datafusion::physical_plan::PhysicalExpr;
 
 use super::aggregate::{AggSpec, GroupKeys, append_aggregate_columns, micros, update};
@@ -22,32 +31,22 @@ use super::keys::KeyEncoder;
 use super::{Operator, Output};
 use crate::common::Watermark;
 use crate::error::{Result, RiffleError};
-use crate::state::bytes::{BytesCodec, Decode, Encode};
-use crate::state::{KeyedTable, StateTable};
+use crate::state::bytes::{Decode, Encode, take};
+use crate::state::{KeyedTable, StateTable, ValueCodec, ValueEncoder};
+use crate::udf::WasmAggregateUdf;
 use crate::window::{WindowKind, window_array};
 
-/// One buffered input row of a session.
-#[derive(Clone, Debug)]
-struct OpenRow {
-    ts: i64,
-    row: Box<[u8]>,
+/// One open session of a key.
+struct Session {
+    start: i64,
+    /// The last row's time plus the gap.
+    end: i64,
+    /// One per aggregate.
+    accs: Vec<Box<dyn Accumulator>>,
 }
 
-impl Encode for OpenRow {
-    fn encode(&self, out: &mut Vec<u8>) {
-        self.ts.encode(out);
-        self.row.encode(out);
-    }
-}
-
-impl Decode for OpenRow {
-    fn decode(input: &mut &[u8]) -> Result<Self> {
-        Ok(OpenRow {
-            ts: i64::decode(input)?,
-            row: Box::decode(input)?,
-        })
-    }
-}
+/// A key's open sessions, by start; they never overlap (overlapping ones are merged).
+type Sessions = Vec<Session>;
 
 /// Streaming `GROUP BY session_window(ts, gap), keys...`.
 pub struct SessionAggregate {
@@ -55,34 +54,201 @@ pub struct SessionAggregate {
     gap: i64,
     ts: Arc<dyn PhysicalExpr>,
     keys: KeyEncoder,
-    rows: RowConverter,
     aggs: Vec<AggSpec>,
-    input_schema: SchemaRef,
     output_schema: SchemaRef,
-    open: KeyedTable<Vec<OpenRow>>,
+    open: KeyedTable<Sessions>,
 }
 
-/// When the first session of `rows` (sorted by time) closes.
-fn first_close(gap: i64, rows: &[OpenRow]) -> Option<i64> {
-    let mut end = rows.first()?.ts + gap;
-    for r in &rows[1..] {
-        if r.ts >= end {
-            break;
+/// Encodes a key's sessions as one binary value: per session its bounds and its aggregates'
+/// states as one row of Arrow's row format (which handles any state type, lists included).
+struct SessionCodec {
+    specs: Vec<Arc<AggregateFunctionExpr>>,
+    /// State columns per aggregate.
+    widths: Vec<usize>,
+    /// Per aggregate: reading its state may consume it (some of DataFusion's accumulators
+    /// move their values out), so it is rebuilt from the state after. A Wasm aggregate's
+    /// state is a copy, and rebuilding it would cost a call per session.
+    consumes: Vec<bool>,
+    rows: RowConverter,
+}
+
+impl SessionCodec {
+    fn new(aggs: &[AggSpec]) -> Result<Self> {
+        let mut fields = Vec::new();
+        let mut widths = Vec::new();
+        for a in aggs {
+            let state = a.state_fields()?;
+            widths.push(state.len());
+            fields.extend(state.iter().map(|f| SortField::new(f.data_type().clone())));
         }
-        end = r.ts + gap;
+        let rows = RowConverter::new(fields).map_err(|e| {
+            RiffleError::Unsupported(format!(
+                "session windows cannot keep the state of these aggregates ({e})"
+            ))
+        })?;
+        Ok(SessionCodec {
+            specs: aggs.iter().map(|a| Arc::clone(&a.expr)).collect(),
+            widths,
+            consumes: aggs
+                .iter()
+                .map(|a| {
+                    a.expr
+                        .fun()
+                        .inner()
+                        .downcast_ref::<WasmAggregateUdf>()
+                        .is_none()
+                })
+                .collect(),
+            rows,
+        })
     }
-    Some(end)
+
+    fn accumulators(&self) -> Result<Vec<Box<dyn Accumulator>>> {
+        Ok(self
+            .specs
+            .iter()
+            .map(|s| s.create_accumulator())
+            .collect::<datafusion::common::Result<_>>()?)
+    }
+
+    /// Fresh accumulators merged from `columns` (as [`states`] lays them out), row `row`.
+    fn restore(&self, columns: &[ArrayRef], row: usize) -> Result<Vec<Box<dyn Accumulator>>> {
+        let mut accs = self.accumulators()?;
+        let mut at = 0;
+        for (acc, width) in accs.iter_mut().zip(&self.widths) {
+            let slice: Vec<ArrayRef> = columns[at..at + width]
+                .iter()
+                .map(|c| c.slice(row, 1))
+                .collect();
+            acc.merge_batch(&slice)?;
+            at += width;
+        }
+        Ok(accs)
+    }
 }
 
-fn open_size(rows: &[OpenRow]) -> usize {
-    rows.iter().map(|r| r.row.len() + 24).sum::<usize>() + 24
+struct SessionEncoder<'a> {
+    codec: &'a SessionCodec,
+    values: BinaryBuilder,
+}
+
+impl ValueEncoder<Sessions> for SessionEncoder<'_> {
+    fn append(&mut self, sessions: &mut Sessions) -> Result<()> {
+        let codec = self.codec;
+        // Column `c` of the key's states: one value per session.
+        let mut columns: Vec<Vec<ScalarValue>> = vec![Vec::new(); codec.widths.iter().sum()];
+        for session in sessions.iter_mut() {
+            let mut c = 0;
+            for (k, acc) in session.accs.iter_mut().enumerate() {
+                let state = acc.state()?;
+                if codec.consumes[k] {
+                    let arrays = state
+                        .iter()
+                        .map(|s| s.to_array())
+                        .collect::<datafusion::common::Result<Vec<_>>>()?;
+                    let mut rebuilt = codec.specs[k].create_accumulator()?;
+                    rebuilt.merge_batch(&arrays)?;
+                    *acc = rebuilt;
+                }
+                for value in state {
+                    columns[c].push(value);
+                    c += 1;
+                }
+            }
+        }
+        let mut bytes = Vec::new();
+        (sessions.len() as u32).encode(&mut bytes);
+        // A query without aggregates (`SELECT session_window(...), k ... GROUP BY ...`) has
+        // no state columns: its sessions are bounds only.
+        let rows = if sessions.is_empty() || columns.is_empty() {
+            None
+        } else {
+            let columns = columns
+                .into_iter()
+                .map(ScalarValue::iter_to_array)
+                .collect::<datafusion::common::Result<Vec<_>>>()?;
+            Some(codec.rows.convert_columns(&columns)?)
+        };
+        for (i, session) in sessions.iter().enumerate() {
+            session.start.encode(&mut bytes);
+            session.end.encode(&mut bytes);
+            match &rows {
+                Some(rows) => rows.row(i).as_ref().encode(&mut bytes),
+                None => [].as_slice().encode(&mut bytes),
+            }
+        }
+        self.values.append_value(&bytes);
+        Ok(())
+    }
+
+    fn append_null(&mut self) {
+        self.values.append_null();
+    }
+
+    fn finish(mut self: Box<Self>) -> Result<Vec<ArrayRef>> {
+        Ok(vec![Arc::new(self.values.finish())])
+    }
+}
+
+impl ValueCodec<Sessions> for SessionCodec {
+    fn fields(&self) -> Fields {
+        Fields::from(vec![Field::new("sessions", DataType::Binary, true)])
+    }
+
+    fn encoder(&self, capacity: usize) -> Box<dyn ValueEncoder<Sessions> + '_> {
+        Box::new(SessionEncoder {
+            codec: self,
+            values: BinaryBuilder::with_capacity(capacity, capacity * 64),
+        })
+    }
+
+    fn decode(&self, columns: &[ArrayRef], row: usize) -> Result<Sessions> {
+        let malformed = || RiffleError::Checkpoint("session window state is malformed".into());
+        let column = columns
+            .first()
+            .and_then(|c| c.as_binary_opt::<i32>())
+            .filter(|c| !c.is_null(row))
+            .ok_or_else(malformed)?;
+        let mut input = column.value(row);
+        let n = u32::decode(&mut input)?;
+        let parser = self.rows.parser();
+        let mut sessions = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            let start = i64::decode(&mut input)?;
+            let end = i64::decode(&mut input)?;
+            let len = u32::decode(&mut input)? as usize;
+            let state = take(&mut input, len)?;
+            let columns = if self.specs.is_empty() {
+                Vec::new()
+            } else {
+                self.rows.convert_rows([parser.parse(state)])?
+            };
+            sessions.push(Session {
+                start,
+                end,
+                accs: self.restore(&columns, 0)?,
+            });
+        }
+        if !input.is_empty() {
+            return Err(malformed());
+        }
+        Ok(sessions)
+    }
+
+    fn size(&self, sessions: &Sessions) -> usize {
+        sessions
+            .iter()
+            .map(|s| 16 + s.accs.iter().map(|a| a.size()).sum::<usize>())
+            .sum::<usize>()
+            + 24
+    }
 }
 
 impl SessionAggregate {
     /// Plans the operator for an `Aggregate` grouped by `session_window`.
     ///
     /// # Errors
-    /// [`RiffleError::Unsupported`] for unsupported aggregates or input types.
+    /// [`RiffleError::Unsupported`] for aggregates whose state cannot be kept.
     pub fn new(agg: &Aggregate, state: &SessionState) -> Result<Self> {
         let keys = GroupKeys::plan(agg, state, false)?;
         let Some((window_position, WindowKind::Session(gap), ts)) = keys.window else {
@@ -90,34 +256,33 @@ impl SessionAggregate {
                 "SessionAggregate planned without a session_window".into(),
             ));
         };
-        let input_schema = Arc::new(agg.input.schema().as_arrow().clone());
-        let rows = RowConverter::new(
-            input_schema
-                .fields()
-                .iter()
-                .map(|f| SortField::new(f.data_type().clone()))
-                .collect(),
-        )
-        .map_err(|e| {
-            RiffleError::Unsupported(format!(
-                "session windows cannot buffer rows of these types ({e})"
-            ))
-        })?;
+        let aggs = AggSpec::plan(agg, state)?;
+        let codec = SessionCodec::new(&aggs)?;
         Ok(SessionAggregate {
             window_position,
             gap,
             ts,
             keys: keys.keys,
-            rows,
-            aggs: AggSpec::plan(agg, state)?,
-            input_schema,
+            aggs,
             output_schema: Arc::new(agg.schema.as_arrow().clone()),
-            open: KeyedTable::new(
-                "open",
-                Box::new(BytesCodec::with_size(|rows: &Vec<OpenRow>| open_size(rows))),
-            ),
+            open: KeyedTable::new("sessions", Box::new(codec)),
         })
     }
+}
+
+/// Merges `other` into `into` (their aggregates' states, and their bounds).
+fn merge(into: &mut Session, mut other: Session) -> Result<()> {
+    for (acc, o) in into.accs.iter_mut().zip(other.accs.iter_mut()) {
+        let state = o
+            .state()?
+            .iter()
+            .map(|s| s.to_array())
+            .collect::<datafusion::common::Result<Vec<_>>>()?;
+        acc.merge_batch(&state)?;
+    }
+    into.start = into.start.min(other.start);
+    into.end = into.end.max(other.end);
+    Ok(())
 }
 
 #[async_trait::async_trait]
@@ -139,93 +304,118 @@ impl Operator for SessionAggregate {
         let ts = ts.as_primitive::<Int64Type>();
         let keys = self.keys.evaluate(&batch)?;
         let encoded = self.keys.encode(&keys)?;
-        let rows = self.rows.convert_columns(batch.columns())?;
-        let mut touched: Vec<Box<[u8]>> = Vec::new();
-        for i in 0..batch.num_rows() {
-            // Rows without an event time belong to no session (as in batch mode).
-            if ts.is_null(i) {
-                continue;
+        let evaluated = self
+            .aggs
+            .iter()
+            .map(|a| a.evaluate(&batch))
+            .collect::<Result<Vec<_>>>()?;
+        // Rows without an event time belong to no session (as in batch mode). The others by
+        // key, then time (then arrival).
+        let mut order: Vec<u32> = (0..batch.num_rows() as u32)
+            .filter(|&i| ts.is_valid(i as usize))
+            .collect();
+        order.sort_by(|&a, &b| {
+            let (a, b) = (a as usize, b as usize);
+            encoded
+                .get(a)
+                .cmp(encoded.get(b))
+                .then(ts.value(a).cmp(&ts.value(b)))
+        });
+        let mut i = 0;
+        while i < order.len() {
+            let key = encoded.get(order[i] as usize);
+            let mut j = i + 1;
+            while j < order.len() && encoded.get(order[j] as usize) == key {
+                j += 1;
             }
-            let key = encoded.get(i);
-            let open = self.open.get_or_insert_with(key, Vec::new);
-            open.push(OpenRow {
-                ts: ts.value(i),
-                row: rows.row(i).data().into(),
-            });
-            touched.push(key.into());
-        }
-        touched.sort_unstable();
-        touched.dedup();
-        for key in touched {
-            let open = self.open.get_mut(&key).expect("inserted above");
-            open.sort_by_key(|r| r.ts);
-            let close = first_close(self.gap, open);
+            let entry = self.open.entry_of(key, Vec::new);
+            let sessions = self.open.value_mut(entry);
+            // The key's rows in clusters: rows closer than the gap are one session.
+            let mut c = i;
+            while c < j {
+                let mut d = c + 1;
+                while d < j
+                    && ts.value(order[d] as usize) - ts.value(order[d - 1] as usize) < self.gap
+                {
+                    d += 1;
+                }
+                let start = ts.value(order[c] as usize);
+                let end = ts.value(order[d - 1] as usize) + self.gap;
+                // The open sessions the cluster overlaps (a run, as they are sorted and
+                // disjoint) become one, with the cluster's rows folded in.
+                let first = sessions.partition_point(|s| s.end <= start);
+                let last = sessions.partition_point(|s| s.start < end);
+                let mut merged = Session {
+                    start,
+                    end,
+                    accs: Vec::new(),
+                };
+                let mut overlapped = sessions.drain(first..last.max(first));
+                match overlapped.next() {
+                    Some(base) => {
+                        merged.start = merged.start.min(base.start);
+                        merged.end = merged.end.max(base.end);
+                        merged.accs = base.accs;
+                        for other in overlapped {
+                            merge(&mut merged, other)?;
+                        }
+                    }
+                    None => {
+                        drop(overlapped);
+                        merged.accs = self
+                            .aggs
+                            .iter()
+                            .map(|a| a.expr.create_accumulator())
+                            .collect::<datafusion::common::Result<_>>()?;
+                    }
+                }
+                let rows = UInt32Array::from(order[c..d].to_vec());
+                for (acc, (args, mask)) in merged.accs.iter_mut().zip(&evaluated) {
+                    update(acc.as_mut(), args, mask.as_ref(), &rows)?;
+                }
+                sessions.insert(first, merged);
+                c = d;
+            }
             // A session [start, end) closes once the watermark reaches its end.
-            self.open.set_deadline(&key, close.map(|c| c - 1));
+            let close = sessions.iter().map(|s| s.end).min();
+            self.open.set_deadline_of(entry, close.map(|c| c - 1));
+            i = j;
         }
         Ok(())
     }
 
     async fn on_watermark(&mut self, watermark: Watermark, out: &mut Output) -> Result<()> {
-        // Sessions closed by this watermark: (key, start, end, rows).
-        let mut closed: Vec<(Box<[u8]>, i64, i64, Vec<Box<[u8]>>)> = Vec::new();
+        // Sessions closed by this watermark: their keys, bounds and values.
+        let mut keys: Vec<Box<[u8]>> = Vec::new();
+        let (mut starts, mut ends) = (Vec::new(), Vec::new());
+        let mut values: Vec<Vec<ScalarValue>> = vec![Vec::new(); self.aggs.len()];
         for key in self.open.take_due(watermark) {
-            let Some(rows) = self.open.remove(&key) else {
+            let Some(sessions) = self.open.remove(&key) else {
                 continue;
             };
-            let mut i = 0;
             let mut kept = Vec::new();
-            while i < rows.len() {
-                let mut j = i + 1;
-                while j < rows.len() && rows[j].ts - rows[j - 1].ts < self.gap {
-                    j += 1;
+            for mut session in sessions {
+                if !watermark.is_late(session.end - 1) {
+                    kept.push(session);
+                    continue;
                 }
-                let (start, end) = (rows[i].ts, rows[j - 1].ts + self.gap);
-                if watermark.is_late(end - 1) {
-                    let members = rows[i..j].iter().map(|r| r.row.clone()).collect();
-                    closed.push((key.clone(), start, end, members));
-                } else {
-                    kept.extend_from_slice(&rows[i..j]);
+                keys.push(key.clone());
+                starts.push(session.start);
+                ends.push(session.end);
+                for (k, acc) in session.accs.iter_mut().enumerate() {
+                    values[k].push(acc.evaluate()?);
                 }
-                i = j;
             }
             if !kept.is_empty() {
-                let close = first_close(self.gap, &kept);
+                let close = kept.iter().map(|s| s.end).min();
                 self.open.insert(&key, kept);
                 self.open.set_deadline(&key, close.map(|c| c - 1));
             }
         }
-        if closed.is_empty() {
+        if keys.is_empty() {
             return Ok(());
         }
-        // Decode every closed session's rows at once and aggregate each session.
-        let parser = self.rows.parser();
-        let all = self.rows.convert_rows(
-            closed
-                .iter()
-                .flat_map(|(_, _, _, rows)| rows.iter().map(|r| parser.parse(r))),
-        )?;
-        let all = RecordBatch::try_new(self.input_schema.clone(), all)?;
-        let evaluated = self
-            .aggs
-            .iter()
-            .map(|a| a.evaluate(&all))
-            .collect::<Result<Vec<_>>>()?;
-        let mut values: Vec<Vec<ScalarValue>> = vec![Vec::new(); self.aggs.len()];
-        let (mut starts, mut ends) = (Vec::new(), Vec::new());
-        let mut offset = 0u32;
-        for (_, start, end, rows) in &closed {
-            starts.push(*start);
-            ends.push(*end);
-            let ids = UInt32Array::from_iter_values(offset..offset + rows.len() as u32);
-            offset += rows.len() as u32;
-            for (k, (spec, (args, mask))) in self.aggs.iter().zip(&evaluated).enumerate() {
-                let mut acc = spec.expr.create_accumulator()?;
-                update(acc.as_mut(), args, mask.as_ref(), &ids)?;
-                values[k].push(acc.evaluate()?);
-            }
-        }
-        let mut columns: Vec<ArrayRef> = self.keys.decode(closed.iter().map(|c| c.0.as_ref()))?;
+        let mut columns: Vec<ArrayRef> = self.keys.decode(keys.iter().map(|k| k.as_ref()))?;
         if self.keys.is_empty() {
             columns.clear();
         }
@@ -315,6 +505,88 @@ mod tests {
             counts(&out),
             [("a".into(), 1), ("b".into(), 2)],
             "16 extended b's session"
+        );
+        assert_eq!(restarted.state_size().rows, 0);
+    }
+
+    #[tokio::test]
+    async fn sessions_without_aggregates_are_bounds_only_and_survive_a_restart() {
+        let sql = "SELECT session_window(ts, '10 seconds') AS s, k FROM t \
+                   GROUP BY session_window(ts, '10 seconds'), k";
+        let (plan, state) = optimized(sql, &[("t", rows(&[], &[]))]).await;
+        let LogicalPlan::Aggregate(agg) = find(&plan, &|p| matches!(p, LogicalPlan::Aggregate(_)))
+        else {
+            unreachable!()
+        };
+        let mut op = SessionAggregate::new(&agg, &state).unwrap();
+        let mut restarted = SessionAggregate::new(&agg, &state).unwrap();
+        let out = epoch(&mut op, vec![(0, rows(&["a", "b"], &[0, 3]))], Watermark(S)).await;
+        assert_eq!(out.batches.iter().map(|b| b.num_rows()).sum::<usize>(), 0);
+        transplant(&mut op, &mut restarted);
+        let out = epoch(
+            &mut restarted,
+            vec![(0, rows(&["a"], &[9]))],
+            Watermark::END,
+        )
+        .await;
+        let keys: Vec<&str> = out
+            .batches
+            .iter()
+            .flat_map(|b| b.column(1).as_string::<i32>().iter().flatten())
+            .collect();
+        assert_eq!(keys.len(), 2, "{keys:?}");
+    }
+
+    #[tokio::test]
+    async fn a_row_that_bridges_two_sessions_merges_them_across_a_restart() {
+        let sql = "SELECT session_window(ts, '10 seconds') AS s, k, count(*) AS n, \
+                   min(ts) AS first, max(ts) AS last FROM t \
+                   GROUP BY session_window(ts, '10 seconds'), k";
+        let (plan, state) = optimized(sql, &[("t", rows(&[], &[]))]).await;
+        let LogicalPlan::Aggregate(agg) = find(&plan, &|p| matches!(p, LogicalPlan::Aggregate(_)))
+        else {
+            unreachable!()
+        };
+        let mut op = SessionAggregate::new(&agg, &state).unwrap();
+        let mut restarted = SessionAggregate::new(&agg, &state).unwrap();
+        // a: [0, 11) and [15, 25); b: [3, 13).
+        let out = epoch(
+            &mut op,
+            vec![(0, rows(&["a", "a", "b", "a"], &[15, 0, 3, 1]))],
+            Watermark(5 * S),
+        )
+        .await;
+        assert!(counts(&out).is_empty());
+        transplant(&mut op, &mut restarted);
+        // 8 is within 10 s of both of a's sessions: one session [0, 25) of four rows.
+        let out = epoch(
+            &mut restarted,
+            vec![(0, rows(&["a"], &[8]))],
+            Watermark(14 * S),
+        )
+        .await;
+        assert_eq!(counts(&out), [("b".into(), 1)], "only b's [3, 13) closed");
+        let out = epoch(&mut restarted, vec![], Watermark::END).await;
+        assert_eq!(counts(&out), [("a".into(), 4)]);
+        let b = &out.batches[0];
+        let bounds = b.column(0).as_struct();
+        let micros = |c: usize| {
+            arrow::compute::cast(bounds.column(c), &DataType::Int64)
+                .unwrap()
+                .as_primitive::<Int64Type>()
+                .value(0)
+        };
+        assert_eq!((micros(0), micros(1)), (0, 25 * S), "the merged bounds");
+        let ts = |c: usize| {
+            arrow::compute::cast(b.column(c), &DataType::Int64)
+                .unwrap()
+                .as_primitive::<Int64Type>()
+                .value(0)
+        };
+        assert_eq!(
+            (ts(3), ts(4)),
+            (0, 15 * S),
+            "min and max merged from both sessions"
         );
         assert_eq!(restarted.state_size().rows, 0);
     }

@@ -39,13 +39,15 @@ use crate::error::RiffleError;
 /// One exported Wasm aggregate, as a DataFusion aggregate UDF.
 #[derive(Debug)]
 pub struct WasmAggregateUdf {
-    udf: Arc<Shared>,
+    udf: Arc<AggregateCalls>,
     signature: Signature,
 }
 
-/// What the accumulators of one aggregate share.
+/// What the accumulators of one aggregate share: the calls into the module serving it. The
+/// streaming OVER operator, which keeps its partitions' states itself, makes the same calls
+/// for many partitions at once (see [`WasmAggregateUdf::calls`]).
 #[derive(Debug)]
-struct Shared {
+pub(crate) struct AggregateCalls {
     /// Where the module serving the aggregate is found: a hot swap replaces it between
     /// epochs, with the same signature and state columns (see [`super::swap_blockers`]).
     slot: Arc<ModuleSlot>,
@@ -58,8 +60,9 @@ struct Shared {
     empty: std::sync::Mutex<Option<(String, Vec<ArrayRef>)>>,
 }
 
-impl Shared {
-    fn spec(&self) -> &AggregateSpec {
+impl AggregateCalls {
+    /// The aggregate as registered (its signature and state columns survive hot swaps).
+    pub(crate) fn spec(&self) -> &AggregateSpec {
         &self.spec
     }
 
@@ -77,7 +80,9 @@ impl Shared {
         }
     }
 
-    fn step(
+    /// One step over `group_of.len()` rows for `groups` states (empty `states`: fresh ones),
+    /// giving the states back.
+    pub(crate) fn step(
         &self,
         step: AggregateStep,
         groups: usize,
@@ -92,7 +97,7 @@ impl Shared {
     }
 
     /// The state of a group that has seen no rows, as one-row columns.
-    fn empty_state(&self) -> DfResult<Vec<ArrayRef>> {
+    pub(crate) fn empty_state(&self) -> DfResult<Vec<ArrayRef>> {
         let hash = self.slot.get().hash().to_string();
         if let Some((of, empty)) = &*self.empty.lock().expect("empty state lock")
             && *of == hash
@@ -111,7 +116,7 @@ impl Shared {
     }
 
     /// Final values of `groups` states, with the row-error policy applied.
-    fn finish(&self, groups: usize, states: &[ArrayRef]) -> DfResult<ArrayRef> {
+    pub(crate) fn finish(&self, groups: usize, states: &[ArrayRef]) -> DfResult<ArrayRef> {
         let (module, index) = self.serving()?;
         let UdfOutput { array, row_errors } = module
             .finish(index, groups, states)
@@ -150,7 +155,7 @@ impl WasmAggregateUdf {
             Volatility::Volatile
         };
         WasmAggregateUdf {
-            udf: Arc::new(Shared {
+            udf: Arc::new(AggregateCalls {
                 slot,
                 spec,
                 policy,
@@ -165,6 +170,11 @@ impl WasmAggregateUdf {
         (0..slot.get().spec().aggregates.len())
             .map(|i| AggregateUDF::new_from_impl(WasmAggregateUdf::new(slot.clone(), i, policy)))
             .collect()
+    }
+
+    /// The calls behind this aggregate, for an operator that keeps many groups' states itself.
+    pub(crate) fn calls(&self) -> &Arc<AggregateCalls> {
+        &self.udf
     }
 
     fn check(&self, args: &AccumulatorArgs) -> DfResult<()> {
@@ -261,7 +271,7 @@ impl AggregateUDFImpl for WasmAggregateUdf {
 /// The state of one group (see the module docs).
 #[derive(Debug)]
 pub struct WasmAccumulator {
-    udf: Arc<Shared>,
+    udf: Arc<AggregateCalls>,
     /// One-row state columns; `None` until the first row.
     state: Option<Vec<ArrayRef>>,
 }
@@ -329,7 +339,7 @@ impl Accumulator for WasmAccumulator {
 
 /// The states of all groups of a batch aggregation (see the module docs).
 pub struct WasmGroupsAccumulator {
-    udf: Arc<Shared>,
+    udf: Arc<AggregateCalls>,
     store: StateStore,
     /// The empty state (one-row columns), once a call needs it.
     empty: Option<Vec<ArrayRef>>,

@@ -23,6 +23,7 @@ mod sql_function;
 mod state_store;
 
 pub use abi::UdfType;
+pub(crate) use aggregate_function::AggregateCalls;
 pub use aggregate_function::WasmAggregateUdf;
 pub use engine::{EPOCH_TICK, EngineOptions, UdfEngine, UdfLimits};
 pub use module::{
