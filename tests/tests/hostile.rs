@@ -235,6 +235,18 @@ fn compiled_modules_are_cached_by_content_hash_and_a_corrupt_cache_is_survived()
         assert_eq!(out.array.as_string::<i32>().value(0), "hello-world");
     };
 
+    // A second load takes the artifact as it is: the same file, neither rewritten nor
+    // replaced.
+    let before = std::fs::metadata(&artifact).unwrap();
+    slugify();
+    let after = std::fs::metadata(&artifact).unwrap();
+    assert_eq!(before.modified().unwrap(), after.modified().unwrap());
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(before.ino(), after.ino(), "the cached artifact was used");
+    }
+
     // Each damage is done with no module loaded: a loaded module maps its artifact, and the
     // cache's own writers only ever rename whole files into place.
     std::fs::write(&artifact, b"corrupted").unwrap();

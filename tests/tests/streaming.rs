@@ -1061,3 +1061,34 @@ fn a_row_bridging_two_sessions_merges_their_wasm_aggregate_states() {
         other => panic!("expected the merge to fail, got {other}"),
     }
 }
+
+/// An epoch that touches more partitions than one guest call carries (4,096) steps them in
+/// several calls per round, with the values batch mode gives, bit for bit.
+#[test]
+fn wasm_over_windows_over_many_partitions_split_calls_and_agree_with_batch() {
+    let rt = common::runtime();
+    let tx = FraudGenerator::new(FraudConfig {
+        cards: 20_000,
+        rows_per_second: 200.0,
+        ..FraudConfig::default()
+    })
+    .next_batch_of_ids(24_000);
+    let g = Golden {
+        name: "Wasm OVER over many partitions",
+        sql: "SELECT tx_id, \
+              dd_quantile(amount, 0.5) OVER (PARTITION BY card_id ORDER BY ts, tx_id \
+                                ROWS BETWEEN 1 PRECEDING AND CURRENT ROW) AS median_2, \
+              decayed_avg(amount, ts) OVER (PARTITION BY card_id ORDER BY ts, tx_id) AS recent \
+              FROM transactions",
+        mode: OutputMode::Append,
+        key_columns: 1,
+        approximate: false,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let logins = logins();
+    let expected = rt.block_on(batch_result(&g, &tx, &logins, dir.path()));
+    assert_eq!(expected.len(), tx.num_rows());
+    // One delivery: its epoch releases rows of over 10,000 cards at once.
+    let got = rt.block_on(stream_result(&g, delivery(&tx, 11, 1), vec![logins], None));
+    check(&g, &expected, &got, "one delivery over 20,000 cards");
+}

@@ -5,7 +5,8 @@
 //! uses, created from the same logical expressions. That is why a streaming `count(DISTINCT x)`,
 //! `approx_distinct(x)`, `first_value(x ORDER BY y)` or a Wasm aggregate equals the batch result:
 //! there is no second implementation of any aggregate. Accumulator state
-//! (`Accumulator::state`) is what goes into checkpoints, and `merge_batch` brings it back.
+//! (`Accumulator::state`) is what goes into checkpoints, and `merge_batch` brings it back (a
+//! Wasm aggregate's accumulator takes its state back as it is, with no guest call).
 
 use std::sync::Arc;
 
@@ -26,6 +27,7 @@ use super::{Operator, Output};
 use crate::common::{OutputMode, Watermark, to_micros};
 use crate::error::{Result, RiffleError};
 use crate::state::{KeyedTable, StateTable, ValueCodec, ValueEncoder};
+use crate::udf::WasmAggregateUdf;
 use crate::window::{TimeWindows, WindowKind, window_array, window_call};
 
 /// One aggregate of a query, ready to feed accumulators from evaluated batches.
@@ -92,6 +94,40 @@ impl AggSpec {
     pub fn state_fields(&self) -> Result<Vec<Arc<Field>>> {
         Ok(self.expr.state_fields()?)
     }
+}
+
+/// Fresh accumulators, one per aggregate.
+pub(crate) fn accumulators<'a>(
+    specs: impl IntoIterator<Item = &'a Arc<AggregateFunctionExpr>>,
+) -> Result<Vec<Box<dyn Accumulator>>> {
+    Ok(specs
+        .into_iter()
+        .map(|s| s.create_accumulator())
+        .collect::<datafusion::common::Result<_>>()?)
+}
+
+/// Whether reading an accumulator's state may consume it, so that it must be rebuilt from the
+/// state it gave (DataFusion's median and `string_agg` move their values out). A Wasm
+/// aggregate's state is a copy; rebuilding it would cost a guest call per group.
+pub(crate) fn state_consumes(spec: &AggregateFunctionExpr) -> bool {
+    spec.fun()
+        .inner()
+        .downcast_ref::<WasmAggregateUdf>()
+        .is_none()
+}
+
+/// An accumulator with the state `state` (its state columns, one row) read back from a
+/// checkpoint: a Wasm aggregate's holds it as it is; others merge it into a fresh one.
+pub(crate) fn restore_accumulator(
+    spec: &AggregateFunctionExpr,
+    state: &[ArrayRef],
+) -> Result<Box<dyn Accumulator>> {
+    if let Some(wasm) = spec.fun().inner().downcast_ref::<WasmAggregateUdf>() {
+        return Ok(wasm.accumulator_with_state(state.to_vec()));
+    }
+    let mut acc = spec.create_accumulator()?;
+    acc.merge_batch(state)?;
+    Ok(acc)
 }
 
 /// Feeds rows `rows` of evaluated arguments into `acc`.
@@ -210,29 +246,27 @@ pub(crate) struct Group {
 /// Encodes groups as their window start plus one column per accumulator state field.
 struct GroupCodec {
     specs: Vec<Arc<AggregateFunctionExpr>>,
+    /// State columns per aggregate.
+    widths: Vec<usize>,
     fields: Fields,
 }
 
 impl GroupCodec {
     fn new(aggs: &[AggSpec]) -> Result<Self> {
         let mut fields = vec![Field::new("window_start", DataType::Int64, true)];
+        let mut widths = Vec::new();
         for (i, a) in aggs.iter().enumerate() {
-            for (j, f) in a.state_fields()?.iter().enumerate() {
+            let state = a.state_fields()?;
+            widths.push(state.len());
+            for (j, f) in state.iter().enumerate() {
                 fields.push(Field::new(format!("s{i}_{j}"), f.data_type().clone(), true));
             }
         }
         Ok(GroupCodec {
             specs: aggs.iter().map(|a| Arc::clone(&a.expr)).collect(),
+            widths,
             fields: fields.into(),
         })
-    }
-
-    fn accumulators(&self) -> Result<Vec<Box<dyn Accumulator>>> {
-        Ok(self
-            .specs
-            .iter()
-            .map(|s| s.create_accumulator())
-            .collect::<datafusion::common::Result<_>>()?)
     }
 }
 
@@ -248,15 +282,14 @@ impl ValueEncoder<Group> for GroupEncoder<'_> {
         self.starts.push(Some(group.window_start));
         let mut column = 0;
         for (acc, spec) in group.accs.iter_mut().zip(&self.codec.specs) {
-            // `state()` may consume the accumulator's state: rebuild it from the state.
             let state = acc.state()?;
-            let arrays = state
-                .iter()
-                .map(|s| s.to_array())
-                .collect::<datafusion::common::Result<Vec<_>>>()?;
-            let mut rebuilt = spec.create_accumulator()?;
-            rebuilt.merge_batch(&arrays)?;
-            *acc = rebuilt;
+            if state_consumes(spec) {
+                let arrays = state
+                    .iter()
+                    .map(|s| s.to_array())
+                    .collect::<datafusion::common::Result<Vec<_>>>()?;
+                *acc = restore_accumulator(spec, &arrays)?;
+            }
             for s in state {
                 self.states[column].push(s);
                 column += 1;
@@ -308,14 +341,13 @@ impl ValueCodec<Group> for GroupCodec {
     }
 
     fn decode(&self, columns: &[ArrayRef], row: usize) -> Result<Group> {
-        let mut accs = self.accumulators()?;
+        let mut accs = Vec::with_capacity(self.specs.len());
         let mut column = 1;
-        for acc in accs.iter_mut() {
-            let n = acc.state()?.len();
+        for (spec, n) in self.specs.iter().zip(&self.widths) {
             let arrays: Vec<ArrayRef> = (column..column + n)
                 .map(|c| columns[c].slice(row, 1))
                 .collect();
-            acc.merge_batch(&arrays)?;
+            accs.push(restore_accumulator(spec, &arrays)?);
             column += n;
         }
         Ok(Group {
@@ -382,11 +414,7 @@ impl WindowAggregate {
     }
 
     fn new_accumulators(&self) -> Result<Vec<Box<dyn Accumulator>>> {
-        Ok(self
-            .aggs
-            .iter()
-            .map(|a| a.expr.create_accumulator())
-            .collect::<datafusion::common::Result<_>>()?)
+        accumulators(self.aggs.iter().map(|a| &a.expr))
     }
 
     /// Builds an output batch of `groups` (key bytes and group, in order).

@@ -1233,67 +1233,71 @@ impl Functions {
         let mut picks = vec![(0, 0); n];
         let rounds = runs.iter().map(|r| r.len).max().unwrap_or(0);
         for r in 0..rounds {
-            let active: Vec<&Run> = runs.iter().filter(|run| run.len > r).collect();
-            let groups = active.len();
-            let mut update = ArgRows::new(self, w);
-            let mut retract = ArgRows::new(self, w);
-            let mut frames = Vec::with_capacity(groups);
-            let mut finishing: Vec<u32> = Vec::new();
-            let mut states = Vec::with_capacity(groups);
-            for (g, run) in active.iter().enumerate() {
-                let p = partitions.value(run.entry);
-                let state = &p.states[f.state];
-                let last = (state.start, state.end);
-                let cur = self.frame(f, p, run.first + r as u64, last);
-                if cur.0 >= cur.1 {
-                    // DataFusion keeps a sliding state in step with the last frame.
-                    if sliding && last.1 > last.0 {
-                        retract.add(g as u32, p, last.0..last.1)?;
+            let stepping: Vec<&Run> = runs.iter().filter(|run| run.len > r).collect();
+            // A bounded number of partitions per call keeps a call's states within the
+            // sandbox's memory and time limits however many partitions an epoch touches.
+            for active in stepping.chunks(WASM_GROUPS_PER_CALL) {
+                let groups = active.len();
+                let mut update = ArgRows::new(self, w);
+                let mut retract = ArgRows::new(self, w);
+                let mut frames = Vec::with_capacity(groups);
+                let mut finishing: Vec<u32> = Vec::new();
+                let mut states = Vec::with_capacity(groups);
+                for (g, run) in active.iter().enumerate() {
+                    let p = partitions.value(run.entry);
+                    let state = &p.states[f.state];
+                    let last = (state.start, state.end);
+                    let cur = self.frame(f, p, run.first + r as u64, last);
+                    if cur.0 >= cur.1 {
+                        // DataFusion keeps a sliding state in step with the last frame.
+                        if sliding && last.1 > last.0 {
+                            retract.add(g as u32, p, last.0..last.1)?;
+                        }
+                    } else {
+                        if cur.1 > last.1 {
+                            update.add(g as u32, p, last.1..cur.1)?;
+                        }
+                        if sliding && cur.0 > last.0 {
+                            retract.add(g as u32, p, last.0..cur.0)?;
+                        }
+                        finishing.push(g as u32);
                     }
-                } else {
-                    if cur.1 > last.1 {
-                        update.add(g as u32, p, last.1..cur.1)?;
+                    frames.push(cur);
+                    states.push(match &state.acc {
+                        Acc::Wasm(Some(bytes)) => parser.parse(bytes),
+                        _ => empty.row(0),
+                    });
+                }
+                let mut columns = w.states.convert_rows(states)?;
+                for (step, rows) in [
+                    (AggregateStep::Update, update),
+                    (AggregateStep::Retract, retract),
+                ] {
+                    if let Some((group_of, args)) = rows.finish()? {
+                        columns = calls.step(step, groups, &columns, &group_of, &args)?;
                     }
-                    if sliding && cur.0 > last.0 {
-                        retract.add(g as u32, p, last.0..cur.0)?;
+                }
+                if !finishing.is_empty() {
+                    let finished = if finishing.len() == groups {
+                        columns.clone()
+                    } else {
+                        let which = UInt32Array::from(finishing.clone());
+                        columns
+                            .iter()
+                            .map(|c| arrow::compute::take(c, &which, None))
+                            .collect::<std::result::Result<_, _>>()?
+                    };
+                    sources.push(calls.finish(finishing.len(), &finished)?);
+                    for (k, &g) in finishing.iter().enumerate() {
+                        picks[active[g as usize].at + r] = (sources.len() - 1, k);
                     }
-                    finishing.push(g as u32);
                 }
-                frames.push(cur);
-                states.push(match &state.acc {
-                    Acc::Wasm(Some(bytes)) => parser.parse(bytes),
-                    _ => empty.row(0),
-                });
-            }
-            let mut columns = w.states.convert_rows(states)?;
-            for (step, rows) in [
-                (AggregateStep::Update, update),
-                (AggregateStep::Retract, retract),
-            ] {
-                if let Some((group_of, args)) = rows.finish()? {
-                    columns = calls.step(step, groups, &columns, &group_of, &args)?;
+                let rows = w.states.convert_columns(&columns)?;
+                for (g, run) in active.iter().enumerate() {
+                    let state = &mut partitions.value_mut(run.entry).states[f.state];
+                    (state.start, state.end) = frames[g];
+                    state.acc = Acc::Wasm(Some(rows.row(g).as_ref().into()));
                 }
-            }
-            if !finishing.is_empty() {
-                let finished = if finishing.len() == groups {
-                    columns.clone()
-                } else {
-                    let which = UInt32Array::from(finishing.clone());
-                    columns
-                        .iter()
-                        .map(|c| arrow::compute::take(c, &which, None))
-                        .collect::<std::result::Result<_, _>>()?
-                };
-                sources.push(calls.finish(finishing.len(), &finished)?);
-                for (k, &g) in finishing.iter().enumerate() {
-                    picks[active[g as usize].at + r] = (sources.len() - 1, k);
-                }
-            }
-            let rows = w.states.convert_columns(&columns)?;
-            for (g, run) in active.iter().enumerate() {
-                let state = &mut partitions.value_mut(run.entry).states[f.state];
-                (state.start, state.end) = frames[g];
-                state.acc = Acc::Wasm(Some(rows.row(g).as_ref().into()));
             }
         }
         let sources: Vec<&dyn Array> = sources.iter().map(|a| a.as_ref()).collect();
@@ -1361,6 +1365,9 @@ impl Functions {
     }
 }
 
+/// Most partitions whose Wasm aggregate states go into one call.
+const WASM_GROUPS_PER_CALL: usize = 4096;
+
 /// The `len` rows partition `entry` released this epoch: its rows `first..`, at output rows
 /// `at..`.
 struct Run {
@@ -1404,10 +1411,10 @@ impl<'a> ArgRows<'a> {
         Ok(())
     }
 
-    /// The groups and argument columns, or `None` when there is nothing to call with. A
-    /// function without arguments is never stepped, as DataFusion's accumulator is not.
+    /// The groups and argument columns, or `None` when no rows go to this step. (Modules
+    /// cannot declare aggregates without arguments.)
     fn finish(self) -> Result<Option<(Vec<u32>, Vec<ArrayRef>)>> {
-        if self.group_of.is_empty() || self.columns.is_empty() {
+        if self.group_of.is_empty() {
             return Ok(None);
         }
         let args = self

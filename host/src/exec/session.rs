@@ -26,14 +26,16 @@ use datafusion::logical_expr::{Accumulator, Aggregate};
 use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
 use datafusion::physical_plan::PhysicalExpr;
 
-use super::aggregate::{AggSpec, GroupKeys, append_aggregate_columns, micros, update};
+use super::aggregate::{
+    AggSpec, GroupKeys, accumulators, append_aggregate_columns, micros, restore_accumulator,
+    state_consumes, update,
+};
 use super::keys::KeyEncoder;
 use super::{Operator, Output};
 use crate::common::Watermark;
 use crate::error::{Result, RiffleError};
 use crate::state::bytes::{Decode, Encode, take};
 use crate::state::{KeyedTable, StateTable, ValueCodec, ValueEncoder};
-use crate::udf::WasmAggregateUdf;
 use crate::window::{WindowKind, window_array};
 
 /// One open session of a key.
@@ -65,22 +67,21 @@ struct SessionCodec {
     specs: Vec<Arc<AggregateFunctionExpr>>,
     /// State columns per aggregate.
     widths: Vec<usize>,
-    /// Per aggregate: reading its state may consume it (some of DataFusion's accumulators
-    /// move their values out), so it is rebuilt from the state after. A Wasm aggregate's
-    /// state is a copy, and rebuilding it would cost a call per session.
-    consumes: Vec<bool>,
+    /// The state columns' types, all aggregates in turn.
+    types: Vec<DataType>,
     rows: RowConverter,
 }
 
 impl SessionCodec {
     fn new(aggs: &[AggSpec]) -> Result<Self> {
-        let mut fields = Vec::new();
+        let mut types = Vec::new();
         let mut widths = Vec::new();
         for a in aggs {
             let state = a.state_fields()?;
             widths.push(state.len());
-            fields.extend(state.iter().map(|f| SortField::new(f.data_type().clone())));
+            types.extend(state.iter().map(|f| f.data_type().clone()));
         }
+        let fields = types.iter().map(|t| SortField::new(t.clone())).collect();
         let rows = RowConverter::new(fields).map_err(|e| {
             RiffleError::Unsupported(format!(
                 "session windows cannot keep the state of these aggregates ({e})"
@@ -89,38 +90,22 @@ impl SessionCodec {
         Ok(SessionCodec {
             specs: aggs.iter().map(|a| Arc::clone(&a.expr)).collect(),
             widths,
-            consumes: aggs
-                .iter()
-                .map(|a| {
-                    a.expr
-                        .fun()
-                        .inner()
-                        .downcast_ref::<WasmAggregateUdf>()
-                        .is_none()
-                })
-                .collect(),
+            types,
             rows,
         })
     }
 
-    fn accumulators(&self) -> Result<Vec<Box<dyn Accumulator>>> {
-        Ok(self
-            .specs
-            .iter()
-            .map(|s| s.create_accumulator())
-            .collect::<datafusion::common::Result<_>>()?)
-    }
-
-    /// Fresh accumulators merged from `columns` (as [`states`] lays them out), row `row`.
+    /// Accumulators with the states in row `row` of `columns` (each aggregate's state columns
+    /// in turn).
     fn restore(&self, columns: &[ArrayRef], row: usize) -> Result<Vec<Box<dyn Accumulator>>> {
-        let mut accs = self.accumulators()?;
+        let mut accs = Vec::with_capacity(self.specs.len());
         let mut at = 0;
-        for (acc, width) in accs.iter_mut().zip(&self.widths) {
+        for (spec, width) in self.specs.iter().zip(&self.widths) {
             let slice: Vec<ArrayRef> = columns[at..at + width]
                 .iter()
                 .map(|c| c.slice(row, 1))
                 .collect();
-            acc.merge_batch(&slice)?;
+            accs.push(restore_accumulator(spec, &slice)?);
             at += width;
         }
         Ok(accs)
@@ -141,14 +126,12 @@ impl ValueEncoder<Sessions> for SessionEncoder<'_> {
             let mut c = 0;
             for (k, acc) in session.accs.iter_mut().enumerate() {
                 let state = acc.state()?;
-                if codec.consumes[k] {
+                if state_consumes(&codec.specs[k]) {
                     let arrays = state
                         .iter()
                         .map(|s| s.to_array())
                         .collect::<datafusion::common::Result<Vec<_>>>()?;
-                    let mut rebuilt = codec.specs[k].create_accumulator()?;
-                    rebuilt.merge_batch(&arrays)?;
-                    *acc = rebuilt;
+                    *acc = restore_accumulator(&codec.specs[k], &arrays)?;
                 }
                 for value in state {
                     columns[c].push(value);
@@ -163,10 +146,20 @@ impl ValueEncoder<Sessions> for SessionEncoder<'_> {
         let rows = if sessions.is_empty() || columns.is_empty() {
             None
         } else {
+            // The scalars' arrays as the declared state types (an accumulator's scalars may
+            // come back as a different but castable type).
             let columns = columns
                 .into_iter()
-                .map(ScalarValue::iter_to_array)
-                .collect::<datafusion::common::Result<Vec<_>>>()?;
+                .zip(&codec.types)
+                .map(|(values, data_type)| {
+                    let array = ScalarValue::iter_to_array(values)?;
+                    Ok(if array.data_type() == data_type {
+                        array
+                    } else {
+                        arrow::compute::cast(&array, data_type)?
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
             Some(codec.rows.convert_columns(&columns)?)
         };
         for (i, session) in sessions.iter().enumerate() {
@@ -362,11 +355,7 @@ impl Operator for SessionAggregate {
                     }
                     None => {
                         drop(overlapped);
-                        merged.accs = self
-                            .aggs
-                            .iter()
-                            .map(|a| a.expr.create_accumulator())
-                            .collect::<datafusion::common::Result<_>>()?;
+                        merged.accs = accumulators(self.aggs.iter().map(|a| &a.expr))?;
                     }
                 }
                 let rows = UInt32Array::from(order[c..d].to_vec());
@@ -472,17 +461,26 @@ mod tests {
         v
     }
 
-    #[tokio::test]
-    async fn sessions_close_when_the_watermark_passes_their_end() {
-        let sql = "SELECT session_window(ts, '10 seconds') AS s, k, count(*) AS n FROM t \
-                   GROUP BY session_window(ts, '10 seconds'), k";
+    /// Two operators for `sql` over `t(k, ts)`: one to run, one to restart into.
+    async fn operators(sql: &str) -> (SessionAggregate, SessionAggregate) {
         let (plan, state) = optimized(sql, &[("t", rows(&[], &[]))]).await;
         let LogicalPlan::Aggregate(agg) = find(&plan, &|p| matches!(p, LogicalPlan::Aggregate(_)))
         else {
             unreachable!()
         };
-        let mut op = SessionAggregate::new(&agg, &state).unwrap();
-        let mut restarted = SessionAggregate::new(&agg, &state).unwrap();
+        (
+            SessionAggregate::new(&agg, &state).unwrap(),
+            SessionAggregate::new(&agg, &state).unwrap(),
+        )
+    }
+
+    #[tokio::test]
+    async fn sessions_close_when_the_watermark_passes_their_end() {
+        let (mut op, mut restarted) = operators(
+            "SELECT session_window(ts, '10 seconds') AS s, k, count(*) AS n FROM t \
+             GROUP BY session_window(ts, '10 seconds'), k",
+        )
+        .await;
         let out = epoch(
             &mut op,
             vec![(0, rows(&["a", "a", "b", "a"], &[0, 5, 7, 30]))],
@@ -511,15 +509,11 @@ mod tests {
 
     #[tokio::test]
     async fn sessions_without_aggregates_are_bounds_only_and_survive_a_restart() {
-        let sql = "SELECT session_window(ts, '10 seconds') AS s, k FROM t \
-                   GROUP BY session_window(ts, '10 seconds'), k";
-        let (plan, state) = optimized(sql, &[("t", rows(&[], &[]))]).await;
-        let LogicalPlan::Aggregate(agg) = find(&plan, &|p| matches!(p, LogicalPlan::Aggregate(_)))
-        else {
-            unreachable!()
-        };
-        let mut op = SessionAggregate::new(&agg, &state).unwrap();
-        let mut restarted = SessionAggregate::new(&agg, &state).unwrap();
+        let (mut op, mut restarted) = operators(
+            "SELECT session_window(ts, '10 seconds') AS s, k FROM t \
+             GROUP BY session_window(ts, '10 seconds'), k",
+        )
+        .await;
         let out = epoch(&mut op, vec![(0, rows(&["a", "b"], &[0, 3]))], Watermark(S)).await;
         assert_eq!(out.batches.iter().map(|b| b.num_rows()).sum::<usize>(), 0);
         transplant(&mut op, &mut restarted);
@@ -539,16 +533,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_row_that_bridges_two_sessions_merges_them_across_a_restart() {
-        let sql = "SELECT session_window(ts, '10 seconds') AS s, k, count(*) AS n, \
-                   min(ts) AS first, max(ts) AS last FROM t \
-                   GROUP BY session_window(ts, '10 seconds'), k";
-        let (plan, state) = optimized(sql, &[("t", rows(&[], &[]))]).await;
-        let LogicalPlan::Aggregate(agg) = find(&plan, &|p| matches!(p, LogicalPlan::Aggregate(_)))
-        else {
-            unreachable!()
-        };
-        let mut op = SessionAggregate::new(&agg, &state).unwrap();
-        let mut restarted = SessionAggregate::new(&agg, &state).unwrap();
+        let (mut op, mut restarted) = operators(
+            "SELECT session_window(ts, '10 seconds') AS s, k, count(*) AS n, \
+             min(ts) AS first, max(ts) AS last FROM t \
+             GROUP BY session_window(ts, '10 seconds'), k",
+        )
+        .await;
         // a: [0, 11) and [15, 25); b: [3, 13).
         let out = epoch(
             &mut op,

@@ -11,7 +11,7 @@
 //! - [`KeyedTable`]: a map from an encoded key (Arrow's row format) to a value, with per-key
 //!   expiry by event time (a key goes once the watermark passes its deadline) and change
 //!   tracking. Window aggregates (group -> accumulators), de-duplication (key -> event time),
-//!   session windows (key -> open rows), OVER windows (partition -> frame state) and joins (key
+//!   session windows (key -> its open sessions' aggregate states), OVER windows (partition -> frame state) and joins (key
 //!   -> buffered rows) all use it.
 //! - [`RowBuffer`]: rows waiting for the watermark, held as Arrow batches and released in event
 //!   time order. Its delta is the rows added plus one number: the watermark below which rows

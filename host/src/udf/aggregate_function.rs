@@ -172,6 +172,16 @@ impl WasmAggregateUdf {
             .collect()
     }
 
+    /// An accumulator holding `state` (the state columns, one row) as it is. Restoring a
+    /// checkpoint this way makes no guest call, where merging into an empty state would: a
+    /// call per group, and a `merge` that fails or rounds would change what a restart sees.
+    pub(crate) fn accumulator_with_state(&self, state: Vec<ArrayRef>) -> Box<dyn Accumulator> {
+        Box::new(WasmAccumulator {
+            udf: self.udf.clone(),
+            state: Some(state),
+        })
+    }
+
     /// The calls behind this aggregate, for an operator that keeps many groups' states itself.
     pub(crate) fn calls(&self) -> &Arc<AggregateCalls> {
         &self.udf

@@ -77,6 +77,8 @@ struct EngineInner {
     /// version or configuration is never loaded.
     compat_key: String,
     ticker_stop: Arc<AtomicBool>,
+    /// Mapping a cached artifact failed once (see [`UdfEngine::cached`]): read them instead.
+    no_map: AtomicBool,
 }
 
 impl Drop for EngineInner {
@@ -138,12 +140,13 @@ impl UdfEngine {
                 options,
                 compat_key,
                 ticker_stop,
+                no_map: AtomicBool::new(false),
             }),
         })
     }
 
-    /// The compiled module whose file has sha256 `hash`, from the artifact cache, when it is
-    /// there and intact.
+    /// The compiled module cached in `file` (see [`cache_file`](Self::cache_file)), when it
+    /// is there and intact.
     ///
     /// Compiled artifacts are native code that wasmtime loads without validating it, so the
     /// cache is guarded three ways: its directory is created private (0700) and not used at
@@ -157,18 +160,31 @@ impl UdfEngine {
     /// The artifact is mapped from its file, not read into memory: wasmtime then maps each
     /// instance's initial linear memory copy-on-write straight from the file too. A Python
     /// module's memory image is the whole pre-initialized interpreter, and reading and copying
-    /// it (and the artifact) into fresh memory was most of its cold start.
-    pub(crate) fn cached(&self, hash: &str) -> Option<Component> {
-        let file = self.cache_file(hash)?;
-        if !intact(&file) {
+    /// it (and the artifact) into fresh memory was most of its cold start. Where files cannot
+    /// be mapped executable (a cache on a `noexec` mount), the artifact is read instead.
+    pub(crate) fn cached(&self, file: &Path) -> Option<Component> {
+        if !intact(file) {
             return None;
         }
-        // SAFETY: the file was just checked against the checksum written with it by an
-        // engine of this build (the name says so), in a directory only this user can write;
-        // files there are only ever replaced whole (renamed into place), never changed in
-        // place, so the file wasmtime maps is a complete artifact; wasmtime checks its header
-        // again.
-        match unsafe { Component::deserialize_file(&self.inner.engine, &file) } {
+        // SAFETY (both loads): the file's content matched the checksum written with it by an
+        // engine of this build (the name says so), in a directory only this user can write.
+        // The file is opened again to load it, but files there are only ever replaced whole
+        // (renamed into place), never changed in place, so whatever is loaded is a complete
+        // artifact of this engine build; wasmtime checks its header again.
+        if !self.inner.no_map.load(Ordering::Relaxed) {
+            match unsafe { Component::deserialize_file(&self.inner.engine, file) } {
+                Ok(component) => return Some(component),
+                Err(e) => {
+                    tracing::warn!(
+                        path = %file.display(),
+                        "cannot map cached artifacts ({e:#}); reading them instead"
+                    );
+                    self.inner.no_map.store(true, Ordering::Relaxed);
+                }
+            }
+        }
+        let bytes = std::fs::read(file).ok()?;
+        match unsafe { Component::deserialize(&self.inner.engine, &bytes) } {
             Ok(component) => Some(component),
             Err(e) => {
                 tracing::warn!(
@@ -180,14 +196,19 @@ impl UdfEngine {
         }
     }
 
-    /// Compiles the component in `bytes` (the file `path`, whose sha256 is `hash`) and caches
-    /// the artifact; see [`cached`](Self::cached) for how the cache is guarded.
-    pub(crate) fn compile(&self, path: &Path, bytes: &[u8], hash: &str) -> Result<Component> {
+    /// Compiles the component in `bytes` (the file `path`) and, with a cache file, caches the
+    /// artifact there; see [`cached`](Self::cached) for how the cache is guarded.
+    pub(crate) fn compile(
+        &self,
+        path: &Path,
+        bytes: &[u8],
+        file: Option<&Path>,
+    ) -> Result<Component> {
         let invalid = |e: wasmtime::Error| RiffleError::InvalidModule {
             path: path.to_path_buf(),
             reason: format!("{e:#}"),
         };
-        let Some(file) = self.cache_file(hash) else {
+        let Some(file) = file else {
             return Component::from_binary(&self.inner.engine, bytes).map_err(invalid);
         };
         let artifact = self
@@ -196,26 +217,28 @@ impl UdfEngine {
             .precompile_component(bytes)
             .map_err(invalid)?;
         let sum = checksum_record(&artifact);
-        let written = crate::common::fs::write_atomic(&file, &artifact)
-            .and_then(|()| crate::common::fs::write_atomic(&sum_file(&file), &sum));
+        let written = crate::common::fs::write_atomic(file, &artifact)
+            .and_then(|()| crate::common::fs::write_atomic(&sum_file(file), &sum));
         if let Err(e) = written {
             tracing::warn!(path = %file.display(), "could not cache compiled UDF: {e}");
-        } else if let Some(component) = self.cached(hash) {
+        } else if let Some(component) = self.cached(file) {
             return Ok(component);
         }
         // SAFETY: `artifact` was produced by this engine a moment ago.
         unsafe { Component::deserialize(&self.inner.engine, &artifact) }.map_err(invalid)
     }
 
-    /// The cache file for module `hash` from this engine build; `None` when caching is off or
-    /// the cache directory is not safe to use.
-    fn cache_file(&self, hash: &str) -> Option<PathBuf> {
+    /// The cache file for the module whose sha256 is `hash`, from this engine build; `None`
+    /// when caching is off or the cache directory is not safe to use. `-v2` files are raw
+    /// artifacts with a checksum file beside them; earlier Riffle versions sharing the cache
+    /// keep their own files (the checksum inside) under the name without it.
+    pub(crate) fn cache_file(&self, hash: &str) -> Option<PathBuf> {
         let dir = self.inner.options.cache_dir.as_ref()?;
         if let Err(reason) = private_dir(dir) {
             tracing::warn!(path = %dir.display(), "not using the compiled-UDF cache: {reason}");
             return None;
         }
-        Some(dir.join(format!("{hash}-{}.cwasm", self.inner.compat_key)))
+        Some(dir.join(format!("{hash}-{}-v2.cwasm", self.inner.compat_key)))
     }
 
     pub(crate) fn engine(&self) -> &Engine {

@@ -1158,13 +1158,19 @@ impl UdfEngine {
     /// hash), else compiled. Gives the hash of what was compiled: the file is read again to
     /// compile it, and may have changed in between.
     fn component(&self, path: &Path, hash: String) -> Result<(String, Component)> {
-        if let Some(component) = self.cached(&hash) {
+        let file = self.cache_file(&hash);
+        if let Some(component) = file.as_deref().and_then(|f| self.cached(f)) {
             return Ok((hash, component));
         }
         let bytes = std::fs::read(path).map_err(|e| RiffleError::io("reading", path, e))?;
-        let hash = hex::encode(Sha256::digest(&bytes));
-        let component = self.compile(path, &bytes, &hash)?;
-        Ok((hash, component))
+        let compiled = hex::encode(Sha256::digest(&bytes));
+        let file = if compiled == hash {
+            file
+        } else {
+            self.cache_file(&compiled)
+        };
+        let component = self.compile(path, &bytes, file.as_deref())?;
+        Ok((compiled, component))
     }
 
     /// What a module file says about itself, and its sha256, without running its init hook
