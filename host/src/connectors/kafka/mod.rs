@@ -154,3 +154,40 @@ pub(crate) fn flush_checked(producer: &CheckedProducer, what: &str) -> Result<()
     }
     Ok(())
 }
+
+/// A consumer that closes on a thread of its own when dropped.
+///
+/// Closing a consumer that has a group (ours have one: the source for monitoring commits, the
+/// sink's epoch markers) waits until the group coordinator has answered, with no time limit.
+/// While the broker is unreachable, a drop on the query's thread would hang the very restart
+/// that is meant to wait for the broker (seen with a frozen broker: a query stuck in the drop
+/// for 17 minutes, never saying it was waiting). The closing thread ends when the broker
+/// answers or the process exits.
+pub(crate) struct ClosingConsumer(std::mem::ManuallyDrop<rdkafka::consumer::BaseConsumer>);
+
+impl ClosingConsumer {
+    pub(crate) fn new(consumer: rdkafka::consumer::BaseConsumer) -> Self {
+        ClosingConsumer(std::mem::ManuallyDrop::new(consumer))
+    }
+}
+
+impl std::ops::Deref for ClosingConsumer {
+    type Target = rdkafka::consumer::BaseConsumer;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl Drop for ClosingConsumer {
+    fn drop(&mut self) {
+        // SAFETY: the consumer is not used again: this is its wrapper's drop.
+        let consumer = unsafe { std::mem::ManuallyDrop::take(&mut self.0) };
+        let closing = std::thread::Builder::new()
+            .name("riffle-kafka-close".into())
+            .spawn(move || drop(consumer));
+        if let Err(e) = closing {
+            tracing::warn!("cannot close a Kafka consumer on a thread of its own: {e}");
+        }
+    }
+}

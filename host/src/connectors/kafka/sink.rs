@@ -17,7 +17,7 @@
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use arrow::util::display::{ArrayFormatter, FormatOptions};
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
@@ -127,7 +127,7 @@ pub struct KafkaSink {
     producer: Option<CheckedProducer>,
     /// Exactly-once: the consumer whose group holds the last committed epoch, that epoch, and
     /// the transactional id (the key of this query's records in the marker topic).
-    marker: Option<(BaseConsumer, u64, String)>,
+    marker: Option<(super::ClosingConsumer, u64, String)>,
     /// Dead letters of the sources, written in the next epoch's transaction.
     staged: Vec<DeadLetter>,
 }
@@ -313,13 +313,14 @@ impl KafkaSink {
                 p.init_transactions(TIMEOUT)
                     .map_err(|e| kafka_error("starting transactions", e))?;
                 let group = format!("{id}-epochs");
-                let consumer: BaseConsumer = kafka
+                let consumer = kafka
                     .client(&[
                         ("group.id", group.as_str()),
                         ("enable.auto.commit", "false"),
                         ("isolation.level", "read_committed"),
                     ])
                     .create()
+                    .map(super::ClosingConsumer::new)
                     .map_err(|e| kafka_error("creating the epoch marker", e))?;
                 let committed = consumer
                     .committed_offsets(self.marker_partition(), TIMEOUT)
@@ -407,7 +408,7 @@ impl KafkaSink {
 /// (compaction keeps the newest per key, and a broker that does not compact keeps them all).
 fn last_marker(kafka: &KafkaConfig, topic: &str, id: &str) -> Result<u64> {
     const WINDOW: i64 = 1_000;
-    let consumer: BaseConsumer = kafka
+    let consumer = kafka
         .client(&[
             ("group.id", "riffle-marker-reader"),
             ("enable.auto.commit", "false"),
@@ -416,6 +417,7 @@ fn last_marker(kafka: &KafkaConfig, topic: &str, id: &str) -> Result<u64> {
             ("enable.partition.eof", "true"),
         ])
         .create()
+        .map(super::ClosingConsumer::new)
         .map_err(|e| kafka_error("creating the epoch marker reader", e))?;
     let (low, high) = consumer
         .fetch_watermarks(topic, 0, TIMEOUT)

@@ -5,7 +5,6 @@
 //! epoch only so that lag shows up in the usual Kafka tools.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::mem::ManuallyDrop;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -212,8 +211,7 @@ impl Gap {
 pub struct KafkaSource {
     options: KafkaSourceOptions,
     schema: SchemaRef,
-    /// Closed on a thread of its own when the source goes (see the `Drop` impl).
-    consumer: ManuallyDrop<BaseConsumer>,
+    consumer: super::ClosingConsumer,
     /// Per partition, the first offset not yet handed to an epoch: where the consumer was
     /// assigned, moved on by every read.
     next: BTreeMap<i32, i64>,
@@ -319,7 +317,7 @@ impl KafkaSource {
         let source = KafkaSource {
             schema: Arc::new(Schema::new(fields)),
             options,
-            consumer: ManuallyDrop::new(consumer),
+            consumer: super::ClosingConsumer::new(consumer),
             next: BTreeMap::new(),
             fetched: BTreeMap::new(),
             pending: BTreeMap::new(),
@@ -604,25 +602,6 @@ fn instant_of(ms: i64) -> Option<Instant> {
         .ok()?
         .as_millis() as i64;
     Instant::now().checked_sub(Duration::from_millis((now_ms - ms).max(0) as u64))
-}
-
-impl Drop for KafkaSource {
-    /// Closing a consumer that has a group waits until the group coordinator has answered,
-    /// with no time limit: while the broker is unreachable, dropping it on the query's thread
-    /// would hang the restart that is meant to wait for the broker (seen with a frozen
-    /// broker: a query stuck in this drop for 17 minutes, never saying it was waiting). The
-    /// close goes to a thread of its own, which ends when the broker answers or the process
-    /// exits.
-    fn drop(&mut self) {
-        // SAFETY: `consumer` is not used again: this is the source's drop.
-        let consumer = unsafe { ManuallyDrop::take(&mut self.consumer) };
-        let closing = std::thread::Builder::new()
-            .name("riffle-kafka-close".into())
-            .spawn(move || drop(consumer));
-        if let Err(e) = closing {
-            tracing::warn!("cannot close the Kafka consumer on a thread of its own: {e}");
-        }
-    }
 }
 
 impl StreamSource for KafkaSource {
