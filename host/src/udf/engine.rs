@@ -277,23 +277,12 @@ fn checksum_record(artifact: &[u8]) -> Vec<u8> {
 /// Whether artifact `file` exists and matches the checksum file beside it. Reads the file in
 /// chunks: the bytes are only checked here, and wasmtime maps the file itself.
 fn intact(file: &Path) -> bool {
-    use std::io::Read;
     let Ok(record) = std::fs::read(sum_file(file)) else {
         return false;
     };
     let check = || -> std::io::Result<bool> {
-        let mut f = std::fs::File::open(file)?;
         let mut crc = crc32fast::Hasher::new();
-        let mut len = 0u64;
-        let mut chunk = vec![0u8; 1 << 20];
-        loop {
-            let n = f.read(&mut chunk)?;
-            if n == 0 {
-                break;
-            }
-            crc.update(&chunk[..n]);
-            len += n as u64;
-        }
+        let len = crate::common::fs::for_each_chunk(file, |chunk| crc.update(chunk))?;
         let mut want = len.to_le_bytes().to_vec();
         want.extend_from_slice(&crc.finalize().to_le_bytes());
         Ok(record == want)

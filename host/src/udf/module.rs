@@ -1110,18 +1110,9 @@ fn validate(
 /// only hashed, and a Python module is 19 MB that would otherwise first be copied into fresh
 /// memory.
 fn file_sha256(path: &Path) -> Result<String> {
-    use std::io::Read;
-    let io = |e| RiffleError::io("reading", path, e);
-    let mut file = std::fs::File::open(path).map_err(io)?;
     let mut hasher = Sha256::new();
-    let mut chunk = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut chunk).map_err(io)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&chunk[..n]);
-    }
+    crate::common::fs::for_each_chunk(path, |chunk| hasher.update(chunk))
+        .map_err(|e| RiffleError::io("reading", path, e))?;
     Ok(hex::encode(hasher.finalize()))
 }
 
