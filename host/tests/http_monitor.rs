@@ -7,12 +7,13 @@
 
 mod common;
 
+use common::http::Run;
+
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::Write;
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 
 use serde_json::Value;
 
@@ -52,108 +53,6 @@ max_rows_per_epoch = 1000
     )
     .unwrap();
     path
-}
-
-/// A running `riffle run --http 127.0.0.1:0` and the address it reported.
-struct Run {
-    child: Child,
-    addr: SocketAddr,
-    /// Kept so the reader thread goes on draining the pipe.
-    _stderr: std::sync::mpsc::Receiver<String>,
-}
-
-impl Run {
-    fn start(pipeline: &Path) -> Run {
-        let mut child = common::riffle(pipeline, "stream")
-            .args(["--http", "127.0.0.1:0"])
-            .spawn()
-            .unwrap();
-        // Read stderr on a thread for the whole run (a full pipe would stall the process).
-        let (tx, rx) = std::sync::mpsc::channel();
-        let err = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut seen = Vec::new();
-        let addr = loop {
-            let line = rx
-                .recv_timeout(Duration::from_secs(120))
-                .unwrap_or_else(|_| panic!("no address announced; stderr: {seen:?}"));
-            if let Some(rest) = line.split("serving the dashboard at http://").nth(1) {
-                break rest.split('/').next().unwrap().parse().unwrap();
-            }
-            seen.push(line);
-        };
-        Run {
-            child,
-            addr,
-            _stderr: rx,
-        }
-    }
-
-    fn get(&self, path: &str) -> (u16, String, String) {
-        get(self.addr, path)
-    }
-
-    fn json(&self, path: &str) -> Value {
-        let (status, _, body) = self.get(path);
-        assert_eq!(status, 200, "{path}: {body}");
-        serde_json::from_str(&body).unwrap()
-    }
-
-    /// Waits until the run has committed epoch `n` (polling the API, bounded by a deadline
-    /// far beyond any machine's speed).
-    fn wait_for_epoch(&self, n: u64) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let q = self.json("/api/query");
-            if q["last_epoch"].as_u64().is_some_and(|e| e >= n) {
-                return q;
-            }
-            assert!(Instant::now() < deadline, "epoch {n} never committed: {q}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// SIGTERM, then the exit status.
-    fn stop(mut self) -> std::process::ExitStatus {
-        // SAFETY: `kill` has no memory effects; the pid is our own child, not yet reaped.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        self.child.wait().unwrap()
-    }
-}
-
-impl Drop for Run {
-    /// A failed assertion must not leave the query running.
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// A plain HTTP/1.0 GET: status, content type, body.
-fn get(addr: SocketAddr, path: &str) -> (u16, String, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    let status = head[9..12].parse().unwrap();
-    let content_type = head
-        .lines()
-        .find_map(|l| {
-            l.to_ascii_lowercase()
-                .strip_prefix("content-type: ")
-                .map(str::to_string)
-        })
-        .unwrap_or_default();
-    (status, content_type, body.to_string())
 }
 
 fn tool(name: &str) -> PathBuf {
@@ -288,14 +187,110 @@ fn metrics_api_and_dashboard_agree_with_the_progress_file() {
             "{id}"
         );
         assert_eq!(
+            value(&metrics, "riffle_operator_rows_out_total", &labels),
+            sum(&|p| {
+                p["operators"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|o| o["id"] == id)
+                    .unwrap()["rows_out"]
+                    .as_u64()
+                    .unwrap()
+            }),
+            "{id}"
+        );
+        assert_eq!(
             value(&metrics, "riffle_operator_state_rows", &labels),
             op["state"]["rows"].as_f64().unwrap()
+        );
+        let rate = value(&metrics, "riffle_operator_rows_in_per_second", &labels);
+        let expected = op["rows_in"].as_f64().unwrap()
+            / (last["durations"]["total_ms"].as_f64().unwrap() / 1e3);
+        assert!(
+            (rate - expected).abs() <= 1e-9 * expected.max(1.0),
+            "{id}: {rate} vs {expected}"
         );
     }
     assert_eq!(
         value(&metrics, "riffle_epoch_duration_seconds_count", &q),
         epoch as f64
     );
+    // Time per phase: the sums of the file's durations; rates: the last epoch's.
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0);
+    let ms = |p: &Value, key: &str| p["durations"][key].as_f64().unwrap();
+    for phase in ["read", "operators", "state", "sink", "commit"] {
+        let key = format!("{phase}_ms");
+        let from_file: f64 = lines.iter().map(|p| ms(p, &key) / 1e3).sum();
+        let metric = value(
+            &metrics,
+            "riffle_epoch_phase_seconds_total",
+            &[("phase", phase)],
+        );
+        assert!(close(metric, from_file), "{phase}: {metric} vs {from_file}");
+    }
+    let per_second = |rows: &Value| rows.as_f64().unwrap() / (ms(last, "total_ms") / 1e3);
+    for (metric, expected) in [
+        (
+            "riffle_input_rows_per_second",
+            last["input_rows_per_second"].as_f64().unwrap(),
+        ),
+        (
+            "riffle_processed_rows_per_second",
+            last["processed_rows_per_second"].as_f64().unwrap(),
+        ),
+        (
+            "riffle_output_rows_per_second",
+            per_second(&last["output_rows"]),
+        ),
+    ] {
+        let got = value(&metrics, metric, &q);
+        assert!(close(got, expected), "{metric}: {got} vs {expected}");
+    }
+    // Watermarks (query, source, operator) are the file's last ones; their lags are taken at
+    // the scrape, so at least the lag when the line was written.
+    let unix = |text: &Value| {
+        chrono::DateTime::parse_from_rfc3339(text.as_str().unwrap())
+            .unwrap()
+            .timestamp_micros() as f64
+            / 1e6
+    };
+    let written_at = unix(&last["timestamp"]);
+    let mut watermarks = vec![(
+        "riffle_watermark_seconds",
+        "riffle_watermark_lag_seconds",
+        vec![],
+        &last["watermark"],
+    )];
+    watermarks.push((
+        "riffle_source_watermark_seconds",
+        "riffle_source_watermark_lag_seconds",
+        vec![("source", "transactions")],
+        &last["sources"][0]["watermark"],
+    ));
+    for op in last["operators"].as_array().unwrap() {
+        if !op["watermark"].is_null() {
+            watermarks.push((
+                "riffle_operator_watermark_seconds",
+                "riffle_operator_watermark_lag_seconds",
+                vec![("operator", op["id"].as_str().unwrap())],
+                &op["watermark"],
+            ));
+        }
+    }
+    assert!(watermarks.len() >= 4, "an operator watermark: {last}");
+    for (metric, lag, labels, expected) in watermarks {
+        let got = value(&metrics, metric, &labels);
+        assert!(
+            close(got, unix(expected)),
+            "{metric} {labels:?}: {got} vs {expected}"
+        );
+        let lag = value(&metrics, lag, &labels);
+        assert!(
+            lag >= written_at - unix(expected),
+            "{metric} {labels:?}: lag {lag}"
+        );
+    }
     // UDF counters come from the module's own counters at scrape time: at least what the
     // committed epochs report (an epoch in flight may have called it since).
     let udf = [("function", "risk_score")];
@@ -307,6 +302,14 @@ fn metrics_api_and_dashboard_agree_with_the_progress_file() {
         .sum();
     assert!(udf_rows > 0);
     assert!(value(&metrics, "riffle_udf_rows_total", &udf) >= udf_rows as f64);
+    let udf_calls: u64 = lines
+        .iter()
+        .flat_map(|p| p["udfs"].as_array().unwrap().iter())
+        .filter(|u| u["name"] == "risk_score")
+        .map(|u| u["calls"].as_u64().unwrap())
+        .sum();
+    assert!(udf_calls > 0);
+    assert!(value(&metrics, "riffle_udf_calls_total", &udf) >= udf_calls as f64);
     assert_eq!(value(&metrics, "riffle_udf_traps_total", &udf), 0.0);
     assert!(value(&metrics, "riffle_udf_instances", &[]) >= 1.0);
 

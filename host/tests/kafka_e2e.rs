@@ -584,6 +584,118 @@ fn malformed_records_go_to_the_dead_letter_topic_and_the_query_keeps_running() {
 }
 
 #[test]
+fn a_running_query_shows_its_dead_letters_in_the_monitor() {
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let rows = transactions(0, 1_000);
+    produce(&broker, "dirty-live", &rows);
+    let want = expected(dir.path(), &rows, &broker);
+    let bad: [&[u8]; 2] = [
+        b"this is not json",
+        br#"{"tx_id": "seven", "ts": "2026-01-01T00:00:00", "card_id": 1}"#,
+    ];
+    let p = producer(&broker);
+    for payload in bad {
+        p.send(
+            BaseRecord::<[u8], [u8]>::to("dirty-live")
+                .payload(payload)
+                .key(&b"k"[..]),
+        )
+        .map_err(|(e, _)| e)
+        .unwrap();
+    }
+    p.flush(Duration::from_secs(10)).unwrap();
+    let path = pipeline(
+        dir.path(),
+        "dirty-live",
+        &broker,
+        "dirty-live",
+        "stream = \"out\"",
+    );
+    // Not available-now: the run goes on, serving, until it is stopped.
+    edit_pipeline(
+        &path,
+        &[(
+            "trigger = \"available-now\"",
+            "interval = \"100 milliseconds\"",
+        )],
+    );
+    let run = common::http::Run::start(&path);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let shown = loop {
+        let errors = run.json("/api/errors");
+        let shown: Vec<serde_json::Value> = errors
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["record"].is_object())
+            .cloned()
+            .collect();
+        if shown.len() == bad.len() {
+            break shown;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "dead letters not shown: {errors}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // Each is a record of the dead-letter topic: where it came from, why, and its bytes.
+    let letters = read_topic(&broker, "dirty-live.dlq");
+    assert_eq!(letters.len(), bad.len(), "{letters:?}");
+    for (_, _, payload, headers) in &letters {
+        let header = |k: &str| {
+            headers
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.clone())
+                .unwrap()
+        };
+        let partition: i64 = header("riffle.partition").parse().unwrap();
+        let offset: i64 = header("riffle.offset").parse().unwrap();
+        let entry = shown
+            .iter()
+            .find(|e| e["record"]["partition"] == partition && e["record"]["offset"] == offset)
+            .unwrap_or_else(|| panic!("no entry for {partition}/{offset}: {shown:?}"));
+        let record = &entry["record"];
+        assert_eq!(entry["kind"], "dead-letter");
+        assert_eq!(record["source"], "transactions");
+        assert_eq!(record["topic"], "dirty-live");
+        assert_eq!(record["dead_letter_topic"], "dirty-live.dlq");
+        assert_eq!(record["error"], header("riffle.error").as_str());
+        assert_eq!(record["value"], String::from_utf8_lossy(payload).as_ref());
+        assert_eq!(record["key"], "k");
+        let message = entry["message"].as_str().unwrap();
+        assert!(message.contains(&format!("offset {offset}")), "{message}");
+    }
+    // The good records may sit in partitions the run reads later: wait for all of them.
+    while run.json("/api/query")["totals"]["input_rows"].as_u64() < Some(rows.num_rows() as u64) {
+        assert!(Instant::now() < deadline, "not every good record was read");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_, _, metrics) = run.get("/metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("riffle_source_dead_letters_total{")
+                && l.contains("source=\"transactions\"")
+                && l.ends_with(&format!(" {}", bad.len()))),
+        "{metrics}"
+    );
+    assert!(run.stop().success());
+    let batches: Vec<RecordBatch> = std::fs::read_dir(dir.path().join("out"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+        .flat_map(|p| {
+            riffle::connectors::files::read_file(&p, riffle::common::FileFormat::Parquet, None)
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(count_batches(&batches), want, "every good record, once");
+}
+
+#[test]
 fn backfill_and_stream_into_one_delta_table_equal_the_batch_result() {
     let broker = Broker::start();
     let dir = tempfile::tempdir().unwrap();

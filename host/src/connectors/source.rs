@@ -29,10 +29,16 @@ pub struct Input {
     pub dead_letters: Vec<DeadLetter>,
     /// How many records the source rejected as dead letters (sent, or in `dead_letters`).
     pub rejected: u64,
+    /// The first [`REJECTED_SAMPLE`] of them, for monitoring (what an operator looks at to
+    /// see why records are being rejected; the dead-letter topic has them all).
+    pub rejected_sample: Vec<DeadLetter>,
     /// Records beyond the epoch's end, per partition, where the source knows without asking
     /// its broker again (Kafka's consumer lag).
     pub backlog: BTreeMap<String, i64>,
 }
+
+/// Dead letters per epoch and source that [`Input::rejected_sample`] keeps.
+pub const REJECTED_SAMPLE: usize = 20;
 
 /// A record a source could not decode, bound for a dead-letter topic: its original bytes and
 /// headers that say where it came from and why it was rejected.

@@ -15,7 +15,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::stream::progress::EpochProgress;
+use crate::stream::progress::{EpochProgress, rate};
 use crate::udf::{StatsSnapshot, UdfModule};
 
 type Labels = Vec<(&'static str, String)>;
@@ -41,6 +41,7 @@ pub(crate) struct Metrics {
     late_rows: Count,
     input_rate: FloatLevel,
     processed_rate: FloatLevel,
+    output_rate: FloatLevel,
     phase_seconds: Seconds,
     epoch_seconds: Timings,
     sink_seconds: Timings,
@@ -48,6 +49,8 @@ pub(crate) struct Metrics {
     checkpoint_bytes: Count,
     watermark: FloatLevel,
     watermark_lag: FloatLevel,
+    source_watermark: FloatLevel,
+    source_watermark_lag: FloatLevel,
     state_rows: Level,
     state_bytes: Level,
     source_rows: Count,
@@ -58,6 +61,10 @@ pub(crate) struct Metrics {
     operator_rows_in: Count,
     operator_rows_out: Count,
     operator_late_rows: Count,
+    operator_in_rate: FloatLevel,
+    operator_out_rate: FloatLevel,
+    operator_watermark: FloatLevel,
+    operator_watermark_lag: FloatLevel,
     operator_seconds: Seconds,
     operator_state_rows: Level,
     operator_state_bytes: Level,
@@ -70,6 +77,10 @@ pub(crate) struct Metrics {
     udf_out_of_memory: Count,
     udf_instances: Level,
     errors: Count,
+    /// The last watermark (Unix microseconds) of each series of the three watermark families
+    /// (query, source, operator): their lag gauges are worked out again at every scrape, so
+    /// that a stalled query shows its lag growing rather than the lag of its last commit.
+    watermarks: [HashMap<Labels, i64>; 3],
     /// UDF counters already added, per loaded module (by address: the same file may be loaded
     /// twice, with another configuration) and function index, so that the modules' cumulative
     /// counters become increments. Emptied, after a last reading, when a run's modules are
@@ -138,6 +149,12 @@ impl Metrics {
                 "Processing rate of the last epoch (rows per second of processing time)",
                 None,
             ),
+            output_rate: family(
+                &mut r,
+                "output_rows_per_second",
+                "Output rate of the last epoch (rows written per second of processing time)",
+                None,
+            ),
             phase_seconds: family(
                 &mut r,
                 "epoch_phase",
@@ -148,12 +165,14 @@ impl Metrics {
             sink_seconds: timings(
                 &mut r,
                 "sink_commit",
-                "Time the sink took to write and commit an epoch",
+                "Time the sinks (the output's, and the late rows' where configured) took to \
+                 write and commit an epoch",
             ),
             checkpoint_seconds: timings(
                 &mut r,
                 "checkpoint_duration",
-                "Time to write an epoch's state changes and commit record",
+                "Time to write an epoch's state changes and commit record (and to tell the \
+                 sources, e.g. Kafka's committed offsets, which are for monitoring only)",
             ),
             checkpoint_bytes: family(
                 &mut r,
@@ -170,7 +189,19 @@ impl Metrics {
             watermark_lag: family(
                 &mut r,
                 "watermark_lag",
-                "Wall-clock time minus the watermark when the epoch committed",
+                "Wall-clock time now minus the query's watermark",
+                s.clone(),
+            ),
+            source_watermark: family(
+                &mut r,
+                "source_watermark",
+                "A source's event-time watermark, Unix time",
+                s.clone(),
+            ),
+            source_watermark_lag: family(
+                &mut r,
+                "source_watermark_lag",
+                "Wall-clock time now minus a source's watermark",
                 s.clone(),
             ),
             state_rows: family(&mut r, "state_rows", "Entries in operator state", None),
@@ -213,6 +244,33 @@ impl Metrics {
                 "operator_late_rows",
                 "Rows an operator dropped as late",
                 None,
+            ),
+            operator_in_rate: family(
+                &mut r,
+                "operator_rows_in_per_second",
+                "Rows into an operator in the last epoch, per second of the epoch's processing \
+                 time",
+                None,
+            ),
+            operator_out_rate: family(
+                &mut r,
+                "operator_rows_out_per_second",
+                "Rows out of an operator in the last epoch, per second of the epoch's \
+                 processing time",
+                None,
+            ),
+            operator_watermark: family(
+                &mut r,
+                "operator_watermark",
+                "An operator's output watermark (the least of its inputs' less what it holds \
+                 back), Unix time",
+                s.clone(),
+            ),
+            operator_watermark_lag: family(
+                &mut r,
+                "operator_watermark_lag",
+                "Wall-clock time now minus an operator's output watermark",
+                s.clone(),
             ),
             operator_seconds: family(&mut r, "operator", "Time inside an operator", s.clone()),
             operator_state_rows: family(
@@ -272,12 +330,14 @@ impl Metrics {
                 None,
             ),
             registry: r,
+            watermarks: Default::default(),
             udf_seen: HashMap::new(),
         }
     }
 
-    /// The text exposition of every metric.
-    pub(crate) fn render(&self) -> String {
+    /// The text exposition of every metric, with the watermark lags as of `now_micros`.
+    pub(crate) fn render(&self, now_micros: i64) -> String {
+        self.set_lags(now_micros);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
@@ -315,6 +375,25 @@ impl Metrics {
         self.udf_seen.clear();
         self.udf_instances.clear();
         self.kafka_lag.clear();
+        // Levels of the old run's sources and operators (a retry may not reach the same
+        // watermarks or state again before its first commit).
+        for f in [
+            &self.watermark,
+            &self.watermark_lag,
+            &self.source_watermark,
+            &self.source_watermark_lag,
+            &self.operator_watermark,
+            &self.operator_watermark_lag,
+            &self.operator_in_rate,
+            &self.operator_out_rate,
+        ] {
+            f.clear();
+        }
+        self.operator_state_rows.clear();
+        self.operator_state_bytes.clear();
+        for w in &mut self.watermarks {
+            w.clear();
+        }
         let q = query.to_string();
         // Only the current run is 1: an earlier run of this process (before a retry) is gone.
         self.run_info.clear();
@@ -337,7 +416,7 @@ impl Metrics {
     }
 
     /// Adds a committed epoch.
-    pub(crate) fn epoch(&self, p: &EpochProgress, now_micros: i64) {
+    pub(crate) fn epoch(&mut self, p: &EpochProgress) {
         let q = || vec![("query", p.query_id.clone())];
         let query = q();
         self.epochs.get_or_create(&query).inc();
@@ -352,6 +431,10 @@ impl Metrics {
             .get_or_create(&query)
             .set(p.processed_rows_per_second);
         let d = &p.durations;
+        let per_second = |rows: u64| rate(rows, d.total_ms);
+        self.output_rate
+            .get_or_create(&query)
+            .set(per_second(p.output_rows));
         for (phase, ms) in [
             ("read", d.read_ms),
             ("operators", d.operators_ms),
@@ -375,12 +458,7 @@ impl Metrics {
         self.checkpoint_bytes
             .get_or_create(&query)
             .inc_by(p.state_bytes_written);
-        if let Some(w) = p.watermark.as_deref().and_then(unix_micros) {
-            self.watermark.get_or_create(&query).set(w as f64 / 1e6);
-            self.watermark_lag
-                .get_or_create(&query)
-                .set((now_micros - w) as f64 / 1e6);
-        }
+        self.set_watermark(0, &query, p.watermark.as_deref());
         self.state_rows
             .get_or_create(&query)
             .set(p.state.rows as i64);
@@ -400,6 +478,7 @@ impl Metrics {
             self.source_lost_records
                 .get_or_create(&labels)
                 .inc_by(s.lost_records);
+            self.set_watermark(1, &labels, s.watermark.as_deref());
             for (partition, lag) in &s.lag {
                 let mut labels = labels.clone();
                 labels.push(("partition", partition.clone()));
@@ -422,6 +501,13 @@ impl Metrics {
             self.operator_seconds
                 .get_or_create(&labels)
                 .inc_by(o.time_ms / 1e3);
+            self.operator_in_rate
+                .get_or_create(&labels)
+                .set(per_second(o.rows_in));
+            self.operator_out_rate
+                .get_or_create(&labels)
+                .set(per_second(o.rows_out));
+            self.set_watermark(2, &labels, o.watermark.as_deref());
             self.operator_state_rows
                 .get_or_create(&labels)
                 .set(o.state.rows as i64);
@@ -431,16 +517,61 @@ impl Metrics {
         }
     }
 
+    /// Records watermark `w` (RFC 3339; none before the first event time) of the series
+    /// `labels` of the query's (`which` 0), a source's (1) or an operator's (2) family.
+    fn set_watermark(&mut self, which: usize, labels: &Labels, w: Option<&str>) {
+        let family = [
+            &self.watermark,
+            &self.source_watermark,
+            &self.operator_watermark,
+        ][which];
+        match w.and_then(unix_micros) {
+            Some(w) => {
+                family.get_or_create(labels).set(w as f64 / 1e6);
+                self.watermarks[which].insert(labels.clone(), w);
+            }
+            None => {
+                family.remove(labels);
+                self.watermarks[which].remove(labels);
+                [
+                    &self.watermark_lag,
+                    &self.source_watermark_lag,
+                    &self.operator_watermark_lag,
+                ][which]
+                    .remove(labels);
+            }
+        }
+    }
+
+    /// Sets every watermark lag as of `now_micros`.
+    fn set_lags(&self, now_micros: i64) {
+        let lags = [
+            &self.watermark_lag,
+            &self.source_watermark_lag,
+            &self.operator_watermark_lag,
+        ];
+        for (family, watermarks) in lags.into_iter().zip(&self.watermarks) {
+            for (labels, w) in watermarks {
+                family
+                    .get_or_create(labels)
+                    .set((now_micros - w) as f64 / 1e6);
+            }
+        }
+    }
+
     /// Brings the UDF counters up to the modules' own.
     pub(crate) fn udfs(&mut self, modules: &[Arc<UdfModule>]) {
+        // The same file may be loaded more than once (with another configuration): its
+        // instances add up.
+        let mut instances: HashMap<Labels, i64> = HashMap::new();
         for module in modules {
             let hash: String = module.hash().chars().take(12).collect();
-            self.udf_instances
-                .get_or_create(&vec![
+            *instances
+                .entry(vec![
                     ("module", hash.clone()),
                     ("file", module.file_name().to_string()),
                 ])
-                .set(module.live_instances() as i64);
+                .or_default() += module.live_instances() as i64;
             for (i, name) in module.counted() {
                 let now = module.stats(i);
                 let seen = self
@@ -468,6 +599,9 @@ impl Metrics {
                     .inc_by(now.nanos.saturating_sub(seen.nanos) as f64 / 1e9);
                 seen.nanos = seen.nanos.max(now.nanos);
             }
+        }
+        for (labels, n) in instances {
+            self.udf_instances.get_or_create(&labels).set(n);
         }
     }
 }

@@ -14,6 +14,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::metrics::Metrics;
+use crate::connectors::source::DeadLetter;
 use crate::exec::graph::{Edge, Graph};
 use crate::stream::QueryObserver;
 use crate::stream::progress::EpochProgress;
@@ -82,6 +83,22 @@ struct ErrorView {
     time: String,
     kind: String,
     message: String,
+    /// For a dead letter: where the record came from, why it was rejected and the start of
+    /// its bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    record: Option<Value>,
+}
+
+/// Bytes of a rejected record's key and value that `/api/errors` shows.
+const RECORD_PREVIEW: usize = 256;
+
+/// The start of `bytes` as text (invalid UTF-8 replaced), marked when cut.
+fn preview(bytes: &[u8]) -> String {
+    let mut text = String::from_utf8_lossy(&bytes[..bytes.len().min(RECORD_PREVIEW)]).into_owned();
+    if bytes.len() > RECORD_PREVIEW {
+        text.push('…');
+    }
+    text
 }
 
 #[derive(Default)]
@@ -130,6 +147,10 @@ impl QueryObserver for Monitor {
 
     fn epoch_committed(&self, progress: &EpochProgress, line: &str) {
         self.add_epoch(progress, line);
+    }
+
+    fn records_rejected(&self, epoch: u64, source: &str, letters: &[DeadLetter]) {
+        self.dead_letters(epoch, source, letters);
     }
 
     fn udfs_swapped(&self, modules: &[Arc<UdfModule>]) {
@@ -277,6 +298,7 @@ impl Monitor {
                         time: p.timestamp.clone(),
                         kind: "warning".into(),
                         message: w.clone(),
+                        record: None,
                     },
                     ERRORS,
                 );
@@ -292,19 +314,66 @@ impl Monitor {
                              to its dead-letter topic",
                             p.epoch, src.dead_letters, src.name
                         ),
+                        record: None,
                     },
                     ERRORS,
                 );
             }
             s.modules.clone()
         };
-        let now = chrono::Utc::now().timestamp_micros();
         let mut m = self.metrics();
-        m.epoch(p, now);
+        m.epoch(p);
         for _ in &p.warnings {
             m.error(&p.query_id, "warning");
         }
         m.udfs(&modules);
+    }
+
+    /// Records of source `source` rejected in the committed epoch `epoch`: each becomes an
+    /// entry of `/api/errors` with where it came from, why, and the start of its bytes.
+    pub fn dead_letters(&self, epoch: u64, source: &str, letters: &[DeadLetter]) {
+        let time = now_rfc3339();
+        let mut s = self.state();
+        for letter in letters {
+            let header = |name: &str| {
+                letter
+                    .headers
+                    .iter()
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| v.clone())
+            };
+            let reason = header("riffle.error").unwrap_or_default();
+            let message = format!(
+                "epoch {epoch}: a record of source {source} (topic {}, partition {}, offset {}) \
+                 went to {}: {reason}",
+                header("riffle.topic").unwrap_or_default(),
+                header("riffle.partition").unwrap_or_default(),
+                header("riffle.offset").unwrap_or_default(),
+                letter.topic,
+            );
+            let record = json!({
+                "epoch": epoch,
+                "source": source,
+                "topic": header("riffle.topic"),
+                "partition": header("riffle.partition").and_then(|p| p.parse::<i64>().ok()),
+                "offset": header("riffle.offset").and_then(|o| o.parse::<i64>().ok()),
+                "error": reason,
+                "dead_letter_topic": letter.topic,
+                "key": letter.key.as_deref().map(preview),
+                "value": letter.value.as_deref().map(preview),
+                "value_bytes": letter.value.as_ref().map(Vec::len),
+            });
+            push_bounded(
+                &mut s.errors,
+                ErrorView {
+                    time: time.clone(),
+                    kind: "dead-letter".into(),
+                    message,
+                    record: Some(record),
+                },
+                ERRORS,
+            );
+        }
     }
 
     /// Something failed (`kind`: `failure` for a run that ends or retries, `warning` for one
@@ -318,6 +387,7 @@ impl Monitor {
                     time: now_rfc3339(),
                     kind: kind.to_string(),
                     message: message.to_string(),
+                    record: None,
                 },
                 ERRORS,
             );
@@ -331,7 +401,7 @@ impl Monitor {
         let modules = self.state().modules.clone();
         let mut m = self.metrics();
         m.udfs(&modules);
-        m.render()
+        m.render(chrono::Utc::now().timestamp_micros())
     }
 
     /// `/api/query`: ids, status and totals.
@@ -520,6 +590,15 @@ mod tests {
             (2, 15),
             "a second scrape adds nothing"
         );
+        // Their live instances add up too, under the one hash and file name.
+        let instances = monitor
+            .render_metrics()
+            .lines()
+            .find(|l| l.starts_with("riffle_udf_instances{"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap();
+        assert!(a.live_instances() > 0 && b.live_instances() > 0);
+        assert_eq!(instances, a.live_instances() + b.live_instances());
         call(&a, 1);
         // A retry replaces the modules: the old ones' last calls still count, and the new
         // module starts from its own zero.

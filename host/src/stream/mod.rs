@@ -39,7 +39,7 @@ use crate::checkpoint::{
 use crate::common::{OutputMode, Watermark, to_micros};
 use crate::connectors::files::{Reload, StaticTable};
 use crate::connectors::sink::Sink;
-use crate::connectors::source::{Input, StreamSource};
+use crate::connectors::source::{DeadLetter, Input, StreamSource};
 use crate::error::{Result, RiffleError};
 use crate::exec::graph::Graph;
 use crate::plan::fingerprint::UdfPrint;
@@ -121,6 +121,10 @@ pub trait QueryObserver: Send + Sync {
     fn epoch_committed(&self, progress: &EpochProgress, line: &str);
     /// The query swapped UDF modules between epochs (a hot swap): `modules` serve from now on.
     fn udfs_swapped(&self, _modules: &[Arc<UdfModule>]) {}
+    /// Source `source` rejected records in the committed epoch `epoch` (they went to its
+    /// dead-letter topic): `letters` are the first of them (see
+    /// [`Input::rejected_sample`](crate::connectors::source::Input::rejected_sample)).
+    fn records_rejected(&self, _epoch: u64, _source: &str, _letters: &[DeadLetter]) {}
 }
 
 /// A streaming source registered as a table, ready to plan queries against.
@@ -861,6 +865,11 @@ impl StreamingQuery {
         let written = self.progress.write(&progress, &line);
         if let Some(observer) = &self.observer {
             observer.epoch_committed(&progress, &line);
+            for (s, input) in self.sources.iter().zip(&inputs) {
+                if !input.rejected_sample.is_empty() {
+                    observer.records_rejected(plan.epoch, &s.spec.name, &input.rejected_sample);
+                }
+            }
         }
         written
     }

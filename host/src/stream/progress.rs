@@ -84,7 +84,7 @@ fn is_zero(n: &u64) -> bool {
 }
 
 /// One epoch's progress record.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct EpochProgress {
     /// The query's id (stable across restarts: it is the checkpoint's).
     pub query_id: String,
@@ -130,7 +130,7 @@ pub struct EpochProgress {
 }
 
 /// Rows per second of `ms` milliseconds.
-fn rate(rows: u64, ms: f64) -> f64 {
+pub(crate) fn rate(rows: u64, ms: f64) -> f64 {
     rows as f64 / (ms / 1000.0).max(1e-9)
 }
 
@@ -217,7 +217,7 @@ pub struct ProgressWriter {
     run_id: String,
     live: bool,
     terminal: bool,
-    last_epoch_end: Option<Instant>,
+    last_epoch_end: Instant,
     last_line: Option<Instant>,
     previous_udfs: Vec<UdfProgress>,
 }
@@ -248,7 +248,7 @@ impl ProgressWriter {
             run_id: format!("{:016x}", rand::random::<u64>()),
             live,
             terminal: std::io::stderr().is_terminal(),
-            last_epoch_end: None,
+            last_epoch_end: Instant::now(),
             last_line: None,
             previous_udfs: Vec::new(),
         })
@@ -265,18 +265,23 @@ impl ProgressWriter {
         p.query_id.clone_from(&self.query_id);
         p.run_id.clone_from(&self.run_id);
         let now = Instant::now();
-        if let Some(prev) = self.last_epoch_end {
-            p.input_rows_per_second =
-                p.input_rows as f64 / now.duration_since(prev).as_secs_f64().max(1e-9);
-        }
-        self.last_epoch_end = Some(now);
+        // Rows per second since the previous epoch ended, or since the run started.
+        p.input_rows_per_second = p.input_rows as f64
+            / now
+                .duration_since(self.last_epoch_end)
+                .as_secs_f64()
+                .max(1e-9);
+        self.last_epoch_end = now;
         let cumulative = p.udfs.clone();
-        for u in &mut p.udfs {
-            if let Some(prev) = self
-                .previous_udfs
-                .iter()
-                .find(|q| q.name == u.name && q.module == u.module)
-            {
+        for i in 0..p.udfs.len() {
+            // The same module may be loaded twice (another configuration): the n-th function
+            // of a name and hash continues the n-th one of the previous epoch.
+            let u = &p.udfs[i];
+            let same = |q: &&UdfProgress| q.name == u.name && q.module == u.module;
+            let nth = p.udfs[..i].iter().filter(same).count();
+            let previous = self.previous_udfs.iter().filter(same).nth(nth);
+            let u = &mut p.udfs[i];
+            if let Some(prev) = previous {
                 u.calls -= prev.calls.min(u.calls);
                 u.rows -= prev.rows.min(u.rows);
                 u.time_ms -= prev.time_ms.min(u.time_ms);
@@ -367,4 +372,41 @@ fn ends_with_newline(file: &mut std::fs::File) -> std::io::Result<bool> {
     let mut last = [0u8];
     file.read_exact(&mut last)?;
     Ok(last[0] == b'\n')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn udf(name: &str, calls: u64, rows: u64) -> UdfProgress {
+        UdfProgress {
+            name: name.into(),
+            module: "abc".into(),
+            calls,
+            rows,
+            time_ms: 0.0,
+            errors: 0,
+        }
+    }
+
+    #[test]
+    fn each_copy_of_a_module_loaded_twice_counts_its_own_epoch_share() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut writer = ProgressWriter::new(&dir.path().join("p.jsonl"), "q", false).unwrap();
+        let mut first = EpochProgress {
+            input_rows: 500,
+            udfs: vec![udf("f", 10, 100), udf("f", 5, 50)],
+            ..EpochProgress::default()
+        };
+        writer.prepare(&mut first);
+        // The run's first epoch has a rate (since the run started), not zero.
+        assert!(first.input_rows_per_second > 0.0 && first.input_rows_per_second.is_finite());
+        let mut second = EpochProgress {
+            udfs: vec![udf("f", 12, 120), udf("f", 9, 90)],
+            ..EpochProgress::default()
+        };
+        writer.prepare(&mut second);
+        let share: Vec<(u64, u64)> = second.udfs.iter().map(|u| (u.calls, u.rows)).collect();
+        assert_eq!(share, [(2, 20), (4, 40)]);
+    }
 }

@@ -1,6 +1,8 @@
 //! Helpers shared by the host's process-level tests.
 #![allow(dead_code)]
 
+pub mod http;
+
 use std::path::Path;
 use std::process::{Command, Stdio};
 

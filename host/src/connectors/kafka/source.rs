@@ -20,7 +20,7 @@ use super::codec::{Record, RecordFormat, decode_values, raw_batch, raw_schema};
 use super::dlq::DeadLetters;
 use super::{KafkaConfig, TIMEOUT, bootstrap, kafka_error};
 use crate::connectors::ConfigContext;
-use crate::connectors::source::{DeadLetter, Input, StreamSource};
+use crate::connectors::source::{DeadLetter, Input, REJECTED_SAMPLE, StreamSource};
 use crate::error::{Result, RiffleError};
 
 /// A Kafka source in a pipeline file (`kind = "kafka"`).
@@ -247,6 +247,18 @@ fn offsets_value(offsets: &BTreeMap<i32, i64>) -> Value {
         .map(|(p, o)| (p.to_string(), json!(o)))
         .collect();
     json!({ "partitions": map })
+}
+
+/// An epoch's records, decoded.
+struct Decoded {
+    /// The rows of the records that decoded.
+    batches: Vec<RecordBatch>,
+    /// Dead letters for the sink's transaction (when handed over; else already sent).
+    letters: Vec<DeadLetter>,
+    /// Records rejected.
+    rejected: u64,
+    /// The first of them (see [`Input::rejected_sample`]).
+    sample: Vec<DeadLetter>,
 }
 
 impl KafkaSource {
@@ -543,10 +555,7 @@ impl KafkaSource {
 
     /// Decodes records; the ones that fail become dead letters, sent (and flushed) now or
     /// returned for the sink's transaction when handed over.
-    fn decode(
-        &mut self,
-        records: BTreeMap<i32, Vec<Record>>,
-    ) -> Result<(Vec<RecordBatch>, Vec<DeadLetter>, u64)> {
+    fn decode(&mut self, records: BTreeMap<i32, Vec<Record>>) -> Result<Decoded> {
         let mut batches = Vec::new();
         let mut letters = Vec::new();
         for (partition, records) in &records {
@@ -565,6 +574,7 @@ impl KafkaSource {
             batches.push(self.with_timestamp(good.0, &good.1)?);
         }
         let rejected = letters.len() as u64;
+        let sample = letters.iter().take(REJECTED_SAMPLE).cloned().collect();
         if !self.hand_over && !letters.is_empty() {
             for letter in &letters {
                 self.dead_letters.send(letter)?;
@@ -573,7 +583,12 @@ impl KafkaSource {
             self.dead_letters.flush()?;
             letters.clear();
         }
-        Ok((batches, letters, rejected))
+        Ok(Decoded {
+            batches,
+            letters,
+            rejected,
+            sample,
+        })
     }
 
     /// Adds the record-timestamp column when configured. `timestamps` are the kept records'.
@@ -691,7 +706,7 @@ impl StreamSource for KafkaSource {
             (Some(a), Some(b)) => instant_of(*a).zip(instant_of(*b)),
             _ => None,
         };
-        let (batches, dead_letters, rejected) = self.decode(records)?;
+        let decoded = self.decode(records)?;
         let gaps = std::mem::take(&mut self.gaps);
         // Consumer lag from the high watermarks the fetches brought back (no broker round
         // trip; a partition not fetched yet has none and is left out).
@@ -703,15 +718,16 @@ impl StreamSource for KafkaSource {
             })
             .collect();
         Ok(Input {
-            batches,
+            batches: decoded.batches,
             arrival,
             lost_records: gaps.iter().map(Gap::lost).sum(),
             warnings: gaps
                 .iter()
                 .map(|g| g.describe(&self.options.topic))
                 .collect(),
-            dead_letters,
-            rejected,
+            dead_letters: decoded.letters,
+            rejected: decoded.rejected,
+            rejected_sample: decoded.sample,
             backlog,
         })
     }
