@@ -53,9 +53,33 @@ max_rows_per_epoch = 500
 
 /// Sends SIGTERM to `child`.
 fn terminate(child: &Child) {
+    signal(child, libc::SIGTERM);
+}
+
+fn signal(child: &Child, signal: libc::c_int) {
     // SAFETY: `kill` has no memory effects; the pid is our own child, not yet reaped.
-    let sent = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let sent = unsafe { libc::kill(child.id() as libc::pid_t, signal) };
     assert_eq!(sent, 0, "kill: {}", std::io::Error::last_os_error());
+}
+
+/// Waits until `checkpoint` has committed epoch `n` while `child` runs.
+fn wait_for_commit(child: &mut Child, checkpoint: &Path, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    // (Commits before the previous one are pruned: wait for the number, not the files.)
+    while epochs(checkpoint, "commits")
+        .last()
+        .is_none_or(|&epoch| epoch < n)
+    {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended by itself"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "epoch {n} not committed in 2 min"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Epoch numbers of the files in a checkpoint subdirectory (`offsets` or `commits`).
@@ -124,19 +148,7 @@ fn a_signal_lets_the_epoch_in_flight_commit_and_the_run_exit_cleanly() {
     );
     let checkpoint = dir.path().join("checkpoint");
     let mut child = riffle(&p, "stream").spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    // (Commits before the previous one are pruned: wait for the number, not the files.)
-    while epochs(&checkpoint, "commits")
-        .last()
-        .is_none_or(|&epoch| epoch < 3)
-    {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the run ended by itself"
-        );
-        assert!(Instant::now() < deadline, "no 3 epochs committed in 2 min");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_commit(&mut child, &checkpoint, 3);
     terminate(&child);
     let out = child.wait_with_output().unwrap();
     let stderr = stderr_of(&out);
@@ -177,6 +189,35 @@ fn a_signal_lets_the_epoch_in_flight_commit_and_the_run_exit_cleanly() {
         text.contains(&format!("offset {{\"rows\":{}}}", ids.len())),
         "{text}"
     );
+
+    // A restart resumes at the next epoch: it re-runs nothing, and the rows go on from the
+    // committed offset. This time the stop is Ctrl-C's SIGINT.
+    let mut child = riffle(&p, "stream").spawn().unwrap();
+    wait_for_commit(&mut child, &checkpoint, last + 2);
+    signal(&child, libc::SIGINT);
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "exit {:?}: {}",
+        out.status,
+        stderr_of(&out)
+    );
+    let lines = progress_lines(dir.path());
+    let second_run = lines.last().unwrap()["run_id"].clone();
+    let resumed: Vec<u64> = lines
+        .iter()
+        .filter(|l| l["run_id"] == second_run)
+        .map(|l| l["epoch"].as_u64().unwrap())
+        .collect();
+    assert_eq!(resumed[0], last + 1, "{resumed:?}");
+    assert!(resumed.windows(2).all(|w| w[1] == w[0] + 1), "{resumed:?}");
+    let json: serde_json::Value = serde_json::from_str(&status(&p, true)).unwrap();
+    assert_eq!(json["last_commit"]["epoch"], *resumed.last().unwrap());
+    let ids = sink_ids(dir.path());
+    let distinct: BTreeSet<i64> = ids.iter().copied().collect();
+    assert_eq!(distinct.len(), ids.len(), "a row was written twice");
+    let offset = &json["committed_offsets"]["sources"]["transactions"]["end"]["rows"];
+    assert_eq!(offset.as_u64(), Some(ids.len() as u64), "{json}");
 }
 
 #[test]
