@@ -196,11 +196,11 @@ fn a_signal_lets_the_epoch_in_flight_commit_and_the_run_exit_cleanly() {
     wait_for_commit(&mut child, &checkpoint, last + 2);
     signal(&child, libc::SIGINT);
     let out = child.wait_with_output().unwrap();
+    let stderr = stderr_of(&out);
+    assert!(out.status.success(), "exit {:?}: {stderr}", out.status);
     assert!(
-        out.status.success(),
-        "exit {:?}: {}",
-        out.status,
-        stderr_of(&out)
+        stderr.contains("stopping after the epoch in flight commits"),
+        "{stderr}"
     );
     let lines = progress_lines(dir.path());
     let second_run = lines.last().unwrap()["run_id"].clone();

@@ -21,7 +21,7 @@
 //! 8. monitoring: the stateless query with `riffle run --http`'s monitor and HTTP server
 //!    attached and scraped (`/metrics` and the dashboard's `/api/progress`) once and ten times
 //!    a second, against the same query without them, in turn, in 10,000-row epochs (the cost
-//!    is per epoch).
+//!    is per epoch), and the time the monitor's hooks take on the driver's thread.
 //!
 //! For the stateful runs it also prints the state each operator holds at the end, in bytes per
 //! key (what a million keys cost).
@@ -45,9 +45,13 @@ use riffle::common::OutputMode;
 use riffle::connectors::files::ParquetDirSink;
 use riffle::connectors::generate::GeneratorSource;
 use riffle::connectors::generate::{FraudConfig, GeneratorConfig};
+use riffle::connectors::source::DeadLetter;
+use riffle::exec::graph::Graph;
 use riffle::server::{HttpServer, Monitor};
 use riffle::session::{RiffleSession, SessionOptions};
-use riffle::stream::{StreamInput, StreamOptions, StreamingQuery, Trigger};
+use riffle::stream::progress::EpochProgress;
+use riffle::stream::{QueryObserver, StreamInput, StreamOptions, StreamingQuery, Trigger};
+use riffle::udf::UdfModule;
 use riffle::udf::{EngineOptions, RowErrorPolicy};
 use riffle_tests::udf;
 
@@ -83,7 +87,7 @@ async fn run(
     sources: &[Source],
     dir: &Path,
     epoch_rows: usize,
-    monitor: Option<Arc<Monitor>>,
+    monitor: Option<Arc<dyn QueryObserver>>,
 ) -> Run {
     let session = RiffleSession::new(SessionOptions {
         engine: EngineOptions::default(),
@@ -451,6 +455,54 @@ fn scrape(addr: std::net::SocketAddr, path: &str) {
     }
 }
 
+/// The monitor, timed: what its hooks cost the driver's thread (the cost `--http` adds to each
+/// epoch, measured directly rather than as a difference of two noisy runs).
+struct Timed {
+    monitor: Arc<Monitor>,
+    nanos: std::sync::atomic::AtomicU64,
+}
+
+impl Timed {
+    fn time<T>(&self, f: impl FnOnce() -> T) -> T {
+        let t = Instant::now();
+        let out = f();
+        self.nanos
+            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        out
+    }
+}
+
+impl QueryObserver for Timed {
+    fn query_started(
+        &self,
+        query_id: &str,
+        run_id: &str,
+        graph: &Graph,
+        sources: Vec<(String, String)>,
+        modules: &[Arc<UdfModule>],
+    ) {
+        self.time(|| {
+            self.monitor
+                .query_started(query_id, run_id, graph, sources, modules)
+        });
+    }
+    fn epoch_committed(&self, progress: &EpochProgress, line: &str) {
+        self.time(|| self.monitor.epoch_committed(progress, line));
+    }
+    fn udfs_swapped(&self, modules: &[Arc<UdfModule>]) {
+        self.time(|| self.monitor.udfs_swapped(modules));
+    }
+    fn records_rejected(&self, epoch: u64, source: &str, rejected: u64, letters: &[DeadLetter]) {
+        self.time(|| {
+            self.monitor
+                .records_rejected(epoch, source, rejected, letters)
+        });
+    }
+}
+
+/// Rounds of the monitoring runs (run times vary by several per cent here between runs).
+const ROUNDS: usize = 11;
+
 /// The stateless query without the monitor, and with it and its HTTP server scraped once a
 /// second (the dashboard's rate, and more often than Prometheus scrapes) and ten times a
 /// second, in turn.
@@ -460,12 +512,15 @@ async fn monitoring(rows: i64, dir: &Path) {
     // Scrapes per second; 0: no monitor at all.
     let variants = [0u64, 1, 10];
     let mut engine: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
-    for round in 0..7 {
+    // Per variant: the monitor hooks' time on the driver's thread as a share of engine time.
+    let mut hooks: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+    for round in 0..ROUNDS {
         for (v, per_second) in variants.iter().enumerate() {
             let path = dir.join(format!("monitoring-{round}-{per_second}"));
             let mut server = None;
             let mut scraper = None;
             let stop = Arc::new(AtomicBool::new(false));
+            let mut timed = None;
             let monitor = (*per_second > 0).then(|| {
                 let monitor = Monitor::new("bench", "stream");
                 let http = HttpServer::start("127.0.0.1:0", monitor.clone()).unwrap();
@@ -479,7 +534,12 @@ async fn monitoring(rows: i64, dir: &Path) {
                     }
                 }));
                 server = Some(http);
-                monitor
+                let t = Arc::new(Timed {
+                    monitor,
+                    nanos: Default::default(),
+                });
+                timed = Some(t.clone());
+                t as Arc<dyn QueryObserver>
             });
             let r = run(
                 sql,
@@ -497,27 +557,30 @@ async fn monitoring(rows: i64, dir: &Path) {
                 s.join().unwrap();
             }
             drop(server);
-            engine[v].push(r.rows as f64 / (r.wall_s - r.read_s));
+            let engine_s = r.wall_s - r.read_s;
+            engine[v].push(r.rows as f64 / engine_s);
+            if let Some(t) = timed {
+                hooks[v].push(t.nanos.load(Ordering::Relaxed) as f64 / 1e9 / engine_s * 100.0);
+            }
         }
     }
-    let medians: Vec<f64> = engine
-        .iter_mut()
-        .map(|v| {
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        })
-        .collect();
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let medians: Vec<f64> = engine.iter_mut().map(median).collect();
     println!(
-        "monitoring, 10,000-row epochs (medians of 7 runs each, in turn): engine {:.0} \
+        "monitoring, 10,000-row epochs (medians of {ROUNDS} runs each, in turn): engine {:.0} \
          rows/s/core without --http",
         medians[0]
     );
     for (v, per_second) in variants.iter().enumerate().skip(1) {
         println!(
             "    with --http, /metrics and /api/progress scraped {per_second}/s: {:.0} rows/s/core, \
-             cost {:+.1} %",
+             cost {:+.1} %; the monitor's hooks take {:.2} % of engine time",
             medians[v],
-            (medians[0] / medians[v] - 1.0) * 100.0
+            (medians[0] / medians[v] - 1.0) * 100.0,
+            median(&mut hooks[v]),
         );
     }
 }

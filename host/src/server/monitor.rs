@@ -26,6 +26,9 @@ pub const HISTORY: usize = 600;
 const CHECKPOINTS: usize = 200;
 /// Errors and warnings kept.
 const ERRORS: usize = 200;
+/// Dead letters kept (apart from the errors, so that a steady stream of bad records does not
+/// push a failure out of sight).
+const DEAD_LETTERS: usize = 100;
 
 /// One operator of the graph, as the API shows it.
 #[derive(Clone, Debug, Serialize)]
@@ -92,9 +95,16 @@ struct ErrorView {
 /// Bytes of a rejected record's key and value that `/api/errors` shows.
 const RECORD_PREVIEW: usize = 256;
 
-/// The start of `bytes` as text (invalid UTF-8 replaced), marked when cut.
+/// The start of `bytes`: as text when it is UTF-8, else in hex (`0x...`: Avro or Protobuf
+/// bytes would be all replacement characters), marked when cut.
 fn preview(bytes: &[u8]) -> String {
-    let mut text = String::from_utf8_lossy(&bytes[..bytes.len().min(RECORD_PREVIEW)]).into_owned();
+    let head = &bytes[..bytes.len().min(RECORD_PREVIEW)];
+    let mut text = match std::str::from_utf8(head) {
+        Ok(text) => text.to_string(),
+        // A character cut at the end of the preview is still text.
+        Err(e) if e.error_len().is_none() => String::from_utf8_lossy(head).into_owned(),
+        Err(_) => format!("0x{}", hex::encode(head)),
+    };
     if bytes.len() > RECORD_PREVIEW {
         text.push('…');
     }
@@ -125,6 +135,7 @@ struct State {
     latest: Option<EpochProgress>,
     checkpoints: VecDeque<Value>,
     errors: VecDeque<ErrorView>,
+    dead_letters: VecDeque<ErrorView>,
     totals: Totals,
 }
 
@@ -149,8 +160,8 @@ impl QueryObserver for Monitor {
         self.add_epoch(progress, line);
     }
 
-    fn records_rejected(&self, epoch: u64, source: &str, letters: &[DeadLetter]) {
-        self.dead_letters(epoch, source, letters);
+    fn records_rejected(&self, epoch: u64, source: &str, rejected: u64, letters: &[DeadLetter]) {
+        self.dead_letters(epoch, source, rejected, letters);
     }
 
     fn udfs_swapped(&self, modules: &[Arc<UdfModule>]) {
@@ -203,6 +214,7 @@ impl Monitor {
                 latest: None,
                 checkpoints: VecDeque::new(),
                 errors: VecDeque::new(),
+                dead_letters: VecDeque::new(),
                 totals: Totals::default(),
             }),
             metrics: Mutex::new(Metrics::new()),
@@ -303,22 +315,6 @@ impl Monitor {
                     ERRORS,
                 );
             }
-            for src in p.sources.iter().filter(|x| x.dead_letters > 0) {
-                push_bounded(
-                    &mut s.errors,
-                    ErrorView {
-                        time: p.timestamp.clone(),
-                        kind: "dead-letter".into(),
-                        message: format!(
-                            "epoch {}: {} records of source {} could not be decoded and went \
-                             to its dead-letter topic",
-                            p.epoch, src.dead_letters, src.name
-                        ),
-                        record: None,
-                    },
-                    ERRORS,
-                );
-            }
             s.modules.clone()
         };
         let mut m = self.metrics();
@@ -329,9 +325,10 @@ impl Monitor {
         m.udfs(&modules);
     }
 
-    /// Records of source `source` rejected in the committed epoch `epoch`: each becomes an
-    /// entry of `/api/errors` with where it came from, why, and the start of its bytes.
-    pub fn dead_letters(&self, epoch: u64, source: &str, letters: &[DeadLetter]) {
+    /// Source `source` rejected `rejected` records in the committed epoch `epoch`, the first
+    /// of them `letters`: each of those becomes an entry of `/api/errors` with where it came
+    /// from, why, and the start of its bytes, and one more entry counts the rest.
+    pub fn dead_letters(&self, epoch: u64, source: &str, rejected: u64, letters: &[DeadLetter]) {
         let time = now_rfc3339();
         let mut s = self.state();
         for letter in letters {
@@ -361,17 +358,35 @@ impl Monitor {
                 "dead_letter_topic": letter.topic,
                 "key": letter.key.as_deref().map(preview),
                 "value": letter.value.as_deref().map(preview),
+                "key_bytes": letter.key.as_ref().map(Vec::len),
                 "value_bytes": letter.value.as_ref().map(Vec::len),
             });
             push_bounded(
-                &mut s.errors,
+                &mut s.dead_letters,
                 ErrorView {
                     time: time.clone(),
                     kind: "dead-letter".into(),
                     message,
                     record: Some(record),
                 },
-                ERRORS,
+                DEAD_LETTERS,
+            );
+        }
+        let more = rejected.saturating_sub(letters.len() as u64);
+        if more > 0 {
+            push_bounded(
+                &mut s.dead_letters,
+                ErrorView {
+                    time,
+                    kind: "dead-letters".into(),
+                    message: format!(
+                        "epoch {epoch}: {more} more records of source {source} went to its \
+                         dead-letter topic (the first {} are listed)",
+                        letters.len()
+                    ),
+                    record: None,
+                },
+                DEAD_LETTERS,
             );
         }
     }
@@ -537,7 +552,12 @@ impl Monitor {
 
     /// `/api/errors`: recent failures, warnings and dead letters, oldest first.
     pub fn errors(&self) -> Value {
-        serde_json::to_value(&self.state().errors).expect("serialisable")
+        let s = self.state();
+        let mut all: Vec<&ErrorView> = s.errors.iter().chain(&s.dead_letters).collect();
+        // RFC 3339 times of one format sort as text; the sort is stable, so entries of one
+        // time keep their order.
+        all.sort_by(|a, b| a.time.cmp(&b.time));
+        serde_json::to_value(all).expect("serialisable")
     }
 }
 
@@ -608,5 +628,78 @@ mod tests {
         assert_eq!(udf_counters(&monitor), (4, 116));
         assert!(monitor.render_metrics().contains("run=\"r2\""));
         assert!(!monitor.render_metrics().contains("run=\"r1\""));
+    }
+
+    fn letter(offset: i64, value: &[u8]) -> DeadLetter {
+        DeadLetter {
+            topic: "t.dlq".into(),
+            key: None,
+            value: Some(value.to_vec()),
+            headers: vec![
+                ("riffle.topic".into(), "t".into()),
+                ("riffle.partition".into(), "0".into()),
+                ("riffle.offset".into(), offset.to_string()),
+                ("riffle.error".into(), "not JSON".into()),
+            ],
+        }
+    }
+
+    #[test]
+    fn dead_letters_show_their_bytes_count_the_rest_and_leave_failures_in_sight() {
+        let monitor = Monitor::new("p.toml", "stream");
+        monitor.error("failure", "the broker went away");
+        let long = vec![b'x'; RECORD_PREVIEW + 10];
+        monitor.dead_letters(
+            3,
+            "s",
+            5,
+            &[
+                letter(7, b"plain text"),
+                letter(8, &[0xff, 0x00, 0x01]),
+                letter(9, &long),
+            ],
+        );
+        let errors = monitor.errors();
+        let records: Vec<&Value> = errors
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e.get("record"))
+            .collect();
+        assert_eq!(records.len(), 3);
+        assert_eq!(records[0]["value"], "plain text");
+        assert_eq!(records[0]["offset"], 7);
+        assert_eq!(records[1]["value"], "0xff0001");
+        let cut = records[2]["value"].as_str().unwrap();
+        assert_eq!(cut.chars().count(), RECORD_PREVIEW + 1);
+        assert!(cut.ends_with('…'));
+        assert_eq!(records[2]["value_bytes"], RECORD_PREVIEW + 10);
+        let more: Vec<&Value> = errors
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["kind"] == "dead-letters")
+            .collect();
+        assert_eq!(more.len(), 1);
+        assert!(
+            more[0]["message"]
+                .as_str()
+                .unwrap()
+                .contains("2 more records")
+        );
+        // However many dead letters come, the failure stays listed.
+        for epoch in 0..100 {
+            let letters: Vec<DeadLetter> = (0..20).map(|i| letter(i, b"{")).collect();
+            monitor.dead_letters(epoch, "s", 20, &letters);
+        }
+        let errors = monitor.errors();
+        assert!(
+            errors
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["kind"] == "failure")
+        );
+        assert_eq!(errors.as_array().unwrap().len(), 1 + DEAD_LETTERS);
     }
 }

@@ -121,10 +121,17 @@ pub trait QueryObserver: Send + Sync {
     fn epoch_committed(&self, progress: &EpochProgress, line: &str);
     /// The query swapped UDF modules between epochs (a hot swap): `modules` serve from now on.
     fn udfs_swapped(&self, _modules: &[Arc<UdfModule>]) {}
-    /// Source `source` rejected records in the committed epoch `epoch` (they went to its
-    /// dead-letter topic): `letters` are the first of them (see
+    /// Source `source` rejected `rejected` records in the committed epoch `epoch` (they went
+    /// to its dead-letter topic): `letters` are the first of them (see
     /// [`Input::rejected_sample`](crate::connectors::source::Input::rejected_sample)).
-    fn records_rejected(&self, _epoch: u64, _source: &str, _letters: &[DeadLetter]) {}
+    fn records_rejected(
+        &self,
+        _epoch: u64,
+        _source: &str,
+        _rejected: u64,
+        _letters: &[DeadLetter],
+    ) {
+    }
 }
 
 /// A streaming source registered as a table, ready to plan queries against.
@@ -508,6 +515,9 @@ impl StreamingQuery {
                 0
             }
         };
+        // The first epoch's input rate counts from here, after the sink, state and sources
+        // are ready.
+        self.progress.start_clock();
         // An epoch planned but not committed before a crash runs again, with its offsets.
         if let Some(plan) = self.checkpoint.planned(epoch + 1)? {
             self.run_epoch(&plan, &mut summary).await?;
@@ -867,7 +877,12 @@ impl StreamingQuery {
             observer.epoch_committed(&progress, &line);
             for (s, input) in self.sources.iter().zip(&inputs) {
                 if !input.rejected_sample.is_empty() {
-                    observer.records_rejected(plan.epoch, &s.spec.name, &input.rejected_sample);
+                    observer.records_rejected(
+                        plan.epoch,
+                        &s.spec.name,
+                        input.rejected,
+                        &input.rejected_sample,
+                    );
                 }
             }
         }
