@@ -349,6 +349,19 @@ fn expected(dir: &Path, rows: &RecordBatch, broker: &Broker) -> HashMap<(i64, Op
     count_batches(&batches)
 }
 
+/// Every batch of the Parquet files in `dir/out`.
+fn parquet_out(dir: &Path) -> Vec<RecordBatch> {
+    std::fs::read_dir(dir.join("out"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+        .flat_map(|p| {
+            riffle::connectors::files::read_file(&p, riffle::common::FileFormat::Parquet, None)
+                .unwrap()
+        })
+        .collect()
+}
+
 fn count_batches(batches: &[RecordBatch]) -> HashMap<(i64, Option<u64>), usize> {
     let mut m = HashMap::new();
     for b in batches {
@@ -531,15 +544,7 @@ fn malformed_records_go_to_the_dead_letter_topic_and_the_query_keeps_running() {
 
     let path = pipeline(dir.path(), "dirty", &broker, "dirty", "stream = \"out\"");
     run_ok(riffle(&path, "stream"));
-    let batches: Vec<RecordBatch> = std::fs::read_dir(dir.path().join("out"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
-        .flat_map(|p| {
-            riffle::connectors::files::read_file(&p, riffle::common::FileFormat::Parquet, None)
-                .unwrap()
-        })
-        .collect();
+    let batches = parquet_out(dir.path());
     assert_eq!(
         count_batches(&batches),
         want,
@@ -683,15 +688,7 @@ fn a_running_query_shows_its_dead_letters_in_the_monitor() {
         "{metrics}"
     );
     assert!(run.stop().success());
-    let batches: Vec<RecordBatch> = std::fs::read_dir(dir.path().join("out"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
-        .flat_map(|p| {
-            riffle::connectors::files::read_file(&p, riffle::common::FileFormat::Parquet, None)
-                .unwrap()
-        })
-        .collect();
+    let batches = parquet_out(dir.path());
     assert_eq!(count_batches(&batches), want, "every good record, once");
 }
 
