@@ -290,6 +290,7 @@ enum GenerateCommand {
 
 /// Entry point of the `riffle` binary.
 pub fn main() -> ExitCode {
+    crate::common::memory::disable_transparent_huge_pages();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

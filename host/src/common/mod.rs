@@ -7,6 +7,7 @@
 
 pub mod format;
 pub mod fs;
+pub mod memory;
 pub mod time;
 
 pub use format::FileFormat;
