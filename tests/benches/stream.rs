@@ -76,6 +76,8 @@ struct Run {
     peak: Vec<(String, u64, u64)>,
     /// Seconds in each phase over all epochs: operators, state, sink, commit.
     phases: [f64; 4],
+    /// Seconds in each operator over all epochs, by operator id in graph order.
+    operators: Vec<(String, f64)>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -150,6 +152,7 @@ async fn run(
     let mut state: Vec<(String, u64, u64)> = Vec::new();
     let mut peak: Vec<(String, u64, u64)> = Vec::new();
     let mut phases = [0.0; 4];
+    let mut operators: Vec<(String, f64)> = Vec::new();
     for line in std::fs::read_to_string(&progress).unwrap().lines() {
         let p: serde_json::Value = serde_json::from_str(line).unwrap();
         read_s += p["durations"]["read_ms"].as_f64().unwrap() / 1e3;
@@ -169,6 +172,14 @@ async fn run(
                     0.0
                 };
                 latencies_ms.push(slow + (fast - slow) * f);
+            }
+        }
+        for o in p["operators"].as_array().unwrap() {
+            let id = o["id"].as_str().unwrap();
+            let s = o["time_ms"].as_f64().unwrap() / 1e3;
+            match operators.iter_mut().find(|(i, _)| i == id) {
+                Some((_, t)) => *t += s,
+                None => operators.push((id.to_string(), s)),
             }
         }
         state = p["operators"]
@@ -200,6 +211,7 @@ async fn run(
         state,
         peak,
         phases,
+        operators,
     }
 }
 
@@ -219,6 +231,12 @@ fn report_state(r: &Run) {
         "    phases: operators {:.2} s, state {:.2} s, sink {:.2} s, commit {:.2} s",
         r.phases[0], r.phases[1], r.phases[2], r.phases[3]
     );
+    let operators: Vec<String> = r
+        .operators
+        .iter()
+        .map(|(id, s)| format!("{id} {s:.2} s"))
+        .collect();
+    println!("    operators: {}", operators.join(", "));
     for (id, rows, bytes) in &r.state {
         if *rows > 0 {
             println!(
@@ -255,6 +273,8 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 fn main() {
+    // As the `riffle` binary does.
+    riffle::common::memory::disable_transparent_huge_pages();
     let rows: i64 = std::env::args()
         .skip(1)
         .find_map(|a| a.parse().ok())

@@ -443,11 +443,12 @@ impl Checkpoint {
     }
 
     fn table_dir(&self, operator: &str, table: &str) -> PathBuf {
-        self.root.join("state").join(operator).join(table)
+        table_dir(&self.root, operator, table)
     }
 
     /// Writes every state table's changes of `epoch` (a delta, or a snapshot when one is due)
-    /// and returns the new manifest and the bytes written.
+    /// and returns the new manifest and the bytes written: [`encode_state`](Self::encode_state)
+    /// then [`StateWrite::write`].
     ///
     /// # Errors
     /// Encoding and I/O errors.
@@ -457,8 +458,27 @@ impl Checkpoint {
         graph: &mut Graph,
         previous: &StateManifest,
     ) -> Result<(StateManifest, u64)> {
+        self.encode_state(epoch, graph, previous)?.write()
+    }
+
+    /// Takes every state table's changes of `epoch` (a delta, or a snapshot when one is due)
+    /// as Arrow batches, ready to be written.
+    ///
+    /// Encoding needs the operators; writing needs only the batches. The driver encodes on
+    /// its own thread and writes (and syncs) on a blocking thread while the sink writes the
+    /// epoch's output: state files are tens of megabytes an epoch for a million keys, and
+    /// neither job waits for the other.
+    ///
+    /// # Errors
+    /// Encoding errors.
+    pub fn encode_state(
+        &self,
+        epoch: u64,
+        graph: &mut Graph,
+        previous: &StateManifest,
+    ) -> Result<StateWrite> {
         let mut manifest = StateManifest::new();
-        let mut written = 0;
+        let mut files = Vec::new();
         for node in graph.nodes_mut() {
             let id = node.id.clone();
             for table in node.operator.tables() {
@@ -474,99 +494,46 @@ impl Checkpoint {
                 // changes rather than to the state.
                 let snapshot_due = before.deltas.len() + 1 >= self.snapshot_every
                     && before.delta_bytes >= before.snapshot_bytes;
-                let (batches, entry) = if snapshot_due {
-                    let batches = table.snapshot()?;
-                    (
-                        Some((batches, true)),
-                        TableManifest {
-                            snapshot: Some(epoch),
-                            deltas: Vec::new(),
-                            snapshot_bytes: 0,
-                            delta_bytes: 0,
-                        },
-                    )
+                let entry = if snapshot_due {
+                    files.push(TableFile {
+                        operator: id.clone(),
+                        table: name.clone(),
+                        snapshot: true,
+                        batches: table.snapshot()?,
+                    });
+                    TableManifest {
+                        snapshot: Some(epoch),
+                        deltas: Vec::new(),
+                        snapshot_bytes: 0,
+                        delta_bytes: 0,
+                    }
                 } else {
                     let batches = table.take_delta()?;
                     if batches.is_empty() {
-                        (None, before.clone())
+                        before
                     } else {
-                        let mut entry = before.clone();
+                        files.push(TableFile {
+                            operator: id.clone(),
+                            table: name.clone(),
+                            snapshot: false,
+                            batches,
+                        });
+                        let mut entry = before;
                         entry.deltas.push(epoch);
-                        (Some((batches, false)), entry)
+                        entry
                     }
                 };
-                let mut entry = entry;
-                if let Some((batches, snapshot)) = batches {
-                    let bytes = self.write_table(&id, &name, epoch, snapshot, &batches)?;
-                    written += bytes;
-                    if snapshot {
-                        entry.snapshot_bytes = bytes;
-                    } else {
-                        entry.delta_bytes += bytes;
-                    }
-                }
                 if entry.snapshot.is_some() || !entry.deltas.is_empty() {
                     manifest.entry(id.clone()).or_default().insert(name, entry);
                 }
             }
         }
-        Ok((manifest, written))
-    }
-
-    fn write_table(
-        &self,
-        operator: &str,
-        table: &str,
-        epoch: u64,
-        snapshot: bool,
-        batches: &[RecordBatch],
-    ) -> Result<u64> {
-        let dir = self.table_dir(operator, table);
-        create_dir_durable(&dir)?;
-        let kind = if snapshot { "snapshot" } else { "delta" };
-        let path = dir.join(name(epoch, &format!(".{kind}.arrow")));
-        let mut metadata = batches[0].schema().metadata().clone();
-        metadata.insert("riffle.operator".into(), operator.into());
-        metadata.insert("riffle.table".into(), table.into());
-        metadata.insert("riffle.epoch".into(), epoch.to_string());
-        metadata.insert("riffle.kind".into(), kind.into());
-        let schema =
-            Arc::new(Schema::new(batches[0].schema().fields().clone()).with_metadata(metadata));
-        // Written straight to the file (state can be tens of megabytes an epoch), then synced
-        // and renamed like every other checkpoint file.
-        let tmp = crate::common::fs::temp_path(&path);
-        let file = fs::File::create(&tmp).map_err(|e| RiffleError::io("creating", &tmp, e))?;
-        let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
-        let written = (|| -> std::result::Result<(), arrow::error::ArrowError> {
-            let mut writer = FileWriter::try_new(&mut out, &schema)?;
-            for batch in batches {
-                writer.write(&RecordBatch::try_new(
-                    schema.clone(),
-                    batch.columns().to_vec(),
-                )?)?;
-            }
-            writer.finish()
-        })();
-        let flushed = written
-            .map_err(|e| RiffleError::io("writing", &tmp, std::io::Error::other(e)))
-            .and_then(|()| {
-                out.into_inner()
-                    .map_err(|e| RiffleError::io("writing", &tmp, e.into_error()))
-            });
-        let file = match flushed {
-            Ok(file) => file,
-            Err(e) => {
-                let _ = fs::remove_file(&tmp);
-                return Err(e);
-            }
-        };
-        let bytes = file
-            .metadata()
-            .map_err(|e| RiffleError::io("writing", &tmp, e))?
-            .len();
-        drop(file);
-        crate::common::fs::publish(&tmp, &path)?;
-        Ok(bytes)
+        Ok(StateWrite {
+            root: self.root.clone(),
+            epoch,
+            files,
+            manifest,
+        })
     }
 
     fn read_table(
@@ -735,6 +702,118 @@ fn read_dirs(dir: &Path) -> Vec<PathBuf> {
         .map(|e| e.path())
         .filter(|p| p.is_dir())
         .collect()
+}
+
+fn table_dir(root: &Path, operator: &str, table: &str) -> PathBuf {
+    root.join("state").join(operator).join(table)
+}
+
+/// One epoch's state changes, encoded by [`Checkpoint::encode_state`] and not yet on disk.
+#[must_use = "the state is not in the checkpoint until it is written"]
+pub struct StateWrite {
+    root: PathBuf,
+    epoch: u64,
+    files: Vec<TableFile>,
+    /// The manifest after this epoch, short of the bytes of this epoch's files.
+    manifest: StateManifest,
+}
+
+/// The batches of one table's delta or snapshot.
+struct TableFile {
+    operator: String,
+    table: String,
+    snapshot: bool,
+    batches: Vec<RecordBatch>,
+}
+
+impl StateWrite {
+    /// Writes and syncs each table's file (blocking I/O) and returns the new manifest and the
+    /// bytes written. Nothing refers to the files until the epoch's commit names them, so an
+    /// epoch that fails here leaves only files a restart ignores.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn write(mut self) -> Result<(StateManifest, u64)> {
+        let mut written = 0;
+        for file in &self.files {
+            let bytes = write_table(
+                &self.root,
+                &file.operator,
+                &file.table,
+                self.epoch,
+                file.snapshot,
+                &file.batches,
+            )?;
+            written += bytes;
+            let entry = self
+                .manifest
+                .get_mut(&file.operator)
+                .and_then(|t| t.get_mut(&file.table))
+                .expect("every written table is in the manifest");
+            if file.snapshot {
+                entry.snapshot_bytes = bytes;
+            } else {
+                entry.delta_bytes += bytes;
+            }
+        }
+        Ok((self.manifest, written))
+    }
+}
+
+fn write_table(
+    root: &Path,
+    operator: &str,
+    table: &str,
+    epoch: u64,
+    snapshot: bool,
+    batches: &[RecordBatch],
+) -> Result<u64> {
+    let dir = table_dir(root, operator, table);
+    create_dir_durable(&dir)?;
+    let kind = if snapshot { "snapshot" } else { "delta" };
+    let path = dir.join(name(epoch, &format!(".{kind}.arrow")));
+    let mut metadata = batches[0].schema().metadata().clone();
+    metadata.insert("riffle.operator".into(), operator.into());
+    metadata.insert("riffle.table".into(), table.into());
+    metadata.insert("riffle.epoch".into(), epoch.to_string());
+    metadata.insert("riffle.kind".into(), kind.into());
+    let schema =
+        Arc::new(Schema::new(batches[0].schema().fields().clone()).with_metadata(metadata));
+    // Written straight to the file (state can be tens of megabytes an epoch), then synced
+    // and renamed like every other checkpoint file.
+    let tmp = crate::common::fs::temp_path(&path);
+    let file = fs::File::create(&tmp).map_err(|e| RiffleError::io("creating", &tmp, e))?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+    let written = (|| -> std::result::Result<(), arrow::error::ArrowError> {
+        let mut writer = FileWriter::try_new(&mut out, &schema)?;
+        for batch in batches {
+            writer.write(&RecordBatch::try_new(
+                schema.clone(),
+                batch.columns().to_vec(),
+            )?)?;
+        }
+        writer.finish()
+    })();
+    let flushed = written
+        .map_err(|e| RiffleError::io("writing", &tmp, std::io::Error::other(e)))
+        .and_then(|()| {
+            out.into_inner()
+                .map_err(|e| RiffleError::io("writing", &tmp, e.into_error()))
+        });
+    let file = match flushed {
+        Ok(file) => file,
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    let bytes = file
+        .metadata()
+        .map_err(|e| RiffleError::io("writing", &tmp, e))?
+        .len();
+    drop(file);
+    crate::common::fs::publish(&tmp, &path)?;
+    Ok(bytes)
 }
 
 #[cfg(test)]

@@ -402,6 +402,25 @@ impl StreamingQuery {
         self.checkpoint.query_id()
     }
 
+    /// Writes an epoch's output to the sink and each source's late rows to its late sink (not
+    /// committed yet).
+    async fn write_output(
+        &mut self,
+        epoch: u64,
+        output: &[RecordBatch],
+        late: &[Vec<RecordBatch>],
+    ) -> Result<()> {
+        self.sink
+            .write_epoch(epoch, &self.output_schema, output)
+            .await?;
+        for (s, rows) in self.sources.iter().zip(late) {
+            if let Some(late_sink) = self.late_sinks.get_mut(&s.spec.name) {
+                late_sink.write_epoch(epoch, &s.spec.schema, rows).await?;
+            }
+        }
+        Ok(())
+    }
+
     fn source_watermarks(&self) -> Vec<Watermark> {
         self.sources.iter().map(|s| s.watermark).collect()
     }
@@ -771,12 +790,14 @@ impl StreamingQuery {
             .collect::<std::result::Result<Vec<_>, _>>()?;
         phases.operators_ms = ms(t);
 
+        // State changes are encoded here and written on a blocking thread while the sink
+        // writes the output; the commit below waits for both.
         let t = Instant::now();
-        let (manifest, state_bytes_written) =
-            self.checkpoint
-                .write_state(plan.epoch, &mut self.graph, &self.manifest)?;
+        let state = self
+            .checkpoint
+            .encode_state(plan.epoch, &mut self.graph, &self.manifest)?;
+        let state = tokio::task::spawn_blocking(move || state.write());
         phases.state_ms = ms(t);
-        failpoint("after-state", plan.epoch).await;
 
         let t = Instant::now();
         let output_rows: u64 = output.iter().map(|b| b.num_rows() as u64).sum();
@@ -787,17 +808,17 @@ impl StreamingQuery {
         if !letters.is_empty() {
             self.sink.stage_dead_letters(letters);
         }
-        self.sink
-            .write_epoch(plan.epoch, &self.output_schema, &output)
-            .await?;
-        for (s, rows) in self.sources.iter().zip(&late) {
-            if let Some(late_sink) = self.late_sinks.get_mut(&s.spec.name) {
-                late_sink
-                    .write_epoch(plan.epoch, &s.spec.schema, rows)
-                    .await?;
-            }
-        }
+        let written = self.write_output(plan.epoch, &output, &late).await;
         phases.sink_ms = ms(t);
+        // Even when the sink failed: no state file is left being written behind the caller.
+        let t = Instant::now();
+        let state = state
+            .await
+            .map_err(|e| RiffleError::Internal(format!("the state writer failed: {e}")))?;
+        written?;
+        let (manifest, state_bytes_written) = state?;
+        phases.state_ms += ms(t);
+        failpoint("after-state", plan.epoch).await;
         failpoint("after-sink", plan.epoch).await;
 
         let input_rows: u64 = per_source.iter().map(|s| s.input_rows).sum();
@@ -945,8 +966,9 @@ pub fn stop_on_signals() -> Arc<AtomicBool> {
 }
 
 /// Failpoints for crash tests, at the steps of the epoch protocol: `after-plan` (offsets
-/// written), `after-state` (state written), `after-sink` (output written, not committed: the
-/// narrowest window of exactly-once, which random kills rarely hit) and `after-commit`.
+/// written), `after-state` (state written; the output is written at the same time, so the
+/// output is written here too), `after-sink` (output written, not committed: the narrowest
+/// window of exactly-once, which random kills rarely hit) and `after-commit`.
 ///
 /// - `RIFFLE_CRASH=<point>:<epoch>` aborts the process there (as abruptly as `kill -9`: no
 ///   destructors, no flushing).

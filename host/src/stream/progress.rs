@@ -24,7 +24,8 @@ pub struct Phases {
     pub read_ms: f64,
     /// The operator graph (stateless stages and stateful operators).
     pub operators_ms: f64,
-    /// Writing state changes.
+    /// Encoding state changes, and waiting for their files after the sink is written (the
+    /// files are written while the sink writes).
     pub state_ms: f64,
     /// Writing the sink.
     pub sink_ms: f64,
