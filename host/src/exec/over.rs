@@ -41,6 +41,7 @@ use datafusion::logical_expr::{
     Expr, Window, WindowFrameBound, WindowFrameUnits, WindowFunctionDefinition,
 };
 use datafusion::physical_plan::PhysicalExpr;
+use smallvec::SmallVec;
 
 use super::keys::KeyEncoder;
 use super::{Operator, Output};
@@ -586,19 +587,31 @@ impl Decode for FnState {
 /// Kept rows are fixed-width words in one vector, `words` per row: the event time, a mask of
 /// the row's NULL arguments (bit k for argument k), then one word per fixed-width argument
 /// (its value's bits; see [`Place`]). Strings, bytes and, when peers need them, the ORDER BY
-/// columns after the event time are `blob_width` blobs per row in a second vector. A million
-/// partitions of a few rows each then cost one small allocation each (plus the states), and
-/// the checkpoint copies the words as they are.
+/// columns after the event time are `blob_width` blobs per row in a second vector. The
+/// checkpoint copies the words as they are.
+///
+/// The first [`INLINE_WORDS`] words and [`INLINE_STATES`] states live inside the partition,
+/// and so inside its state slot: a million partitions of a row or two each (the per-card
+/// features) then cost no allocation each, and processing a row touches one slot rather
+/// than a slot, a row vector and a state vector in three places of memory (each a cache
+/// miss at a million keys).
 #[derive(Clone, Debug, Default)]
 struct Partition {
     seen: u64,
     base: u64,
     words: u32,
     blob_width: u32,
-    rows: Vec<u64>,
+    rows: SmallVec<[u64; INLINE_WORDS]>,
     blobs: Vec<Box<[u8]>>,
-    states: Vec<FnState>,
+    states: SmallVec<[FnState; INLINE_STATES]>,
 }
+
+/// Words of kept rows held inline: two rows of an event time, a NULL mask and three
+/// fixed-width arguments.
+const INLINE_WORDS: usize = 10;
+
+/// Function states held inline.
+const INLINE_STATES: usize = 2;
 
 impl Partition {
     fn ts(&self, row: u64) -> i64 {
@@ -622,7 +635,10 @@ impl Encode for Partition {
             out.extend_from_slice(&w.to_le_bytes());
         }
         self.blobs.encode(out);
-        self.states.encode(out);
+        (self.states.len() as u32).encode(out);
+        for state in &self.states {
+            state.encode(out);
+        }
     }
 }
 
@@ -645,7 +661,7 @@ impl Decode for Partition {
             blob_width,
             rows,
             blobs: Decode::decode(input)?,
-            states: Decode::decode(input)?,
+            states: SmallVec::from_vec(Vec::decode(input)?),
         };
         let kept = p.seen.checked_sub(p.base).ok_or_else(malformed)? as usize;
         if p.words < 2
@@ -669,10 +685,15 @@ fn partition_size(p: &Partition) -> usize {
             _ => 0,
         })
         .sum();
+    // What spilled out of the partition, besides the partition itself.
+    let spilled = |spilled: bool, bytes: usize| if spilled { bytes } else { 0 };
     std::mem::size_of::<Partition>()
-        + p.rows.capacity() * 8
+        + spilled(p.rows.spilled(), p.rows.capacity() * 8)
         + p.blobs.capacity() * 16
-        + p.states.capacity() * std::mem::size_of::<FnState>()
+        + spilled(
+            p.states.spilled(),
+            p.states.capacity() * std::mem::size_of::<FnState>(),
+        )
         + wasm_states
 }
 
@@ -1309,8 +1330,7 @@ impl Functions {
             words: self.words as u32,
             blob_width: self.blob_width as u32,
             states: {
-                // Exactly as many as needed (a collected filter would reserve four).
-                let mut states = Vec::with_capacity(self.states);
+                let mut states = SmallVec::with_capacity(self.states);
                 states.extend(self.list.iter().filter(|f| f.has_state()).map(|f| FnState {
                     start: 0,
                     end: 0,
