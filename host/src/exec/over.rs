@@ -1385,6 +1385,10 @@ impl Functions {
     }
 }
 
+/// How far ahead (in released rows, so about as many partitions) the OVER window prefetches
+/// the partitions it will work on next.
+const PREFETCH_ROWS: usize = 8;
+
 /// Most partitions whose Wasm aggregate states go into one call.
 const WASM_GROUPS_PER_CALL: usize = 4096;
 
@@ -1729,17 +1733,22 @@ impl Operator for OverWindow {
         }
         let order: Vec<u32> = sorted.iter().map(|r| r.2).collect();
         let mut values: Vec<Builder> = fns.list.iter().map(|f| f.shape.builder(n)).collect();
-        let mut runs = Vec::new();
+        let mut runs = Vec::with_capacity(n);
         let mut i = 0;
         while i < n {
             let entry = sorted[i].0;
+            // The partitions a few rows on, fetched while this one is worked on.
+            self.partitions
+                .prefetch(sorted[(i + PREFETCH_ROWS).min(n - 1)].0);
             let mut j = i + 1;
             while j < n && sorted[j].0 == entry {
                 j += 1;
             }
             let p = self.partitions.value_mut(entry);
             let first = p.seen;
-            p.rows.reserve((j - i) * fns.words);
+            if j - i > 1 {
+                p.rows.reserve((j - i) * fns.words);
+            }
             for &row in &order[i..j] {
                 let row = row as usize;
                 fns.push_row(p, ts[row], &args, row, tie(row));

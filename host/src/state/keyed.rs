@@ -174,6 +174,23 @@ struct Bucket {
 
 /// The table's 64-bit hash of a stored 32-bit one: multiplying by an odd constant spreads the
 /// bits into the top ones hashbrown tags buckets with.
+/// Prefetches the cache lines of `value` (x86-64; elsewhere nothing).
+#[inline]
+fn prefetch<T>(value: &T) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        let start = (value as *const T).cast::<i8>();
+        for offset in (0..std::mem::size_of::<T>()).step_by(64) {
+            // SAFETY: a prefetch reads nothing into the program and cannot fault; the address
+            // lies within `value`.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(offset)) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = value;
+}
+
 fn spread(hash: u32) -> u64 {
     u64::from(hash).wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
@@ -287,6 +304,14 @@ impl<V: Send> KeyedTable<V> {
     /// If the entry was removed since.
     pub fn value_mut(&mut self, id: EntryId) -> &mut V {
         &mut self.touch(id.0).value
+    }
+
+    /// Asks the CPU to bring entry `id` into cache, without waiting for it. An operator that
+    /// works through entries in an order of its own (the OVER window's partitions, sorted)
+    /// asks a few entries ahead: at a million keys each entry is a cache miss, and misses
+    /// requested together overlap instead of queueing one behind the other.
+    pub fn prefetch(&self, id: EntryId) {
+        prefetch(&self.slots[id.0 as usize]);
     }
 
     /// The value of `key`, created with `new` if missing, to change.
