@@ -47,7 +47,7 @@ use super::keys::KeyEncoder;
 use super::{Operator, Output};
 use crate::common::{Watermark, to_micros};
 use crate::error::{Result, RiffleError};
-use crate::state::bytes::{BytesCodec, Decode, Encode, take};
+use crate::state::bytes::{BytesCodec, Decode, Encode, Zigzag, take};
 use crate::state::{EntryId, KeyedTable, RowBuffer, StateTable};
 use crate::udf::{AggregateCalls, AggregateStep, WasmAggregateUdf};
 
@@ -517,7 +517,7 @@ impl Encode for FnState {
             Acc::None => out.push(0),
             Acc::Count(c) => {
                 out.push(1);
-                c.encode(out);
+                Zigzag(*c).encode(out);
             }
             Acc::SumI { sum, count, set } => {
                 out.push(2);
@@ -554,7 +554,7 @@ impl Decode for FnState {
         let end = u64::decode(input)?;
         let acc = match u8::decode(input)? {
             0 => Acc::None,
-            1 => Acc::Count(i64::decode(input)?),
+            1 => Acc::Count(Zigzag::decode(input)?.0),
             2 => Acc::SumI {
                 sum: i64::decode(input)?,
                 count: u64::decode(input)?,
@@ -588,7 +588,7 @@ impl Decode for FnState {
 /// the row's NULL arguments (bit k for argument k), then one word per fixed-width argument
 /// (its value's bits; see [`Place`]). Strings, bytes and, when peers need them, the ORDER BY
 /// columns after the event time are `blob_width` blobs per row in a second vector. The
-/// checkpoint copies the words as they are.
+/// checkpoint writes the words nearly as they are (see the `Encode` impl).
 ///
 /// The first [`INLINE_WORDS`] words and [`INLINE_STATES`] states live inside the partition,
 /// and so inside its state slot: a million partitions of a row or two each (the per-card
@@ -624,15 +624,27 @@ impl Partition {
 }
 
 impl Encode for Partition {
+    /// Rows are written word by word but not as they are: the event time as its difference
+    /// from the row before (a zigzag varint: a few bytes, as a partition's rows are close in
+    /// time) and the NULL mask as a varint (one byte), the argument words as they are. The
+    /// rows are most of what a checkpoint writes for an OVER window, every epoch, for every
+    /// partition that changed.
     fn encode(&self, out: &mut Vec<u8>) {
         self.seen.encode(out);
         self.base.encode(out);
         self.words.encode(out);
         self.blob_width.encode(out);
-        (self.rows.len() as u32).encode(out);
+        let words = self.words as usize;
         out.reserve(self.rows.len() * 8);
-        for w in &self.rows {
-            out.extend_from_slice(&w.to_le_bytes());
+        let mut previous = 0i64;
+        for row in self.rows.chunks_exact(words) {
+            let ts = row[0] as i64;
+            Zigzag(ts.wrapping_sub(previous)).encode(out);
+            previous = ts;
+            row[1].encode(out);
+            for w in &row[2..] {
+                out.extend_from_slice(&w.to_le_bytes());
+            }
         }
         self.blobs.encode(out);
         (self.states.len() as u32).encode(out);
@@ -649,11 +661,21 @@ impl Decode for Partition {
         let base = u64::decode(input)?;
         let words = u32::decode(input)?;
         let blob_width = u32::decode(input)?;
-        let n = u32::decode(input)? as usize;
-        let rows = take(input, n * 8)?
-            .chunks_exact(8)
-            .map(|w| u64::from_le_bytes(w.try_into().expect("eight bytes")))
-            .collect();
+        let kept = seen.checked_sub(base).ok_or_else(malformed)? as usize;
+        if words < 2 || kept > input.len() {
+            return Err(malformed());
+        }
+        let mut rows = SmallVec::with_capacity(kept * words as usize);
+        let mut previous = 0i64;
+        for _ in 0..kept {
+            let ts = previous.wrapping_add(Zigzag::decode(input)?.0);
+            previous = ts;
+            rows.push(ts as u64);
+            rows.push(u64::decode(input)?);
+            for w in take(input, (words as usize - 2) * 8)?.chunks_exact(8) {
+                rows.push(u64::from_le_bytes(w.try_into().expect("eight bytes")));
+            }
+        }
         let p = Partition {
             seen,
             base,
@@ -663,11 +685,7 @@ impl Decode for Partition {
             blobs: Decode::decode(input)?,
             states: SmallVec::from_vec(Vec::decode(input)?),
         };
-        let kept = p.seen.checked_sub(p.base).ok_or_else(malformed)? as usize;
-        if p.words < 2
-            || p.rows.len() != kept * p.words as usize
-            || p.blobs.len() != kept * p.blob_width as usize
-        {
+        if p.blobs.len() != kept * p.blob_width as usize {
             return Err(malformed());
         }
         Ok(p)

@@ -97,6 +97,25 @@ macro_rules! varint {
 }
 varint!(u32, u64);
 
+/// A signed integer as a zigzag varint (0, -1, 1, -2, ... as 0, 1, 2, 3, ...): a small
+/// difference of either sign, such as the gap between two event times, takes a few bytes
+/// instead of eight. (`i64` itself stays fixed-width: sums and counters use all their bits.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Zigzag(pub i64);
+
+impl Encode for Zigzag {
+    fn encode(&self, out: &mut Vec<u8>) {
+        (((self.0 << 1) ^ (self.0 >> 63)) as u64).encode(out);
+    }
+}
+
+impl Decode for Zigzag {
+    fn decode(input: &mut &[u8]) -> Result<Self> {
+        let v = u64::decode(input)?;
+        Ok(Zigzag((v >> 1) as i64 ^ -((v & 1) as i64)))
+    }
+}
+
 impl Encode for bool {
     fn encode(&self, out: &mut Vec<u8>) {
         out.push(u8::from(*self));
@@ -313,6 +332,27 @@ mod tests {
         let mut out = Vec::new();
         (u32::MAX as u64 + 1).encode(&mut out);
         assert!(u32::decode(&mut &out[..]).is_err(), "too large for u32");
+    }
+
+    #[test]
+    fn zigzag_round_trips_and_keeps_small_differences_short() {
+        for (v, len) in [
+            (0i64, 1),
+            (-1, 1),
+            (63, 1),
+            (-64, 1),
+            (64, 2),
+            (1_000_000_000, 5),
+            (i64::MAX, 10),
+            (i64::MIN, 10),
+        ] {
+            let mut out = Vec::new();
+            Zigzag(v).encode(&mut out);
+            assert_eq!(out.len(), len, "{v}");
+            let mut input = &out[..];
+            assert_eq!(Zigzag::decode(&mut input).unwrap(), Zigzag(v));
+            assert!(input.is_empty());
+        }
     }
 
     #[test]
