@@ -629,6 +629,12 @@ impl Encode for Partition {
     /// time) and the NULL mask as a varint (one byte), the argument words as they are. The
     /// rows are most of what a checkpoint writes for an OVER window, every epoch, for every
     /// partition that changed.
+    fn prefetch(&self) {
+        if self.rows.spilled() {
+            crate::common::memory::prefetch(&self.rows[..]);
+        }
+    }
+
     fn encode(&self, out: &mut Vec<u8>) {
         self.seen.encode(out);
         self.base.encode(out);
@@ -1731,13 +1737,12 @@ impl Operator for OverWindow {
         // order (the row index breaks remaining ties, as a stable sort would). Sorting entry
         // handles rather than keys keeps the sort to integer compares.
         let fns = &self.functions;
-        let mut sorted: Vec<(EntryId, i64, u32)> = (0..n)
-            .map(|i| {
-                let entry = self
-                    .partitions
-                    .entry_of(keys.get(i), || fns.new_partition());
-                (entry, ts[i], i as u32)
-            })
+        let mut sorted: Vec<(EntryId, i64, u32)> = self
+            .partitions
+            .entries_of(n, |i| keys.get(i), || fns.new_partition())
+            .into_iter()
+            .zip(0..)
+            .map(|(entry, i)| (entry, ts[i as usize], i))
             .collect();
         if ties.is_some() {
             sorted.sort_unstable_by(|a, b| {
@@ -1752,12 +1757,16 @@ impl Operator for OverWindow {
         let order: Vec<u32> = sorted.iter().map(|r| r.2).collect();
         let mut values: Vec<Builder> = fns.list.iter().map(|f| f.shape.builder(n)).collect();
         let mut runs = Vec::with_capacity(n);
+        let wasm = fns.list.iter().any(|f| matches!(f.kind, Kind::Wasm(_)));
         let mut i = 0;
         while i < n {
             let entry = sorted[i].0;
-            // The partitions a few rows on, fetched while this one is worked on.
+            // The partitions a few rows on, fetched while this one is worked on: their slots
+            // first, then (once those have arrived) the rows they keep on the heap.
             self.partitions
                 .prefetch(sorted[(i + PREFETCH_ROWS).min(n - 1)].0);
+            self.partitions
+                .prefetch_value(sorted[(i + PREFETCH_ROWS / 2).min(n - 1)].0);
             let mut j = i + 1;
             while j < n && sorted[j].0 == entry {
                 j += 1;
@@ -1772,6 +1781,9 @@ impl Operator for OverWindow {
                 fns.push_row(p, ts[row], &args, row, tie(row));
             }
             fns.evaluate(p, first, &mut values)?;
+            if !wasm {
+                fns.prune(p);
+            }
             runs.push(Run {
                 entry,
                 first,
@@ -1788,9 +1800,12 @@ impl Operator for OverWindow {
                 _ => v.finish(&f.data_type)?,
             });
         }
-        // Only now: the Wasm aggregates' steps read rows their frames left this epoch.
-        for run in &runs {
-            fns.prune(self.partitions.value_mut(run.entry));
+        // Only now: the Wasm aggregates' steps read rows their frames left this epoch. (Without
+        // them each partition was pruned above, while in cache.)
+        if wasm {
+            for run in &runs {
+                fns.prune(self.partitions.value_mut(run.entry));
+            }
         }
         out.push(RecordBatch::try_new(self.output_schema.clone(), columns)?);
         Ok(())

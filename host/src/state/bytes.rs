@@ -21,6 +21,10 @@ use crate::error::{Result, RiffleError};
 pub trait Encode {
     /// Appends `self` to `out`.
     fn encode(&self, out: &mut Vec<u8>);
+
+    /// Asks the CPU to bring what `encode` will read outside `self` into cache (see
+    /// [`ValueCodec::prefetch`]); nothing by default.
+    fn prefetch(&self) {}
 }
 
 /// Reads a value back, advancing the input.
@@ -312,6 +316,10 @@ impl<V: Encode + Decode + Send> ValueCodec<V> for BytesCodec<V> {
 
     fn size(&self, value: &V) -> usize {
         (self.size)(value)
+    }
+
+    fn prefetch(&self, value: &V) {
+        value.prefetch();
     }
 }
 

@@ -5,7 +5,6 @@ use std::collections::BinaryHeap;
 
 use std::hash::BuildHasher;
 
-use hashbrown::HashTable;
 use std::sync::Arc;
 
 use arrow::array::{
@@ -13,9 +12,11 @@ use arrow::array::{
 };
 use arrow::datatypes::{DataType, Field, Fields, Int64Type, Schema, SchemaRef};
 
+use super::index::SlotIndex;
 use super::slab::Slab;
 use super::{StateSize, StateTable};
 use crate::common::Watermark;
+use crate::common::memory::prefetch;
 use crate::error::{Result, RiffleError};
 
 /// How a table's values become Arrow columns and back.
@@ -41,6 +42,11 @@ pub trait ValueCodec<V>: Send {
     /// Approximate bytes a value holds (for the progress's state size); called often, so it
     /// should be cheap.
     fn size(&self, value: &V) -> usize;
+
+    /// Asks the CPU to bring the memory `value` owns outside its slot into cache, a few values
+    /// before it is encoded or worked on (see [`crate::common::memory::prefetch`]). Nothing by
+    /// default: most values live in their slot.
+    fn prefetch(&self, _value: &V) {}
 }
 
 /// Builds the value columns of one delta or snapshot.
@@ -68,6 +74,12 @@ pub struct EntryId(u32);
 
 /// The hasher of state maps: fast on short byte keys (foldhash), seeded per process.
 pub type StateHasher = hashbrown::DefaultHashBuilder;
+
+/// How many keys ahead [`KeyedTable::entries_of`] asks for index entries.
+const LOOKUP_AHEAD: usize = 16;
+
+/// How many changed slots ahead encoding prefetches what their values own.
+const ENCODE_PREFETCH: usize = 8;
 
 /// Longest key kept inside its slot.
 const INLINE: usize = 22;
@@ -126,14 +138,14 @@ struct Slot<V> {
 /// passed, and the operator decides what that means (emit and remove a window, evict old
 /// join rows and set a new deadline).
 ///
-/// Entries live in a slab of slots; the hash table holds only slot numbers with 32 bits of
-/// their key's hash ([`Bucket`]), so growing it moves eight bytes per key rather than whole
+/// Entries live in a slab of slots; the index ([`SlotIndex`]) holds only slot numbers with
+/// 32 bits of their key's hash, so growing it moves eight bytes per key rather than whole
 /// values and reads no slot, and change tracking and timers refer to slots without copying
 /// keys.
 pub struct KeyedTable<V> {
     name: String,
     hasher: StateHasher,
-    table: HashTable<Bucket>,
+    index: SlotIndex,
     slots: Slab<Slot<V>>,
     free: Vec<u32>,
     /// Slots changed since the last delta (each once while its flag is set; a slot freed and
@@ -163,53 +175,6 @@ struct Timer {
     generation: u32,
 }
 
-/// An entry of the hash table: a slot and 32 bits of its key's hash. Growing the table and
-/// probing past other keys then use the stored bits and never touch the slots (a cache miss
-/// each, with a million keys).
-#[derive(Clone, Copy)]
-struct Bucket {
-    slot: u32,
-    hash: u32,
-}
-
-/// The table's 64-bit hash of a stored 32-bit one: multiplying by an odd constant spreads the
-/// bits into the top ones hashbrown tags buckets with.
-/// Prefetches the cache lines of `value` (x86-64; elsewhere nothing).
-#[inline]
-fn prefetch<T>(value: &T) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-        let start = (value as *const T).cast::<i8>();
-        for offset in (0..std::mem::size_of::<T>()).step_by(64) {
-            // SAFETY: a prefetch reads nothing into the program and cannot fault; the address
-            // lies within `value`.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(offset)) };
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = value;
-}
-
-fn spread(hash: u32) -> u64 {
-    u64::from(hash).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-}
-
-/// Whether a bucket holds `key` (of hash `hash`): the stored hash bits first, the slot's key
-/// only when they agree.
-fn holds<'a, V>(
-    slots: &'a Slab<Slot<V>>,
-    key: &'a [u8],
-    hash: u32,
-) -> impl Fn(&Bucket) -> bool + 'a {
-    move |b| {
-        b.hash == hash
-            && slots[b.slot as usize]
-                .as_ref()
-                .is_some_and(|s| s.key.as_ref() == key)
-    }
-}
-
 const KEY: &str = "key";
 const DELETED: &str = "deleted";
 const EXPIRES: &str = "expires";
@@ -220,7 +185,7 @@ impl<V: Send> KeyedTable<V> {
         KeyedTable {
             name: name.into(),
             hasher: StateHasher::default(),
-            table: HashTable::new(),
+            index: SlotIndex::default(),
             slots: Slab::new(),
             free: Vec::new(),
             changed: Vec::new(),
@@ -253,9 +218,12 @@ impl<V: Send> KeyedTable<V> {
     }
 
     fn find_hashed(&self, key: &[u8], hash: u32) -> Option<u32> {
-        self.table
-            .find(spread(hash), holds(&self.slots, key, hash))
-            .map(|b| b.slot)
+        let slots = &self.slots;
+        self.index.find(hash, |i| {
+            slots[i as usize]
+                .as_ref()
+                .is_some_and(|s| s.key.as_ref() == key)
+        })
     }
 
     fn slot(&self, i: u32) -> &Slot<V> {
@@ -314,6 +282,15 @@ impl<V: Send> KeyedTable<V> {
         prefetch(&self.slots[id.0 as usize]);
     }
 
+    /// Asks the CPU to bring what entry `id`'s value owns elsewhere into cache (see
+    /// [`ValueCodec::prefetch`]): the second step after [`prefetch`](Self::prefetch), once
+    /// the entry itself has arrived.
+    pub fn prefetch_value(&self, id: EntryId) {
+        if let Some(slot) = &self.slots[id.0 as usize] {
+            self.codec.prefetch(&slot.value);
+        }
+    }
+
     /// The value of `key`, created with `new` if missing, to change.
     pub fn get_or_insert_with(&mut self, key: &[u8], new: impl FnOnce() -> V) -> &mut V {
         let i = self.entry(key, new);
@@ -327,6 +304,41 @@ impl<V: Send> KeyedTable<V> {
         let i = self.entry(key, new);
         self.touch(i);
         EntryId(i)
+    }
+
+    /// [`entry_of`](Self::entry_of) for `n` keys at once (`key(i)` is the `i`th), in order.
+    ///
+    /// At a million keys each lookup is a cache miss in the index and another in the entry;
+    /// knowing the keys in advance, this hashes them all first and asks for the index entries
+    /// [`LOOKUP_AHEAD`] keys ahead and for the entries half as far ahead, so that the misses
+    /// of several keys overlap instead of queueing.
+    pub fn entries_of<'k>(
+        &mut self,
+        n: usize,
+        key: impl Fn(usize) -> &'k [u8],
+        mut new: impl FnMut() -> V,
+    ) -> Vec<EntryId> {
+        let hashes: Vec<u32> = (0..n).map(|i| self.hash(key(i))).collect();
+        let mut entries = Vec::with_capacity(n);
+        for (i, &hash) in hashes.iter().enumerate() {
+            if let Some(&ahead) = hashes.get(i + LOOKUP_AHEAD) {
+                self.index.prefetch(ahead);
+            }
+            if let Some(slot) = hashes
+                .get(i + LOOKUP_AHEAD / 2)
+                .and_then(|&h| self.index.guess(h))
+            {
+                prefetch(&self.slots[slot as usize]);
+            }
+            let k = key(i);
+            let slot = match self.find_hashed(k, hash) {
+                Some(slot) => slot,
+                None => self.add(k, new(), hash),
+            };
+            self.touch(slot);
+            entries.push(EntryId(slot));
+        }
+        entries
     }
 
     /// The slot of `key`, created with `new` if missing (one probe of the table either way).
@@ -357,8 +369,7 @@ impl<V: Send> KeyedTable<V> {
             size,
             generation,
         });
-        self.table
-            .insert_unique(spread(hash), Bucket { slot: i, hash }, |b| spread(b.hash));
+        self.index.insert(hash, i);
         i
     }
 
@@ -392,11 +403,7 @@ impl<V: Send> KeyedTable<V> {
 
     /// Removes occupied slot `i`, whose key hashes to `hash`.
     fn unlink(&mut self, i: u32, hash: u32) -> V {
-        self.table
-            .find_entry(spread(hash), |b| b.slot == i)
-            .ok()
-            .expect("an occupied slot is in the table")
-            .remove();
+        self.index.remove(hash, i);
         let slot = self.slots[i as usize].take().expect("an occupied slot");
         self.free.push(i);
         self.len -= 1;
@@ -546,7 +553,15 @@ impl<V: Send> KeyedTable<V> {
         }
         let mut total = 0usize;
         let mut old = 0usize;
-        for i in changed {
+        for (n, &i) in changed.iter().enumerate() {
+            // What the values a few slots on own elsewhere (an OVER partition's rows), fetched
+            // while this one is encoded; the slots themselves come in order.
+            if let Some(Some(ahead)) = changed
+                .get(n + ENCODE_PREFETCH)
+                .map(|&j| &self.slots[j as usize])
+            {
+                self.codec.prefetch(&ahead.value);
+            }
             let Some(slot) = self.slots[i as usize].as_mut() else {
                 continue;
             };
@@ -687,7 +702,7 @@ impl<V: Send> StateTable for KeyedTable<V> {
 
     fn restore(&mut self, batches: &[RecordBatch], snapshot: bool) -> Result<()> {
         if snapshot {
-            self.table.clear();
+            self.index.clear();
             self.slots.clear();
             self.free.clear();
             self.timers.clear();

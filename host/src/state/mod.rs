@@ -31,6 +31,7 @@
 
 mod buffer;
 pub mod bytes;
+mod index;
 mod keyed;
 mod slab;
 
