@@ -554,8 +554,12 @@ impl<V: Send> KeyedTable<V> {
         let mut total = 0usize;
         let mut old = 0usize;
         for (n, &i) in changed.iter().enumerate() {
-            // What the values a few slots on own elsewhere (an OVER partition's rows), fetched
-            // while this one is encoded; the slots themselves come in order.
+            // The slots a few changes on, fetched while this one is encoded (in slab order but
+            // with gaps, which the CPU does not foresee), then what their values own elsewhere
+            // (an OVER partition's rows) once they have arrived.
+            if let Some(&ahead) = changed.get(n + 2 * ENCODE_PREFETCH) {
+                prefetch(&self.slots[ahead as usize]);
+            }
             if let Some(Some(ahead)) = changed
                 .get(n + ENCODE_PREFETCH)
                 .map(|&j| &self.slots[j as usize])
