@@ -134,7 +134,9 @@ pub(crate) fn send(
                 r,
             )) => {
                 record = r;
-                producer.poll(Duration::from_millis(5));
+                // The producer's own thread serves delivery reports and so frees the queue;
+                // (rdkafka's `poll` would wait out its whole timeout).
+                std::thread::sleep(Duration::from_millis(1));
             }
             Err((e, _)) => return Err(kafka_error("producing", e)),
         }
@@ -142,8 +144,22 @@ pub(crate) fn send(
 }
 
 /// Waits until everything sent was acknowledged; an error if anything failed.
+///
+/// Calls librdkafka's flush itself: rdkafka's `flush` asks librdkafka for a flush that does not
+/// wait and then polls for up to 100 ms at a time, and its producer's `poll` always waits out
+/// its whole timeout, so every flush (every at-least-once epoch's sink) took at least 100 ms.
+/// With delivery reports as events (how rdkafka sets librdkafka up), librdkafka's flush waits
+/// on a condition variable until the last report has been handled by the producer's polling
+/// thread, treating `linger.ms` as zero meanwhile, and returns as soon as it has.
 pub(crate) fn flush_checked(producer: &CheckedProducer, what: &str) -> Result<()> {
-    producer.flush(TIMEOUT).map_err(|e| kafka_error(what, e))?;
+    let timeout_ms = i32::try_from(TIMEOUT.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: the handle belongs to `producer`, which outlives the call; librdkafka's flush
+    // may be called from any thread.
+    let code =
+        unsafe { rdkafka::bindings::rd_kafka_flush(producer.client().native_ptr(), timeout_ms) };
+    if code != rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+        return Err(kafka_error(what, KafkaError::Flush(code.into())));
+    }
     let context = producer.context();
     if context.failed.swap(0, Ordering::Relaxed) > 0 {
         let reason = context.last_error.lock().expect("delivery lock").take();
