@@ -610,6 +610,10 @@ struct Partition {
 /// fixed-width arguments.
 const INLINE_WORDS: usize = 10;
 
+/// Most words of a kept row: the event time, the NULL mask (one bit per argument) and 64
+/// arguments.
+const MAX_WORDS: u32 = 2 + 64;
+
 /// Function states held inline.
 const INLINE_STATES: usize = 2;
 
@@ -623,39 +627,65 @@ impl Partition {
     }
 }
 
-impl Encode for Partition {
-    /// Rows are written word by word but not as they are: the event time as its difference
+impl Partition {
+    /// Writes the partition for a checkpoint, leaving out each argument word of the rows that
+    /// no function reading it (`readers[k]` for word `k`) can reach any more: the rows an
+    /// hour-long `count(*)` keeps need only their event times, not the coordinates `lag`
+    /// read from them once.
+    ///
+    /// Rows are written word by word, and not as they are: the event time as its difference
     /// from the row before (a zigzag varint: a few bytes, as a partition's rows are close in
-    /// time) and the NULL mask as a varint (one byte), the argument words as they are. The
-    /// rows are most of what a checkpoint writes for an OVER window, every epoch, for every
-    /// partition that changed.
-    fn prefetch(&self) {
-        if self.rows.spilled() {
-            crate::common::memory::prefetch(&self.rows[..]);
-        }
-    }
-
-    fn encode(&self, out: &mut Vec<u8>) {
+    /// time), the NULL mask as a varint (one byte), then the argument words each row still
+    /// has. Ahead of the rows, one varint per argument word says how many leading rows lack
+    /// it (they read back as zero, and nothing reads them). The rows are most of what a
+    /// checkpoint writes for an OVER window, every epoch, for every partition that changed.
+    fn encode_reached(&self, readers: &[Vec<Reach>], out: &mut Vec<u8>) {
         self.seen.encode(out);
         self.base.encode(out);
         self.words.encode(out);
         self.blob_width.encode(out);
         let words = self.words as usize;
+        let kept = self.seen - self.base;
+        let mut skips: SmallVec<[u64; 8]> = SmallVec::with_capacity(words - 2);
+        for k in 0..words - 2 {
+            let skip = readers
+                .get(k)
+                .and_then(|r| r.iter().map(|r| r.first_row(self)).min())
+                .map_or(0, |first| first.saturating_sub(self.base).min(kept));
+            skip.encode(out);
+            skips.push(skip);
+        }
         out.reserve(self.rows.len() * 8);
         let mut previous = 0i64;
-        for row in self.rows.chunks_exact(words) {
+        for (r, row) in self.rows.chunks_exact(words).enumerate() {
             let ts = row[0] as i64;
             Zigzag(ts.wrapping_sub(previous)).encode(out);
             previous = ts;
             row[1].encode(out);
-            for w in &row[2..] {
-                out.extend_from_slice(&w.to_le_bytes());
+            for (w, &skip) in row[2..].iter().zip(&skips) {
+                if r as u64 >= skip {
+                    out.extend_from_slice(&w.to_le_bytes());
+                }
             }
         }
         self.blobs.encode(out);
         (self.states.len() as u32).encode(out);
         for state in &self.states {
             state.encode(out);
+        }
+    }
+}
+
+impl Encode for Partition {
+    /// Every word of every row (see [`Partition::encode_reached`], which the operator's
+    /// checkpoint uses).
+    fn encode(&self, out: &mut Vec<u8>) {
+        self.encode_reached(&[], out);
+    }
+
+    fn prefetch(&self) {
+        if self.rows.spilled() {
+            crate::common::memory::prefetch(&self.rows[..]);
         }
     }
 }
@@ -667,19 +697,29 @@ impl Decode for Partition {
         let base = u64::decode(input)?;
         let words = u32::decode(input)?;
         let blob_width = u32::decode(input)?;
-        let kept = seen.checked_sub(base).ok_or_else(malformed)? as usize;
-        if words < 2 || kept > input.len() {
+        let kept = seen.checked_sub(base).ok_or_else(malformed)?;
+        if !(2..=MAX_WORDS).contains(&words) || kept > input.len() as u64 {
             return Err(malformed());
         }
-        let mut rows = SmallVec::with_capacity(kept * words as usize);
+        let skips = (0..words - 2)
+            .map(|_| match u64::decode(input)? {
+                skip if skip <= kept => Ok(skip),
+                _ => Err(malformed()),
+            })
+            .collect::<Result<SmallVec<[u64; 8]>>>()?;
+        let mut rows = SmallVec::with_capacity(kept as usize * words as usize);
         let mut previous = 0i64;
-        for _ in 0..kept {
+        for r in 0..kept {
             let ts = previous.wrapping_add(Zigzag::decode(input)?.0);
             previous = ts;
             rows.push(ts as u64);
             rows.push(u64::decode(input)?);
-            for w in take(input, (words as usize - 2) * 8)?.chunks_exact(8) {
-                rows.push(u64::from_le_bytes(w.try_into().expect("eight bytes")));
+            for &skip in &skips {
+                rows.push(if r >= skip {
+                    u64::from_le_bytes(take(input, 8)?.try_into().expect("eight bytes"))
+                } else {
+                    0
+                });
             }
         }
         let p = Partition {
@@ -691,7 +731,7 @@ impl Decode for Partition {
             blobs: Decode::decode(input)?,
             states: SmallVec::from_vec(Vec::decode(input)?),
         };
-        if p.blobs.len() != kept * p.blob_width as usize {
+        if p.blobs.len() as u64 != kept * u64::from(p.blob_width) {
             return Err(malformed());
         }
         Ok(p)
@@ -949,7 +989,7 @@ impl OverWindow {
         } else {
             None
         };
-        if args.len() > 64 {
+        if args.len() > MAX_WORDS as usize - 2 {
             return Err(unsupported(
                 "OVER windows on streams with more than 64 distinct argument expressions",
             ));
@@ -959,17 +999,19 @@ impl OverWindow {
             && functions.iter().any(|f| {
                 !f.frame.rows && (f.frame.start == Bound::Current || f.frame.end == Bound::Current)
             });
+        let functions = Functions::new(
+            functions,
+            args.iter()
+                .map(|(_, shape, c)| (*shape, c.clone()))
+                .collect(),
+            peers_by_ties,
+        );
+        let readers = functions.word_readers();
         Ok(OverWindow {
             partitions_by: KeyEncoder::plan(&partition_by, schema, state)?,
             ts,
             ties,
-            functions: Functions::new(
-                functions,
-                args.iter()
-                    .map(|(_, shape, c)| (*shape, c.clone()))
-                    .collect(),
-                peers_by_ties,
-            ),
+            functions,
             args: args
                 .into_iter()
                 .map(|(e, shape, constant)| constant.is_none().then_some((e, shape)))
@@ -978,7 +1020,10 @@ impl OverWindow {
             pending: RowBuffer::new("pending", input_schema, ts),
             partitions: KeyedTable::new(
                 "partitions",
-                Box::new(BytesCodec::with_size(partition_size)),
+                Box::new(
+                    BytesCodec::with_size(partition_size)
+                        .encoding_with(move |p, out| p.encode_reached(&readers, out)),
+                ),
             ),
             watermark: Watermark::NONE,
         })
@@ -1003,6 +1048,18 @@ struct Functions {
 }
 
 impl Functions {
+    /// For each argument word of a kept row (after the event time and the NULL mask), how
+    /// the functions that read it reach rows (see [`Partition::encode_reached`]).
+    fn word_readers(&self) -> Vec<Vec<Reach>> {
+        let mut readers = vec![Vec::new(); self.words - 2];
+        for f in &self.list {
+            if let Some(Place::Word(k)) = f.arg.map(|a| &self.args[a].1) {
+                readers[*k].push(Reach::of(f));
+            }
+        }
+        readers
+    }
+
     /// Functions over arguments of the given shapes (with the value of each literal one).
     fn new(list: Vec<Function>, args: Vec<(Shape, Option<Value>)>, peers_by_ties: bool) -> Self {
         let (mut words, mut blobs) = (0, 0);
@@ -1391,20 +1448,48 @@ impl Functions {
     fn prune(&self, p: &mut Partition) {
         let mut keep_from = p.seen;
         for f in &self.list {
-            let need = match &f.kind {
-                Kind::RowNumber => p.seen,
-                Kind::Lag { offset, .. } => p.seen.saturating_sub(*offset),
-                Kind::First | Kind::Last => p.states[f.state].start,
-                Kind::Aggregate(_) | Kind::Wasm(_) if f.frame.sliding() => p.states[f.state].start,
-                Kind::Aggregate(_) | Kind::Wasm(_) => p.states[f.state].end,
-            };
-            keep_from = keep_from.min(need);
+            keep_from = keep_from.min(Reach::of(f).first_row(p));
         }
         if p.base < keep_from {
             let drop = (keep_from - p.base) as usize;
             p.rows.drain(..drop * self.words);
             p.blobs.drain(..drop * self.blob_width);
             p.base = keep_from;
+        }
+    }
+}
+
+/// The first row of a partition a function can still read: rows before it are out of its
+/// frames for good (frames only move forward).
+#[derive(Clone, Copy, Debug)]
+enum Reach {
+    /// No kept row (`row_number`).
+    Seen,
+    /// The row `offset` rows back (`lag`).
+    Lag(u64),
+    /// Its frame's first row (sliding frames, `first_value`, `last_value`).
+    Start(usize),
+    /// Its frame's end: a running state that only adds reads only rows not yet added.
+    End(usize),
+}
+
+impl Reach {
+    fn of(f: &Function) -> Reach {
+        match &f.kind {
+            Kind::RowNumber => Reach::Seen,
+            Kind::Lag { offset, .. } => Reach::Lag(*offset),
+            Kind::First | Kind::Last => Reach::Start(f.state),
+            Kind::Aggregate(_) | Kind::Wasm(_) if f.frame.sliding() => Reach::Start(f.state),
+            Kind::Aggregate(_) | Kind::Wasm(_) => Reach::End(f.state),
+        }
+    }
+
+    fn first_row(self, p: &Partition) -> u64 {
+        match self {
+            Reach::Seen => p.seen,
+            Reach::Lag(offset) => p.seen.saturating_sub(offset),
+            Reach::Start(state) => p.states[state].start,
+            Reach::End(state) => p.states[state].end,
         }
     }
 }
@@ -2006,6 +2091,56 @@ mod tests {
         got.sort();
         assert_eq!(got.len(), n);
         assert_eq!(got, expected);
+    }
+
+    /// A checkpoint leaves out the argument words no function reaches any more (they read
+    /// back as zero) and keeps every other word, event time and mask as it was.
+    #[test]
+    fn checkpoints_leave_out_words_no_function_reaches() {
+        let row = |ts: u64, a: u64, b: u64, c: u64| [ts, 0, a, b, c];
+        let mut p = Partition {
+            seen: 13,
+            base: 10,
+            words: 5,
+            blob_width: 0,
+            ..Partition::default()
+        };
+        for r in [row(100, 1, 2, 3), row(250, 4, 5, 6), row(90, 7, 8, 9)] {
+            p.rows.extend(r);
+        }
+        p.states.push(FnState {
+            start: 11,
+            end: 13,
+            acc: Acc::Count(2),
+        });
+        // Word a: `lag(a)` (only the last row); word b: a sliding frame from row 11; word c:
+        // no reader given (kept whole).
+        let readers = vec![vec![Reach::Lag(1)], vec![Reach::Start(0)], vec![]];
+        let mut short = Vec::new();
+        p.encode_reached(&readers, &mut short);
+        let mut full = Vec::new();
+        p.encode(&mut full);
+        assert_eq!(
+            full.len() - short.len(),
+            3 * 8,
+            "two a's and one b left out"
+        );
+        let back = Partition::decode(&mut &short[..]).unwrap();
+        let expected: Vec<u64> = [row(100, 0, 0, 3), row(250, 0, 5, 6), row(90, 7, 8, 9)].concat();
+        assert_eq!(back.rows.to_vec(), expected);
+        assert_eq!(
+            (back.seen, back.base, back.states),
+            (13, 10, p.states.clone())
+        );
+        let whole = Partition::decode(&mut &full[..]).unwrap();
+        assert_eq!(whole.rows, p.rows);
+        // Cut anywhere, it is an error, never a misread.
+        for cut in 0..short.len() {
+            assert!(
+                Partition::decode(&mut &short[..cut]).is_err(),
+                "cut at {cut}"
+            );
+        }
     }
 
     use datafusion::prelude::SessionContext;

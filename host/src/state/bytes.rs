@@ -217,16 +217,17 @@ impl<T: Decode> Decode for std::collections::VecDeque<T> {
 /// Encodes values straight into the bytes of a `Binary` column (no copy through a scratch
 /// buffer), sized by the average value of the previous batch so that a batch of large values
 /// does not grow its buffer by doubling.
-struct BytesEncoder<'a> {
+struct BytesEncoder<'a, V> {
     bytes: Vec<u8>,
     offsets: Vec<i32>,
     nulls: NullBufferBuilder,
     average: &'a AtomicUsize,
+    encode: &'a EncodeFn<V>,
 }
 
-impl<V: Encode> ValueEncoder<V> for BytesEncoder<'_> {
+impl<V> ValueEncoder<V> for BytesEncoder<'_, V> {
     fn append(&mut self, value: &mut V) -> Result<()> {
-        value.encode(&mut self.bytes);
+        (self.encode)(value, &mut self.bytes);
         let end = i32::try_from(self.bytes.len())
             .map_err(|_| RiffleError::Internal("a batch of state values exceeds 2 GiB".into()))?;
         self.offsets.push(end);
@@ -252,15 +253,19 @@ impl<V: Encode> ValueEncoder<V> for BytesEncoder<'_> {
     }
 }
 
+/// How a [`BytesCodec`] writes a value.
+type EncodeFn<V> = dyn Fn(&V, &mut Vec<u8>) + Send + Sync;
+
 /// Stores values that implement [`Encode`]/[`Decode`] in one `Binary` column named `value`.
 pub struct BytesCodec<V> {
     size: fn(&V) -> usize,
     /// Bytes per value in the last batch encoded.
     average: AtomicUsize,
+    encode: Box<EncodeFn<V>>,
     _value: PhantomData<fn() -> V>,
 }
 
-impl<V> BytesCodec<V> {
+impl<V: Encode> BytesCodec<V> {
     /// A codec that counts a value's size as its in-memory struct size.
     pub fn new() -> Self {
         Self::with_size(|_| std::mem::size_of::<V>())
@@ -271,12 +276,24 @@ impl<V> BytesCodec<V> {
         BytesCodec {
             size,
             average: AtomicUsize::new(32),
+            encode: Box::new(|value: &V, out: &mut Vec<u8>| value.encode(out)),
             _value: PhantomData,
         }
     }
+
+    /// Writes values with `encode` instead of [`Encode::encode`]: for an operator that can
+    /// leave out what it knows it will never read again (the arguments of OVER rows that no
+    /// frame reaches any more). Whatever it writes must read back with [`Decode`].
+    pub fn encoding_with(
+        mut self,
+        encode: impl Fn(&V, &mut Vec<u8>) + Send + Sync + 'static,
+    ) -> Self {
+        self.encode = Box::new(encode);
+        self
+    }
 }
 
-impl<V> Default for BytesCodec<V> {
+impl<V: Encode> Default for BytesCodec<V> {
     fn default() -> Self {
         Self::new()
     }
@@ -295,6 +312,7 @@ impl<V: Encode + Decode + Send> ValueCodec<V> for BytesCodec<V> {
             offsets,
             nulls: NullBufferBuilder::new(capacity),
             average: &self.average,
+            encode: &*self.encode,
         })
     }
 
