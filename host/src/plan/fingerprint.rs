@@ -11,7 +11,7 @@ use arrow::datatypes::Schema;
 use serde::{Deserialize, Serialize};
 
 /// Version of the state encoding; bump when a table's layout changes.
-pub const STATE_FORMAT: u32 = 4;
+pub const STATE_FORMAT: u32 = 5;
 
 /// A streaming source's part of the fingerprint.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
