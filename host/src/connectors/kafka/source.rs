@@ -480,6 +480,23 @@ impl KafkaSource {
         Ok(())
     }
 
+    /// Moves what the consumer holds into `pending`, until it holds `max_rows` records in all,
+    /// without waiting. A poll that does not wait also comes back empty when it handled an
+    /// event other than a record (the broker's reply to the last monitoring commit), so an
+    /// empty poll is believed only when the next one is empty too; stopping at the first
+    /// left the rest of what was fetched for the next epoch.
+    fn drain(&mut self, max_rows: usize) -> Result<()> {
+        let mut empty = 0;
+        while empty < 2 && self.pending.values().map(VecDeque::len).sum::<usize>() < max_rows {
+            if self.poll_one(Duration::ZERO)? {
+                empty = 0;
+            } else {
+                empty += 1;
+            }
+        }
+        Ok(())
+    }
+
     /// Polls one message, waiting up to `timeout`, into `pending`. Returns whether one came.
     fn poll_one(&mut self, timeout: Duration) -> Result<bool> {
         match self.consumer.poll(timeout) {
@@ -648,7 +665,7 @@ impl StreamSource for KafkaSource {
         self.seek_to(&from)?;
         // What the consumer has prefetched is available now: no broker round trip.
         let buffered = |s: &Self| s.pending.values().map(VecDeque::len).sum::<usize>();
-        while buffered(self) < max_rows && self.poll_one(Duration::ZERO)? {}
+        self.drain(max_rows)?;
         if buffered(self) == 0 {
             // Nothing prefetched: ask the broker whether anything exists beyond what the
             // consumer has seen (the available-now trigger stops on "no"), and if so wait
@@ -670,7 +687,7 @@ impl StreamSource for KafkaSource {
                     }
                 }
             }
-            while buffered(self) < max_rows && self.poll_one(Duration::ZERO)? {}
+            self.drain(max_rows)?;
         }
         let share = max_rows.div_ceil(partitions.len().max(1)).max(1);
         let mut end = BTreeMap::new();
