@@ -588,7 +588,7 @@ impl Decode for FnState {
 /// the row's NULL arguments (bit k for argument k), then one word per fixed-width argument
 /// (its value's bits; see [`Place`]). Strings, bytes and, when peers need them, the ORDER BY
 /// columns after the event time are `blob_width` blobs per row in a second vector. The
-/// checkpoint writes the words nearly as they are (see the `Encode` impl).
+/// checkpoint writes only the words functions still reach ([`Partition::encode_reached`]).
 ///
 /// The first [`INLINE_WORDS`] words and [`INLINE_STATES`] states live inside the partition,
 /// and so inside its state slot: a million partitions of a row or two each (the per-card
