@@ -23,6 +23,8 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -44,19 +46,6 @@ use riffle_tests::udf;
 
 const QUERY: &str = "SELECT tx_id, card_id, amount, kafka_ts, risk_score(amount, country) AS risk \
                      FROM transactions WHERE amount > 20";
-
-/// CPU seconds (user + system) this process has used, from /proc.
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the command name (which is in parentheses): utime is the 12th, stime 13th.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let fields: Vec<f64> = rest
-        .split_whitespace()
-        .map(|f| f.parse().unwrap_or(0.0))
-        .collect();
-    let ticks = 100.0; // USER_HZ on Linux
-    (fields.get(11).copied().unwrap_or(0.0) + fields.get(12).copied().unwrap_or(0.0)) / ticks
-}
 
 fn now_ms() -> i64 {
     SystemTime::now()
@@ -190,9 +179,9 @@ fn main() {
                 &dir.path().join(format!("tp-{name}")),
             )
             .await;
-            let (cpu, wall) = (cpu_seconds(), Instant::now());
+            let (cpu, wall) = (common::cpu_seconds(), Instant::now());
             let s = q.run(&AtomicBool::new(false)).await.unwrap();
-            (s, cpu_seconds() - cpu, wall.elapsed().as_secs_f64())
+            (s, common::cpu_seconds() - cpu, wall.elapsed().as_secs_f64())
         });
         let (s, cpu, wall) = summary;
         println!(

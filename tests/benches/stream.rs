@@ -38,6 +38,8 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod common;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -148,10 +150,10 @@ async fn run(
         query = query.with_observer(monitor);
     }
     let started = Instant::now();
-    let cpu_started = cpu_seconds();
+    let cpu_started = common::cpu_seconds();
     let summary = query.run(&AtomicBool::new(false)).await.unwrap();
     let wall_s = started.elapsed().as_secs_f64();
-    let cpu_s = cpu_seconds() - cpu_started;
+    let cpu_s = common::cpu_seconds() - cpu_started;
 
     let mut read_s = 0.0;
     let mut latencies_ms = Vec::new();
@@ -220,18 +222,6 @@ async fn run(
         phases,
         operators,
     }
-}
-
-/// CPU seconds this process has used, over all its threads.
-fn cpu_seconds() -> f64 {
-    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
-    // SAFETY: getrusage fills the struct it is given and reads nothing else.
-    let usage = unsafe {
-        assert_eq!(libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()), 0);
-        usage.assume_init()
-    };
-    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    seconds(usage.ru_utime) + seconds(usage.ru_stime)
 }
 
 fn report(name: &str, r: &Run) {
