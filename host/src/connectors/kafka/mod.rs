@@ -134,8 +134,9 @@ pub(crate) fn send(
                 r,
             )) => {
                 record = r;
-                // The producer's own thread serves delivery reports and so frees the queue;
-                // (rdkafka's `poll` would wait out its whole timeout).
+                // The producer's own thread serves delivery reports and so frees the queue
+                // (rdkafka's `poll` would wait out its whole timeout). Callers are on blocking
+                // threads: sources run in `spawn_blocking`, sinks in `block_in_place`.
                 std::thread::sleep(Duration::from_millis(1));
             }
             Err((e, _)) => return Err(kafka_error("producing", e)),

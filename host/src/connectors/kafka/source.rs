@@ -480,6 +480,11 @@ impl KafkaSource {
         Ok(())
     }
 
+    /// Records fetched and not yet taken by an epoch.
+    fn buffered(&self) -> usize {
+        self.pending.values().map(VecDeque::len).sum()
+    }
+
     /// Moves what the consumer holds into `pending`, until it holds `max_rows` records in all,
     /// without waiting. A poll that does not wait also comes back empty when it handled an
     /// event other than a record (the broker's reply to the last monitoring commit), so an
@@ -487,7 +492,7 @@ impl KafkaSource {
     /// left the rest of what was fetched for the next epoch.
     fn drain(&mut self, max_rows: usize) -> Result<()> {
         let mut empty = 0;
-        while empty < 2 && self.pending.values().map(VecDeque::len).sum::<usize>() < max_rows {
+        while empty < 2 && self.buffered() < max_rows {
             if self.poll_one(Duration::ZERO)? {
                 empty = 0;
             } else {
@@ -664,9 +669,8 @@ impl StreamSource for KafkaSource {
         }
         self.seek_to(&from)?;
         // What the consumer has prefetched is available now: no broker round trip.
-        let buffered = |s: &Self| s.pending.values().map(VecDeque::len).sum::<usize>();
         self.drain(max_rows)?;
-        if buffered(self) == 0 {
+        if self.buffered() == 0 {
             // Nothing prefetched: ask the broker whether anything exists beyond what the
             // consumer has seen (the available-now trigger stops on "no"), and if so wait
             // for the fetch to bring it.
@@ -677,7 +681,7 @@ impl StreamSource for KafkaSource {
                 behind |= self.watermarks(*p)?.1 > fetched;
             }
             let waited = Instant::now();
-            while behind && buffered(self) == 0 && waited.elapsed() < TIMEOUT {
+            while behind && self.buffered() == 0 && waited.elapsed() < TIMEOUT {
                 if !self.poll_one(Duration::from_millis(10))? {
                     self.sync_positions();
                     behind = false;
