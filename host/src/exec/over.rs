@@ -625,9 +625,7 @@ impl Partition {
     fn blob(&self, row: u64, k: usize) -> &[u8] {
         &self.blobs[(row - self.base) as usize * self.blob_width as usize + k]
     }
-}
 
-impl Partition {
     /// Writes the partition for a checkpoint, leaving out each argument word of the rows that
     /// no function reading it (`readers[k]` for word `k`) can reach any more: the rows an
     /// hour-long `count(*)` keeps need only their event times, not the coordinates `lag`

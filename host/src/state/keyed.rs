@@ -330,11 +330,7 @@ impl<V: Send> KeyedTable<V> {
             {
                 prefetch(&self.slots[slot as usize]);
             }
-            let k = key(i);
-            let slot = match self.find_hashed(k, hash) {
-                Some(slot) => slot,
-                None => self.add(k, new(), hash),
-            };
+            let slot = self.entry_hashed(key(i), hash, &mut new);
             self.touch(slot);
             entries.push(EntryId(slot));
         }
@@ -343,7 +339,11 @@ impl<V: Send> KeyedTable<V> {
 
     /// The slot of `key`, created with `new` if missing (one probe of the table either way).
     fn entry(&mut self, key: &[u8], new: impl FnOnce() -> V) -> u32 {
-        let hash = self.hash(key);
+        self.entry_hashed(key, self.hash(key), new)
+    }
+
+    /// [`entry`](Self::entry) of a key whose hash is known.
+    fn entry_hashed(&mut self, key: &[u8], hash: u32, new: impl FnOnce() -> V) -> u32 {
         match self.find_hashed(key, hash) {
             Some(i) => i,
             None => self.add(key, new(), hash),
