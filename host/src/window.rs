@@ -11,11 +11,11 @@
 //!
 //! Each evaluates to a struct `{start, end}` of microsecond timestamps, like Spark's `window`
 //! column. A tumbling `window()` is an ordinary scalar function, so it works anywhere. Hopping
-//! windows multiply rows and sessions depend on their neighbours, so neither is a scalar: in
-//! batch mode [`rewrite_for_batch`] replaces them in `GROUP BY` with DataFusion plans (an unnest
-//! of the windows; lag/running-sum window functions for sessions), and in streaming mode the
-//! window-aggregate operators assign windows themselves. Both follow the definitions above, which
-//! is what makes the two modes agree.
+//! windows multiply rows and sessions depend on their neighbours, so neither is a scalar: the
+//! window-aggregate operators assign windows themselves, in streaming mode and (over rows sorted
+//! by event time, [`crate::exec::bounded`]) in batch mode. [`reference_rewrite`] states the same
+//! definitions as plain DataFusion plans (an unnest of the windows; lag/running-sum window
+//! functions for sessions), which tests use as an oracle that shares no code with the operators.
 
 use std::sync::Arc;
 
@@ -336,12 +336,15 @@ impl ScalarUDFImpl for WindowFunction {
     }
 }
 
-/// Rewrites hopping `window()` and `session_window()` in `GROUP BY` into plans DataFusion runs
-/// in batch mode. Tumbling windows need no rewrite.
+/// Rewrites hopping `window()` and `session_window()` in `GROUP BY` into plain DataFusion plans:
+/// each row repeated once per window it is in, sessions numbered by running window functions.
+/// Tumbling windows need no rewrite. Batch mode runs the streaming operators instead (the
+/// repeated rows cost memory and time); this is the independent formulation tests compare
+/// both modes with.
 ///
 /// # Errors
 /// Planning errors for windows DataFusion cannot run (e.g. two window calls in one GROUP BY).
-pub fn rewrite_for_batch(plan: LogicalPlan) -> DfResult<LogicalPlan> {
+pub fn reference_rewrite(plan: LogicalPlan) -> DfResult<LogicalPlan> {
     plan.transform_up(|node| {
         let LogicalPlan::Aggregate(agg) = &node else {
             return Ok(Transformed::no(node));

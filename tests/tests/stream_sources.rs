@@ -554,7 +554,7 @@ fn a_dataframe_api_query_streams_like_its_batch_run() {
         let batch_session = session();
         common::register_batch(&batch_session, "transactions", &all);
         let df = build(&batch_session).await;
-        let expected = lines(&batch_session.batch(df).unwrap().collect().await.unwrap());
+        let expected = lines(&df.collect().await.unwrap());
         assert!(expected.len() > 10);
 
         let stream_session = session();

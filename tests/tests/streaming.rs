@@ -3,8 +3,11 @@
 //! property test), and (3) streaming with a crash and restart from the checkpoint at a random
 //! epoch, sometimes losing the last commit. All three must give the same final rows.
 //!
-//! Batch mode is DataFusion's own execution (aggregates, window functions, joins) and serves as
-//! the oracle: streaming shares no code with it beyond DataFusion's accumulators. Every value
+//! The oracle is DataFusion's own execution (aggregates, window functions, joins), with hopping
+//! and session windows written as plain DataFusion plans (`RiffleSession::reference`):
+//! streaming shares no code with it beyond DataFusion's accumulators. Batch mode itself runs
+//! hopping and session windows with the streaming operators over sorted rows, so it is checked
+//! against the oracle too. Every value
 //! is compared exactly, except float sums and averages of *aggregations* (GROUP BY), which
 //! DataFusion's batch plan adds up per partition and then merges while a stream adds them up
 //! per micro-batch: those agree to 1e-12 relative. OVER window features are compared bit for
@@ -390,22 +393,29 @@ fn same(g: &Golden, a: &Rows, b: &Rows) -> Result<(), String> {
     Ok(())
 }
 
-/// Batch mode over Parquet files holding every row of each source.
-async fn batch_result(g: &Golden, tx: &RecordBatch, logins: &RecordBatch, dir: &Path) -> Rows {
+/// A batch run over Parquet files holding every row of each source: the oracle (windows as
+/// plain DataFusion plans) or, with `reference` false, batch mode as users run it.
+async fn batch_result(
+    g: &Golden,
+    tx: &RecordBatch,
+    logins: &RecordBatch,
+    dir: &Path,
+    reference: bool,
+) -> Rows {
     let session = session();
     for (name, rows) in [("transactions", tx), ("logins", logins)] {
         let path = dir.join(format!("{name}.parquet"));
         write_file(&path, rows.schema(), [rows.clone()]).unwrap();
         session.register_table(name, &path).await.unwrap();
     }
-    let batches = session
+    let mut df = session
         .dataframe(g.sql)
         .await
-        .unwrap_or_else(|e| panic!("{}: {e}", g.name))
-        .collect()
-        .await
-        .unwrap();
-    canonical(&batches)
+        .unwrap_or_else(|e| panic!("{}: {e}", g.name));
+    if reference {
+        df = session.reference(df).unwrap();
+    }
+    canonical(&df.collect().await.unwrap())
 }
 
 /// Final rows of a streaming run's output, epoch by epoch, for the output mode.
@@ -546,12 +556,14 @@ fn golden_queries_agree_in_batch_streaming_and_restarted_streaming() {
     let rt = common::runtime();
     let dir = tempfile::tempdir().unwrap();
     for (i, g) in GOLDEN.iter().enumerate() {
-        let expected = rt.block_on(batch_result(g, &tx, &logins, dir.path()));
+        let expected = rt.block_on(batch_result(g, &tx, &logins, dir.path(), true));
         assert!(
             expected.len() > 1 || g.key_columns == 0,
             "{}: too few rows to mean anything",
             g.name
         );
+        let batch = rt.block_on(batch_result(g, &tx, &logins, dir.path(), false));
+        check(g, &expected, &batch, "batch");
         let seed = i as u64;
         let streamed = rt.block_on(stream_result(
             g,
@@ -592,7 +604,7 @@ proptest! {
         let rt = common::runtime();
         let dir = tempfile::tempdir().unwrap();
         for g in GOLDEN {
-            let expected = rt.block_on(batch_result(g, &tx, &logins, dir.path()));
+            let expected = rt.block_on(batch_result(g, &tx, &logins, dir.path(), true));
             let deliveries = || (delivery(&tx, seed, tx_batches), delivery(&logins, seed ^ 1, login_batches));
             let (a, b) = deliveries();
             let streamed = rt.block_on(stream_result(g, a, b, None));
@@ -874,7 +886,9 @@ fn rows_without_an_event_time_belong_to_no_window_in_either_mode() {
             key_columns,
             approximate: false,
         };
-        let expected = rt.block_on(batch_result(&g, &rows, &logins(), dir.path()));
+        let expected = rt.block_on(batch_result(&g, &rows, &logins(), dir.path(), true));
+        let batch = rt.block_on(batch_result(&g, &rows, &logins(), dir.path(), false));
+        check(&g, &expected, &batch, "batch");
         let total: i64 = expected
             .iter()
             .map(|r| match r.last() {
@@ -1086,7 +1100,7 @@ fn wasm_over_windows_over_many_partitions_split_calls_and_agree_with_batch() {
     };
     let dir = tempfile::tempdir().unwrap();
     let logins = logins();
-    let expected = rt.block_on(batch_result(&g, &tx, &logins, dir.path()));
+    let expected = rt.block_on(batch_result(&g, &tx, &logins, dir.path(), true));
     assert_eq!(expected.len(), tx.num_rows());
     // One delivery: its epoch releases rows of over 10,000 cards at once.
     let got = rt.block_on(stream_result(&g, delivery(&tx, 11, 1), vec![logins], None));

@@ -14,6 +14,9 @@
 //! | [`over::OverWindow`] | `... OVER (PARTITION BY .. ORDER BY event time ..)` | pending rows; partition -> frame |
 //! | [`join::IntervalJoin`] | joins of two streams with an event-time range | key -> rows, per side |
 //!
+//! Batch mode runs [`aggregate::WindowAggregate`] and [`session::SessionAggregate`] too, for
+//! hopping and session windows, over bounded input sorted by event time ([`bounded`]).
+//!
 //! Per epoch an operator receives every batch of each input
 //! ([`process_batch`](Operator::process_batch)), then the watermark of its inputs
 //! ([`on_watermark`](Operator::on_watermark)). An operator's output within an epoch is a pure
@@ -21,6 +24,7 @@
 //! an epoch after a crash give the same rows.
 
 pub mod aggregate;
+pub mod bounded;
 pub mod dedup;
 pub mod graph;
 pub mod join;

@@ -26,7 +26,7 @@ use datafusion::logical_expr::physical_planning_context::PhysicalPlanningContext
 use datafusion::logical_expr::{
     Expr, Extension, LogicalPlan, UserDefinedLogicalNode, UserDefinedLogicalNodeCore,
 };
-use datafusion::optimizer::{Optimizer, OptimizerRule};
+use datafusion::optimizer::{AnalyzerRule, Optimizer, OptimizerRule};
 use datafusion::physical_plan::memory::MemoryStream;
 use datafusion::physical_plan::streaming::{PartitionStream, StreamingTableExec};
 use datafusion::physical_plan::{ExecutionPlan, collect};
@@ -327,7 +327,8 @@ const STREAMING_EXCLUDED_RULES: &[&str] = &[
 
 /// The session state streaming queries are planned with: the session's functions and tables,
 /// one partition (a micro-batch is small and each stage's plan runs once per epoch), the
-/// optimizer without [`STREAMING_EXCLUDED_RULES`], and a query planner that knows the graph's
+/// analyzer without batch mode's window rule, the optimizer without
+/// [`STREAMING_EXCLUDED_RULES`], and a query planner that knows the graph's
 /// cut points.
 pub fn streaming_state(ctx: &SessionContext) -> SessionState {
     // The context's catalog (its tables) carries over; a fresh default catalog would hide it.
@@ -340,9 +341,15 @@ pub fn streaming_state(ctx: &SessionContext) -> SessionState {
         .into_iter()
         .filter(|r| !STREAMING_EXCLUDED_RULES.contains(&r.name()))
         .collect();
-    SessionStateBuilder::new_from_existing(ctx.state())
+    let mut builder = SessionStateBuilder::new_from_existing(ctx.state())
         .with_config(config)
         .with_optimizer_rules(rules)
-        .with_query_planner(Arc::new(StreamQueryPlanner))
-        .build()
+        .with_query_planner(Arc::new(StreamQueryPlanner));
+    // A batch session hands window aggregations to operators over sorted input; a stream
+    // plans its window operators itself.
+    if let Some(analyzer) = builder.analyzer() {
+        let batch_only = super::bounded::BoundedWindows.name().to_string();
+        analyzer.rules.retain(|r| r.name() != batch_only);
+    }
+    builder.build()
 }

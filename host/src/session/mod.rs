@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arrow::record_batch::RecordBatch;
+use datafusion::execution::SessionStateBuilder;
 use datafusion::execution::context::SessionContext;
 use datafusion::prelude::{
     CsvReadOptions, DataFrame, JsonReadOptions, ParquetReadOptions, SessionConfig,
@@ -65,7 +66,14 @@ impl RiffleSession {
         if let Some(rows) = options.batch_size {
             config = config.with_batch_size(rows);
         }
-        let ctx = SessionContext::new_with_config(config);
+        // Hopping and session windows run with the streaming operators (`exec::bounded`).
+        let state = SessionStateBuilder::new()
+            .with_config(config)
+            .with_default_features()
+            .with_analyzer_rule(Arc::new(crate::exec::bounded::BoundedWindows))
+            .with_query_planner(Arc::new(crate::exec::bounded::BatchQueryPlanner))
+            .build();
+        let ctx = SessionContext::new_with_state(state);
         for f in crate::window::functions() {
             ctx.register_udf(f);
         }
@@ -251,17 +259,19 @@ impl RiffleSession {
     /// # Errors
     /// Planning errors.
     pub async fn dataframe(&self, sql: &str) -> Result<DataFrame> {
-        self.batch(self.ctx.sql(sql).await?)
+        Ok(self.ctx.sql(sql).await?)
     }
 
-    /// Prepares a DataFrame for batch execution: hopping windows and session windows in
-    /// `GROUP BY` become plans DataFusion can run (see [`crate::plan::window`]).
+    /// `df` with hopping and session windows written as plain DataFusion plans (see
+    /// [`crate::window::reference_rewrite`]) instead of run by the streaming operators: slower
+    /// and hungrier, but sharing no code with the streams it is compared with, which is what
+    /// tests want of an oracle.
     ///
     /// # Errors
     /// Planning errors for unsupported window use.
-    pub fn batch(&self, df: DataFrame) -> Result<DataFrame> {
+    pub fn reference(&self, df: DataFrame) -> Result<DataFrame> {
         let (state, plan) = df.into_parts();
-        let plan = crate::window::rewrite_for_batch(plan)?;
+        let plan = crate::window::reference_rewrite(plan)?;
         Ok(DataFrame::new(state, plan))
     }
 }

@@ -178,6 +178,11 @@ impl StateTable for RowBuffer {
         Ok(vec![self.encode(&added, released)?])
     }
 
+    fn forget_changes(&mut self) {
+        self.added.clear();
+        self.released_below = None;
+    }
+
     fn snapshot(&mut self) -> Result<Vec<RecordBatch>> {
         self.added.clear();
         self.released_below = None;

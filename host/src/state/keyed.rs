@@ -690,6 +690,15 @@ impl<V: Send> StateTable for KeyedTable<V> {
         self.encode(deleted, changed)
     }
 
+    fn forget_changes(&mut self) {
+        for i in std::mem::take(&mut self.changed) {
+            if let Some(slot) = self.slots[i as usize].as_mut() {
+                slot.changed = false;
+            }
+        }
+        self.deleted.clear();
+    }
+
     fn snapshot(&mut self) -> Result<Vec<RecordBatch>> {
         self.deleted.clear();
         self.changed.clear();

@@ -93,4 +93,9 @@ pub trait StateTable: Send {
 
     /// Current size.
     fn size(&self) -> StateSize;
+
+    /// Forgets what changed since the last delta, for a run that never checkpoints (batch
+    /// mode runs stream operators over bounded input): change tracking would otherwise hold
+    /// every key the run ever saw.
+    fn forget_changes(&mut self);
 }
