@@ -18,7 +18,12 @@
 //! 6. an interval join of two streams (transactions with logins of the same card within
 //!    minutes);
 //! 7. latency: the low-latency trigger at 100,000 events/s of arrival rate;
-//! 8. monitoring: the stateless query with `riffle run --http`'s monitor and HTTP server
+//! 8. `modes`: the 1-minute tumbling aggregation with a UDF and a 5-minute/1-minute hopping
+//!    exact distinct count, each as a stream (generator, checkpoints, Parquet sink), as a batch
+//!    query over a Parquet file of the same rows, and as that batch query with its windows as
+//!    plain DataFusion plans (how batch mode ran hopping windows before), each run in a process
+//!    of its own so that its peak RSS is its own; three rounds, in turn;
+//! 9. monitoring: the stateless query with `riffle run --http`'s monitor and HTTP server
 //!    attached and scraped (`/metrics` and the dashboard's `/api/progress`) once and ten times
 //!    a second, against the same query without them, in turn, in 10,000-row epochs (the cost
 //!    is per epoch), and the time the monitor's hooks take on the driver's thread.
@@ -48,7 +53,7 @@ use std::time::{Duration, Instant};
 use riffle::common::OutputMode;
 use riffle::connectors::files::ParquetDirSink;
 use riffle::connectors::generate::GeneratorSource;
-use riffle::connectors::generate::{FraudConfig, GeneratorConfig};
+use riffle::connectors::generate::{FraudConfig, FraudGenerator, GeneratorConfig};
 use riffle::connectors::source::DeadLetter;
 use riffle::exec::graph::Graph;
 use riffle::server::{HttpServer, Monitor};
@@ -109,13 +114,7 @@ async fn run(
     let inputs = sources
         .iter()
         .map(|s| {
-            let config = GeneratorConfig::Fraud(FraudConfig {
-                seed: s.seed,
-                cards: s.cards,
-                rows_per_second: s.events_per_second,
-                max_disorder_micros: 2_000_000,
-                ..FraudConfig::default()
-            });
+            let config = GeneratorConfig::Fraud(fraud_config(s));
             StreamInput::register(
                 &session,
                 s.name,
@@ -288,12 +287,16 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 fn main() {
     // As the `riffle` binary does.
     riffle::common::memory::disable_transparent_huge_pages();
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some(CHILD) {
+        return mode_child(&args[2..]);
+    }
     let rows: i64 = std::env::args()
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(2_000_000);
-    // Other arguments pick runs by name (stateless, windowed, over, over-wasm, session, join,
-    // latency); none: all.
+    // Other arguments pick runs by name (stateless, windowed, over, over-wasm, session, modes,
+    // join, latency, monitoring); none: all.
     let only: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| a.parse::<i64>().is_err() && !a.starts_with('-'))
@@ -421,6 +424,10 @@ fn main() {
                 report(name, &r);
                 report_state(&r);
             }
+        }
+
+        if wanted("modes") {
+            modes(rows, dir.path());
         }
 
         if wanted("join") {
@@ -615,5 +622,194 @@ async fn monitoring(rows: i64, dir: &Path) {
             (medians[0] / medians[v] - 1.0) * 100.0,
             median(&mut hooks[v]),
         );
+    }
+}
+
+/// The queries `modes` runs as a stream and as a batch, and the event rate of their input:
+/// 1,000 transactions a second (about 17 one-minute windows per country per million rows), or
+/// the generator's default of one a second (a million rows span 11 days, so windows are many
+/// and small).
+const MODE_QUERIES: &[(&str, &str, f64)] = &[
+    (
+        "1-min tumbling, UDF in agg",
+        "SELECT window(ts, '1 minute') AS w, country, count(*) AS n, \
+         max(risk_score(amount, country)) AS worst \
+         FROM transactions GROUP BY window(ts, '1 minute'), country",
+        1_000.0,
+    ),
+    (
+        "5-min/1-min hopping distinct",
+        "SELECT window(ts, '5 minutes', '1 minute') AS w, country, \
+         count(DISTINCT card_id) AS cards, count(*) AS n \
+         FROM transactions GROUP BY window(ts, '5 minutes', '1 minute'), country",
+        1_000.0,
+    ),
+    (
+        "5-min/1-min hopping distinct, 1/s",
+        "SELECT window(ts, '5 minutes', '1 minute') AS w, country, \
+         count(DISTINCT card_id) AS cards, count(*) AS n \
+         FROM transactions GROUP BY window(ts, '5 minutes', '1 minute'), country",
+        1.0,
+    ),
+];
+
+/// The input of [`MODE_QUERIES`] entry `query`.
+fn mode_input(query: usize, rows: i64) -> Source {
+    Source {
+        name: "transactions",
+        seed: 42,
+        cards: 10_000,
+        events_per_second: MODE_QUERIES[query].2,
+        rows,
+    }
+}
+
+/// How `modes` runs each query: as a stream; as a batch; as a batch with windows written as
+/// plain DataFusion plans (`RiffleSession::reference`, how batch mode ran them before it used
+/// the stream's operators).
+const MODES: [&str; 3] = ["stream", "batch", "reference"];
+
+/// The first argument of a child process of `modes`.
+const CHILD: &str = "--mode-child";
+
+/// Each of [`MODE_QUERIES`] as a stream and as a batch, in processes of their own, in turn.
+fn modes(rows: i64, dir: &Path) {
+    // The batch input: the generator's rows, as the stream reads them, in one Parquet file
+    // written here so that the children's peak RSS does not include making it.
+    const ROUNDS: usize = 3;
+    for (q, (name, _, _)) in MODE_QUERIES.iter().enumerate() {
+        let path = dir.join(format!("transactions-{q}.parquet"));
+        let mut generator = FraudGenerator::new(fraud_config(&mode_input(q, rows)));
+        let mut left = rows;
+        let chunks = std::iter::from_fn(|| {
+            let n = left.min(200_000);
+            left -= n;
+            (n > 0).then(|| generator.next_batch_of_ids(n as usize))
+        });
+        riffle::connectors::files::write_file(&path, FraudGenerator::schema(), chunks).unwrap();
+        let mut results: [Vec<[f64; 3]>; 3] = Default::default();
+        for _ in 0..ROUNDS {
+            for (m, mode) in MODES.iter().enumerate() {
+                let out_dir = dir.join(format!("modes-{q}-{mode}"));
+                let _ = std::fs::remove_dir_all(&out_dir);
+                let v = child(&[
+                    CHILD.to_string(),
+                    mode.to_string(),
+                    q.to_string(),
+                    rows.to_string(),
+                    path.display().to_string(),
+                    out_dir.display().to_string(),
+                ]);
+                results[m].push([v[0], v[1], v[2] / 1024.0]);
+            }
+        }
+        for (m, mode) in MODES.iter().enumerate() {
+            let median = |i: usize| {
+                let mut v: Vec<f64> = results[m].iter().map(|r| r[i]).collect();
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            };
+            let all: Vec<String> = results[m].iter().map(|r| format!("{:.0}", r[0])).collect();
+            println!(
+                "{:<36} {rows:>9} rows  {:>10.0} rows/s  {:>10.0} rows per CPU-second  \
+                 peak RSS {:>6.0} MiB  (rows/s of each round: {})",
+                format!("{name}, {mode}"),
+                median(0),
+                median(1),
+                median(2),
+                all.join(", ")
+            );
+        }
+    }
+}
+
+/// Runs this benchmark as a child process with `args`: its numbers (the last is its peak
+/// RSS in KiB).
+fn child(args: &[String]) -> Vec<f64> {
+    let output = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(args)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "child {args:?}: {}", output.status);
+    String::from_utf8(output.stdout)
+        .unwrap()
+        .split_whitespace()
+        .map(|x| x.parse().unwrap())
+        .collect()
+}
+
+/// A child of `modes`: `stream|batch|reference QUERY ROWS PARQUET OUT_DIR`; prints rows per
+/// second, rows per CPU-second and its peak RSS in KiB. A stream counts its engine time (without the generator's); a batch
+/// counts everything, reading and decoding the Parquet file included.
+fn mode_child(args: &[String]) {
+    let [mode, query, rows, parquet, out] = args else {
+        panic!("usage: {CHILD} stream|batch|reference QUERY ROWS PARQUET OUT_DIR")
+    };
+    let query: usize = query.parse().unwrap();
+    let sql = MODE_QUERIES[query].1;
+    let rows: i64 = rows.parse().unwrap();
+    let out = Path::new(out);
+    if mode == "stream" {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let r = rt.block_on(run(
+            sql,
+            OutputMode::Append,
+            Trigger::AvailableNow,
+            None,
+            &[mode_input(query, rows)],
+            out,
+            200_000,
+            None,
+        ));
+        let engine = r.rows as f64 / (r.wall_s - r.read_s);
+        let cpu = r.rows as f64 / (r.cpu_s - r.read_s);
+        println!("{engine} {cpu} {}", common::usage().ru_maxrss);
+        return;
+    }
+    // Batch: DataFusion's default, a partition per core.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let session = RiffleSession::new(SessionOptions {
+            engine: EngineOptions::default(),
+            row_error_policy: RowErrorPolicy::Null,
+            batch_size: None,
+        })
+        .unwrap();
+        session.load_udfs(&udf("fraud"), Vec::new(), None).unwrap();
+        session
+            .register_table("transactions", Path::new(parquet))
+            .await
+            .unwrap();
+        let started = Instant::now();
+        let cpu_started = common::cpu_seconds();
+        let mut df = session.dataframe(sql).await.unwrap();
+        if mode == "reference" {
+            df = session.reference(df).unwrap();
+        }
+        let result = session.collect(df).await.unwrap();
+        let wall_s = started.elapsed().as_secs_f64();
+        let cpu_s = common::cpu_seconds() - cpu_started;
+        assert!(result.iter().map(|b| b.num_rows()).sum::<usize>() > 0);
+        println!(
+            "{} {} {}",
+            rows as f64 / wall_s,
+            rows as f64 / cpu_s,
+            common::usage().ru_maxrss
+        );
+    });
+}
+
+fn fraud_config(s: &Source) -> FraudConfig {
+    FraudConfig {
+        seed: s.seed,
+        cards: s.cards,
+        rows_per_second: s.events_per_second,
+        max_disorder_micros: 2_000_000,
+        ..FraudConfig::default()
     }
 }
