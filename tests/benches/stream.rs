@@ -18,8 +18,8 @@
 //! 6. an interval join of two streams (transactions with logins of the same card within
 //!    minutes);
 //! 7. latency: the low-latency trigger at 100,000 events/s of arrival rate;
-//! 8. `modes`: the 1-minute tumbling aggregation with a UDF and a 5-minute/1-minute hopping
-//!    exact distinct count, each as a stream (generator, checkpoints, Parquet sink), as a batch
+//! 8. `modes`: the 1-minute tumbling aggregation with a UDF, a 5-minute/1-minute hopping
+//!    exact distinct count and a session window with a Wasm aggregate, each as a stream (generator, checkpoints, Parquet sink), as a batch
 //!    query over a Parquet file of the same rows, and as that batch query with its windows as
 //!    plain DataFusion plans (how batch mode ran hopping windows before), each run in a process
 //!    of its own so that its peak RSS is its own; three rounds, in turn;
@@ -651,6 +651,13 @@ const MODE_QUERIES: &[(&str, &str, f64)] = &[
          FROM transactions GROUP BY window(ts, '5 minutes', '1 minute'), country",
         1.0,
     ),
+    (
+        "30-s session, Wasm agg",
+        "SELECT session_window(ts, '30 seconds') AS s, card_id, count(*) AS n, \
+         sum(amount) AS total, dd_quantile(amount, 0.5) AS median \
+         FROM transactions GROUP BY session_window(ts, '30 seconds'), card_id",
+        1_000.0,
+    ),
 ];
 
 /// The input of [`MODE_QUERIES`] entry `query`.
@@ -780,7 +787,9 @@ fn mode_child(args: &[String]) {
             batch_size: None,
         })
         .unwrap();
-        session.load_udfs(&udf("fraud"), Vec::new(), None).unwrap();
+        for name in ["fraud", "sketch"] {
+            session.load_udfs(&udf(name), Vec::new(), None).unwrap();
+        }
         session
             .register_table("transactions", Path::new(parquet))
             .await

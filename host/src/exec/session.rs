@@ -238,6 +238,9 @@ impl ValueCodec<Sessions> for SessionCodec {
 }
 
 impl SessionAggregate {
+    /// Its [`Operator::kind`].
+    pub const KIND: &'static str = "session";
+
     /// Plans the operator for an `Aggregate` grouped by `session_window`.
     ///
     /// # Errors
@@ -281,7 +284,7 @@ fn merge(into: &mut Session, mut other: Session) -> Result<()> {
 #[async_trait::async_trait]
 impl Operator for SessionAggregate {
     fn kind(&self) -> &'static str {
-        "session"
+        Self::KIND
     }
 
     async fn process_batch(
