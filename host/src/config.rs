@@ -13,6 +13,7 @@
 //! [limits]
 //! udf_timeout_ms = 5000
 //! udf_memory_mb = 256
+//! query_memory_mb = 1024                        # batch sorts and aggregations spill beyond it
 //! on_row_error = "fail"                         # or "null"
 //! ```
 //!
@@ -53,6 +54,7 @@ pub(crate) struct UdfConfig {
 pub(crate) struct LimitsConfig {
     pub udf_timeout_ms: Option<u64>,
     pub udf_memory_mb: Option<usize>,
+    pub query_memory_mb: Option<usize>,
     #[serde(default, deserialize_with = "policy")]
     pub on_row_error: Option<RowErrorPolicy>,
 }
@@ -80,6 +82,11 @@ impl LimitsConfig {
             limits.memory_bytes = mb << 20;
         }
         limits
+    }
+
+    /// The memory limit of batch queries in bytes, the command line's (when given) first.
+    pub(crate) fn query_memory(&self, mb: Option<usize>) -> Option<usize> {
+        mb.or(self.query_memory_mb).map(|mb| mb << 20)
     }
 }
 
@@ -118,7 +125,7 @@ mod tests {
     fn parses_and_resolves_relative_paths() {
         let c = RiffleConfig::parse(
             "[tables]\ntx = \"data/tx.parquet\"\n[[udfs]]\npath = \"/abs/f.wasm\"\nconfig = \"m.txt\"\n\
-             [limits]\non_row_error = \"null\"\nudf_timeout_ms = 10\n",
+             [limits]\non_row_error = \"null\"\nudf_timeout_ms = 10\nquery_memory_mb = 64\n",
             Path::new("/base"),
         )
         .unwrap();
@@ -126,6 +133,12 @@ mod tests {
         assert_eq!(c.udfs[0].path, PathBuf::from("/abs/f.wasm"));
         assert_eq!(c.udfs[0].config, Some(PathBuf::from("/base/m.txt")));
         assert_eq!(c.limits.on_row_error, Some(RowErrorPolicy::Null));
+        assert_eq!(c.limits.query_memory(None), Some(64 << 20));
+        assert_eq!(
+            c.limits.query_memory(Some(8)),
+            Some(8 << 20),
+            "the flag wins"
+        );
     }
 
     #[test]

@@ -414,6 +414,7 @@ impl Pipeline {
             },
             row_error_policy: limits_file.on_row_error.unwrap_or_default(),
             batch_size: None,
+            memory_limit: limits_file.query_memory(None),
         })?;
         for udf in &self.contents.udfs {
             let config = read_udf_config(udf.config.as_deref())?;

@@ -67,6 +67,7 @@ async fn query(
         engine: EngineOptions::default(),
         row_error_policy: RowErrorPolicy::Null,
         batch_size: None,
+        memory_limit: None,
     })
     .unwrap();
     session.load_udfs(&udf("fraud"), Vec::new(), None).unwrap();

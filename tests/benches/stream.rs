@@ -19,10 +19,11 @@
 //!    minutes);
 //! 7. latency: the low-latency trigger at 100,000 events/s of arrival rate;
 //! 8. `modes`: the 1-minute tumbling aggregation with a UDF, a 5-minute/1-minute hopping
-//!    exact distinct count and a session window with a Wasm aggregate, each as a stream (generator, checkpoints, Parquet sink), as a batch
-//!    query over a Parquet file of the same rows, and as that batch query with its windows as
-//!    plain DataFusion plans (how batch mode ran hopping windows before), each run in a process
-//!    of its own so that its peak RSS is its own; three rounds, in turn;
+//!    exact distinct count and a session window with a Wasm aggregate, each as a stream
+//!    (generator, checkpoints, Parquet sink), as a batch query over a Parquet file of the same
+//!    rows (with no memory limit, and spilling beyond 128 MiB), and as that batch query with
+//!    its windows as plain DataFusion plans (how batch mode ran them before), each run in a
+//!    process of its own so that its peak RSS is its own; three rounds, in turn;
 //! 9. monitoring: the stateless query with `riffle run --http`'s monitor and HTTP server
 //!    attached and scraped (`/metrics` and the dashboard's `/api/progress`) once and ten times
 //!    a second, against the same query without them, in turn, in 10,000-row epochs (the cost
@@ -106,6 +107,7 @@ async fn run(
         engine: EngineOptions::default(),
         row_error_policy: RowErrorPolicy::Null,
         batch_size: None,
+        memory_limit: None,
     })
     .unwrap();
     for name in ["fraud", "sketch"] {
@@ -671,10 +673,14 @@ fn mode_input(query: usize, rows: i64) -> Source {
     }
 }
 
-/// How `modes` runs each query: as a stream; as a batch; as a batch with windows written as
-/// plain DataFusion plans (`RiffleSession::reference`, how batch mode ran them before it used
-/// the stream's operators).
-const MODES: [&str; 3] = ["stream", "batch", "reference"];
+/// How `modes` runs each query: as a stream; as a batch; as a batch whose sorts and
+/// aggregations spill beyond [`SPILL_LIMIT_MIB`]; as a batch with windows written as plain
+/// DataFusion plans (`RiffleSession::reference`, how batch mode ran them before it used the
+/// stream's operators).
+const MODES: [&str; 4] = ["stream", "batch", "batch-128MiB", "reference"];
+
+/// The memory limit of the `batch-128MiB` mode.
+const SPILL_LIMIT_MIB: usize = 128;
 
 /// The first argument of a child process of `modes`.
 const CHILD: &str = "--mode-child";
@@ -694,23 +700,34 @@ fn modes(rows: i64, dir: &Path) {
             (n > 0).then(|| generator.next_batch_of_ids(n as usize))
         });
         riffle::connectors::files::write_file(&path, FraudGenerator::schema(), chunks).unwrap();
-        let mut results: [Vec<[f64; 3]>; 3] = Default::default();
+        let mut results: [Vec<[f64; 3]>; MODES.len()] = Default::default();
+        let mut failures: [Vec<String>; MODES.len()] = Default::default();
         for _ in 0..ROUNDS {
             for (m, mode) in MODES.iter().enumerate() {
                 let out_dir = dir.join(format!("modes-{q}-{mode}"));
                 let _ = std::fs::remove_dir_all(&out_dir);
-                let v = child(&[
+                match child(&[
                     CHILD.to_string(),
                     mode.to_string(),
                     q.to_string(),
                     rows.to_string(),
                     path.display().to_string(),
                     out_dir.display().to_string(),
-                ]);
-                results[m].push([v[0], v[1], v[2] / 1024.0]);
+                ]) {
+                    Ok(v) => results[m].push([v[0], v[1], v[2] / 1024.0]),
+                    Err(e) => failures[m].push(e),
+                }
             }
         }
         for (m, mode) in MODES.iter().enumerate() {
+            if results[m].is_empty() {
+                let name = format!("{name}, {mode}");
+                println!(
+                    "{name:<36} {rows:>9} rows  failed: {}",
+                    failures[m].join("; ")
+                );
+                continue;
+            }
             let median = |i: usize| {
                 let mut v: Vec<f64> = results[m].iter().map(|r| r[i]).collect();
                 v.sort_by(f64::total_cmp);
@@ -731,27 +748,32 @@ fn modes(rows: i64, dir: &Path) {
 }
 
 /// Runs this benchmark as a child process with `args`: its numbers (the last is its peak
-/// RSS in KiB).
-fn child(args: &[String]) -> Vec<f64> {
+/// RSS in KiB), or the last line of what it said when it failed.
+fn child(args: &[String]) -> Result<Vec<f64>, String> {
     let output = std::process::Command::new(std::env::current_exe().unwrap())
         .args(args)
-        .stderr(std::process::Stdio::inherit())
+        .env("RUST_BACKTRACE", "0")
         .output()
         .unwrap();
-    assert!(output.status.success(), "child {args:?}: {}", output.status);
-    String::from_utf8(output.stdout)
+    if !output.status.success() {
+        let said = String::from_utf8_lossy(&output.stderr);
+        let first = said.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+        let cut: String = first.chars().take(240).collect();
+        return Err(format!("{}: {cut}", output.status));
+    }
+    Ok(String::from_utf8(output.stdout)
         .unwrap()
         .split_whitespace()
         .map(|x| x.parse().unwrap())
-        .collect()
+        .collect())
 }
 
-/// A child of `modes`: `stream|batch|reference QUERY ROWS PARQUET OUT_DIR`; prints rows per
+/// A child of `modes`: `MODE QUERY ROWS PARQUET OUT_DIR`; prints rows per
 /// second, rows per CPU-second and its peak RSS in KiB. A stream counts its engine time (without the generator's); a batch
 /// counts everything, reading and decoding the Parquet file included.
 fn mode_child(args: &[String]) {
     let [mode, query, rows, parquet, out] = args else {
-        panic!("usage: {CHILD} stream|batch|reference QUERY ROWS PARQUET OUT_DIR")
+        panic!("usage: {CHILD} MODE QUERY ROWS PARQUET OUT_DIR")
     };
     let query: usize = query.parse().unwrap();
     let sql = MODE_QUERIES[query].1;
@@ -785,6 +807,7 @@ fn mode_child(args: &[String]) {
             engine: EngineOptions::default(),
             row_error_policy: RowErrorPolicy::Null,
             batch_size: None,
+            memory_limit: (mode == "batch-128MiB").then_some(SPILL_LIMIT_MIB << 20),
         })
         .unwrap();
         for name in ["fraud", "sketch"] {

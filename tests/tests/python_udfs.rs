@@ -45,6 +45,7 @@ fn session(module: &str, tx: &RecordBatch) -> RiffleSession {
         },
         row_error_policy: RowErrorPolicy::Null,
         batch_size: None,
+        memory_limit: None,
     })
     .expect("session");
     session
@@ -131,6 +132,7 @@ fn a_configuration_the_python_module_rejects_names_the_line() {
         },
         row_error_policy: RowErrorPolicy::Fail,
         batch_size: None,
+        memory_limit: None,
     })
     .unwrap();
     let err = session

@@ -234,6 +234,10 @@ struct SqlArgs {
     /// Rows per batch (one UDF call per batch).
     #[arg(long, value_name = "ROWS")]
     batch_size: Option<usize>,
+    /// Memory the query may hold for sorts, aggregations and joins, in MiB; beyond it they
+    /// spill to temporary files (default: no limit).
+    #[arg(long, value_name = "MIB")]
+    query_memory_mb: Option<usize>,
     /// No progress bar (one appears on a terminal for queries that take a while).
     #[arg(long)]
     quiet: bool,
@@ -687,6 +691,7 @@ async fn sql(args: SqlArgs) -> Result<()> {
         engine: engine_options(&args.udf, &file_config.limits),
         row_error_policy: policy,
         batch_size: args.batch_size,
+        memory_limit: file_config.limits.query_memory(args.query_memory_mb),
     })?;
 
     for (name, path) in &file_config.tables {

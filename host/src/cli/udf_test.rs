@@ -134,6 +134,7 @@ pub(super) async fn run(args: UdfTestArgs) -> Result<()> {
         ),
         row_error_policy: RowErrorPolicy::Null,
         batch_size: None,
+        memory_limit: None,
     })?;
     let config = read_udf_config(args.config.as_deref())?;
     let module = session.load_udfs(&args.module, config, None)?;

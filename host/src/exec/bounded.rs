@@ -620,8 +620,13 @@ mod tests {
     }
 
     fn session(rows: usize, seed: u64) -> RiffleSession {
+        session_with(rows, seed, None)
+    }
+
+    fn session_with(rows: usize, seed: u64, memory_limit: Option<usize>) -> RiffleSession {
         let session = RiffleSession::new(SessionOptions {
             batch_size: Some(64),
+            memory_limit,
             ..SessionOptions::default()
         })
         .unwrap();
@@ -735,6 +740,37 @@ mod tests {
             assert!(!plan.contains("OperatorExec"), "{plan}");
             assert_eq!(sorted_lines(&got), expected);
         }
+    }
+
+    #[tokio::test]
+    async fn under_a_memory_limit_the_sort_spills_and_the_rows_stay_the_same() {
+        let sql = "SELECT window(ts, '10 minutes', '2 minutes') AS w, k, count(*) AS n, \
+                   count(DISTINCT u) AS users FROM t \
+                   GROUP BY window(ts, '10 minutes', '2 minutes'), k";
+        let unlimited = session(30_000, 6);
+        let df = unlimited.dataframe(sql).await.unwrap();
+        let expected = sorted_lines(&df.collect().await.unwrap());
+
+        let limited = session_with(30_000, 6, Some(256 << 10));
+        limited
+            .context()
+            .state_ref()
+            .write()
+            .config_mut()
+            .options_mut()
+            .execution
+            .sort_spill_reservation_bytes = 16 << 10;
+        let df = limited.dataframe(sql).await.unwrap();
+        let plan = df.create_physical_plan().await.unwrap();
+        let got = datafusion::physical_plan::collect(plan.clone(), limited.context().task_ctx())
+            .await
+            .unwrap();
+        assert_eq!(sorted_lines(&got), expected);
+        fn spills(plan: &Arc<dyn ExecutionPlan>) -> usize {
+            let own = plan.metrics().and_then(|m| m.spill_count()).unwrap_or(0);
+            own + plan.children().into_iter().map(spills).sum::<usize>()
+        }
+        assert!(spills(&plan) > 0, "nothing spilled");
     }
 
     #[tokio::test]

@@ -19,6 +19,8 @@ use std::sync::{Arc, Mutex};
 use arrow::record_batch::RecordBatch;
 use datafusion::execution::SessionStateBuilder;
 use datafusion::execution::context::SessionContext;
+use datafusion::execution::memory_pool::FairSpillPool;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{
     CsvReadOptions, DataFrame, JsonReadOptions, ParquetReadOptions, SessionConfig,
 };
@@ -39,6 +41,11 @@ pub struct SessionOptions {
     pub row_error_policy: RowErrorPolicy,
     /// Rows per batch (one UDF call each); DataFusion's default (8192) when `None`.
     pub batch_size: Option<usize>,
+    /// Bytes a batch query may hold for sorts, aggregations and joins, shared fairly among
+    /// the operators that can spill: beyond it sorts (the event-time sort under hopping and
+    /// session windows too) and aggregations spill to temporary files, and an operator that
+    /// cannot spill fails the query with "resources exhausted". `None`: no limit.
+    pub memory_limit: Option<usize>,
 }
 
 /// DataFusion plus Riffle's UDF runtime.
@@ -66,9 +73,14 @@ impl RiffleSession {
         if let Some(rows) = options.batch_size {
             config = config.with_batch_size(rows);
         }
+        let mut runtime = RuntimeEnvBuilder::new();
+        if let Some(bytes) = options.memory_limit {
+            runtime = runtime.with_memory_pool(Arc::new(FairSpillPool::new(bytes)));
+        }
         // Hopping and session windows run with the streaming operators (`exec::bounded`).
         let state = SessionStateBuilder::new()
             .with_config(config)
+            .with_runtime_env(runtime.build_arc()?)
             .with_default_features()
             .with_analyzer_rule(Arc::new(crate::exec::bounded::BoundedWindows))
             .with_query_planner(Arc::new(crate::exec::bounded::BatchQueryPlanner))

@@ -45,6 +45,7 @@ pub fn session(policy: RowErrorPolicy) -> RiffleSession {
         },
         row_error_policy: policy,
         batch_size: None,
+        memory_limit: None,
     })
     .expect("session")
 }
