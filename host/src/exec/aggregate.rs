@@ -158,25 +158,52 @@ pub(crate) fn micros(expr: &Arc<dyn PhysicalExpr>, batch: &RecordBatch) -> Resul
     to_micros(&expr.evaluate(batch)?.into_array(batch.num_rows())?)
 }
 
-/// Appends one column per aggregate (its values for the emitted groups, in order), cast to
-/// the output schema's type where DataFusion's accumulator returns a different one.
+/// The final values of one aggregate over the groups an operator emits (`accs`, one
+/// accumulator per group, in order), as a column of the output schema's type. A Wasm
+/// aggregate finishes them all in one guest call (its accumulators' states are copies, read
+/// without one): evaluating each would cost a call per closed window or session. Others
+/// evaluate one by one.
+pub(crate) fn evaluate_all<'a>(
+    spec: &AggregateFunctionExpr,
+    accs: impl ExactSizeIterator<Item = &'a mut Box<dyn Accumulator>>,
+    data_type: &DataType,
+) -> Result<ArrayRef> {
+    let groups = accs.len();
+    let array = if groups == 0 {
+        new_empty_array(data_type)
+    } else if let Some(wasm) = spec.fun().inner().downcast_ref::<WasmAggregateUdf>() {
+        let states = accs
+            .map(|acc| acc.state())
+            .collect::<datafusion::common::Result<Vec<_>>>()?;
+        let columns = (0..states[0].len())
+            .map(|j| ScalarValue::iter_to_array(states.iter().map(|s| s[j].clone())))
+            .collect::<datafusion::common::Result<Vec<_>>>()?;
+        wasm.calls().finish(groups, &columns)?
+    } else {
+        let values = accs
+            .map(|acc| acc.evaluate())
+            .collect::<datafusion::common::Result<Vec<_>>>()?;
+        ScalarValue::iter_to_array(values)?
+    };
+    Ok(if array.data_type() == data_type {
+        array
+    } else {
+        cast(&array, data_type)?
+    })
+}
+
+/// Appends one column per aggregate of `aggs` (its values for `groups`, the emitted groups'
+/// accumulators in order; see [`evaluate_all`]).
 pub(crate) fn append_aggregate_columns(
     columns: &mut Vec<ArrayRef>,
-    values: Vec<Vec<ScalarValue>>,
+    aggs: &[AggSpec],
+    groups: &mut [&mut Vec<Box<dyn Accumulator>>],
     schema: &SchemaRef,
 ) -> Result<()> {
-    for v in values {
+    for (i, agg) in aggs.iter().enumerate() {
         let field = schema.field(columns.len());
-        let array = if v.is_empty() {
-            new_empty_array(field.data_type())
-        } else {
-            ScalarValue::iter_to_array(v)?
-        };
-        columns.push(if array.data_type() == field.data_type() {
-            array
-        } else {
-            cast(&array, field.data_type())?
-        });
+        let accs = groups.iter_mut().map(|g| &mut g[i]);
+        columns.push(evaluate_all(&agg.expr, accs, field.data_type())?);
     }
     Ok(())
 }
@@ -424,19 +451,17 @@ impl WindowAggregate {
         out: &mut Output,
     ) -> Result<()> {
         let mut chosen: Vec<&[u8]> = Vec::new();
-        let mut values: Vec<Vec<ScalarValue>> = vec![Vec::new(); self.aggs.len()];
+        let mut accs: Vec<&mut Vec<Box<dyn Accumulator>>> = Vec::new();
         for (key, group) in groups {
             chosen.push(key);
-            for (i, acc) in group.accs.iter_mut().enumerate() {
-                values[i].push(acc.evaluate()?);
-            }
+            accs.push(&mut group.accs);
         }
         if chosen.is_empty() {
             return Ok(());
         }
         let size = self.windows.map(|w| w.size).unwrap_or(0);
         let mut columns = self.keys.output_columns(&chosen, size)?;
-        append_aggregate_columns(&mut columns, values, &self.output_schema)?;
+        append_aggregate_columns(&mut columns, &self.aggs, &mut accs, &self.output_schema)?;
         out.push(RecordBatch::try_new(self.output_schema.clone(), columns)?);
         Ok(())
     }
@@ -604,21 +629,16 @@ impl Operator for WindowAggregate {
                     .map(|(k, g)| (Box::<[u8]>::from(k), g))
                     .collect();
                 all.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-                let mut chosen = Vec::with_capacity(all.len());
-                let mut values: Vec<Vec<ScalarValue>> = vec![Vec::new(); self.aggs.len()];
-                for (key, group) in &mut all {
-                    chosen.push(key.clone());
-                    for (i, acc) in group.accs.iter_mut().enumerate() {
-                        values[i].push(acc.evaluate()?);
-                    }
-                }
-                if chosen.is_empty() {
+                if all.is_empty() {
                     return Ok(());
                 }
+                let (chosen, groups): (Vec<Box<[u8]>>, Vec<&mut Group>) = all.into_iter().unzip();
+                let mut accs: Vec<&mut Vec<Box<dyn Accumulator>>> =
+                    groups.into_iter().map(|g| &mut g.accs).collect();
                 let size = self.windows.map(|w| w.size).unwrap_or(0);
                 let keys: Vec<&[u8]> = chosen.iter().map(|k| k.as_ref()).collect();
                 let mut columns = self.keys.output_columns(&keys, size)?;
-                append_aggregate_columns(&mut columns, values, &self.output_schema)?;
+                append_aggregate_columns(&mut columns, &self.aggs, &mut accs, &self.output_schema)?;
                 out.push(RecordBatch::try_new(self.output_schema.clone(), columns)?);
             }
         }

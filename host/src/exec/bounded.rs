@@ -15,8 +15,10 @@
 //! Three pieces plug this into DataFusion: an analyzer rule ([`BoundedWindows`]) replaces such
 //! an `Aggregate` with a [`WindowAggregateNode`]; the batch query planner
 //! ([`BatchQueryPlanner`]) turns that into an [`OperatorExec`]; and the `OperatorExec` asks
-//! DataFusion for its input in one partition, sorted by the event time, which DataFusion's
-//! physical optimizer provides (a parallel sort and merge, spilling under a memory limit).
+//! DataFusion for its input split by the hash of the other grouping keys, each partition sorted
+//! by event time, which DataFusion's physical optimizer provides (a repartition and a sort per
+//! partition, spilling under a memory limit). Each partition runs an operator of its own, on a
+//! core of its own.
 //! Tumbling windows need none of this: a tumbling `window()` is a scalar, and DataFusion's own
 //! hash aggregation over it is the faster plan.
 
@@ -587,6 +589,7 @@ mod tests {
     use arrow::array::{Float64Array, Int64Array, TimestampMicrosecondArray};
     use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
     use arrow::util::pretty::pretty_format_batches;
+    use datafusion::config::ExecutionOptions;
     use datafusion::datasource::MemTable;
     use rand::{Rng, SeedableRng};
 
@@ -631,14 +634,7 @@ mod tests {
         })
         .unwrap();
         // Three partitions whatever the machine's cores: keys split three ways.
-        session
-            .context()
-            .state_ref()
-            .write()
-            .config_mut()
-            .options_mut()
-            .execution
-            .target_partitions = 3;
+        set_execution(&session, |e| e.target_partitions = 3);
         let (schema, partitions) = unsorted(rows, seed);
         let table = MemTable::try_new(schema, partitions).unwrap();
         session
@@ -646,6 +642,19 @@ mod tests {
             .register_table("t", Arc::new(table))
             .unwrap();
         session
+    }
+
+    /// Changes the session's execution options.
+    fn set_execution(session: &RiffleSession, change: impl FnOnce(&mut ExecutionOptions)) {
+        change(
+            &mut session
+                .context()
+                .state_ref()
+                .write()
+                .config_mut()
+                .options_mut()
+                .execution,
+        );
     }
 
     fn sorted_lines(batches: &[RecordBatch]) -> Vec<String> {
@@ -752,14 +761,7 @@ mod tests {
         let expected = sorted_lines(&df.collect().await.unwrap());
 
         let limited = session_with(30_000, 6, Some(256 << 10));
-        limited
-            .context()
-            .state_ref()
-            .write()
-            .config_mut()
-            .options_mut()
-            .execution
-            .sort_spill_reservation_bytes = 16 << 10;
+        set_execution(&limited, |e| e.sort_spill_reservation_bytes = 16 << 10);
         let df = limited.dataframe(sql).await.unwrap();
         let plan = df.create_physical_plan().await.unwrap();
         let got = datafusion::physical_plan::collect(plan.clone(), limited.context().task_ctx())

@@ -380,13 +380,13 @@ impl Operator for SessionAggregate {
         // Sessions closed by this watermark: their keys, bounds and values.
         let mut keys: Vec<Box<[u8]>> = Vec::new();
         let (mut starts, mut ends) = (Vec::new(), Vec::new());
-        let mut values: Vec<Vec<ScalarValue>> = vec![Vec::new(); self.aggs.len()];
+        let mut closed: Vec<Vec<Box<dyn Accumulator>>> = Vec::new();
         for key in self.open.take_due(watermark) {
             let Some(sessions) = self.open.remove(&key) else {
                 continue;
             };
             let mut kept = Vec::new();
-            for mut session in sessions {
+            for session in sessions {
                 if !watermark.is_late(session.end - 1) {
                     kept.push(session);
                     continue;
@@ -394,9 +394,7 @@ impl Operator for SessionAggregate {
                 keys.push(key.clone());
                 starts.push(session.start);
                 ends.push(session.end);
-                for (k, acc) in session.accs.iter_mut().enumerate() {
-                    values[k].push(acc.evaluate()?);
-                }
+                closed.push(session.accs);
             }
             if !kept.is_empty() {
                 let close = kept.iter().map(|s| s.end).min();
@@ -412,7 +410,8 @@ impl Operator for SessionAggregate {
             columns.clear();
         }
         columns.insert(self.window_position, window_array(starts, ends));
-        append_aggregate_columns(&mut columns, values, &self.output_schema)?;
+        let mut accs: Vec<&mut Vec<Box<dyn Accumulator>>> = closed.iter_mut().collect();
+        append_aggregate_columns(&mut columns, &self.aggs, &mut accs, &self.output_schema)?;
         out.push(RecordBatch::try_new(self.output_schema.clone(), columns)?);
         Ok(())
     }

@@ -41,10 +41,12 @@ pub struct SessionOptions {
     pub row_error_policy: RowErrorPolicy,
     /// Rows per batch (one UDF call each); DataFusion's default (8192) when `None`.
     pub batch_size: Option<usize>,
-    /// Bytes a batch query may hold for sorts, aggregations and joins, shared fairly among
-    /// the operators that can spill: beyond it sorts (the event-time sort under hopping and
-    /// session windows too) and aggregations spill to temporary files, and an operator that
-    /// cannot spill fails the query with "resources exhausted". `None`: no limit.
+    /// Bytes DataFusion's operators may hold for sorts, aggregations and joins (all of a batch
+    /// query; a stream's stateless stages), shared fairly among those that can spill: beyond
+    /// it sorts (the event-time sort under batch hopping and session windows too) and
+    /// aggregations spill to temporary files, and an operator that cannot spill fails the
+    /// query with "resources exhausted". Operator state of streams is not counted. `None`: no
+    /// limit.
     pub memory_limit: Option<usize>,
 }
 
