@@ -11,8 +11,9 @@
 //!   pool of sandboxed instances, CPU and memory limits, the Arrow <-> WIT column ABI, and the
 //!   DataFusion `ScalarUDFImpl` adapter. It knows nothing about plans, so any operator (batch
 //!   or streaming) calls [`udf::UdfModule::call`] the same way.
-//! - [`window`]: event-time window functions (`window`, `session_window`) and their batch
-//!   rewrite.
+//! - [`window`]: event-time window functions (`window`, `session_window`) and their
+//!   plain-DataFusion reference rewrite (batch mode runs them with the streaming operators,
+//!   [`exec::bounded`]).
 //! - [`state`]: operator state tables with change tracking, expiry by event time, and
 //!   delta/snapshot encoding to Arrow.
 //! - [`exec`]: the one [`exec::Operator`] trait, the dataflow graph, and the streaming
