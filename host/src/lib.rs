@@ -16,7 +16,8 @@
 //!   [`exec::bounded`]).
 //! - [`state`]: operator state tables with change tracking, expiry by event time, and
 //!   delta/snapshot encoding to Arrow.
-//! - [`exec`]: the one [`exec::Operator`] trait, the dataflow graph, and the streaming
+//! - [`exec`]: the one [`exec::Operator`] trait, the dataflow graph (which runs an operator as
+//!   one instance per partition, on as many cores, where its rows allow), and the streaming
 //!   operators (stateless DataFusion stages, window and session aggregation, de-duplication,
 //!   OVER windows, interval joins).
 //! - [`plan`]: from a DataFusion logical plan to an operator graph, with Spark's rules for what

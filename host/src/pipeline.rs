@@ -72,6 +72,9 @@
 //! trigger = "processing-time"           # processing-time | available-now | low-latency
 //! interval = "1 second"
 //! max_rows_per_epoch = 100000           # per source
+//! partitions = 2                        # instances of each keyed or row-wise operator, each
+//!                                       # on a core (default: the machine's cores); a
+//!                                       # restart may change it
 //! ```
 //!
 //! A file with one streaming source may name it in a `[source]` section (`name =
@@ -105,7 +108,9 @@ use crate::connectors::source::StreamSource;
 use crate::connectors::{ConfigContext, resolve};
 use crate::error::{Result, RiffleError};
 use crate::session::{RiffleSession, SessionOptions, read_udf_config};
-use crate::stream::{RunSummary, StreamInput, StreamOptions, StreamingQuery, Trigger};
+use crate::stream::{
+    RunSummary, StreamInput, StreamOptions, StreamingQuery, Trigger, default_partitions,
+};
 use crate::udf::EngineOptions;
 
 #[derive(Debug, Deserialize)]
@@ -216,6 +221,7 @@ struct StreamFile {
     trigger: Option<TriggerKind>,
     interval: Option<SqlDuration>,
     max_rows_per_epoch: Option<usize>,
+    partitions: Option<usize>,
     progress: Option<PathBuf>,
 }
 
@@ -258,6 +264,9 @@ pub struct RunOptions {
     pub run_name: Option<String>,
     /// Where the run reports what it does (`riffle run --http`).
     pub monitor: Option<Arc<crate::server::Monitor>>,
+    /// Stream mode: instances of each operator that can be partitioned, over the file's
+    /// `stream.partitions` (`riffle run --partitions`).
+    pub partitions: Option<usize>,
 }
 
 /// What a batch run produced.
@@ -377,6 +386,9 @@ impl Pipeline {
                 "stream.max_rows_per_epoch",
                 "must be at least 1",
             ));
+        }
+        if file.stream.partitions == Some(0) {
+            return Err(key_error(path, "stream.partitions", "must be at least 1"));
         }
         let interval = file.stream.interval.map(SqlDuration::std);
         let trigger = match file.stream.trigger {
@@ -687,6 +699,10 @@ impl Pipeline {
             max_epochs: options.max_epochs,
             upgrade_udfs: options.upgrade_udfs,
             hot_swap_udfs: options.hot_swap_udfs,
+            partitions: options
+                .partitions
+                .or(file.stream.partitions)
+                .unwrap_or_else(default_partitions),
         };
         let names: Vec<String> = inputs.iter().map(|i| i.name().to_string()).collect();
         let mut query = StreamingQuery::new(&session, inputs, plan, sink, stream_options)

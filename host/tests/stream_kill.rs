@@ -4,8 +4,9 @@
 //! Crashes are placed by failpoints (`RIFFLE_CRASH=<point>:<epoch>`, an abort as abrupt as
 //! `kill -9`) at each step of the epoch protocol in turn, so every step is hit on every run
 //! whatever the machine's speed. Stateful queries (an interval join of two streams and per-card
-//! OVER features) show that state, not only offsets, survives. A last smoke test also kills a
-//! process at random moments with SIGKILL.
+//! OVER features) show that state, not only offsets, survives, also when the restart runs
+//! the operators in another number of partitions. A last smoke test also kills a process at
+//! random moments with SIGKILL.
 
 mod common;
 
@@ -135,9 +136,12 @@ fn read_dir(dir: &Path) -> Vec<RecordBatch> {
 }
 
 /// Runs the stream, crashing at each failpoint in turn, then to the end; returns its output.
+/// The runs take turns at 1, 2 and 3 partitions, so every restart changes the number and
+/// state has to find the instances of its keys.
 fn crash_and_finish(pipeline: &Path, name: &str, crashes: &[(&str, u64)]) -> Vec<String> {
-    for (point, epoch) in crashes {
+    for (run, (point, epoch)) in crashes.iter().enumerate() {
         let out = riffle(pipeline, "stream")
+            .args(["--partitions", &(run % 3 + 1).to_string()])
             .env("RIFFLE_CRASH", format!("{point}:{epoch}"))
             .output()
             .unwrap();
@@ -147,7 +151,11 @@ fn crash_and_finish(pipeline: &Path, name: &str, crashes: &[(&str, u64)]) -> Vec
             "{name}: the run was to crash {point} epoch {epoch}: {stderr}"
         );
     }
-    let out = riffle(pipeline, "stream").output().unwrap();
+    let last = (crashes.len() % 3 + 1).to_string();
+    let out = riffle(pipeline, "stream")
+        .args(["--partitions", &last])
+        .output()
+        .unwrap();
     assert!(
         out.status.success(),
         "{name}: {}",

@@ -467,13 +467,15 @@ fn delivery(rows: &RecordBatch, seed: u64, batches: usize) -> Vec<RecordBatch> {
         .collect()
 }
 
-/// Streams the deliveries; with `crash_after`, stops after that many epochs, optionally
-/// forgets the last commit (a crash between sink write and commit), and restarts.
+/// Streams the deliveries with `partitions.0` partitions; with `crash_after`, stops after
+/// that many epochs, optionally forgets the last commit (a crash between sink write and
+/// commit), and restarts with `partitions.1`.
 async fn stream_result(
     g: &Golden,
     tx: Vec<RecordBatch>,
     logins: Vec<RecordBatch>,
     crash_after: Option<(u64, bool)>,
+    partitions: (usize, usize),
 ) -> Rows {
     let dir = tempfile::tempdir().unwrap();
     let sink = MemorySink::default();
@@ -481,7 +483,7 @@ async fn stream_result(
     if crash_after.is_none() {
         runs.pop();
     }
-    for max_epochs in runs {
+    for (run, max_epochs) in runs.into_iter().enumerate() {
         let session = session();
         let inputs = vec![
             StreamInput::register(
@@ -512,6 +514,7 @@ async fn stream_result(
             trigger: Trigger::AvailableNow,
             checkpoint: dir.path().to_path_buf(),
             max_epochs,
+            partitions: if run == 0 { partitions.0 } else { partitions.1 },
             ..StreamOptions::default()
         };
         let mut query =
@@ -565,25 +568,43 @@ fn golden_queries_agree_in_batch_streaming_and_restarted_streaming() {
         let batch = rt.block_on(batch_result(g, &tx, &logins, dir.path(), false));
         check(g, &expected, &batch, "batch");
         let seed = i as u64;
-        let streamed = rt.block_on(stream_result(
-            g,
-            delivery(&tx, seed, 12),
-            delivery(&logins, seed + 100, 5),
-            None,
-        ));
-        check(g, &expected, &streamed, "streaming");
-        for (crash, forget) in [(1, false), (3, true), (7, true), (10, false)] {
+        for n in [1, 3] {
+            let streamed = rt.block_on(stream_result(
+                g,
+                delivery(&tx, seed, 12),
+                delivery(&logins, seed + 100, 5),
+                None,
+                (n, n),
+            ));
+            check(
+                g,
+                &expected,
+                &streamed,
+                &format!("streaming, {n} partitions"),
+            );
+        }
+        // Restarts that keep or change the number of partitions.
+        for (crash, forget, partitions) in [
+            (1, false, (1, 3)),
+            (3, true, (3, 2)),
+            (7, true, (2, 1)),
+            (10, false, (2, 2)),
+        ] {
             let restarted = rt.block_on(stream_result(
                 g,
                 delivery(&tx, seed, 12),
                 delivery(&logins, seed + 100, 5),
                 Some((crash, forget)),
+                partitions,
             ));
             check(
                 g,
                 &expected,
                 &restarted,
-                &format!("restart after epoch {crash} (forgot commit: {forget})"),
+                &format!(
+                    "restart after epoch {crash} (forgot commit: {forget}), partitions {} then {}",
+                    partitions.0, partitions.1
+                ),
             );
         }
     }
@@ -599,6 +620,7 @@ proptest! {
         login_batches in 1usize..15,
         crash in 1u64..25,
         forget in any::<bool>(),
+        partitions in (1usize..5, 1usize..5),
     ) {
         let (tx, logins) = (transactions(), logins());
         let rt = common::runtime();
@@ -607,11 +629,11 @@ proptest! {
             let expected = rt.block_on(batch_result(g, &tx, &logins, dir.path(), true));
             let deliveries = || (delivery(&tx, seed, tx_batches), delivery(&logins, seed ^ 1, login_batches));
             let (a, b) = deliveries();
-            let streamed = rt.block_on(stream_result(g, a, b, None));
+            let streamed = rt.block_on(stream_result(g, a, b, None, (partitions.0, partitions.0)));
             prop_assert!(same(g, &streamed, &expected).is_ok(), "{}: {:?}", g.name, same(g, &streamed, &expected));
             let (a, b) = deliveries();
-            let restarted = rt.block_on(stream_result(g, a, b, Some((crash, forget))));
-            prop_assert!(same(g, &restarted, &expected).is_ok(), "{} (restart after {}): {:?}", g.name, crash, same(g, &restarted, &expected));
+            let restarted = rt.block_on(stream_result(g, a, b, Some((crash, forget)), partitions));
+            prop_assert!(same(g, &restarted, &expected).is_ok(), "{} (restart after {}, partitions {:?}): {:?}", g.name, crash, partitions, same(g, &restarted, &expected));
         }
     }
 }
@@ -1103,6 +1125,12 @@ fn wasm_over_windows_over_many_partitions_split_calls_and_agree_with_batch() {
     let expected = rt.block_on(batch_result(&g, &tx, &logins, dir.path(), true));
     assert_eq!(expected.len(), tx.num_rows());
     // One delivery: its epoch releases rows of over 10,000 cards at once.
-    let got = rt.block_on(stream_result(&g, delivery(&tx, 11, 1), vec![logins], None));
+    let got = rt.block_on(stream_result(
+        &g,
+        delivery(&tx, 11, 1),
+        vec![logins],
+        None,
+        (2, 2),
+    ));
     check(&g, &expected, &got, "one delivery over 20,000 cards");
 }

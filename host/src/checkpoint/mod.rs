@@ -481,8 +481,7 @@ impl Checkpoint {
         let mut files = Vec::new();
         for node in graph.nodes_mut() {
             let id = node.id.clone();
-            for table in node.operator.tables() {
-                let name = table.name().to_string();
+            for (t, name) in node.table_names().into_iter().enumerate() {
                 let before = previous
                     .get(&id)
                     .and_then(|t| t.get(&name))
@@ -499,7 +498,7 @@ impl Checkpoint {
                         operator: id.clone(),
                         table: name.clone(),
                         snapshot: true,
-                        batches: table.snapshot()?,
+                        batches: node.take_state(t, true)?,
                     });
                     TableManifest {
                         snapshot: Some(epoch),
@@ -508,7 +507,7 @@ impl Checkpoint {
                         delta_bytes: 0,
                     }
                 } else {
-                    let batches = table.take_delta()?;
+                    let batches = node.take_state(t, false)?;
                     if batches.is_empty() {
                         before
                     } else {
@@ -598,24 +597,26 @@ impl Checkpoint {
                         self.root.display()
                     ))
                 })?;
-            let mut live = node.operator.tables();
+            let names = node.table_names();
             for (name, entry) in tables {
-                let table = live.iter_mut().find(|t| t.name() == name).ok_or_else(|| {
-                    RiffleError::Checkpoint(format!(
+                if !names.contains(name) {
+                    return Err(RiffleError::Checkpoint(format!(
                         "checkpoint {} holds state table {operator}/{name}, which this query \
                          does not have",
                         self.root.display()
-                    ))
-                })?;
+                    )));
+                }
+                // The node sends each entry to the instance its key belongs to, however many
+                // instances wrote the files.
                 if let Some(epoch) = entry.snapshot {
-                    table.restore(&self.read_table(operator, name, epoch, true)?, true)?;
+                    node.restore_state(name, &self.read_table(operator, name, epoch, true)?, true)?;
                 }
                 for &epoch in &entry.deltas {
-                    table.restore(&self.read_table(operator, name, epoch, false)?, false)?;
+                    let batches = self.read_table(operator, name, epoch, false)?;
+                    node.restore_state(name, &batches, false)?;
                 }
             }
-            drop(live);
-            node.operator.on_restored()?;
+            node.on_restored()?;
         }
         Ok(())
     }
@@ -820,11 +821,12 @@ fn write_table(
 mod tests {
     use super::*;
     use crate::exec::graph::{Edge, Node};
-    use crate::exec::{Operator, Output};
+    use crate::exec::partition::hash_columns;
+    use crate::exec::{Operator, Output, PartitionKey, Partitioning};
     use crate::plan::fingerprint::{OperatorPrint, STATE_FORMAT};
     use crate::state::bytes::BytesCodec;
-    use crate::state::{KeyedTable, StateTable};
-    use arrow::array::{AsArray, Int64Array};
+    use crate::state::{KeyedTable, StateTable, entry_keys};
+    use arrow::array::{AsArray, Int64Array, UInt8Array};
     use arrow::datatypes::{DataType, Field, Int64Type, Schema};
     use std::sync::Arc;
 
@@ -854,8 +856,27 @@ mod tests {
             }
             Ok(())
         }
+        fn partitioning(&self) -> Partitioning {
+            Partitioning::ByKey(Arc::new(CounterKey))
+        }
         fn tables(&mut self) -> Vec<&mut dyn StateTable> {
             vec![&mut self.table]
+        }
+    }
+
+    /// The counter's partition key: its key byte, from an input value or a state entry.
+    struct CounterKey;
+
+    impl PartitionKey for CounterKey {
+        fn input_hashes(&self, _: usize, batch: &RecordBatch) -> Result<Vec<u64>> {
+            let x = batch.column(0).as_primitive::<Int64Type>();
+            // 255 removes key 0, so it goes where key 0 is.
+            let keys: UInt8Array = x.values().iter().map(|&v| (v % 255) as u8).collect();
+            hash_columns(&[Arc::new(keys)], batch.num_rows())
+        }
+        fn state_hashes(&self, _: &str, batch: &RecordBatch) -> Result<Vec<u64>> {
+            let keys: UInt8Array = entry_keys(batch)?.iter().map(|k| k.unwrap()[0]).collect();
+            hash_columns(&[Arc::new(keys)], batch.num_rows())
         }
     }
 
@@ -864,15 +885,26 @@ mod tests {
     }
 
     fn graph() -> Graph {
+        partitioned_graph(1)
+    }
+
+    /// The counter as `n` instances sharing its rows by key.
+    fn partitioned_graph(n: usize) -> Graph {
         let mut g = Graph::new();
-        g.add(Node::new(
-            Box::new(Counter { table: table() }),
-            vec![Edge::Source {
-                index: 0,
-                projection: None,
-            }],
-            input(&[]).schema(),
-        ))
+        let instances = (0..n)
+            .map(|_| Box::new(Counter { table: table() }) as Box<dyn Operator>)
+            .collect();
+        g.add(
+            Node::partitioned(
+                instances,
+                vec![Edge::Source {
+                    index: 0,
+                    projection: None,
+                }],
+                input(&[]).schema(),
+            )
+            .unwrap(),
+        )
         .unwrap();
         g
     }
@@ -884,7 +916,7 @@ mod tests {
 
     /// The counter's state, read through a snapshot.
     fn contents(g: &mut Graph) -> Vec<(Vec<u8>, u64)> {
-        let snapshot = g.nodes_mut()[0].operator.tables()[0].snapshot().unwrap();
+        let snapshot = g.nodes_mut()[0].take_state(0, true).unwrap();
         let mut copy = table();
         copy.restore(&snapshot, true).unwrap();
         let mut v: Vec<_> = copy.iter().map(|(k, n)| (k.to_vec(), *n)).collect();
@@ -909,10 +941,15 @@ mod tests {
     /// Runs `epochs` epochs of changes, writing state and committing each; returns the live
     /// graph and the last commit.
     fn run(ckpt: &Checkpoint, epochs: u64) -> (Graph, EpochCommit) {
+        run_partitioned(ckpt, epochs, 1)
+    }
+
+    /// [`run`] with the counter in `n` partitions.
+    fn run_partitioned(ckpt: &Checkpoint, epochs: u64, n: usize) -> (Graph, EpochCommit) {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        let mut g = graph();
+        let mut g = partitioned_graph(n);
         let mut manifest = StateManifest::new();
         let mut last = None;
         for epoch in 1..=epochs {
@@ -960,6 +997,38 @@ mod tests {
             files <= entry.deltas.len() + 1 + 2,
             "{files} files for {entry:?}"
         );
+    }
+
+    /// State written by a counter in 2 partitions restores into 1, 2 or 3, each key in the
+    /// instance its later rows go to: the same rows on top count on from the restored counts,
+    /// as they do in the graph that wrote them.
+    #[test]
+    fn state_restores_into_another_number_of_partitions() {
+        let dir = tempfile::tempdir().unwrap();
+        let ckpt = Checkpoint::open(dir.path(), &print()).unwrap();
+        let (mut live, commit) = run_partitioned(&ckpt, 27, 2);
+        assert!(commit.state["0-counter"]["counts"].snapshot.is_some());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let more = || vec![input(&(0..40).chain([255, 7, 7]).collect::<Vec<_>>())];
+        rt.block_on(live.run_epoch(&[more()], &[Watermark::NONE]))
+            .unwrap();
+        let expected = contents(&mut live);
+        for n in [1, 2, 3] {
+            let mut restored = partitioned_graph(n);
+            ckpt.restore_state(&commit.state, &mut restored).unwrap();
+            let node = &mut restored.nodes_mut()[0];
+            if n > 1 {
+                // Every instance got a share of the keys.
+                for instance in &mut node.instances_mut()[..] {
+                    assert!(instance.state_size().rows > 0, "{n} partitions");
+                }
+            }
+            rt.block_on(restored.run_epoch(&[more()], &[Watermark::NONE]))
+                .unwrap();
+            assert_eq!(contents(&mut restored), expected, "{n} partitions");
+        }
     }
 
     #[test]

@@ -118,6 +118,11 @@ struct RunArgs {
     /// the module that served each epoch.
     #[arg(long)]
     hot_swap_udfs: bool,
+    /// Stream mode: instances of each keyed aggregation and stateless stage, each on a core
+    /// (default: the pipeline's stream.partitions, else the machine's cores). A restart may
+    /// change it.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    partitions: Option<u16>,
     /// Batch mode into Delta: a rerun of a run whose commit landed (same query, UDFs, inputs
     /// and run name) writes nothing; a new name writes the rows again.
     #[arg(long, value_name = "NAME")]
@@ -462,6 +467,7 @@ async fn run_pipeline(args: RunArgs) -> Result<()> {
         hot_swap_udfs: args.hot_swap_udfs,
         run_name: args.run_name,
         monitor: monitor.clone(),
+        partitions: args.partitions.map(usize::from),
     };
     let result = run_mode(&pipeline, &options, args.mode, args.retry_for).await;
     if let Some(monitor) = &monitor {

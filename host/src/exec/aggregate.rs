@@ -22,8 +22,8 @@ use datafusion::logical_expr::{Accumulator, Aggregate, Expr, ExprSchemable};
 use datafusion::physical_expr::aggregate::{AggregateFunctionExpr, LoweredAggregateBuilder};
 use datafusion::physical_plan::PhysicalExpr;
 
-use super::keys::KeyEncoder;
-use super::{Operator, Output};
+use super::keys::{KeyEncoder, KeyRoute};
+use super::{Operator, Output, Partitioning};
 use crate::common::{OutputMode, Watermark, to_micros};
 use crate::error::{Result, RiffleError};
 use crate::state::{KeyedTable, StateTable, ValueCodec, ValueEncoder};
@@ -409,6 +409,9 @@ pub struct WindowAggregate {
     updated: Vec<Box<[u8]>>,
     mode: AggregateMode,
     output_schema: SchemaRef,
+    /// The partition key: the `GROUP BY` expressions other than the window, so that every
+    /// window of a key is in one partition (`None` without such expressions).
+    route: Option<Arc<KeyRoute>>,
 }
 
 impl WindowAggregate {
@@ -430,6 +433,7 @@ impl WindowAggregate {
         let aggs = AggSpec::plan(agg, state)?;
         let codec = GroupCodec::new(&aggs)?;
         Ok(WindowAggregate {
+            route: keys.keys.route()?,
             groups: KeyedTable::new("groups", Box::new(codec)),
             aggs,
             keys,
@@ -643,6 +647,13 @@ impl Operator for WindowAggregate {
             }
         }
         Ok(())
+    }
+
+    fn partitioning(&self) -> Partitioning {
+        match &self.route {
+            Some(route) => Partitioning::ByKey(route.clone()),
+            None => Partitioning::Single,
+        }
     }
 
     fn tables(&mut self) -> Vec<&mut dyn StateTable> {

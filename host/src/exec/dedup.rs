@@ -17,8 +17,8 @@ use datafusion::logical_expr::{Distinct, Expr};
 use datafusion::physical_plan::PhysicalExpr;
 
 use super::aggregate::micros;
-use super::keys::KeyEncoder;
-use super::{Operator, Output};
+use super::keys::{KeyEncoder, KeyRoute};
+use super::{Operator, Output, Partitioning};
 use crate::common::Watermark;
 use crate::error::{Result, RiffleError};
 use crate::state::{KeyedTable, StateTable, ValueCodec, ValueEncoder};
@@ -70,6 +70,8 @@ impl ValueEncoder<i64> for EventTimeEncoder {
 /// Streaming `DISTINCT`.
 pub struct Dedup {
     keys: KeyEncoder,
+    /// The partition key: the whole de-duplication key.
+    route: Option<Arc<KeyRoute>>,
     /// The input's event-time column, if it has one.
     ts: Option<Arc<dyn PhysicalExpr>>,
     /// Output expressions (`DISTINCT ON`'s select list); `None` passes rows through.
@@ -122,8 +124,10 @@ impl Dedup {
             ),
             None => None,
         };
+        let keys = KeyEncoder::plan(&key_exprs, schema, state)?;
         Ok(Dedup {
-            keys: KeyEncoder::plan(&key_exprs, schema, state)?,
+            route: keys.route()?,
+            keys,
             ts,
             select,
             output_schema,
@@ -192,6 +196,13 @@ impl Operator for Dedup {
             self.seen.remove(&key);
         }
         Ok(())
+    }
+
+    fn partitioning(&self) -> Partitioning {
+        match &self.route {
+            Some(route) => Partitioning::ByKey(route.clone()),
+            None => Partitioning::Single,
+        }
     }
 
     fn tables(&mut self) -> Vec<&mut dyn StateTable> {

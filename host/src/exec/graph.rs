@@ -7,9 +7,11 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use datafusion::execution::SessionState;
 
-use super::{Operator, OperatorMetrics, Output};
+use super::partition::{run_instances, split_by_hash, split_by_key, split_contiguous};
+use super::{Operator, OperatorMetrics, Output, Partitioning};
 use crate::common::Watermark;
 use crate::error::{Result, RiffleError};
+use crate::state::StateSize;
 
 /// Where an operator input (or the graph's output) comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -26,13 +28,15 @@ pub enum Edge {
     Node(usize),
 }
 
-/// One operator in the graph.
+/// One operator in the graph: one instance of it, or several that share its rows
+/// ([`partition`](super::partition)).
 pub struct Node {
     /// Stable id: `<position>-<kind>`. Names the operator's state in the checkpoint and its
     /// line in the progress.
     pub id: String,
-    /// The operator.
-    pub operator: Box<dyn Operator>,
+    /// The operator's instances (at least one); more than one only if it can be partitioned.
+    instances: Vec<Box<dyn Operator>>,
+    partitioning: Partitioning,
     /// Its inputs, in the order the operator numbers them.
     pub inputs: Vec<Edge>,
     /// Schema of what it emits.
@@ -43,24 +47,221 @@ pub struct Node {
 }
 
 impl Node {
-    /// A node; its id is set when it is added to a graph.
+    /// A node of one instance; its id is set when it is added to a graph.
     pub fn new(operator: Box<dyn Operator>, inputs: Vec<Edge>, schema: SchemaRef) -> Self {
         Node {
             id: String::new(),
             metrics: OperatorMetrics {
                 kind: operator.kind(),
+                partitions: 1,
                 ..OperatorMetrics::default()
             },
-            operator,
+            instances: vec![operator],
+            partitioning: Partitioning::Single,
             inputs,
             schema,
             watermark: Watermark::NONE,
         }
     }
 
+    /// A node whose `instances` (alike, built the same way) share its rows as the first says
+    /// ([`Operator::partitioning`]).
+    ///
+    /// # Errors
+    /// [`RiffleError::Internal`] for no instances, or several of an operator that cannot be
+    /// partitioned.
+    pub fn partitioned(
+        instances: Vec<Box<dyn Operator>>,
+        inputs: Vec<Edge>,
+        schema: SchemaRef,
+    ) -> Result<Self> {
+        let mut rest = instances.into_iter();
+        let first = rest
+            .next()
+            .ok_or_else(|| RiffleError::Internal("an operator node needs an instance".into()))?;
+        let partitioning = first.partitioning();
+        let mut node = Node::new(first, inputs, schema);
+        node.instances.extend(rest);
+        if node.instances.len() > 1 && matches!(partitioning, Partitioning::Single) {
+            return Err(RiffleError::Internal(format!(
+                "{} instances of a {} operator, which cannot be partitioned",
+                node.instances.len(),
+                node.metrics.kind
+            )));
+        }
+        node.metrics.partitions = node.instances.len();
+        node.partitioning = partitioning;
+        Ok(node)
+    }
+
     /// The node's output watermark after the last epoch.
     pub fn watermark(&self) -> Watermark {
         self.watermark
+    }
+
+    /// The operator (its first instance, which speaks for all of them).
+    pub fn operator(&self) -> &dyn Operator {
+        self.instances[0].as_ref()
+    }
+
+    /// The operator's instances.
+    pub fn instances_mut(&mut self) -> &mut [Box<dyn Operator>] {
+        &mut self.instances
+    }
+
+    /// How many instances share the node's rows.
+    pub fn partitions(&self) -> usize {
+        self.instances.len()
+    }
+
+    /// The names of the operator's state tables.
+    pub fn table_names(&mut self) -> Vec<String> {
+        self.instances[0]
+            .tables()
+            .iter()
+            .map(|t| t.name().to_string())
+            .collect()
+    }
+
+    /// State table `table` (by position, as [`table_names`](Self::table_names) lists them):
+    /// its snapshot, or its changes since the last call, as the union of every instance's.
+    ///
+    /// # Errors
+    /// Encoding errors.
+    pub fn take_state(&mut self, table: usize, snapshot: bool) -> Result<Vec<RecordBatch>> {
+        let mut batches: Vec<RecordBatch> = Vec::new();
+        for instance in &mut self.instances {
+            let mut tables = instance.tables();
+            let t = tables.get_mut(table).ok_or_else(|| {
+                RiffleError::Internal(format!("instances of {} differ in tables", self.id))
+            })?;
+            batches.extend(if snapshot {
+                t.snapshot()?
+            } else {
+                t.take_delta()?
+            });
+        }
+        // A state file keeps one schema's metadata (what a row buffer's delta says beyond its
+        // rows): the instances' batches must agree on it.
+        if let Some(first) = batches.first() {
+            let metadata = first.schema().metadata().clone();
+            if batches.iter().any(|b| b.schema().metadata() != &metadata) {
+                return Err(RiffleError::Internal(format!(
+                    "the partitions of {} disagree on their state's metadata",
+                    self.id
+                )));
+            }
+        }
+        Ok(batches)
+    }
+
+    /// Applies a snapshot or delta of table `name` (as [`take_state`](Self::take_state)
+    /// made it, with any number of instances), each entry to the instance its key belongs to
+    /// now. Returns whether the operator has such a table.
+    ///
+    /// # Errors
+    /// The table's restore errors; [`RiffleError::Internal`] for state of a partitioned
+    /// operator that is not keyed.
+    pub fn restore_state(
+        &mut self,
+        name: &str,
+        batches: &[RecordBatch],
+        snapshot: bool,
+    ) -> Result<bool> {
+        let n = self.instances.len();
+        let shares = if n == 1 {
+            vec![batches.to_vec()]
+        } else {
+            let Partitioning::ByKey(key) = &self.partitioning else {
+                return Err(RiffleError::Internal(format!(
+                    "operator {} keeps state but its {n} instances are not keyed",
+                    self.id
+                )));
+            };
+            // Every instance gets its part of every batch, empty or not: a batch may say
+            // more than its rows (a row buffer's delta, how far it released rows).
+            let mut shares = vec![Vec::new(); n];
+            for batch in batches {
+                let hashes = key.state_hashes(name, batch)?;
+                for (share, part) in shares.iter_mut().zip(split_by_hash(batch, &hashes, n)?) {
+                    share.push(part);
+                }
+            }
+            shares
+        };
+        for (instance, share) in self.instances.iter_mut().zip(shares) {
+            let mut tables = instance.tables();
+            let Some(table) = tables.iter_mut().find(|t| t.name() == name) else {
+                return Ok(false);
+            };
+            table.restore(&share, snapshot)?;
+        }
+        Ok(true)
+    }
+
+    /// Tells every instance its state is restored.
+    ///
+    /// # Errors
+    /// The operator's.
+    pub fn on_restored(&mut self) -> Result<()> {
+        for instance in &mut self.instances {
+            instance.on_restored()?;
+        }
+        Ok(())
+    }
+
+    /// The state of all instances together.
+    pub fn state_size(&mut self) -> StateSize {
+        self.instances
+            .iter_mut()
+            .map(|i| i.state_size())
+            .fold(StateSize::default(), |a, b| a + b)
+    }
+
+    /// Runs the node for one epoch: `inputs[k]` are input `k`'s rows, `watermark` the
+    /// minimum of the inputs' watermarks.
+    async fn run(&mut self, inputs: Vec<Vec<RecordBatch>>, watermark: Watermark) -> Result<Output> {
+        self.metrics.start_epoch();
+        for batches in &inputs {
+            self.metrics.rows_in += batches.iter().map(|b| b.num_rows() as u64).sum::<u64>();
+        }
+        let mut out = Output::default();
+        if self.instances.len() == 1 {
+            let operator = &mut self.instances[0];
+            for (k, batches) in inputs.into_iter().enumerate() {
+                for batch in batches {
+                    let started = Instant::now();
+                    operator.process_batch(k, batch, &mut out).await?;
+                    self.metrics.add_time(started.elapsed());
+                }
+            }
+            let started = Instant::now();
+            operator.on_watermark(watermark, &mut out).await?;
+            self.metrics.add_time(started.elapsed());
+        } else {
+            let started = Instant::now();
+            let n = self.instances.len();
+            let shares = match &self.partitioning {
+                Partitioning::ByKey(key) => split_by_key(key, inputs, n).await?,
+                Partitioning::RowWise | Partitioning::Single => {
+                    let mut shares: Vec<Vec<(usize, RecordBatch)>> = vec![Vec::new(); n];
+                    for (k, batches) in inputs.into_iter().enumerate() {
+                        for (share, part) in shares.iter_mut().zip(split_contiguous(batches, n)) {
+                            share.extend(part.into_iter().map(|b| (k, b)));
+                        }
+                    }
+                    shares
+                }
+            };
+            self.metrics.add_time(started.elapsed());
+            let (outputs, busy) = run_instances(&mut self.instances, shares, watermark).await?;
+            self.metrics.add_time(busy);
+            for output in outputs {
+                out.batches.extend(output.batches);
+                out.late_rows += output.late_rows;
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -94,7 +295,7 @@ impl Graph {
                 )));
             }
         }
-        node.id = format!("{index}-{}", node.operator.kind());
+        node.id = format!("{index}-{}", node.operator().kind());
         node.metrics.id = node.id.clone();
         self.nodes.push(node);
         Ok(index)
@@ -122,9 +323,7 @@ impl Graph {
 
     /// Whether any operator keeps state (then late rows matter).
     pub fn is_stateful(&mut self) -> bool {
-        self.nodes
-            .iter_mut()
-            .any(|n| !n.operator.tables().is_empty())
+        self.nodes.iter_mut().any(|n| !n.table_names().is_empty())
     }
 
     /// Sets every node's output watermark from the sources' watermarks, without running
@@ -132,7 +331,7 @@ impl Graph {
     pub fn settle_watermarks(&mut self, sources: &[Watermark]) {
         for i in 0..self.nodes.len() {
             let w = self.input_watermark(i, sources);
-            let hold = self.nodes[i].operator.watermark_hold_back();
+            let hold = self.nodes[i].operator().watermark_hold_back();
             self.nodes[i].watermark = w.held_back(hold);
         }
     }
@@ -163,21 +362,13 @@ impl Graph {
         for i in 0..self.nodes.len() {
             let watermark = self.input_watermark(i, watermarks);
             let node = &mut self.nodes[i];
-            node.metrics.start_epoch();
-            let mut out = Output::default();
-            for (k, edge) in node.inputs.iter().enumerate() {
-                let batches = batches_of(edge, inputs, &outputs)?;
-                for batch in batches {
-                    node.metrics.rows_in += batch.num_rows() as u64;
-                    let started = Instant::now();
-                    node.operator.process_batch(k, batch, &mut out).await?;
-                    node.metrics.add_time(started.elapsed());
-                }
-            }
-            let started = Instant::now();
-            node.operator.on_watermark(watermark, &mut out).await?;
-            node.metrics.add_time(started.elapsed());
-            node.watermark = watermark.held_back(node.operator.watermark_hold_back());
+            let node_inputs = node
+                .inputs
+                .iter()
+                .map(|edge| batches_of(edge, inputs, &outputs))
+                .collect::<Result<Vec<_>>>()?;
+            let out = node.run(node_inputs, watermark).await?;
+            node.watermark = watermark.held_back(node.operator().watermark_hold_back());
             node.metrics.rows_out = out.rows();
             node.metrics.late_rows = out.late_rows;
             node.metrics.total_rows_in += node.metrics.rows_in;
@@ -191,7 +382,7 @@ impl Graph {
     /// Refreshes each operator's state size in its metrics.
     pub fn measure_state(&mut self) {
         for node in &mut self.nodes {
-            node.metrics.state = node.operator.state_size();
+            node.metrics.state = node.state_size();
         }
     }
 
@@ -201,7 +392,9 @@ impl Graph {
     /// Re-planning errors (a reloaded table that no longer fits the query).
     pub async fn static_tables_changed(&mut self, state: &SessionState) -> Result<()> {
         for node in &mut self.nodes {
-            node.operator.on_static_tables_changed(state).await?;
+            for instance in &mut node.instances {
+                instance.on_static_tables_changed(state).await?;
+            }
         }
         Ok(())
     }

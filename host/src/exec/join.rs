@@ -27,8 +27,8 @@ use datafusion::execution::SessionState;
 use datafusion::logical_expr::{Expr, Join, JoinType};
 use datafusion::physical_plan::PhysicalExpr;
 
-use super::keys::KeyEncoder;
-use super::{Operator, Output};
+use super::keys::{InputRoutes, KeyEncoder};
+use super::{Operator, Output, Partitioning};
 use crate::common::{Watermark, to_micros};
 use crate::error::{Result, RiffleError};
 use crate::state::bytes::{BytesCodec, Decode, Encode};
@@ -112,6 +112,8 @@ struct Side {
 /// Streaming interval join of two streams.
 pub struct IntervalJoin {
     sides: [Side; 2],
+    /// The partition key: each side's join keys (`None` without equality keys).
+    route: Option<Arc<InputRoutes>>,
     bounds: JoinBounds,
     filter: Option<Arc<dyn PhysicalExpr>>,
     null_equals_null: bool,
@@ -187,7 +189,20 @@ impl IntervalJoin {
             Some(f) => Some(state.create_physical_expr(f.clone(), &join.schema)?),
             None => None,
         };
+        // Rows of both sides with equal keys must meet: with keys of one type on both sides,
+        // each side's rows and table route by their own key expressions to the same
+        // partition.
+        let route = match (left.keys.route()?, right.keys.route()?) {
+            (Some(l), Some(r)) if left.keys.types() == right.keys.types() => {
+                Some(Arc::new(InputRoutes::new(vec![
+                    ("left".to_string(), l),
+                    ("right".to_string(), r),
+                ])))
+            }
+            _ => None,
+        };
         Ok(IntervalJoin {
+            route,
             sides: [left, right],
             bounds,
             filter,
@@ -384,6 +399,13 @@ impl Operator for IntervalJoin {
 
     fn watermark_hold_back(&self) -> i64 {
         self.bounds.upper.max(-self.bounds.lower).max(0)
+    }
+
+    fn partitioning(&self) -> Partitioning {
+        match &self.route {
+            Some(route) => Partitioning::ByKey(route.clone()),
+            None => Partitioning::Single,
+        }
     }
 
     fn tables(&mut self) -> Vec<&mut dyn StateTable> {

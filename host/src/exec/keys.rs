@@ -1,5 +1,7 @@
 //! Encoding group, partition and join keys as bytes (Arrow's row format), including the empty
-//! key of an aggregation with no `GROUP BY` columns.
+//! key of an aggregation with no `GROUP BY` columns; and the partition keys built from them,
+//! which send rows and state entries of one key to one instance of an operator
+//! ([`super::partition`]).
 
 use std::sync::Arc;
 
@@ -9,9 +11,13 @@ use arrow::row::{RowConverter, Rows, SortField};
 use datafusion::common::DFSchema;
 use datafusion::execution::SessionState;
 use datafusion::logical_expr::{Expr, ExprSchemable};
+use datafusion::physical_expr_common::physical_expr::is_volatile;
 use datafusion::physical_plan::PhysicalExpr;
 
-use crate::error::Result;
+use super::PartitionKey;
+use super::partition::hash_columns;
+use crate::error::{Result, RiffleError};
+use crate::state::entry_keys;
 
 /// Key expressions and their byte encoding.
 ///
@@ -111,6 +117,42 @@ impl KeyEncoder {
         })
     }
 
+    /// The partition key of an operator whose keyed tables use these keys: the columns the
+    /// expressions compute, which follow the columns no expression computes (a window start)
+    /// in the encoded key. Rows and entries whose expressions' values are equal land in one
+    /// partition, whatever else their keys hold. `None` without expressions (all rows would
+    /// share one partition) or with a volatile one.
+    ///
+    /// # Errors
+    /// Types the row format cannot encode.
+    pub fn route(&self) -> Result<Option<Arc<KeyRoute>>> {
+        self.route_with_rows(&[])
+    }
+
+    /// [`route`](Self::route) for an operator whose tables `row_tables` hold input rows
+    /// themselves (a [`RowBuffer`](crate::state::RowBuffer)), which route as input rows do.
+    ///
+    /// # Errors
+    /// Types the row format cannot encode.
+    pub fn route_with_rows(&self, row_tables: &[&str]) -> Result<Option<Arc<KeyRoute>>> {
+        // Routing evaluates the expressions a second time: a volatile one (`random()`) could
+        // send a row where its key is not.
+        if self.exprs.is_empty() || self.exprs.iter().any(is_volatile) {
+            return Ok(None);
+        }
+        Ok(Some(Arc::new(KeyRoute {
+            exprs: self.exprs.clone(),
+            decoder: KeyEncoder::new(Vec::new(), self.types.clone())?,
+            leading: self.types.len() - self.exprs.len(),
+            row_tables: row_tables.iter().map(|t| t.to_string()).collect(),
+        })))
+    }
+
+    /// The key columns' types.
+    pub fn types(&self) -> &[DataType] {
+        &self.types
+    }
+
     /// Decodes keys back into key columns.
     ///
     /// # Errors
@@ -121,5 +163,71 @@ impl KeyEncoder {
         };
         let parser = converter.parser();
         Ok(converter.convert_rows(keys.into_iter().map(|k| parser.parse(k)))?)
+    }
+}
+
+/// The partition key of a keyed operator ([`KeyEncoder::route`]): evaluated over input rows,
+/// decoded from the keys of its keyed tables' entries.
+pub struct KeyRoute {
+    exprs: Vec<Arc<dyn PhysicalExpr>>,
+    decoder: KeyEncoder,
+    /// Decoded key columns before those the expressions compute.
+    leading: usize,
+    /// Tables whose entries are input rows.
+    row_tables: Vec<String>,
+}
+
+impl PartitionKey for KeyRoute {
+    fn input_hashes(&self, _input: usize, batch: &RecordBatch) -> Result<Vec<u64>> {
+        let columns = self
+            .exprs
+            .iter()
+            .map(|e| e.evaluate(batch)?.into_array(batch.num_rows()))
+            .collect::<datafusion::common::Result<Vec<_>>>()?;
+        hash_columns(&columns, batch.num_rows())
+    }
+
+    fn state_hashes(&self, table: &str, batch: &RecordBatch) -> Result<Vec<u64>> {
+        if self.row_tables.iter().any(|t| t == table) {
+            return self.input_hashes(0, batch);
+        }
+        let keys = entry_keys(batch)?;
+        let mut columns = self
+            .decoder
+            .decode(keys.iter().map(|k| k.unwrap_or_default()))?;
+        columns.drain(..self.leading.min(columns.len()));
+        hash_columns(&columns, batch.num_rows())
+    }
+}
+
+/// The partition key of an operator whose inputs are keyed each their own way (a join's two
+/// sides, keys of one type): input `k` routes by `routes[k]`, and so does the table it fills.
+pub struct InputRoutes {
+    routes: Vec<(String, Arc<KeyRoute>)>,
+}
+
+impl InputRoutes {
+    /// Routes for inputs in order, each with the name of its table.
+    pub fn new(routes: Vec<(String, Arc<KeyRoute>)>) -> Self {
+        InputRoutes { routes }
+    }
+}
+
+impl PartitionKey for InputRoutes {
+    fn input_hashes(&self, input: usize, batch: &RecordBatch) -> Result<Vec<u64>> {
+        let (_, route) = self
+            .routes
+            .get(input)
+            .ok_or_else(|| RiffleError::Internal(format!("no partition key for input {input}")))?;
+        route.input_hashes(0, batch)
+    }
+
+    fn state_hashes(&self, table: &str, batch: &RecordBatch) -> Result<Vec<u64>> {
+        let (_, route) = self
+            .routes
+            .iter()
+            .find(|(t, _)| t == table)
+            .ok_or_else(|| RiffleError::Internal(format!("no partition key for table {table}")))?;
+        route.state_hashes(table, batch)
     }
 }

@@ -22,6 +22,11 @@
 //! ([`on_watermark`](Operator::on_watermark)). An operator's output within an epoch is a pure
 //! function of its state before the epoch and the epoch's input, which is what makes replaying
 //! an epoch after a crash give the same rows.
+//!
+//! An operator that says how its rows may be split ([`Operator::partitioning`]: stateless
+//! filters and projections row by row, keyed aggregations by key) runs as several instances,
+//! one per partition, on as many cores ([`partition`]); its state reaches the checkpoint as
+//! one table whatever the number of partitions, and a restart may change that number.
 
 pub mod aggregate;
 pub mod bounded;
@@ -30,6 +35,7 @@ pub mod graph;
 pub mod join;
 pub mod keys;
 pub mod over;
+pub mod partition;
 pub mod session;
 pub mod stateless;
 #[cfg(test)]
@@ -44,6 +50,8 @@ use serde::Serialize;
 use crate::common::Watermark;
 use crate::error::Result;
 use crate::state::{StateSize, StateTable};
+
+pub use partition::{PartitionKey, Partitioning};
 
 /// Where an operator puts what it emits.
 #[derive(Debug, Default)]
@@ -134,6 +142,14 @@ pub trait Operator: Send {
         0
     }
 
+    /// How the graph may split the operator's rows among several instances of it, which
+    /// then run on several cores ([`partition`]). An operator that returns anything but
+    /// [`Partitioning::Single`] must give the same rows, as a multiset, whichever way the
+    /// graph splits its input within those rules.
+    fn partitioning(&self) -> Partitioning {
+        Partitioning::Single
+    }
+
     /// The operator's state, for the checkpoint.
     fn tables(&mut self) -> Vec<&mut dyn StateTable> {
         Vec::new()
@@ -165,13 +181,15 @@ pub struct OperatorMetrics {
     pub id: String,
     /// Its kind.
     pub kind: &'static str,
+    /// Instances of it that share its rows, each on a core (see [`partition`]).
+    pub partitions: usize,
     /// Rows in, this epoch.
     pub rows_in: u64,
     /// Rows out, this epoch.
     pub rows_out: u64,
     /// Rows dropped as late, this epoch.
     pub late_rows: u64,
-    /// Time spent in the operator this epoch, milliseconds.
+    /// Time spent in the operator this epoch, milliseconds (its instances' times added up).
     pub time_ms: f64,
     /// Output watermark after the epoch (RFC 3339), if any.
     pub watermark: Option<String>,

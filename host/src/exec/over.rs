@@ -43,8 +43,8 @@ use datafusion::logical_expr::{
 use datafusion::physical_plan::PhysicalExpr;
 use smallvec::SmallVec;
 
-use super::keys::KeyEncoder;
-use super::{Operator, Output};
+use super::keys::{KeyEncoder, KeyRoute};
+use super::{Operator, Output, Partitioning};
 use crate::common::{Watermark, to_micros};
 use crate::error::{Result, RiffleError};
 use crate::state::bytes::{BytesCodec, Decode, Encode, Zigzag, take};
@@ -774,6 +774,8 @@ fn slice_sum(values: impl Iterator<Item = Option<f64>> + Clone) -> Option<f64> {
 /// Streaming `... OVER (PARTITION BY ... ORDER BY <event time> ...)`.
 pub struct OverWindow {
     partitions_by: KeyEncoder,
+    /// The partition key: the `PARTITION BY` expressions.
+    route: Option<Arc<KeyRoute>>,
     ts: usize,
     ties: Option<(Vec<Arc<dyn PhysicalExpr>>, RowConverter)>,
     /// Argument expressions; `None` for a literal (see [`Place::Constant`]).
@@ -1005,8 +1007,11 @@ impl OverWindow {
             peers_by_ties,
         );
         let readers = functions.word_readers();
+        let partitions_by = KeyEncoder::plan(&partition_by, schema, state)?;
         Ok(OverWindow {
-            partitions_by: KeyEncoder::plan(&partition_by, schema, state)?,
+            // Pending rows are input rows: they go where rows of their partition go.
+            route: partitions_by.route_with_rows(&["pending"])?,
+            partitions_by,
             ts,
             ties,
             functions,
@@ -1892,6 +1897,13 @@ impl Operator for OverWindow {
         }
         out.push(RecordBatch::try_new(self.output_schema.clone(), columns)?);
         Ok(())
+    }
+
+    fn partitioning(&self) -> Partitioning {
+        match &self.route {
+            Some(route) => Partitioning::ByKey(route.clone()),
+            None => Partitioning::Single,
+        }
     }
 
     fn tables(&mut self) -> Vec<&mut dyn StateTable> {

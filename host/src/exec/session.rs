@@ -30,8 +30,8 @@ use super::aggregate::{
     AggSpec, GroupKeys, accumulators, append_aggregate_columns, micros, restore_accumulator,
     state_consumes, update,
 };
-use super::keys::KeyEncoder;
-use super::{Operator, Output};
+use super::keys::{KeyEncoder, KeyRoute};
+use super::{Operator, Output, Partitioning};
 use crate::common::Watermark;
 use crate::error::{Result, RiffleError};
 use crate::state::bytes::{Decode, Encode, take};
@@ -56,6 +56,8 @@ pub struct SessionAggregate {
     gap: i64,
     ts: Arc<dyn PhysicalExpr>,
     keys: KeyEncoder,
+    /// The partition key: the `GROUP BY` expressions other than the session window.
+    route: Option<Arc<KeyRoute>>,
     aggs: Vec<AggSpec>,
     output_schema: SchemaRef,
     open: KeyedTable<Sessions>,
@@ -258,6 +260,7 @@ impl SessionAggregate {
             window_position,
             gap,
             ts,
+            route: keys.keys.route()?,
             keys: keys.keys,
             aggs,
             output_schema: Arc::new(agg.schema.as_arrow().clone()),
@@ -414,6 +417,13 @@ impl Operator for SessionAggregate {
         append_aggregate_columns(&mut columns, &self.aggs, &mut accs, &self.output_schema)?;
         out.push(RecordBatch::try_new(self.output_schema.clone(), columns)?);
         Ok(())
+    }
+
+    fn partitioning(&self) -> Partitioning {
+        match &self.route {
+            Some(route) => Partitioning::ByKey(route.clone()),
+            None => Partitioning::Single,
+        }
     }
 
     fn tables(&mut self) -> Vec<&mut dyn StateTable> {

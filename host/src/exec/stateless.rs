@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use datafusion::catalog::Session;
+use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::{DFSchemaRef, Result as DfResult, internal_err};
 use datafusion::execution::context::QueryPlanner;
 use datafusion::execution::{
@@ -33,7 +34,7 @@ use datafusion::physical_plan::{ExecutionPlan, collect};
 use datafusion::physical_planner::{DefaultPhysicalPlanner, ExtensionPlanner, PhysicalPlanner};
 use datafusion::prelude::SessionContext;
 
-use super::{Operator, Output};
+use super::{Operator, Output, Partitioning};
 use crate::error::{Result, RiffleError};
 
 /// Where an operator puts an epoch's rows for its plan's scan of one input.
@@ -79,6 +80,11 @@ impl Slot {
 
     fn is_empty(&self) -> bool {
         self.batches.lock().expect("slot lock").is_empty()
+    }
+
+    /// Whether `other` is this slot (a clone of it), not just alike.
+    fn is(&self, other: &Slot) -> bool {
+        Arc::ptr_eq(&self.batches, &other.batches)
     }
 }
 
@@ -244,6 +250,20 @@ pub struct StatelessStage {
     physical: Arc<dyn ExecutionPlan>,
     slots: Vec<Slot>,
     task: Arc<TaskContext>,
+    row_wise: bool,
+}
+
+/// Whether every output row of `plan` comes from one input row alone, in input order:
+/// filters and projections (Wasm UDF calls included) over one input. Such a stage may run as
+/// several instances, each on a contiguous share of the rows ([`Partitioning::RowWise`]);
+/// joins, sorts, limits and unions see all of their input at once.
+fn row_wise(plan: &LogicalPlan) -> bool {
+    match plan {
+        LogicalPlan::Projection(_) | LogicalPlan::Filter(_) | LogicalPlan::SubqueryAlias(_) => {
+            plan.inputs().into_iter().all(row_wise)
+        }
+        _ => SlotNode::of(plan).is_some(),
+    }
 }
 
 impl StatelessStage {
@@ -257,11 +277,39 @@ impl StatelessStage {
             .create_physical_plan(&logical, state)
             .await?;
         Ok(StatelessStage {
+            row_wise: row_wise(&logical),
             logical,
             physical,
             slots,
             task: state.task_ctx(),
         })
+    }
+
+    /// Another instance of this stage: the same plan over slots of its own.
+    ///
+    /// # Errors
+    /// Planning errors.
+    pub async fn replicate(&self, state: &SessionState) -> Result<Self> {
+        let mut slots: Vec<Option<Slot>> = vec![None; self.slots.len()];
+        let logical = self
+            .logical
+            .clone()
+            .transform_up(|plan| {
+                let Some(leaf) = SlotNode::of(&plan) else {
+                    return Ok(Transformed::no(plan));
+                };
+                let fresh = SlotNode::new(leaf.id, leaf.schema.clone());
+                if let Some(i) = self.slots.iter().position(|s| s.is(&leaf.slot)) {
+                    slots[i] = Some(fresh.slot.clone());
+                }
+                Ok(Transformed::yes(fresh.into_plan()))
+            })?
+            .data;
+        let slots = slots
+            .into_iter()
+            .collect::<Option<Vec<Slot>>>()
+            .ok_or_else(|| RiffleError::Internal("a stage input without its leaf".into()))?;
+        StatelessStage::new(logical, slots, state).await
     }
 
     /// The logical plan it runs.
@@ -283,6 +331,14 @@ impl Operator for StatelessStage {
         _out: &mut Output,
     ) -> Result<()> {
         self.slots[input].push(batch)
+    }
+
+    fn partitioning(&self) -> Partitioning {
+        if self.row_wise {
+            Partitioning::RowWise
+        } else {
+            Partitioning::Single
+        }
     }
 
     async fn on_watermark(

@@ -18,7 +18,6 @@ use super::fingerprint::{
 use super::{SourceSpec, StreamPlan};
 use crate::common::OutputMode;
 use crate::error::{Result, RiffleError};
-use crate::exec::Operator;
 use crate::exec::aggregate::{AggregateMode, WindowAggregate};
 use crate::exec::dedup::Dedup;
 use crate::exec::graph::{Edge, Graph, Node};
@@ -26,6 +25,7 @@ use crate::exec::join::{IntervalJoin, JoinBounds};
 use crate::exec::over::OverWindow;
 use crate::exec::session::SessionAggregate;
 use crate::exec::stateless::{Slot, SlotNode, StatelessStage};
+use crate::exec::{Operator, Partitioning};
 use crate::udf::UdfModule;
 use crate::window::{WINDOW, WindowKind, window_call};
 
@@ -61,7 +61,8 @@ enum Lowered {
 }
 
 enum Pending {
-    Ready(Box<dyn Operator>),
+    /// The instances of an operator: one, or one per partition.
+    Ready(Vec<Box<dyn Operator>>),
     Stateless(LogicalPlan, Vec<Slot>),
 }
 
@@ -80,6 +81,8 @@ struct Compiler<'a> {
     /// stateful operator feeds one of them and must emit final rows.
     roots: Vec<*const LogicalPlan>,
     next_slot: usize,
+    /// Instances of each operator that can be partitioned.
+    partitions: usize,
 }
 
 fn unsupported(message: impl Into<String>) -> RiffleError {
@@ -87,7 +90,10 @@ fn unsupported(message: impl Into<String>) -> RiffleError {
 }
 
 /// Compiles `plan` (from SQL or a DataFrame, over tables of which `sources` stream) into a
-/// graph of operators, in `mode`, with `udfs` pinned in the fingerprint.
+/// graph of operators, in `mode`, with `udfs` pinned in the fingerprint. Operators that can be
+/// partitioned ([`Operator::partitioning`]) get `partitions` instances each, which share their
+/// rows on as many cores; the number is not part of the fingerprint, as the checkpoint's state
+/// does not depend on it.
 ///
 /// `state` must come from [`super::streaming_state`].
 ///
@@ -100,6 +106,7 @@ pub async fn compile(
     mode: OutputMode,
     state: &SessionState,
     udfs: &[Arc<UdfModule>],
+    partitions: usize,
 ) -> Result<StreamPlan> {
     reject_stream_subqueries(plan, sources)?;
     let optimized = state.optimize(plan)?;
@@ -110,6 +117,7 @@ pub async fn compile(
         nodes: Vec::new(),
         roots: Vec::new(),
         next_slot: 0,
+        partitions: partitions.max(1),
     };
     compiler.mark_roots(&optimized);
     let region = match compiler.lower(&optimized)? {
@@ -136,13 +144,21 @@ pub async fn compile(
 
     let mut graph = Graph::new();
     for spec in compiler.nodes {
-        let operator: Box<dyn Operator> = match spec.operator {
-            Pending::Ready(op) => op,
+        let instances: Vec<Box<dyn Operator>> = match spec.operator {
+            Pending::Ready(instances) => instances,
             Pending::Stateless(logical, slots) => {
-                Box::new(StatelessStage::new(logical, slots, state).await?)
+                let first = StatelessStage::new(logical, slots, state).await?;
+                let mut instances: Vec<Box<dyn Operator>> = Vec::new();
+                if !matches!(first.partitioning(), Partitioning::Single) {
+                    for _ in 1..compiler.partitions {
+                        instances.push(Box::new(first.replicate(state).await?));
+                    }
+                }
+                instances.insert(0, Box::new(first));
+                instances
             }
         };
-        graph.add(Node::new(operator, spec.inputs, spec.schema))?;
+        graph.add(Node::partitioned(instances, spec.inputs, spec.schema)?)?;
     }
     graph.set_output(output);
     let fingerprint = fingerprint(&graph, sources, mode, udfs);
@@ -356,6 +372,24 @@ impl Compiler<'_> {
 
     fn is_root(&self, plan: &LogicalPlan) -> bool {
         self.roots.iter().any(|p| std::ptr::eq(*p, plan))
+    }
+
+    /// The instances of an operator `make` builds: one per partition if it can be
+    /// partitioned ([`Operator::partitioning`]), else one.
+    fn instances<O: Operator + 'static>(
+        &self,
+        make: impl Fn() -> Result<O>,
+    ) -> Result<Vec<Box<dyn Operator>>> {
+        let first = make()?;
+        let n = match first.partitioning() {
+            Partitioning::Single => 1,
+            _ => self.partitions,
+        };
+        let mut instances: Vec<Box<dyn Operator>> = vec![Box::new(first)];
+        for _ in 1..n {
+            instances.push(Box::new(make()?));
+        }
+        Ok(instances)
     }
 
     fn add(&mut self, operator: Pending, inputs: Vec<Edge>, schema: &DFSchema) -> Edge {
@@ -631,20 +665,17 @@ impl Compiler<'_> {
                 ),
             }));
         }
-        let operator: Box<dyn Operator> = if session {
-            Box::new(SessionAggregate::new(agg, self.state)?)
+        let instances = if session {
+            self.instances(|| SessionAggregate::new(agg, self.state))?
         } else {
-            Box::new(WindowAggregate::new(
-                agg,
-                self.state,
-                AggregateMode {
-                    output: mode,
-                    window_on_event_time: on_event_time,
-                },
-            )?)
+            let mode = AggregateMode {
+                output: mode,
+                window_on_event_time: on_event_time,
+            };
+            self.instances(|| WindowAggregate::new(agg, self.state, mode))?
         };
         let edge = self.materialize(input);
-        let out = self.add(Pending::Ready(operator), vec![edge], &agg.schema);
+        let out = self.add(Pending::Ready(instances), vec![edge], &agg.schema);
         let times = (0..agg.schema.fields().len())
             .map(|i| match &window {
                 Some((w, _)) if *w == i && mode == OutputMode::Append => Time::Window,
@@ -696,7 +727,7 @@ impl Compiler<'_> {
         }
         let input = self.stateful_input(distinct.input(), "DISTINCT")?;
         let event_time = input.times.iter().position(|t| *t == Time::Event);
-        let operator = Dedup::new(distinct, self.state, event_time)?;
+        let instances = self.instances(|| Dedup::new(distinct, self.state, event_time))?;
         let times = match distinct {
             Distinct::All(_) => input.times.clone(),
             Distinct::On(on) => on
@@ -707,7 +738,7 @@ impl Compiler<'_> {
         };
         let edge = self.materialize(input);
         let schema = plan.schema().clone();
-        let out = self.add(Pending::Ready(Box::new(operator)), vec![edge], &schema);
+        let out = self.add(Pending::Ready(instances), vec![edge], &schema);
         Ok(Lowered::Stream(Box::new(
             self.leaf(&schema, out, times, false, root),
         )))
@@ -755,15 +786,11 @@ impl Compiler<'_> {
                     }
                 ))
             })?;
-        let operator = OverWindow::new(window, self.state, ts)?;
+        let instances = self.instances(|| OverWindow::new(window, self.state, ts))?;
         let mut times = input.times.clone();
         times.resize(window.schema.fields().len(), Time::None);
         let edge = self.materialize(input);
-        let out = self.add(
-            Pending::Ready(Box::new(operator)),
-            vec![edge],
-            &window.schema,
-        );
+        let out = self.add(Pending::Ready(instances), vec![edge], &window.schema);
         Ok(self.leaf(&window.schema, out, times, false, root))
     }
 
@@ -786,7 +813,8 @@ impl Compiler<'_> {
         let left = self.stateful_input(&join.left, "a join")?;
         let right = self.stateful_input(&join.right, "a join")?;
         let (bounds, residual) = join_bounds(join, &left.times, &right.times)?;
-        let operator = IntervalJoin::new(join, self.state, bounds, residual.as_ref())?;
+        let instances =
+            self.instances(|| IntervalJoin::new(join, self.state, bounds, residual.as_ref()))?;
         let times = join_times(
             join.join_type,
             left.times.clone(),
@@ -795,7 +823,7 @@ impl Compiler<'_> {
         );
         let l = self.materialize(left);
         let r = self.materialize(right);
-        let out = self.add(Pending::Ready(Box::new(operator)), vec![l, r], &join.schema);
+        let out = self.add(Pending::Ready(instances), vec![l, r], &join.schema);
         Ok(self.leaf(&join.schema, out, times, false, root))
     }
 }

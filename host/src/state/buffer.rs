@@ -116,6 +116,11 @@ impl RowBuffer {
                 }
             }
             self.added = added;
+        }
+        // Recorded even when nothing was released: the buffers of an operator's instances
+        // (partitions) then all say how far they released, and a delta that is their union
+        // says it whichever of them comes first.
+        if watermark != Watermark::NONE {
             self.released_below = Some(watermark.max(self.released_below.unwrap_or(watermark)));
         }
         Ok(out)

@@ -8,7 +8,7 @@ use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, ArrayRef, AsArray, BinaryBuilder, BooleanArray, Int64Array, RecordBatch,
+    Array, ArrayRef, AsArray, BinaryArray, BinaryBuilder, BooleanArray, Int64Array, RecordBatch,
 };
 use arrow::datatypes::{DataType, Field, Fields, Int64Type, Schema, SchemaRef};
 
@@ -637,6 +637,23 @@ impl<V: Send> KeyedTable<V> {
             }
         }
         Ok(())
+    }
+}
+
+/// The keys of a [`KeyedTable`]'s delta or snapshot batch, one per entry (what a partitioned
+/// operator routes its entries by).
+///
+/// # Errors
+/// [`RiffleError::Checkpoint`] for a batch no keyed table wrote.
+pub fn entry_keys(batch: &RecordBatch) -> Result<&BinaryArray> {
+    match batch.schema().fields().first() {
+        Some(f) if f.name() == KEY && f.data_type() == &DataType::Binary => {
+            Ok(batch.column(0).as_binary::<i32>())
+        }
+        _ => Err(RiffleError::Checkpoint(format!(
+            "a keyed table's state batch starts with its {KEY} column, not {}",
+            describe(batch.schema().fields())
+        ))),
     }
 }
 

@@ -39,7 +39,7 @@ use arrow::array::RecordBatch;
 use serde::Serialize;
 
 pub use buffer::RowBuffer;
-pub use keyed::{EntryId, KeyedTable, StateHasher, ValueCodec, ValueEncoder};
+pub use keyed::{EntryId, KeyedTable, StateHasher, ValueCodec, ValueEncoder, entry_keys};
 
 use crate::error::Result;
 

@@ -84,6 +84,16 @@ pub struct StreamOptions {
     /// boundary, under the rules of `upgrade_udfs` (`riffle run --hot-swap-udfs`; see
     /// [`hot_swap`]).
     pub hot_swap_udfs: bool,
+    /// Instances of each operator that can be partitioned (keyed aggregations, stateless
+    /// filters and projections), which share its rows on as many cores
+    /// ([`crate::exec::partition`]). A restart may change it: state goes to the instance of
+    /// its key.
+    pub partitions: usize,
+}
+
+/// The default number of partitions: one per core the process may use.
+pub fn default_partitions() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
 }
 
 impl Default for StreamOptions {
@@ -98,6 +108,7 @@ impl Default for StreamOptions {
             max_epochs: None,
             upgrade_udfs: false,
             hot_swap_udfs: false,
+            partitions: default_partitions(),
         }
     }
 }
@@ -308,7 +319,15 @@ impl StreamingQuery {
         let state = streaming_state(session.context());
         let specs: Vec<SourceSpec> = inputs.iter().map(|i| i.spec.clone()).collect();
         let modules = session.modules();
-        let compiled = compile(&plan, &specs, options.output_mode, &state, &modules).await?;
+        let compiled = compile(
+            &plan,
+            &specs,
+            options.output_mode,
+            &state,
+            &modules,
+            options.partitions,
+        )
+        .await?;
         let mut graph = compiled.graph;
         let stateful = graph.is_stateful();
         let checkpoint = Checkpoint::open_upgrading(

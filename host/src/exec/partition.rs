@@ -1,0 +1,507 @@
+//! Partition-parallel operators: several instances of one operator, each given its share of
+//! an epoch's rows, run at the same time on the runtime's worker threads.
+//!
+//! A stream used to run every operator on one core while the others idled. The graph now keeps
+//! N instances of each operator that says how its rows may be split ([`Partitioning`]) and
+//! runs an epoch's instances as tasks of their own, so N cores work on one query:
+//!
+//! - [`Partitioning::RowWise`] (stateless stages of filters and projections, Wasm UDF calls
+//!   included): each instance takes a contiguous share of the epoch's rows, so their outputs,
+//!   put back together in instance order, are the rows one instance would have emitted, in the
+//!   same order.
+//! - [`Partitioning::ByKey`] (keyed stateful operators): each row goes to the instance its
+//!   partition key's hash picks, so all rows of a key, and its state, meet in one instance.
+//!
+//! # State does not depend on N
+//!
+//! A partitioned operator's table reaches the checkpoint as the union of its instances' deltas
+//! and snapshots: the same files, under the same names, as one instance would write. A restore
+//! sends each entry to the instance its key hashes to *now*, with the same hash that routes
+//! rows ([`PartitionKey::state_hashes`]), so a query restarted with another number of
+//! partitions carries on with every key's state where that key's rows will arrive. The hash has
+//! a fixed seed, not a per-process random one, so processes of one build agree on where a key
+//! goes: the property that running partitions in several processes, each restoring only the
+//! keys it owns, will need (with a hash of our own, should DataFusion's change between
+//! versions).
+//!
+//! Within an epoch a keyed operator's output is its instances' outputs one after another, so
+//! rows of different keys come out in an order that depends on the number of partitions (each
+//! key's rows keep theirs). Only operators downstream that depend on arrival order across keys
+//! notice: `DISTINCT ON` without `ORDER BY` keeps the first row to arrive, and OVER windows
+//! order ties on the event time by arrival unless the `ORDER BY` is total.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::array::{ArrayRef, RecordBatch, UInt32Array};
+use arrow::compute::{cast, take_record_batch};
+use arrow::datatypes::DataType;
+use datafusion::common::hash_utils::{QualityRandomState, create_hashes};
+
+use super::{Operator, Output};
+use crate::common::Watermark;
+use crate::error::{Result, RiffleError};
+
+/// How the graph may split an operator's rows among instances of it.
+#[derive(Clone, Default)]
+pub enum Partitioning {
+    /// One instance sees every row: right for any operator, and the default.
+    #[default]
+    Single,
+    /// Each row's output depends on that row alone: instances may take any contiguous share
+    /// of the rows. Such an operator keeps no state.
+    RowWise,
+    /// Rows with equal partition keys must meet in one instance, and so must the state
+    /// entries of that key.
+    ByKey(Arc<dyn PartitionKey>),
+}
+
+impl std::fmt::Debug for Partitioning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Partitioning::Single => "Single",
+            Partitioning::RowWise => "RowWise",
+            Partitioning::ByKey(_) => "ByKey",
+        })
+    }
+}
+
+/// The partition key of a keyed operator, hashed alike from its input rows and from the
+/// entries of its state tables.
+pub trait PartitionKey: Send + Sync {
+    /// The partition key's hash ([`hash_columns`]) of each row of `batch`, which arrived on
+    /// input `input`.
+    ///
+    /// # Errors
+    /// Evaluation errors of the key expressions.
+    fn input_hashes(&self, input: usize, batch: &RecordBatch) -> Result<Vec<u64>>;
+
+    /// The partition key's hash of each entry of `batch`, a delta or snapshot batch of the
+    /// operator's table `table`. An entry's hash must equal that of the input rows that made
+    /// it.
+    ///
+    /// # Errors
+    /// Batches that are not this operator's state.
+    fn state_hashes(&self, table: &str, batch: &RecordBatch) -> Result<Vec<u64>>;
+}
+
+/// The hash every partition key uses: fixed, so that a key maps to the same partition in
+/// every process (foldhash's quality hasher, as DataFusion's `create_hashes` applies it).
+const ROUTE: QualityRandomState = QualityRandomState::with_seed(0x7269_6666_6c65);
+
+/// The partition hash of each of `rows` rows of the key `columns` (NULL hashes alike).
+///
+/// Dictionary columns are hashed as their values: keys decoded from Arrow's row format (a
+/// restore's) come back as plain values, and DataFusion hashes a dictionary column after the
+/// first differently from the same values in a plain one.
+///
+/// # Errors
+/// Column types DataFusion cannot hash.
+pub fn hash_columns(columns: &[ArrayRef], rows: usize) -> Result<Vec<u64>> {
+    let mut hashes = vec![0; rows];
+    if !columns.is_empty() {
+        let plain = columns
+            .iter()
+            .map(|c| match c.data_type() {
+                DataType::Dictionary(_, values) => cast(c, values),
+                _ => Ok(c.clone()),
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        create_hashes(&plain, &ROUTE, &mut hashes)?;
+    }
+    Ok(hashes)
+}
+
+/// Which of `n` partitions a hash belongs to (the high bits of `hash * n`, which spread well
+/// for any `n`).
+pub fn partition_of(hash: u64, n: usize) -> usize {
+    ((u128::from(hash) * n as u128) >> 64) as usize
+}
+
+/// Splits `batch` into `n` batches by the partitions of its rows' `hashes`, keeping the
+/// order of the rows within each.
+///
+/// # Errors
+/// Arrow errors copying the rows.
+pub fn split_by_hash(batch: &RecordBatch, hashes: &[u64], n: usize) -> Result<Vec<RecordBatch>> {
+    let mut rows: Vec<Vec<u32>> = vec![Vec::with_capacity(batch.num_rows() / n + 1); n];
+    for (row, &hash) in hashes.iter().enumerate() {
+        rows[partition_of(hash, n)].push(row as u32);
+    }
+    rows.into_iter()
+        .map(|rows| {
+            if rows.len() == batch.num_rows() {
+                Ok(batch.clone())
+            } else {
+                Ok(take_record_batch(batch, &UInt32Array::from(rows))?)
+            }
+        })
+        .collect()
+}
+
+/// Splits an epoch's `batches` into `n` contiguous shares of equal rows (the last may be
+/// shorter), slicing batches at the boundaries (no copy).
+pub fn split_contiguous(batches: Vec<RecordBatch>, n: usize) -> Vec<Vec<RecordBatch>> {
+    let total: usize = batches.iter().map(RecordBatch::num_rows).sum();
+    let share = total.div_ceil(n.max(1));
+    let mut shares = vec![Vec::new(); n];
+    let (mut part, mut filled) = (0, 0);
+    for batch in batches {
+        let mut offset = 0;
+        while offset < batch.num_rows() {
+            if filled == share && part + 1 < n {
+                part += 1;
+                filled = 0;
+            }
+            let len = (batch.num_rows() - offset).min(share - filled);
+            shares[part].push(batch.slice(offset, len));
+            offset += len;
+            filled += len;
+        }
+    }
+    shares
+}
+
+/// Splits an epoch's rows (`inputs[k]`: input `k`'s batches) among `n` instances by `key`,
+/// returning each instance's rows as (input, batch) pairs. The hashing and copying run on `n`
+/// tasks at once, each over a contiguous share of every input, so that routing does not hold
+/// the other cores up. Each instance gets its rows input by input, and each input's rows in
+/// the order they arrived.
+///
+/// # Errors
+/// The key's evaluation errors.
+pub(crate) async fn split_by_key(
+    key: &Arc<dyn PartitionKey>,
+    inputs: Vec<Vec<RecordBatch>>,
+    n: usize,
+) -> Result<Vec<Vec<(usize, RecordBatch)>>> {
+    type Parts = Vec<Vec<(usize, RecordBatch)>>;
+    fn split(key: &dyn PartitionKey, rows: Vec<(usize, RecordBatch)>, n: usize) -> Result<Parts> {
+        let mut parts = vec![Vec::new(); n];
+        for (k, batch) in rows {
+            let hashes = key.input_hashes(k, &batch)?;
+            for (part, rows) in parts.iter_mut().zip(split_by_hash(&batch, &hashes, n)?) {
+                if rows.num_rows() > 0 {
+                    part.push((k, rows));
+                }
+            }
+        }
+        Ok(parts)
+    }
+
+    let mut work: Vec<Vec<(usize, RecordBatch)>> = vec![Vec::new(); n];
+    for (k, batches) in inputs.into_iter().enumerate() {
+        for (w, share) in work.iter_mut().zip(split_contiguous(batches, n)) {
+            w.extend(share.into_iter().map(|b| (k, b)));
+        }
+    }
+    let split_shares: Vec<Result<Parts>> = match tokio::runtime::Handle::try_current() {
+        Ok(runtime) if n > 1 => {
+            let tasks: Vec<_> = work
+                .into_iter()
+                .map(|rows| {
+                    let key = Arc::clone(key);
+                    runtime.spawn(async move { split(key.as_ref(), rows, n) })
+                })
+                .collect();
+            let mut done = Vec::with_capacity(tasks.len());
+            for task in tasks {
+                match task.await {
+                    Ok(parts) => done.push(parts),
+                    Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                    Err(e) => {
+                        return Err(RiffleError::Internal(format!(
+                            "a routing task was cancelled: {e}"
+                        )));
+                    }
+                }
+            }
+            done
+        }
+        _ => work
+            .into_iter()
+            .map(|rows| split(key.as_ref(), rows, n))
+            .collect(),
+    };
+    let mut shares: Vec<Vec<(usize, RecordBatch)>> = vec![Vec::new(); n];
+    for parts in split_shares {
+        for (share, part) in shares.iter_mut().zip(parts?) {
+            share.extend(part);
+        }
+    }
+    for share in &mut shares {
+        // Stable: within an input, the contiguous shares' rows stay in arrival order.
+        share.sort_by_key(|(k, _)| *k);
+    }
+    Ok(shares)
+}
+
+/// What one instance did in an epoch.
+struct InstanceRun {
+    operator: Box<dyn Operator>,
+    output: Result<Output>,
+    busy: Duration,
+}
+
+/// Runs one epoch of every instance at once, each on a task of its own: `inputs[i]` are
+/// instance `i`'s rows (input number and batch, in order), then each instance gets the
+/// watermark. Returns the instances' outputs in instance order and the time they were busy,
+/// added up.
+///
+/// # Errors
+/// The first instance's error; every instance is back in `instances` either way. A panic in
+/// an instance resumes here, as it would have without partitions.
+pub(crate) async fn run_instances(
+    instances: &mut Vec<Box<dyn Operator>>,
+    inputs: Vec<Vec<(usize, RecordBatch)>>,
+    watermark: Watermark,
+) -> Result<(Vec<Output>, Duration)> {
+    async fn run(
+        mut operator: Box<dyn Operator>,
+        input: Vec<(usize, RecordBatch)>,
+        watermark: Watermark,
+    ) -> InstanceRun {
+        let started = Instant::now();
+        let mut out = Output::default();
+        let mut result = Ok(());
+        for (k, batch) in input {
+            result = operator.process_batch(k, batch, &mut out).await;
+            if result.is_err() {
+                break;
+            }
+        }
+        if result.is_ok() {
+            result = operator.on_watermark(watermark, &mut out).await;
+        }
+        InstanceRun {
+            operator,
+            output: result.map(|()| out),
+            busy: started.elapsed(),
+        }
+    }
+
+    let runs: Vec<InstanceRun> = match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => {
+            let tasks: Vec<_> = instances
+                .drain(..)
+                .zip(inputs)
+                .map(|(operator, input)| runtime.spawn(run(operator, input, watermark)))
+                .collect();
+            // Every task is awaited before anything returns, so that every instance that
+            // survived is back in place.
+            let mut runs = Vec::with_capacity(tasks.len());
+            let mut failed = None;
+            for task in tasks {
+                match task.await {
+                    Ok(run) => runs.push(run),
+                    Err(e) => {
+                        failed.get_or_insert(e);
+                    }
+                }
+            }
+            if let Some(e) = failed {
+                instances.extend(runs.into_iter().map(|r| r.operator));
+                if e.is_panic() {
+                    std::panic::resume_unwind(e.into_panic());
+                }
+                return Err(RiffleError::Internal(format!(
+                    "an operator instance's task was cancelled: {e}"
+                )));
+            }
+            runs
+        }
+        // Not on a Tokio runtime: one instance after another.
+        Err(_) => {
+            let mut runs = Vec::with_capacity(instances.len());
+            for (operator, input) in instances.drain(..).zip(inputs) {
+                runs.push(run(operator, input, watermark).await);
+            }
+            runs
+        }
+    };
+    let mut outputs = Vec::with_capacity(runs.len());
+    let mut busy = Duration::ZERO;
+    let mut error = None;
+    for run in runs {
+        instances.push(run.operator);
+        busy += run.busy;
+        match run.output {
+            Ok(output) => outputs.push(output),
+            Err(e) => {
+                error.get_or_insert(e);
+            }
+        }
+    }
+    match error {
+        Some(e) => Err(e),
+        None => Ok((outputs, busy)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{AsArray, Int64Array, StringArray};
+    use arrow::datatypes::{DataType, Field, Int64Type, Schema};
+
+    fn batch(values: &[i64]) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
+        RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(values.to_vec()))]).unwrap()
+    }
+
+    fn values(batches: &[RecordBatch]) -> Vec<i64> {
+        batches
+            .iter()
+            .flat_map(|b| b.column(0).as_primitive::<Int64Type>().values().to_vec())
+            .collect()
+    }
+
+    #[test]
+    fn contiguous_shares_are_even_and_keep_the_order() {
+        let batches = vec![batch(&[1, 2, 3]), batch(&[]), batch(&[4, 5, 6, 7])];
+        let shares = split_contiguous(batches, 3);
+        let got: Vec<Vec<i64>> = shares.iter().map(|s| values(s)).collect();
+        assert_eq!(got, vec![vec![1, 2, 3], vec![4, 5, 6], vec![7]]);
+        let shares = split_contiguous(vec![batch(&[1])], 4);
+        assert_eq!(shares.len(), 4);
+        assert_eq!(values(&shares[0]), vec![1]);
+        assert!(shares[1..].iter().all(|s| s.is_empty()));
+        assert!(split_contiguous(Vec::new(), 2).iter().all(Vec::is_empty));
+    }
+
+    #[test]
+    fn equal_keys_go_to_one_partition_whatever_their_type_or_batch() {
+        let keys: ArrayRef = Arc::new(StringArray::from(vec!["a", "b", "a", "c", "b"]));
+        let hashes = hash_columns(std::slice::from_ref(&keys), 5).unwrap();
+        assert_eq!(hashes[0], hashes[2]);
+        assert_eq!(hashes[1], hashes[4]);
+        // The same key in another batch, and as a dictionary, hashes the same.
+        let again: ArrayRef = Arc::new(StringArray::from(vec!["b"]));
+        assert_eq!(hash_columns(&[again], 1).unwrap()[0], hashes[1]);
+        let dict: ArrayRef = Arc::new(
+            vec!["c", "a"]
+                .into_iter()
+                .collect::<arrow::array::DictionaryArray<arrow::datatypes::Int32Type>>(),
+        );
+        let d = hash_columns(&[dict], 2).unwrap();
+        assert_eq!((d[0], d[1]), (hashes[3], hashes[0]));
+        // ...also after the first column, and for dictionaries of numbers (a restore decodes
+        // keys into plain values).
+        let first: ArrayRef = Arc::new(Int64Array::from(vec![1, 2]));
+        let plain: ArrayRef = Arc::new(Int64Array::from(vec![7, 9]));
+        let dict: ArrayRef = Arc::new(
+            arrow::array::DictionaryArray::<arrow::datatypes::Int32Type>::try_new(
+                arrow::array::Int32Array::from(vec![1, 0]),
+                Arc::new(Int64Array::from(vec![9, 7])),
+            )
+            .unwrap(),
+        );
+        assert_eq!(
+            hash_columns(&[first.clone(), dict], 2).unwrap(),
+            hash_columns(&[first, plain], 2).unwrap()
+        );
+
+        let rows = batch(&[10, 11, 12, 13, 14]);
+        let parts = split_by_hash(&rows, &hashes, 2).unwrap();
+        assert_eq!(parts.iter().map(|p| p.num_rows()).sum::<usize>(), 5);
+        for part in &parts {
+            let vs = values(std::slice::from_ref(part));
+            assert!(vs.windows(2).all(|w| w[0] < w[1]), "row order kept");
+        }
+        let part_of = |row: usize| partition_of(hashes[row], 2);
+        assert_eq!(part_of(0), part_of(2));
+        assert_eq!(part_of(1), part_of(4));
+    }
+
+    /// Partition key: column 0 of every input.
+    struct FirstColumn;
+
+    impl PartitionKey for FirstColumn {
+        fn input_hashes(&self, _: usize, batch: &RecordBatch) -> Result<Vec<u64>> {
+            hash_columns(&[batch.column(0).clone()], batch.num_rows())
+        }
+        fn state_hashes(&self, _: &str, batch: &RecordBatch) -> Result<Vec<u64>> {
+            self.input_hashes(0, batch)
+        }
+    }
+
+    /// Rows of a key meet in one share whichever batch and contiguous share they were in,
+    /// input by input, each input's rows in arrival order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn split_by_key_keeps_each_keys_rows_together_and_in_order() {
+        // Value = key * 1000 + arrival position: keys 0..7, in many batches, two inputs.
+        let rows: Vec<i64> = (0..200).map(|i| (i * 7 % 8) * 1000 + i).collect();
+        let keys = |values: &[i64]| values.iter().map(|v| v / 1000).collect::<Vec<_>>();
+        let keyed = |values: &[i64]| {
+            let schema = Arc::new(Schema::new(vec![
+                Field::new("k", DataType::Int64, false),
+                Field::new("v", DataType::Int64, false),
+            ]));
+            RecordBatch::try_new(
+                schema,
+                vec![
+                    Arc::new(Int64Array::from(keys(values))),
+                    Arc::new(Int64Array::from(values.to_vec())),
+                ],
+            )
+            .unwrap()
+        };
+        let input: Vec<RecordBatch> = rows.chunks(13).map(keyed).collect();
+        let other: Vec<RecordBatch> = rows[..50].chunks(7).map(keyed).collect();
+        let key: Arc<dyn PartitionKey> = Arc::new(FirstColumn);
+        for n in [1, 2, 3] {
+            let shares = split_by_key(&key, vec![input.clone(), other.clone()], n)
+                .await
+                .unwrap();
+            let mut seen_keys = std::collections::BTreeMap::new();
+            let mut total = 0;
+            for (s, share) in shares.iter().enumerate() {
+                let inputs: Vec<usize> = share.iter().map(|(k, _)| *k).collect();
+                assert!(inputs.windows(2).all(|w| w[0] <= w[1]), "input by input");
+                for input in 0..2 {
+                    let values: Vec<i64> = share
+                        .iter()
+                        .filter(|(k, _)| *k == input)
+                        .flat_map(|(_, b)| {
+                            b.column(1).as_primitive::<Int64Type>().values().to_vec()
+                        })
+                        .collect();
+                    total += values.len();
+                    for key in keys(&values) {
+                        assert_eq!(
+                            *seen_keys.entry(key).or_insert(s),
+                            s,
+                            "key {key} in one share"
+                        );
+                    }
+                    for key in 0..8 {
+                        let of_key: Vec<i64> =
+                            values.iter().copied().filter(|v| v / 1000 == key).collect();
+                        assert!(of_key.windows(2).all(|w| w[0] < w[1]), "arrival order");
+                    }
+                }
+            }
+            assert_eq!(total, 250, "{n} partitions: every row once");
+            assert_eq!(seen_keys.len(), 8);
+        }
+    }
+
+    #[test]
+    fn keys_spread_over_partitions() {
+        let keys: ArrayRef = Arc::new(Int64Array::from((0..10_000).collect::<Vec<i64>>()));
+        let hashes = hash_columns(&[keys], 10_000).unwrap();
+        for n in [2, 3, 8] {
+            let mut counts = vec![0usize; n];
+            for &h in &hashes {
+                counts[partition_of(h, n)] += 1;
+            }
+            let even = 10_000 / n;
+            assert!(
+                counts
+                    .iter()
+                    .all(|&c| c > even * 9 / 10 && c < even * 11 / 10),
+                "{n} partitions: {counts:?}"
+            );
+        }
+    }
+}
