@@ -20,7 +20,8 @@
 //! 7. latency: the low-latency trigger at 100,000 events/s of arrival rate;
 //! 8. `modes`: the 1-minute tumbling aggregation with a UDF, a 5-minute/1-minute hopping
 //!    exact distinct count and a session window with a Wasm aggregate, each as a stream
-//!    (generator, checkpoints, Parquet sink), as a batch query over a Parquet file of the same
+//!    (generator, checkpoints, Parquet sink) on one core and on two (partitions and runtime
+//!    workers; the session window is not partitioned yet), as a batch query over a Parquet file of the same
 //!    rows (with no memory limit, and spilling beyond 128 MiB), and as that batch query with
 //!    its windows as plain DataFusion plans (how batch mode ran them before), each run in a
 //!    process of its own so that its peak RSS is its own; three rounds, in turn;
@@ -32,7 +33,8 @@
 //! For the stateful runs it also prints the state each operator holds at the end, in bytes per
 //! key (what a million keys cost).
 //!
-//! Throughput is quoted per core: the engine runs one epoch at a time on one thread, except
+//! Throughput is quoted per core: outside `modes`' two-core streams, the engine runs one
+//! partition of each operator, one epoch at a time on one thread, except
 //! that state files are written on a second thread while the sink writes; "rows per
 //! CPU-second" counts that thread's time too. "Engine" excludes the generator (the time to
 //! invent rows, `read_ms` in the progress), "end to end" includes it. Latency is per row, from
@@ -48,7 +50,7 @@ mod common;
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use riffle::common::OutputMode;
@@ -91,6 +93,10 @@ struct Run {
     /// Seconds in each operator over all epochs, by operator id in graph order.
     operators: Vec<(String, f64)>,
 }
+
+/// Partitions of the streams [`run`] starts: the runs of this benchmark measure one core (and
+/// run on a runtime of one worker) unless a mode of `modes` says otherwise.
+static PARTITIONS: AtomicUsize = AtomicUsize::new(1);
 
 #[allow(clippy::too_many_arguments)]
 async fn run(
@@ -141,6 +147,7 @@ async fn run(
         max_rows_per_epoch: epoch_rows,
         checkpoint,
         progress_file: Some(progress.clone()),
+        partitions: PARTITIONS.load(Ordering::Relaxed),
         ..StreamOptions::default()
     };
     let sink = ParquetDirSink::new(&dir.join("out")).unwrap();
@@ -673,11 +680,12 @@ fn mode_input(query: usize, rows: i64) -> Source {
     }
 }
 
-/// How `modes` runs each query: as a stream; as a batch; as a batch whose sorts and
+/// How `modes` runs each query: as a stream on one core (one partition, a runtime of one
+/// worker) and on two (two partitions, two workers); as a batch; as a batch whose sorts and
 /// aggregations spill beyond [`SPILL_LIMIT_MIB`]; as a batch with windows written as plain
 /// DataFusion plans (`RiffleSession::reference`, how batch mode ran them before it used the
 /// stream's operators).
-const MODES: [&str; 4] = ["stream", "batch", "batch-128MiB", "reference"];
+const MODES: [&str; 5] = ["stream-1", "stream-2", "batch", "batch-128MiB", "reference"];
 
 /// The memory limit of the `batch-128MiB` mode.
 const SPILL_LIMIT_MIB: usize = 128;
@@ -779,9 +787,11 @@ fn mode_child(args: &[String]) {
     let sql = MODE_QUERIES[query].1;
     let rows: i64 = rows.parse().unwrap();
     let out = Path::new(out);
-    if mode == "stream" {
+    if let Some(cores) = mode.strip_prefix("stream-") {
+        let cores: usize = cores.parse().unwrap();
+        PARTITIONS.store(cores, Ordering::Relaxed);
         let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
+            .worker_threads(cores)
             .enable_all()
             .build()
             .unwrap();
