@@ -409,8 +409,10 @@ pub struct WindowAggregate {
     updated: Vec<Box<[u8]>>,
     mode: AggregateMode,
     output_schema: SchemaRef,
-    /// The partition key: the `GROUP BY` expressions other than the window, so that every
-    /// window of a key is in one partition (`None` without such expressions).
+    /// The partition key: for a tumbling window its start and the other `GROUP BY`
+    /// expressions; for a hopping window (a row is in several) the other expressions alone, so
+    /// that every window of a key is in one partition. `None` when there is nothing to split
+    /// by.
     route: Option<Arc<KeyRoute>>,
 }
 
@@ -433,7 +435,12 @@ impl WindowAggregate {
         let aggs = AggSpec::plan(agg, state)?;
         let codec = GroupCodec::new(&aggs)?;
         Ok(WindowAggregate {
-            route: keys.keys.route()?,
+            route: match (&keys.window, windows) {
+                (Some((_, _, ts)), Some(w)) if w.size == w.slide => {
+                    keys.keys.route_tumbling(ts.clone(), w)?
+                }
+                _ => keys.keys.route()?,
+            },
             groups: KeyedTable::new("groups", Box::new(codec)),
             aggs,
             keys,

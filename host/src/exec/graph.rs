@@ -129,17 +129,38 @@ impl Node {
     /// # Errors
     /// Encoding errors.
     pub fn take_state(&mut self, table: usize, snapshot: bool) -> Result<Vec<RecordBatch>> {
-        let mut batches: Vec<RecordBatch> = Vec::new();
-        for instance in &mut self.instances {
+        let id = &self.id;
+        let take = |instance: &mut Box<dyn Operator>| -> Result<Vec<RecordBatch>> {
             let mut tables = instance.tables();
             let t = tables.get_mut(table).ok_or_else(|| {
-                RiffleError::Internal(format!("instances of {} differ in tables", self.id))
+                RiffleError::Internal(format!("instances of {id} differ in tables"))
             })?;
-            batches.extend(if snapshot {
-                t.snapshot()?
+            if snapshot {
+                t.snapshot()
             } else {
-                t.take_delta()?
-            });
+                t.take_delta()
+            }
+        };
+        // Each instance encodes its own table on a thread of its own: encoding is most of the
+        // checkpoint's time, and it runs between epochs, when nothing else does.
+        let taken: Vec<Result<Vec<RecordBatch>>> = if self.instances.len() == 1 {
+            vec![take(&mut self.instances[0])]
+        } else {
+            std::thread::scope(|scope| {
+                let threads: Vec<_> = self
+                    .instances
+                    .iter_mut()
+                    .map(|instance| scope.spawn(|| take(instance)))
+                    .collect();
+                threads
+                    .into_iter()
+                    .map(|t| t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                    .collect()
+            })
+        };
+        let mut batches: Vec<RecordBatch> = Vec::new();
+        for part in taken {
+            batches.extend(part?);
         }
         // A state file keeps one schema's metadata (what a row buffer's delta says beyond its
         // rows): the instances' batches must agree on it.

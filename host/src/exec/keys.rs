@@ -5,8 +5,8 @@
 
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, RecordBatch};
-use arrow::datatypes::DataType;
+use arrow::array::{ArrayRef, AsArray, Int64Array, RecordBatch};
+use arrow::datatypes::{DataType, Int64Type};
 use arrow::row::{RowConverter, Rows, SortField};
 use datafusion::common::DFSchema;
 use datafusion::execution::SessionState;
@@ -16,8 +16,10 @@ use datafusion::physical_plan::PhysicalExpr;
 
 use super::PartitionKey;
 use super::partition::hash_columns;
+use crate::common::to_micros;
 use crate::error::{Result, RiffleError};
 use crate::state::entry_keys;
+use crate::window::TimeWindows;
 
 /// Key expressions and their byte encoding.
 ///
@@ -145,6 +147,35 @@ impl KeyEncoder {
             decoder: KeyEncoder::new(Vec::new(), self.types.clone())?,
             leading: self.types.len() - self.exprs.len(),
             row_tables: row_tables.iter().map(|t| t.to_string()).collect(),
+            window: None,
+        })))
+    }
+
+    /// The partition key of a tumbling-window aggregation whose keys begin with the window
+    /// start (of event time `ts`): the start with the other keys. Each row is in one window,
+    /// so a key's windows may go to different partitions, and an aggregation by a handful of
+    /// keys (countries) still spreads over every core. `None` with a volatile expression.
+    ///
+    /// # Errors
+    /// Types the row format cannot encode.
+    pub fn route_tumbling(
+        &self,
+        ts: Arc<dyn PhysicalExpr>,
+        windows: TimeWindows,
+    ) -> Result<Option<Arc<KeyRoute>>> {
+        if windows.size != windows.slide
+            || self.types.len() != self.exprs.len() + 1
+            || is_volatile(&ts)
+            || self.exprs.iter().any(is_volatile)
+        {
+            return Ok(None);
+        }
+        Ok(Some(Arc::new(KeyRoute {
+            exprs: self.exprs.clone(),
+            decoder: KeyEncoder::new(Vec::new(), self.types.clone())?,
+            leading: 0,
+            row_tables: Vec::new(),
+            window: Some((ts, windows)),
         })))
     }
 
@@ -175,16 +206,34 @@ pub struct KeyRoute {
     leading: usize,
     /// Tables whose entries are input rows.
     row_tables: Vec<String>,
+    /// A tumbling window whose start leads the key (of this event time).
+    window: Option<(Arc<dyn PhysicalExpr>, TimeWindows)>,
 }
 
 impl PartitionKey for KeyRoute {
     fn input_hashes(&self, _input: usize, batch: &RecordBatch) -> Result<Vec<u64>> {
-        let columns = self
+        let rows = batch.num_rows();
+        let mut columns = self
             .exprs
             .iter()
-            .map(|e| e.evaluate(batch)?.into_array(batch.num_rows()))
+            .map(|e| e.evaluate(batch)?.into_array(rows))
             .collect::<datafusion::common::Result<Vec<_>>>()?;
-        hash_columns(&columns, batch.num_rows())
+        if let Some((ts, windows)) = &self.window {
+            let ts = to_micros(&ts.evaluate(batch)?.into_array(rows)?)?;
+            let starts: Int64Array = ts
+                .as_primitive::<Int64Type>()
+                .iter()
+                .map(|t| {
+                    let mut start = None;
+                    if let Some(t) = t {
+                        windows.for_each(t, |s| start = Some(s));
+                    }
+                    start
+                })
+                .collect();
+            columns.insert(0, Arc::new(starts));
+        }
+        hash_columns(&columns, rows)
     }
 
     fn state_hashes(&self, table: &str, batch: &RecordBatch) -> Result<Vec<u64>> {
