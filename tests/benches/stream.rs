@@ -305,12 +305,13 @@ fn main() {
         .find_map(|a| a.parse().ok())
         .unwrap_or(2_000_000);
     // Other arguments pick runs by name (stateless, windowed, over, over-wasm, session, modes,
-    // join, latency, monitoring); none: all.
+    // join, latency, monitoring; none: all) and, with `q0`..`q3`, the queries `modes` runs.
     let only: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| a.parse::<i64>().is_err() && !a.starts_with('-'))
         .collect();
-    let wanted = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
+    let wanted =
+        |name: &str| only.iter().all(|o| o.starts_with('q')) || only.iter().any(|o| o == name);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -436,7 +437,12 @@ fn main() {
         }
 
         if wanted("modes") {
-            modes(rows, dir.path());
+            // `q0`..`q3` pick queries of MODE_QUERIES (default: all).
+            let queries: Vec<usize> = only
+                .iter()
+                .filter_map(|a| a.strip_prefix('q')?.parse().ok())
+                .collect();
+            modes(rows, dir.path(), &queries);
         }
 
         if wanted("join") {
@@ -694,11 +700,14 @@ const SPILL_LIMIT_MIB: usize = 128;
 const CHILD: &str = "--mode-child";
 
 /// Each of [`MODE_QUERIES`] as a stream and as a batch, in processes of their own, in turn.
-fn modes(rows: i64, dir: &Path) {
+fn modes(rows: i64, dir: &Path, queries: &[usize]) {
     // The batch input: the generator's rows, as the stream reads them, in one Parquet file
     // written here so that the children's peak RSS does not include making it.
     const ROUNDS: usize = 3;
     for (q, (name, _, _)) in MODE_QUERIES.iter().enumerate() {
+        if !queries.is_empty() && !queries.contains(&q) {
+            continue;
+        }
         let path = dir.join(format!("transactions-{q}.parquet"));
         let mut generator = FraudGenerator::new(fraud_config(&mode_input(q, rows)));
         let mut left = rows;
@@ -790,8 +799,14 @@ fn mode_child(args: &[String]) {
     if let Some(cores) = mode.strip_prefix("stream-") {
         let cores: usize = cores.parse().unwrap();
         PARTITIONS.store(cores, Ordering::Relaxed);
+        // BENCH_WORKERS: other runtime workers than partitions (to tell concurrency's cost
+        // from partitioning's).
+        let workers = std::env::var("BENCH_WORKERS")
+            .ok()
+            .and_then(|w| w.parse().ok())
+            .unwrap_or(cores);
         let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(cores)
+            .worker_threads(workers)
             .enable_all()
             .build()
             .unwrap();
@@ -807,6 +822,23 @@ fn mode_child(args: &[String]) {
         ));
         let engine = r.rows as f64 / (r.wall_s - r.read_s);
         let cpu = r.rows as f64 / (r.cpu_s - r.read_s);
+        // Where the time went, for whoever runs a child by hand.
+        let operators: Vec<String> = r
+            .operators
+            .iter()
+            .map(|(id, s)| format!("{id} {s:.2} s"))
+            .collect();
+        eprintln!(
+            "wall {:.2} s, reading {:.2} s; phases: operators {:.2} s, state {:.2} s, sink {:.2} \
+             s, commit {:.2} s; operators (instances' time added up): {}",
+            r.wall_s,
+            r.read_s,
+            r.phases[0],
+            r.phases[1],
+            r.phases[2],
+            r.phases[3],
+            operators.join(", ")
+        );
         println!("{engine} {cpu} {}", common::usage().ru_maxrss);
         return;
     }
