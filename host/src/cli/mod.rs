@@ -118,7 +118,8 @@ struct RunArgs {
     /// the module that served each epoch.
     #[arg(long)]
     hot_swap_udfs: bool,
-    /// Stream mode: instances of each keyed aggregation and stateless stage, each on a core
+    /// Stream mode: instances of each keyed operator (aggregations, OVER windows,
+    /// de-duplication, joins) and of each stage of filters and projections, each on a core
     /// (default: the pipeline's stream.partitions, else the machine's cores). A restart may
     /// change it.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]

@@ -84,8 +84,9 @@ pub struct StreamOptions {
     /// boundary, under the rules of `upgrade_udfs` (`riffle run --hot-swap-udfs`; see
     /// [`hot_swap`]).
     pub hot_swap_udfs: bool,
-    /// Instances of each operator that can be partitioned (keyed aggregations, stateless
-    /// filters and projections), which share its rows on as many cores
+    /// Instances of each operator that can be partitioned (keyed aggregations, OVER windows,
+    /// de-duplication and joins; stateless filters and projections), which share its rows on
+    /// as many cores
     /// ([`crate::exec::partition`]). A restart may change it: state goes to the instance of
     /// its key.
     pub partitions: usize,
