@@ -7,7 +7,7 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use datafusion::execution::SessionState;
 
-use super::partition::{run_instances, split_by_hash, split_by_key, split_contiguous};
+use super::partition::{run_epoch, run_instances, split_by_hash, split_by_key, split_contiguous};
 use super::{Operator, OperatorMetrics, Output, Partitioning};
 use crate::common::Watermark;
 use crate::error::{Result, RiffleError};
@@ -107,11 +107,6 @@ impl Node {
     /// The operator's instances.
     pub fn instances_mut(&mut self) -> &mut [Box<dyn Operator>] {
         &mut self.instances
-    }
-
-    /// How many instances share the node's rows.
-    pub fn partitions(&self) -> usize {
-        self.instances.len()
     }
 
     /// The names of the operator's state tables.
@@ -248,16 +243,13 @@ impl Node {
         }
         let mut out = Output::default();
         if self.instances.len() == 1 {
-            let operator = &mut self.instances[0];
-            for (k, batches) in inputs.into_iter().enumerate() {
-                for batch in batches {
-                    let started = Instant::now();
-                    operator.process_batch(k, batch, &mut out).await?;
-                    self.metrics.add_time(started.elapsed());
-                }
-            }
+            let input = inputs
+                .into_iter()
+                .enumerate()
+                .flat_map(|(k, batches)| batches.into_iter().map(move |b| (k, b)))
+                .collect();
             let started = Instant::now();
-            operator.on_watermark(watermark, &mut out).await?;
+            out = run_epoch(self.instances[0].as_mut(), input, watermark).await?;
             self.metrics.add_time(started.elapsed());
         } else {
             let started = Instant::now();

@@ -402,10 +402,7 @@ impl Operator for IntervalJoin {
     }
 
     fn partitioning(&self) -> Partitioning {
-        match &self.route {
-            Some(route) => Partitioning::ByKey(route.clone()),
-            None => Partitioning::Single,
-        }
+        Partitioning::by_key(&self.route)
     }
 
     fn tables(&mut self) -> Vec<&mut dyn StateTable> {

@@ -143,8 +143,7 @@ impl KeyEncoder {
             return Ok(None);
         }
         Ok(Some(Arc::new(KeyRoute {
-            exprs: self.exprs.clone(),
-            decoder: KeyEncoder::new(Vec::new(), self.types.clone())?,
+            keys: KeyEncoder::new(self.exprs.clone(), self.types.clone())?,
             leading: self.types.len() - self.exprs.len(),
             row_tables: row_tables.iter().map(|t| t.to_string()).collect(),
             window: None,
@@ -171,8 +170,7 @@ impl KeyEncoder {
             return Ok(None);
         }
         Ok(Some(Arc::new(KeyRoute {
-            exprs: self.exprs.clone(),
-            decoder: KeyEncoder::new(Vec::new(), self.types.clone())?,
+            keys: KeyEncoder::new(self.exprs.clone(), self.types.clone())?,
             leading: 0,
             row_tables: Vec::new(),
             window: Some((ts, windows)),
@@ -200,8 +198,8 @@ impl KeyEncoder {
 /// The partition key of a keyed operator ([`KeyEncoder::route`]): evaluated over input rows,
 /// decoded from the keys of its keyed tables' entries.
 pub struct KeyRoute {
-    exprs: Vec<Arc<dyn PhysicalExpr>>,
-    decoder: KeyEncoder,
+    /// The key expressions, and the types of the whole encoded key.
+    keys: KeyEncoder,
     /// Decoded key columns before those the expressions compute.
     leading: usize,
     /// Tables whose entries are input rows.
@@ -213,11 +211,7 @@ pub struct KeyRoute {
 impl PartitionKey for KeyRoute {
     fn input_hashes(&self, _input: usize, batch: &RecordBatch) -> Result<Vec<u64>> {
         let rows = batch.num_rows();
-        let mut columns = self
-            .exprs
-            .iter()
-            .map(|e| e.evaluate(batch)?.into_array(rows))
-            .collect::<datafusion::common::Result<Vec<_>>>()?;
+        let mut columns = self.keys.evaluate(batch)?;
         if let Some((ts, windows)) = &self.window {
             let ts = to_micros(&ts.evaluate(batch)?.into_array(rows)?)?;
             let starts: Int64Array = ts
@@ -242,7 +236,7 @@ impl PartitionKey for KeyRoute {
         }
         let keys = entry_keys(batch)?;
         let mut columns = self
-            .decoder
+            .keys
             .decode(keys.iter().map(|k| k.unwrap_or_default()))?;
         columns.drain(..self.leading.min(columns.len()));
         hash_columns(&columns, batch.num_rows())

@@ -43,10 +43,9 @@ use crate::common::Watermark;
 use crate::error::{Result, RiffleError};
 
 /// How the graph may split an operator's rows among instances of it.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub enum Partitioning {
     /// One instance sees every row: right for any operator, and the default.
-    #[default]
     Single,
     /// Each row's output depends on that row alone: instances may take any contiguous share
     /// of the rows. Such an operator keeps no state.
@@ -54,6 +53,16 @@ pub enum Partitioning {
     /// Rows with equal partition keys must meet in one instance, and so must the state
     /// entries of that key.
     ByKey(Arc<dyn PartitionKey>),
+}
+
+impl Partitioning {
+    /// By `key` if the operator has one, else [`Single`](Self::Single).
+    pub fn by_key<K: PartitionKey + 'static>(key: &Option<Arc<K>>) -> Partitioning {
+        match key {
+            Some(key) => Partitioning::ByKey(key.clone()),
+            None => Partitioning::Single,
+        }
+    }
 }
 
 impl std::fmt::Debug for Partitioning {
@@ -236,6 +245,24 @@ pub(crate) async fn split_by_key(
     Ok(shares)
 }
 
+/// Runs one epoch of `operator`: `input` (input number and batch, in order), then the
+/// watermark.
+///
+/// # Errors
+/// The operator's first error.
+pub(crate) async fn run_epoch(
+    operator: &mut dyn Operator,
+    input: Vec<(usize, RecordBatch)>,
+    watermark: Watermark,
+) -> Result<Output> {
+    let mut out = Output::default();
+    for (k, batch) in input {
+        operator.process_batch(k, batch, &mut out).await?;
+    }
+    operator.on_watermark(watermark, &mut out).await?;
+    Ok(out)
+}
+
 /// What one instance did in an epoch.
 struct InstanceRun {
     operator: Box<dyn Operator>,
@@ -262,20 +289,10 @@ pub(crate) async fn run_instances(
         watermark: Watermark,
     ) -> InstanceRun {
         let started = Instant::now();
-        let mut out = Output::default();
-        let mut result = Ok(());
-        for (k, batch) in input {
-            result = operator.process_batch(k, batch, &mut out).await;
-            if result.is_err() {
-                break;
-            }
-        }
-        if result.is_ok() {
-            result = operator.on_watermark(watermark, &mut out).await;
-        }
+        let output = run_epoch(operator.as_mut(), input, watermark).await;
         InstanceRun {
             operator,
-            output: result.map(|()| out),
+            output,
             busy: started.elapsed(),
         }
     }
