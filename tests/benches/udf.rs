@@ -7,7 +7,11 @@
 //! (The dev profile compiles the measured crates at opt-level 3 and every dependency at 2; see
 //! the workspace Cargo.toml.) Reports time per batch and the Wasm/native ratio for batches of
 //! 1, 1024, 8192 and 65536 rows, and the cold start of a module with and without the compiled
-//! artifact cache. This is a benchmark, not a test: it asserts nothing about speed.
+//! artifact cache. Each time is the median of several rounds, and the rounds of the two sides
+//! of a comparison alternate, since single runs on our machines vary by a third. Name sections
+//! to run only those (`-- calls`, `aggregates`, `python`, `cold`). `RIFFLE_WASM_PERFMAP=1`
+//! lets `perf` name the guest's functions. This is a benchmark, not a test: it asserts nothing
+//! about speed.
 
 /// The allocator the `riffle` binary runs with.
 #[global_allocator]
@@ -21,25 +25,49 @@ use arrow::array::{ArrayRef, AsArray, Float64Array, StringArray};
 use arrow::compute::kernels::arity::unary;
 use arrow::datatypes::Float64Type;
 use riffle::connectors::generate::{FraudConfig, FraudGenerator};
-use riffle::udf::{EngineOptions, UdfEngine, UdfLimits};
+use riffle::udf::{EngineOptions, UdfEngine, UdfLimits, UdfModule};
 use riffle_tests::udf;
 
-/// Best (lowest) mean time per iteration over several timed rounds: robust to a busy machine.
+/// Rounds per measurement: each reports the median round.
+const ROUNDS: usize = 9;
+
+/// Mean time per iteration in one ~60 ms round (at least 3 iterations).
+fn round(f: &mut impl FnMut()) -> Duration {
+    let started = Instant::now();
+    let mut iterations = 0u32;
+    while started.elapsed() < Duration::from_millis(60) || iterations < 3 {
+        f();
+        iterations += 1;
+    }
+    started.elapsed() / iterations
+}
+
+/// Median time per iteration over [`ROUNDS`] rounds, after a warm-up.
 fn measure(mut f: impl FnMut()) -> Duration {
     for _ in 0..3 {
         f();
     }
-    let mut best = Duration::MAX;
-    for _ in 0..7 {
-        let started = Instant::now();
-        let mut iterations = 0u32;
-        while started.elapsed() < Duration::from_millis(60) || iterations < 3 {
-            f();
-            iterations += 1;
-        }
-        best = best.min(started.elapsed() / iterations);
+    median((0..ROUNDS).map(|_| round(&mut f)).collect())
+}
+
+/// Two contenders measured side by side: their rounds alternate, so a machine that slows down
+/// or speeds up mid-run affects both alike. Returns each one's median round.
+fn measure_pair(mut a: impl FnMut(), mut b: impl FnMut()) -> (Duration, Duration) {
+    for _ in 0..3 {
+        a();
+        b();
     }
-    best
+    let (mut ta, mut tb) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        ta.push(round(&mut a));
+        tb.push(round(&mut b));
+    }
+    (median(ta), median(tb))
+}
+
+fn median(mut times: Vec<Duration>) -> Duration {
+    times.sort();
+    times[times.len() / 2]
 }
 
 fn new_engine(cache: Option<std::path::PathBuf>) -> UdfEngine {
@@ -53,8 +81,18 @@ fn new_engine(cache: Option<std::path::PathBuf>) -> UdfEngine {
     .unwrap()
 }
 
+/// Sections to run: `calls`, `aggregates`, `python`, `cold` (default: all). `cargo bench`
+/// also passes `--bench`, which is not a section.
+fn wanted() -> impl Fn(&str) -> bool {
+    let sections: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    move |section| sections.is_empty() || sections.iter().any(|s| s == section)
+}
+
 fn main() {
-    // `cargo bench` passes --bench; nothing else to parse.
+    let wanted = wanted();
     let batch = FraudGenerator::new(FraudConfig::default()).next_batch(65_536);
     let amount: Float64Array = batch
         .column_by_name("amount")
@@ -77,7 +115,33 @@ fn main() {
     let risk = fraud.function_index("risk_score").unwrap();
     let affine = conformance.function_index("affine").unwrap();
 
-    println!("Wasm UDF vs the same function native, time per batch (best of 7 rounds)\n");
+    if wanted("calls") {
+        calls(&fraud, risk, &conformance, affine, &amount, &country);
+    }
+    if wanted("aggregates") {
+        aggregates(&engine, &batch);
+    }
+    if wanted("python") {
+        python(&engine, &fraud, risk, &amount, &country);
+    }
+    if wanted("cold") {
+        cold(&engine);
+    }
+}
+
+/// Scalar calls: Wasm against the same Rust function compiled natively.
+fn calls(
+    fraud: &UdfModule,
+    risk: usize,
+    conformance: &UdfModule,
+    affine: usize,
+    amount: &Float64Array,
+    country: &StringArray,
+) {
+    println!(
+        "Wasm UDF vs the same function native, time per batch (median of {ROUNDS} rounds, \
+         taken in turn)\n"
+    );
     println!(
         "{:<12} {:>7} {:>12} {:>12} {:>8}",
         "function", "rows", "wasm", "native", "ratio"
@@ -87,34 +151,60 @@ fn main() {
         let c: ArrayRef = Arc::new(country.slice(0, rows));
         let (a_typed, c_typed) = (a.as_primitive::<Float64Type>(), c.as_string::<i32>());
 
-        let wasm = measure(|| {
-            black_box(fraud.call(risk, rows, &[a.clone(), c.clone()]).unwrap());
-        });
-        let native = measure(|| {
-            let out: Float64Array = (0..rows)
-                .map(|i| riffle_udfs_fraud::risk_score(a_typed.value(i), c_typed.value(i)))
-                .collect::<Vec<_>>()
-                .into();
-            black_box(out);
-        });
+        let (wasm, native) = measure_pair(
+            || {
+                black_box(fraud.call(risk, rows, &[a.clone(), c.clone()]).unwrap());
+            },
+            || {
+                let out: Float64Array = (0..rows)
+                    .map(|i| riffle_udfs_fraud::risk_score(a_typed.value(i), c_typed.value(i)))
+                    .collect::<Vec<_>>()
+                    .into();
+                black_box(out);
+            },
+        );
         report("risk_score", rows, wasm, native);
 
-        let wasm = measure(|| {
-            black_box(
-                conformance
-                    .call(affine, rows, std::slice::from_ref(&a))
-                    .unwrap(),
-            );
-        });
-        let native = measure(|| {
-            black_box(unary::<_, _, Float64Type>(a_typed, |x| x * 2.0 + 1.0));
-        });
+        let (wasm, native) = measure_pair(
+            || {
+                black_box(
+                    conformance
+                        .call(affine, rows, std::slice::from_ref(&a))
+                        .unwrap(),
+                );
+            },
+            || {
+                black_box(unary::<_, _, Float64Type>(a_typed, |x| x * 2.0 + 1.0));
+            },
+        );
         report("x*2+1", rows, wasm, native);
+
+        // What any ABI that copies the argument in and the result out costs before the guest
+        // runs at all: the same native loop between two copies (no sandbox, no call).
+        let mut guest_side = vec![0f64; rows];
+        let (copied, native) = measure_pair(
+            || {
+                guest_side.copy_from_slice(black_box(a_typed.values()));
+                let out: Vec<f64> = guest_side.iter().map(|x| x * 2.0 + 1.0).collect();
+                black_box(Float64Array::from(black_box(&out[..]).to_vec()));
+            },
+            || {
+                black_box(unary::<_, _, Float64Type>(a_typed, |x| x * 2.0 + 1.0));
+            },
+        );
+        report("  2 copies", rows, copied, native);
     }
+}
 
-    aggregates(&engine, &batch);
-
-    // The Python port of the fraud module (componentize-py: CPython inside the component).
+/// The Python port of the fraud module (componentize-py: CPython inside the component) against
+/// the Rust one, both in the sandbox.
+fn python(
+    engine: &UdfEngine,
+    fraud: &UdfModule,
+    risk: usize,
+    amount: &Float64Array,
+    country: &StringArray,
+) {
     println!("\nPython against Rust, both in the sandbox: risk_score per batch\n");
     println!(
         "{:<12} {:>7} {:>12} {:>12} {:>8}",
@@ -127,15 +217,20 @@ fn main() {
             Arc::new(amount.slice(0, rows)),
             Arc::new(country.slice(0, rows)),
         ];
-        let py = measure(|| {
-            black_box(python.call(python_risk, rows, &args).unwrap());
-        });
-        let rust = measure(|| {
-            black_box(fraud.call(risk, rows, &args).unwrap());
-        });
+        let (py, rust) = measure_pair(
+            || {
+                black_box(python.call(python_risk, rows, &args).unwrap());
+            },
+            || {
+                black_box(fraud.call(risk, rows, &args).unwrap());
+            },
+        );
         report("risk_score", rows, py, rust);
     }
+}
 
+/// Cold start of a module, with and without the compiled-artifact cache.
+fn cold(engine: &UdfEngine) {
     println!("\nCold start: load a module (read, hash, compile or fetch from cache, describe) and");
     println!("create its first instance\n");
     let cache = std::env::temp_dir().join(format!("riffle-bench-cache-{}", std::process::id()));

@@ -109,6 +109,11 @@ impl UdfEngine {
         config.wasm_component_model(true);
         config.epoch_interruption(true);
         config.cranelift_opt_level(OptLevel::Speed);
+        // `perf` names guest functions from /tmp/perf-PID.map (how the numbers in
+        // `abi.rs` were broken down); off by default, as it writes a file per process.
+        if std::env::var_os("RIFFLE_WASM_PERFMAP").is_some() {
+            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         let engine = Engine::new(&config)
             .map_err(|e| RiffleError::Internal(format!("wasmtime engine: {e}")))?;
 
