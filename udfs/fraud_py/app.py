@@ -61,10 +61,11 @@ class Model:
                 raise ValueError(f"line {n}: {key}: {e}") from None
             if key in ("intercept", "log_amount", "high_amount", "unknown_country"):
                 setattr(model, key, number)
-            elif key.startswith("country.") and len(key[8:].encode()) == 2:
-                code = _ascii_upper(key[8:])
-                model.countries.pop(code, None)
-                model.countries[code] = number
+            elif key.startswith("country."):
+                code = key[8:]
+                if not (len(code) == 2 and code.isascii() and code.isalpha()):
+                    raise ValueError(f"line {n}: {key}: a country code is two ASCII letters")
+                model.countries[_ascii_upper(code)] = number
             else:
                 raise ValueError(f"line {n}: unknown key {key!r}")
         return model

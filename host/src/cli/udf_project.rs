@@ -553,8 +553,10 @@ fn build_rust(path: &Path) -> Result<PathBuf> {
         .arg(&manifest_path)
         .arg("--target-dir")
         .arg(&target_dir);
-    // As scripts/build-udfs.sh: simd128 lets LLVM vectorise batch loops.
-    let simd = "-C target-feature=+simd128 -C llvm-args=-force-vector-interleave=8";
+    // As scripts/build-udfs.sh: simd128 lets LLVM vectorise batch loops, interleaving and
+    // inlining cut the CPU-deadline checks the sandbox adds to every loop iteration and call.
+    let simd = "-C target-feature=+simd128 -C llvm-args=-force-vector-interleave=8 \
+                -C llvm-args=-inline-threshold=1000";
     match toolchain {
         Toolchain::Rustup => {
             cargo.env("RUSTFLAGS", simd);

@@ -18,29 +18,48 @@
 //!   aligned Arrow buffer, which becomes the result array as is. wasmtime's own `Vec<T>` lifting
 //!   goes element by element.
 //!
-//! Measured with `cargo bench -p riffle-tests --bench udf --profile dev` (2 cores, time per
-//! batch, Wasm vs the same Rust function compiled natively, side by side in one process):
+//! Measured with `cargo bench -p riffle-tests --bench udf --profile dev -- calls` (2 cores,
+//! time per batch, Wasm vs the same Rust function compiled natively in one process, medians
+//! of 9 rounds taken in turn; three runs agreed within 3%):
 //!
 //! | function | rows | wasm | native | ratio |
 //! |---|---|---|---|---|
-//! | `risk_score` (fraud model: log1p, exp, country lookup on utf8) | 8192 | 756 µs | 613 µs | 1.23x |
-//! | `risk_score` | 65536 | 6.1 ms | 4.9 ms | 1.24x |
-//! | `x * 2 + 1` (f64) | 1 | 1.6 µs | 0.09 µs | 17x |
-//! | `x * 2 + 1` | 1024 | 2.4 µs | 0.29 µs | 8.5x |
-//! | `x * 2 + 1` | 8192 | 7.4 µs | 1.5 µs | 5.0x |
-//! | `x * 2 + 1` | 65536 | 52 µs | 13 µs | 3.9x |
+//! | `risk_score` (fraud model: log1p, exp, country lookup on utf8) | 8192 | 533 µs | 457 µs | 1.16x |
+//! | `risk_score` | 65536 | 4.30 ms | 3.67 ms | 1.17x |
+//! | `x * 2 + 1` (f64) | 1 | 1.47 µs | 0.08 µs | 18x |
+//! | `x * 2 + 1` | 1024 | 2.79 µs | 0.71 µs | 4.0x |
+//! | `x * 2 + 1` | 8192 | 7.78 µs | 2.04 µs | 3.8x |
+//! | `x * 2 + 1` | 65536 | 58 µs | 16 µs | 3.6x |
 //!
 //! Cold start (load, compile or fetch the cached artifact, describe, first instance): 0.6 ms
-//! with the cache, 170-200 ms without.
+//! with the cache, 120-140 ms without.
+//!
+//! Where a call's time goes (`perf` with `RIFFLE_WASM_PERFMAP=1`, and the same runs with
+//! epoch interruption switched off):
+//!
+//! - **CPU-deadline checks.** Cranelift checks the epoch at every function entry and loop
+//!   back-edge of the guest (plus a stack-limit check per call). That was a third of
+//!   `risk_score`'s Wasm time: with checks off it ran at 1.09x native, not 1.50x. Two changes
+//!   took most of it back without giving up the deadline: the fraud model looks a country up by
+//!   index instead of searching a list per row (1.50x -> 1.36x; its native build got 21% faster
+//!   as well), and guests are built with a higher inlining threshold (`scripts/build-udfs.sh`),
+//!   so `exp`/`log1p` no longer cost a checked call per row (-> 1.17x; 0.99x with checks off).
+//!   UDF authors pay the same per iteration of a per-row loop, so a loop-free inner function is
+//!   worth more in the sandbox than natively.
+//! - **Copies, for cheap functions.** For `x * 2 + 1` at 8192 rows the time splits about evenly
+//!   between the guest's loop (128-bit SIMD, 16 values per epoch check), the two `memcpy`s
+//!   (argument in, result out) and the fixed cost of a call (~1.45 µs: lowering with guest
+//!   `realloc` calls, trap handler setup, post-return, the instance pool, three clock reads).
+//!   The bench's "2 copies" row runs the native loop between the same two copies: 2.2x native
+//!   at 8192 rows before any sandbox cost, so a copying ABI cannot reach 2.5x there. Writing
+//!   the result in place over the argument measured no faster natively (same bytes moved);
+//!   sharing Arrow buffers with the guest without copying is the design that could.
 //!
 //! For `x * 2 + 1` the first design measured 17.8 µs at 8192 rows (11x). Profiling showed two
 //! fixes: the guest's vectorised loop ran one 128-bit vector per iteration, paying Cranelift's
 //! per-iteration epoch check every two values (fixed by `-force-vector-interleave=8` in
 //! `scripts/build-udfs.sh`: 17.8 -> 9.2 µs), and wasmtime's element-wise list lifting (fixed by
-//! [`ArrowOut`]). What remains is memory traffic: one pass in, the guest's pass, one pass
-//! out (about 2x the bytes native code touches), plus ~1.5 µs of fixed wasmtime call overhead
-//! (list lowering with guest `realloc` calls, trap handler setup, post-return), which dominates
-//! small batches. Functions that do real work per row, like `risk_score`, hide both.
+//! [`ArrowOut`]).
 
 use std::mem::MaybeUninit;
 use std::sync::Arc;

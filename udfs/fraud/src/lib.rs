@@ -11,38 +11,75 @@ use std::sync::OnceLock;
 use riffle_udf::{AggregateState, Timestamp, aggregate, export_udfs, math, scalar};
 
 /// Weights of the risk model.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct Model {
     pub intercept: f64,
     pub log_amount: f64,
     pub high_amount: f64,
     pub unknown_country: f64,
-    pub countries: Vec<(String, f64)>,
+    /// Weight per two-letter country code, indexed by [`code_index`]. A row's lookup is one
+    /// load with no loop: inside the sandbox every loop iteration and call also checks the CPU
+    /// deadline, and a search through a list of codes made up a quarter of a Wasm call.
+    countries: Box<[Option<f64>; CODES]>,
+}
+
+/// Two ASCII letters: 26 x 26 codes.
+const CODES: usize = 26 * 26;
+
+/// Index of a two-letter code in any letter case, `None` for anything else.
+#[inline]
+fn code_index(code: &str) -> Option<usize> {
+    let &[a, b] = code.as_bytes() else {
+        return None;
+    };
+    let letter = |c: u8| c.to_ascii_uppercase().wrapping_sub(b'A');
+    let (a, b) = (letter(a), letter(b));
+    (a < 26 && b < 26).then(|| a as usize * 26 + b as usize)
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let countries: Vec<(String, f64)> = (0..CODES)
+            .filter_map(|i| {
+                let w = self.countries[i]?;
+                let code = [b'A' + (i / 26) as u8, b'A' + (i % 26) as u8];
+                Some((String::from_utf8_lossy(&code).into_owned(), w))
+            })
+            .collect();
+        f.debug_struct("Model")
+            .field("intercept", &self.intercept)
+            .field("log_amount", &self.log_amount)
+            .field("high_amount", &self.high_amount)
+            .field("unknown_country", &self.unknown_country)
+            .field("countries", &countries)
+            .finish()
+    }
 }
 
 impl Default for Model {
     fn default() -> Self {
-        Model {
+        let mut model = Model {
             intercept: -6.0,
             log_amount: 0.55,
             high_amount: 1.8,
             unknown_country: 0.9,
-            countries: [
-                ("US", 0.0),
-                ("GB", 0.1),
-                ("DE", 0.05),
-                ("FR", 0.1),
-                ("NL", 0.1),
-                ("IN", 0.6),
-                ("BR", 0.9),
-                ("NG", 2.2),
-                ("RU", 1.9),
-                ("CN", 0.8),
-            ]
-            .into_iter()
-            .map(|(c, w)| (c.to_string(), w))
-            .collect(),
+            countries: Box::new([None; CODES]),
+        };
+        for (code, weight) in [
+            ("US", 0.0),
+            ("GB", 0.1),
+            ("DE", 0.05),
+            ("FR", 0.1),
+            ("NL", 0.1),
+            ("IN", 0.6),
+            ("BR", 0.9),
+            ("NG", 2.2),
+            ("RU", 1.9),
+            ("CN", 0.8),
+        ] {
+            model.countries[code_index(code).expect("a two-letter code")] = Some(weight);
         }
+        model
     }
 }
 
@@ -67,13 +104,15 @@ impl Model {
                 "log_amount" => model.log_amount = value,
                 "high_amount" => model.high_amount = value,
                 "unknown_country" => model.unknown_country = value,
-                _ => match key.strip_prefix("country.") {
-                    Some(code) if code.len() == 2 => {
-                        let code = code.to_ascii_uppercase();
-                        model.countries.retain(|(c, _)| *c != code);
-                        model.countries.push((code, value));
+                _ => match key.strip_prefix("country.").map(code_index) {
+                    Some(Some(code)) => model.countries[code] = Some(value),
+                    Some(None) => {
+                        return Err(format!(
+                            "line {}: {key}: a country code is two ASCII letters",
+                            n + 1
+                        ));
                     }
-                    _ => return Err(format!("line {}: unknown key {key:?}", n + 1)),
+                    None => return Err(format!("line {}: unknown key {key:?}", n + 1)),
                 },
             }
         }
@@ -81,15 +120,16 @@ impl Model {
     }
 
     fn country_weight(&self, country: &str) -> f64 {
-        self.countries
-            .iter()
-            .find(|(c, _)| c.eq_ignore_ascii_case(country))
-            .map_or(self.unknown_country, |(_, w)| *w)
+        code_index(country)
+            .and_then(|i| self.countries[i])
+            .unwrap_or(self.unknown_country)
     }
 
     /// Probability-like score in (0, 1).
     pub fn score(&self, amount: f64, country: &str) -> f64 {
-        let amount = amount.max(0.0);
+        // Negative and NaN amounts count as 0, as with `amount.max(0.0)`, which on wasm32 is a
+        // call into libc's `fmax` per row.
+        let amount = if amount > 0.0 { amount } else { 0.0 };
         // A soft step around 2,000: large amounts weigh more without a cliff.
         let high = 1.0 / (1.0 + math::exp(-(amount - 2_000.0) / 250.0));
         let z = self.intercept
@@ -249,6 +289,13 @@ mod tests {
         assert_eq!(m.intercept, -1.0);
         assert_eq!(m.country_weight("US"), 3.0);
         assert!(Model::parse("bogus = 1").unwrap_err().contains("line 1"));
+        assert!(
+            Model::parse("country.n1 = 1")
+                .unwrap_err()
+                .contains("two ASCII letters")
+        );
+        assert_eq!(m.country_weight("ZZ"), m.unknown_country);
+        assert_eq!(m.country_weight("USA"), m.unknown_country);
         assert!(
             Model::parse("intercept = x")
                 .unwrap_err()
