@@ -6,7 +6,7 @@ mod common;
 
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, Int64Array, StringArray};
+use arrow::array::{Array, ArrayRef, AsArray, Float64Array, Int64Array, StringArray};
 use arrow::datatypes::{Int64Type, TimestampMicrosecondType};
 use common::*;
 use riffle::RiffleError;
@@ -78,6 +78,31 @@ fn each_hostile_udf_fails_with_its_own_typed_error_and_the_module_keeps_working(
         ok.array.as_primitive::<Int64Type>().values().to_vec(),
         vec![0, -5]
     );
+}
+
+#[test]
+fn an_instance_grown_by_a_large_batch_is_dropped_not_pooled() {
+    // Its memory would stay resident while pooled: linear memory never shrinks.
+    let module = module("conformance");
+    let affine = module.function_index("affine").unwrap();
+    let small: ArrayRef = Arc::new(Float64Array::from(vec![1.0; 1000]));
+    module
+        .call(affine, 1000, std::slice::from_ref(&small))
+        .unwrap();
+    assert_eq!(module.live_instances(), 1);
+    // 3 Mi rows: 24 MiB in and 24 MiB out, within the 64 MiB cap but past a quarter of it.
+    let rows = 3 << 20;
+    let large: ArrayRef = Arc::new(Float64Array::from(vec![1.0; rows]));
+    let out = module.call(affine, rows, &[large]).unwrap();
+    assert_eq!(out.array.len(), rows);
+    assert_eq!(
+        module.live_instances(),
+        0,
+        "the grown instance stayed pooled"
+    );
+    // The next call gets a fresh instance, which stays.
+    module.call(affine, 1000, &[small]).unwrap();
+    assert_eq!(module.live_instances(), 1);
 }
 
 #[tokio::test]

@@ -31,6 +31,14 @@ pub const ABI_VERSION: u32 = 2;
 /// Most instances kept idle per module; more are created under load and dropped after.
 const MAX_IDLE_INSTANCES: usize = 32;
 
+/// An instance whose memory grew by more than this share of its cap (a quarter: 64 MiB of the
+/// default 256) is dropped after its call rather than pooled. Linear memory never shrinks and
+/// the guest's allocator keeps what it freed, so every pooled instance would pin the peak of
+/// the largest call it ever served: calls running at once on several cores each fill an
+/// instance of their own, and an aggregate's batched finish can need hundreds of MiB. A new
+/// instance costs well under a millisecond, less than such a call.
+const RETIRE_AFTER_GROWTH_DIVISOR: usize = 4;
+
 /// One argument of a UDF.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ArgSpec {
@@ -235,6 +243,8 @@ type FinishFunc = TypedFunc<(u32, u32, Vec<ColumnIn>), (Result<CallOutputOut, Ca
 /// A live instance with its own store (memory, sandbox, limits).
 struct Instance {
     store: Store<HostState>,
+    /// Bytes of linear memory the instance had once created and initialised.
+    baseline: usize,
     call: CallFunc,
     /// The aggregate entry points, when the module has aggregates.
     aggregates: Option<(AggregateFunc, FinishFunc)>,
@@ -460,6 +470,7 @@ impl UdfModule {
         };
         self.live.fetch_add(1, Ordering::Relaxed);
         Ok(Instance {
+            baseline: store.data().memory.size,
             store,
             call,
             aggregates,
@@ -880,6 +891,10 @@ impl UdfModule {
     }
 
     fn checkin(&self, instance: Instance) {
+        let grown = instance.store.data().memory.size - instance.baseline;
+        if grown > self.engine.limits().memory_bytes / RETIRE_AFTER_GROWTH_DIVISOR {
+            return;
+        }
         let mut pool = self.pool.lock().expect("pool lock");
         if pool.len() < MAX_IDLE_INSTANCES {
             pool.push(instance);

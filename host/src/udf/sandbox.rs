@@ -91,6 +91,7 @@ impl HostState {
             memory: MemoryCap {
                 limit: memory_limit,
                 refused: None,
+                size: 0,
             },
             stdout,
             stderr,
@@ -227,22 +228,29 @@ impl Pollable for Nap {
 }
 
 /// Memory cap for one instance; remembers a refused growth so a resulting trap can be reported
-/// as out-of-memory rather than as a generic trap.
+/// as out-of-memory rather than as a generic trap, and how large the instance's memories are.
 pub(crate) struct MemoryCap {
     limit: usize,
     pub(crate) refused: Option<usize>,
+    /// Bytes of linear memory the instance holds, all its memories together. Wasm memory never
+    /// shrinks, and every page a guest once touched stays resident while the instance lives.
+    pub(crate) size: usize,
 }
 
 impl ResourceLimiter for MemoryCap {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
-        _maximum: Option<usize>,
+        maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
         if desired > self.limit {
             self.refused = Some(desired);
             return Ok(false);
+        }
+        // Past the memory's own maximum the growth still fails after this returns.
+        if maximum.is_none_or(|max| desired <= max) {
+            self.size += desired.saturating_sub(current);
         }
         Ok(true)
     }
