@@ -2,8 +2,11 @@
 //!
 //! ```text
 //! scripts/kafka-broker.sh start        # or any broker
-//! RIFFLE_KAFKA_BOOTSTRAP=127.0.0.1:29092 cargo bench -p riffle-tests --bench kafka --profile dev [-- ROWS]
+//! RIFFLE_KAFKA_BOOTSTRAP=127.0.0.1:29092 cargo bench -p riffle-tests --bench kafka --profile dev [-- ROWS [RATE]]
 //! ```
+//!
+//! ROWS (default 300,000) are read for throughput; RATE (records/s, default 20,000) is the
+//! producer's rate in the latency runs.
 //!
 //! The query is a filter plus the `risk_score` Wasm UDF over JSON fraud transactions on a
 //! 6-partition topic, writing JSON to another topic.
@@ -132,10 +135,12 @@ fn main() {
         );
         return;
     };
-    let rows: usize = std::env::args()
+    let numbers: Vec<f64> = std::env::args()
         .skip(1)
-        .find_map(|a| a.parse().ok())
-        .unwrap_or(300_000);
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let rows = numbers.first().map_or(300_000, |n| *n as usize);
+    let rate = numbers.get(1).copied().unwrap_or(20_000.0);
     let kafka = KafkaConfig {
         bootstrap,
         properties: BTreeMap::new(),
@@ -196,7 +201,6 @@ fn main() {
     }
 
     // Latency at a fixed rate.
-    let rate = 20_000.0;
     let seconds = 8.0;
 
     // The broker's floor: the same producer at the same rate and the same read_committed
