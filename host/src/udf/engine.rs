@@ -26,7 +26,9 @@ pub struct UdfLimits {
     pub call_timeout: Duration,
     /// CPU deadline for instantiation plus the init hook.
     pub init_timeout: Duration,
-    /// Maximum linear memory of one instance, in bytes.
+    /// Maximum linear memory of one instance, in bytes. An instance whose memory grew by more
+    /// than a quarter of this during a call is dropped afterwards instead of being reused, so
+    /// idle instances do not hold on to the peak of a large call.
     pub memory_bytes: usize,
 }
 
