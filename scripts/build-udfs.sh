@@ -34,7 +34,7 @@ export CARGO_PROFILE_RELEASE_LTO=fat CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1 CARGO
 # vectors per loop iteration amortises the per-iteration epoch (CPU deadline) check Cranelift
 # inserts: it halved the cost of a trivial f64 UDF on 8192 rows (see host/src/udf/abi.rs).
 # Every call inside the sandbox pays that check too (plus a stack check) on entry, so inline
-# more than LLVM's default (225): the fraud model's log1p/exp calls cost 15% of its Wasm time.
+# more than LLVM's default (225): the fraud model's log1p/exp calls cost an eighth of its Wasm time.
 simd="-C target-feature=+simd128 -C llvm-args=-force-vector-interleave=8 -C llvm-args=-inline-threshold=1000"
 
 if command -v rustup >/dev/null 2>&1 &&

@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 use riffle_udf::{AggregateState, Timestamp, aggregate, export_udfs, math, scalar};
 
 /// Weights of the risk model.
-#[derive(Clone, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Model {
     pub intercept: f64,
     pub log_amount: f64,
@@ -35,25 +35,6 @@ fn code_index(code: &str) -> Option<usize> {
     let letter = |c: u8| c.to_ascii_uppercase().wrapping_sub(b'A');
     let (a, b) = (letter(a), letter(b));
     (a < 26 && b < 26).then(|| a as usize * 26 + b as usize)
-}
-
-impl std::fmt::Debug for Model {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let countries: Vec<(String, f64)> = (0..CODES)
-            .filter_map(|i| {
-                let w = self.countries[i]?;
-                let code = [b'A' + (i / 26) as u8, b'A' + (i % 26) as u8];
-                Some((String::from_utf8_lossy(&code).into_owned(), w))
-            })
-            .collect();
-        f.debug_struct("Model")
-            .field("intercept", &self.intercept)
-            .field("log_amount", &self.log_amount)
-            .field("high_amount", &self.high_amount)
-            .field("unknown_country", &self.unknown_country)
-            .field("countries", &countries)
-            .finish()
-    }
 }
 
 impl Default for Model {
