@@ -34,6 +34,8 @@
 //! - [`server`]: `riffle run --http`: Prometheus metrics, the JSON API and the web dashboard,
 //!   fed through that hook.
 //! - [`pipeline`]: pipeline files (`riffle run PIPELINE --mode batch|stream`).
+//! - [`verify`]: `riffle verify PIPELINE`: a stream's output against the batch result over the
+//!   same inputs.
 //! - [`cli`]: the `riffle` command line; `main.rs` is a one-line wrapper.
 //!
 //! The guest side lives in the workspace's `guest-sdk/` (crate `riffle-udf`), the contract in
@@ -56,6 +58,7 @@ pub mod session;
 pub mod state;
 pub mod stream;
 pub mod udf;
+pub mod verify;
 pub mod window;
 
 pub use error::{Blame, Result, RiffleError};

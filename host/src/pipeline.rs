@@ -225,6 +225,22 @@ struct StreamFile {
     progress: Option<PathBuf>,
 }
 
+/// Where stream mode's rows go ([`Pipeline::stream_output`]).
+pub(crate) enum StreamOutput<'a> {
+    /// Printed, not kept.
+    Console,
+    /// A directory of Parquet files, one per epoch.
+    ParquetDir(&'a Path),
+    /// A Delta table; `keys` are the update-mode merge keys.
+    Delta { path: &'a str, keys: &'a [String] },
+    /// A Kafka topic (its connection settings, without the producer's tuning).
+    Kafka {
+        kafka: crate::connectors::kafka::KafkaConfig,
+        topic: &'a str,
+        format: crate::connectors::kafka::RecordFormat,
+    },
+}
+
 /// A validated pipeline.
 #[derive(Debug)]
 pub struct Pipeline {
@@ -506,12 +522,16 @@ impl Pipeline {
         format!("riffle-batch-{}", &hex::encode(digest.finalize())[..20])
     }
 
-    /// Runs the query in batch mode over the sources' `batch` inputs; writes `sink.batch` or
-    /// returns the rows for printing.
+    /// A session with the UDFs loaded and every table registered as batch mode reads it (the
+    /// sources' `batch` inputs and the static tables), plus what identifies each input's
+    /// version (see [`input_identity`]).
     ///
     /// # Errors
-    /// Configuration, planning and execution errors.
-    pub async fn run_batch(&self, options: &RunOptions) -> Result<BatchOutcome> {
+    /// A source without a batch input; unreadable inputs or UDF modules.
+    pub(crate) async fn batch_session(
+        &self,
+        options: &RunOptions,
+    ) -> Result<(RiffleSession, Vec<(String, String)>)> {
         let session = self.session(options).await?;
         let mut inputs = Vec::new();
         for (name, _) in &self.sources {
@@ -528,6 +548,75 @@ impl Pipeline {
             let identity = register_input(&session, name, path, delta::AsOf::Latest).await?;
             inputs.push((name.clone(), identity));
         }
+        Ok((session, inputs))
+    }
+
+    /// The query.
+    pub fn query(&self) -> &str {
+        &self.query
+    }
+
+    /// The pipeline file.
+    pub fn file(&self) -> &Path {
+        &self.file
+    }
+
+    /// Stream mode's output mode.
+    pub fn output_mode(&self) -> OutputMode {
+        self.contents.output_mode
+    }
+
+    /// The event-time column of each streaming source that declares one, in source order.
+    pub fn event_time_columns(&self) -> Vec<&str> {
+        self.sources
+            .iter()
+            .filter_map(|(_, s)| s.event_time.as_deref())
+            .collect()
+    }
+
+    /// Where stream mode writes its rows, as [`crate::verify`] reads them back.
+    pub(crate) fn stream_output(&self) -> Result<StreamOutput<'_>> {
+        let ctx = ConfigContext {
+            file: &self.file,
+            key: "sink.stream".into(),
+        };
+        Ok(match &self.contents.sink.stream {
+            None => StreamOutput::Console,
+            Some(SinkSpec::Path(p)) if p.as_os_str() == "console" => StreamOutput::Console,
+            Some(SinkSpec::Path(dir)) => StreamOutput::ParquetDir(dir),
+            Some(SinkSpec::Table(SinkTable::Delta(d))) => StreamOutput::Delta {
+                path: &d.path,
+                keys: &d.keys,
+            },
+            Some(SinkSpec::Table(SinkTable::Kafka(k))) => StreamOutput::Kafka {
+                kafka: crate::connectors::kafka::KafkaConfig {
+                    bootstrap: crate::connectors::kafka::bootstrap(&ctx, &k.bootstrap)?,
+                    // The connection settings only: the producer's tuning means nothing
+                    // to a consumer.
+                    properties: k
+                        .properties
+                        .iter()
+                        .filter(|(key, _)| {
+                            ["security.", "sasl.", "ssl.", "client."]
+                                .iter()
+                                .any(|prefix| key.starts_with(prefix))
+                        })
+                        .map(|(key, v)| (key.clone(), v.clone()))
+                        .collect(),
+                },
+                topic: &k.topic,
+                format: k.format,
+            },
+        })
+    }
+
+    /// Runs the query in batch mode over the sources' `batch` inputs; writes `sink.batch` or
+    /// returns the rows for printing.
+    ///
+    /// # Errors
+    /// Configuration, planning and execution errors.
+    pub async fn run_batch(&self, options: &RunOptions) -> Result<BatchOutcome> {
+        let (session, inputs) = self.batch_session(options).await?;
         let run_id = self.batch_run_id(&session, &inputs, options.run_name.as_deref());
         if let Some(SinkSpec::Table(SinkTable::Delta(d))) = &self.contents.sink.batch
             && delta::holds_run(&d.path, &run_id).await?

@@ -484,6 +484,7 @@ fn kafka_to_kafka_and_delta_exactly_once_across_kill_9() {
     );
     // Both run at once: each crashes at a failpoint between its sink write and its commit,
     // and is then SIGKILLed at random moments (a smoke test: only the result is checked).
+    let kafka_pipeline = to_kafka.clone();
     let kafka_run = std::thread::spawn(move || run_with_kills(&to_kafka, 3));
     let delta_kills = run_with_kills(&to_delta, 3);
     let kafka_kills = kafka_run.join().unwrap();
@@ -507,6 +508,32 @@ fn kafka_to_kafka_and_delta_exactly_once_across_kill_9() {
     // The Delta table, read by an independent reader: the same.
     let table = python_delta_rows(&dir.path().join("scored-table"));
     assert_eq!(table, want, "each row exactly once in the Delta table");
+
+    // `riffle verify` says the same from the pipeline files alone: it recomputes the query
+    // over the batch input and reads back the topic (read_committed) and the table.
+    for (pipeline, output) in [
+        (&kafka_pipeline, "Kafka topic scored"),
+        (&to_delta, "Delta"),
+    ] {
+        let out = common::riffle_in(
+            &["verify", pipeline.to_str().unwrap(), "--key", "tx_id"],
+            dir.path(),
+        );
+        let report = common::text(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{report}{}",
+            common::text(&out.stderr)
+        );
+        assert!(report.contains(output), "{report}");
+        assert!(
+            report.contains(&format!(
+                "matched {} · mismatched 0 · missing 0 · extra 0",
+                want.values().sum::<usize>()
+            )),
+            "{report}"
+        );
+    }
 }
 
 #[test]

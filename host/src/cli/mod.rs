@@ -10,6 +10,7 @@
 //! riffle run pipeline.toml --mode stream      # SIGTERM/Ctrl-C: commit the epoch, stop
 //! riffle run pipeline.toml --mode stream --http 127.0.0.1:9464   # metrics, API, dashboard
 //! riffle status pipeline.toml                 # or a checkpoint directory; --json
+//! riffle verify pipeline.toml --from 2026-11-01T00:00:00Z --to 2026-11-02T00:00:00Z --key tx_id
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -55,6 +56,52 @@ enum Command {
     /// Produce generated fraud transactions to a Kafka topic as JSON (demo and benchmark
     /// input); creates the topic if missing.
     Produce(ProduceArgs),
+    /// Check a stream's output against batch mode: recompute the pipeline in batch mode from
+    /// its sources' batch inputs and compare with what its stream wrote (a Parquet directory,
+    /// a Delta table or a Kafka topic), reporting matched, mismatched, missing and extra rows
+    /// and the largest difference per column. Exits 0 when they agree, 3 when they differ.
+    Verify(VerifyArgs),
+}
+
+#[derive(Args, Debug)]
+struct VerifyArgs {
+    /// The pipeline file (TOML); its stream must have run.
+    pipeline: PathBuf,
+    /// Compare only rows whose time column is at or after this time (RFC 3339, or
+    /// "2026-11-01 08:00:00" in UTC).
+    #[arg(long, value_name = "TIME")]
+    from: Option<String>,
+    /// ... and before this time.
+    #[arg(long, value_name = "TIME")]
+    to: Option<String>,
+    /// The output column --from and --to apply to (default: a source's event-time column,
+    /// window_start or window, whichever the output has; a window by its start).
+    #[arg(long, value_name = "COLUMN")]
+    time_column: Option<String>,
+    /// A column that identifies a result row; repeat for several. Rows then pair by key, and
+    /// a row whose values differ counts as mismatched, with the largest difference per
+    /// column. Default: a Delta sink's merge keys; without any, rows are compared whole.
+    #[arg(long, value_name = "COLUMN")]
+    key: Vec<String>,
+    /// Float values count as equal when they differ by at most X times the larger (X when
+    /// both are below 1), e.g. 1e-12 for sums of floats, which batch and stream add in another
+    /// order (default: exact).
+    #[arg(long, value_name = "X", default_value_t = 0.0)]
+    tolerance: f64,
+    /// Recompute windows with plain DataFusion plans instead of the streaming operators batch
+    /// mode shares with the stream, so the check does not rest on the code it checks (slower,
+    /// and hungrier for hopping windows).
+    #[arg(long)]
+    reference: bool,
+    /// Rows of each kind (mismatched, missing, extra) to show.
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    examples: usize,
+    /// Directory for compiled UDF artifacts (default: ~/.cache/riffle/wasm).
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -274,6 +321,10 @@ enum GenerateCommand {
         /// generator source calls `events_per_second`, so both give the same rows).
         #[arg(long)]
         events_per_second: Option<f64>,
+        /// Largest event-time disorder: each row's time moves back by up to this much (what
+        /// a generator source calls `disorder`, so both give the same rows).
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        disorder: Option<crate::common::time::SqlDuration>,
     },
     /// Clickstream events (views, clicks, carts, purchases) in per-user sessions.
     Clickstream {
@@ -321,7 +372,7 @@ pub fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             let whose = match e.blame() {
                 Blame::User => "check the input",
@@ -335,8 +386,8 @@ pub fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> Result<()> {
-    match cli.command {
+async fn run(cli: Cli) -> Result<ExitCode> {
+    let done = match cli.command {
         Command::Udf(UdfCommand::Inspect { path, json }) => inspect(&path, json),
         Command::Udf(UdfCommand::Test(args)) => udf_test::run(args).await,
         Command::Udf(UdfCommand::New { name, dir, lang }) => {
@@ -358,6 +409,7 @@ async fn run(cli: Cli) -> Result<()> {
             cards,
             days,
             events_per_second,
+            disorder,
         }) => {
             let rate = match events_per_second {
                 Some(r) => positive("--events-per-second", r)?,
@@ -370,6 +422,7 @@ async fn run(cli: Cli) -> Result<()> {
                 seed,
                 cards,
                 rows_per_second: rate,
+                max_disorder_micros: disorder.map_or(0, |d| d.micros()),
                 ..FraudConfig::default()
             };
             generate(GeneratorConfig::Fraud(config), rows, &out)
@@ -394,7 +447,56 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Run(args) => run_pipeline(args).await,
         Command::Status(args) => status(&args),
         Command::Produce(args) => produce(args).await,
+        Command::Verify(args) => return verify(args).await,
+    };
+    done.map(|()| ExitCode::SUCCESS)
+}
+
+/// The exit status of `riffle verify` when the outputs differ (1 is an error, 2 bad usage).
+const INCONSISTENT: u8 = 3;
+
+async fn verify(args: VerifyArgs) -> Result<ExitCode> {
+    let pipeline = crate::pipeline::Pipeline::load(&args.pipeline)?;
+    let time = |t: &Option<String>, flag: &str| {
+        t.as_deref()
+            .map(crate::common::time::parse_timestamp)
+            .transpose()
+            .map_err(|e| RiffleError::Config(format!("{flag}: {e}")))
+    };
+    let options = crate::verify::VerifyOptions {
+        run: crate::pipeline::RunOptions {
+            cache_dir: args.cache_dir.or_else(EngineOptions::default_cache_dir),
+            ..Default::default()
+        },
+        from: time(&args.from, "--from")?,
+        to: time(&args.to, "--to")?,
+        time_column: args.time_column,
+        keys: args.key,
+        tolerance: args.tolerance,
+        reference: args.reference,
+        examples: args.examples,
+    };
+    if let (Some(from), Some(to)) = (options.from, options.to)
+        && from >= to
+    {
+        return Err(RiffleError::Config(
+            "--from must be before --to (the range includes --from and excludes --to)".into(),
+        ));
     }
+    let report = crate::verify::verify(&pipeline, &options).await?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("serialisable")
+        );
+    } else {
+        println!("{report}");
+    }
+    Ok(if report.consistent() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(INCONSISTENT)
+    })
 }
 
 fn status(args: &StatusArgs) -> Result<()> {

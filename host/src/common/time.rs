@@ -88,6 +88,35 @@ pub fn to_micros(array: &ArrayRef) -> Result<ArrayRef> {
     Ok(cast(&as_ts, &DataType::Int64)?)
 }
 
+/// Parses a point in time given on the command line: RFC 3339 (`2026-11-01T08:00:00Z`,
+/// `2026-11-01T09:00:00+01:00`), or a date and time without a zone, read as UTC, as SQL writes
+/// it (`2026-11-01 08:00:00`, `2026-11-01T08:00:00.250`, `2026-11-01`). Returns microseconds
+/// since the epoch, as Riffle's event times count.
+///
+/// # Errors
+/// A message naming the text and the forms accepted.
+pub fn parse_timestamp(text: &str) -> Result<i64, String> {
+    let text = text.trim();
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(text) {
+        return Ok(t.timestamp_micros());
+    }
+    for form in ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f"] {
+        if let Ok(t) = chrono::NaiveDateTime::parse_from_str(text, form) {
+            return Ok(t.and_utc().timestamp_micros());
+        }
+    }
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d") {
+        return Ok(d
+            .and_time(chrono::NaiveTime::MIN)
+            .and_utc()
+            .timestamp_micros());
+    }
+    Err(format!(
+        "{text:?} is not a time; write e.g. 2026-11-01T08:00:00Z, 2026-11-01 08:00:00 (UTC) or \
+         2026-11-01"
+    ))
+}
+
 /// Parses a Spark-style duration (`'1 minute'`, `'30 seconds'`, `'1 hour 30 minutes'`,
 /// `'500 milliseconds'`) into microseconds.
 ///
@@ -192,6 +221,25 @@ mod tests {
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("0 seconds").is_err());
         assert!(parse_duration("2000000000 days").is_err());
+    }
+
+    #[test]
+    fn command_line_times_are_rfc_3339_or_utc() {
+        let eight = 1_761_984_000_000_000; // 2025-11-01T08:00:00Z
+        assert_eq!(parse_timestamp("2025-11-01T08:00:00Z"), Ok(eight));
+        assert_eq!(parse_timestamp("2025-11-01T09:00:00+01:00"), Ok(eight));
+        assert_eq!(parse_timestamp("2025-11-01 08:00:00"), Ok(eight));
+        assert_eq!(
+            parse_timestamp("2025-11-01T08:00:00.25"),
+            Ok(eight + 250_000)
+        );
+        assert_eq!(parse_timestamp("2025-11-01"), Ok(eight - 8 * 3_600_000_000));
+        assert!(
+            parse_timestamp("yesterday")
+                .unwrap_err()
+                .contains("2026-11-01")
+        );
+        assert!(parse_timestamp("2025-13-01").is_err());
     }
 
     #[test]

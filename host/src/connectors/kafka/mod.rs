@@ -5,6 +5,7 @@
 //! - [`dlq`]: the dead-letter topic for records that do not decode.
 //! - [`sink`]: exactly-once (transactional) and at-least-once output.
 //! - [`admin`]: topic creation and a rate-limited producer for demos and benchmarks.
+//! - [`snapshot`]: a topic's committed records read once, for `riffle verify`.
 //!
 //! **Source.** Offsets live in Riffle's checkpoint, one per partition, so an epoch is replayed
 //! from exactly the records it read before a crash; the consumer group's own commit is written
@@ -27,6 +28,7 @@ pub mod admin;
 pub mod codec;
 pub mod dlq;
 pub mod sink;
+pub mod snapshot;
 pub mod source;
 
 use std::collections::BTreeMap;
@@ -41,6 +43,7 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, T
 pub use admin::{ensure_topic, produce_json};
 pub use codec::{RecordFormat, raw_schema};
 pub use sink::{Delivery, KafkaSink, KafkaSinkConfig, KafkaSinkOptions};
+pub use snapshot::{TopicSnapshot, read_topic};
 pub use source::{KafkaSource, KafkaSourceConfig, KafkaSourceOptions, StartAt};
 
 use crate::error::{Result, RiffleError};
