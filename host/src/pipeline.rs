@@ -589,21 +589,13 @@ impl Pipeline {
                 keys: &d.keys,
             },
             Some(SinkSpec::Table(SinkTable::Kafka(k))) => StreamOutput::Kafka {
+                // The connection settings only: the producer's tuning means nothing to a
+                // consumer.
                 kafka: crate::connectors::kafka::KafkaConfig {
                     bootstrap: crate::connectors::kafka::bootstrap(&ctx, &k.bootstrap)?,
-                    // The connection settings only: the producer's tuning means nothing
-                    // to a consumer.
-                    properties: k
-                        .properties
-                        .iter()
-                        .filter(|(key, _)| {
-                            ["security.", "sasl.", "ssl.", "client."]
-                                .iter()
-                                .any(|prefix| key.starts_with(prefix))
-                        })
-                        .map(|(key, v)| (key.clone(), v.clone()))
-                        .collect(),
-                },
+                    properties: k.properties.clone(),
+                }
+                .connection_only(),
                 topic: &k.topic,
                 format: k.format,
             },

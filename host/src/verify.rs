@@ -267,11 +267,6 @@ pub async fn verify(pipeline: &Pipeline, options: &VerifyOptions) -> Result<Repo
         df = session.reference(df)?;
     }
     let expected: SchemaRef = Arc::new(df.schema().as_arrow().clone());
-    // What the stream wrote first: output that cannot be read should not wait for a batch run.
-    let (stream_batches, description) =
-        read_stream_output(pipeline, &output, mode, &expected, &mut notes).await?;
-    let batch_batches = session.collect(df).await?;
-
     // One schema for both sides: the query's, every column nullable (a sink may have stored
     // a column as nullable that the query declares not null).
     let schema = Arc::new(Schema::new(
@@ -281,12 +276,7 @@ pub async fn verify(pipeline: &Pipeline, options: &VerifyOptions) -> Result<Repo
             .map(|f| Field::new(f.name(), f.data_type().clone(), true))
             .collect::<Vec<_>>(),
     ));
-    let batch_side = conform(&batch_batches, &schema, "the batch result")?;
-    let mut stream_side = conform(&stream_batches, &schema, &description)?;
-    if mode == OutputMode::Update && !matches!(output, StreamOutput::Delta { .. }) {
-        stream_side = last_per_key(&stream_side, &schema, &keys)?;
-    }
-
+    // Bad arguments first, then the stream's output: neither should wait for a batch run.
     for k in &keys {
         if schema.field_with_name(k).is_err() {
             return Err(RiffleError::Config(format!(
@@ -296,6 +286,15 @@ pub async fn verify(pipeline: &Pipeline, options: &VerifyOptions) -> Result<Repo
         }
     }
     let time_column = time_column(pipeline, &schema, options)?;
+    let (stream_batches, description) =
+        read_stream_output(pipeline, &output, mode, &expected, &mut notes).await?;
+    let batch_batches = session.collect(df).await?;
+
+    let batch_side = conform(&batch_batches, &schema, "the batch result")?;
+    let mut stream_side = conform(&stream_batches, &schema, &description)?;
+    if mode == OutputMode::Update && !matches!(output, StreamOutput::Delta { .. }) {
+        stream_side = last_per_key(&stream_side, &schema, &keys)?;
+    }
     let compare = Comparison::new(&schema, &keys, options.tolerance);
     let ctx = SessionContext::new();
     for (name, batches) in [("batch_all", batch_side), ("stream_all", stream_side)] {
@@ -312,7 +311,14 @@ pub async fn verify(pipeline: &Pipeline, options: &VerifyOptions) -> Result<Repo
         let sql = compare.numbered(all, &range);
         ctx.register_table(side, ctx.sql(&sql).await?.into_view())?;
     }
-    ctx.register_table("joined", ctx.sql(&compare.joined()).await?.into_view())?;
+    // Held once: the counts and each kind of example read it again.
+    let joined = ctx.sql(&compare.joined()).await?;
+    let joined_schema = Arc::new(joined.schema().as_arrow().clone());
+    let joined = joined.collect().await?;
+    ctx.register_table(
+        "joined",
+        Arc::new(MemTable::try_new(joined_schema, vec![joined])?),
+    )?;
 
     let counts = ctx.sql(&compare.counts()).await?.collect().await?;
     let counts = counts
@@ -907,5 +913,65 @@ async fn read_stream_output(
                 ),
             ))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{AsArray, StringArray};
+    use arrow::datatypes::Int64Type;
+
+    fn batch(keys: &[Option<&str>], values: &[i64]) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Utf8, true),
+            Field::new("v", DataType::Int64, true),
+        ]));
+        RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from(keys.to_vec())),
+                Arc::new(Int64Array::from(values.to_vec())),
+            ],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn an_update_stream_means_its_last_row_per_key_null_keys_included() {
+        let epochs = [
+            batch(&[Some("a"), Some("b"), None], &[1, 2, 3]),
+            batch(&[Some("b"), None], &[20, 30]),
+            batch(&[Some("a")], &[100]),
+        ];
+        let schema = epochs[0].schema();
+        let last = last_per_key(&epochs, &schema, &["k".to_string()]).unwrap();
+        let rows: Vec<(Option<String>, i64)> = last
+            .iter()
+            .flat_map(|b| {
+                let k = b.column(0).as_string::<i32>().clone();
+                let v = b.column(1).as_primitive::<Int64Type>().clone();
+                (0..b.num_rows())
+                    .map(move |i| (k.is_valid(i).then(|| k.value(i).to_string()), v.value(i)))
+            })
+            .collect();
+        assert_eq!(
+            rows,
+            vec![(Some("a".into()), 100), (Some("b".into()), 20), (None, 30)]
+        );
+    }
+
+    #[test]
+    fn output_from_another_query_is_refused_by_name() {
+        let schema = batch(&[], &[]).schema();
+        let other = RecordBatch::try_new(
+            Arc::new(Schema::new(vec![Field::new("k", DataType::Utf8, true)])),
+            vec![Arc::new(StringArray::from(vec!["a"]))],
+        )
+        .unwrap();
+        let err = conform(&[other], &schema, "the stream")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("has no column \"v\""), "{err}");
     }
 }

@@ -123,13 +123,7 @@ fn lines(batches: &[RecordBatch]) -> Vec<String> {
 }
 
 fn read_dir(dir: &Path) -> Vec<RecordBatch> {
-    let mut files: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
-        .collect();
-    files.sort();
-    files
+    common::parquet_files(dir)
         .iter()
         .flat_map(|p| read_file(p, FileFormat::Parquet, None).unwrap())
         .collect()

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use arrow::array::{Array, AsArray, Float64Array, Int64Array, RecordBatch, UInt64Array};
 use arrow::datatypes::{Float64Type, Int64Type, TimestampMicrosecondType};
-use common::{riffle, riffle_in, text};
+use common::{parquet_files, riffle, riffle_in, text};
 use serde_json::Value;
 
 fn run_ok(mut command: std::process::Command) {
@@ -95,16 +95,6 @@ fn verify(pipeline: &Path, args: &[&str]) -> (i32, Value) {
 
 fn counts(report: &Value) -> [u64; 4] {
     ["matched", "mismatched", "missing", "extra"].map(|k| report[k].as_u64().unwrap())
-}
-
-fn parquet_files(dir: &Path) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
-        .collect();
-    files.sort();
-    files
 }
 
 fn read(path: &Path) -> RecordBatch {

@@ -37,6 +37,17 @@ pub fn riffle_in(args: &[&str], cwd: &Path) -> std::process::Output {
         .expect("riffle runs")
 }
 
+/// The Parquet files in `dir` (a stream's output directory), in name order: epoch order.
+pub fn parquet_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+        .collect();
+    files.sort();
+    files
+}
+
 /// Text of captured output.
 pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()

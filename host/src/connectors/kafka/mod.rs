@@ -62,6 +62,25 @@ pub struct KafkaConfig {
 }
 
 impl KafkaConfig {
+    /// The same brokers with only the connection settings (security, SASL, SSL, client id)
+    /// of the properties: for a client of another kind than the one they were written for,
+    /// which would warn about, or be changed by, the other's tuning.
+    pub fn connection_only(&self) -> KafkaConfig {
+        KafkaConfig {
+            bootstrap: self.bootstrap.clone(),
+            properties: self
+                .properties
+                .iter()
+                .filter(|(k, _)| {
+                    ["security.", "sasl.", "ssl.", "client."]
+                        .iter()
+                        .any(|prefix| k.starts_with(prefix))
+                })
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        }
+    }
+
     pub(crate) fn client(&self, defaults: &[(&str, &str)]) -> ClientConfig {
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", &self.bootstrap);

@@ -286,20 +286,7 @@ impl KafkaSource {
             .map_err(|e| kafka_error("creating a consumer", e))?;
         // The dead-letter producer shares the connection settings (security, client id) of
         // the source's properties, not its consumer tuning, which a producer would warn about.
-        let connection = KafkaConfig {
-            bootstrap: options.kafka.bootstrap.clone(),
-            properties: options
-                .kafka
-                .properties
-                .iter()
-                .filter(|(k, _)| {
-                    ["security.", "sasl.", "ssl.", "client."]
-                        .iter()
-                        .any(|prefix| k.starts_with(prefix))
-                })
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-        };
+        let connection = options.kafka.connection_only();
         let dead_letters = DeadLetters::new(&connection, &options.dead_letter_topic)?;
         let mut fields: Vec<Field> = match options.format {
             RecordFormat::Raw => raw_schema()
