@@ -60,6 +60,22 @@ rm -rf "$demo_dir/stream-features" "$demo_dir/stream-features-checkpoint"
 echo "==> riffle verify: the stream's features against batch mode, exactly, row for row" >&2
 "$riffle" verify "$demo_dir/fraud_features.toml"
 
+echo "==> fraud model: features over each card's history with the generator's labels" >&2
+echo "    (scripts/demo/fraud_training.toml): batch writes the training table, stream computes" >&2
+echo "    the same features live, riffle verify compares them, scikit-learn trains a model" >&2
+if ! python3 -c "import pyarrow, sklearn, matplotlib" 2>/dev/null; then
+    echo "    pip install pyarrow scikit-learn matplotlib" >&2
+    python3 -m pip install --quiet pyarrow scikit-learn matplotlib >&2
+fi
+"$riffle" generate fraud --rows 300000 --cards 2000 --events-per-second 0.5 \
+    --out "$demo_dir/history.parquet"
+cp scripts/demo/fraud_training.toml "$demo_dir/"
+rm -rf "$demo_dir/stream-training" "$demo_dir/stream-training-checkpoint"
+"$riffle" run "$demo_dir/fraud_training.toml" --mode batch
+"$riffle" run "$demo_dir/fraud_training.toml" --mode stream
+"$riffle" verify "$demo_dir/fraud_training.toml"
+python3 scripts/demo/train_fraud.py "$demo_dir/training.parquet" "$demo_dir/model"
+
 echo "==> one Delta table, written by a stream and by a backfill (scripts/demo/fraud_delta.toml)" >&2
 cp scripts/demo/fraud_delta.toml "$demo_dir/"
 rm -rf "$demo_dir/risky-table" "$demo_dir/risky-table-checkpoint"
