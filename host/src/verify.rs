@@ -288,7 +288,22 @@ pub async fn verify(pipeline: &Pipeline, options: &VerifyOptions) -> Result<Repo
     let time_column = time_column(pipeline, &schema, options)?;
     let (stream_batches, description) =
         read_stream_output(pipeline, &output, mode, &expected, &mut notes).await?;
+    tracing::info!(
+        "read {} rows from {description}; recomputing them in batch mode",
+        stream_batches
+            .iter()
+            .map(RecordBatch::num_rows)
+            .sum::<usize>()
+    );
+    session.show_progress(options.run.live);
     let batch_batches = session.collect(df).await?;
+    tracing::info!(
+        "batch mode gave {} rows; pairing them up",
+        batch_batches
+            .iter()
+            .map(RecordBatch::num_rows)
+            .sum::<usize>()
+    );
 
     let batch_side = conform(&batch_batches, &schema, "the batch result")?;
     let mut stream_side = conform(&stream_batches, &schema, &description)?;
@@ -296,19 +311,92 @@ pub async fn verify(pipeline: &Pipeline, options: &VerifyOptions) -> Result<Repo
         stream_side = last_per_key(&stream_side, &schema, &keys)?;
     }
     let compare = Comparison::new(&schema, &keys, options.tolerance);
+    let range = match &time_column {
+        Some(c) => range_filter(&schema, c, options.from, options.to),
+        None => "TRUE".to_string(),
+    };
+    let paired = pair_up(
+        &compare,
+        &schema,
+        [batch_side, stream_side],
+        &range,
+        options.examples,
+    )
+    .await?;
+    if paired.repeated_batch_keys > 0 && !keys.is_empty() {
+        notes.push(format!(
+            "{} keys occur more than once in the batch result, so ({}) does not identify a \
+             row; rows sharing a key were paired in sorted order",
+            paired.repeated_batch_keys,
+            keys.join(", ")
+        ));
+    }
+    let [batch_rows, stream_rows, matched, mismatched, missing, extra] = paired.counts;
+    if batch_rows == 0 && stream_rows == 0 {
+        notes.push("neither side has rows in the range, so nothing was compared".into());
+    }
+
+    let time = |t: Option<i64>| {
+        t.map(|t| {
+            crate::common::time::Watermark(t)
+                .rfc3339()
+                .unwrap_or_else(|| t.to_string())
+        })
+    };
+    Ok(Report {
+        pipeline: pipeline.file().to_path_buf(),
+        stream_output: description,
+        time_column: time_column.filter(|_| options.from.is_some() || options.to.is_some()),
+        from: time(options.from),
+        to: time(options.to),
+        whole_rows: keys.is_empty(),
+        tolerance: options.tolerance,
+        keys: if keys.is_empty() {
+            schema.fields().iter().map(|f| f.name().clone()).collect()
+        } else {
+            keys
+        },
+        batch_rows,
+        stream_rows,
+        matched,
+        mismatched,
+        missing,
+        extra,
+        columns: paired.columns,
+        examples: paired.examples,
+        notes,
+    })
+}
+
+/// How the two sides paired up.
+struct Paired {
+    /// Batch rows, stream rows, matched, mismatched, missing, extra.
+    counts: [u64; 6],
+    columns: Vec<ColumnDifference>,
+    examples: Vec<Example>,
+    /// Keys the batch side has more than once.
+    repeated_batch_keys: u64,
+}
+
+/// Pairs the rows of `sides` (batch, then stream; both of `schema`) within `range` and counts
+/// how they pair, with up to `examples` rows of each kind.
+async fn pair_up(
+    compare: &Comparison,
+    schema: &SchemaRef,
+    sides: [Vec<RecordBatch>; 2],
+    range: &str,
+    examples: usize,
+) -> Result<Paired> {
     let ctx = SessionContext::new();
+    let [batch_side, stream_side] = sides;
     for (name, batches) in [("batch_all", batch_side), ("stream_all", stream_side)] {
         ctx.register_table(
             name,
             Arc::new(MemTable::try_new(schema.clone(), vec![batches])?),
         )?;
     }
-    let range = match &time_column {
-        Some(c) => range_filter(&schema, c, options.from, options.to),
-        None => "TRUE".to_string(),
-    };
     for (side, all) in [("b", "batch_all"), ("s", "stream_all")] {
-        let sql = compare.numbered(all, &range);
+        let sql = compare.numbered(all, range);
         ctx.register_table(side, ctx.sql(&sql).await?.into_view())?;
     }
     // Held once: the counts and each kind of example read it again.
@@ -350,62 +438,25 @@ pub async fn verify(pipeline: &Pipeline, options: &VerifyOptions) -> Result<Repo
             }
         })
         .collect();
-
-    let batch_dupes = int_query(&ctx, &compare.repeated_keys("b")).await?;
-    if batch_dupes > 0 && !keys.is_empty() {
-        notes.push(format!(
-            "{batch_dupes} keys occur more than once in the batch result, so ({}) does not \
-             identify a row; rows sharing a key were paired in sorted order",
-            keys.join(", ")
-        ));
-    }
-    if int(0) == 0 && int(1) == 0 {
-        notes.push("neither side has rows in the range, so nothing was compared".into());
-    }
-    let mut examples = Vec::new();
+    let mut shown = Vec::new();
     for kind in ["mismatched", "missing", "extra"] {
-        if options.examples == 0 {
+        if examples == 0 {
             break;
         }
         let rows = ctx
-            .sql(&compare.examples(kind, options.examples))
+            .sql(&compare.examples(kind, examples))
             .await?
             .collect()
             .await?;
         for b in &rows {
-            examples.extend(compare.describe(kind, b, &schema)?);
+            shown.extend(compare.describe(kind, b, schema)?);
         }
     }
-
-    let time = |t: Option<i64>| {
-        t.map(|t| {
-            crate::common::time::Watermark(t)
-                .rfc3339()
-                .unwrap_or_else(|| t.to_string())
-        })
-    };
-    Ok(Report {
-        pipeline: pipeline.file().to_path_buf(),
-        stream_output: description,
-        time_column: time_column.filter(|_| options.from.is_some() || options.to.is_some()),
-        from: time(options.from),
-        to: time(options.to),
-        whole_rows: keys.is_empty(),
-        tolerance: options.tolerance,
-        keys: if keys.is_empty() {
-            schema.fields().iter().map(|f| f.name().clone()).collect()
-        } else {
-            keys
-        },
-        batch_rows: int(0),
-        stream_rows: int(1),
-        matched: int(2),
-        mismatched: int(3),
-        missing: int(4),
-        extra: int(5),
+    Ok(Paired {
+        counts: [int(0), int(1), int(2), int(3), int(4), int(5)],
         columns,
-        examples,
-        notes,
+        examples: shown,
+        repeated_batch_keys: int_query(&ctx, &compare.repeated_keys("b")).await?,
     })
 }
 

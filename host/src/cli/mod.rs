@@ -466,6 +466,8 @@ async fn verify(args: VerifyArgs) -> Result<ExitCode> {
     let options = crate::verify::VerifyOptions {
         run: crate::pipeline::RunOptions {
             cache_dir: args.cache_dir.or_else(EngineOptions::default_cache_dir),
+            // The batch run's progress bar (drawn only on a terminal).
+            live: true,
             ..Default::default()
         },
         from: time(&args.from, "--from")?,
