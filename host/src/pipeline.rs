@@ -227,8 +227,6 @@ struct StreamFile {
 
 /// Where stream mode's rows go ([`Pipeline::stream_output`]).
 pub(crate) enum StreamOutput<'a> {
-    /// Printed, not kept.
-    Console,
     /// A directory of Parquet files, one per epoch.
     ParquetDir(&'a Path),
     /// A Delta table; `keys` are the update-mode merge keys.
@@ -575,14 +573,17 @@ impl Pipeline {
     }
 
     /// Where stream mode writes its rows, as [`crate::verify`] reads them back.
+    ///
+    /// # Errors
+    /// A stream that prints its rows (nothing to read back); a Kafka sink without brokers.
     pub(crate) fn stream_output(&self) -> Result<StreamOutput<'_>> {
         let ctx = ConfigContext {
             file: &self.file,
             key: "sink.stream".into(),
         };
         Ok(match &self.contents.sink.stream {
-            None => StreamOutput::Console,
-            Some(SinkSpec::Path(p)) if p.as_os_str() == "console" => StreamOutput::Console,
+            None => return Err(self.printed()),
+            Some(SinkSpec::Path(p)) if p.as_os_str() == "console" => return Err(self.printed()),
             Some(SinkSpec::Path(dir)) => StreamOutput::ParquetDir(dir),
             Some(SinkSpec::Table(SinkTable::Delta(d))) => StreamOutput::Delta {
                 path: &d.path,
@@ -600,6 +601,13 @@ impl Pipeline {
                 format: k.format,
             },
         })
+    }
+
+    fn printed(&self) -> RiffleError {
+        RiffleError::Config(format!(
+            "{}: the stream prints its rows (no sink.stream), so there is nothing to verify",
+            self.file.display()
+        ))
     }
 
     /// Runs the query in batch mode over the sources' `batch` inputs; writes `sink.batch` or

@@ -254,13 +254,6 @@ pub async fn verify(pipeline: &Pipeline, options: &VerifyOptions) -> Result<Repo
                 .into(),
         ));
     }
-    if let StreamOutput::Console = output {
-        return Err(RiffleError::Config(format!(
-            "{}: the stream prints its rows (no sink.stream), so there is nothing to verify",
-            pipeline.file().display()
-        )));
-    }
-
     let (session, _) = pipeline.batch_session(&options.run).await?;
     let mut df = session.dataframe(pipeline.query()).await?;
     if options.reference {
@@ -426,14 +419,14 @@ async fn pair_up(
         .enumerate()
         .map(|(j, &i)| {
             let largest = counts
-                .column(6 + 2 * j + 1)
+                .column(7 + 2 * j + 1)
                 .as_any()
                 .downcast_ref::<Float64Array>()
                 .filter(|a| a.is_valid(0))
                 .map(|a| a.value(0));
             ColumnDifference {
                 column: schema.field(i).name().clone(),
-                rows: int(6 + 2 * j),
+                rows: int(7 + 2 * j),
                 largest,
             }
         })
@@ -456,17 +449,8 @@ async fn pair_up(
         counts: [int(0), int(1), int(2), int(3), int(4), int(5)],
         columns,
         examples: shown,
-        repeated_batch_keys: int_query(&ctx, &compare.repeated_keys("b")).await?,
+        repeated_batch_keys: int(6),
     })
-}
-
-async fn int_query(ctx: &SessionContext, sql: &str) -> Result<u64> {
-    let rows = ctx.sql(sql).await?.collect().await?;
-    Ok(rows
-        .first()
-        .and_then(|b| b.column(0).as_any().downcast_ref::<Int64Array>().cloned())
-        .filter(|a| !a.is_empty() && a.is_valid(0))
-        .map_or(0, |a| a.value(0).max(0) as u64))
 }
 
 fn column_list(schema: &Schema) -> String {
@@ -614,9 +598,11 @@ impl Comparison {
             .map(|i| format!("(b.c_{i} IS NOT DISTINCT FROM s.c_{i})"))
             .collect();
         on.push("(b.nth IS NOT DISTINCT FROM s.nth)".into());
+        // Which copy of its key a batch row is: the second copies count keys that repeat.
         let mut select = vec![
             "b.here IS NOT NULL AS in_b".to_string(),
             "s.here IS NOT NULL AS in_s".to_string(),
+            "b.nth AS b_nth".to_string(),
         ];
         for i in 0..self.names.len() {
             select.push(format!("b.c_{i} AS b_{i}"));
@@ -633,8 +619,8 @@ impl Comparison {
             select.push(format!("in_b AND in_s AND NOT ({same}) AS d_{i}"));
         }
         // `d_*` refer to `in_*` and `b_*`, so they are computed one level up.
-        let inner = select[..2 + 2 * self.names.len()].join(", ");
-        let outer = select[2 + 2 * self.names.len()..].join(", ");
+        let inner = select[..3 + 2 * self.names.len()].join(", ");
+        let outer = select[3 + 2 * self.names.len()..].join(", ");
         let outer = if outer.is_empty() {
             "*".to_string()
         } else {
@@ -664,6 +650,7 @@ impl Comparison {
             count(&format!("in_b AND in_s AND {any}")),
             count("NOT in_s"),
             count("NOT in_b"),
+            count("b_nth = 2"),
         ];
         for &i in &self.values {
             select.push(count(&format!("d_{i}")));
@@ -682,11 +669,6 @@ impl Comparison {
             ));
         }
         format!("SELECT {} FROM joined", select.join(", "))
-    }
-
-    /// How many keys occur more than once on one side.
-    fn repeated_keys(&self, side: &str) -> String {
-        format!("SELECT CAST(count(*) AS BIGINT) FROM {side} WHERE nth = 2")
     }
 
     fn examples(&self, kind: &str, limit: usize) -> String {
@@ -893,7 +875,6 @@ async fn read_stream_output(
     notes: &mut Vec<String>,
 ) -> Result<(Vec<RecordBatch>, String)> {
     match output {
-        StreamOutput::Console => Ok((Vec::new(), "the console".into())),
         StreamOutput::ParquetDir(dir) => {
             let checkpoint = pipeline.checkpoint_dir().ok_or_else(|| {
                 RiffleError::Config("the pipeline names no stream.checkpoint".into())
