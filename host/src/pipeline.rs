@@ -48,6 +48,11 @@
 //! batch = "data/logins.parquet"
 //! stream = { kind = "generator", seed = 7, rows = 50000, events_per_second = 0.5 }
 //!
+//! [views]                               # named queries the query reads like tables, e.g. the
+//! # features = "features.sql"           # same scoring in two pipelines: each a SELECT over the
+//! # scored = "scored.sql"               # sources, tables and the views above it (the query
+//!                                       # gets them as CTEs)
+//!
 //! [tables]                              # static tables, e.g. for stream-static joins
 //! merchants = "data/merchants.csv"      # reloaded in stream mode when the file changes
 //!
@@ -125,6 +130,9 @@ struct PipelineFile {
     /// Streaming sources by table name.
     #[serde(default)]
     sources: BTreeMap<String, SourceFile>,
+    /// In file order: a view may read the views before it.
+    #[serde(default, deserialize_with = "in_file_order")]
+    views: Vec<(String, PathBuf)>,
     #[serde(default)]
     tables: BTreeMap<String, PathBuf>,
     #[serde(default)]
@@ -135,6 +143,71 @@ struct PipelineFile {
     sink: SinkFile,
     #[serde(default)]
     stream: StreamFile,
+}
+
+/// A TOML table's entries in the order the file lists them.
+fn in_file_order<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<(String, PathBuf)>, D::Error> {
+    struct Entries;
+    impl<'de> serde::de::Visitor<'de> for Entries {
+        type Value = Vec<(String, PathBuf)>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a table of names and file paths")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut entries = Vec::new();
+            while let Some(entry) = map.next_entry()? {
+                entries.push(entry);
+            }
+            Ok(entries)
+        }
+    }
+    d.deserialize_map(Entries)
+}
+
+/// The query with `[views]` in front of it as common table expressions: DataFusion inlines
+/// them into the plan, so batch and stream mode plan a view like any subquery, and two
+/// pipelines can share one scoring query without copying its text.
+fn with_views(path: &Path, views: &[(String, PathBuf)], query: String) -> Result<String> {
+    if views.is_empty() {
+        return Ok(query);
+    }
+    let mut ctes = Vec::new();
+    for (name, file) in views {
+        let key = format!("views.{name}");
+        let valid = name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            return Err(key_error(
+                path,
+                &key,
+                "a view's name must be a plain SQL name",
+            ));
+        }
+        let sql = std::fs::read_to_string(file).map_err(|e| RiffleError::io("reading", file, e))?;
+        let sql = sql.trim().trim_end_matches(';').trim_end();
+        if sql.is_empty() {
+            return Err(key_error(path, &key, "the view's file has no query"));
+        }
+        // On its own lines: a `--` comment at the end of the file must not swallow the `)`.
+        ctes.push(format!("{name} AS (\n{sql}\n)"));
+    }
+    let ctes = ctes.join(",\n");
+    // A query with its own WITH gets the views as its first CTEs.
+    let body = query.trim_start();
+    match body.get(..5) {
+        Some(head) if head.eq_ignore_ascii_case("with ") || head.eq_ignore_ascii_case("with\n") => {
+            Ok(format!("WITH {ctes},\n{}", &body[5..]))
+        }
+        _ => Ok(format!("WITH {ctes}\n{query}")),
+    }
 }
 
 /// A streaming source's table: its event time, its batch input and its stream.
@@ -378,6 +451,7 @@ impl Pipeline {
         ]
         .into_iter()
         .flatten()
+        .chain(file.views.iter_mut().map(|(_, p)| p))
         {
             resolve(&base, p);
         }
@@ -394,6 +468,7 @@ impl Pipeline {
                 ));
             }
         };
+        let query = with_views(path, &file.views, query)?;
         if file.stream.max_rows_per_epoch == Some(0) {
             return Err(key_error(
                 path,
@@ -547,6 +622,33 @@ impl Pipeline {
             inputs.push((name.clone(), identity));
         }
         Ok((session, inputs))
+    }
+
+    /// Makes batch mode read `path` (a file, directory or Delta table, at its latest version)
+    /// for source `name` instead of the file's `batch` input.
+    ///
+    /// # Errors
+    /// No source of that name.
+    pub fn set_batch_input(&mut self, name: &str, path: PathBuf) -> Result<()> {
+        let names = || {
+            self.sources
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let Some(i) = self.sources.iter().position(|(n, _)| n == name) else {
+            return Err(RiffleError::Config(format!(
+                "{}: no source {name} (its sources: {})",
+                self.file.display(),
+                names()
+            )));
+        };
+        let source = &mut self.sources[i].1;
+        source.batch = Some(path);
+        source.batch_version = None;
+        source.batch_as_of = None;
+        Ok(())
     }
 
     /// The query.
@@ -865,4 +967,71 @@ fn input_identity(path: &Path) -> Result<String> {
     }
     files.sort();
     Ok(files.join("\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn views(dir: &Path, files: &[(&str, &str)]) -> Vec<(String, PathBuf)> {
+        files
+            .iter()
+            .map(|(name, sql)| {
+                let file = dir.join(format!("{name}.sql"));
+                std::fs::write(&file, sql).unwrap();
+                (name.to_string(), file)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn views_become_common_table_expressions() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = Path::new("p.toml");
+        let v = views(
+            dir.path(),
+            &[("scored", "SELECT a FROM t -- trailing comment\n;\n")],
+        );
+        assert_eq!(
+            with_views(p, &v, "SELECT * FROM scored".into()).unwrap(),
+            "WITH scored AS (\nSELECT a FROM t -- trailing comment\n)\nSELECT * FROM scored"
+        );
+        // A query with its own WITH keeps it, after the views.
+        assert_eq!(
+            with_views(
+                p,
+                &v,
+                "  with x AS (SELECT 1) SELECT * FROM scored, x".into()
+            )
+            .unwrap(),
+            "WITH scored AS (\nSELECT a FROM t -- trailing comment\n),\nx AS (SELECT 1) SELECT * FROM scored, x"
+        );
+        assert_eq!(with_views(p, &[], "SELECT 1".into()).unwrap(), "SELECT 1");
+        let bad = views(dir.path(), &[("a-b", "SELECT 1")]);
+        let e = with_views(p, &bad, "SELECT 1".into())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("views.a-b") && e.contains("plain SQL name"),
+            "{e}"
+        );
+        let empty = views(dir.path(), &[("e", " ;\n")]);
+        let e = with_views(p, &empty, "SELECT 1".into())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no query"), "{e}");
+    }
+
+    #[test]
+    fn views_keep_the_order_of_the_file() {
+        #[derive(Deserialize)]
+        struct F {
+            #[serde(deserialize_with = "in_file_order")]
+            views: Vec<(String, PathBuf)>,
+        }
+        let f: F =
+            toml::from_str("[views]\nz = \"z.sql\"\na = \"a.sql\"\nm = \"m.sql\"\n").unwrap();
+        let names: Vec<_> = f.views.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["z", "a", "m"]);
+    }
 }
