@@ -93,6 +93,11 @@ struct VerifyArgs {
     /// and hungrier for hopping windows).
     #[arg(long)]
     reference: bool,
+    /// Recompute from this file or Delta table instead of the source's `batch` input, e.g.
+    /// the rows a stream read when the pipeline's batch input is the history a backfill
+    /// reads; repeat for several sources.
+    #[arg(long, value_name = "SOURCE=PATH")]
+    input: Vec<String>,
     /// Rows of each kind (mismatched, missing, extra) to show.
     #[arg(long, value_name = "N", default_value_t = 5)]
     examples: usize,
@@ -127,6 +132,9 @@ struct ProduceArgs {
     /// Random seed; the same seed gives the same rows.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Number of distinct cards (as `riffle generate fraud --cards`).
+    #[arg(long, default_value_t = 10_000)]
+    cards: u64,
     /// Transactions per second of event time.
     #[arg(long, default_value_t = 1.0)]
     events_per_second: f64,
@@ -311,6 +319,10 @@ enum GenerateCommand {
         /// Random seed; the same seed gives the same rows.
         #[arg(long, default_value_t = 42)]
         seed: u64,
+        /// Skip this many rows of the generated sequence first: the rows that continue a file
+        /// made with --rows N are --skip N (what `riffle produce --skip` sends).
+        #[arg(long, default_value_t = 0)]
+        skip: u64,
         /// Number of distinct cards.
         #[arg(long, default_value_t = 10_000)]
         cards: u64,
@@ -406,6 +418,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             rows,
             out,
             seed,
+            skip,
             cards,
             days,
             events_per_second,
@@ -425,7 +438,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 max_disorder_micros: disorder.map_or(0, |d| d.micros()),
                 ..FraudConfig::default()
             };
-            generate(GeneratorConfig::Fraud(config), rows, &out)
+            generate(GeneratorConfig::Fraud(config), skip, rows, &out)
         }
         Command::Generate(GenerateCommand::Clickstream {
             rows,
@@ -442,7 +455,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 rows_per_second: rate_over(rows, days)?,
                 ..ClickConfig::default()
             };
-            generate(GeneratorConfig::Clickstream(config), rows, &out)
+            generate(GeneratorConfig::Clickstream(config), 0, rows, &out)
         }
         Command::Run(args) => run_pipeline(args).await,
         Command::Status(args) => status(&args),
@@ -456,7 +469,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
 const INCONSISTENT: u8 = 3;
 
 async fn verify(args: VerifyArgs) -> Result<ExitCode> {
-    let pipeline = crate::pipeline::Pipeline::load(&args.pipeline)?;
+    let mut pipeline = crate::pipeline::Pipeline::load(&args.pipeline)?;
+    for input in &args.input {
+        let (source, path) = input
+            .split_once('=')
+            .ok_or_else(|| RiffleError::Config(format!("--input {input}: expected SOURCE=PATH")))?;
+        pipeline.set_batch_input(source, PathBuf::from(path))?;
+    }
     let time = |t: &Option<String>, flag: &str| {
         t.as_deref()
             .map(crate::common::time::parse_timestamp)
@@ -919,8 +938,12 @@ async fn produce(args: ProduceArgs) -> Result<()> {
         })
         .collect();
     ensure_topic_with(&kafka, &args.topic, args.partitions, &config).await?;
+    if args.cards == 0 {
+        return Err(RiffleError::Config("--cards must be at least 1".into()));
+    }
     let config = GeneratorConfig::Fraud(FraudConfig {
         seed: args.seed,
+        cards: args.cards,
         rows_per_second: args.events_per_second,
         ..FraudConfig::default()
     });
@@ -968,9 +991,9 @@ fn rate_over(rows: u64, days: f64) -> Result<f64> {
     Ok(rows.max(1) as f64 / (positive("--days", days)? * 86_400.0))
 }
 
-fn generate(config: GeneratorConfig, rows: u64, out: &Path) -> Result<()> {
+fn generate(config: GeneratorConfig, skip: u64, rows: u64, out: &Path) -> Result<()> {
     const BATCH: u64 = 8192;
-    let mut generator = config.starting_at(0);
+    let mut generator = config.starting_at(skip as i64);
     let started = Instant::now();
     let mut last_report = Instant::now();
     let mut done = 0u64;
