@@ -19,9 +19,17 @@ unset CARGO_ENCODED_RUSTFLAGS RUSTFLAGS RUSTC RUSTDOC RUSTC_WRAPPER RUSTC_WORKSP
     CARGO_BUILD_TARGET CARGO_TARGET_DIR CARGO_BUILD_RUSTFLAGS TARGET HOST OUT_DIR PROFILE \
     OPT_LEVEL DEBUG NUM_JOBS RUSTC_LINKER CARGO_MANIFEST_DIR CARGO_PRIMARY_PACKAGE
 
+# Crates of the main workspace go in one build; a crate with its own `[workspace]` (one whose
+# dependencies the host must not compile natively, like the ONNX runtime of udfs/fraud_model)
+# is built on its own, into the same directory.
 packages=()
+own_workspaces=()
 for manifest in "$root"/udfs/*/Cargo.toml; do
     [ -f "$manifest" ] || continue
+    if grep -q '^\[workspace\]' "$manifest"; then
+        own_workspaces+=("$manifest")
+        continue
+    fi
     name=$(sed -n 's/^name *= *"\(.*\)"/\1/p' "$manifest" | head -n1)
     packages+=(-p "$name")
 done
@@ -39,20 +47,28 @@ simd="-C target-feature=+simd128 -C llvm-args=-force-vector-interleave=8 -C llvm
 
 if command -v rustup >/dev/null 2>&1 &&
     timeout 20 rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then
-    RUSTFLAGS="$simd" cargo build --manifest-path "$root/Cargo.toml" --release \
-        --target wasm32-wasip2 --target-dir "$target_dir" "${packages[@]}" >&2
+    for manifest in "$root/Cargo.toml" "${own_workspaces[@]}"; do
+        selection=()
+        [ "$manifest" = "$root/Cargo.toml" ] && selection=("${packages[@]}")
+        RUSTFLAGS="$simd" cargo build --manifest-path "$manifest" --release \
+            --target wasm32-wasip2 --target-dir "$target_dir" "${selection[@]}" >&2
+    done
 elif [ -x /usr/bin/rustc ] && /usr/bin/rustc --version | grep -q '^rustc 1\.96' &&
     [ -d /usr/lib/wasm32-wasi ] && [ -x /usr/lib/llvm-22/bin/lld ]; then
     # Debian's toolchain finds the linker as `rust-lld`; give it LLVM 22's lld under that name.
     shim="$target_dir/bin"
     mkdir -p "$shim"
     ln -sf /usr/lib/llvm-22/bin/lld "$shim/rust-lld"
-    PATH="$shim:/usr/lib/llvm-22/bin:$PATH" RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc \
-        RUSTC_BOOTSTRAP=1 \
-        RUSTFLAGS="-L /usr/lib/wasm32-wasi -C link-self-contained=no $simd" \
-        /usr/bin/cargo build --manifest-path "$root/Cargo.toml" --release \
-        --target wasm32-wasip2 --target-dir "$target_dir" \
-        -Zbuild-std=std,panic_abort "${packages[@]}" >&2
+    for manifest in "$root/Cargo.toml" "${own_workspaces[@]}"; do
+        selection=()
+        [ "$manifest" = "$root/Cargo.toml" ] && selection=("${packages[@]}")
+        PATH="$shim:/usr/lib/llvm-22/bin:$PATH" RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc \
+            RUSTC_BOOTSTRAP=1 \
+            RUSTFLAGS="-L /usr/lib/wasm32-wasi -C link-self-contained=no $simd" \
+            /usr/bin/cargo build --manifest-path "$manifest" --release \
+            --target wasm32-wasip2 --target-dir "$target_dir" \
+            -Zbuild-std=std,panic_abort "${selection[@]}" >&2
+    done
 else
     echo "error: no Rust toolchain for wasm32-wasip2; run scripts/install-guest-toolchain.sh" >&2
     exit 1
