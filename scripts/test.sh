@@ -2,7 +2,8 @@
 # Runs Riffle's tests: installs what they need if missing (the Wasm guest toolchain, the
 # noida-db Kafka-protocol broker the Kafka tests start, the `deltalake` Python package that
 # reads our Delta tables back as an independent reader, `prometheus-client` whose parser reads
-# our /metrics, scikit-learn and matplotlib for the fraud model the demo trains, and Debian's
+# our /metrics, scikit-learn, matplotlib, skl2onnx and onnxruntime for the fraud model the demo
+# trains, exports and checks, and Debian's
 # Chromium with ChromeDriver plus Selenium, which drive the dashboard), then runs the Python
 # SDK's own tests and every test in the workspace (the tests crate's build script compiles the
 # UDF guests, Rust and Python, from source first).
@@ -12,10 +13,10 @@ cd "$root"
 scripts/install-build-deps.sh
 scripts/install-guest-toolchain.sh
 scripts/kafka-broker.sh install
-if ! python3 -c "import deltalake, pyarrow, prometheus_client, selenium, sklearn, matplotlib" 2>/dev/null; then
-    echo "test deps: pip install deltalake pyarrow prometheus-client selenium scikit-learn matplotlib" >&2
+if ! python3 -c "import deltalake, pyarrow, prometheus_client, selenium, sklearn, matplotlib, skl2onnx, onnxruntime" 2>/dev/null; then
+    echo "test deps: pip install deltalake pyarrow prometheus-client selenium scikit-learn matplotlib skl2onnx onnxruntime" >&2
     python3 -m pip install --quiet deltalake pyarrow prometheus-client selenium scikit-learn \
-        matplotlib >&2
+        matplotlib skl2onnx onnxruntime >&2
 fi
 if ! [ -x /usr/bin/chromium ] || ! [ -x /usr/bin/chromedriver ]; then
     echo "test deps: apt-get install chromium chromium-driver" >&2
