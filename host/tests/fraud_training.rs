@@ -2,13 +2,26 @@
 //! pipeline (`scripts/demo/fraud_training.toml`) in batch mode writes the training table, the
 //! same pipeline in stream mode must give the same features row for row (`riffle verify`), and
 //! a model trained on the table with scikit-learn (`scripts/demo/train_fraud.py`) must find the
-//! planted fraud far better than the rule-based score.
+//! planted fraud far better than the rule-based score. Then the serving path: the exported
+//! ONNX model scores a backfill and live payments from Kafka inside the Wasm module
+//! (`fraud_scores.toml`, one Delta table) and sends alerts to a Kafka topic
+//! (`fraud_alerts.toml`); `riffle verify` finds the live scores and alerts equal to batch mode,
+//! and onnxruntime, reading the table's features, gives the served scores.
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use arrow::array::AsArray;
+use arrow::datatypes::TimestampMicrosecondType;
+use common::broker::Broker;
 use common::{riffle, riffle_in, text};
+
+fn demo_file(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../scripts/demo")
+        .join(name)
+}
 
 /// The demo's pipeline file, at `rows` transactions, with the fraud UDF module beside it.
 fn demo_pipeline(dir: &Path, rows: u64) -> std::path::PathBuf {
@@ -22,6 +35,11 @@ fn demo_pipeline(dir: &Path, rows: u64) -> std::path::PathBuf {
     let path = dir.join("fraud_training.toml");
     std::fs::write(&path, edited).unwrap();
     std::fs::copy(
+        demo_file("card_features.sql"),
+        dir.join("card_features.sql"),
+    )
+    .unwrap();
+    std::fs::copy(
         riffle_tests::udf("fraud"),
         dir.join("riffle_udfs_fraud.wasm"),
     )
@@ -32,7 +50,7 @@ fn demo_pipeline(dir: &Path, rows: u64) -> std::path::PathBuf {
 #[test]
 fn features_agree_in_both_modes_and_a_trained_model_beats_the_rules() {
     let dir = tempfile::tempdir().unwrap();
-    let rows = 150_000;
+    let rows = 150_000u64;
     let out = riffle_in(
         &[
             "generate",
@@ -65,16 +83,16 @@ fn features_agree_in_both_modes_and_a_trained_model_beats_the_rules() {
         "{report}"
     );
 
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/demo/train_fraud.py");
     let out = std::process::Command::new("python3")
-        .arg(script)
+        .arg(demo_file("train_fraud.py"))
         .arg(dir.path().join("training.parquet"))
         .arg(dir.path().join("model"))
         .output()
         .unwrap();
     assert!(
         out.status.success(),
-        "train_fraud.py (needs scikit-learn, matplotlib and pyarrow from PyPI): {}{}",
+        "train_fraud.py (needs scikit-learn, matplotlib, skl2onnx, onnxruntime and pyarrow from \
+         PyPI): {}{}",
         text(&out.stdout),
         text(&out.stderr)
     );
@@ -91,4 +109,201 @@ fn features_agree_in_both_modes_and_a_trained_model_beats_the_rules() {
     let recall = report["model"]["recall_by_pattern"].as_object().unwrap();
     assert_eq!(recall.len(), 4, "{report:#}");
     assert!(dir.path().join("model/roc.png").metadata().unwrap().len() > 10_000);
+    // The exported model is the trained one (onnxruntime against scikit-learn).
+    assert!(
+        report["onnx"]["max_abs_diff_vs_sklearn"].as_f64().unwrap() < 1e-3,
+        "{report:#}"
+    );
+
+    serve(dir.path(), rows);
+}
+
+/// The serving half of the demo: backfill and live scores into one Delta table, alerts to
+/// Kafka, both checked against batch mode, the served scores against onnxruntime.
+fn serve(dir: &Path, history: u64) {
+    for name in ["fraud_scored.sql", "fraud_scores.toml", "fraud_alerts.toml"] {
+        std::fs::copy(demo_file(name), dir.join(name)).unwrap();
+    }
+    std::fs::copy(
+        riffle_tests::udf("fraud_model"),
+        dir.join("riffle_udfs_fraud_model.wasm"),
+    )
+    .unwrap();
+    let broker = Broker::start();
+    let live = 10_000u64;
+    let continuation = |what: &[&str]| {
+        let mut args = what.to_vec();
+        let (skip, rows) = (history.to_string(), live.to_string());
+        args.extend([
+            "--skip",
+            &skip,
+            "--rows",
+            &rows,
+            "--cards",
+            "2000",
+            "--events-per-second",
+            "0.5",
+        ]);
+        let out = riffle_in(&args, dir);
+        assert!(out.status.success(), "{what:?}: {}", text(&out.stderr));
+    };
+    continuation(&["generate", "fraud", "--out", "live.parquet"]);
+    continuation(&[
+        "produce",
+        "--topic",
+        "payments",
+        "--partitions",
+        "1",
+        "--bootstrap",
+        &broker.bootstrap,
+    ]);
+    for (pipeline, mode) in [
+        ("fraud_scores.toml", "batch"),
+        ("fraud_scores.toml", "stream"),
+        ("fraud_alerts.toml", "stream"),
+    ] {
+        let out = riffle(&dir.join(pipeline), mode)
+            .env("RIFFLE_KAFKA_BOOTSTRAP", &broker.bootstrap)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{pipeline} {mode}: {}",
+            text(&out.stderr)
+        );
+    }
+
+    // The live payments' time range, less the last minute: the stream holds the last 30 s of
+    // event time until its watermark passes them, as a live query must.
+    let (first, last) = time_range(&dir.join("live.parquet"));
+    let (from, to) = (micros_text(first), micros_text(last - 60_000_000));
+    let verify = |args: &[&str]| {
+        let mut all = vec!["verify"];
+        all.extend(args);
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_riffle"));
+        let out = c
+            .args(all)
+            .env("RIFFLE_KAFKA_BOOTSTRAP", &broker.bootstrap)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        let report = text(&out.stdout);
+        assert!(out.status.success(), "{report}{}", text(&out.stderr));
+        assert!(
+            report.contains("mismatched 0 · missing 0 · extra 0"),
+            "{report}"
+        );
+        report
+    };
+    let scores = verify(&[
+        "fraud_scores.toml",
+        "--input",
+        "transactions=live.parquet",
+        "--from",
+        &from,
+        "--to",
+        &to,
+        "--key",
+        "tx_id",
+    ]);
+    // All but the last minute's 30 or so payments, scored live exactly as in batch mode.
+    let matched = |report: &str| -> u64 {
+        let after = report.split("matched ").nth(1).unwrap();
+        after.split(' ').next().unwrap().parse().unwrap()
+    };
+    assert!(matched(&scores) > live - 60, "{scores}");
+    let alerts = verify(&["fraud_alerts.toml", "--to", &to, "--key", "tx_id"]);
+    assert!(matched(&alerts) > 10, "{alerts}");
+
+    let out = std::process::Command::new("python3")
+        .arg(demo_file("report_scores.py"))
+        .arg(dir.join("scores"))
+        .arg(dir.join("model/fraud_model.onnx"))
+        .arg(dir.join("live.parquet"))
+        .arg(dir.join("model"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "report_scores.py (needs deltalake and onnxruntime): {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("model/scores_report.json")).unwrap())
+            .unwrap();
+    // Each payment once: the backfill's and the stream's, no more.
+    assert_eq!(report["backfill_rows"], history, "{report:#}");
+    assert!(
+        report["live_rows"].as_u64().unwrap() > live - 60,
+        "{report:#}"
+    );
+    // tract in the sandbox and onnxruntime evaluate the same float32 trees.
+    assert!(
+        report["served_vs_onnxruntime"]["max_abs_diff"]
+            .as_f64()
+            .unwrap()
+            < 1e-5,
+        "{report:#}"
+    );
+    let live_quality = &report["live"];
+    let auc = |who: &str| live_quality[format!("{who}_roc_auc")].as_f64().unwrap();
+    assert!(auc("model") > auc("rule") + 0.1, "{report:#}");
+    // The table's live scores of 0.5 or more include every alert verified (up to a minute
+    // before the end) and perhaps some of the last minute.
+    assert!(
+        live_quality["alerts"].as_u64().unwrap() >= matched(&alerts),
+        "{report:#}"
+    );
+    assert!(
+        dir.join("model/score_distributions.png")
+            .metadata()
+            .unwrap()
+            .len()
+            > 10_000
+    );
+
+    // A configuration that is no ONNX model fails the run with the module's reason.
+    let mut bad = std::fs::read_to_string(dir.join("fraud_alerts.toml")).unwrap();
+    bad = bad.replace("model/fraud_model.onnx", "live.parquet");
+    std::fs::write(dir.join("bad_model.toml"), bad).unwrap();
+    let out = riffle(&dir.join("bad_model.toml"), "batch")
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("rejected its configuration: the ONNX model cannot be served"),
+        "{stderr}"
+    );
+}
+
+/// The smallest and largest `ts` of a Parquet file, in microseconds.
+fn time_range(file: &Path) -> (i64, i64) {
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+        std::fs::File::open(file).unwrap(),
+    )
+    .unwrap()
+    .build()
+    .unwrap();
+    let (mut first, mut last) = (i64::MAX, i64::MIN);
+    for batch in reader {
+        let batch = batch.unwrap();
+        let ts = batch
+            .column_by_name("ts")
+            .unwrap()
+            .as_primitive::<TimestampMicrosecondType>();
+        for t in ts.values() {
+            first = first.min(*t);
+            last = last.max(*t);
+        }
+    }
+    (first, last)
+}
+
+/// Microseconds since the epoch as RFC 3339.
+fn micros_text(micros: i64) -> String {
+    chrono::DateTime::from_timestamp_micros(micros)
+        .unwrap()
+        .to_rfc3339()
 }

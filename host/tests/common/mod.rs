@@ -1,6 +1,7 @@
 //! Helpers shared by the host's process-level tests.
 #![allow(dead_code)]
 
+pub mod broker;
 pub mod http;
 
 use std::path::Path;
