@@ -10,9 +10,13 @@
 //! `scripts/demo/fraud_training.toml` computes and `scripts/demo/train_fraud.py` trains on.
 //!
 //! Scoring is one model run per Arrow batch (a `rows x 14` tensor), not per row: running a
-//! tract plan has a fixed cost that would otherwise dominate. A NULL feature is NaN, as
+//! tract plan has a fixed cost that would otherwise dominate. A binary tree ensemble, the
+//! commonest export and the demo's, is evaluated directly instead ([`trees`]: tract looks up
+//! leaf weights in linear time); every other model is tract's. A NULL feature is NaN, as
 //! scikit-learn saw it in training (its trees send NaN down a learned branch, and ONNX's tree
 //! ensembles carry that branch).
+
+mod trees;
 
 use std::sync::OnceLock;
 
@@ -41,10 +45,15 @@ pub const FEATURES: [&str; 14] = [
     "night",
 ];
 
-/// A loaded model: the optimised plan and which of its outputs is the fraud score.
-struct Scorer {
-    plan: TypedRunnableModel<TypedModel>,
-    output: ScoreOutput,
+/// A loaded model.
+enum Scorer {
+    /// A binary tree ensemble, evaluated directly (see [`trees`]).
+    Forest(trees::Forest),
+    /// Anything else: tract's optimised plan and which of its outputs is the fraud score.
+    Tract {
+        plan: TypedRunnableModel<TypedModel>,
+        output: ScoreOutput,
+    },
 }
 
 /// Where the score is among a model's outputs.
@@ -76,6 +85,12 @@ pub fn configure(config: &[u8]) -> Result<(), String> {
 fn load(onnx: &[u8]) -> TractResult<Scorer> {
     let framework = tract_onnx::onnx();
     let mut proto = framework.proto_model_for_read(&mut &onnx[..])?;
+    if let Some(graph) = &proto.graph
+        && graph.input.len() == 1
+        && let Some(forest) = trees::Forest::from_graph(&graph.node, FEATURES.len())
+    {
+        return Ok(Scorer::Forest(forest));
+    }
     one_base_value_per_class(&mut proto);
     let mut model = framework.model_for_proto_model(&proto)?;
     if model.inputs.len() != 1 {
@@ -93,7 +108,7 @@ fn load(onnx: &[u8]) -> TractResult<Scorer> {
     )?;
     let model = model.into_optimized()?;
     let output = score_output(&model)?;
-    Ok(Scorer {
+    Ok(Scorer::Tract {
         plan: model.into_runnable()?,
         output,
     })
@@ -224,9 +239,13 @@ fn run(scorer: &Scorer, rows: usize, input: Vec<f32>) -> TractResult<Vec<f64>> {
     if rows == 0 {
         return Ok(Vec::new());
     }
+    let (plan, output) = match scorer {
+        Scorer::Forest(forest) => return Ok(forest.score(&input)),
+        Scorer::Tract { plan, output } => (plan, *output),
+    };
     let input = tract_ndarray::Array2::from_shape_vec((rows, FEATURES.len()), input)?;
-    let outputs = scorer.plan.run(tvec!(Tensor::from(input).into()))?;
-    let (index, probabilities) = match scorer.output {
+    let outputs = plan.run(tvec!(Tensor::from(input).into()))?;
+    let (index, probabilities) = match output {
         ScoreOutput::Probabilities(i) => (i, true),
         ScoreOutput::Values(i) => (i, false),
     };
