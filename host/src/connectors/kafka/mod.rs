@@ -37,7 +37,7 @@ use std::time::Duration;
 
 use rdkafka::ClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 
 pub use admin::{ensure_topic, produce_json};
@@ -202,16 +202,40 @@ pub(crate) fn flush_checked(producer: &CheckedProducer, what: &str) -> Result<()
 /// that is meant to wait for the broker (seen with a frozen broker: a query stuck in the drop
 /// for 17 minutes, never saying it was waiting). The closing thread ends when the broker
 /// answers or the process exits.
-pub(crate) struct ClosingConsumer(std::mem::ManuallyDrop<rdkafka::consumer::BaseConsumer>);
+pub(crate) struct ClosingConsumer(std::mem::ManuallyDrop<Consumer>);
+
+/// Riffle's consumers: their client context does not log a partition's end as an error.
+pub(crate) type Consumer = rdkafka::consumer::BaseConsumer<EndIsNews>;
+
+/// The client context of Riffle's consumers. Readers that must know where a partition ends
+/// (`riffle verify`, the epoch-marker reader) ask librdkafka to report it, and librdkafka also
+/// passes it to the client's error callback, whose default logs it as an error. Every other
+/// error is still logged.
+pub(crate) struct EndIsNews;
+
+impl rdkafka::ClientContext for EndIsNews {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(
+            error,
+            KafkaError::Global(rdkafka::types::RDKafkaErrorCode::PartitionEOF)
+        ) {
+            tracing::error!("librdkafka: {error}: {reason}");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for EndIsNews {}
 
 impl ClosingConsumer {
-    pub(crate) fn new(consumer: rdkafka::consumer::BaseConsumer) -> Self {
-        ClosingConsumer(std::mem::ManuallyDrop::new(consumer))
+    /// A consumer with these settings.
+    pub(crate) fn create(config: &ClientConfig) -> KafkaResult<Self> {
+        let consumer = config.create_with_context(EndIsNews)?;
+        Ok(ClosingConsumer(std::mem::ManuallyDrop::new(consumer)))
     }
 }
 
 impl std::ops::Deref for ClosingConsumer {
-    type Target = rdkafka::consumer::BaseConsumer;
+    type Target = Consumer;
 
     fn deref(&self) -> &Self::Target {
         &self.0

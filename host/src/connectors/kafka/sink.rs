@@ -313,15 +313,12 @@ impl KafkaSink {
                 p.init_transactions(TIMEOUT)
                     .map_err(|e| kafka_error("starting transactions", e))?;
                 let group = format!("{id}-epochs");
-                let consumer = kafka
-                    .client(&[
-                        ("group.id", group.as_str()),
-                        ("enable.auto.commit", "false"),
-                        ("isolation.level", "read_committed"),
-                    ])
-                    .create()
-                    .map(super::ClosingConsumer::new)
-                    .map_err(|e| kafka_error("creating the epoch marker", e))?;
+                let consumer = super::ClosingConsumer::create(&kafka.client(&[
+                    ("group.id", group.as_str()),
+                    ("enable.auto.commit", "false"),
+                    ("isolation.level", "read_committed"),
+                ]))
+                .map_err(|e| kafka_error("creating the epoch marker", e))?;
                 let committed = consumer
                     .committed_offsets(self.marker_partition(), TIMEOUT)
                     .map_err(|e| kafka_error("reading the epoch marker", e))?;
@@ -408,17 +405,14 @@ impl KafkaSink {
 /// (compaction keeps the newest per key, and a broker that does not compact keeps them all).
 fn last_marker(kafka: &KafkaConfig, topic: &str, id: &str) -> Result<u64> {
     const WINDOW: i64 = 1_000;
-    let consumer = kafka
-        .client(&[
-            ("group.id", "riffle-marker-reader"),
-            ("enable.auto.commit", "false"),
-            ("isolation.level", "read_committed"),
-            // Reports the end of what read_committed may see (the last stable offset).
-            ("enable.partition.eof", "true"),
-        ])
-        .create()
-        .map(super::ClosingConsumer::new)
-        .map_err(|e| kafka_error("creating the epoch marker reader", e))?;
+    let consumer = super::ClosingConsumer::create(&kafka.client(&[
+        ("group.id", "riffle-marker-reader"),
+        ("enable.auto.commit", "false"),
+        ("isolation.level", "read_committed"),
+        // Reports the end of what read_committed may see (the last stable offset).
+        ("enable.partition.eof", "true"),
+    ]))
+    .map_err(|e| kafka_error("creating the epoch marker reader", e))?;
     let (low, high) = consumer
         .fetch_watermarks(topic, 0, TIMEOUT)
         .map_err(|e| kafka_error("reading the epoch marker topic", e))?;

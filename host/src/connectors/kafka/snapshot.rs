@@ -10,11 +10,9 @@ use std::time::{Duration, Instant};
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
-use rdkafka::ClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::consumer::Consumer as _;
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
-use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::codec::{Record, RecordFormat, decode_values};
@@ -37,21 +35,6 @@ pub struct TopicSnapshot {
 /// How long the broker may go without sending anything before the read gives up.
 const STALL: Duration = Duration::from_secs(60);
 
-/// The reader's client context: reaching a partition's end is how the reader knows it is done,
-/// but librdkafka also reports it through the client's error callback, whose default logs it as
-/// an error. Other errors are still logged.
-struct EndIsNews;
-
-impl ClientContext for EndIsNews {
-    fn error(&self, error: KafkaError, reason: &str) {
-        if !matches!(error, KafkaError::Global(RDKafkaErrorCode::PartitionEOF)) {
-            tracing::error!("librdkafka: {error}: {reason}");
-        }
-    }
-}
-
-impl ConsumerContext for EndIsNews {}
-
 /// Reads every committed record of `topic` (`read_committed`: rows of aborted or open
 /// transactions are not seen) from each partition's first offset to its end, decoding values
 /// as `format` against `schema`.
@@ -64,17 +47,15 @@ pub fn read_topic(
     format: RecordFormat,
     schema: &SchemaRef,
 ) -> Result<TopicSnapshot> {
-    let consumer: BaseConsumer<EndIsNews> = kafka
-        .client(&[
-            ("group.id", "riffle-verify"),
-            ("enable.auto.commit", "false"),
-            ("enable.auto.offset.store", "false"),
-            ("enable.partition.eof", "true"),
-            ("isolation.level", "read_committed"),
-            ("auto.offset.reset", "earliest"),
-        ])
-        .create_with_context(EndIsNews)
-        .map_err(|e| kafka_error("creating a consumer", e))?;
+    let consumer = super::ClosingConsumer::create(&kafka.client(&[
+        ("group.id", "riffle-verify"),
+        ("enable.auto.commit", "false"),
+        ("enable.auto.offset.store", "false"),
+        ("enable.partition.eof", "true"),
+        ("isolation.level", "read_committed"),
+        ("auto.offset.reset", "earliest"),
+    ]))
+    .map_err(|e| kafka_error("creating a consumer", e))?;
     let metadata = consumer
         .fetch_metadata(Some(topic), TIMEOUT)
         .map_err(|e| kafka_error(&format!("reading metadata of {topic}"), e))?;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 use arrow::array::{RecordBatch, TimestampMicrosecondBuilder};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use rdkafka::Message;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{Map, Value, json};
@@ -267,23 +267,20 @@ impl KafkaSource {
     /// # Errors
     /// Unreachable brokers, a missing topic, or a timestamp column clashing with the schema.
     pub fn new(options: KafkaSourceOptions) -> Result<Self> {
-        let consumer: BaseConsumer = options
-            .kafka
-            .client(&[
-                ("group.id", options.group_id.as_str()),
-                ("enable.auto.commit", "false"),
-                ("enable.auto.offset.store", "false"),
-                ("enable.partition.eof", "false"),
-                ("isolation.level", "read_committed"),
-                // Never jump silently when an offset is gone: `check_offsets` decides.
-                ("auto.offset.reset", "error"),
-                // The broker answers a fetch at once when it has data; when it has none it
-                // holds the fetch up to this long. librdkafka's 500 ms default would put up to
-                // half a second between a record's arrival and its epoch.
-                ("fetch.wait.max.ms", "10"),
-            ])
-            .create()
-            .map_err(|e| kafka_error("creating a consumer", e))?;
+        let consumer = super::ClosingConsumer::create(&options.kafka.client(&[
+            ("group.id", options.group_id.as_str()),
+            ("enable.auto.commit", "false"),
+            ("enable.auto.offset.store", "false"),
+            ("enable.partition.eof", "false"),
+            ("isolation.level", "read_committed"),
+            // Never jump silently when an offset is gone: `check_offsets` decides.
+            ("auto.offset.reset", "error"),
+            // The broker answers a fetch at once when it has data; when it has none it
+            // holds the fetch up to this long. librdkafka's 500 ms default would put up to
+            // half a second between a record's arrival and its epoch.
+            ("fetch.wait.max.ms", "10"),
+        ]))
+        .map_err(|e| kafka_error("creating a consumer", e))?;
         // The dead-letter producer shares the connection settings (security, client id) of
         // the source's properties, not its consumer tuning, which a producer would warn about.
         let connection = options.kafka.connection_only();
@@ -316,7 +313,7 @@ impl KafkaSource {
         let source = KafkaSource {
             schema: Arc::new(Schema::new(fields)),
             options,
-            consumer: super::ClosingConsumer::new(consumer),
+            consumer,
             next: BTreeMap::new(),
             fetched: BTreeMap::new(),
             pending: BTreeMap::new(),
