@@ -135,6 +135,11 @@ struct ProduceArgs {
     /// Number of distinct cards (as `riffle generate fraud --cards`).
     #[arg(long, default_value_t = 10_000)]
     cards: u64,
+    /// Event time of the first transaction: "now" for payments in real time (with --rate
+    /// equal to --events-per-second, each payment's `ts` is when it is sent, so a consumer
+    /// can measure latency from it), or a time (default: the generator's, 2026-01-01).
+    #[arg(long, value_name = "TIME")]
+    start: Option<String>,
     /// Transactions per second of event time.
     #[arg(long, default_value_t = 1.0)]
     events_per_second: f64,
@@ -941,9 +946,18 @@ async fn produce(args: ProduceArgs) -> Result<()> {
     if args.cards == 0 {
         return Err(RiffleError::Config("--cards must be at least 1".into()));
     }
+    let start_micros = match args.start.as_deref() {
+        None => FraudConfig::default().start_micros,
+        Some("now") => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as i64),
+        Some(t) => crate::common::time::parse_timestamp(t)
+            .map_err(|e| RiffleError::Config(format!("--start: {e}")))?,
+    };
     let config = GeneratorConfig::Fraud(FraudConfig {
         seed: args.seed,
         cards: args.cards,
+        start_micros,
         rows_per_second: args.events_per_second,
         ..FraudConfig::default()
     });
