@@ -88,9 +88,21 @@ cp scripts/demo/card_features.sql scripts/demo/fraud_scored.sql scripts/demo/fra
 # A broker of the demo's own, started here and stopped on exit, with fresh data each run.
 broker_port=29392
 export RIFFLE_BROKER_DIR="$demo_dir/broker"
+scripts/kafka-broker.sh stop "$broker_port" # one a previous run left, if any
+if (exec 3<>"/dev/tcp/127.0.0.1/$broker_port") 2>/dev/null; then
+    echo "error: port $broker_port is taken; the demo needs it for a broker of its own" >&2
+    exit 1
+fi
 rm -rf "$RIFFLE_BROKER_DIR"
 scripts/kafka-broker.sh start "$broker_port"
-trap 'scripts/kafka-broker.sh stop "$broker_port"' EXIT
+# On the way out, whatever happened: the background processes below, then the broker.
+stop_all() {
+    local running
+    running=$(jobs -p)
+    [ -z "$running" ] || kill $running 2>/dev/null || true
+    scripts/kafka-broker.sh stop "$broker_port"
+}
+trap stop_all EXIT
 export RIFFLE_KAFKA_BOOTSTRAP="127.0.0.1:$broker_port"
 # The live payments continue the history's generated sequence (same seed and cards, the
 # 20,000 rows after its 300,000), so they are new payments after the history. One partition:
@@ -122,6 +134,31 @@ print(pc.min(ts).as_py().isoformat() + 'Z',
 "$riffle" verify "$demo_dir/fraud_alerts.toml" --to "$live_to" --key tx_id
 python3 scripts/demo/report_scores.py "$demo_dir/scores" "$demo_dir/model/fraud_model.onnx" \
     "$demo_dir/live.parquet" "$demo_dir/model"
+
+echo "==> latency: payments produced in real time, from each payment's time to its visible alert" >&2
+# The alerts pipeline on topics of its own, with a 1 s watermark and the low-latency trigger: an
+# OVER window's row leaves when the watermark passes it, so the watermark's delay is part of
+# every alert's latency. A million cards, so payments at 2,000/s look like the training data's
+# cards (a card paying every second would be all alerts).
+sed -e 's/topic = "payments"/topic = "payments-now"/' -e 's/topic = "alerts"/topic = "alerts-now"/' \
+    -e 's/watermark = "30 seconds"/watermark = "1 second"/' \
+    -e 's/trigger = "available-now"/trigger = "low-latency"/' \
+    -e 's/checkpoint = "alerts-checkpoint"/checkpoint = "alerts-now-checkpoint"/' \
+    "$demo_dir/fraud_alerts.toml" > "$demo_dir/fraud_alerts_now.toml"
+rm -rf "$demo_dir/alerts-now-checkpoint"
+latency_rows=40000
+"$riffle" produce --topic payments-now --partitions 1 --rows 0
+"$riffle" produce --topic alerts-now --partitions 1 --rows 0
+"$riffle" run "$demo_dir/fraud_alerts_now.toml" --mode stream --quiet &
+alerts_pid=$!
+python3 scripts/demo/alert_latency.py "$RIFFLE_KAFKA_BOOTSTRAP" payments-now alerts-now \
+    "$latency_rows" "$demo_dir/model" &
+latency_pid=$!
+"$riffle" produce --topic payments-now --rows "$latency_rows" --rate 2000 --events-per-second 2000 \
+    --start now --cards 1000000 --seed 9
+wait "$latency_pid"
+kill -INT "$alerts_pid"
+wait "$alerts_pid" || true
 
 echo "==> one Delta table, written by a stream and by a backfill (scripts/demo/fraud_delta.toml)" >&2
 cp scripts/demo/fraud_delta.toml "$demo_dir/"

@@ -263,6 +263,8 @@ fn serve(dir: &Path, history: u64) {
             > 10_000
     );
 
+    any_model_is_served_by_tract(dir);
+
     // A configuration that is no ONNX model fails the run with the module's reason.
     let mut bad = std::fs::read_to_string(dir.join("fraud_alerts.toml")).unwrap();
     bad = bad.replace("model/fraud_model.onnx", "live.parquet");
@@ -276,6 +278,76 @@ fn serve(dir: &Path, history: u64) {
         stderr.contains("rejected its configuration: the ONNX model cannot be served"),
         "{stderr}"
     );
+}
+
+/// A model that is not a tree ensemble (a logistic regression written as MatMul, Add and
+/// Sigmoid) goes through tract: its scores of the table's features equal the same formula
+/// computed by SQL, to float32 precision.
+fn any_model_is_served_by_tract(dir: &Path) {
+    let model = dir.join("logistic.onnx");
+    let script = r#"
+import sys, numpy as np, onnx
+from onnx import TensorProto, helper, numpy_helper
+w = numpy_helper.from_array(np.full((14, 1), 1e-5, dtype=np.float32), "w")
+b = numpy_helper.from_array(np.array([-1.0], dtype=np.float32), "b")
+graph = helper.make_graph(
+    [helper.make_node("MatMul", ["features", "w"], ["z"]),
+     helper.make_node("Add", ["z", "b"], ["logit"]),
+     helper.make_node("Sigmoid", ["logit"], ["score"])],
+    "logistic",
+    [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["rows", 14])],
+    [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["rows", 1])],
+    [w, b])
+onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), sys.argv[1])
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "writing an ONNX model: {}",
+        text(&out.stderr)
+    );
+    let features = "amount, rule_score, km_from_previous, km_per_hour, seconds_since_previous, \
+                    tx_10m, tx_1h, tx_24h, amount_10m, amount_1h, amount_24h, amount_vs_30d, \
+                    risky_category, night";
+    let sum = features.replace(", ", " + ");
+    let sql = format!(
+        "CREATE FUNCTIONS FROM 'riffle_udfs_fraud_model.wasm' WITH CONFIG 'logistic.onnx';\n\
+         SELECT count(*) AS n, max(abs(fraud_model_score({features}) \
+                - 1.0 / (1.0 + exp(-(1e-5 * ({sum}) - 1.0))))) AS diff, \
+                min(fraud_model_score({features})) AS low, \
+                max(fraud_model_score({features})) AS high \
+         FROM (SELECT * FROM scores WHERE amount IS NOT NULL AND rule_score IS NOT NULL \
+               AND amount_vs_30d IS NOT NULL AND km_per_hour IS NOT NULL \
+               LIMIT 5000) s;\n"
+    );
+    std::fs::write(dir.join("logistic.sql"), sql).unwrap();
+    let out = riffle_in(
+        &[
+            "sql",
+            "--file",
+            "logistic.sql",
+            "--table",
+            "scores=scores",
+            "--output",
+            "logistic.csv",
+        ],
+        dir,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let csv = std::fs::read_to_string(dir.join("logistic.csv")).unwrap();
+    let values: Vec<&str> = csv.lines().nth(1).unwrap().split(',').collect();
+    let number = |i: usize| -> f64 { values[i].parse().unwrap() };
+    assert_eq!(number(0), 5000.0, "{csv}");
+    assert!(
+        number(1) < 1e-5,
+        "tract's logistic regression against SQL's: {csv}"
+    );
+    // The scores spread (a model that gave every row the same value would not be checked).
+    assert!(number(3) - number(2) > 0.2, "{csv}");
 }
 
 /// The smallest and largest `ts` of a Parquet file, in microseconds.

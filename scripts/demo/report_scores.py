@@ -6,8 +6,9 @@ package, a reader Riffle did not write.
     python3 scripts/demo/report_scores.py SCORES_TABLE MODEL.onnx LIVE.parquet OUT_DIR
 
 - The served scores against onnxruntime: the model's scores recomputed from the table's own
-  feature columns by an ONNX runtime independent of tract, which serves them inside the Wasm
-  module. Both evaluate float32 trees; the largest difference is reported (and must be tiny).
+  feature columns by an ONNX runtime independent of the Wasm module that served them (its own
+  tree evaluator, or tract for other models). Both compare float32 features with float32
+  thresholds; the largest difference is reported (and must be tiny).
 - Live quality: on the live payments (the rows of LIVE.parquet, the ones produced to Kafka),
   ROC AUC and precision at the alert rate, model against the rule score.
 - score_distributions.png: the backfill's and the live scores side by side.
@@ -112,7 +113,7 @@ def main():
     d = report["served_vs_onnxruntime"]
     print(f"scores: {report['rows']} payments ({report['backfill_rows']} backfilled, "
           f"{report['live_rows']} live), each scored once")
-    print(f"  served (tract in Wasm) against onnxruntime: largest difference {d['max_abs_diff']:.2g}, "
+    print(f"  served (the Wasm module) against onnxruntime: largest difference {d['max_abs_diff']:.2g}, "
           f"{d['rows_over_1e-5']} rows over 1e-5")
     for name in ["backfill", "live"]:
         q = report[name]
