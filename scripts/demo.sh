@@ -65,9 +65,10 @@ echo "==> riffle verify: the stream's features against batch mode, exactly, row 
 echo "==> fraud model: features over each card's history with the generator's labels" >&2
 echo "    (scripts/demo/fraud_training.toml): batch writes the training table, stream computes" >&2
 echo "    the same features live, riffle verify compares them, scikit-learn trains a model" >&2
-if ! python3 -c "import pyarrow, sklearn, matplotlib, skl2onnx, onnxruntime, deltalake" 2>/dev/null; then
-    echo "    pip install pyarrow scikit-learn matplotlib skl2onnx onnxruntime deltalake" >&2
-    python3 -m pip install --quiet pyarrow scikit-learn matplotlib skl2onnx onnxruntime deltalake >&2
+if ! python3 -c "import pyarrow, sklearn, matplotlib, skl2onnx, onnxruntime, deltalake, confluent_kafka" 2>/dev/null; then
+    echo "    pip install pyarrow scikit-learn matplotlib skl2onnx onnxruntime deltalake confluent-kafka" >&2
+    python3 -m pip install --quiet pyarrow scikit-learn matplotlib skl2onnx onnxruntime deltalake \
+        confluent-kafka >&2
 fi
 "$riffle" generate fraud --rows 300000 --cards 2000 --events-per-second 0.5 \
     --out "$demo_dir/history.parquet"
