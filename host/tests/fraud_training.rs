@@ -265,19 +265,43 @@ fn serve(dir: &Path, history: u64) {
 
     any_model_is_served_by_tract(dir);
 
-    // A configuration that is no ONNX model fails the run with the module's reason.
-    let mut bad = std::fs::read_to_string(dir.join("fraud_alerts.toml")).unwrap();
-    bad = bad.replace("model/fraud_model.onnx", "live.parquet");
-    std::fs::write(dir.join("bad_model.toml"), bad).unwrap();
-    let out = riffle(&dir.join("bad_model.toml"), "batch")
+    // What the module cannot serve fails the run with its reason: a file that is no ONNX
+    // model, and the trained model relabelled as trained on the features in another order.
+    let relabel = r#"
+import sys, onnx
+m = onnx.load(sys.argv[1])
+entry = next(e for e in m.metadata_props if e.key == "riffle.features")
+names = entry.value.split(",")
+entry.value = ",".join([names[1], names[0]] + names[2:])
+onnx.save(m, sys.argv[2])
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", relabel])
+        .arg(dir.join("model/fraud_model.onnx"))
+        .arg(dir.join("reordered.onnx"))
         .output()
         .unwrap();
-    let stderr = text(&out.stderr);
-    assert!(!out.status.success());
-    assert!(
-        stderr.contains("rejected its configuration: the ONNX model cannot be served"),
-        "{stderr}"
-    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for (config, reason) in [
+        ("live.parquet", "the ONNX model cannot be served"),
+        (
+            "reordered.onnx",
+            "it was trained on the features rule_score, amount, km_from_previous",
+        ),
+    ] {
+        let file = std::fs::read_to_string(dir.join("fraud_alerts.toml")).unwrap();
+        let bad = file.replace("model/fraud_model.onnx", config);
+        std::fs::write(dir.join("bad_model.toml"), bad).unwrap();
+        let out = riffle(&dir.join("bad_model.toml"), "batch")
+            .output()
+            .unwrap();
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            stderr.contains("rejected its configuration") && stderr.contains(reason),
+            "{stderr}"
+        );
+    }
 }
 
 /// A model that is not a tree ensemble (a logistic regression written as MatMul, Add and

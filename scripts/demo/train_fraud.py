@@ -90,6 +90,9 @@ def export_onnx(model, x_test, scores, path):
         )
     finally:
         tree_ensemble.add_node = add_node
+    # The serving module checks its arguments against these (udfs/fraud_model).
+    entry = onx.metadata_props.add()
+    entry.key, entry.value = "riffle.features", ",".join(FEATURES)
     with open(path, "wb") as f:
         f.write(onx.SerializeToString())
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])

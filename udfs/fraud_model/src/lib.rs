@@ -85,6 +85,7 @@ pub fn configure(config: &[u8]) -> Result<(), String> {
 fn load(onnx: &[u8]) -> TractResult<Scorer> {
     let framework = tract_onnx::onnx();
     let mut proto = framework.proto_model_for_read(&mut &onnx[..])?;
+    check_features(&proto)?;
     if let Some(graph) = &proto.graph
         && graph.input.len() == 1
         && let Some(forest) = trees::Forest::from_graph(&graph.node, FEATURES.len())
@@ -112,6 +113,29 @@ fn load(onnx: &[u8]) -> TractResult<Scorer> {
         plan: model.into_runnable()?,
         output,
     })
+}
+
+/// The features a model was trained on, in order, when its exporter recorded them
+/// (`train_fraud.py` writes them as the model's `riffle.features` metadata): they must be this
+/// function's arguments, or every score would be computed from the wrong columns without a
+/// word. A model without the entry is served as it is.
+fn check_features(proto: &tract_onnx::pb::ModelProto) -> TractResult<()> {
+    let Some(entry) = proto
+        .metadata_props
+        .iter()
+        .find(|e| e.key == "riffle.features")
+    else {
+        return Ok(());
+    };
+    let trained: Vec<&str> = entry.value.split(',').map(str::trim).collect();
+    if trained != FEATURES {
+        bail!(
+            "it was trained on the features {}, but this module passes {} (in this order)",
+            trained.join(", "),
+            FEATURES.join(", ")
+        );
+    }
+    Ok(())
 }
 
 /// A binary tree-ensemble classifier may give one base value (the ONNX operator's spec allows
