@@ -107,8 +107,9 @@ trap stop_all EXIT
 export RIFFLE_KAFKA_BOOTSTRAP="127.0.0.1:$broker_port"
 # The live payments continue the history's generated sequence (same seed and cards, the
 # 20,000 rows after its 300,000), so they are new payments after the history. One partition:
-# the query's watermark follows the largest event time read, and rows of a partition read
-# later would arrive late (see issue notes).
+# the Kafka source's watermark follows the largest event time read from any partition (not
+# the smallest of the partitions' own, as Flink's does), so rows of a partition read later
+# would arrive late.
 live_rows=20000
 "$riffle" generate fraud --skip 300000 --rows "$live_rows" --cards 2000 --events-per-second 0.5 \
     --out "$demo_dir/live.parquet"
