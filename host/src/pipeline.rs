@@ -202,12 +202,15 @@ fn with_views(path: &Path, views: &[(String, PathBuf)], query: String) -> Result
     let ctes = ctes.join(",\n");
     // A query with its own WITH gets the views as its first CTEs.
     let body = query.trim_start();
-    match body.get(..5) {
-        Some(head) if head.eq_ignore_ascii_case("with ") || head.eq_ignore_ascii_case("with\n") => {
-            Ok(format!("WITH {ctes},\n{}", &body[5..]))
-        }
-        _ => Ok(format!("WITH {ctes}\n{query}")),
-    }
+    let own_with = body
+        .get(..4)
+        .is_some_and(|w| w.eq_ignore_ascii_case("with"))
+        && body[4..].starts_with(char::is_whitespace);
+    Ok(if own_with {
+        format!("WITH {ctes},\n{}", body[4..].trim_start())
+    } else {
+        format!("WITH {ctes}\n{query}")
+    })
 }
 
 /// A streaming source's table: its event time, its batch input and its stream.

@@ -281,21 +281,16 @@ pub async fn verify(pipeline: &Pipeline, options: &VerifyOptions) -> Result<Repo
     let time_column = time_column(pipeline, &schema, options)?;
     let (stream_batches, description) =
         read_stream_output(pipeline, &output, mode, &expected, &mut notes).await?;
+    let rows = |batches: &[RecordBatch]| batches.iter().map(RecordBatch::num_rows).sum::<usize>();
     tracing::info!(
         "read {} rows from {description}; recomputing them in batch mode",
-        stream_batches
-            .iter()
-            .map(RecordBatch::num_rows)
-            .sum::<usize>()
+        rows(&stream_batches)
     );
     session.show_progress(options.run.live);
     let batch_batches = session.collect(df).await?;
     tracing::info!(
         "batch mode gave {} rows; pairing them up",
-        batch_batches
-            .iter()
-            .map(RecordBatch::num_rows)
-            .sum::<usize>()
+        rows(&batch_batches)
     );
 
     let batch_side = conform(&batch_batches, &schema, "the batch result")?;

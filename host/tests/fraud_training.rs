@@ -17,6 +17,14 @@ use arrow::datatypes::TimestampMicrosecondType;
 use common::broker::Broker;
 use common::{riffle, riffle_in, text};
 
+/// `python3 ARGS...`, its output captured.
+fn python(args: &[&std::ffi::OsStr]) -> std::process::Output {
+    std::process::Command::new("python3")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
 fn demo_file(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../scripts/demo")
@@ -83,12 +91,11 @@ fn features_agree_in_both_modes_and_a_trained_model_beats_the_rules() {
         "{report}"
     );
 
-    let out = std::process::Command::new("python3")
-        .arg(demo_file("train_fraud.py"))
-        .arg(dir.path().join("training.parquet"))
-        .arg(dir.path().join("model"))
-        .output()
-        .unwrap();
+    let out = python(&[
+        demo_file("train_fraud.py").as_os_str(),
+        dir.path().join("training.parquet").as_os_str(),
+        dir.path().join("model").as_os_str(),
+    ]);
     assert!(
         out.status.success(),
         "train_fraud.py (needs scikit-learn, matplotlib, skl2onnx, onnxruntime and pyarrow from \
@@ -215,14 +222,13 @@ fn serve(dir: &Path, history: u64) {
     let alerts = verify(&["fraud_alerts.toml", "--to", &to, "--key", "tx_id"]);
     assert!(matched(&alerts) > 10, "{alerts}");
 
-    let out = std::process::Command::new("python3")
-        .arg(demo_file("report_scores.py"))
-        .arg(dir.join("scores"))
-        .arg(dir.join("model/fraud_model.onnx"))
-        .arg(dir.join("live.parquet"))
-        .arg(dir.join("model"))
-        .output()
-        .unwrap();
+    let out = python(&[
+        demo_file("report_scores.py").as_os_str(),
+        dir.join("scores").as_os_str(),
+        dir.join("model/fraud_model.onnx").as_os_str(),
+        dir.join("live.parquet").as_os_str(),
+        dir.join("model").as_os_str(),
+    ]);
     assert!(
         out.status.success(),
         "report_scores.py (needs deltalake and onnxruntime): {}{}",
@@ -275,12 +281,12 @@ names = entry.value.split(",")
 entry.value = ",".join([names[1], names[0]] + names[2:])
 onnx.save(m, sys.argv[2])
 "#;
-    let out = std::process::Command::new("python3")
-        .args(["-c", relabel])
-        .arg(dir.join("model/fraud_model.onnx"))
-        .arg(dir.join("reordered.onnx"))
-        .output()
-        .unwrap();
+    let out = python(&[
+        "-c".as_ref(),
+        relabel.as_ref(),
+        dir.join("model/fraud_model.onnx").as_os_str(),
+        dir.join("reordered.onnx").as_os_str(),
+    ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     for (config, reason) in [
         ("live.parquet", "the ONNX model cannot be served"),
@@ -324,11 +330,7 @@ graph = helper.make_graph(
     [w, b])
 onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), sys.argv[1])
 "#;
-    let out = std::process::Command::new("python3")
-        .args(["-c", script])
-        .arg(&model)
-        .output()
-        .unwrap();
+    let out = python(&["-c".as_ref(), script.as_ref(), model.as_os_str()]);
     assert!(
         out.status.success(),
         "writing an ONNX model: {}",
