@@ -677,6 +677,14 @@ impl Pipeline {
             .collect()
     }
 
+    /// Each streaming source's table name and event-time column, in source order.
+    pub(crate) fn sources_with_event_time(&self) -> Vec<(&str, &str)> {
+        self.sources
+            .iter()
+            .filter_map(|(n, s)| Some((n.as_str(), s.event_time.as_deref()?)))
+            .collect()
+    }
+
     /// Where stream mode writes its rows, as [`crate::verify`] reads them back.
     ///
     /// # Errors

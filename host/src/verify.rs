@@ -46,10 +46,12 @@ use datafusion::prelude::SessionContext;
 use serde::Serialize;
 
 use crate::common::OutputMode;
+use crate::common::time::Watermark;
 use crate::connectors::delta;
 use crate::connectors::files::read_file;
 use crate::error::{Result, RiffleError};
 use crate::pipeline::{Pipeline, RunOptions, StreamOutput};
+use crate::session::RiffleSession;
 
 /// What to compare.
 #[derive(Clone, Debug, Default)]
@@ -71,6 +73,10 @@ pub struct VerifyOptions {
     pub tolerance: f64,
     /// Recompute windows with plain DataFusion plans, sharing no operator with the stream.
     pub reference: bool,
+    /// Recompute from each source's rows that are before its watermark at the stream's last
+    /// commit: the rows an OVER window has released, for an update- or complete-mode
+    /// aggregation after one (whose rows cover only what the OVER window let through).
+    pub until_watermark: bool,
     /// Rows of each kind shown as examples.
     pub examples: usize,
 }
@@ -255,6 +261,12 @@ pub async fn verify(pipeline: &Pipeline, options: &VerifyOptions) -> Result<Repo
         ));
     }
     let (session, _) = pipeline.batch_session(&options.run).await?;
+    if options.until_watermark {
+        let cut = until_watermark(pipeline, &session).await?;
+        notes.push(format!(
+            "recomputed from the rows before the stream's watermark: {cut}"
+        ));
+    }
     let mut df = session.dataframe(pipeline.query()).await?;
     if options.reference {
         df = session.reference(df)?;
@@ -354,6 +366,66 @@ pub async fn verify(pipeline: &Pipeline, options: &VerifyOptions) -> Result<Repo
         examples: paired.examples,
         notes,
     })
+}
+
+/// Replaces each streaming source's batch table in `session` by its rows before the source's
+/// watermark at the stream's last commit, and says where each source was cut.
+async fn until_watermark(pipeline: &Pipeline, session: &RiffleSession) -> Result<String> {
+    use datafusion::logical_expr::{cast, col, lit};
+    use datafusion::scalar::ScalarValue;
+
+    let checkpoint = pipeline
+        .checkpoint_dir()
+        .ok_or_else(|| RiffleError::Config("the pipeline names no stream.checkpoint".into()))?;
+    let commit = crate::checkpoint::status::read(checkpoint, None)?
+        .last_commit
+        .ok_or_else(|| {
+            RiffleError::Config(
+                "--until-watermark: the stream has committed no epoch yet, so it has no \
+                 watermark"
+                    .into(),
+            )
+        })?;
+    let ctx = session.context();
+    let mut cuts = Vec::new();
+    for (name, event_time) in pipeline.sources_with_event_time() {
+        let watermark = commit.sources.get(name).map(|p| p.watermark);
+        let Some(watermark) = watermark.filter(|w| *w != Watermark::NONE) else {
+            return Err(RiffleError::Config(format!(
+                "--until-watermark: source {name} has no watermark in the last commit (epoch \
+                 {}): it has read no rows yet",
+                commit.epoch
+            )));
+        };
+        let table = ctx.table(name).await?;
+        let ts_type = table
+            .schema()
+            .field_with_unqualified_name(event_time)?
+            .data_type()
+            .clone();
+        let before = col(ident(event_time)).lt(cast(
+            lit(ScalarValue::TimestampMicrosecond(
+                Some(watermark.micros()),
+                None,
+            )),
+            ts_type,
+        ));
+        let view = table.filter(before)?.into_view();
+        ctx.deregister_table(name)?;
+        ctx.register_table(name, view)?;
+        cuts.push(format!(
+            "{name}.{event_time} < {}",
+            watermark
+                .rfc3339()
+                .unwrap_or_else(|| watermark.micros().to_string())
+        ));
+    }
+    if cuts.is_empty() {
+        return Err(RiffleError::Config(
+            "--until-watermark: the pipeline's sources declare no event_time".into(),
+        ));
+    }
+    Ok(cuts.join(", "))
 }
 
 /// How the two sides paired up.

@@ -23,7 +23,7 @@ mod udf_project;
 mod udf_test;
 
 use crate::connectors::files::{pretty, write_file};
-use crate::connectors::generate::ClickConfig;
+use crate::connectors::generate::{ClickConfig, SalesConfig};
 use crate::connectors::generate::{FraudConfig, GeneratorConfig};
 use crate::error::{Blame, Result, RiffleError};
 use crate::session::{RiffleSession, SessionOptions, read_udf_config};
@@ -53,8 +53,8 @@ enum Command {
     /// committed epoch, offsets and watermark per source, state size, UDF module hashes and
     /// the last progress line.
     Status(StatusArgs),
-    /// Produce generated fraud transactions to a Kafka topic as JSON (demo and benchmark
-    /// input); creates the topic if missing.
+    /// Produce generated fraud transactions, or a file's rows, to a Kafka topic as JSON (demo
+    /// and benchmark input); creates the topic if missing.
     Produce(ProduceArgs),
     /// Check a stream's output against batch mode: recompute the pipeline in batch mode from
     /// its sources' batch inputs and compare with what its stream wrote (a Parquet directory,
@@ -98,6 +98,11 @@ struct VerifyArgs {
     /// reads; repeat for several sources.
     #[arg(long, value_name = "SOURCE=PATH")]
     input: Vec<String>,
+    /// Recompute from each source's rows before its watermark at the stream's last commit:
+    /// what an OVER window has released so far, for an update-mode aggregation over OVER
+    /// features (whose rows only cover the rows the OVER window let through).
+    #[arg(long)]
+    until_watermark: bool,
     /// Rows of each kind (mismatched, missing, extra) to show.
     #[arg(long, value_name = "N", default_value_t = 5)]
     examples: usize,
@@ -117,9 +122,17 @@ struct ProduceArgs {
     /// Brokers (default: $RIFFLE_KAFKA_BOOTSTRAP).
     #[arg(long, env = "RIFFLE_KAFKA_BOOTSTRAP")]
     bootstrap: String,
-    /// Number of transactions.
-    #[arg(long, default_value_t = 100_000)]
-    rows: u64,
+    /// Send this file's rows (Parquet, CSV or NDJSON) instead of generated transactions, in
+    /// the file's order, e.g. the events `riffle generate sales` wrote.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["skip", "cards", "start", "events_per_second", "seed"])]
+    file: Option<PathBuf>,
+    /// The column whose value keys each record (default: card_id for transactions, none for
+    /// a file).
+    #[arg(long, value_name = "COLUMN")]
+    key: Option<String>,
+    /// Number of transactions (with --file: the file's first rows; default all of them).
+    #[arg(long)]
+    rows: Option<u64>,
     /// Skip this many transactions of the generated sequence first (to continue a stream).
     #[arg(long, default_value_t = 0)]
     skip: u64,
@@ -343,6 +356,33 @@ enum GenerateCommand {
         #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
         disorder: Option<crate::common::time::SqlDuration>,
     },
+    /// A shop's stock movements (sales and restocks, with a planted demand surge each hour),
+    /// and with --products-out the product catalogue they refer to.
+    Sales {
+        /// Number of rows.
+        #[arg(long, default_value_t = 100_000)]
+        rows: u64,
+        /// Output file (.parquet, .csv or .json).
+        #[arg(long)]
+        out: PathBuf,
+        /// Also write the product catalogue (the dimension table) here.
+        #[arg(long, value_name = "PATH")]
+        products_out: Option<PathBuf>,
+        /// Random seed; the same seed gives the same rows.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Skip this many rows of the generated sequence first: the rows that continue a file
+        /// made with --rows N are --skip N.
+        #[arg(long, default_value_t = 0)]
+        skip: u64,
+        /// Number of products.
+        #[arg(long, default_value_t = 100)]
+        products: u64,
+        /// Event-time rate: rows per second of event time (the catalogue's stock levels are
+        /// days of sales at this rate).
+        #[arg(long, default_value_t = 1.0)]
+        events_per_second: f64,
+    },
     /// Clickstream events (views, clicks, carts, purchases) in per-user sessions.
     Clickstream {
         /// Number of rows.
@@ -445,6 +485,31 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             };
             generate(GeneratorConfig::Fraud(config), skip, rows, &out)
         }
+        Command::Generate(GenerateCommand::Sales {
+            rows,
+            out,
+            products_out,
+            seed,
+            skip,
+            products,
+            events_per_second,
+        }) => {
+            if products == 0 {
+                return Err(RiffleError::Config("--products must be at least 1".into()));
+            }
+            let config = SalesConfig {
+                seed,
+                products,
+                rows_per_second: positive("--events-per-second", events_per_second)?,
+                ..SalesConfig::default()
+            };
+            if let Some(path) = products_out {
+                let catalogue = crate::connectors::generate::sales::products(&config);
+                let written = write_file(&path, catalogue.schema(), [catalogue])?;
+                eprintln!("wrote {written} products to {}", path.display());
+            }
+            generate(GeneratorConfig::Sales(config), skip, rows, &out)
+        }
         Command::Generate(GenerateCommand::Clickstream {
             rows,
             out,
@@ -500,6 +565,7 @@ async fn verify(args: VerifyArgs) -> Result<ExitCode> {
         keys: args.key,
         tolerance: args.tolerance,
         reference: args.reference,
+        until_watermark: args.until_watermark,
         examples: args.examples,
     };
     if let (Some(from), Some(to)) = (options.from, options.to)
@@ -943,36 +1009,70 @@ async fn produce(args: ProduceArgs) -> Result<()> {
         })
         .collect();
     ensure_topic_with(&kafka, &args.topic, args.partitions, &config).await?;
-    if args.cards == 0 {
-        return Err(RiffleError::Config("--cards must be at least 1".into()));
-    }
-    let start_micros = match args.start.as_deref() {
-        None => FraudConfig::default().start_micros,
-        Some("now") => std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_micros() as i64),
-        Some(t) => crate::common::time::parse_timestamp(t)
-            .map_err(|e| RiffleError::Config(format!("--start: {e}")))?,
+    let started = Instant::now();
+    let (rows, key, what, batches): (
+        u64,
+        _,
+        _,
+        Box<dyn Iterator<Item = arrow::record_batch::RecordBatch> + Send>,
+    ) = match &args.file {
+        Some(path) => {
+            let mut batches = crate::connectors::files::read_file(
+                path,
+                crate::common::format::FileFormat::of(path)?,
+                None,
+            )?;
+            let in_file: u64 = batches.iter().map(|b| b.num_rows() as u64).sum();
+            let rows = args.rows.unwrap_or(in_file).min(in_file);
+            let mut left = rows as usize;
+            batches.retain_mut(|b| {
+                *b = b.slice(0, left.min(b.num_rows()));
+                left -= b.num_rows();
+                b.num_rows() > 0
+            });
+            let what = format!("rows of {}", path.display());
+            (rows, args.key.clone(), what, Box::new(batches.into_iter()))
+        }
+        None => {
+            if args.cards == 0 {
+                return Err(RiffleError::Config("--cards must be at least 1".into()));
+            }
+            let start_micros = match args.start.as_deref() {
+                None => FraudConfig::default().start_micros,
+                Some("now") => std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_micros() as i64),
+                Some(t) => crate::common::time::parse_timestamp(t)
+                    .map_err(|e| RiffleError::Config(format!("--start: {e}")))?,
+            };
+            let config = GeneratorConfig::Fraud(FraudConfig {
+                seed: args.seed,
+                cards: args.cards,
+                start_micros,
+                rows_per_second: args.events_per_second,
+                ..FraudConfig::default()
+            });
+            let mut generator = config.starting_at(args.skip as i64);
+            let rows = args.rows.unwrap_or(100_000);
+            let mut left = rows;
+            let batches = std::iter::from_fn(move || {
+                let n = left.min(8192);
+                left -= n;
+                (n > 0).then(|| generator.next_batch_of_ids(n as usize))
+            });
+            let key = Some(args.key.clone().unwrap_or_else(|| "card_id".into()));
+            (
+                rows,
+                key,
+                String::from("fraud transactions"),
+                Box::new(batches),
+            )
+        }
     };
-    let config = GeneratorConfig::Fraud(FraudConfig {
-        seed: args.seed,
-        cards: args.cards,
-        start_micros,
-        rows_per_second: args.events_per_second,
-        ..FraudConfig::default()
-    });
-    let mut generator = config.starting_at(args.skip as i64);
-    let (rows, started) = (args.rows, Instant::now());
-    let mut left = rows;
-    let batches = std::iter::from_fn(move || {
-        let n = left.min(8192);
-        left -= n;
-        (n > 0).then(|| generator.next_batch_of_ids(n as usize))
-    });
     let mut last = Instant::now();
     let topic = args.topic.clone();
     let sent = tokio::task::spawn_blocking(move || {
-        produce_json(&kafka, &topic, Some("card_id"), args.rate, batches, |n| {
+        produce_json(&kafka, &topic, key.as_deref(), args.rate, batches, |n| {
             if last.elapsed() > Duration::from_secs(1) {
                 eprintln!("produced {n} / {rows} records");
                 last = Instant::now();
@@ -982,7 +1082,7 @@ async fn produce(args: ProduceArgs) -> Result<()> {
     .await
     .map_err(|e| RiffleError::Internal(format!("producer thread: {e}")))??;
     eprintln!(
-        "produced {sent} fraud transactions to {} in {:.2?}",
+        "produced {sent} {what} to {} in {:.2?}",
         args.topic,
         started.elapsed()
     );
@@ -1030,6 +1130,7 @@ fn generate(config: GeneratorConfig, skip: u64, rows: u64, out: &Path) -> Result
     let what = match config {
         GeneratorConfig::Fraud(_) => "fraud transactions",
         GeneratorConfig::Clickstream(_) => "clickstream events",
+        GeneratorConfig::Sales(_) => "sales and restocks",
     };
     eprintln!(
         "wrote {written} {what} to {} in {:.2?}",

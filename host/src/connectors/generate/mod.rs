@@ -1,6 +1,6 @@
 //! Deterministic data generators for demos, tests and benchmarks: card transactions
-//! ([`fraud`]) and clickstream events ([`clickstream`]), and a generator as a streaming source
-//! ([`source`]).
+//! ([`fraud`]), clickstream events ([`clickstream`]) and a shop's sales and restocks
+//! ([`sales`]), and a generator as a streaming source ([`source`]).
 //!
 //! The same seed always yields the same rows (ChaCha8 is specified bit for bit), and every
 //! generator can start at any row, so a batch run over a generated file and a streaming run
@@ -8,6 +8,7 @@
 
 pub mod clickstream;
 pub mod fraud;
+pub mod sales;
 pub mod source;
 
 use arrow::datatypes::SchemaRef;
@@ -17,6 +18,7 @@ use rand_chacha::ChaCha8Rng;
 
 pub use clickstream::{ClickConfig, ClickGenerator};
 pub use fraud::{FraudConfig, FraudGenerator};
+pub use sales::{SalesConfig, SalesGenerator};
 pub use source::{GeneratorSource, GeneratorSourceConfig};
 
 /// Rows per independently seeded block: a generator can start at any row by seeding that row's
@@ -40,6 +42,8 @@ pub enum GeneratorConfig {
     Fraud(FraudConfig),
     /// Clickstream events ([`clickstream::ClickGenerator`]).
     Clickstream(clickstream::ClickConfig),
+    /// Sales and restocks of a product catalogue ([`SalesGenerator`]).
+    Sales(SalesConfig),
 }
 
 impl GeneratorConfig {
@@ -48,6 +52,7 @@ impl GeneratorConfig {
         match self {
             GeneratorConfig::Fraud(_) => FraudGenerator::schema(),
             GeneratorConfig::Clickstream(_) => clickstream::ClickGenerator::schema(),
+            GeneratorConfig::Sales(_) => SalesGenerator::schema(),
         }
     }
 
@@ -58,6 +63,7 @@ impl GeneratorConfig {
             GeneratorConfig::Clickstream(c) => {
                 Box::new(clickstream::ClickGenerator::starting_at(c.clone(), row))
             }
+            GeneratorConfig::Sales(c) => Box::new(SalesGenerator::starting_at(c.clone(), row)),
         }
     }
 }
