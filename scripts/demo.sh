@@ -1,13 +1,31 @@
 #!/usr/bin/env bash
-# Installs what Riffle needs, builds the UDFs and the host, generates sample fraud data and runs
-# the fraud demo: its SQL with the Wasm UDFs, pipelines in stream and batch mode checked
-# against each other, a fraud model trained on the batch features and served live from Kafka.
-# Needs no external services: it starts (and stops) a local Kafka-protocol broker itself.
+# Installs what Riffle needs, builds the UDFs and the host, and runs a demo. Needs no external
+# services: it starts (and stops) a local Kafka-protocol broker itself.
 #
-#   scripts/demo.sh [ROWS]        (default 200000 rows)
+#   scripts/demo.sh [fraud] [ROWS]   the fraud demo (the default; ROWS: 200000): its SQL with
+#                                    the Wasm UDFs, pipelines in stream and batch mode checked
+#                                    against each other, a fraud model trained on the batch
+#                                    features and served live from Kafka
+#   scripts/demo.sh inventory        LiveInventory: a shop's sales and restocks from Kafka,
+#                                    joined with its catalogue, each product's stock and
+#                                    last-hour pace kept in a Delta table, checked against
+#                                    batch mode and pandas, and a pricing query over it
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
+demo=fraud
+case "${1:-}" in
+fraud | inventory) demo=$1 && shift ;;
+"" | [0-9]*) ;;
+*)
+    echo "usage: scripts/demo.sh [fraud [ROWS] | inventory]" >&2
+    exit 2
+    ;;
+esac
+if [ "$demo" = inventory ] && [ $# -gt 0 ]; then
+    echo "usage: scripts/demo.sh [fraud [ROWS] | inventory]" >&2
+    exit 2
+fi
 rows=${1:-200000}
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$root/target}"
 demo_dir="${RIFFLE_DEMO_DIR:-$CARGO_TARGET_DIR/demo}"
@@ -20,6 +38,82 @@ wasm_dir=$(scripts/build-udfs.sh)
 echo "==> building riffle (the first build compiles DataFusion, wasmtime and deltalake: about 25 minutes on 2 cores)" >&2
 cargo build -p riffle --bin riffle
 riffle="$CARGO_TARGET_DIR/debug/riffle"
+
+python_packages() {
+    if ! python3 -c "import pyarrow, pandas, sklearn, matplotlib, skl2onnx, onnxruntime, deltalake, confluent_kafka" 2>/dev/null; then
+        echo "    pip install pyarrow pandas scikit-learn matplotlib skl2onnx onnxruntime deltalake confluent-kafka" >&2
+        python3 -m pip install --quiet pyarrow pandas scikit-learn matplotlib skl2onnx onnxruntime \
+            deltalake confluent-kafka >&2
+    fi
+}
+
+# A broker of the demo's own on port $1, started here and stopped on exit, with fresh data each
+# run; the demo's riffle commands find it through $RIFFLE_KAFKA_BOOTSTRAP.
+start_broker() {
+    broker_port=$1
+    export RIFFLE_BROKER_DIR="$demo_dir/broker"
+    scripts/kafka-broker.sh stop "$broker_port" # one a previous run left, if any
+    if (exec 3<>"/dev/tcp/127.0.0.1/$broker_port") 2>/dev/null; then
+        echo "error: port $broker_port is taken; the demo needs it for a broker of its own" >&2
+        exit 1
+    fi
+    rm -rf "$RIFFLE_BROKER_DIR"
+    scripts/kafka-broker.sh start "$broker_port"
+    trap stop_all EXIT
+    export RIFFLE_KAFKA_BOOTSTRAP="127.0.0.1:$broker_port"
+}
+# On the way out, whatever happened: the background processes, then the broker.
+stop_all() {
+    local running
+    running=$(jobs -p)
+    [ -z "$running" ] || kill $running 2>/dev/null || true
+    scripts/kafka-broker.sh stop "$broker_port"
+}
+
+if [ "$demo" = inventory ]; then
+    demo_dir="$demo_dir/inventory"
+    mkdir -p "$demo_dir"
+    python_packages
+    echo "==> LiveInventory: a shop of 100 products, 3 days of sales and restocks as history," >&2
+    echo "    then 6 live hours; each hour one product's demand surges" >&2
+    "$riffle" generate sales --rows 259200 --out "$demo_dir/history.parquet" \
+        --products-out "$demo_dir/products.parquet"
+    "$riffle" generate sales --skip 259200 --rows 21600 --out "$demo_dir/live.parquet"
+    rm -rf "$demo_dir/sales" "$demo_dir/LiveInventory" "$demo_dir/inventory-checkpoint"
+    mkdir "$demo_dir/sales"
+    cp "$demo_dir/history.parquet" "$demo_dir/live.parquet" "$demo_dir/sales/"
+    cp scripts/demo/live_inventory.toml scripts/demo/live_inventory.sql "$demo_dir/"
+    start_broker 29392
+    echo "==> the event log on Kafka: the history, then the live hours (one partition: the" >&2
+    echo "    Kafka source's watermark is not per partition)" >&2
+    "$riffle" produce --topic sales --partitions 1 --file "$demo_dir/history.parquet" --key product_id
+    "$riffle" produce --topic sales --partitions 1 --file "$demo_dir/live.parquet" --key product_id
+    echo "==> stream: the topic joined with the catalogue, each product's stock and last-hour pace" >&2
+    echo "    merged into the Delta table LiveInventory (update mode)" >&2
+    "$riffle" run "$demo_dir/live_inventory.toml" --mode stream
+    "$riffle" run "$demo_dir/live_inventory.toml" --mode batch
+    echo "==> riffle verify: LiveInventory against batch mode over the events the stream released" >&2
+    # The last-hour pace is an OVER window, which releases an event once the watermark passes it
+    # (a later event could still land in its hour); the table covers the events before the
+    # stream's watermark, and so does batch mode with --until-watermark.
+    "$riffle" verify "$demo_dir/live_inventory.toml" --until-watermark
+    echo "==> each product's usual pace: scripts/demo/daily_velocity.sql in batch over the history" >&2
+    "$riffle" sql --table "sales=$demo_dir/history.parquet" --file scripts/demo/daily_velocity.sql \
+        --output "$demo_dir/velocity.parquet"
+    echo "==> pricing (scripts/demo/pricing.sql): selling over 3x their usual pace with stock below" >&2
+    echo "    the reorder point" >&2
+    "$riffle" sql --table "inventory=$demo_dir/LiveInventory" \
+        --table "velocity=$demo_dir/velocity.parquet" --file scripts/demo/pricing.sql \
+        --output "$demo_dir/pricing.parquet"
+    watermark=$("$riffle" status "$demo_dir/live_inventory.toml" --json | python3 -c "
+import datetime, json, sys
+w = json.load(sys.stdin)['last_commit']['sources']['sales']['watermark']
+print(datetime.datetime.fromtimestamp(w / 1e6, datetime.timezone.utc).isoformat())")
+    python3 scripts/demo/report_inventory.py "$demo_dir/LiveInventory" "$demo_dir/sales" \
+        "$demo_dir/products.parquet" "$demo_dir/velocity.parquet" "$demo_dir/pricing.parquet" \
+        "$watermark" "$demo_dir/report"
+    exit 0
+fi
 
 echo "==> the fraud UDF module" >&2
 "$riffle" udf inspect "$wasm_dir/riffle_udfs_fraud.wasm"
@@ -65,11 +159,7 @@ echo "==> riffle verify: the stream's features against batch mode, exactly, row 
 echo "==> fraud model: features over each card's history with the generator's labels" >&2
 echo "    (scripts/demo/fraud_training.toml): batch writes the training table, stream computes" >&2
 echo "    the same features live, riffle verify compares them, scikit-learn trains a model" >&2
-if ! python3 -c "import pyarrow, sklearn, matplotlib, skl2onnx, onnxruntime, deltalake, confluent_kafka" 2>/dev/null; then
-    echo "    pip install pyarrow scikit-learn matplotlib skl2onnx onnxruntime deltalake confluent-kafka" >&2
-    python3 -m pip install --quiet pyarrow scikit-learn matplotlib skl2onnx onnxruntime deltalake \
-        confluent-kafka >&2
-fi
+python_packages
 "$riffle" generate fraud --rows 300000 --cards 2000 --events-per-second 0.5 \
     --out "$demo_dir/history.parquet"
 cp scripts/demo/fraud_training.toml scripts/demo/card_features.sql "$demo_dir/"
@@ -86,25 +176,7 @@ echo "    (exactly once), every score to a Delta table that a batch backfill als
 cp scripts/demo/card_features.sql scripts/demo/fraud_scored.sql scripts/demo/fraud_scores.toml \
     scripts/demo/fraud_alerts.toml "$wasm_dir/riffle_udfs_fraud_model.wasm" "$demo_dir/"
 "$riffle" udf inspect "$wasm_dir/riffle_udfs_fraud_model.wasm"
-# A broker of the demo's own, started here and stopped on exit, with fresh data each run.
-broker_port=29392
-export RIFFLE_BROKER_DIR="$demo_dir/broker"
-scripts/kafka-broker.sh stop "$broker_port" # one a previous run left, if any
-if (exec 3<>"/dev/tcp/127.0.0.1/$broker_port") 2>/dev/null; then
-    echo "error: port $broker_port is taken; the demo needs it for a broker of its own" >&2
-    exit 1
-fi
-rm -rf "$RIFFLE_BROKER_DIR"
-scripts/kafka-broker.sh start "$broker_port"
-# On the way out, whatever happened: the background processes below, then the broker.
-stop_all() {
-    local running
-    running=$(jobs -p)
-    [ -z "$running" ] || kill $running 2>/dev/null || true
-    scripts/kafka-broker.sh stop "$broker_port"
-}
-trap stop_all EXIT
-export RIFFLE_KAFKA_BOOTSTRAP="127.0.0.1:$broker_port"
+start_broker 29392
 # The live payments continue the history's generated sequence (same seed and cards, the
 # 20,000 rows after its 300,000), so they are new payments after the history. One partition:
 # the Kafka source's watermark follows the largest event time read from any partition (not
