@@ -393,10 +393,16 @@ impl Sink for DeltaSink {
             OutputMode::Update if exists => {
                 let source = SessionContext::new().read_batches(batches.iter().cloned())?;
                 // NULL-safe: a NULL key is one group like any other, updated in place.
+                // Parenthesised: IS NOT DISTINCT FROM binds looser than AND in the parser.
                 let predicate = self
                     .keys
                     .iter()
-                    .map(|k| format!("target.{q} IS NOT DISTINCT FROM source.{q}", q = quoted(k)))
+                    .map(|k| {
+                        format!(
+                            "(target.{q} IS NOT DISTINCT FROM source.{q})",
+                            q = quoted(k)
+                        )
+                    })
                     .collect::<Vec<_>>()
                     .join(" AND ");
                 let columns: Vec<String> =
