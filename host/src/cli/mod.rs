@@ -403,6 +403,13 @@ enum GenerateCommand {
         /// Event-time span the rows are spread over, in days.
         #[arg(long, default_value_t = 1.0)]
         days: f64,
+        /// Event-time rate instead of --days: rows per second of event time.
+        #[arg(long)]
+        events_per_second: Option<f64>,
+        /// Skip this many rows of the generated sequence first: the rows that continue a file
+        /// made with --rows N are --skip N (with the same --events-per-second).
+        #[arg(long, default_value_t = 0)]
+        skip: u64,
     },
 }
 
@@ -517,15 +524,21 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             users,
             items,
             days,
+            events_per_second,
+            skip,
         }) => {
+            let rate = match events_per_second {
+                Some(r) => positive("--events-per-second", r)?,
+                None => rate_over(rows, days)?,
+            };
             let config = ClickConfig {
                 seed,
                 users: users.max(1),
                 items: items.max(1),
-                rows_per_second: rate_over(rows, days)?,
+                rows_per_second: rate,
                 ..ClickConfig::default()
             };
-            generate(GeneratorConfig::Clickstream(config), 0, rows, &out)
+            generate(GeneratorConfig::Clickstream(config), skip, rows, &out)
         }
         Command::Run(args) => run_pipeline(args).await,
         Command::Status(args) => status(&args),

@@ -4,6 +4,13 @@
 //! sometimes adds one to the cart and sometimes buys. Key cardinality (users, items), event
 //! rate and bounded disorder are configurable, and like the fraud generator it resumes at any
 //! row from a checkpointed offset, so a streaming run can be compared exactly with a batch run.
+//!
+//! **Planted tastes**, so that recommendations can be scored: the catalogue is split into
+//! categories (an item's category is its id modulo their number), each user prefers one, and
+//! [`TASTE`] of a user's events (views and purchases alike) are of items in that category; the
+//! rest are of any item. Within a category, as in the whole catalogue, low ids are the best
+//! sellers. Items viewed together in a session therefore tend to share a category, and a
+//! recommender that learns this from co-views beats recommending the best sellers.
 
 use std::sync::Arc;
 
@@ -54,6 +61,8 @@ const ACTIONS: &[(&str, u32)] = &[
     ("add_to_cart", 7),
     ("purchase", 3),
 ];
+/// The share of a user's events that are of items in the category the user prefers.
+pub const TASTE: f64 = 0.8;
 const DEVICES: &[&str] = &["desktop", "mobile", "tablet"];
 const REFERRERS: &[&str] = &["direct", "search", "social", "email", "ads"];
 const COUNTRIES: &[&str] = &["US", "GB", "DE", "FR", "IN", "BR", "JP", "ES"];
@@ -142,7 +151,17 @@ impl RowGenerator for ClickGenerator {
                 ((u * u) * n as f64) as u64 % n.max(1)
             };
             let user_id = skewed(&mut self.rng, self.config.users);
-            let item_id = skewed(&mut self.rng, self.config.items);
+            let categories = CATEGORIES.len() as u64;
+            let taste = mix(user_id ^ self.config.seed ^ 0x7A57) % categories;
+            let in_taste = self.config.items.div_ceil(categories);
+            let item_id = if self.rng.gen_bool(TASTE) && taste < self.config.items {
+                // The category's k-th best seller; the last round of ids may be short.
+                let k = skewed(&mut self.rng, in_taste);
+                let id = k * categories + taste;
+                if id < self.config.items { id } else { taste }
+            } else {
+                skewed(&mut self.rng, self.config.items)
+            };
             // A session is a user's activity within a 30-minute slot of event time.
             let slot = t.div_euclid(1_800_000_000);
             let h = mix(user_id ^ self.config.seed);
@@ -163,7 +182,7 @@ impl RowGenerator for ClickGenerator {
             session.append_value((mix(h ^ slot as u64) >> 1) as i64);
             action.append_value(chosen);
             item.append_value(item_id as i64);
-            category.append_value(CATEGORIES[(ih % CATEGORIES.len() as u64) as usize]);
+            category.append_value(CATEGORIES[(item_id % categories) as usize]);
             price.append_value(199 + ((ih >> 16) % 20_000) as i32);
             device.append_value(DEVICES[((h >> 8) % DEVICES.len() as u64) as usize]);
             referrer.append_value(REFERRERS[self.rng.gen_range(0..REFERRERS.len())]);
@@ -231,5 +250,47 @@ mod tests {
             .unwrap();
         let purchases = actions.iter().filter(|a| *a == Some("purchase")).count();
         assert!((300..900).contains(&purchases), "{purchases} purchases");
+    }
+
+    /// Each user's events mostly fall in one category: the planted taste recommendations find.
+    #[test]
+    fn users_mostly_see_the_category_they_prefer() {
+        let config = ClickConfig {
+            users: 200,
+            items: 700,
+            ..ClickConfig::default()
+        };
+        let batch = ClickGenerator::starting_at(config, 0).next_batch_of_ids(50_000);
+        let users = batch
+            .column(2)
+            .as_any()
+            .downcast_ref::<arrow::array::Int64Array>()
+            .unwrap();
+        let items = batch
+            .column(5)
+            .as_any()
+            .downcast_ref::<arrow::array::Int64Array>()
+            .unwrap();
+        let categories = batch
+            .column(6)
+            .as_any()
+            .downcast_ref::<arrow::array::StringArray>()
+            .unwrap();
+        let mut seen: std::collections::HashMap<i64, [u32; 7]> = Default::default();
+        for i in 0..batch.num_rows() {
+            assert!(items.value(i) < 700);
+            assert_eq!(
+                categories.value(i),
+                CATEGORIES[(items.value(i) % 7) as usize]
+            );
+            seen.entry(users.value(i)).or_default()[(items.value(i) % 7) as usize] += 1;
+        }
+        let (top, all): (u32, u32) = seen
+            .values()
+            .map(|c| (*c.iter().max().unwrap(), c.iter().sum::<u32>()))
+            .fold((0, 0), |(a, b), (t, n)| (a + t, b + n));
+        let share = top as f64 / all as f64;
+        // TASTE of the events, plus the untargeted ones that land there by chance.
+        assert!((0.8..0.88).contains(&share), "{share}");
     }
 }
