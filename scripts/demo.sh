@@ -10,20 +10,24 @@
 #                                    joined with its catalogue, each product's stock and
 #                                    last-hour pace kept in a Delta table, checked against
 #                                    batch mode and pandas, and a pricing query over it
+#   scripts/demo.sh recs             recommendations: item co-views within sessions (a join of
+#                                    the click stream with itself) kept in a Delta table, each
+#                                    live view's recommendations to Kafka, scored on held-out
+#                                    purchases against the best sellers
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 demo=fraud
 case "${1:-}" in
-fraud | inventory) demo=$1 && shift ;;
+fraud | inventory | recs) demo=$1 && shift ;;
 "" | [0-9]*) ;;
 *)
-    echo "usage: scripts/demo.sh [fraud [ROWS] | inventory]" >&2
+    echo "usage: scripts/demo.sh [fraud [ROWS] | inventory | recs]" >&2
     exit 2
     ;;
 esac
-if [ "$demo" = inventory ] && [ $# -gt 0 ]; then
-    echo "usage: scripts/demo.sh [fraud [ROWS] | inventory]" >&2
+if [ "$demo" != fraud ] && [ $# -gt 0 ]; then
+    echo "usage: scripts/demo.sh [fraud [ROWS] | inventory | recs]" >&2
     exit 2
 fi
 rows=${1:-200000}
@@ -112,6 +116,47 @@ print(datetime.datetime.fromtimestamp(w / 1e6, datetime.timezone.utc).isoformat(
     python3 scripts/demo/report_inventory.py "$demo_dir/LiveInventory" "$demo_dir/sales" \
         "$demo_dir/products.parquet" "$demo_dir/velocity.parquet" "$demo_dir/pricing.parquet" \
         "$watermark" "$demo_dir/report"
+    exit 0
+fi
+
+if [ "$demo" = recs ]; then
+    demo_dir="$demo_dir/recs"
+    mkdir -p "$demo_dir"
+    python_packages
+    echo "==> clickstream: 20,000 users with a taste for one of 7 categories, 700 items; a day of" >&2
+    echo "    history, then 3 live hours" >&2
+    clicks=(--users 20000 --items 700 --events-per-second 2)
+    "$riffle" generate clickstream "${clicks[@]}" --rows 172800 --out "$demo_dir/history.parquet"
+    "$riffle" generate clickstream "${clicks[@]}" --skip 172800 --rows 21600 \
+        --out "$demo_dir/live.parquet"
+    rm -rf "$demo_dir/clicks" "$demo_dir/coviews" "$demo_dir/coviews-checkpoint" \
+        "$demo_dir/recommend-checkpoint"
+    mkdir "$demo_dir/clicks"
+    cp "$demo_dir/history.parquet" "$demo_dir/clicks/"
+    cp scripts/demo/coviews.toml scripts/demo/coviews.sql scripts/demo/recommend.toml "$demo_dir/"
+    start_broker 29392
+    "$riffle" produce --topic clicks --partitions 1 --file "$demo_dir/history.parquet" --key user_id
+    "$riffle" produce --topic recommendations --partitions 1 --rows 0
+    echo "==> co-views over the history: the stream into the Delta table coviews (update mode)," >&2
+    echo "    checked against batch mode; each item's 10 most co-viewed (similar_items.sql)" >&2
+    "$riffle" run "$demo_dir/coviews.toml" --mode stream
+    "$riffle" verify "$demo_dir/coviews.toml"
+    "$riffle" sql --table "coviews=$demo_dir/coviews" --file scripts/demo/similar_items.sql \
+        --output "$demo_dir/similar_items.parquet"
+    echo "==> live: the live hours arrive; each view's recommendations go to the topic" >&2
+    echo "    recommendations (exactly once), and the co-view table keeps counting" >&2
+    "$riffle" produce --topic clicks --partitions 1 --file "$demo_dir/live.parquet" --key user_id
+    cp "$demo_dir/live.parquet" "$demo_dir/clicks/"
+    "$riffle" run "$demo_dir/recommend.toml" --mode stream
+    "$riffle" run "$demo_dir/coviews.toml" --mode stream
+    echo "==> riffle verify: the co-views after the live hours and the recommendations against batch mode" >&2
+    "$riffle" verify "$demo_dir/coviews.toml"
+    "$riffle" verify "$demo_dir/recommend.toml" --key event_id
+    "$riffle" sql --table "coviews=$demo_dir/coviews" --file scripts/demo/similar_items.sql \
+        --output "$demo_dir/similar_items_live.parquet"
+    python3 scripts/demo/report_recs.py "$demo_dir/clicks" "$demo_dir/live.parquet" \
+        "$demo_dir/coviews" "$demo_dir/similar_items.parquet" "$demo_dir/similar_items_live.parquet" \
+        "$RIFFLE_KAFKA_BOOTSTRAP" recommendations "$demo_dir/report"
     exit 0
 fi
 
