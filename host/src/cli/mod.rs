@@ -476,10 +476,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             events_per_second,
             disorder,
         }) => {
-            let rate = match events_per_second {
-                Some(r) => positive("--events-per-second", r)?,
-                None => rate_over(rows, days)?,
-            };
+            let rate = event_rate(events_per_second, rows, days)?;
             if cards == 0 {
                 return Err(RiffleError::Config("--cards must be at least 1".into()));
             }
@@ -527,10 +524,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             events_per_second,
             skip,
         }) => {
-            let rate = match events_per_second {
-                Some(r) => positive("--events-per-second", r)?,
-                None => rate_over(rows, days)?,
-            };
+            let rate = event_rate(events_per_second, rows, days)?;
             let config = ClickConfig {
                 seed,
                 users: users.max(1),
@@ -1110,6 +1104,15 @@ fn positive(name: &str, value: f64) -> Result<f64> {
         Err(RiffleError::Config(format!(
             "{name} {value}: must be a positive number"
         )))
+    }
+}
+
+/// The event-time rate: `--events-per-second` if given, else the one that spreads `rows`
+/// over `days`.
+fn event_rate(events_per_second: Option<f64>, rows: u64, days: f64) -> Result<f64> {
+    match events_per_second {
+        Some(r) => positive("--events-per-second", r),
+        None => rate_over(rows, days),
     }
 }
 

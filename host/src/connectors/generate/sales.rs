@@ -69,6 +69,12 @@ const CATEGORIES: &[&str] = &[
     "books", "music", "garden", "toys", "kitchen", "sports", "games",
 ];
 const HOUR_MICROS: i64 = 3_600_000_000;
+
+/// Units in an average sale.
+fn mean_qty() -> f64 {
+    let units: u32 = QUANTITIES.iter().map(|&(q, w)| q as u32 * w).sum();
+    units as f64 / QUANTITIES.iter().map(|&(_, w)| w).sum::<u32>() as f64
+}
 const DAY_MICROS: f64 = 86_400e6;
 
 impl SalesConfig {
@@ -89,29 +95,22 @@ impl SalesConfig {
         (SURGE_DAYS * 24.0 * self.share(id)).min(0.5)
     }
 
-    /// Units of product `id` an average row sells, outside surges.
-    fn units_per_row(&self, id: u64) -> f64 {
-        let mean_qty = QUANTITIES
-            .iter()
-            .map(|&(q, w)| q as f64 * w as f64)
-            .sum::<f64>()
-            / QUANTITIES.iter().map(|&(_, w)| w as f64).sum::<f64>();
+    /// Units each product sells per average row, outside surges (by product id).
+    fn units_per_row(&self) -> Vec<f64> {
         // Each hour's surge takes its chance of the hour's sales from the ordinary ones.
         let surging = self.first_surging()..self.products;
         let mean_surge = surging.clone().map(|p| self.surge_chance(p)).sum::<f64>()
             / surging.count().max(1) as f64;
-        (1.0 - 1.0 / RESTOCK_EVERY as f64) * (1.0 - mean_surge) * mean_qty * self.share(id)
+        let ordinary = (1.0 - 1.0 / RESTOCK_EVERY as f64) * (1.0 - mean_surge) * mean_qty();
+        (0..self.products)
+            .map(|p| ordinary * self.share(p))
+            .collect()
     }
 
     /// Units product `id` is expected to sell in its surge hour.
     fn surge_units(&self, id: u64) -> f64 {
-        let mean_qty = QUANTITIES
-            .iter()
-            .map(|&(q, w)| q as f64 * w as f64)
-            .sum::<f64>()
-            / QUANTITIES.iter().map(|&(_, w)| w as f64).sum::<f64>();
         let rows_per_hour = self.rows_per_second * 3600.0 * (1.0 - 1.0 / RESTOCK_EVERY as f64);
-        self.surge_chance(id) * mean_qty * rows_per_hour
+        self.surge_chance(id) * mean_qty() * rows_per_hour
     }
 
     /// What product `id`'s restock at `t` adds for the surges it replaces: those that began
@@ -128,9 +127,10 @@ impl SalesConfig {
             .sum()
     }
 
-    /// Units of product `id` expected to sell in `days` of event time, outside surges.
-    fn expected_units(&self, id: u64, days: f64) -> i64 {
-        (self.units_per_row(id) * self.rows_per_second * days * DAY_MICROS / 1e6).round() as i64
+    /// Units expected to sell in `days` of event time, outside surges, at `per_row` units a
+    /// row.
+    fn expected_units(&self, per_row: f64, days: f64) -> i64 {
+        (per_row * self.rows_per_second * days * DAY_MICROS / 1e6).round() as i64
     }
 
     /// The product that surges in event-time hour `hour` (hours since the epoch): one of the
@@ -152,6 +152,8 @@ impl SalesConfig {
 /// Deterministic stream of stock movements.
 pub struct SalesGenerator {
     config: SalesConfig,
+    /// [`SalesConfig::units_per_row`], computed once: each restock needs its product's.
+    units_per_row: Vec<f64>,
     rng: ChaCha8Rng,
     next_id: i64,
 }
@@ -161,6 +163,7 @@ impl SalesGenerator {
     pub fn starting_at(config: SalesConfig, row: i64) -> Self {
         let (rng, next_id, skip) = block_start(config.seed ^ 0x5A1E, row);
         let mut generator = SalesGenerator {
+            units_per_row: config.units_per_row(),
             rng,
             config,
             next_id,
@@ -220,7 +223,7 @@ impl RowGenerator for SalesGenerator {
                 // The round: what this product sells, on average, until its next turn.
                 let p = (id / RESTOCK_EVERY) as u64 % config.products;
                 let previous = config.start_micros + ((id - round) as f64 * step) as i64;
-                let units = (config.units_per_row(p) * round as f64
+                let units = (self.units_per_row[p as usize] * round as f64
                     + config.replenishment(p, previous, t))
                 .round()
                 .max(1.0);
@@ -276,6 +279,7 @@ pub fn products(config: &SalesConfig) -> RecordBatch {
     let mut price = Int32Builder::with_capacity(n);
     let mut opening = Int64Builder::with_capacity(n);
     let mut reorder = Int64Builder::with_capacity(n);
+    let units_per_row = config.units_per_row();
     for p in 0..config.products {
         let h = mix(p ^ config.seed ^ 0x9D0D);
         let cat = CATEGORIES[(h % CATEGORIES.len() as u64) as usize];
@@ -283,8 +287,9 @@ pub fn products(config: &SalesConfig) -> RecordBatch {
         name.append_value(format!("{cat}-{p:04}"));
         category.append_value(cat);
         price.append_value(199 + ((h >> 16) % 20_000) as i32);
-        opening.append_value(config.expected_units(p, OPENING_DAYS).max(5));
-        reorder.append_value(config.expected_units(p, REORDER_DAYS).max(2));
+        let per_row = units_per_row[p as usize];
+        opening.append_value(config.expected_units(per_row, OPENING_DAYS).max(5));
+        reorder.append_value(config.expected_units(per_row, REORDER_DAYS).max(2));
     }
     let schema = Arc::new(Schema::new(vec![
         Field::new("product_id", DataType::Int64, false),
