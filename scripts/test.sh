@@ -13,10 +13,10 @@ cd "$root"
 scripts/install-build-deps.sh
 scripts/install-guest-toolchain.sh
 scripts/kafka-broker.sh install
-if ! python3 -c "import deltalake, pyarrow, pandas, prometheus_client, selenium, sklearn, matplotlib, skl2onnx, onnxruntime" 2>/dev/null; then
-    echo "test deps: pip install deltalake pyarrow pandas prometheus-client selenium scikit-learn matplotlib skl2onnx onnxruntime" >&2
+if ! python3 -c "import deltalake, pyarrow, pandas, prometheus_client, selenium, sklearn, matplotlib, skl2onnx, onnxruntime, confluent_kafka" 2>/dev/null; then
+    echo "test deps: pip install deltalake pyarrow pandas prometheus-client selenium scikit-learn matplotlib skl2onnx onnxruntime confluent-kafka" >&2
     python3 -m pip install --quiet deltalake pyarrow pandas prometheus-client selenium scikit-learn \
-        matplotlib skl2onnx onnxruntime >&2
+        matplotlib skl2onnx onnxruntime confluent-kafka >&2
 fi
 if ! [ -x /usr/bin/chromium ] || ! [ -x /usr/bin/chromedriver ]; then
     echo "test deps: apt-get install chromium chromium-driver" >&2
