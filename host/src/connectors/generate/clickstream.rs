@@ -1,16 +1,25 @@
 //! A deterministic generator of clickstream events (the recommendation demo's input).
 //!
-//! Events come in per-user sessions: a user lands on a page from a referrer, views items,
-//! sometimes adds one to the cart and sometimes buys. Key cardinality (users, items), event
-//! rate and bounded disorder are configurable, and like the fraud generator it resumes at any
-//! row from a checkpointed offset, so a streaming run can be compared exactly with a batch run.
+//! Events come in sessions: a user views items, sometimes adds one to the cart and sometimes
+//! buys. Key cardinality (users, items), event rate and bounded disorder are configurable, and
+//! like the fraud generator it resumes at any row from a checkpointed offset, so a streaming
+//! run can be compared exactly with a batch run.
+//!
+//! **Sessions interleave, as on a real site.** Rows are dealt round-robin to a number of
+//! concurrent session *lanes*; every [`SESSION_EVENTS`] turns a lane starts a new session of
+//! another user (heavy users get more sessions). The number of lanes follows the event rate so
+//! that a session lasts about [`SESSION_SECONDS`] of event time, within the 30 minutes the
+//! demo's co-view join allows. Who a row belongs to is a function of its id alone, which is
+//! what lets the generator start at any row.
 //!
 //! **Planted tastes**, so that recommendations can be scored: the catalogue is split into
-//! categories (an item's category is its id modulo their number), each user prefers one, and
-//! [`TASTE`] of a user's events (views and purchases alike) are of items in that category; the
-//! rest are of any item. Within a category, as in the whole catalogue, low ids are the best
-//! sellers. Items viewed together in a session therefore tend to share a category, and a
-//! recommender that learns this from co-views beats recommending the best sellers.
+//! clusters of [`CLUSTER_ITEMS`] related items (an item's cluster is its id modulo the number
+//! of clusters; a category is a group of clusters). Each user has [`INTERESTS`] clusters they
+//! like, each session is about one of them, and [`TASTE`] of a session's events (views and
+//! purchases alike) are of items in that cluster; the rest are of any item. Within a cluster,
+//! as in the whole catalogue, low ids sell best. Items viewed in one session therefore tend to
+//! share a cluster, which co-views learn and the best sellers cannot show: a session's next
+//! purchase is best predicted from what it viewed.
 
 use std::sync::Arc;
 
@@ -61,8 +70,17 @@ const ACTIONS: &[(&str, u32)] = &[
     ("add_to_cart", 7),
     ("purchase", 3),
 ];
-/// The share of a user's events that are of items in the category the user prefers.
+/// The share of a session's events that are of items in the cluster the session is about.
 pub const TASTE: f64 = 0.8;
+/// Items per taste cluster.
+pub const CLUSTER_ITEMS: u64 = 10;
+/// Clusters each user likes; each session is about one of them.
+pub const INTERESTS: u64 = 3;
+/// Events per session.
+pub const SESSION_EVENTS: i64 = 12;
+/// About how long a session lasts in event time, in seconds: sets the number of concurrent
+/// sessions for the event rate.
+pub const SESSION_SECONDS: f64 = 600.0;
 const DEVICES: &[&str] = &["desktop", "mobile", "tablet"];
 const REFERRERS: &[&str] = &["direct", "search", "social", "email", "ads"];
 const COUNTRIES: &[&str] = &["US", "GB", "DE", "FR", "IN", "BR", "JP", "ES"];
@@ -75,21 +93,45 @@ pub struct ClickGenerator {
     config: ClickConfig,
     rng: ChaCha8Rng,
     next_id: i64,
+    /// Concurrent sessions: rows are dealt to them round-robin.
+    lanes: i64,
 }
 
 impl ClickGenerator {
     /// A generator whose next row is row `row`.
     pub fn starting_at(config: ClickConfig, row: i64) -> Self {
         let (rng, next_id, skip) = block_start(config.seed ^ 0xC11C, row);
+        let lanes = (config.rows_per_second * SESSION_SECONDS / SESSION_EVENTS as f64)
+            .round()
+            .max(1.0) as i64;
         let mut generator = ClickGenerator {
             rng,
             config,
             next_id,
+            lanes,
         };
         if skip > 0 {
             generator.next_batch_of_ids(skip);
         }
         generator
+    }
+
+    /// The session row `id` belongs to, as (session key, user): a function of the id alone.
+    fn session_of(&self, id: i64) -> (u64, u64) {
+        let lane = id % self.lanes;
+        let nth = id / self.lanes / SESSION_EVENTS;
+        let key = mix(mix(self.config.seed ^ 0x5E55 ^ lane as u64) ^ nth as u64);
+        // Heavy users: a squared uniform skews towards low ids, as real traffic is skewed
+        // towards a few heavy users.
+        let u = (mix(key ^ 0x05E4) >> 11) as f64 / (1u64 << 53) as f64;
+        let user = ((u * u) * self.config.users as f64) as u64 % self.config.users.max(1);
+        (key, user)
+    }
+
+    /// The cluster a session is about: one of its user's interests.
+    fn session_cluster(&self, key: u64, user: u64, clusters: u64) -> u64 {
+        let interest = mix(key ^ 0x1475) % INTERESTS;
+        mix(user ^ self.config.seed ^ 0x7A57 ^ (interest << 32)) % clusters
     }
 
     /// The schema of every batch.
@@ -133,6 +175,14 @@ impl RowGenerator for ClickGenerator {
         let mut country = StringBuilder::with_capacity(rows, rows * 2);
         let step = 1_000_000.0 / self.config.rows_per_second;
         let action_total: u32 = ACTIONS.iter().map(|a| a.1).sum();
+        let items = self.config.items.max(1);
+        let clusters = items.div_ceil(CLUSTER_ITEMS);
+        let per_cluster = items.div_ceil(clusters);
+        // Best sellers: a squared uniform skews towards low ids.
+        let skewed = |rng: &mut ChaCha8Rng, n: u64| {
+            let u: f64 = rng.r#gen();
+            ((u * u) * n as f64) as u64 % n.max(1)
+        };
 
         for _ in 0..rows {
             let id = self.next_id;
@@ -144,26 +194,15 @@ impl RowGenerator for ClickGenerator {
             if self.config.max_disorder_micros > 0 {
                 t -= self.rng.gen_range(0..=self.config.max_disorder_micros);
             }
-            // Popular users and items: a squared uniform skews towards low ids, as real
-            // traffic is skewed towards a few heavy users and best sellers.
-            let skewed = |rng: &mut ChaCha8Rng, n: u64| {
-                let u: f64 = rng.r#gen();
-                ((u * u) * n as f64) as u64 % n.max(1)
-            };
-            let user_id = skewed(&mut self.rng, self.config.users);
-            let categories = CATEGORIES.len() as u64;
-            let taste = mix(user_id ^ self.config.seed ^ 0x7A57) % categories;
-            let in_taste = self.config.items.div_ceil(categories);
-            let item_id = if self.rng.gen_bool(TASTE) && taste < self.config.items {
-                // The category's k-th best seller; the last round of ids may be short.
-                let k = skewed(&mut self.rng, in_taste);
-                let id = k * categories + taste;
-                if id < self.config.items { id } else { taste }
+            let (key, user_id) = self.session_of(id);
+            let cluster = self.session_cluster(key, user_id, clusters);
+            let item_id = if self.rng.gen_bool(TASTE) {
+                // The cluster's k-th best seller; the last round of ids may be short.
+                let id = skewed(&mut self.rng, per_cluster) * clusters + cluster;
+                if id < items { id } else { cluster }
             } else {
-                skewed(&mut self.rng, self.config.items)
+                skewed(&mut self.rng, items)
             };
-            // A session is a user's activity within a 30-minute slot of event time.
-            let slot = t.div_euclid(1_800_000_000);
             let h = mix(user_id ^ self.config.seed);
             let mut pick = self.rng.gen_range(0..action_total);
             let mut chosen = ACTIONS[0].0;
@@ -179,10 +218,10 @@ impl RowGenerator for ClickGenerator {
             event_id.append_value(id);
             ts.append_value(t);
             user.append_value(user_id as i64);
-            session.append_value((mix(h ^ slot as u64) >> 1) as i64);
+            session.append_value((key >> 1) as i64);
             action.append_value(chosen);
             item.append_value(item_id as i64);
-            category.append_value(CATEGORIES[(item_id % categories) as usize]);
+            category.append_value(category_of(item_id, clusters));
             price.append_value(199 + ((ih >> 16) % 20_000) as i32);
             device.append_value(DEVICES[((h >> 8) % DEVICES.len() as u64) as usize]);
             referrer.append_value(REFERRERS[self.rng.gen_range(0..REFERRERS.len())]);
@@ -203,6 +242,11 @@ impl RowGenerator for ClickGenerator {
         ];
         RecordBatch::try_new(Self::schema(), columns).expect("columns match the schema")
     }
+}
+
+/// An item's category: a group of clusters.
+fn category_of(item: u64, clusters: u64) -> &'static str {
+    CATEGORIES[((item % clusters) % CATEGORIES.len() as u64) as usize]
 }
 
 #[cfg(test)]
@@ -252,45 +296,91 @@ mod tests {
         assert!((300..900).contains(&purchases), "{purchases} purchases");
     }
 
-    /// Each user's events mostly fall in one category: the planted taste recommendations find.
+    /// Sessions interleave, each of one user and a few minutes long, and mostly about one
+    /// cluster, one of the few its user likes: the planted tastes recommendations find.
     #[test]
-    fn users_mostly_see_the_category_they_prefer() {
+    fn sessions_are_about_one_of_their_users_interests() {
+        use std::collections::HashMap;
         let config = ClickConfig {
             users: 200,
             items: 700,
+            rows_per_second: 2.0,
             ..ClickConfig::default()
         };
         let batch = ClickGenerator::starting_at(config, 0).next_batch_of_ids(50_000);
-        let users = batch
-            .column(2)
-            .as_any()
-            .downcast_ref::<arrow::array::Int64Array>()
-            .unwrap();
-        let items = batch
-            .column(5)
-            .as_any()
-            .downcast_ref::<arrow::array::Int64Array>()
-            .unwrap();
+        let column = |i: usize| {
+            batch
+                .column(i)
+                .as_any()
+                .downcast_ref::<arrow::array::Int64Array>()
+                .unwrap()
+                .clone()
+        };
+        let (ts, users, sessions, items) = (
+            batch
+                .column(1)
+                .as_any()
+                .downcast_ref::<arrow::array::TimestampMicrosecondArray>()
+                .unwrap()
+                .clone(),
+            column(2),
+            column(3),
+            column(5),
+        );
         let categories = batch
             .column(6)
             .as_any()
             .downcast_ref::<arrow::array::StringArray>()
             .unwrap();
-        let mut seen: std::collections::HashMap<i64, [u32; 7]> = Default::default();
+        // session -> (user, first ts, last ts, events per cluster)
+        let mut seen: HashMap<i64, (i64, i64, i64, HashMap<i64, u32>)> = HashMap::new();
         for i in 0..batch.num_rows() {
             assert!(items.value(i) < 700);
             assert_eq!(
                 categories.value(i),
-                CATEGORIES[(items.value(i) % 7) as usize]
+                CATEGORIES[(items.value(i) % 70 % 7) as usize]
             );
-            seen.entry(users.value(i)).or_default()[(items.value(i) % 7) as usize] += 1;
+            let entry = seen.entry(sessions.value(i)).or_insert((
+                users.value(i),
+                ts.value(i),
+                ts.value(i),
+                HashMap::new(),
+            ));
+            assert_eq!(entry.0, users.value(i), "a session has one user");
+            entry.2 = ts.value(i);
+            *entry.3.entry(items.value(i) % 70).or_default() += 1;
         }
-        let (top, all): (u32, u32) = seen
-            .values()
-            .map(|c| (*c.iter().max().unwrap(), c.iter().sum::<u32>()))
-            .fold((0, 0), |(a, b), (t, n)| (a + t, b + n));
+        // 100 lanes of 12 events at 2 events per second: 10 minutes.
+        let longest = seen.values().map(|s| s.2 - s.1).max().unwrap();
+        assert!(longest <= 600_000_000, "{longest}");
+        assert!(seen.len() > 4_000, "{} sessions", seen.len());
+        let (mut top, mut all) = (0, 0);
+        let mut interests: HashMap<i64, HashMap<i64, u32>> = HashMap::new();
+        for (user, _, _, clusters) in seen.values() {
+            let (&cluster, &n) = clusters.iter().max_by_key(|(c, n)| (**n, -**c)).unwrap();
+            top += n;
+            all += clusters.values().sum::<u32>();
+            *interests
+                .entry(*user)
+                .or_default()
+                .entry(cluster)
+                .or_default() += 1;
+        }
         let share = top as f64 / all as f64;
         // TASTE of the events, plus the untargeted ones that land there by chance.
-        assert!((0.8..0.88).contains(&share), "{share}");
+        assert!((0.8..0.9).contains(&share), "{share}");
+        // Each user's sessions are about at most INTERESTS clusters, but for the odd session
+        // whose untargeted events outnumber its cluster's.
+        let (mut within, mut sessions_total) = (0, 0);
+        for clusters in interests.values() {
+            let mut counts: Vec<u32> = clusters.values().copied().collect();
+            counts.sort_unstable_by(|a, b| b.cmp(a));
+            within += counts.iter().take(INTERESTS as usize).sum::<u32>();
+            sessions_total += counts.iter().sum::<u32>();
+        }
+        assert!(
+            within as f64 >= 0.98 * sessions_total as f64,
+            "{within} of {sessions_total}"
+        );
     }
 }

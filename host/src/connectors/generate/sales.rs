@@ -69,13 +69,13 @@ const CATEGORIES: &[&str] = &[
     "books", "music", "garden", "toys", "kitchen", "sports", "games",
 ];
 const HOUR_MICROS: i64 = 3_600_000_000;
+const DAY_MICROS: f64 = 86_400e6;
 
 /// Units in an average sale.
 fn mean_qty() -> f64 {
     let units: u32 = QUANTITIES.iter().map(|&(q, w)| q as u32 * w).sum();
     units as f64 / QUANTITIES.iter().map(|&(_, w)| w).sum::<u32>() as f64
 }
-const DAY_MICROS: f64 = 86_400e6;
 
 impl SalesConfig {
     /// Product `id`'s share of ordinary sales: ids are drawn as `u² · products` for a uniform
