@@ -129,9 +129,16 @@ pub enum RiffleError {
     #[error("data loss: {0}")]
     DataLoss(String),
 
-    /// An external system (a Kafka broker, a Delta table's storage) failed or refused.
+    /// An external system (a Kafka broker, a Delta table's storage) failed or refused, in a
+    /// way that may go away: a streaming run retries it.
     #[error("{0}")]
     External(String),
+
+    /// An external system answered in a way a retry will not change: a table whose log or
+    /// files Riffle cannot use, or an operation the table's library refused for its own
+    /// reasons (a merge it could not plan). A streaming run ends at once.
+    #[error("{0}")]
+    Refused(String),
 
     /// Query planning or execution failed inside DataFusion.
     #[error(transparent)]
@@ -176,9 +183,10 @@ impl RiffleError {
             | RiffleError::Unsupported(_) => Blame::User,
             RiffleError::Checkpoint(_) => Blame::External,
             RiffleError::UdfFailure { .. } | RiffleError::RowError { .. } => Blame::Udf,
-            RiffleError::Io { .. } | RiffleError::External(_) | RiffleError::DataLoss(_) => {
-                Blame::External
-            }
+            RiffleError::Io { .. }
+            | RiffleError::External(_)
+            | RiffleError::Refused(_)
+            | RiffleError::DataLoss(_) => Blame::External,
             RiffleError::Query(e) => match RiffleError::find_in(e) {
                 Some(inner) => inner.blame(),
                 None => match e.find_root() {

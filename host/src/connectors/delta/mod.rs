@@ -48,8 +48,30 @@ impl DeltaSinkConfig {
     }
 }
 
+/// A Delta error, classified by what helps: storage that may come back (the object store, I/O,
+/// another writer's commit) is retried by a streaming run; a table that does not fit the
+/// pipeline is the user's to fix; anything else (a log Riffle cannot use, a merge delta-rs
+/// could not plan) ends the run at once. Retrying those only delays the error: a merge that
+/// failed to plan was once retried for the whole of `--retry-for`.
 fn delta_error(path: &Url, e: DeltaTableError) -> RiffleError {
-    RiffleError::External(format!("delta table {path}: {e}"))
+    use DeltaTableError as E;
+    let message = format!("delta table {path}: {e}");
+    match e {
+        E::ObjectStore { .. }
+        | E::Io { .. }
+        | E::Transaction { .. }
+        | E::VersionAlreadyExists(_)
+        | E::VersionMismatch(..) => RiffleError::External(message),
+        E::SchemaMismatch { .. }
+        | E::NotATable(_)
+        | E::NoSchema
+        | E::InvalidTableLocation(_)
+        | E::InvalidPartitionFilter { .. }
+        | E::PartitionError { .. }
+        | E::MissingFeature { .. }
+        | E::InvalidVersion(_) => RiffleError::Config(message),
+        _ => RiffleError::Refused(message),
+    }
 }
 
 /// The URL of a local table directory (created if missing) or of a URL given as such.
@@ -130,7 +152,7 @@ pub async fn register(
     let provider = table
         .table_provider()
         .await
-        .map_err(|e| RiffleError::External(format!("delta table {url}: {e}")))?;
+        .map_err(|e| delta_error(&url, e.into()))?;
     context.register_table(name, provider)?;
     Ok(table.version().unwrap_or(0) as i64)
 }
@@ -454,5 +476,39 @@ impl Sink for DeltaSink {
         }
         self.done = epoch as i64;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Blame;
+
+    /// Storage that may come back is retried; a table that does not fit is the user's to fix;
+    /// a refusal a retry cannot change (like a merge that failed to plan) ends the run.
+    #[test]
+    fn delta_errors_say_whether_a_retry_helps() {
+        let url = Url::parse("file:///tmp/t/").unwrap();
+        let storage = delta_error(
+            &url,
+            DeltaTableError::ObjectStore {
+                source: deltalake::ObjectStoreError::Generic {
+                    store: "s3",
+                    source: "connection reset".into(),
+                },
+            },
+        );
+        assert!(storage.is_transient());
+        assert_eq!(storage.blame(), Blame::External);
+        let not_a_table = delta_error(&url, DeltaTableError::NotATable("no log".into()));
+        assert!(!not_a_table.is_transient());
+        assert_eq!(not_a_table.blame(), Blame::User);
+        let plan = delta_error(
+            &url,
+            DeltaTableError::Generic("Error during planning: ...".into()),
+        );
+        assert!(!plan.is_transient());
+        assert_eq!(plan.blame(), Blame::External);
+        assert!(plan.to_string().contains("Error during planning"), "{plan}");
     }
 }
