@@ -1136,3 +1136,100 @@ fn the_query_waits_for_a_broker_that_stopped_answering_and_resumes_exactly_once(
         want.len()
     );
 }
+
+/// A topic read unevenly: partition 0 holds 3,000 events a second apart, the other five 50
+/// each a minute apart over the same 50 minutes, so the first epochs (300 rows: 50 per
+/// partition) read the sparse partitions to their end while partition 0 is still in its first
+/// minute. The watermark must follow partition 0, the slowest that still has rows to give: no
+/// row is late, and the per-minute counts hold every event. Following the largest event time
+/// read across partitions (the old rule) made nearly all of partition 0 late.
+#[test]
+fn a_topic_read_unevenly_across_partitions_leaves_no_row_late() {
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let topic = "uneven";
+    runtime()
+        .block_on(ensure_topic(&broker.kafka(), topic, 6))
+        .unwrap();
+    let producer = producer(&broker);
+    // Seconds after 2026-01-01T10:00:00, per partition, in order within each.
+    let mut events: Vec<(i32, i64)> = (0..3000).map(|s| (0, s)).collect();
+    for p in 1..6 {
+        events.extend((0..50).map(|m| (p, m * 60 + p as i64)));
+    }
+    for (p, s) in &events {
+        let value = format!(
+            r#"{{"ts":"2026-01-01T10:{:02}:{:02}","k":{p}}}"#,
+            s / 60,
+            s % 60
+        );
+        producer
+            .send(
+                BaseRecord::<(), str>::to(topic)
+                    .partition(*p)
+                    .payload(&value),
+            )
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+    producer.flush(Duration::from_secs(30)).unwrap();
+    let mut expected: BTreeMap<i64, i64> = BTreeMap::new();
+    for (_, s) in &events {
+        *expected.entry(s / 60).or_default() += 1;
+    }
+
+    let path = dir.join("uneven.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+query = """
+SELECT window(ts, '1 minute') AS window,
+       CAST(date_part('minute', min(ts)) AS BIGINT) AS minute, count(*) AS n
+FROM events
+GROUP BY window(ts, '1 minute')
+"""
+output_mode = "append"
+[source]
+name = "events"
+event_time = "ts"
+watermark = "5 seconds"
+[source.stream]
+kind = "kafka"
+bootstrap = "{bootstrap}"
+topic = "{topic}"
+format = "json"
+schema = "ts TIMESTAMP NOT NULL, k BIGINT NOT NULL"
+[sink]
+stream = "out"
+[stream]
+checkpoint = "uneven-checkpoint"
+trigger = "available-now"
+max_rows_per_epoch = 300
+"#,
+            bootstrap = broker.bootstrap
+        ),
+    )
+    .unwrap();
+    run_ok(riffle(&path, "stream"));
+
+    let progress = common::progress_lines(&dir.join("uneven-checkpoint/progress.jsonl"));
+    assert!(progress.len() > 5, "{} epochs", progress.len());
+    let late: u64 = progress
+        .iter()
+        .map(|p| p["late_rows"].as_u64().unwrap())
+        .sum();
+    assert_eq!(late, 0, "rows dropped as late");
+    // Every minute but the last (the watermark has not passed it: the stream goes on).
+    let mut counted: BTreeMap<i64, i64> = BTreeMap::new();
+    for batch in parquet_out(dir) {
+        let minutes = batch["minute"].as_primitive::<Int64Type>();
+        let counts = batch["n"].as_primitive::<Int64Type>();
+        for (minute, n) in minutes.iter().zip(counts.iter()) {
+            counted.insert(minute.unwrap(), n.unwrap());
+        }
+    }
+    expected.remove(&49);
+    assert_eq!(counted, expected);
+}

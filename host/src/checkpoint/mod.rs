@@ -71,12 +71,16 @@ pub struct EpochPlan {
 }
 
 /// A source's event-time progress after an epoch.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct SourceProgress {
     /// Watermark after the epoch.
     pub watermark: Watermark,
     /// Largest event time seen so far.
     pub max_event_time: i64,
+    /// Largest event time seen so far per split (Kafka partition), for a source that reads
+    /// several: its watermark follows the slowest split that still has rows to give.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub split_max_event_times: BTreeMap<String, i64>,
 }
 
 /// Which files hold one state table after an epoch.

@@ -16,6 +16,11 @@ use crate::error::{Result, RiffleError};
 pub struct Input {
     /// The rows.
     pub batches: Vec<RecordBatch>,
+    /// The split (Kafka partition) each batch came from, in the order of `batches`; empty
+    /// for a source whose rows form one sequence. Each split's event times advance on their
+    /// own, and a source may read one split further ahead than another, so the source's
+    /// watermark follows the slowest split (see `stream::event_time`).
+    pub splits: Vec<String>,
     /// When the first and last row became available, if the source knows.
     pub arrival: Option<(Instant, Instant)>,
     /// Records the epoch should have had but that were gone when it read them (a source told
@@ -32,8 +37,8 @@ pub struct Input {
     /// The first [`REJECTED_SAMPLE`] of them, for monitoring (what an operator looks at to
     /// see why records are being rejected; the dead-letter topic has them all).
     pub rejected_sample: Vec<DeadLetter>,
-    /// Records beyond the epoch's end, per partition, where the source knows without asking
-    /// its broker again (Kafka's consumer lag).
+    /// Records beyond the epoch's end, per split (Kafka partition): the consumer lag. A
+    /// split with a backlog holds its source's watermark back even when it gave no rows.
     pub backlog: BTreeMap<String, i64>,
 }
 

@@ -6,7 +6,8 @@
 //! 2. reads exactly those rows; for stateful queries splits off each source's rows behind its
 //!    watermark (late), counting them and sending them to the late sink if there is one;
 //! 3. runs the operator graph ([`crate::exec::graph::Graph`]) on the rows and the sources' new
-//!    watermarks (max event time seen − delay; the end of time once every source has ended);
+//!    watermarks (max event time seen − delay, for a Kafka source that of its slowest partition
+//!    still giving rows, see [`event_time`]; the end of time once every source has ended);
 //! 4. persists each operator's state changes, writes the output to the sink under the epoch
 //!    number (replacing or skipping any earlier attempt), and **commits** the epoch with the
 //!    manifest of its state.
@@ -17,10 +18,11 @@
 //! The driver runs on the async runtime and never blocks it: sources (whose reads may wait on
 //! a broker or a disk) run on the blocking pool, and triggers wait with the runtime's timers.
 
+mod event_time;
 mod hot_swap;
 pub mod progress;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -253,6 +255,8 @@ struct SourceRuntime {
     event_time: Option<usize>,
     watermark: Watermark,
     max_event_time: i64,
+    /// The largest event time per split (Kafka partition), for sources that have them.
+    split_max_event_times: BTreeMap<String, i64>,
     offset: serde_json::Value,
 }
 
@@ -354,6 +358,7 @@ impl StreamingQuery {
                     event_time,
                     watermark: Watermark::NONE,
                     max_event_time: i64::MIN,
+                    split_max_event_times: BTreeMap::new(),
                     offset: serde_json::Value::Null,
                 }
             })
@@ -513,6 +518,7 @@ impl StreamingQuery {
                     };
                     s.watermark = progress.watermark;
                     s.max_event_time = progress.max_event_time;
+                    s.split_max_event_times = progress.split_max_event_times.clone();
                     s.offset = range.end.clone();
                 }
                 let watermarks = self.source_watermarks();
@@ -738,7 +744,8 @@ impl StreamingQuery {
             let mut late_batches = Vec::new();
             let mut input_rows = 0u64;
             let mut late_rows = 0u64;
-            for batch in std::mem::take(&mut input.batches) {
+            let mut gave = BTreeSet::new();
+            for (i, batch) in std::mem::take(&mut input.batches).into_iter().enumerate() {
                 input_rows += batch.num_rows() as u64;
                 let Some(index) = s.event_time else {
                     kept.push(batch);
@@ -748,6 +755,11 @@ impl StreamingQuery {
                 let ts = ts.as_primitive::<Int64Type>();
                 if let Some(m) = max_of(ts) {
                     s.max_event_time = s.max_event_time.max(m);
+                    if let Some(split) = input.splits.get(i) {
+                        let split_max = s.split_max_event_times.entry(split.clone()).or_insert(m);
+                        *split_max = (*split_max).max(m);
+                        gave.insert(split.clone());
+                    }
                 }
                 if !self.stateful || start_watermark == Watermark::NONE {
                     kept.push(batch);
@@ -772,10 +784,17 @@ impl StreamingQuery {
             s.watermark = if plan.last {
                 Watermark::END
             } else if s.event_time.is_some() {
-                s.watermark.max(Watermark::from_max_event_time(
+                match event_time::frontier(
                     s.max_event_time,
-                    s.spec.watermark_delay,
-                ))
+                    &s.split_max_event_times,
+                    &gave,
+                    &input.backlog,
+                ) {
+                    Some(t) => s
+                        .watermark
+                        .max(Watermark::from_max_event_time(t, s.spec.watermark_delay)),
+                    None => s.watermark,
+                }
             } else {
                 Watermark::NONE
             };
@@ -875,6 +894,7 @@ impl StreamingQuery {
                         SourceProgress {
                             watermark: s.watermark,
                             max_event_time: s.max_event_time,
+                            split_max_event_times: s.split_max_event_times.clone(),
                         },
                     )
                 })

@@ -251,8 +251,10 @@ fn offsets_value(offsets: &BTreeMap<i32, i64>) -> Value {
 
 /// An epoch's records, decoded.
 struct Decoded {
-    /// The rows of the records that decoded.
+    /// The rows of the records that decoded, a batch per partition.
     batches: Vec<RecordBatch>,
+    /// Each batch's partition.
+    splits: Vec<String>,
     /// Dead letters for the sink's transaction (when handed over; else already sent).
     letters: Vec<DeadLetter>,
     /// Records rejected.
@@ -563,6 +565,7 @@ impl KafkaSource {
     /// returned for the sink's transaction when handed over.
     fn decode(&mut self, records: BTreeMap<i32, Vec<Record>>) -> Result<Decoded> {
         let mut batches = Vec::new();
+        let mut splits = Vec::new();
         let mut letters = Vec::new();
         for (partition, records) in &records {
             let (good, bad) = match self.options.format {
@@ -578,6 +581,7 @@ impl KafkaSource {
                 ));
             }
             batches.push(self.with_timestamp(good.0, &good.1)?);
+            splits.push(partition.to_string());
         }
         let rejected = letters.len() as u64;
         let sample = letters.iter().take(REJECTED_SAMPLE).cloned().collect();
@@ -591,6 +595,7 @@ impl KafkaSource {
         }
         Ok(Decoded {
             batches,
+            splits,
             letters,
             rejected,
             sample,
@@ -713,17 +718,20 @@ impl StreamSource for KafkaSource {
         };
         let decoded = self.decode(records)?;
         let gaps = std::mem::take(&mut self.gaps);
-        // Consumer lag from the high watermarks the fetches brought back (no broker round
-        // trip; a partition not fetched yet has none and is left out).
-        let backlog = to
-            .iter()
-            .filter_map(|(p, end)| {
-                let high = self.cached_high_watermark(*p)?;
-                Some((p.to_string(), (high - end).max(0)))
-            })
-            .collect();
+        // Consumer lag from the high watermarks the fetches brought back; only a partition
+        // not fetched yet costs a broker round trip (its lag decides whether the watermark
+        // waits for it).
+        let mut backlog = BTreeMap::new();
+        for (p, end) in &to {
+            let high = match self.cached_high_watermark(*p) {
+                Some(high) => high,
+                None => self.watermarks(*p)?.1,
+            };
+            backlog.insert(p.to_string(), (high - end).max(0));
+        }
         Ok(Input {
             batches: decoded.batches,
+            splits: decoded.splits,
             arrival,
             lost_records: gaps.iter().map(Gap::lost).sum(),
             warnings: gaps
