@@ -1,4 +1,5 @@
-//! Batch mode runs hopping and session window aggregations with the streaming operators.
+//! Batch mode runs hopping and session window aggregations, and OVER windows, with the
+//! streaming operators.
 //!
 //! A hopping window puts each row in `size / slide` windows, and a session depends on its
 //! neighbours; DataFusion has neither. Rewritten into plain DataFusion plans (an unnest of each
@@ -12,15 +13,23 @@
 //! and leave memory as the scan passes them, as they do in a stream, and the results are the
 //! stream's by construction.
 //!
+//! OVER windows ordered by a timestamp ([`OverNode`]) go the same way. DataFusion computes
+//! them by sorting each partition whole and evaluating its frames; the streaming
+//! [`OverWindow`] keeps per partition only what its frames still need. On the fraud training
+//! features batch mode ran 3.8x slower than the stream over the same rows before this.
+//!
 //! Three pieces plug this into DataFusion: an analyzer rule ([`BoundedWindows`]) replaces such
-//! an `Aggregate` with a [`WindowAggregateNode`]; the batch query planner
-//! ([`BatchQueryPlanner`]) turns that into an [`OperatorExec`]; and the `OperatorExec` asks
-//! DataFusion for its input split by the hash of the other grouping keys, each partition sorted
-//! by event time, which DataFusion's physical optimizer provides (a repartition and a sort per
-//! partition, spilling under a memory limit). Each partition runs an operator of its own, on a
-//! core of its own.
+//! an `Aggregate` with a [`WindowAggregateNode`] (a `Window` with an [`OverNode`]); the batch
+//! query planner ([`BatchQueryPlanner`]) turns that into an [`OperatorExec`]; and the
+//! `OperatorExec` asks DataFusion for its input split by the hash of the other grouping keys
+//! (the `PARTITION BY`), each partition sorted by event time, which DataFusion's physical
+//! optimizer provides (a repartition and a sort per partition, spilling under a memory limit).
+//! Each partition runs an operator of its own, on a core of its own.
 //! Tumbling windows need none of this: a tumbling `window()` is a scalar, and DataFusion's own
 //! hash aggregation over it is the faster plan.
+//!
+//! [`RiffleSession::reference`](crate::session::RiffleSession::reference) leaves all of these
+//! to plain DataFusion plans: the oracle the operators are tested against.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -39,7 +48,7 @@ use datafusion::execution::{SendableRecordBatchStream, SessionState, TaskContext
 use datafusion::logical_expr::physical_planning_context::PhysicalPlanningContext;
 use datafusion::logical_expr::{
     Aggregate, Expr, Extension, LogicalPlan, LogicalPlanBuilder, UserDefinedLogicalNode,
-    UserDefinedLogicalNodeCore,
+    UserDefinedLogicalNodeCore, Window,
 };
 use datafusion::optimizer::AnalyzerRule;
 use datafusion::physical_expr::{
@@ -55,6 +64,7 @@ use datafusion::physical_planner::{DefaultPhysicalPlanner, ExtensionPlanner, Phy
 use futures::StreamExt;
 
 use super::aggregate::{AggregateMode, WindowAggregate, micros};
+use super::over::OverWindow;
 use super::session::SessionAggregate;
 use super::{Operator, Output};
 use crate::common::{OutputMode, Watermark};
@@ -76,6 +86,14 @@ impl AnalyzerRule for BoundedWindows {
 
     fn analyze(&self, plan: LogicalPlan, _config: &ConfigOptions) -> DfResult<LogicalPlan> {
         plan.transform_up_with_subqueries(|plan| {
+            if let LogicalPlan::Window(window) = &plan {
+                return Ok(match OverNode::try_new(window)? {
+                    Some(node) => Transformed::yes(LogicalPlan::Extension(Extension {
+                        node: Arc::new(node),
+                    })),
+                    None => Transformed::no(plan),
+                });
+            }
             let LogicalPlan::Aggregate(agg) = &plan else {
                 return Ok(Transformed::no(plan));
             };
@@ -246,7 +264,109 @@ fn expr_list(exprs: &[Expr]) -> String {
         .join(", ")
 }
 
-/// Plans [`WindowAggregateNode`]s.
+/// An OVER window that batch mode runs with the streaming operator ([`OverWindow`]): every
+/// function of the `Window` node shares one `PARTITION BY` and an `ORDER BY` led by a
+/// timestamp column without NULLs, ascending. Over input sorted by that column, the operator
+/// computes what DataFusion's window operators compute (it is built to agree with them bit for
+/// bit), while keeping only what each partition's frames still need instead of sorting and
+/// buffering every partition whole; the partitions run on all cores. If the operator cannot
+/// run the functions, the node is planned as the `Window` it came from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd)]
+pub struct OverNode {
+    window: Window,
+}
+
+impl OverNode {
+    /// The node for `window`, or `None` when its shape is not one the operator takes.
+    fn try_new(window: &Window) -> DfResult<Option<Self>> {
+        let mut spec = None;
+        for expr in &window.window_expr {
+            let inner = match expr {
+                Expr::Alias(a) => a.expr.as_ref(),
+                e => e,
+            };
+            let Expr::WindowFunction(f) = inner else {
+                return Ok(None);
+            };
+            let this = (&f.params.partition_by, &f.params.order_by);
+            if spec.is_some_and(|s| s != this) {
+                return Ok(None);
+            }
+            spec = Some(this);
+        }
+        let Some((_, order_by)) = spec else {
+            return Ok(None);
+        };
+        let node = OverNode {
+            window: window.clone(),
+        };
+        let ok = order_by.first().is_some_and(|o| o.asc) && node.ts_index().is_some();
+        Ok(ok.then_some(node))
+    }
+
+    /// The functions' `PARTITION BY` and `ORDER BY`.
+    fn spec(&self) -> (&[Expr], &[datafusion::logical_expr::SortExpr]) {
+        match self.window.window_expr.first().map(|e| match e {
+            Expr::Alias(a) => a.expr.as_ref(),
+            e => e,
+        }) {
+            Some(Expr::WindowFunction(f)) => (&f.params.partition_by, &f.params.order_by),
+            _ => (&[], &[]),
+        }
+    }
+
+    /// The input column the rows are ordered by: a timestamp without NULLs.
+    fn ts_index(&self) -> Option<usize> {
+        let Expr::Column(c) = &self.spec().1.first()?.expr else {
+            return None;
+        };
+        let schema = self.window.input.schema();
+        let i = schema.index_of_column(c).ok()?;
+        let field = schema.field(i);
+        (matches!(field.data_type(), arrow::datatypes::DataType::Timestamp(..))
+            && !field.is_nullable())
+        .then_some(i)
+    }
+}
+
+impl UserDefinedLogicalNodeCore for OverNode {
+    fn name(&self) -> &str {
+        "Over"
+    }
+
+    fn inputs(&self) -> Vec<&LogicalPlan> {
+        vec![self.window.input.as_ref()]
+    }
+
+    fn schema(&self) -> &DFSchemaRef {
+        &self.window.schema
+    }
+
+    /// None: the output names are the window expressions', which the optimizer must not
+    /// rewrite; the input keeps every column (they all pass through).
+    fn expressions(&self) -> Vec<Expr> {
+        Vec::new()
+    }
+
+    fn fmt_for_explain(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "Over: [{}]", expr_list(&self.window.window_expr))
+    }
+
+    fn with_exprs_and_inputs(
+        &self,
+        exprs: Vec<Expr>,
+        mut inputs: Vec<LogicalPlan>,
+    ) -> DfResult<Self> {
+        if !exprs.is_empty() || inputs.len() != 1 {
+            return internal_err!("Over takes one input and no expressions");
+        }
+        Ok(OverNode {
+            window: Window::try_new(self.window.window_expr.clone(), Arc::new(inputs.remove(0)))?,
+        })
+    }
+}
+
+/// Plans [`WindowAggregateNode`]s and [`OverNode`]s.
 #[derive(Debug)]
 struct OperatorPlanner;
 
@@ -261,11 +381,14 @@ impl ExtensionPlanner for OperatorPlanner {
         session: &dyn Session,
         ctx: &PhysicalPlanningContext,
     ) -> DfResult<Option<Arc<dyn ExecutionPlan>>> {
+        let Some(state) = session.as_any().downcast_ref::<SessionState>() else {
+            return internal_err!("a window operator planned outside a SessionState");
+        };
+        if let Some(over) = node.as_any().downcast_ref::<OverNode>() {
+            return plan_over(over, state, planner, physical_inputs, session, ctx).await;
+        }
         let Some(node) = node.as_any().downcast_ref::<WindowAggregateNode>() else {
             return Ok(None);
-        };
-        let Some(state) = session.as_any().downcast_ref::<SessionState>() else {
-            return internal_err!("a window aggregation planned outside a SessionState");
         };
         let (Some(logical), Some(input)) = (logical_inputs.first(), physical_inputs.first()) else {
             return internal_err!("WindowAggregate has one input");
@@ -289,7 +412,52 @@ impl ExtensionPlanner for OperatorPlanner {
     }
 }
 
-/// The query planner of batch sessions: DataFusion's, plus [`WindowAggregateNode`]s.
+/// An [`OverNode`] as an [`OperatorExec`] split by its `PARTITION BY`, or, when the operator
+/// cannot run its functions, as DataFusion plans the `Window` it came from.
+async fn plan_over(
+    node: &OverNode,
+    state: &SessionState,
+    planner: &dyn PhysicalPlanner,
+    physical_inputs: &[Arc<dyn ExecutionPlan>],
+    session: &dyn Session,
+    ctx: &PhysicalPlanningContext,
+) -> DfResult<Option<Arc<dyn ExecutionPlan>>> {
+    let Some(input) = physical_inputs.first() else {
+        return internal_err!("Over has one input");
+    };
+    let Some(ts) = node.ts_index() else {
+        return internal_err!("Over without a timestamp to order by");
+    };
+    if let Err(e) = OverWindow::new(&node.window, state, ts) {
+        tracing::debug!("OVER window left to DataFusion: {e}");
+        let window = LogicalPlan::Window(node.window.clone());
+        return planner
+            .create_physical_plan(&window, session)
+            .await
+            .map(Some);
+    }
+    let schema = node.window.input.schema();
+    let (partition_by, order_by) = node.spec();
+    let ts_expr = planner.create_physical_expr(&order_by[0].expr, schema, session, ctx)?;
+    let keys = partition_by
+        .iter()
+        .map(|k| planner.create_physical_expr(k, schema, session, ctx))
+        .collect::<DfResult<Vec<_>>>()?;
+    let output = Arc::new(node.window.schema.as_arrow().clone());
+    let (window, state) = (node.window.clone(), state.clone());
+    let make: MakeOperator =
+        Arc::new(move || Ok(Box::new(OverWindow::new(&window, &state, ts)?) as Box<dyn Operator>));
+    Ok(Some(Arc::new(OperatorExec::new(
+        Arc::clone(input),
+        ts_expr,
+        keys,
+        make,
+        output,
+    )?)))
+}
+
+/// The query planner of batch sessions: DataFusion's, plus [`WindowAggregateNode`]s and
+/// [`OverNode`]s.
 #[derive(Debug)]
 pub struct BatchQueryPlanner;
 
@@ -788,5 +956,87 @@ mod tests {
             .unwrap();
         let err = df.create_physical_plan().await.unwrap_err().to_string();
         assert!(err.contains("only one window()/session_window()"), "{err}");
+    }
+
+    /// A table `o` of rows in random order whose event time has no NULLs (what an OVER window
+    /// needs to run with the operator), with ties in it. The values are whole numbers, so sums
+    /// are exact in whatever order peers are added.
+    fn with_over_table(session: &RiffleSession, rows: usize, seed: u64) {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let schema = Arc::new(Schema::new(vec![
+            Field::new(
+                "ts",
+                DataType::Timestamp(TimeUnit::Microsecond, None),
+                false,
+            ),
+            Field::new("k", DataType::Int64, false),
+            Field::new("v", DataType::Float64, true),
+        ]));
+        let ts: TimestampMicrosecondArray = (0..rows)
+            .map(|_| Some(rng.gen_range(0..3_600i64) * 1_000_000))
+            .collect();
+        let k: Int64Array = (0..rows).map(|_| Some(rng.gen_range(0..5i64))).collect();
+        let v: Float64Array = (0..rows)
+            .map(|i| (i % 17 != 3).then(|| rng.gen_range(0..10_000) as f64))
+            .collect();
+        let all =
+            RecordBatch::try_new(schema.clone(), vec![Arc::new(ts), Arc::new(k), Arc::new(v)])
+                .unwrap();
+        let half = rows / 2;
+        let partitions = vec![vec![all.slice(0, half)], vec![all.slice(half, rows - half)]];
+        let table = MemTable::try_new(schema, partitions).unwrap();
+        session
+            .context()
+            .register_table("o", Arc::new(table))
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn over_windows_run_with_the_operator_and_equal_datafusions_window_operators() {
+        let session = session(10, 7);
+        with_over_table(&session, 4_000, 7);
+        let (got, plan, expected) = both(
+            &session,
+            "SELECT ts, k, v, \
+             sum(v) OVER (PARTITION BY k ORDER BY ts \
+                          RANGE BETWEEN INTERVAL '10 minutes' PRECEDING AND CURRENT ROW) AS s, \
+             count(v) OVER (PARTITION BY k ORDER BY ts \
+                            RANGE BETWEEN INTERVAL '10 minutes' PRECEDING AND CURRENT ROW) AS n, \
+             max(v) OVER (PARTITION BY k ORDER BY ts, v \
+                          ROWS BETWEEN 5 PRECEDING AND 1 PRECEDING) AS hi, \
+             lag(v) OVER (PARTITION BY k ORDER BY ts, v) AS prev, \
+             avg(v) OVER (ORDER BY ts) AS running \
+             FROM o WHERE k <> 3",
+        )
+        .await;
+        assert!(plan.contains("OperatorExec: over"), "{plan}");
+        assert!(!plan.contains("WindowAggExec"), "{plan}");
+        assert!(
+            plan.contains("RepartitionExec: partitioning=Hash([k@"),
+            "split by key: {plan}"
+        );
+        assert_eq!(sorted_lines(&got), expected);
+        assert_eq!(
+            expected.len(),
+            got.iter().map(|b| b.num_rows()).sum::<usize>()
+        );
+    }
+
+    #[tokio::test]
+    async fn over_windows_the_operator_cannot_run_are_left_to_datafusion() {
+        let session = session(10, 8);
+        with_over_table(&session, 500, 8);
+        // ntile is not a streaming function; a nullable or non-time ORDER BY is not sorted
+        // input the operator can take.
+        for sql in [
+            "SELECT ts, k, ntile(3) OVER (PARTITION BY k ORDER BY ts, v) AS t FROM o",
+            "SELECT ts, k, sum(v) OVER (PARTITION BY k ORDER BY v) AS t FROM o",
+            "SELECT ts, k, sum(u) OVER (PARTITION BY k ORDER BY ts) AS t FROM t",
+        ] {
+            let (got, plan, expected) = both(&session, sql).await;
+            assert!(!plan.contains("OperatorExec"), "{sql}: {plan}");
+            assert!(plan.contains("WindowAggExec"), "{sql}: {plan}");
+            assert_eq!(sorted_lines(&got), expected, "{sql}");
+        }
     }
 }

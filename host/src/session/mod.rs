@@ -277,16 +277,23 @@ impl RiffleSession {
     }
 
     /// `df` with hopping and session windows written as plain DataFusion plans (see
-    /// [`crate::window::reference_rewrite`]) instead of run by the streaming operators: slower
-    /// and hungrier, but sharing no code with the streams it is compared with, which is what
-    /// tests want of an oracle.
+    /// [`crate::window::reference_rewrite`]) and OVER windows left to DataFusion's window
+    /// operators, instead of run by the streaming operators: slower and hungrier, but sharing
+    /// no code with the streams it is compared with, which is what tests want of an oracle.
     ///
     /// # Errors
     /// Planning errors for unsupported window use.
     pub fn reference(&self, df: DataFrame) -> Result<DataFrame> {
         let (state, plan) = df.into_parts();
         let plan = crate::window::reference_rewrite(plan)?;
-        Ok(DataFrame::new(state, plan))
+        // Without the batch rule, OVER windows are DataFusion's own operators.
+        use datafusion::optimizer::AnalyzerRule as _;
+        let mut builder = SessionStateBuilder::new_from_existing(state);
+        if let Some(analyzer) = builder.analyzer() {
+            let batch_only = crate::exec::bounded::BoundedWindows.name().to_string();
+            analyzer.rules.retain(|r| r.name() != batch_only);
+        }
+        Ok(DataFrame::new(builder.build(), plan))
     }
 }
 
