@@ -76,7 +76,8 @@ pub struct VerifyOptions {
     /// Recompute from each source's rows that are before its watermark at the stream's last
     /// commit: the rows an OVER window has released, for an update- or complete-mode
     /// aggregation after one (whose rows cover only what the OVER window let through).
-    pub until_watermark: bool,
+    /// `None`: do so exactly when the query is such an aggregation after an OVER window.
+    pub until_watermark: Option<bool>,
     /// Rows of each kind shown as examples.
     pub examples: usize,
 }
@@ -261,10 +262,24 @@ pub async fn verify(pipeline: &Pipeline, options: &VerifyOptions) -> Result<Repo
         ));
     }
     let (session, _) = pipeline.batch_session(&options.run).await?;
-    if options.until_watermark {
+    let cut = match options.until_watermark {
+        Some(cut) => cut,
+        None => {
+            matches!(mode, OutputMode::Update | OutputMode::Complete)
+                && has_over_window(&session, pipeline.query()).await?
+        }
+    };
+    if cut {
         let cut = until_watermark(pipeline, &session).await?;
         notes.push(format!(
-            "recomputed from the rows before the stream's watermark: {cut}"
+            "recomputed from the rows before the stream's watermark: {cut}{}",
+            if options.until_watermark.is_none() {
+                " (an OVER window releases a row once the watermark passes it, so an \
+                 update-mode result after one covers only those rows; --all-events compares \
+                 every row)"
+            } else {
+                ""
+            }
         ));
     }
     let mut df = session.dataframe(pipeline.query()).await?;
@@ -366,6 +381,21 @@ pub async fn verify(pipeline: &Pipeline, options: &VerifyOptions) -> Result<Repo
         examples: paired.examples,
         notes,
     })
+}
+
+/// Whether `query` has an OVER window, in itself or in a view it reads.
+async fn has_over_window(session: &RiffleSession, query: &str) -> Result<bool> {
+    use datafusion::common::tree_node::TreeNode;
+    use datafusion::logical_expr::LogicalPlan;
+    // Analyzed, so that views are inlined (batch mode has made OVER windows `Over` nodes).
+    let plan = session.dataframe(query).await?.into_optimized_plan()?;
+    Ok(plan.exists(|p| {
+        Ok(match p {
+            LogicalPlan::Window(_) => true,
+            LogicalPlan::Extension(e) => e.node.name() == "Over",
+            _ => false,
+        })
+    })?)
 }
 
 /// Replaces each streaming source's batch table in `session` by its rows before the source's

@@ -88,9 +88,9 @@ struct VerifyArgs {
     /// order (default: exact).
     #[arg(long, value_name = "X", default_value_t = 0.0)]
     tolerance: f64,
-    /// Recompute windows with plain DataFusion plans instead of the streaming operators batch
-    /// mode shares with the stream, so the check does not rest on the code it checks (slower,
-    /// and hungrier for hopping windows).
+    /// Recompute windows (hopping, session and OVER) with plain DataFusion plans instead of the
+    /// streaming operators batch mode shares with the stream, so the check does not rest on the
+    /// code it checks (slower, and hungrier for hopping windows).
     #[arg(long)]
     reference: bool,
     /// Recompute from this file or Delta table instead of the source's `batch` input, e.g.
@@ -100,9 +100,14 @@ struct VerifyArgs {
     input: Vec<String>,
     /// Recompute from each source's rows before its watermark at the stream's last commit:
     /// what an OVER window has released so far, for an update-mode aggregation over OVER
-    /// features (whose rows only cover the rows the OVER window let through).
-    #[arg(long)]
+    /// features (whose rows only cover the rows the OVER window let through). The default for
+    /// an update- or complete-mode query with an OVER window.
+    #[arg(long, conflicts_with = "all_events")]
     until_watermark: bool,
+    /// Recompute from every row of the inputs, even for an update-mode query with an OVER
+    /// window (see --until-watermark).
+    #[arg(long)]
+    all_events: bool,
     /// Rows of each kind (mismatched, missing, extra) to show.
     #[arg(long, value_name = "N", default_value_t = 5)]
     examples: usize,
@@ -572,7 +577,11 @@ async fn verify(args: VerifyArgs) -> Result<ExitCode> {
         keys: args.key,
         tolerance: args.tolerance,
         reference: args.reference,
-        until_watermark: args.until_watermark,
+        until_watermark: match (args.until_watermark, args.all_events) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        },
         examples: args.examples,
     };
     if let (Some(from), Some(to)) = (options.from, options.to)
