@@ -88,10 +88,9 @@ if [ "$demo" = inventory ]; then
     cp "$demo_dir/history.parquet" "$demo_dir/live.parquet" "$demo_dir/sales/"
     cp scripts/demo/live_inventory.toml scripts/demo/live_inventory.sql "$demo_dir/"
     start_broker 29392
-    echo "==> the event log on Kafka: the history, then the live hours (one partition: the" >&2
-    echo "    Kafka source's watermark is not per partition)" >&2
-    "$riffle" produce --topic sales --partitions 1 --file "$demo_dir/history.parquet" --key product_id
-    "$riffle" produce --topic sales --partitions 1 --file "$demo_dir/live.parquet" --key product_id
+    echo "==> the event log on Kafka: the history, then the live hours" >&2
+    "$riffle" produce --topic sales --partitions 4 --file "$demo_dir/history.parquet" --key product_id
+    "$riffle" produce --topic sales --partitions 4 --file "$demo_dir/live.parquet" --key product_id
     echo "==> stream: the topic joined with the catalogue, each product's stock and last-hour pace" >&2
     echo "    merged into the Delta table LiveInventory (update mode)" >&2
     "$riffle" run "$demo_dir/live_inventory.toml" --mode stream
@@ -99,8 +98,8 @@ if [ "$demo" = inventory ]; then
     echo "==> riffle verify: LiveInventory against batch mode over the events the stream released" >&2
     # The last-hour pace is an OVER window, which releases an event once the watermark passes it
     # (a later event could still land in its hour); the table covers the events before the
-    # stream's watermark, and so does batch mode with --until-watermark.
-    "$riffle" verify "$demo_dir/live_inventory.toml" --until-watermark
+    # stream's watermark, and verify recomputes batch mode from those (its note says so).
+    "$riffle" verify "$demo_dir/live_inventory.toml"
     echo "==> each product's usual pace: scripts/demo/daily_velocity.sql in batch over the history" >&2
     "$riffle" sql --table "sales=$demo_dir/history.parquet" --file scripts/demo/daily_velocity.sql \
         --output "$demo_dir/velocity.parquet"
@@ -123,40 +122,57 @@ if [ "$demo" = recs ]; then
     demo_dir="$demo_dir/recs"
     mkdir -p "$demo_dir"
     python_packages
-    echo "==> clickstream: 20,000 users with a taste for one of 7 categories, 700 items; a day of" >&2
-    echo "    history, then 3 live hours" >&2
+    echo "==> clickstream: 20,000 users, 700 items in clusters of 10 related ones; each user likes" >&2
+    echo "    3 clusters and each session is about one of them; a day of history, then 3 live hours" >&2
     clicks=(--users 20000 --items 700 --events-per-second 2)
-    "$riffle" generate clickstream "${clicks[@]}" --rows 172800 --out "$demo_dir/history.parquet"
-    "$riffle" generate clickstream "${clicks[@]}" --skip 172800 --rows 21600 \
-        --out "$demo_dir/live.parquet"
-    rm -rf "$demo_dir/clicks" "$demo_dir/coviews" "$demo_dir/coviews-checkpoint" \
+    rm -rf "$demo_dir/clicks" "$demo_dir/live" "$demo_dir/coviews" "$demo_dir/coviews-checkpoint" \
         "$demo_dir/recommend-checkpoint"
-    mkdir "$demo_dir/clicks"
-    cp "$demo_dir/history.parquet" "$demo_dir/clicks/"
+    mkdir "$demo_dir/clicks" "$demo_dir/live"
+    "$riffle" generate clickstream "${clicks[@]}" --rows 172800 --out "$demo_dir/clicks/history.parquet"
+    # The live hours in two halves of 1.5 hours (10,800 clicks), so that the second half is
+    # served the similarity the first half updated.
+    "$riffle" generate clickstream "${clicks[@]}" --skip 172800 --rows 10800 \
+        --out "$demo_dir/live/1.parquet"
+    "$riffle" generate clickstream "${clicks[@]}" --skip 183600 --rows 10800 \
+        --out "$demo_dir/live/2.parquet"
     cp scripts/demo/coviews.toml scripts/demo/coviews.sql scripts/demo/recommend.toml "$demo_dir/"
     start_broker 29392
-    "$riffle" produce --topic clicks --partitions 1 --file "$demo_dir/history.parquet" --key user_id
+    "$riffle" produce --topic clicks --partitions 4 --file "$demo_dir/clicks/history.parquet" --key user_id
     "$riffle" produce --topic recommendations --partitions 1 --rows 0
+    # Each item's 10 most co-viewed items from the co-view table, renamed over the file the
+    # recommendation stream joins with (a stream reloads a static table whose file is replaced).
+    similar_items() {
+        "$riffle" sql --table "coviews=$demo_dir/coviews" --file scripts/demo/similar_items.sql \
+            --output "$demo_dir/similar_items.next.parquet"
+        mv "$demo_dir/similar_items.next.parquet" "$demo_dir/similar_items.parquet"
+    }
     echo "==> co-views over the history: the stream into the Delta table coviews (update mode)," >&2
     echo "    checked against batch mode; each item's 10 most co-viewed (similar_items.sql)" >&2
     "$riffle" run "$demo_dir/coviews.toml" --mode stream
     "$riffle" verify "$demo_dir/coviews.toml"
-    "$riffle" sql --table "coviews=$demo_dir/coviews" --file scripts/demo/similar_items.sql \
-        --output "$demo_dir/similar_items.parquet"
-    echo "==> live: the live hours arrive; each view's recommendations go to the topic" >&2
-    echo "    recommendations (exactly once), and the co-view table keeps counting" >&2
-    "$riffle" produce --topic clicks --partitions 1 --file "$demo_dir/live.parquet" --key user_id
-    cp "$demo_dir/live.parquet" "$demo_dir/clicks/"
-    "$riffle" run "$demo_dir/recommend.toml" --mode stream
-    "$riffle" run "$demo_dir/coviews.toml" --mode stream
-    echo "==> riffle verify: the co-views after the live hours and the recommendations against batch mode" >&2
-    "$riffle" verify "$demo_dir/coviews.toml"
-    "$riffle" verify "$demo_dir/recommend.toml" --key event_id
-    "$riffle" sql --table "coviews=$demo_dir/coviews" --file scripts/demo/similar_items.sql \
-        --output "$demo_dir/similar_items_live.parquet"
-    python3 scripts/demo/report_recs.py "$demo_dir/clicks" "$demo_dir/live.parquet" \
-        "$demo_dir/coviews" "$demo_dir/similar_items.parquet" "$demo_dir/similar_items_live.parquet" \
-        "$RIFFLE_KAFKA_BOOTSTRAP" recommendations "$demo_dir/report"
+    similar_items
+    cp "$demo_dir/similar_items.parquet" "$demo_dir/similar_items_history.parquet"
+    for half in 1 2; do
+        # The first run recommends for the history's views as well, all from the history's
+        # similar items; the second half is checked from its start, a day and 1.5 hours after
+        # the first click (2 clicks a second): batch mode joins with today's similar items.
+        range=()
+        [ $half = 1 ] || range=(--from "2026-01-02 01:30:00")
+        echo "==> live, half $half of 2: each view's recommendations go to the topic" >&2
+        echo "    recommendations (exactly once) and are checked against batch mode; then the" >&2
+        echo "    co-views take the half in and the similar items are refreshed" >&2
+        "$riffle" produce --topic clicks --partitions 4 --file "$demo_dir/live/$half.parquet" --key user_id
+        cp "$demo_dir/live/$half.parquet" "$demo_dir/clicks/live-$half.parquet"
+        "$riffle" run "$demo_dir/recommend.toml" --mode stream
+        "$riffle" verify "$demo_dir/recommend.toml" --key event_id "${range[@]}"
+        "$riffle" run "$demo_dir/coviews.toml" --mode stream
+        "$riffle" verify "$demo_dir/coviews.toml"
+        similar_items
+    done
+    python3 scripts/demo/report_recs.py "$demo_dir/clicks" "$demo_dir/live" \
+        "$demo_dir/coviews" "$demo_dir/similar_items_history.parquet" \
+        "$demo_dir/similar_items.parquet" "$RIFFLE_KAFKA_BOOTSTRAP" recommendations \
+        "$demo_dir/report"
     exit 0
 fi
 
@@ -198,8 +214,11 @@ cp scripts/demo/fraud_features.toml "$demo_dir/"
 rm -rf "$demo_dir/stream-features" "$demo_dir/stream-features-checkpoint"
 "$riffle" run "$demo_dir/fraud_features.toml" --mode stream
 "$riffle" run "$demo_dir/fraud_features.toml" --mode batch
-echo "==> riffle verify: the stream's features against batch mode, exactly, row for row" >&2
+echo "==> riffle verify: the stream's features against batch mode, exactly, row for row, and" >&2
+echo "    against DataFusion's own window operators (--reference: batch mode runs OVER windows" >&2
+echo "    with the stream's operator)" >&2
 "$riffle" verify "$demo_dir/fraud_features.toml"
+"$riffle" verify "$demo_dir/fraud_features.toml" --reference
 
 echo "==> fraud model: features over each card's history with the generator's labels" >&2
 echo "    (scripts/demo/fraud_training.toml): batch writes the training table, stream computes" >&2
@@ -211,7 +230,7 @@ cp scripts/demo/fraud_training.toml scripts/demo/card_features.sql "$demo_dir/"
 rm -rf "$demo_dir/stream-training" "$demo_dir/stream-training-checkpoint"
 "$riffle" run "$demo_dir/fraud_training.toml" --mode batch
 "$riffle" run "$demo_dir/fraud_training.toml" --mode stream
-"$riffle" verify "$demo_dir/fraud_training.toml"
+"$riffle" verify "$demo_dir/fraud_training.toml" --reference
 python3 scripts/demo/train_fraud.py "$demo_dir/training.parquet" "$demo_dir/model"
 
 echo "==> serving the model: live payments from Kafka scored in the sandbox, alerts to Kafka" >&2

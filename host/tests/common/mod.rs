@@ -4,8 +4,40 @@
 pub mod broker;
 pub mod http;
 
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use broker::Broker;
+
+/// A file of the demos (`scripts/demo/NAME`): the pipelines, queries and reports the tests
+/// run as the demos do.
+pub fn demo_file(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../scripts/demo")
+        .join(name)
+}
+
+/// `riffle ARGS...` in `dir`, talking to `broker` (as `RIFFLE_KAFKA_BOOTSTRAP`).
+pub fn riffle_with_broker(args: &[&str], dir: &Path, broker: &Broker) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_riffle"))
+        .args(args)
+        .env("RIFFLE_KAFKA_BOOTSTRAP", &broker.bootstrap)
+        .current_dir(dir)
+        .output()
+        .unwrap()
+}
+
+/// As [`riffle_with_broker`], which must succeed.
+pub fn riffle_with_broker_ok(args: &[&str], dir: &Path, broker: &Broker) -> Output {
+    let out = riffle_with_broker(args, dir, broker);
+    assert!(
+        out.status.success(),
+        "riffle {args:?}: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    out
+}
 
 /// `riffle run PIPELINE --mode MODE --quiet` from the pipeline's directory, sharing the tests'
 /// compiled-UDF cache; stderr is captured for failure messages.
