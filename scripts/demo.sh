@@ -37,12 +37,6 @@ demo_dir="${RIFFLE_DEMO_DIR:-$CARGO_TARGET_DIR/demo}"
 echo "==> build dependencies and guest toolchain" >&2
 scripts/install-build-deps.sh
 scripts/install-guest-toolchain.sh
-echo "==> building the UDFs (udfs/*) into Wasm components" >&2
-wasm_dir=$(scripts/build-udfs.sh)
-echo "==> building riffle (the first build compiles DataFusion, wasmtime and deltalake: about 25 minutes on 2 cores)" >&2
-cargo build -p riffle --bin riffle
-riffle="$CARGO_TARGET_DIR/debug/riffle"
-
 python_packages() {
     if ! python3 -c "import pyarrow, pandas, sklearn, matplotlib, skl2onnx, onnxruntime, deltalake, confluent_kafka" 2>/dev/null; then
         echo "    pip install pyarrow pandas scikit-learn matplotlib skl2onnx onnxruntime deltalake confluent-kafka" >&2
@@ -50,6 +44,42 @@ python_packages() {
             deltalake confluent-kafka >&2
     fi
 }
+
+# On a fresh machine building is most of the demo's time. The host build ends on long steps that
+# use one core (the riffle crate, the link), and so does the guests' (a fat-LTO link of the ONNX
+# runtime); one after the other, the second core idled for minutes. So the UDFs, the broker and
+# the Python packages are built and installed in the background while riffle builds, each with
+# its output in a log that is shown if it fails.
+build_logs="$demo_dir/build-logs"
+mkdir -p "$build_logs"
+background_names=()
+background_pids=()
+in_background() { # NAME COMMAND...
+    local name=$1
+    shift
+    "$@" > "$build_logs/$name.out" 2> "$build_logs/$name.log" &
+    background_names+=("$name")
+    background_pids+=("$!")
+}
+echo "==> building riffle (the first build compiles DataFusion, wasmtime and deltalake: about 20 minutes on 2 cores);" >&2
+echo "    meanwhile the UDFs (udfs/*) into Wasm components, the Kafka broker and the Python packages" >&2
+echo "    (their logs: $build_logs)" >&2
+in_background udfs scripts/build-udfs.sh
+in_background broker scripts/kafka-broker.sh install
+in_background python python_packages
+trap 'kill "${background_pids[@]}" 2>/dev/null || true' EXIT
+cargo build -p riffle --bin riffle
+riffle="$CARGO_TARGET_DIR/debug/riffle"
+for i in "${!background_pids[@]}"; do
+    name=${background_names[$i]}
+    if ! wait "${background_pids[$i]}"; then
+        tail -n 40 "$build_logs/$name.log" >&2
+        echo "error: building or installing $name failed (the whole log: $build_logs/$name.log)" >&2
+        exit 1
+    fi
+done
+trap - EXIT
+wasm_dir=$(cat "$build_logs/udfs.out")
 
 # A broker of the demo's own on port $1, started here and stopped on exit, with fresh data each
 # run; the demo's riffle commands find it through $RIFFLE_KAFKA_BOOTSTRAP.
@@ -77,7 +107,6 @@ stop_all() {
 if [ "$demo" = inventory ]; then
     demo_dir="$demo_dir/inventory"
     mkdir -p "$demo_dir"
-    python_packages
     echo "==> LiveInventory: a shop of 100 products, 3 days of sales and restocks as history," >&2
     echo "    then 6 live hours; each hour one product's demand surges" >&2
     "$riffle" generate sales --rows 259200 --out "$demo_dir/history.parquet" \
@@ -121,7 +150,6 @@ fi
 if [ "$demo" = recs ]; then
     demo_dir="$demo_dir/recs"
     mkdir -p "$demo_dir"
-    python_packages
     echo "==> clickstream: 20,000 users, 700 items in clusters of 10 related ones; each user likes" >&2
     echo "    3 clusters and each session is about one of them; a day of history, then 3 live hours" >&2
     clicks=(--users 20000 --items 700 --events-per-second 2)
@@ -223,7 +251,6 @@ echo "    with the stream's operator)" >&2
 echo "==> fraud model: features over each card's history with the generator's labels" >&2
 echo "    (scripts/demo/fraud_training.toml): batch writes the training table, stream computes" >&2
 echo "    the same features live, riffle verify compares them, scikit-learn trains a model" >&2
-python_packages
 "$riffle" generate fraud --rows 300000 --cards 2000 --events-per-second 0.5 \
     --out "$demo_dir/history.parquet"
 cp scripts/demo/fraud_training.toml scripts/demo/card_features.sql "$demo_dir/"
