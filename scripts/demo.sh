@@ -61,7 +61,7 @@ in_background() { # NAME COMMAND...
     background_names+=("$name")
     background_pids+=("$!")
 }
-echo "==> building riffle (the first build compiles DataFusion, wasmtime and deltalake: about 20 minutes on 2 cores);" >&2
+echo "==> building riffle (the first build compiles DataFusion, wasmtime and deltalake: about 25 minutes on 2 cores);" >&2
 echo "    meanwhile the UDFs (udfs/*) into Wasm components, the Kafka broker and the Python packages" >&2
 echo "    (their logs: $build_logs)" >&2
 in_background udfs scripts/build-udfs.sh
