@@ -62,7 +62,8 @@ if command -v rustup >/dev/null 2>&1 &&
         selection=()
         [ "$manifest" = "$root/Cargo.toml" ] && selection=("${packages[@]}")
         # shellcheck disable=SC2046 # two NAME=VALUE words
-        env $(guest_profile "$manifest") RUSTFLAGS="$simd" cargo build --manifest-path "$manifest" --release \
+        env $(guest_profile "$manifest") RUSTFLAGS="$simd" \
+            cargo build --manifest-path "$manifest" --release \
             --target wasm32-wasip2 --target-dir "$target_dir" "${selection[@]}" >&2
     done
 elif [ -x /usr/bin/rustc ] && /usr/bin/rustc --version | grep -q '^rustc 1\.96' &&

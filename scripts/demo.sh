@@ -53,14 +53,12 @@ python_packages() {
 # builds, each with its output in a log that is shown if it fails.
 build_logs="$demo_dir/build-logs"
 mkdir -p "$build_logs"
-background_names=()
-background_pids=()
+declare -A background=() # name -> pid
 in_background() { # NAME COMMAND...
     local name=$1
     shift
     "$@" > "$build_logs/$name.out" 2> "$build_logs/$name.log" &
-    background_names+=("$name")
-    background_pids+=("$!")
+    background[$name]=$!
 }
 echo "==> building riffle (the first build compiles DataFusion, wasmtime and deltalake: about 25 minutes on 2 cores);" >&2
 echo "    meanwhile the UDFs (udfs/*) into Wasm components, the Kafka broker and the Python packages" >&2
@@ -68,12 +66,11 @@ echo "    (their logs: $build_logs)" >&2
 in_background udfs scripts/build-udfs.sh
 in_background broker scripts/kafka-broker.sh install
 in_background python python_packages
-trap 'kill "${background_pids[@]}" 2>/dev/null || true' EXIT
+trap 'kill "${background[@]}" 2>/dev/null || true' EXIT
 cargo build -p riffle --bin riffle
 riffle="$CARGO_TARGET_DIR/debug/riffle"
-for i in "${!background_pids[@]}"; do
-    name=${background_names[$i]}
-    if ! wait "${background_pids[$i]}"; then
+for name in "${!background[@]}"; do
+    if ! wait "${background[$name]}"; then
         tail -n 40 "$build_logs/$name.log" >&2
         echo "error: building or installing $name failed (the whole log: $build_logs/$name.log)" >&2
         exit 1
