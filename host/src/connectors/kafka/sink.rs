@@ -384,6 +384,10 @@ impl KafkaSink {
                     producer
                         .send_offsets_to_transaction(&marker, &group, TIMEOUT)
                         .map_err(|e| kafka_error("marking the epoch", e))?;
+                    // rdkafka's `commit_transaction` first calls its own flush, which waits in
+                    // steps of 100 ms (see `flush_checked`): about 100 ms per epoch. Flushed
+                    // here, it finds nothing left and goes straight to librdkafka's commit.
+                    flush_checked(producer, "writing an epoch")?;
                     producer
                         .commit_transaction(TIMEOUT)
                         .map_err(|e| kafka_error("committing a transaction", e))
