@@ -85,7 +85,7 @@ pub fn produce_json(
         delivery: Delivery::AtLeastOnce,
         marker_topic: super::sink::MARKER_TOPIC.into(),
     })?;
-    let started = Instant::now();
+    let mut started = Instant::now();
     let mut sent = 0u64;
     for batch in batches {
         // Rate-limited producers send in slices of 1 ms worth of records.
@@ -102,6 +102,19 @@ pub fn produce_json(
             sink.produce(&producer, &[batch.slice(at, n)])?;
             at += n;
             sent += n as u64;
+            if let Some(r) = rate
+                && sent == n as u64
+            {
+                // The first slice goes alone, and the pace starts once the broker has it. An
+                // idempotent producer sends nothing until the broker has given it an id, and
+                // librdkafka asks for one only 500 ms after start-up when no connection was
+                // up yet (it never is at first): without this, the first half second of
+                // records would queue and reach the broker late, their timestamps (taken when
+                // they were produced) half a second behind.
+                flush_checked(&producer, "producing")?;
+                let ahead = Duration::from_secs_f64(sent as f64 / r);
+                started = Instant::now().checked_sub(ahead).unwrap_or(started);
+            }
         }
         progress(sent);
     }
