@@ -219,7 +219,7 @@ fn metrics_api_and_dashboard_agree_with_the_progress_file() {
     // Time per phase: the sums of the file's durations; rates: the last epoch's.
     let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0);
     let ms = |p: &Value, key: &str| p["durations"][key].as_f64().unwrap();
-    for phase in ["read", "operators", "state", "sink", "commit"] {
+    for phase in ["plan", "read", "operators", "state", "sink", "commit"] {
         let key = format!("{phase}_ms");
         let from_file: f64 = lines.iter().map(|p| ms(p, &key) / 1e3).sum();
         let metric = value(

@@ -436,6 +436,7 @@ impl Metrics {
             .get_or_create(&query)
             .set(per_second(p.output_rows));
         for (phase, ms) in [
+            ("plan", d.plan_ms),
             ("read", d.read_ms),
             ("operators", d.operators_ms),
             ("state", d.state_ms),

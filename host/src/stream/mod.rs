@@ -565,7 +565,7 @@ impl StreamingQuery {
         self.progress.start_clock();
         // An epoch planned but not committed before a crash runs again, with its offsets.
         if let Some(plan) = self.checkpoint.planned(epoch + 1)? {
-            self.run_epoch(&plan, &mut summary).await?;
+            self.run_epoch(&plan, Duration::ZERO, &mut summary).await?;
             epoch = plan.epoch;
             if plan.last {
                 summary.finished = true;
@@ -624,7 +624,7 @@ impl StreamingQuery {
             };
             self.checkpoint.write_plan(&plan)?;
             failpoint("after-plan", plan.epoch).await;
-            self.run_epoch(&plan, &mut summary).await?;
+            self.run_epoch(&plan, tick.elapsed(), &mut summary).await?;
             epoch = plan.epoch;
             if last {
                 summary.finished = true;
@@ -687,9 +687,18 @@ impl StreamingQuery {
         Ok(())
     }
 
-    async fn run_epoch(&mut self, plan: &EpochPlan, summary: &mut RunSummary) -> Result<()> {
+    /// Runs the epoch `plan`, which took `planning` to make.
+    async fn run_epoch(
+        &mut self,
+        plan: &EpochPlan,
+        planning: Duration,
+        summary: &mut RunSummary,
+    ) -> Result<()> {
         let started = Instant::now();
-        let mut phases = Phases::default();
+        let mut phases = Phases {
+            plan_ms: planning.as_secs_f64() * 1e3,
+            ..Phases::default()
+        };
         let mut reloaded = false;
         let mut warnings = std::mem::take(&mut self.pending_warnings);
         for table in &self.static_tables {
@@ -865,7 +874,8 @@ impl StreamingQuery {
             per_source.iter().map(|s| s.late_rows).sum::<u64>() + self.graph.late_rows();
         self.graph.measure_state();
         let watermark = watermarks.iter().copied().min().unwrap_or(Watermark::NONE);
-        phases.total_ms = ms(started);
+        let plan_ms = phases.plan_ms;
+        phases.total_ms = plan_ms + ms(started);
         let mut progress = EpochProgress::new(
             plan,
             watermark,
@@ -912,7 +922,7 @@ impl StreamingQuery {
             })
             .await?;
         }
-        progress.add_commit_time(ms(t), ms(started));
+        progress.add_commit_time(ms(t), plan_ms + ms(started));
         failpoint("after-commit", plan.epoch).await;
 
         summary.epochs += 1;

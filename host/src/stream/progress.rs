@@ -20,6 +20,9 @@ use crate::udf::UdfModule;
 /// Milliseconds spent in each phase of an epoch.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Phases {
+    /// Asking the sources how far they can go and writing the epoch's plan to the checkpoint,
+    /// before it is read (0 for an epoch replayed after a restart: its plan was written).
+    pub plan_ms: f64,
     /// Reading the sources.
     pub read_ms: f64,
     /// The operator graph (stateless stages and stateful operators).
@@ -31,7 +34,7 @@ pub struct Phases {
     pub sink_ms: f64,
     /// Writing the commit.
     pub commit_ms: f64,
-    /// The whole epoch.
+    /// The whole epoch, its plan included.
     pub total_ms: f64,
 }
 
