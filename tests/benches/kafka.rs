@@ -36,7 +36,6 @@ use std::time::{Duration, Instant, SystemTime};
 use rdkafka::Message;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::BorrowedMessage;
 use riffle::connectors::generate::{FraudConfig, FraudGenerator};
 use riffle::connectors::kafka::{
     Delivery, KafkaConfig, KafkaSink, KafkaSinkOptions, KafkaSource, KafkaSourceOptions,
@@ -121,6 +120,28 @@ async fn query(
     .unwrap()
 }
 
+/// Where an epoch's time goes, from the query's own progress records in `checkpoint`: the
+/// mean of each phase over the epochs, in ms.
+fn phases(checkpoint: &std::path::Path) -> String {
+    let progress = std::fs::read_to_string(checkpoint.join("progress.jsonl")).unwrap_or_default();
+    let mut phases: BTreeMap<String, f64> = BTreeMap::new();
+    let mut epochs = 0.0_f64;
+    for line in progress.lines() {
+        let p: serde_json::Value = serde_json::from_str(line).unwrap();
+        if let Some(d) = p["durations"].as_object() {
+            for (k, v) in d {
+                *phases.entry(k.clone()).or_default() += v.as_f64().unwrap_or(0.0);
+            }
+            epochs += 1.0;
+        }
+    }
+    let mean: Vec<String> = phases
+        .iter()
+        .map(|(k, v)| format!("{k} {:.1}", v / epochs.max(1.0)))
+        .collect();
+    format!("mean per epoch: {}", mean.join(", "))
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -152,10 +173,13 @@ fn main() {
         .build()
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
+    // Every topic made here, deleted at the end: a test broker may keep all it holds in memory.
+    let mut created: Vec<String> = Vec::new();
 
     // Input for the throughput runs.
     let input = format!("bench-in-{run}");
     rt.block_on(ensure_topic(&kafka, &input, 6)).unwrap();
+    created.push(input.clone());
     let batch = FraudGenerator::new(FraudConfig {
         rows_per_second: 1_000.0,
         ..FraudConfig::default()
@@ -174,6 +198,7 @@ fn main() {
     ] {
         let output = format!("bench-out-{name}-{run}");
         rt.block_on(ensure_topic(&kafka, &output, 6)).unwrap();
+        created.push(output.clone());
         let summary = rt.block_on(async {
             let mut q = query(
                 &kafka,
@@ -190,6 +215,7 @@ fn main() {
             (s, common::cpu_seconds() - cpu, wall.elapsed().as_secs_f64())
         });
         let (s, cpu, wall) = summary;
+        println!("  {}", phases(&dir.path().join(format!("tp-{name}"))));
         println!(
             "throughput {name:<13}: {} rows in {} epochs, {wall:.2} s wall, {cpu:.2} s CPU: \
              {:.0} rows/s, {:.0} rows per CPU-second",
@@ -208,10 +234,9 @@ fn main() {
     {
         let topic = format!("bench-floor-{run}");
         rt.block_on(ensure_topic(&kafka, &topic, 6)).unwrap();
+        created.push(topic.clone());
         let stop = Arc::new(AtomicBool::new(false));
-        let reader = read_latencies(&kafka.bootstrap, &topic, &stop, |m| {
-            m.timestamp().to_millis()
-        });
+        let reader = read_latencies(&kafka.bootstrap, &topic, &stop, |s| s.timestamp_ms);
         std::thread::sleep(Duration::from_secs(2)); // let the reader settle
         let n = (rate * seconds) as usize;
         let batch = FraudGenerator::new(FraudConfig::default()).next_batch(n);
@@ -244,6 +269,7 @@ fn main() {
         let output = format!("bench-lat-out-{name}-{run}");
         rt.block_on(ensure_topic(&kafka, &input, 6)).unwrap();
         rt.block_on(ensure_topic(&kafka, &output, 6)).unwrap();
+        created.extend([input.clone(), output.clone()]);
         let stop = Arc::new(AtomicBool::new(false));
         let query_thread = {
             let (kafka, input, output, stop) =
@@ -272,9 +298,8 @@ fn main() {
             })
         };
         // The reader: every output record's visibility time minus its source creation time.
-        let reader = read_latencies(&kafka.bootstrap, &output, &stop, |m| {
-            let v: serde_json::Value =
-                serde_json::from_slice(m.payload().unwrap_or_default()).ok()?;
+        let reader = read_latencies(&kafka.bootstrap, &output, &stop, |s| {
+            let v: serde_json::Value = serde_json::from_slice(&s.payload).ok()?;
             Some(chrono_ms(v["kafka_ts"].as_str()?))
         });
         std::thread::sleep(Duration::from_secs(2)); // let the query and reader settle
@@ -284,26 +309,7 @@ fn main() {
         std::thread::sleep(Duration::from_secs(2));
         stop.store(true, Ordering::Relaxed);
         let summary = query_thread.join().unwrap();
-        // Where an epoch's time goes, from the query's own progress records.
-        let progress =
-            std::fs::read_to_string(dir.path().join(format!("lat-{name}/progress.jsonl")))
-                .unwrap_or_default();
-        let mut phases: BTreeMap<String, f64> = BTreeMap::new();
-        let mut epochs = 0.0_f64;
-        for line in progress.lines() {
-            let p: serde_json::Value = serde_json::from_str(line).unwrap();
-            if let Some(d) = p["durations"].as_object() {
-                for (k, v) in d {
-                    *phases.entry(k.clone()).or_default() += v.as_f64().unwrap_or(0.0);
-                }
-                epochs += 1.0;
-            }
-        }
-        let mean: Vec<String> = phases
-            .iter()
-            .map(|(k, v)| format!("{k} {:.1}", v / epochs.max(1.0)))
-            .collect();
-        println!("  mean per epoch: {}", mean.join(", "));
+        println!("  {}", phases(&dir.path().join(format!("lat-{name}"))));
         let mut l = reader.join().unwrap();
         l.sort_by(f64::total_cmp);
         println!(
@@ -316,15 +322,35 @@ fn main() {
             l.last().copied().unwrap_or(f64::NAN)
         );
     }
+    delete_topics(&kafka, &rt, &created);
+}
+
+/// Deletes `topics` and their dead-letter topics (the sources create them when they need them).
+fn delete_topics(kafka: &KafkaConfig, rt: &tokio::runtime::Runtime, topics: &[String]) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &kafka.bootstrap)
+        .create()
+        .unwrap();
+    let names: Vec<String> = topics
+        .iter()
+        .flat_map(|t| [t.clone(), format!("{t}.dlq")])
+        .collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    // A dead-letter topic that was never created is "unknown topic": nothing to delete.
+    let _ = rt.block_on(admin.delete_topics(&names, &AdminOptions::new()));
 }
 
 /// A `read_committed` reader of `topic` until `stop`: for every record it reads, the time from
-/// its creation (`created`, ms since the epoch) to now.
+/// its creation (`created`, ms since the epoch) to when it was read. The reader only notes
+/// the time and keeps the record; `created` runs after the stop, so that parsing never
+/// delays reading (or takes a core from the query while it runs).
 fn read_latencies(
     bootstrap: &str,
     topic: &str,
     stop: &Arc<AtomicBool>,
-    created: fn(&BorrowedMessage<'_>) -> Option<i64>,
+    created: fn(&Seen) -> Option<i64>,
 ) -> std::thread::JoinHandle<Vec<f64>> {
     let (bootstrap, topic, stop) = (bootstrap.to_string(), topic.to_string(), stop.clone());
     std::thread::spawn(move || {
@@ -337,16 +363,29 @@ fn read_latencies(
             .create()
             .unwrap();
         consumer.subscribe(&[&topic]).unwrap();
-        let mut latencies = Vec::new();
+        let mut seen = Vec::new();
         while !stop.load(Ordering::Relaxed) {
-            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(50))
-                && let Some(created) = created(&m)
-            {
-                latencies.push((now_ms() - created) as f64);
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) {
+                seen.push(Seen {
+                    read_ms: now_ms(),
+                    timestamp_ms: m.timestamp().to_millis(),
+                    payload: m.payload().unwrap_or_default().to_vec(),
+                });
             }
         }
-        latencies
+        seen.iter()
+            .filter_map(|s| Some((s.read_ms - created(s)?) as f64))
+            .collect()
     })
+}
+
+/// A record as the latency reader saw it.
+struct Seen {
+    /// When it was read, ms since the epoch.
+    read_ms: i64,
+    /// Its Kafka timestamp.
+    timestamp_ms: Option<i64>,
+    payload: Vec<u8>,
 }
 
 /// Parses arrow-json's timestamp text (`2026-01-01T00:00:00.123`, UTC) to ms.
