@@ -6,8 +6,12 @@
 #   scripts/kafka-broker.sh install          # cargo install noida-db (idempotent)
 #   scripts/kafka-broker.sh start [PORT]     # start on 127.0.0.1:PORT (default 29092), wait until ready
 #   scripts/kafka-broker.sh stop [PORT]      # SIGTERM it and wait until it is gone
+#   scripts/kafka-broker.sh reset [PORT]     # stop it and delete everything it holds
 #
-# The broker keeps its data and log under ${RIFFLE_BROKER_DIR:-$HOME/.cache/riffle-broker}/PORT.
+# The broker keeps its data and log under ${RIFFLE_BROKER_DIR:-$HOME/.cache/riffle-broker}/PORT,
+# from one start to the next. noida-db holds all of its data in memory, so data that only grows
+# (topics of benchmarks and soak runs) ends with the broker killed for memory: `start` warns
+# when the data passes 2 GB, and `reset` empties it.
 set -euo pipefail
 
 version=0.2.3
@@ -34,6 +38,13 @@ start)
         exit 0
     fi
     mkdir -p "$base"
+    if [ -d "$base/data" ]; then
+        mb=$(du -sm "$base/data" | cut -f1)
+        if [ "$mb" -gt 2048 ]; then
+            echo "kafka broker: warning: it holds $((mb / 1024)) GB of data in $base/data, all of" \
+                "which noida-db keeps in memory; '$0 reset $port' deletes it" >&2
+        fi
+    fi
     nohup "$bin" start --only kafka --host 127.0.0.1 --kafka-port "$port" --data-dir "$base/data" \
         >"$base/broker.log" 2>&1 &
     echo $! >"$base/pid"
@@ -64,8 +75,13 @@ stop)
         rm -f "$base/pid"
     fi
     ;;
+reset)
+    "$0" stop "$port"
+    rm -rf "$base/data"
+    echo "kafka broker: data deleted ($base/data)" >&2
+    ;;
 *)
-    echo "usage: $0 install|start|stop [PORT]" >&2
+    echo "usage: $0 install|start|stop|reset [PORT]" >&2
     exit 2
     ;;
 esac
