@@ -338,8 +338,17 @@ fn delete_topics(kafka: &KafkaConfig, rt: &tokio::runtime::Runtime, topics: &[St
         .flat_map(|t| [t.clone(), format!("{t}.dlq")])
         .collect();
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    // A dead-letter topic that was never created is "unknown topic": nothing to delete.
-    let _ = rt.block_on(admin.delete_topics(&names, &AdminOptions::new()));
+    let results = match rt.block_on(admin.delete_topics(&names, &AdminOptions::new())) {
+        Ok(results) => results,
+        Err(e) => return eprintln!("warning: the benchmark's topics were not deleted: {e}"),
+    };
+    for result in results {
+        match result {
+            // A dead-letter topic that was never created: nothing to delete.
+            Ok(_) | Err((_, rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
+            Err((topic, code)) => eprintln!("warning: topic {topic} was not deleted: {code}"),
+        }
+    }
 }
 
 /// A `read_committed` reader of `topic` until `stop`: for every record it reads, the time from
