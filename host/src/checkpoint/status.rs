@@ -31,9 +31,10 @@ pub struct Status {
     /// The last committed epoch's input ranges (its `end` offsets are where the next run
     /// starts).
     pub committed_offsets: Option<EpochPlan>,
-    /// An epoch planned after the last commit and not committed: the next run re-runs it with
-    /// exactly these offsets.
-    pub uncommitted: Option<EpochPlan>,
+    /// Epochs planned after the last commit and not committed, in order: the next run re-runs
+    /// them with exactly these offsets. More than one when the query stopped while commits
+    /// were being written.
+    pub uncommitted: Vec<EpochPlan>,
     /// The query's identity: sources, operators, output mode, UDF modules and their hashes.
     pub fingerprint: Fingerprint,
     /// Which UDF module versions served which epochs, oldest first.
@@ -64,7 +65,10 @@ pub fn read(root: &Path, progress: Option<&Path>) -> Result<Status> {
         0 => None,
         epoch => plan_in(root, epoch)?,
     };
-    let uncommitted = plan_in(root, committed + 1)?;
+    let mut uncommitted = Vec::new();
+    while let Some(plan) = plan_in(root, committed + 1 + uncommitted.len() as u64)? {
+        uncommitted.push(plan);
+    }
     Ok(Status {
         checkpoint: root.to_path_buf(),
         query_id: meta.id,
@@ -123,13 +127,20 @@ impl std::fmt::Display for Status {
                 }
             )?,
         }
-        if let Some(plan) = &self.uncommitted {
-            writeln!(
+        match self.uncommitted.as_slice() {
+            [] => {}
+            [plan] => writeln!(
                 f,
                 "             epoch {} was planned and not committed: the next run re-runs it \
                  with the same offsets",
                 plan.epoch
-            )?;
+            )?,
+            [first, .., last] => writeln!(
+                f,
+                "             epochs {} to {} were planned and not committed: the next run \
+                 re-runs them with the same offsets",
+                first.epoch, last.epoch
+            )?,
         }
         for source in &self.fingerprint.sources {
             let offset = self
