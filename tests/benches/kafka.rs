@@ -121,25 +121,36 @@ async fn query(
 }
 
 /// Where an epoch's time goes, from the query's own progress records in `checkpoint`: the
-/// mean of each phase over the epochs, in ms.
+/// mean of each phase over the epochs, and the largest, in ms (the largest show which phase
+/// the latency's tail comes from).
 fn phases(checkpoint: &std::path::Path) -> String {
     let progress = std::fs::read_to_string(checkpoint.join("progress.jsonl")).unwrap_or_default();
-    let mut phases: BTreeMap<String, f64> = BTreeMap::new();
+    let mut phases: BTreeMap<String, (f64, f64)> = BTreeMap::new();
     let mut epochs = 0.0_f64;
     for line in progress.lines() {
         let p: serde_json::Value = serde_json::from_str(line).unwrap();
         if let Some(d) = p["durations"].as_object() {
             for (k, v) in d {
-                *phases.entry(k.clone()).or_default() += v.as_f64().unwrap_or(0.0);
+                let v = v.as_f64().unwrap_or(0.0);
+                let (sum, max) = phases.entry(k.clone()).or_default();
+                *sum += v;
+                *max = max.max(v);
             }
             epochs += 1.0;
         }
     }
-    let mean: Vec<String> = phases
-        .iter()
-        .map(|(k, v)| format!("{k} {:.1}", v / epochs.max(1.0)))
-        .collect();
-    format!("mean per epoch: {}", mean.join(", "))
+    let show = |f: &dyn Fn(&(f64, f64)) -> f64| {
+        phases
+            .iter()
+            .map(|(k, v)| format!("{k} {:.1}", f(v)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "per epoch, mean: {}\n  per epoch, largest: {}",
+        show(&|(sum, _)| sum / epochs.max(1.0)),
+        show(&|(_, max)| *max)
+    )
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
