@@ -184,21 +184,32 @@ fn run_ok(mut command: Command) {
     );
 }
 
-/// Runs `pipeline` in stream mode: first crashing it right after epoch 3's sink write and
+/// Runs `pipeline` in stream mode: first crashing it right after epoch 4's sink write and
 /// before its commit (the window where a sink that does not de-duplicate would write twice),
-/// then SIGKILLing it `kills` times at staggered moments, then letting a last run finish.
-/// Returns how many kills landed while it was still working.
+/// with the commits of epochs 2 and 3 still held by the checkpoint's commit writer (as by a
+/// slow disk); then SIGKILLing it `kills` times at staggered moments, then letting a last run
+/// finish. Returns how many kills landed while it was still working.
+///
+/// The runs after the crash take smaller epochs. They must replay epochs 2 to 4 with the
+/// offsets planned for them: an epoch planned anew would cover other records, and the sink,
+/// which holds epochs 2 to 4 already, would skip it.
 fn run_with_kills(pipeline: &Path, kills: u32) -> u32 {
     let out = riffle(pipeline, "stream")
-        .env("RIFFLE_CRASH", "after-sink:3")
+        .env("RIFFLE_CRASH", "after-sink:4")
+        .env("RIFFLE_HANG", "commit:2")
         .output()
         .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("RIFFLE_CRASH: aborting")
+        said.contains("RIFFLE_CRASH: aborting")
+            && said.contains("RIFFLE_HANG: holding commit epoch 2")
             && !out.status.success(),
-        "the injected crash did not happen: {}",
-        String::from_utf8_lossy(&out.stderr)
+        "the injected crash did not happen: {said}"
     );
+    let text = std::fs::read_to_string(pipeline).unwrap();
+    let smaller = text.replace("max_rows_per_epoch = 500", "max_rows_per_epoch = 300");
+    assert_ne!(text, smaller);
+    std::fs::write(pipeline, smaller).unwrap();
     let mut landed = 0;
     for attempt in 0..kills {
         let mut child = riffle(pipeline, "stream").spawn().unwrap();

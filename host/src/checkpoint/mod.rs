@@ -13,14 +13,17 @@
 //!
 //! Per epoch the driver writes the offsets, runs the epoch, writes each state table's delta (or
 //! a snapshot, once the deltas since the last one are as large as it), writes the sink, and
-//! then the commit. The commit's *manifest* lists, per
+//! then the commit. The offsets and the commit are written on threads of their own while the
+//! driver goes on (see [`crate::stream`]), so several epochs may be planned and not yet
+//! committed; each commit still follows its plan and the commit before it. The commit's
+//! *manifest* lists, per
 //! operator and table, the snapshot and every delta since it that make up the state after the
 //! epoch. Recovery reads exactly those files, checks that each is there and says what it claims
 //! to be (operator, table, epoch), and refuses to start otherwise: a missing delta is never
 //! skipped silently, and a file left by an attempt that crashed before its commit is never
-//! applied (no manifest names it, and the replay overwrites it). An epoch planned but not
-//! committed is re-run with exactly its recorded offsets, so it produces the same rows, which
-//! the sinks overwrite or skip.
+//! applied (no manifest names it, and the replay overwrites it). Epochs planned but not
+//! committed are re-run in order, each with exactly its recorded offsets, so they produce the
+//! same rows, which the sinks overwrite or skip.
 //!
 //! Every file is written to a temporary name, synced and renamed ([`crate::common::fs`]), so a
 //! crash or a power loss never leaves half a file.
@@ -385,6 +388,7 @@ impl Checkpoint {
             )?;
             id
         };
+        sweep_temporaries(root);
         Ok(Checkpoint {
             root: root.to_path_buf(),
             id,
@@ -636,8 +640,9 @@ impl Checkpoint {
     }
 
     /// Keeps what a restart from this commit, or from the one before it (should this commit
-    /// file be lost), needs: their offsets, commits and state files. Everything else goes,
-    /// including temporary files of crashed writes.
+    /// file be lost), needs: their offsets, commits and state files, and everything of later
+    /// epochs. Everything else goes, except files being written (temporary files of crashed
+    /// writes go when the checkpoint is next opened).
     fn prune(&self, commit: &EpochCommit) -> Result<()> {
         let keep_from = commit.epoch.saturating_sub(1);
         let mut keep: BTreeSet<PathBuf> = BTreeSet::new();
@@ -665,9 +670,10 @@ impl Checkpoint {
             for table in read_dirs(&operator) {
                 for file in fs::read_dir(&table).into_iter().flatten().flatten() {
                     let path = file.path();
-                    // Files of the epoch being replayed later than this commit stay too.
+                    // Files of epochs later than this commit stay too: the epoch being
+                    // replayed, or those running while this commit was written.
                     let newer = epoch_of(&path).is_some_and(|e| e > commit.epoch);
-                    if !keep.contains(&path) && !newer {
+                    if !keep.contains(&path) && !newer && !is_temporary(&path) {
                         let _ = fs::remove_file(&path);
                     }
                 }
@@ -677,11 +683,7 @@ impl Checkpoint {
             let dir = self.root.join(sub);
             for file in fs::read_dir(&dir).into_iter().flatten().flatten() {
                 let path = file.path();
-                let hidden = path
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with('.'));
-                if hidden || epoch_of(&path).is_some_and(|e| e < keep_from) {
+                if !is_temporary(&path) && epoch_of(&path).is_some_and(|e| e < keep_from) {
                     let _ = fs::remove_file(&path);
                 }
             }
@@ -695,6 +697,32 @@ impl Checkpoint {
             Ok(Some(read_json(&path)?))
         } else {
             Ok(None)
+        }
+    }
+}
+
+/// Whether `path` is a file being written ([`crate::common::fs::temp_path`]), or left half
+/// written by a crash.
+fn is_temporary(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with('.'))
+}
+
+/// Removes the temporary files of writes a crash cut short. Only at open, under the lock:
+/// while a query runs, its plans, commits and state are written concurrently with each other
+/// (see [`crate::stream`]), and a commit's [`prune`](Checkpoint::prune) must not take a
+/// file being written from under its writer.
+fn sweep_temporaries(root: &Path) {
+    let state = root.join("state");
+    let dirs = [root.join("offsets"), root.join("commits")]
+        .into_iter()
+        .chain(read_dirs(&state).into_iter().flat_map(|o| read_dirs(&o)));
+    for dir in dirs {
+        for file in fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if is_temporary(&file.path()) {
+                let _ = fs::remove_file(file.path());
+            }
         }
     }
 }

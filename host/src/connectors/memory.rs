@@ -67,6 +67,11 @@ pub struct ConsoleSink {
 
 #[async_trait::async_trait]
 impl Sink for ConsoleSink {
+    /// A replayed epoch is printed again.
+    fn keeps_replayed_epochs(&self) -> bool {
+        false
+    }
+
     async fn write_epoch(
         &mut self,
         epoch: u64,
@@ -118,6 +123,11 @@ impl MemorySink {
 
 #[async_trait::async_trait]
 impl Sink for MemorySink {
+    /// A replayed epoch replaces its rows.
+    fn keeps_replayed_epochs(&self) -> bool {
+        false
+    }
+
     async fn write_epoch(
         &mut self,
         epoch: u64,

@@ -33,6 +33,17 @@ pub trait Sink: Send {
         batches: &[RecordBatch],
     ) -> Result<()>;
 
+    /// Whether this sink keeps an epoch it already holds when the epoch runs again after a
+    /// crash (the exactly-once Kafka and Delta sinks skip it), rather than replacing it (files
+    /// named by epoch) or writing it once more (at-least-once). A sink that keeps it must see
+    /// the epoch's plan durable before it writes: otherwise a crash could lose the plan, the
+    /// next run would plan the epoch anew over more input, and the sink would keep the old,
+    /// shorter epoch, losing the rest. A sink that replaces or repeats lets the driver sync
+    /// the plan while the sink writes. Yes unless a sink says otherwise: the safe answer.
+    fn keeps_replayed_epochs(&self) -> bool {
+        true
+    }
+
     /// Whether this sink writes dead letters bound for the Kafka cluster `bootstrap` inside
     /// each epoch's transaction (see [`Sink::stage_dead_letters`]).
     fn writes_dead_letters_for(&self, _bootstrap: &str) -> bool {

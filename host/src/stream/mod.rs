@@ -12,17 +12,25 @@
 //!    number (replacing or skipping any earlier attempt), and **commits** the epoch with the
 //!    manifest of its state.
 //!
-//! A crash anywhere leaves either a committed epoch or a planned one that is re-run with the
-//! same offsets on restart, on the state of the last commit: no lost and no duplicated rows.
+//! The plan and the commit are small files, but each is synced, and a sync waits on a busy
+//! disk (see [`lane`]). So two writer threads make them, each in order, and the driver waits
+//! only where the protocol needs them: the plan before the commit, and before the sink writes
+//! if the sink keeps an epoch it holds ([`Sink::keeps_replayed_epochs`]); the commit before
+//! the sources hear of it. The next epochs run meanwhile, up to 16 with commits in flight.
+//!
+//! A crash anywhere leaves committed epochs and then planned ones, which the restart re-runs
+//! in order, each with its recorded offsets, on the state of the last commit: no lost and no
+//! duplicated rows.
 //!
 //! The driver runs on the async runtime and never blocks it: sources (whose reads may wait on
 //! a broker or a disk) run on the blocking pool, and triggers wait with the runtime's timers.
 
 mod event_time;
 mod hot_swap;
+mod lane;
 pub mod progress;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -49,6 +57,7 @@ use crate::plan::{Fingerprint, SourceSpec, compile, streaming_state};
 use crate::session::RiffleSession;
 use crate::udf::UdfModule;
 use hot_swap::UdfWatch;
+use lane::Lane;
 use progress::{EpochProgress, Phases, ProgressWriter, SourceEpoch};
 
 /// When epochs run.
@@ -294,7 +303,14 @@ pub struct StreamingQuery {
     sink: Box<dyn Sink>,
     late_sinks: BTreeMap<String, Box<dyn Sink>>,
     static_tables: Vec<Arc<StaticTable>>,
-    checkpoint: Checkpoint,
+    checkpoint: Arc<Checkpoint>,
+    /// Writes the epochs' plans, in order, off the driver's path.
+    plans: Lane,
+    /// Writes the epochs' commits and progress lines, in order, off the driver's path.
+    commits: Lane,
+    /// Epochs whose commits are written or being written, oldest first, that the driver has
+    /// not yet told the sources and the observer of.
+    committing: VecDeque<Committing>,
     /// What the checkpoint pins; a hot swap updates its UDF part.
     fingerprint: Fingerprint,
     /// The module files, watched for a hot swap (`None` unless it is on).
@@ -335,11 +351,11 @@ impl StreamingQuery {
         .await?;
         let mut graph = compiled.graph;
         let stateful = graph.is_stateful();
-        let checkpoint = Checkpoint::open_upgrading(
+        let checkpoint = Arc::new(Checkpoint::open_upgrading(
             &options.checkpoint,
             &compiled.fingerprint,
             options.upgrade_udfs,
-        )?;
+        )?);
         let progress_path = options
             .progress_file
             .clone()
@@ -375,6 +391,9 @@ impl StreamingQuery {
             late_sinks: BTreeMap::new(),
             static_tables: Vec::new(),
             checkpoint,
+            plans: Lane::new("riffle-plans")?,
+            commits: Lane::new("riffle-commits")?,
+            committing: VecDeque::new(),
             fingerprint: compiled.fingerprint,
             udf_watch: options
                 .hot_swap_udfs
@@ -563,12 +582,15 @@ impl StreamingQuery {
         // The first epoch's input rate counts from here, after the sink, state and sources
         // are ready.
         self.progress.start_clock();
-        // An epoch planned but not committed before a crash runs again, with its offsets.
-        if let Some(plan) = self.checkpoint.planned(epoch + 1)? {
-            self.run_epoch(&plan, Duration::ZERO, &mut summary).await?;
+        // Epochs planned but not committed before a crash run again, in order, each with its
+        // offsets: more than one when commits were still being written (see `lane`).
+        while let Some(plan) = self.checkpoint.planned(epoch + 1)? {
+            self.run_epoch(&plan, None, Duration::ZERO, &mut summary)
+                .await?;
             epoch = plan.epoch;
             if plan.last {
                 summary.finished = true;
+                self.settle(Settle::All).await?;
                 self.progress.finish();
                 return Ok(summary);
             }
@@ -604,14 +626,24 @@ impl StreamingQuery {
                 );
             }
             if !moved && !last {
+                // Idle: the commits being written finish while the trigger waits, so that the
+                // sources, the progress and the monitor catch up, but never delay the next
+                // epoch.
                 match self.options.trigger {
                     Trigger::AvailableNow => break,
-                    Trigger::LowLatency => tokio::time::sleep(Duration::from_micros(200)).await,
-                    Trigger::ProcessingTime(interval) => tokio::time::sleep(interval).await,
+                    Trigger::LowLatency => {
+                        self.settle(Settle::Ready).await?;
+                        tokio::time::sleep(Duration::from_micros(200)).await;
+                    }
+                    Trigger::ProcessingTime(interval) => {
+                        let next = tokio::time::Instant::now() + interval;
+                        self.settle(Settle::Until(next)).await?;
+                        tokio::time::sleep_until(next).await;
+                    }
                 }
                 continue;
             }
-            self.swap_udfs(epoch + 1)?;
+            self.swap_udfs(epoch + 1).await?;
             let plan = EpochPlan {
                 epoch: epoch + 1,
                 sources: ranges,
@@ -622,28 +654,78 @@ impl StreamingQuery {
                     .collect(),
                 last,
             };
-            self.checkpoint.write_plan(&plan)?;
-            failpoint("after-plan", plan.epoch).await;
-            self.run_epoch(&plan, tick.elapsed(), &mut summary).await?;
+            // The plan is synced while the epoch reads and computes; see `run_epoch`.
+            let plan_written = {
+                let (checkpoint, plan) = (self.checkpoint.clone(), plan.clone());
+                self.plans.submit(move || checkpoint.write_plan(&plan))
+            };
+            self.run_epoch(&plan, Some(plan_written), tick.elapsed(), &mut summary)
+                .await?;
             epoch = plan.epoch;
             if last {
                 summary.finished = true;
                 break;
             }
-            if let Trigger::ProcessingTime(interval) = self.options.trigger
-                && let Some(wait) = interval.checked_sub(tick.elapsed())
-            {
-                tokio::time::sleep(wait).await;
+            if let Trigger::ProcessingTime(interval) = self.options.trigger {
+                let next = tick + interval;
+                self.settle(Settle::Until(next.into())).await?;
+                tokio::time::sleep_until(next.into()).await;
             }
         }
+        self.settle(Settle::All).await?;
         self.progress.finish();
         Ok(summary)
+    }
+
+    /// Tells the sources and the observer of the epochs whose commits are now durable, oldest
+    /// first, waiting for commits as `how` says. Never more than [`MAX_COMMITTING`] epochs are
+    /// left in flight: each is one more to run again after a crash.
+    ///
+    /// # Errors
+    /// A failed commit or progress line, or a source's failure.
+    async fn settle(&mut self, how: Settle) -> Result<()> {
+        loop {
+            let full = self.committing.len() >= MAX_COMMITTING;
+            let Some(front) = self.committing.front_mut() else {
+                break;
+            };
+            let outcome = if how == Settle::All || full {
+                Some(lane::done(&mut front.written).await)
+            } else if let Settle::Until(deadline) = how {
+                tokio::time::timeout_at(deadline, lane::done(&mut front.written))
+                    .await
+                    .ok()
+            } else {
+                lane::poll(&mut front.written)
+            };
+            let Some(outcome) = outcome else {
+                break;
+            };
+            let c = self.committing.pop_front().expect("the front epoch");
+            outcome?;
+            for (s, end) in self.sources.iter_mut().zip(c.ends) {
+                s.blocking(move |src| {
+                    src.committed(&end);
+                    Ok(())
+                })
+                .await?;
+            }
+            failpoint("after-commit", c.epoch).await;
+            self.progress.show(&c.progress);
+            if let Some(observer) = &self.observer {
+                observer.epoch_committed(&c.progress, &c.line);
+                for (source, rejected, sample) in &c.rejected {
+                    observer.records_rejected(c.epoch, source, *rejected, sample);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Swaps in the UDF modules whose files were replaced (see [`hot_swap`]), to serve from
     /// epoch `from_epoch` on. The checkpoint pins them first, so that a crash before the
     /// epoch commits restarts with the modules now on disk, as it expects.
-    fn swap_udfs(&mut self, from_epoch: u64) -> Result<()> {
+    async fn swap_udfs(&mut self, from_epoch: u64) -> Result<()> {
         let Some(watch) = &mut self.udf_watch else {
             return Ok(());
         };
@@ -655,6 +737,9 @@ impl StreamingQuery {
         if ready.is_empty() {
             return Ok(());
         }
+        // The epochs before `from_epoch` commit first: a crash would otherwise run them again
+        // with the new modules, which the checkpoint says serve only from `from_epoch` on.
+        self.settle(Settle::All).await?;
         for r in &ready {
             // The fingerprint lists the session's modules in load order, as the slots.
             if let Some(p) = self.fingerprint.udfs.get_mut(r.index) {
@@ -687,10 +772,21 @@ impl StreamingQuery {
         Ok(())
     }
 
-    /// Runs the epoch `plan`, which took `planning` to make.
+    /// Runs the epoch `plan`, which took `planning` to make and is being written to the
+    /// checkpoint (`plan_written`), or was before a crash (`None`), and hands its commit to
+    /// the commit writer.
+    ///
+    /// The plan must be durable before the sink writes when the sink keeps an epoch it
+    /// already holds ([`Sink::keeps_replayed_epochs`]): the driver waits for it there.
+    /// Otherwise only before the commit (a restart reads the committed epoch's offsets from
+    /// it): the commit writer waits for it. The commit must be durable only before the
+    /// sources hear of it, and before a later commit (the commit writer keeps their order).
+    /// Until then the epoch is planned and not committed, and a restart runs it again with
+    /// its offsets, as it does any such epoch.
     async fn run_epoch(
         &mut self,
         plan: &EpochPlan,
+        mut plan_written: Option<lane::Pending>,
         planning: Duration,
         summary: &mut RunSummary,
     ) -> Result<()> {
@@ -847,6 +943,12 @@ impl StreamingQuery {
         let state = tokio::task::spawn_blocking(move || state.write());
         phases.state_ms = ms(t);
 
+        let keeps = self.sink.keeps_replayed_epochs()
+            || self.late_sinks.values().any(|s| s.keeps_replayed_epochs());
+        if keeps || armed("after-plan", plan.epoch) {
+            plan_durable(&mut plan_written, plan.epoch, &mut phases).await?;
+        }
+
         let t = Instant::now();
         let output_rows: u64 = output.iter().map(|b| b.num_rows() as u64).sum();
         let letters: Vec<_> = inputs
@@ -866,6 +968,12 @@ impl StreamingQuery {
         written?;
         let (manifest, state_bytes_written) = state?;
         phases.state_ms += ms(t);
+        if holds("after-state", plan.epoch) || holds("after-sink", plan.epoch) {
+            // Whoever looks at the checkpoint during the hold sees what the point names: this
+            // epoch planned, and the ones before it committed.
+            plan_durable(&mut plan_written, plan.epoch, &mut phases).await?;
+            self.settle(Settle::All).await?;
+        }
         failpoint("after-state", plan.epoch).await;
         failpoint("after-sink", plan.epoch).await;
 
@@ -874,8 +982,6 @@ impl StreamingQuery {
             per_source.iter().map(|s| s.late_rows).sum::<u64>() + self.graph.late_rows();
         self.graph.measure_state();
         let watermark = watermarks.iter().copied().min().unwrap_or(Watermark::NONE);
-        let plan_ms = phases.plan_ms;
-        phases.total_ms = plan_ms + ms(started);
         let mut progress = EpochProgress::new(
             plan,
             watermark,
@@ -890,10 +996,25 @@ impl StreamingQuery {
         );
         progress.warnings = warnings;
         self.progress.prepare(&mut progress);
-        let record = serde_json::to_value(&progress).expect("serialisable");
 
+        // The output is out: from here the epoch waits only for earlier epochs' commits (when
+        // too many are in flight) before handing its own over.
+        let arrival = inputs
+            .iter()
+            .filter_map(|i| i.arrival)
+            .reduce(|a, b| (a.0.min(b.0), a.1.max(b.1)));
+        progress.latency_ms = arrival.map(|(first, last)| {
+            let now = Instant::now();
+            (
+                now.saturating_duration_since(last).as_secs_f64() * 1000.0,
+                now.saturating_duration_since(first).as_secs_f64() * 1000.0,
+            )
+        });
         let t = Instant::now();
-        self.checkpoint.commit(&EpochCommit {
+        self.settle(Settle::Ready).await?;
+        progress.add_commit_time(ms(t), planning.as_secs_f64() * 1e3 + ms(started));
+        let line = serde_json::to_string(&progress).expect("serialisable");
+        let commit = EpochCommit {
             epoch: plan.epoch,
             sources: self
                 .sources
@@ -911,54 +1032,100 @@ impl StreamingQuery {
                 .collect(),
             state: manifest.clone(),
             last: plan.last,
-            progress: Some(record),
-        })?;
-        self.manifest = manifest;
-        for s in &mut self.sources {
-            let at = s.offset.clone();
-            s.blocking(move |src| {
-                src.committed(&at);
-                Ok(())
+            progress: Some(serde_json::to_value(&progress).expect("serialisable")),
+        };
+        let written = {
+            let (checkpoint, log, line) =
+                (self.checkpoint.clone(), self.progress.log(), line.clone());
+            let epoch = plan.epoch;
+            self.commits.submit(move || {
+                hold_point("commit", epoch);
+                // Not waited for yet if the sink let the epoch go on: the commit follows it.
+                if let Some(plan) = plan_written {
+                    lane::wait_blocking(plan)?;
+                }
+                checkpoint.commit(&commit)?;
+                crash_point("after-commit", epoch);
+                // A crash before this line loses it; the next run writes it from the commit.
+                log.lock().expect("progress log lock").append(&line)
             })
-            .await?;
-        }
-        progress.add_commit_time(ms(t), plan_ms + ms(started));
-        failpoint("after-commit", plan.epoch).await;
+        };
+        self.manifest = manifest;
+        self.committing.push_back(Committing {
+            epoch: plan.epoch,
+            written,
+            ends: self
+                .sources
+                .iter()
+                .map(|s| plan.sources[&s.spec.name].end.clone())
+                .collect(),
+            progress,
+            line,
+            rejected: self
+                .sources
+                .iter()
+                .zip(&mut inputs)
+                .filter(|(_, i)| !i.rejected_sample.is_empty())
+                .map(|(s, i)| {
+                    let sample = std::mem::take(&mut i.rejected_sample);
+                    (s.spec.name.clone(), i.rejected, sample)
+                })
+                .collect(),
+        });
 
         summary.epochs += 1;
         summary.input_rows += input_rows;
         summary.output_rows += output_rows;
         summary.late_rows += late_rows;
-        let arrival = inputs
-            .iter()
-            .filter_map(|i| i.arrival)
-            .reduce(|a, b| (a.0.min(b.0), a.1.max(b.1)));
-        progress.latency_ms = arrival.map(|(first, last)| {
-            let now = Instant::now();
-            (
-                now.saturating_duration_since(last).as_secs_f64() * 1000.0,
-                now.saturating_duration_since(first).as_secs_f64() * 1000.0,
-            )
-        });
-        // The epoch is committed whether or not its line could be written (a restart writes
-        // a lost line from the commit): the observer hears of it either way.
-        let line = serde_json::to_string(&progress).expect("serialisable");
-        let written = self.progress.write(&progress, &line);
-        if let Some(observer) = &self.observer {
-            observer.epoch_committed(&progress, &line);
-            for (s, input) in self.sources.iter().zip(&inputs) {
-                if !input.rejected_sample.is_empty() {
-                    observer.records_rejected(
-                        plan.epoch,
-                        &s.spec.name,
-                        input.rejected,
-                        &input.rejected_sample,
-                    );
-                }
-            }
+        if armed("after-commit", plan.epoch) {
+            // The failpoint holds or crashes the run once this commit is durable, before the
+            // next epoch is planned, as it names.
+            self.settle(Settle::All).await?;
         }
-        written
+        Ok(())
     }
+}
+
+/// How long [`StreamingQuery::settle`] waits for commits being written.
+#[derive(Clone, Copy, PartialEq)]
+enum Settle {
+    /// Not at all: only those already durable.
+    Ready,
+    /// Until then at most.
+    Until(tokio::time::Instant),
+    /// For all of them.
+    All,
+}
+
+/// The most epochs whose commits are in flight at once.
+const MAX_COMMITTING: usize = 16;
+
+/// An epoch whose commit was handed to the commit writer.
+struct Committing {
+    epoch: u64,
+    written: lane::Pending,
+    /// Each source's offset after the epoch, in the order of the query's sources.
+    ends: Vec<serde_json::Value>,
+    progress: EpochProgress,
+    line: String,
+    /// Per source with rejected records: its name, their number and the sample kept.
+    rejected: Vec<(String, u64, Vec<DeadLetter>)>,
+}
+
+/// Waits for the epoch's plan to be durable, once (the first call takes it), counting the
+/// wait as planning.
+async fn plan_durable(
+    written: &mut Option<lane::Pending>,
+    epoch: u64,
+    phases: &mut Phases,
+) -> Result<()> {
+    if let Some(mut pending) = written.take() {
+        let t = Instant::now();
+        lane::done(&mut pending).await?;
+        phases.plan_ms += ms(t);
+        failpoint("after-plan", epoch).await;
+    }
+    Ok(())
 }
 
 fn ms(since: Instant) -> f64 {
@@ -1015,10 +1182,22 @@ pub fn stop_on_signals() -> Arc<AtomicBool> {
     flag
 }
 
-/// Failpoints for crash tests, at the steps of the epoch protocol: `after-plan` (offsets
-/// written), `after-state` (state written; the output is written at the same time, so the
-/// output is written here too), `after-sink` (output written, not committed: the narrowest
-/// window of exactly-once, which random kills rarely hit) and `after-commit`.
+/// Failpoints for crash tests, at the steps of the epoch protocol:
+/// - `after-plan`: the offsets are durable, and nothing of the epoch is written (the driver
+///   waits for the plan there when the failpoint is set, even if its sink would let it go on);
+/// - `after-state`: state written; the output is written at the same time, so the output is
+///   written here too;
+/// - `after-sink`: output written, not committed: the narrowest window of exactly-once, which
+///   random kills rarely hit. For a sink that replaces or repeats epochs, the plan may still
+///   be in flight here, so a crash tests the replanning of an epoch whose output is out;
+/// - `after-commit`: the commit is durable. A crash comes from the commit writer, before the
+///   progress line; a hold comes after the line and before the next epoch is planned.
+///
+/// A crash at `after-state` or `after-sink` may find earlier epochs' commits still in flight
+/// too; a hold there waits for them first, so that the checkpoint looks as the point says. One
+/// more point, `commit`, is in the commit writer before it writes the epoch's commit: held
+/// there (`RIFFLE_HANG=commit:<epoch>`, as on a slow disk), the writer falls behind while the
+/// driver runs on, so a crash then finds several epochs planned and not committed.
 ///
 /// - `RIFFLE_CRASH=<point>:<epoch>` aborts the process there (as abruptly as `kill -9`: no
 ///   destructors, no flushing).
@@ -1028,23 +1207,8 @@ pub fn stop_on_signals() -> Arc<AtomicBool> {
 ///   world around a run at a known epoch (stop a broker, say) before letting it go on, instead
 ///   of racing it.
 async fn failpoint(point: &str, epoch: u64) {
-    static PLANS: std::sync::OnceLock<[Option<(String, u64)>; 2]> = std::sync::OnceLock::new();
-    let plans = PLANS.get_or_init(|| {
-        ["RIFFLE_CRASH", "RIFFLE_HANG"].map(|var| {
-            let value = std::env::var(var).ok()?;
-            let (at, n) = value.rsplit_once(':')?;
-            Some((at.to_string(), n.parse().ok()?))
-        })
-    });
-    let hit = |plan: &Option<(String, u64)>| {
-        plan.as_ref()
-            .is_some_and(|(at, n)| at == point && *n == epoch)
-    };
-    if hit(&plans[0]) {
-        eprintln!("RIFFLE_CRASH: aborting {point} epoch {epoch}");
-        std::process::abort();
-    }
-    if hit(&plans[1]) {
+    crash_point(point, epoch);
+    if hit(&failpoints()[1], point, epoch) {
         eprintln!("RIFFLE_HANG: holding {point} epoch {epoch}");
         let Some(release) = std::env::var_os("RIFFLE_HANG_UNTIL") else {
             return std::future::pending::<()>().await;
@@ -1054,5 +1218,58 @@ async fn failpoint(point: &str, epoch: u64) {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         eprintln!("RIFFLE_HANG: released {point} epoch {epoch}");
+    }
+}
+
+/// The `RIFFLE_HANG` half of [`failpoint`], for the checkpoint's writer threads (which block).
+fn hold_point(point: &str, epoch: u64) {
+    if hit(&failpoints()[1], point, epoch) {
+        eprintln!("RIFFLE_HANG: holding {point} epoch {epoch}");
+        let Some(release) = std::env::var_os("RIFFLE_HANG_UNTIL") else {
+            loop {
+                std::thread::park();
+            }
+        };
+        let release = std::path::PathBuf::from(release);
+        while !release.exists() {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        eprintln!("RIFFLE_HANG: released {point} epoch {epoch}");
+    }
+}
+
+/// `RIFFLE_CRASH` and `RIFFLE_HANG`, read once.
+fn failpoints() -> &'static [Option<(String, u64)>; 2] {
+    static PLANS: std::sync::OnceLock<[Option<(String, u64)>; 2]> = std::sync::OnceLock::new();
+    PLANS.get_or_init(|| {
+        ["RIFFLE_CRASH", "RIFFLE_HANG"].map(|var| {
+            let value = std::env::var(var).ok()?;
+            let (at, n) = value.rsplit_once(':')?;
+            Some((at.to_string(), n.parse().ok()?))
+        })
+    })
+}
+
+fn hit(plan: &Option<(String, u64)>, point: &str, epoch: u64) -> bool {
+    plan.as_ref()
+        .is_some_and(|(at, n)| at == point && *n == epoch)
+}
+
+/// Whether a failpoint is set at `point` of `epoch`: the driver then waits there for the
+/// write the point names, which it otherwise leaves in flight.
+fn armed(point: &str, epoch: u64) -> bool {
+    failpoints().iter().any(|p| hit(p, point, epoch))
+}
+
+/// Whether `RIFFLE_HANG` holds the run at `point` of `epoch`.
+fn holds(point: &str, epoch: u64) -> bool {
+    hit(&failpoints()[1], point, epoch)
+}
+
+/// The `RIFFLE_CRASH` half of [`failpoint`], for the checkpoint's writer threads.
+fn crash_point(point: &str, epoch: u64) {
+    if hit(&failpoints()[0], point, epoch) {
+        eprintln!("RIFFLE_CRASH: aborting {point} epoch {epoch}");
+        std::process::abort();
     }
 }

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use serde::Serialize;
@@ -20,8 +20,9 @@ use crate::udf::UdfModule;
 /// Milliseconds spent in each phase of an epoch.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Phases {
-    /// Asking the sources how far they can go and writing the epoch's plan to the checkpoint,
-    /// before it is read (0 for an epoch replayed after a restart: its plan was written).
+    /// Asking the sources how far they can go, and waiting for the epoch's plan to be durable
+    /// in the checkpoint where the epoch needs it (its writer syncs it while the epoch reads
+    /// and computes); 0 for an epoch replayed after a restart, whose plan was written.
     pub plan_ms: f64,
     /// Reading the sources.
     pub read_ms: f64,
@@ -32,7 +33,9 @@ pub struct Phases {
     pub state_ms: f64,
     /// Writing the sink.
     pub sink_ms: f64,
-    /// Writing the commit.
+    /// Handing the commit over: the checkpoint's commit writer syncs it while the next
+    /// epochs run, and an epoch waits here only for earlier commits (when too many are in
+    /// flight) and to tell the sources of those done.
     pub commit_ms: f64,
     /// The whole epoch, its plan included.
     pub total_ms: f64,
@@ -210,13 +213,12 @@ impl EpochProgress {
 /// Writes progress records and the live line.
 ///
 /// A committed epoch never loses its line: the driver [`prepare`](Self::prepare)s the record
-/// before the commit and stores it in the commit file, [`write`](Self::write)s the line
-/// (synced to disk) after the commit, and on restart [`recover`](Self::recover)s the line of
-/// the last commit if a crash came between the two. Earlier lines were synced before the next
-/// epoch began.
+/// before the commit and stores it in the commit file; the checkpoint's commit writer appends
+/// the line ([`ProgressLog::append`], synced to disk) right after the commit, before the next
+/// one; and on restart [`recover`](Self::recover) writes the line of the last commit if a
+/// crash came between the two.
 pub struct ProgressWriter {
-    path: PathBuf,
-    file: std::io::BufWriter<std::fs::File>,
+    log: Arc<Mutex<ProgressLog>>,
     query_id: String,
     run_id: String,
     live: bool,
@@ -224,6 +226,25 @@ pub struct ProgressWriter {
     last_epoch_end: Instant,
     last_line: Option<Instant>,
     previous_udfs: Vec<UdfProgress>,
+}
+
+/// The progress file, appended to by whoever writes the commits.
+pub(crate) struct ProgressLog {
+    path: PathBuf,
+    file: std::io::BufWriter<std::fs::File>,
+}
+
+impl ProgressLog {
+    /// Appends one line, synced, so that it outlives a power loss before the next commit.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub(crate) fn append(&mut self, line: &str) -> Result<()> {
+        let fail = |e| RiffleError::io("writing", &self.path, e);
+        writeln!(self.file, "{line}").map_err(fail)?;
+        self.file.flush().map_err(fail)?;
+        self.file.get_ref().sync_data().map_err(fail)
+    }
 }
 
 impl ProgressWriter {
@@ -246,8 +267,10 @@ impl ProgressWriter {
             writeln!(file).map_err(|e| RiffleError::io("writing", path, e))?;
         }
         Ok(ProgressWriter {
-            path: path.to_path_buf(),
-            file: std::io::BufWriter::new(file),
+            log: Arc::new(Mutex::new(ProgressLog {
+                path: path.to_path_buf(),
+                file: std::io::BufWriter::new(file),
+            })),
             query_id: query_id.to_string(),
             run_id: format!("{:016x}", rand::random::<u64>()),
             live,
@@ -256,6 +279,11 @@ impl ProgressWriter {
             last_line: None,
             previous_udfs: Vec::new(),
         })
+    }
+
+    /// The file, for the commit writer.
+    pub(crate) fn log(&self) -> Arc<Mutex<ProgressLog>> {
+        self.log.clone()
     }
 
     /// Starts the clock the first epoch's input rate counts from (the run's start-up, which
@@ -303,40 +331,37 @@ impl ProgressWriter {
         self.previous_udfs = cumulative;
     }
 
-    /// Writes `line`, the JSON of the committed epoch's record `p` (synced, so that it outlives
-    /// a power loss before the next commit), and the live line.
-    ///
-    /// # Errors
-    /// I/O errors.
-    pub(crate) fn write(&mut self, p: &EpochProgress, line: &str) -> Result<()> {
-        self.append(line)?;
-        if self.live {
-            let now = Instant::now();
-            let throttle = if self.terminal { 0.1 } else { 1.0 };
-            if self
-                .last_line
-                .is_none_or(|t| now.duration_since(t).as_secs_f64() >= throttle)
-            {
-                self.last_line = Some(now);
-                let text = format!(
-                    "epoch {} | in {} rows ({:.0} rows/s) | out {} | late {} | watermark {} | state {} rows | {:.1} ms",
-                    p.epoch,
-                    p.input_rows,
-                    p.processed_rows_per_second,
-                    p.output_rows,
-                    p.late_rows,
-                    p.watermark.as_deref().unwrap_or("-"),
-                    p.state.rows,
-                    p.durations.total_ms,
-                );
-                if self.terminal {
-                    eprint!("\r\x1b[2K{text}");
-                } else {
-                    eprintln!("{text}");
-                }
-            }
+    /// Shows the committed epoch `p` on the live line, at most ten times a second on a
+    /// terminal and once a second otherwise.
+    pub(crate) fn show(&mut self, p: &EpochProgress) {
+        if !self.live {
+            return;
         }
-        Ok(())
+        let now = Instant::now();
+        let throttle = if self.terminal { 0.1 } else { 1.0 };
+        if self
+            .last_line
+            .is_some_and(|t| now.duration_since(t).as_secs_f64() < throttle)
+        {
+            return;
+        }
+        self.last_line = Some(now);
+        let text = format!(
+            "epoch {} | in {} rows ({:.0} rows/s) | out {} | late {} | watermark {} | state {} rows | {:.1} ms",
+            p.epoch,
+            p.input_rows,
+            p.processed_rows_per_second,
+            p.output_rows,
+            p.late_rows,
+            p.watermark.as_deref().unwrap_or("-"),
+            p.state.rows,
+            p.durations.total_ms,
+        );
+        if self.terminal {
+            eprint!("\r\x1b[2K{text}");
+        } else {
+            eprintln!("{text}");
+        }
     }
 
     /// Writes the line of the last committed epoch from its commit, marked `"recovered":
@@ -348,21 +373,15 @@ impl ProgressWriter {
         let Some(record) = &commit.progress else {
             return Ok(());
         };
-        let last_epoch = crate::common::fs::last_json_line(&self.path)
+        let mut log = self.log.lock().expect("progress log lock");
+        let last_epoch = crate::common::fs::last_json_line(&log.path)
             .and_then(|r| r.get("epoch").and_then(serde_json::Value::as_u64));
         if last_epoch.is_some_and(|e| e >= commit.epoch) {
             return Ok(());
         }
         let mut record = record.clone();
         record["recovered"] = true.into();
-        self.append(&record.to_string())
-    }
-
-    fn append(&mut self, line: &str) -> Result<()> {
-        let fail = |e| RiffleError::io("writing", &self.path, e);
-        writeln!(self.file, "{line}").map_err(fail)?;
-        self.file.flush().map_err(fail)?;
-        self.file.get_ref().sync_data().map_err(fail)
+        log.append(&record.to_string())
     }
 
     pub(crate) fn finish(&mut self) {

@@ -47,6 +47,11 @@ impl Sink for ParquetDirSink {
         self.metadata = modules;
     }
 
+    /// A replayed epoch replaces its file.
+    fn keeps_replayed_epochs(&self) -> bool {
+        false
+    }
+
     async fn start(&mut self, query_id: &str) -> Result<()> {
         self.query_id = query_id.to_string();
         Ok(())

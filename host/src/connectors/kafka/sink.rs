@@ -280,6 +280,10 @@ impl Sink for KafkaSink {
         tokio::task::block_in_place(|| self.write(epoch, batches))
     }
 
+    fn keeps_replayed_epochs(&self) -> bool {
+        self.options.delivery == Delivery::ExactlyOnce
+    }
+
     fn writes_dead_letters_for(&self, bootstrap: &str) -> bool {
         self.options.delivery == Delivery::ExactlyOnce && self.options.kafka.bootstrap == bootstrap
     }
