@@ -71,7 +71,13 @@ stop)
             kill -0 "$pid" 2>/dev/null || break
             sleep 0.1
         done
+        # Not gone in 10 s (a broker holding gigabytes may take longer to shut down): kill it,
+        # and wait until it is gone, so that the port is free and `reset` deletes no data
+        # from under it.
         kill -9 "$pid" 2>/dev/null || true
+        while kill -0 "$pid" 2>/dev/null; do
+            sleep 0.1
+        done
         rm -f "$base/pid"
     fi
     ;;
