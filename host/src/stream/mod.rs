@@ -1224,8 +1224,13 @@ async fn failpoint(point: &str, epoch: u64) {
     }
 }
 
-/// The `RIFFLE_HANG` half of [`failpoint`], for the checkpoint's writer threads (which block).
+/// The `RIFFLE_HANG` half of [`failpoint`], for the checkpoint's writer threads: it blocks
+/// (sleeps), so it must never run on an async worker, where [`failpoint`] is the one to use.
 fn hold_point(point: &str, epoch: u64) {
+    debug_assert!(
+        tokio::runtime::Handle::try_current().is_err(),
+        "hold_point blocks: call it on a writer thread, not inside the async runtime"
+    );
     if hit(&failpoints()[1], point, epoch) {
         eprintln!("RIFFLE_HANG: holding {point} epoch {epoch}");
         let Some(release) = std::env::var_os("RIFFLE_HANG_UNTIL") else {
