@@ -7,6 +7,10 @@
 //! Kafka path's latency. A [`Lane`] is one thread that makes the writes it is given in the
 //! order it was given them, so the driver hands a write over, goes on, and waits for it only
 //! where the protocol needs it durable (see [`crate::stream`]).
+//!
+//! After a write fails, a lane makes no more: every later one fails too. A commit must never
+//! land after an earlier epoch's failed one (its output may not be on the broker), since a
+//! restart resumes after the last commit.
 
 use std::sync::mpsc;
 use std::thread::JoinHandle;
@@ -20,7 +24,8 @@ type Job = Box<dyn FnOnce() -> Result<()> + Send>;
 /// The outcome of a write handed to a [`Lane`]; see [`done`].
 pub(crate) type Pending = oneshot::Receiver<Result<()>>;
 
-/// A thread making writes one after another, in the order they were submitted.
+/// A thread making writes one after another, in the order they were submitted, until one
+/// fails.
 pub(crate) struct Lane {
     jobs: Option<mpsc::Sender<(Job, oneshot::Sender<Result<()>>)>>,
     thread: Option<JoinHandle<()>>,
@@ -36,9 +41,18 @@ impl Lane {
         let thread = std::thread::Builder::new()
             .name(name.to_string())
             .spawn(move || {
+                let mut failed = false;
                 for (job, reply) in queue {
+                    let outcome = if failed {
+                        Err(RiffleError::Internal(
+                            "not written: an earlier checkpoint write failed".into(),
+                        ))
+                    } else {
+                        job()
+                    };
+                    failed |= outcome.is_err();
                     // The driver may have stopped waiting (it failed): the write is made anyway.
-                    let _ = reply.send(job());
+                    let _ = reply.send(outcome);
                 }
             })
             .map_err(|e| RiffleError::Internal(format!("starting the {name} thread: {e}")))?;
@@ -107,7 +121,7 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     #[tokio::test]
-    async fn writes_run_in_submission_order_and_report_their_own_outcome() {
+    async fn writes_run_in_submission_order_until_one_fails() {
         let lane = Lane::new("test-lane").unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let mut pending: Vec<Pending> = (0..50)
@@ -125,9 +139,13 @@ mod tests {
             .collect();
         for (i, p) in pending.iter_mut().enumerate() {
             let outcome = done(p).await;
-            assert_eq!(outcome.is_err(), i == 7, "write {i}: {outcome:?}");
+            assert_eq!(outcome.is_err(), i >= 7, "write {i}: {outcome:?}");
+            if i > 7 {
+                let err = outcome.unwrap_err().to_string();
+                assert!(err.contains("an earlier checkpoint write failed"), "{err}");
+            }
         }
-        assert_eq!(*seen.lock().unwrap(), (0..50).collect::<Vec<_>>());
+        assert_eq!(*seen.lock().unwrap(), (0..=7).collect::<Vec<_>>());
     }
 
     #[tokio::test]
