@@ -186,26 +186,36 @@ fn run_ok(mut command: Command) {
 
 /// Runs `pipeline` in stream mode: first crashing it right after epoch 4's sink write and
 /// before its commit (the window where a sink that does not de-duplicate would write twice),
-/// with the commits of epochs 2 and 3 still held by the checkpoint's commit writer (as by a
-/// slow disk); then SIGKILLing it `kills` times at staggered moments, then letting a last run
+/// with one of the checkpoint's writers held from epoch `held.1` on (as by a slow disk): the
+/// commit writer (`held.0 = "commit"`: epochs `held.1` to 4 are planned, not committed), or
+/// the plan writer (`"plan"`: their plans are lost, and only a sink that carries plans has
+/// them); then SIGKILLing it `kills` times at staggered moments, then letting a last run
 /// finish. Returns how many kills landed while it was still working.
 ///
-/// The runs after the crash take smaller epochs. They must replay epochs 2 to 4 with the
+/// The runs after the crash take smaller epochs. They must replay epochs up to 4 with the
 /// offsets planned for them: an epoch planned anew would cover other records, and the sink,
-/// which holds epochs 2 to 4 already, would skip it.
-fn run_with_kills(pipeline: &Path, kills: u32) -> u32 {
+/// which holds those epochs already, would skip it.
+fn run_with_kills(pipeline: &Path, held: (&str, u32), kills: u32) -> u32 {
     let out = riffle(pipeline, "stream")
         .env("RIFFLE_CRASH", "after-sink:4")
-        .env("RIFFLE_HANG", "commit:2")
+        .env("RIFFLE_HANG", format!("{}:{}", held.0, held.1))
         .output()
         .unwrap();
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(
         said.contains("RIFFLE_CRASH: aborting")
-            && said.contains("RIFFLE_HANG: holding commit epoch 2")
+            && said.contains(&format!("RIFFLE_HANG: holding {} epoch {}", held.0, held.1))
             && !out.status.success(),
         "the injected crash did not happen: {said}"
     );
+    // What the crash left: epoch `held.1` not committed, and with the plan writer held, not
+    // even planned.
+    let checkpoint = PathBuf::from(format!(
+        "{}-checkpoint",
+        pipeline.with_extension("").display()
+    ));
+    let file = |dir: &str| checkpoint.join(dir).join(format!("{:010}.json", held.1));
+    assert!(file("offsets").exists() == (held.0 != "plan") && !file("commits").exists());
     let text = std::fs::read_to_string(pipeline).unwrap();
     let smaller = text.replace("max_rows_per_epoch = 500", "max_rows_per_epoch = 300");
     assert_ne!(text, smaller);
@@ -386,9 +396,12 @@ fn kafka_to_kafka_and_delta_exactly_once_across_kill_9() {
     );
     // Both run at once: each crashes at a failpoint between its sink write and its commit,
     // and is then SIGKILLed at random moments (a smoke test: only the result is checked).
+    // The Kafka sink carries the plans of its epochs, so the Kafka run crashes with epochs 3
+    // and 4 written to the topic and their plans never written to the checkpoint. The Delta
+    // sink waits for each plan, so its run holds commits instead.
     let kafka_pipeline = to_kafka.clone();
-    let kafka_run = std::thread::spawn(move || run_with_kills(&to_kafka, 3));
-    let delta_kills = run_with_kills(&to_delta, 3);
+    let kafka_run = std::thread::spawn(move || run_with_kills(&to_kafka, ("plan", 3), 3));
+    let delta_kills = run_with_kills(&to_delta, ("commit", 2), 3);
     let kafka_kills = kafka_run.join().unwrap();
     eprintln!("SIGKILLs that landed: kafka {kafka_kills}, delta {delta_kills}");
 

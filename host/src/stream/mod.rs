@@ -15,8 +15,13 @@
 //! The plan and the commit are small files, but each is synced, and a sync waits on a busy
 //! disk (see [`lane`]). So two writer threads make them, each in order, and the driver waits
 //! only where the protocol needs them: the plan before the commit, and before the sink writes
-//! if the sink keeps an epoch it holds ([`Sink::keeps_replayed_epochs`]); the commit before
-//! the sources hear of it. The next epochs run meanwhile, up to 64 with commits in flight.
+//! if the sink keeps an epoch it holds ([`Sink::keeps_replayed_epochs`]) and does not carry the
+//! plans itself ([`Sink::carries_plans`]: exactly-once Kafka records them in its transaction,
+//! and a restart takes back from it a plan the crash lost); the commit before the sources hear
+//! of it. The commit writer also waits for the output of a sink that returned
+//! before it was acknowledged ([`Sink::acknowledgement`]: at-least-once Kafka). The next epochs
+//! run meanwhile, up to 64 with commits in flight. A failed commit fails every later one, so
+//! the commits made are always a prefix of the epochs.
 //!
 //! A crash anywhere leaves committed epochs and then planned ones, which the restart re-runs
 //! in order, each with its recorded offsets, on the state of the last commit: no lost and no
@@ -29,11 +34,13 @@ mod event_time;
 mod hot_swap;
 mod lane;
 pub mod progress;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use arrow::array::{AsArray, BooleanArray, RecordBatch};
@@ -48,7 +55,7 @@ use crate::checkpoint::{
 };
 use crate::common::{OutputMode, Watermark, to_micros};
 use crate::connectors::files::{Reload, StaticTable};
-use crate::connectors::sink::Sink;
+use crate::connectors::sink::{Acknowledgement, Sink};
 use crate::connectors::source::{DeadLetter, Input, StreamSource};
 use crate::error::{Result, RiffleError};
 use crate::exec::graph::Graph;
@@ -306,6 +313,11 @@ pub struct StreamingQuery {
     checkpoint: Arc<Checkpoint>,
     /// Writes the epochs' plans, in order, off the driver's path.
     plans: Lane,
+    /// The last epoch whose plan the plan writer made durable.
+    plans_durable: Arc<AtomicU64>,
+    /// Plans handed to the plan writer and not known to be durable yet, oldest first: what a
+    /// sink that carries plans records with its next epoch ([`Sink::carries_plans`]).
+    plans_in_flight: VecDeque<EpochPlan>,
     /// Writes the epochs' commits and progress lines, in order, off the driver's path.
     commits: Lane,
     /// Epochs whose commits are written or being written, oldest first, that the driver has
@@ -392,6 +404,8 @@ impl StreamingQuery {
             static_tables: Vec::new(),
             checkpoint,
             plans: Lane::new("riffle-plans")?,
+            plans_durable: Arc::new(AtomicU64::new(0)),
+            plans_in_flight: VecDeque::new(),
             commits: Lane::new("riffle-commits")?,
             committing: VecDeque::new(),
             fingerprint: compiled.fingerprint,
@@ -447,22 +461,24 @@ impl StreamingQuery {
     }
 
     /// Writes an epoch's output to the sink and each source's late rows to its late sink (not
-    /// committed yet).
+    /// committed yet). Returns what the commit must wait for ([`Sink::acknowledgement`]).
     async fn write_output(
         &mut self,
         epoch: u64,
         output: &[RecordBatch],
         late: &[Vec<RecordBatch>],
-    ) -> Result<()> {
+    ) -> Result<Vec<Acknowledgement>> {
         self.sink
             .write_epoch(epoch, &self.output_schema, output)
             .await?;
+        let mut acknowledgements: Vec<_> = self.sink.acknowledgement(epoch).into_iter().collect();
         for (s, rows) in self.sources.iter().zip(late) {
             if let Some(late_sink) = self.late_sinks.get_mut(&s.spec.name) {
                 late_sink.write_epoch(epoch, &s.spec.schema, rows).await?;
+                acknowledgements.extend(late_sink.acknowledgement(epoch));
             }
         }
-        Ok(())
+        Ok(acknowledgements)
     }
 
     fn source_watermarks(&self) -> Vec<Watermark> {
@@ -491,6 +507,7 @@ impl StreamingQuery {
         for (name, late) in &mut self.late_sinks {
             late.start(&format!("{id}-late-{name}")).await?;
         }
+        self.recover_carried_plans()?;
         if let Some(observer) = &self.observer {
             let sources = self
                 .sources
@@ -657,8 +674,15 @@ impl StreamingQuery {
             // The plan is synced while the epoch reads and computes; see `run_epoch`.
             let plan_written = {
                 let (checkpoint, plan) = (self.checkpoint.clone(), plan.clone());
-                self.plans.submit(move || checkpoint.write_plan(&plan))
+                let durable = self.plans_durable.clone();
+                self.plans.submit(move || {
+                    hold_point("plan", plan.epoch);
+                    checkpoint.write_plan(&plan)?;
+                    durable.fetch_max(plan.epoch, Ordering::Release);
+                    Ok(())
+                })
             };
+            self.plans_in_flight.push_back(plan.clone());
             self.run_epoch(&plan, Some(plan_written), tick.elapsed(), &mut summary)
                 .await?;
             epoch = plan.epoch;
@@ -675,6 +699,55 @@ impl StreamingQuery {
         self.settle(Settle::All).await?;
         self.progress.finish();
         Ok(summary)
+    }
+
+    /// Writes back the plans that sinks carried (see [`Sink::carries_plans`]) and the
+    /// checkpoint lacks: a sink may hold an epoch whose plan a crash took before it was
+    /// durable. The epoch then runs again over the input it had, and the sink skips it.
+    ///
+    /// # Errors
+    /// A carried plan that does not read, differs from the checkpoint's, or leaves a gap.
+    fn recover_carried_plans(&self) -> Result<()> {
+        let committed = self.checkpoint.last_commit()?.map_or(0, |c| c.epoch);
+        let root = self.checkpoint.root().display();
+        for sink in std::iter::once(&self.sink).chain(self.late_sinks.values()) {
+            for carried in sink.carried_plans() {
+                let plan: EpochPlan = serde_json::from_value(carried).map_err(|e| {
+                    RiffleError::Checkpoint(format!(
+                        "checkpoint {root}: a plan the sink recorded does not read: {e}"
+                    ))
+                })?;
+                if plan.epoch <= committed {
+                    continue;
+                }
+                match self.checkpoint.planned(plan.epoch)? {
+                    Some(known) if known == plan => {}
+                    Some(_) => {
+                        return Err(RiffleError::Checkpoint(format!(
+                            "checkpoint {root}: epoch {}'s plan differs from its sink's record",
+                            plan.epoch
+                        )));
+                    }
+                    None => {
+                        if plan.epoch > committed + 1
+                            && self.checkpoint.planned(plan.epoch - 1)?.is_none()
+                        {
+                            return Err(RiffleError::Checkpoint(format!(
+                                "checkpoint {root}: the sink holds epoch {}, epoch {}'s plan is lost",
+                                plan.epoch,
+                                plan.epoch - 1
+                            )));
+                        }
+                        self.checkpoint.write_plan(&plan)?;
+                        tracing::info!(
+                            epoch = plan.epoch,
+                            "the epoch's plan, lost from the checkpoint, came back from its sink"
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Tells the sources and the observer of the epochs whose commits are now durable, oldest
@@ -777,7 +850,8 @@ impl StreamingQuery {
     /// the commit writer.
     ///
     /// The plan must be durable before the sink writes when the sink keeps an epoch it
-    /// already holds ([`Sink::keeps_replayed_epochs`]): the driver waits for it there.
+    /// already holds ([`Sink::keeps_replayed_epochs`]) and does not carry the plans not yet
+    /// durable itself ([`Sink::carries_plans`]): the driver waits for it there.
     /// Otherwise only before the commit (a restart reads the committed epoch's offsets from
     /// it): the commit writer waits for it. The commit must be durable only before the
     /// sources hear of it, and before a later commit (the commit writer keeps their order).
@@ -943,10 +1017,33 @@ impl StreamingQuery {
         let state = tokio::task::spawn_blocking(move || state.write());
         phases.state_ms = ms(t);
 
-        let keeps = self.sink.keeps_replayed_epochs()
-            || self.late_sinks.values().any(|s| s.keeps_replayed_epochs());
-        if keeps || armed("after-plan", plan.epoch) {
+        // A sink that keeps the epochs it holds needs the plan durable before it writes,
+        // unless it carries the plans not yet durable itself.
+        let sinks = || std::iter::once(&self.sink).chain(self.late_sinks.values());
+        let needs_plan = sinks().any(|s| s.keeps_replayed_epochs() && !s.carries_plans());
+        if needs_plan || armed("after-plan", plan.epoch) {
             plan_durable(&mut plan_written, plan.epoch, &mut phases).await?;
+        }
+        let durable = self.plans_durable.load(Ordering::Acquire);
+        while self
+            .plans_in_flight
+            .front()
+            .is_some_and(|p| p.epoch <= durable)
+        {
+            self.plans_in_flight.pop_front();
+        }
+        if sinks().any(|s| s.carries_plans()) {
+            let plans: Vec<_> = self
+                .plans_in_flight
+                .iter()
+                .filter(|p| p.epoch <= plan.epoch)
+                .map(|p| serde_json::to_value(p).expect("serialisable"))
+                .collect();
+            for sink in std::iter::once(&mut self.sink).chain(self.late_sinks.values_mut()) {
+                if sink.carries_plans() {
+                    sink.carry_plans(plans.clone());
+                }
+            }
         }
 
         let t = Instant::now();
@@ -965,7 +1062,7 @@ impl StreamingQuery {
         let state = state
             .await
             .map_err(|e| RiffleError::Internal(format!("the state writer failed: {e}")))?;
-        written?;
+        let acknowledgements = written?;
         let (manifest, state_bytes_written) = state?;
         phases.state_ms += ms(t);
         if holds("after-state", plan.epoch) || holds("after-sink", plan.epoch) {
@@ -1043,6 +1140,10 @@ impl StreamingQuery {
                 // Not waited for yet if the sink let the epoch go on: the commit follows it.
                 if let Some(plan) = plan_written {
                     lane::wait_blocking(plan)?;
+                }
+                // The sinks that returned before their output was acknowledged.
+                for acknowledged in acknowledgements {
+                    acknowledged()?;
                 }
                 checkpoint.commit(&commit)?;
                 crash_point("after-commit", epoch);

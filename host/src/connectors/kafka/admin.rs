@@ -99,7 +99,7 @@ pub fn produce_json(
                     std::thread::sleep(wait);
                 }
             }
-            sink.produce(&producer, &[batch.slice(at, n)])?;
+            sink.produce(&producer, &[batch.slice(at, n)], super::UNTAGGED)?;
             at += n;
             sent += n as u64;
             if let Some(r) = rate

@@ -33,6 +33,7 @@ pub mod source;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
 use rdkafka::ClientContext;
@@ -115,22 +116,105 @@ pub(crate) fn kafka_error(what: &str, e: KafkaError) -> RiffleError {
     RiffleError::External(format!("kafka: {what}: {e}"))
 }
 
-/// Counts delivery failures, which the default context would drop silently: an at-least-once
-/// epoch is only done when every record of it was acknowledged.
+/// Checks delivery reports, which the default context would drop silently: a record counts as
+/// written only once the broker acknowledged it.
+///
+/// Records are sent with a tag (rdkafka's delivery opaque). [`UNTAGGED`] records are checked
+/// all at once by [`flush_checked`]. An at-least-once epoch's records carry the epoch's number
+/// and are waited for on their own ([`DeliveryCheck::wait`]), while later epochs' records are
+/// still being sent: a flush would wait for those too.
 #[derive(Default)]
 pub(crate) struct DeliveryCheck {
     failed: AtomicU64,
-    last_error: std::sync::Mutex<Option<String>>,
+    last_error: Mutex<Option<String>>,
+    tagged: Mutex<BTreeMap<usize, Tally>>,
+    acknowledged: Condvar,
+}
+
+/// The tag of records that [`flush_checked`] checks.
+pub(crate) const UNTAGGED: usize = usize::MAX;
+
+/// The delivery reports still due for one tag's records, and the first failure among them.
+#[derive(Default)]
+struct Tally {
+    due: u64,
+    failure: Option<String>,
 }
 
 impl ClientContext for DeliveryCheck {}
 
 impl ProducerContext for DeliveryCheck {
-    type DeliveryOpaque = ();
-    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-        if let Err((e, _)) = result {
-            self.failed.fetch_add(1, Ordering::Relaxed);
-            *self.last_error.lock().expect("delivery lock") = Some(e.to_string());
+    type DeliveryOpaque = usize;
+    fn delivery(&self, result: &DeliveryResult<'_>, tag: usize) {
+        self.report(tag, result.as_ref().err().map(|(e, _)| e.to_string()));
+    }
+}
+
+impl DeliveryCheck {
+    /// Notes the delivery report of one record sent with `tag`: `failure` if it failed.
+    fn report(&self, tag: usize, failure: Option<String>) {
+        if tag == UNTAGGED {
+            if let Some(e) = failure {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+                *self.last_error.lock().expect("delivery lock") = Some(e);
+            }
+            return;
+        }
+        let mut tagged = self.tagged.lock().expect("delivery lock");
+        // A tag forgotten after a failed send has no tally left.
+        if let Some(tally) = tagged.get_mut(&tag) {
+            tally.due = tally.due.saturating_sub(1);
+            if let Some(e) = failure {
+                tally.failure.get_or_insert(e);
+            }
+            if tally.due == 0 {
+                self.acknowledged.notify_all();
+            }
+        }
+    }
+
+    /// Expects `records` delivery reports for `tag`: called before they are sent, so that no
+    /// report arrives before its tally exists.
+    pub(crate) fn expect(&self, tag: usize, records: u64) {
+        let mut tagged = self.tagged.lock().expect("delivery lock");
+        tagged.entry(tag).or_default().due += records;
+    }
+
+    /// Stops counting `tag`'s records (their sending failed, and so did their epoch).
+    pub(crate) fn forget(&self, tag: usize) {
+        self.tagged.lock().expect("delivery lock").remove(&tag);
+    }
+
+    /// Waits until the broker acknowledged every record sent with `tag`.
+    ///
+    /// # Errors
+    /// [`RiffleError::External`] naming `what` if a record failed, or if reports were still due
+    /// after `timeout` (librdkafka reports every record by its `message.timeout.ms`, 5 minutes
+    /// by default; the flush this replaces waited 30 s).
+    pub(crate) fn wait(&self, tag: usize, what: &str, timeout: Duration) -> Result<()> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut tagged = self.tagged.lock().expect("delivery lock");
+        loop {
+            let due = tagged.get(&tag).map_or(0, |t| t.due);
+            if due == 0 {
+                return match tagged.remove(&tag).and_then(|t| t.failure) {
+                    Some(reason) => Err(RiffleError::External(format!(
+                        "kafka: {what}: delivery failed: {reason}"
+                    ))),
+                    None => Ok(()),
+                };
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(RiffleError::External(format!(
+                    "kafka: {what}: {due} records not acknowledged within {timeout:?}"
+                )));
+            }
+            tagged = self
+                .acknowledged
+                .wait_timeout(tagged, left)
+                .expect("delivery lock")
+                .0;
         }
     }
 }
@@ -143,11 +227,28 @@ pub(crate) fn producer(config: &ClientConfig) -> Result<CheckedProducer> {
         .map_err(|e| kafka_error("creating a producer", e))
 }
 
-/// Sends one record, waiting while librdkafka's queue is full.
-pub(crate) fn send(
+/// Sends one record, untagged (see [`DeliveryCheck`]), waiting while librdkafka's queue is
+/// full.
+pub(crate) fn send(producer: &CheckedProducer, record: BaseRecord<'_, [u8], [u8]>) -> Result<()> {
+    send_tagged(producer, record, UNTAGGED)
+}
+
+/// Sends one record with `tag` (see [`DeliveryCheck`]), waiting while librdkafka's queue is
+/// full.
+pub(crate) fn send_tagged(
     producer: &CheckedProducer,
-    mut record: BaseRecord<'_, [u8], [u8]>,
+    record: BaseRecord<'_, [u8], [u8]>,
+    tag: usize,
 ) -> Result<()> {
+    let mut record = BaseRecord {
+        topic: record.topic,
+        partition: record.partition,
+        payload: record.payload,
+        key: record.key,
+        timestamp: record.timestamp,
+        headers: record.headers,
+        delivery_opaque: tag,
+    };
     loop {
         match producer.send(record) {
             Ok(()) => return Ok(()),
@@ -252,5 +353,64 @@ impl Drop for ClosingConsumer {
         if let Err(e) = closing {
             tracing::warn!("cannot close a Kafka consumer on a thread of its own: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn an_epoch_waits_for_its_own_records_only() {
+        let check = Arc::new(DeliveryCheck::default());
+        check.expect(1, 2);
+        check.expect(2, 1);
+        // Epoch 2's record is acknowledged first (another partition): epoch 1 still waits.
+        check.report(2, None);
+        check.wait(2, "epoch 2", Duration::ZERO).unwrap();
+        let err = check.wait(1, "epoch 1", Duration::ZERO).unwrap_err();
+        assert!(
+            err.to_string().contains("2 records not acknowledged"),
+            "{err}"
+        );
+        // A waiter on another thread wakes when the last report arrives.
+        let waiter = {
+            let check = check.clone();
+            std::thread::spawn(move || check.wait(1, "epoch 1", Duration::from_secs(3600)))
+        };
+        check.report(1, None);
+        check.report(1, None);
+        waiter.join().unwrap().unwrap();
+        // Nothing sent, nothing to wait for.
+        check.wait(3, "epoch 3", Duration::ZERO).unwrap();
+    }
+
+    #[test]
+    fn a_failed_record_fails_its_epoch_once_all_are_reported() {
+        let check = DeliveryCheck::default();
+        check.expect(4, 3);
+        check.report(4, Some("Message size too large".into()));
+        check.report(4, None);
+        let err = check.wait(4, "epoch 4", Duration::ZERO).unwrap_err();
+        assert!(
+            err.to_string().contains("1 records not acknowledged"),
+            "{err}"
+        );
+        check.report(4, None);
+        let err = check
+            .wait(4, "writing epoch 4", Duration::ZERO)
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "kafka: writing epoch 4: delivery failed: Message size too large"
+        );
+        // Untagged failures are left to `flush_checked`; a forgotten tag has nothing due.
+        check.report(UNTAGGED, Some("broker down".into()));
+        assert_eq!(check.failed.load(Ordering::Relaxed), 1);
+        check.expect(5, 10);
+        check.forget(5);
+        check.report(5, None);
+        check.wait(5, "epoch 5", Duration::ZERO).unwrap();
     }
 }

@@ -5,14 +5,20 @@
 //! transactional id in the compacted marker topic (`riffle.epochs` unless set), which lasts as
 //! long as the topic, and the committed offset of a marker consumer group
 //! (`send_offsets_to_transaction`), which Kafka expires after `offsets.retention.minutes` (7 days
-//! by default) and so only backs the topic up. After a crash, `init_transactions` aborts
-//! whatever the dead process left open, and an epoch that a marker already counts is not
-//! written again, so `read_committed` consumers see every row once, however long the query was
-//! down. The at-least-once mode uses the idempotent producer without transactions, for the
-//! lowest latency.
+//! by default) and so only backs the topic up. The marker record also carries the plans (input
+//! offsets) of the epoch and of earlier ones the checkpoint may not have made durable yet, so
+//! the query need not wait for its checkpoint's disk before the transaction: a plan lost in a
+//! crash is read back from the marker ([`Sink::carried_plans`]). After a crash,
+//! `init_transactions` aborts whatever the dead process left open, and an epoch that a marker
+//! already counts is not written again, so `read_committed` consumers see every row once,
+//! however long the query was down. The at-least-once mode uses the idempotent producer without transactions, for the
+//! lowest latency: an epoch's records are queued and the next epoch runs while the broker
+//! acknowledges them, and the epoch commits only once it has (see [`Sink::acknowledgement`]).
 //!
 //! librdkafka's calls block (a transaction commit waits for the broker), so the sink makes them
 //! on a blocking thread of the runtime rather than on an async worker.
+
+use std::sync::Arc;
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
@@ -24,10 +30,11 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::codec::RecordFormat;
 use super::{
-    CheckedProducer, KafkaConfig, TIMEOUT, bootstrap, flush_checked, kafka_error, producer, send,
+    CheckedProducer, KafkaConfig, TIMEOUT, UNTAGGED, bootstrap, flush_checked, kafka_error,
+    producer, send, send_tagged,
 };
 use crate::connectors::ConfigContext;
-use crate::connectors::sink::Sink;
+use crate::connectors::sink::{Acknowledgement, Sink};
 use crate::connectors::source::DeadLetter;
 use crate::error::{Result, RiffleError};
 
@@ -96,7 +103,8 @@ pub enum Delivery {
     /// One transaction per epoch; replays are skipped.
     #[default]
     ExactlyOnce,
-    /// Idempotent producer, flushed every epoch; a replayed epoch is written again.
+    /// Idempotent producer; an epoch commits once the broker acknowledged its records, and a
+    /// replayed epoch is written again.
     AtLeastOnce,
 }
 
@@ -124,12 +132,39 @@ pub struct KafkaSinkOptions {
 /// A Kafka topic as a streaming sink.
 pub struct KafkaSink {
     options: KafkaSinkOptions,
-    producer: Option<CheckedProducer>,
+    /// Shared with the waits for at-least-once epochs' acknowledgements, which may outlive the
+    /// sink (a dropped producer purges the records it still holds).
+    producer: Option<Arc<CheckedProducer>>,
     /// Exactly-once: the consumer whose group holds the last committed epoch, that epoch, and
     /// the transactional id (the key of this query's records in the marker topic).
     marker: Option<(super::ClosingConsumer, u64, String)>,
     /// Dead letters of the sources, written in the next epoch's transaction.
     staged: Vec<DeadLetter>,
+    /// Plans to record in the next epoch's marker.
+    carry: Vec<serde_json::Value>,
+    /// The plans the last marker holds, read at start.
+    carried: Vec<serde_json::Value>,
+}
+
+/// The payload of a marker record. Before plans were carried it was the epoch as text alone.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Marker {
+    epoch: u64,
+    #[serde(default)]
+    plans: Vec<serde_json::Value>,
+}
+
+impl Marker {
+    fn parse(payload: &[u8]) -> Option<Marker> {
+        let text = std::str::from_utf8(payload).ok()?;
+        match text.trim().parse::<u64>() {
+            Ok(epoch) => Some(Marker {
+                epoch,
+                plans: Vec::new(),
+            }),
+            Err(_) => serde_json::from_str(text).ok(),
+        }
+    }
 }
 
 impl KafkaSink {
@@ -145,6 +180,8 @@ impl KafkaSink {
             producer: None,
             marker: None,
             staged: Vec::new(),
+            carry: Vec::new(),
+            carried: Vec::new(),
         })
     }
 
@@ -200,10 +237,12 @@ impl KafkaSink {
             .collect()
     }
 
+    /// Sends `batches`' rows with the delivery `tag` (see [`super::DeliveryCheck`]).
     pub(crate) fn produce(
         &self,
         producer: &CheckedProducer,
         batches: &[RecordBatch],
+        tag: usize,
     ) -> Result<()> {
         let options = FormatOptions::default();
         for batch in batches {
@@ -254,7 +293,7 @@ impl KafkaSink {
                 if let Some(k) = &key_text {
                     record = record.key(k.as_bytes());
                 }
-                send(producer, record)?;
+                send_tagged(producer, record, tag)?;
             }
         }
         Ok(())
@@ -280,8 +319,32 @@ impl Sink for KafkaSink {
         tokio::task::block_in_place(|| self.write(epoch, batches))
     }
 
+    fn acknowledgement(&mut self, epoch: u64) -> Option<Acknowledgement> {
+        if self.options.delivery != Delivery::AtLeastOnce {
+            return None;
+        }
+        let producer = self.producer.clone()?;
+        Some(Box::new(move || {
+            producer
+                .context()
+                .wait(tag_of(epoch), &format!("writing epoch {epoch}"), TIMEOUT)
+        }))
+    }
+
     fn keeps_replayed_epochs(&self) -> bool {
         self.options.delivery == Delivery::ExactlyOnce
+    }
+
+    fn carries_plans(&self) -> bool {
+        self.options.delivery == Delivery::ExactlyOnce
+    }
+
+    fn carry_plans(&mut self, plans: Vec<serde_json::Value>) {
+        self.carry = plans;
+    }
+
+    fn carried_plans(&self) -> Vec<serde_json::Value> {
+        self.carried.clone()
     }
 
     fn writes_dead_letters_for(&self, bootstrap: &str) -> bool {
@@ -301,10 +364,10 @@ impl KafkaSink {
         match self.options.delivery {
             Delivery::AtLeastOnce => {
                 self.producer =
-                    Some(producer(&kafka.client(&[
+                    Some(Arc::new(producer(&kafka.client(&[
                         ("enable.idempotence", "true"),
                         ("linger.ms", "1"),
-                    ]))?);
+                    ]))?));
             }
             Delivery::ExactlyOnce => {
                 let id = format!("riffle-{query_id}-{}", self.options.topic);
@@ -337,27 +400,42 @@ impl KafkaSink {
                     1,
                     &[("cleanup.policy", "compact")],
                 ))?;
-                let in_topic = last_marker(kafka, topic, &id)?;
+                let last = last_marker(kafka, topic, &id)?;
+                let in_topic = last.as_ref().map_or(0, |m| m.epoch);
+                // The group's offset is ahead only if the topic lost its newest marker (it was
+                // deleted): the plans it carried are lost with it.
+                self.carried = match last {
+                    Some(m) if m.epoch >= in_group => m.plans,
+                    _ => Vec::new(),
+                };
                 self.marker = Some((consumer, in_group.max(in_topic), id));
-                self.producer = Some(p);
+                self.producer = Some(Arc::new(p));
             }
         }
         Ok(())
     }
 
-    /// Writes one epoch (blocking on the broker).
+    /// Writes one epoch: exactly-once, in a transaction committed before returning (blocking
+    /// on the broker); at-least-once, queued, to be acknowledged before the epoch commits.
     fn write(&mut self, epoch: u64, batches: &[RecordBatch]) -> Result<()> {
         let producer = self.producer.as_ref().ok_or_else(|| {
             RiffleError::Internal("kafka sink written before the query started".into())
         })?;
         match self.options.delivery {
             Delivery::AtLeastOnce => {
-                self.produce(producer, batches)?;
-                flush_checked(producer, "writing an epoch")
+                let tag = tag_of(epoch);
+                let records = batches.iter().map(|b| b.num_rows() as u64).sum();
+                producer.context().expect(tag, records);
+                let sent = self.produce(producer, batches, tag);
+                if sent.is_err() {
+                    producer.context().forget(tag);
+                }
+                sent
             }
             Delivery::ExactlyOnce => {
                 let (consumer, done, id) = self.marker.as_ref().expect("started");
                 let letters = std::mem::take(&mut self.staged);
+                let plans = std::mem::take(&mut self.carry);
                 if epoch <= *done {
                     // Committed to Kafka before the crash that made this epoch run again, with
                     // its dead letters.
@@ -367,16 +445,16 @@ impl KafkaSink {
                     .begin_transaction()
                     .map_err(|e| kafka_error("beginning a transaction", e))?;
                 let result = (|| {
-                    self.produce(producer, batches)?;
+                    self.produce(producer, batches, UNTAGGED)?;
                     for letter in &letters {
                         send(producer, super::dlq::record_of(letter))?;
                     }
-                    let epoch_text = epoch.to_string();
+                    let marker = serde_json::to_vec(&Marker { epoch, plans }).expect("JSON");
                     send(
                         producer,
                         BaseRecord::to(&self.options.marker_topic)
                             .key(id.as_bytes())
-                            .payload(epoch_text.as_bytes()),
+                            .payload(marker.as_slice()),
                     )?;
                     let mut marker = self.marker_partition();
                     marker
@@ -408,10 +486,16 @@ impl KafkaSink {
     }
 }
 
-/// The last epoch the marker topic records for `id`: the newest committed record with that
-/// key. Read backwards from the end in windows, since the topic holds every query's records
+/// The delivery tag of an at-least-once epoch's records (never [`UNTAGGED`]: epochs are far
+/// fewer).
+fn tag_of(epoch: u64) -> usize {
+    usize::try_from(epoch).unwrap_or(UNTAGGED - 1)
+}
+
+/// The marker of the last epoch the marker topic records for `id`: the newest committed record
+/// with that key (`None` if there is none). Read backwards from the end in windows, since the topic holds every query's records
 /// (compaction keeps the newest per key, and a broker that does not compact keeps them all).
-fn last_marker(kafka: &KafkaConfig, topic: &str, id: &str) -> Result<u64> {
+fn last_marker(kafka: &KafkaConfig, topic: &str, id: &str) -> Result<Option<Marker>> {
     const WINDOW: i64 = 1_000;
     let consumer = super::ClosingConsumer::create(&kafka.client(&[
         ("group.id", "riffle-marker-reader"),
@@ -433,7 +517,7 @@ fn last_marker(kafka: &KafkaConfig, topic: &str, id: &str) -> Result<u64> {
         consumer
             .assign(&tpl)
             .map_err(|e| kafka_error("reading the epoch marker topic", e))?;
-        let mut found: Option<u64> = None;
+        let mut found: Option<Marker> = None;
         let started = std::time::Instant::now();
         loop {
             let at_end = consumer.position().ok().is_some_and(|p| {
@@ -447,12 +531,12 @@ fn last_marker(kafka: &KafkaConfig, topic: &str, id: &str) -> Result<u64> {
             match consumer.poll(std::time::Duration::from_millis(100)) {
                 Some(Ok(m)) => {
                     use rdkafka::Message;
-                    if m.offset() < end && m.key() == Some(id.as_bytes()) {
-                        let epoch = m
-                            .payload()
-                            .and_then(|p| std::str::from_utf8(p).ok())
-                            .and_then(|t| t.parse::<u64>().ok());
-                        found = found.max(epoch);
+                    if m.offset() < end
+                        && m.key() == Some(id.as_bytes())
+                        && let Some(marker) = m.payload().and_then(Marker::parse)
+                        && found.as_ref().is_none_or(|f| f.epoch < marker.epoch)
+                    {
+                        found = Some(marker);
                     }
                 }
                 Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => break,
@@ -465,10 +549,10 @@ fn last_marker(kafka: &KafkaConfig, topic: &str, id: &str) -> Result<u64> {
                 None => {}
             }
         }
-        if let Some(epoch) = found {
-            return Ok(epoch);
+        if found.is_some() {
+            return Ok(found);
         }
         end = start;
     }
-    Ok(0)
+    Ok(None)
 }
