@@ -1298,10 +1298,12 @@ pub fn stop_on_signals() -> Arc<AtomicBool> {
 ///   progress line; a hold comes after the line and before the next epoch is planned.
 ///
 /// A crash at `after-state` or `after-sink` may find earlier epochs' commits still in flight
-/// too; a hold there waits for them first, so that the checkpoint looks as the point says. One
-/// more point, `commit`, is in the commit writer before it writes the epoch's commit: held
-/// there (`RIFFLE_HANG=commit:<epoch>`, as on a slow disk), the writer falls behind while the
-/// driver runs on, so a crash then finds several epochs planned and not committed.
+/// too; a hold there waits for them first, so that the checkpoint looks as the point says. Two
+/// more points are in the checkpoint's writers, before they write the epoch's file: `commit`
+/// and `plan`. Held there (`RIFFLE_HANG=commit:<epoch>`, as on a slow disk), a writer falls
+/// behind while the driver runs on, so a crash then finds several epochs planned and not
+/// committed, or (`plan`, with a sink that carries plans) written to the sink and not even
+/// planned in the checkpoint.
 ///
 /// - `RIFFLE_CRASH=<point>:<epoch>` aborts the process there (as abruptly as `kill -9`: no
 ///   destructors, no flushing).
