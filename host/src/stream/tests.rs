@@ -157,8 +157,19 @@ fn batches() -> Vec<RecordBatch> {
         .collect()
 }
 
-async fn query(checkpoint: &std::path::Path, broker: &Arc<Broker>) -> StreamingQuery {
-    query_into(checkpoint, Box::new(AcknowledgedSink(broker.clone()))).await
+/// A checkpoint directory to use (in a directory dropped with the first value) and a broker.
+fn setup() -> (tempfile::TempDir, PathBuf, Arc<Broker>) {
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = dir.path().join("checkpoint");
+    (dir, checkpoint, Arc::new(Broker::default()))
+}
+
+/// Runs the query into `sink` until its input ends.
+async fn run(checkpoint: &std::path::Path, sink: Box<dyn Sink>) -> Result<RunSummary> {
+    query_into(checkpoint, sink)
+        .await
+        .run(&AtomicBool::new(false))
+        .await
 }
 
 async fn query_into(checkpoint: &std::path::Path, sink: Box<dyn Sink>) -> StreamingQuery {
@@ -197,13 +208,11 @@ fn committed(checkpoint: &std::path::Path) -> (u64, Vec<u64>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn later_epochs_run_while_one_waits_for_its_acknowledgement_and_it_commits_after() {
-    let dir = tempfile::tempdir().unwrap();
-    let checkpoint = dir.path().join("checkpoint");
-    let broker = Arc::new(Broker::default());
+    let (_dir, checkpoint, broker) = setup();
     broker.update(|s| {
         s.held.insert(2);
     });
-    let mut q = query(&checkpoint, &broker).await;
+    let mut q = query_into(&checkpoint, Box::new(AcknowledgedSink(broker.clone()))).await;
     let look = {
         let (broker, checkpoint) = (broker.clone(), checkpoint.clone());
         tokio::task::spawn_blocking(move || {
@@ -227,15 +236,11 @@ async fn later_epochs_run_while_one_waits_for_its_acknowledgement_and_it_commits
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_acknowledgement_leaves_its_epoch_and_every_later_one_to_run_again() {
-    let dir = tempfile::tempdir().unwrap();
-    let checkpoint = dir.path().join("checkpoint");
-    let broker = Arc::new(Broker::default());
+    let (_dir, checkpoint, broker) = setup();
     broker.update(|s| {
         s.failing.insert(2);
     });
-    let err = query(&checkpoint, &broker)
-        .await
-        .run(&AtomicBool::new(false))
+    let err = run(&checkpoint, Box::new(AcknowledgedSink(broker.clone())))
         .await
         .unwrap_err();
     assert!(err.to_string().contains("broker refused epoch 2"), "{err}");
@@ -249,9 +254,7 @@ async fn a_failed_acknowledgement_leaves_its_epoch_and_every_later_one_to_run_ag
         s.failing.clear();
         s.written.clear();
     });
-    query(&checkpoint, &broker)
-        .await
-        .run(&AtomicBool::new(false))
+    run(&checkpoint, Box::new(AcknowledgedSink(broker.clone())))
         .await
         .unwrap();
     let state = broker.state.lock().unwrap();
@@ -266,15 +269,9 @@ async fn a_failed_acknowledgement_leaves_its_epoch_and_every_later_one_to_run_ag
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plan_the_checkpoint_lost_comes_back_from_the_sink_that_carried_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let checkpoint = dir.path().join("checkpoint");
-    let broker = Arc::new(Broker::default());
+    let (_dir, checkpoint, broker) = setup();
     let carrying = || Box::new(CarryingSink(broker.clone(), Vec::new()));
-    query_into(&checkpoint, carrying())
-        .await
-        .run(&AtomicBool::new(false))
-        .await
-        .unwrap();
+    run(&checkpoint, carrying()).await.unwrap();
     // Each epoch carried its own plan, last, after any not yet durable.
     let carried = broker.state.lock().unwrap().carried.clone();
     for (epoch, plans) in &carried {
@@ -297,11 +294,7 @@ async fn a_plan_the_checkpoint_lost_comes_back_from_the_sink_that_carried_it() {
         s.recorded = vec![serde_json::to_value(&plan4).unwrap()];
         s.written.clear();
     });
-    query_into(&checkpoint, carrying())
-        .await
-        .run(&AtomicBool::new(false))
-        .await
-        .unwrap();
+    run(&checkpoint, carrying()).await.unwrap();
     {
         let state = broker.state.lock().unwrap();
         assert_eq!(state.written, vec![4, 5]);
@@ -317,11 +310,7 @@ async fn a_plan_the_checkpoint_lost_comes_back_from_the_sink_that_carried_it() {
         serde_json::from_slice::<EpochPlan>(&std::fs::read(plan_file(last)).unwrap()).unwrap();
     other.last = !other.last;
     broker.update(|s| s.recorded = vec![serde_json::to_value(&other).unwrap()]);
-    let err = query_into(&checkpoint, carrying())
-        .await
-        .run(&AtomicBool::new(false))
-        .await
-        .unwrap_err();
+    let err = run(&checkpoint, carrying()).await.unwrap_err();
     assert!(
         err.to_string()
             .contains("plan differs from its sink's record"),
