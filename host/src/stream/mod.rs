@@ -318,14 +318,13 @@ pub struct StreamingQuery {
     plans_durable: Arc<AtomicU64>,
     /// Plans handed to the plan writer and not known to be durable yet, oldest first: what a
     /// sink that carries plans records with its next epoch ([`Sink::carries_plans`]).
-    plans_in_flight: VecDeque<EpochPlan>,
+    /// Kept as the JSON the sinks record, made once per plan.
+    plans_in_flight: VecDeque<(u64, serde_json::Value)>,
     /// Writes the epochs' commits and progress lines, in order, off the driver's path.
     commits: Lane,
     /// Epochs whose commits are written or being written, oldest first, that the driver has
     /// not yet told the sources and the observer of.
     committing: VecDeque<Committing>,
-    /// The input rows of the epochs in `committing`.
-    committing_rows: u64,
     /// What the checkpoint pins; a hot swap updates its UDF part.
     fingerprint: Fingerprint,
     /// The module files, watched for a hot swap (`None` unless it is on).
@@ -411,7 +410,6 @@ impl StreamingQuery {
             plans_in_flight: VecDeque::new(),
             commits: Lane::new("riffle-commits")?,
             committing: VecDeque::new(),
-            committing_rows: 0,
             fingerprint: compiled.fingerprint,
             udf_watch: options
                 .hot_swap_udfs
@@ -511,7 +509,6 @@ impl StreamingQuery {
         for (name, late) in &mut self.late_sinks {
             late.start(&format!("{id}-late-{name}")).await?;
         }
-        self.recover_carried_plans()?;
         if let Some(observer) = &self.observer {
             let sources = self
                 .sources
@@ -600,6 +597,7 @@ impl StreamingQuery {
                 0
             }
         };
+        self.recover_carried_plans(epoch)?;
         // The first epoch's input rate counts from here, after the sink, state and sources
         // are ready.
         self.progress.start_clock();
@@ -686,7 +684,10 @@ impl StreamingQuery {
                     Ok(())
                 })
             };
-            self.plans_in_flight.push_back(plan.clone());
+            self.plans_in_flight.push_back((
+                plan.epoch,
+                serde_json::to_value(&plan).expect("serialisable"),
+            ));
             self.run_epoch(&plan, Some(plan_written), tick.elapsed(), &mut summary)
                 .await?;
             epoch = plan.epoch;
@@ -709,10 +710,11 @@ impl StreamingQuery {
     /// checkpoint lacks: a sink may hold an epoch whose plan a crash took before it was
     /// durable. The epoch then runs again over the input it had, and the sink skips it.
     ///
+    /// `committed` is the last committed epoch.
+    ///
     /// # Errors
     /// A carried plan that does not read, differs from the checkpoint's, or leaves a gap.
-    fn recover_carried_plans(&self) -> Result<()> {
-        let committed = self.checkpoint.last_commit()?.map_or(0, |c| c.epoch);
+    fn recover_carried_plans(&self, committed: u64) -> Result<()> {
         let root = self.checkpoint.root().display();
         for sink in std::iter::once(&self.sink).chain(self.late_sinks.values()) {
             for carried in sink.carried_plans() {
@@ -765,7 +767,8 @@ impl StreamingQuery {
             let in_flight = self.committing.len();
             let full = in_flight >= MOST_COMMITTING
                 || (in_flight >= MAX_COMMITTING
-                    && self.committing_rows > self.options.max_rows_per_epoch as u64);
+                    && self.committing.iter().map(|c| c.rows).sum::<u64>()
+                        > self.options.max_rows_per_epoch as u64);
             let Some(front) = self.committing.front_mut() else {
                 break;
             };
@@ -782,7 +785,6 @@ impl StreamingQuery {
                 break;
             };
             let c = self.committing.pop_front().expect("the front epoch");
-            self.committing_rows -= c.rows;
             outcome?;
             for (s, end) in self.sources.iter_mut().zip(c.ends) {
                 s.blocking(move |src| {
@@ -1036,7 +1038,7 @@ impl StreamingQuery {
         while self
             .plans_in_flight
             .front()
-            .is_some_and(|p| p.epoch <= durable)
+            .is_some_and(|(epoch, _)| *epoch <= durable)
         {
             self.plans_in_flight.pop_front();
         }
@@ -1044,8 +1046,8 @@ impl StreamingQuery {
             let plans: Vec<_> = self
                 .plans_in_flight
                 .iter()
-                .filter(|p| p.epoch <= plan.epoch)
-                .map(|p| serde_json::to_value(p).expect("serialisable"))
+                .filter(|(epoch, _)| *epoch <= plan.epoch)
+                .map(|(_, plan)| plan.clone())
                 .collect();
             for sink in std::iter::once(&mut self.sink).chain(self.late_sinks.values_mut()) {
                 if sink.carries_plans() {
@@ -1160,7 +1162,6 @@ impl StreamingQuery {
             })
         };
         self.manifest = manifest;
-        self.committing_rows += input_rows;
         self.committing.push_back(Committing {
             epoch: plan.epoch,
             rows: input_rows,
