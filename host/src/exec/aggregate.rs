@@ -9,6 +9,7 @@
 //! Wasm aggregate's accumulator takes its state back as it is, with no guest call).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use arrow::array::{
     Array, ArrayRef, AsArray, BooleanArray, Int64Array, RecordBatch, UInt32Array, new_empty_array,
@@ -23,10 +24,10 @@ use datafusion::physical_expr::aggregate::{AggregateFunctionExpr, LoweredAggrega
 use datafusion::physical_plan::PhysicalExpr;
 
 use super::keys::{KeyEncoder, KeyRoute};
-use super::{Operator, Output, Partitioning};
+use super::{Combiner, Operator, Output, Partitioning};
 use crate::common::{OutputMode, Watermark, to_micros};
 use crate::error::{Result, RiffleError};
-use crate::state::{KeyedTable, StateTable, ValueCodec, ValueEncoder};
+use crate::state::{KeyedTable, StateTable, ValueCodec, ValueEncoder, entry_keys};
 use crate::udf::WasmAggregateUdf;
 use crate::window::{TimeWindows, WindowKind, window_array, window_call};
 
@@ -271,6 +272,7 @@ pub(crate) struct Group {
 }
 
 /// Encodes groups as their window start plus one column per accumulator state field.
+#[derive(Clone)]
 struct GroupCodec {
     specs: Vec<Arc<AggregateFunctionExpr>>,
     /// State columns per aggregate.
@@ -294,6 +296,20 @@ impl GroupCodec {
             widths,
             fields: fields.into(),
         })
+    }
+
+    /// Merges the group of row `row` of `columns` (as [`decode`](ValueCodec::decode) reads
+    /// them) into `group`, of the same window.
+    fn merge(&self, group: &mut Group, columns: &[ArrayRef], row: usize) -> Result<()> {
+        let mut column = 1;
+        for (acc, n) in group.accs.iter_mut().zip(&self.widths) {
+            let state: Vec<ArrayRef> = (column..column + n)
+                .map(|c| columns[c].slice(row, 1))
+                .collect();
+            acc.merge_batch(&state)?;
+            column += n;
+        }
+        Ok(())
     }
 }
 
@@ -399,115 +415,42 @@ pub struct AggregateMode {
     pub window_on_event_time: bool,
 }
 
-/// Streaming `GROUP BY` with optional tumbling/hopping window.
-pub struct WindowAggregate {
+/// The name of an aggregation's state table.
+const GROUPS: &str = "groups";
+
+/// What an aggregation groups its rows by and folds into each group: shared by its instances
+/// and by its [`Combiner`], which fold rows alike.
+struct Folding {
     keys: GroupKeys,
     windows: Option<TimeWindows>,
     aggs: Vec<AggSpec>,
-    groups: KeyedTable<Group>,
-    /// Groups changed in this epoch (update mode emits them).
-    updated: Vec<Box<[u8]>>,
-    mode: AggregateMode,
-    output_schema: SchemaRef,
-    /// The partition key: for a tumbling window its start and the other `GROUP BY`
-    /// expressions; for a hopping window (a row is in several) the other expressions alone, so
-    /// that every window of a key is in one partition. `None` when there is nothing to split
-    /// by.
-    route: Option<Arc<KeyRoute>>,
+    /// How the `groups` table encodes a group (the combiner's entries too).
+    codec: GroupCodec,
+    /// The watermark closes groups ([`WindowAggregate::evicts`]): a new group gets its window's
+    /// end as its deadline.
+    evicts: bool,
 }
 
-impl WindowAggregate {
-    /// Plans the operator for a logical `Aggregate`.
-    ///
-    /// # Errors
-    /// [`RiffleError::Unsupported`] for aggregates the streaming engine cannot run.
-    pub fn new(agg: &Aggregate, state: &SessionState, mode: AggregateMode) -> Result<Self> {
-        let keys = GroupKeys::plan(agg, state, true)?;
-        let windows = match &keys.window {
-            Some((_, WindowKind::Time(w), _)) => Some(*w),
-            Some((_, WindowKind::Session(_), _)) => {
-                return Err(RiffleError::Internal(
-                    "session windows are planned by SessionAggregate".into(),
-                ));
-            }
-            None => None,
-        };
-        let aggs = AggSpec::plan(agg, state)?;
-        let codec = GroupCodec::new(&aggs)?;
-        Ok(WindowAggregate {
-            route: match (&keys.window, windows) {
-                (Some((_, _, ts)), Some(w)) if w.size == w.slide => {
-                    keys.keys.route_tumbling(ts.clone(), w)?
-                }
-                _ => keys.keys.route()?,
-            },
-            groups: KeyedTable::new("groups", Box::new(codec)),
-            aggs,
-            keys,
-            windows,
-            updated: Vec::new(),
-            mode,
-            output_schema: Arc::new(agg.schema.as_arrow().clone()),
-        })
-    }
-
-    fn new_accumulators(&self) -> Result<Vec<Box<dyn Accumulator>>> {
-        accumulators(self.aggs.iter().map(|a| &a.expr))
-    }
-
-    /// Builds an output batch of `groups` (key bytes and group, in order).
-    fn emit<'a>(
+impl Folding {
+    /// Folds `batch`'s rows into `groups` (a new group for each new key), calling `touched`
+    /// with the key of each group that rows of the batch reached.
+    fn fold(
         &self,
-        groups: impl IntoIterator<Item = (&'a [u8], &'a mut Group)>,
-        out: &mut Output,
-    ) -> Result<()> {
-        let mut chosen: Vec<&[u8]> = Vec::new();
-        let mut accs: Vec<&mut Vec<Box<dyn Accumulator>>> = Vec::new();
-        for (key, group) in groups {
-            chosen.push(key);
-            accs.push(&mut group.accs);
-        }
-        if chosen.is_empty() {
-            return Ok(());
-        }
-        let size = self.windows.map(|w| w.size).unwrap_or(0);
-        let mut columns = self.keys.output_columns(&chosen, size)?;
-        append_aggregate_columns(&mut columns, &self.aggs, &mut accs, &self.output_schema)?;
-        out.push(RecordBatch::try_new(self.output_schema.clone(), columns)?);
-        Ok(())
-    }
-
-    /// Whether the watermark ever closes this aggregation's groups.
-    fn evicts(&self) -> bool {
-        self.windows.is_some()
-            && self.mode.window_on_event_time
-            && self.mode.output != OutputMode::Complete
-    }
-}
-
-#[async_trait::async_trait]
-impl Operator for WindowAggregate {
-    fn kind(&self) -> &'static str {
-        "aggregate"
-    }
-
-    async fn process_batch(
-        &mut self,
-        _input: usize,
-        batch: RecordBatch,
-        _out: &mut Output,
+        batch: &RecordBatch,
+        groups: &mut KeyedTable<Group>,
+        mut touched: impl FnMut(&[u8]),
     ) -> Result<()> {
         let rows = batch.num_rows();
         if rows == 0 {
             return Ok(());
         }
-        let mut key_arrays = self.keys.keys.evaluate(&batch)?;
+        let mut key_arrays = self.keys.keys.evaluate(batch)?;
         // Expand rows into (row, window start) pairs. Rows without an event time belong to no
         // window (batch mode filters them out of windowed aggregations the same way).
         let mut row_ids: Vec<u32> = Vec::with_capacity(rows);
         let mut starts: Vec<i64> = Vec::new();
         if let (Some(w), Some((_, _, ts))) = (self.windows, &self.keys.window) {
-            let ts = micros(ts, &batch)?;
+            let ts = micros(ts, batch)?;
             let ts = ts.as_primitive::<Int64Type>();
             starts.reserve(rows);
             for i in 0..rows {
@@ -552,36 +495,234 @@ impl Operator for WindowAggregate {
         let evaluated = self
             .aggs
             .iter()
-            .map(|a| a.evaluate(&batch))
+            .map(|a| a.evaluate(batch))
             .collect::<Result<Vec<_>>>()?;
-        let evicts = self.evicts();
         let size = self.windows.map(|w| w.size).unwrap_or(0);
         for (g, rows_of_group) in members.into_iter().enumerate() {
             let j = first_of[g];
             let key = encoded.get(j);
             let start = starts.get(j).copied().unwrap_or(0);
-            if self.groups.get(key).is_none() {
-                let accs = self.new_accumulators()?;
-                self.groups.insert(
+            if groups.get(key).is_none() {
+                let accs = accumulators(self.aggs.iter().map(|a| &a.expr))?;
+                groups.insert(
                     key,
                     Group {
                         window_start: start,
                         accs,
                     },
                 );
-                if evicts {
+                if self.evicts {
                     // The window [start, start + size) closes once the watermark reaches its end.
-                    self.groups.set_deadline(key, Some(start + size - 1));
+                    groups.set_deadline(key, Some(start + size - 1));
                 }
             }
-            let group = self.groups.get_mut(key).expect("inserted above");
+            let group = groups.get_mut(key).expect("inserted above");
             let ids = UInt32Array::from(rows_of_group);
             for (acc, (args, mask)) in group.accs.iter_mut().zip(&evaluated) {
                 update(acc.as_mut(), args, mask.as_ref(), &ids)?;
             }
-            if self.mode.output == OutputMode::Update {
-                self.updated.push(key.into());
+            touched(key);
+        }
+        Ok(())
+    }
+}
+
+/// Whether partial states of `spec`, merged, give bit for bit what one accumulator fed every
+/// row gives, whatever the rows' grouping and order: counts (`DISTINCT` too), `min` and `max`
+/// (a total order, floats included), `approx_distinct` (its sketch's registers merge by
+/// maximum), boolean and bitwise aggregates, and sums of integers and decimals (wrapping
+/// additions, in any order). Not float sums and averages, whose rounding depends on the order
+/// of additions, nor Wasm aggregates (their merge is the author's): folding shares of their
+/// rows would make a result depend on how many partitions a query runs on.
+fn merges_exactly(spec: &AggSpec) -> bool {
+    let expr = &spec.expr;
+    if !expr.order_bys().is_empty() {
+        return false;
+    }
+    let exact_sum = |t: &DataType| {
+        t.is_integer() || matches!(t, DataType::Decimal128(..) | DataType::Decimal256(..))
+    };
+    match expr.fun().name() {
+        "count" | "min" | "max" => true,
+        "approx_distinct" | "bool_and" | "bool_or" | "bit_and" | "bit_or" | "bit_xor" => {
+            !expr.is_distinct()
+        }
+        "sum" => !expr.is_distinct() && exact_sum(expr.field().data_type()),
+        _ => false,
+    }
+}
+
+/// Folds a contiguous share of an aggregation's rows into partial groups: entries of its
+/// `groups` table, which the instance that owns each key merges into its own ([`Combiner`]).
+struct GroupCombiner {
+    folding: Arc<Folding>,
+    /// Calls left to pass up after one whose rows made too many groups to be worth folding.
+    skip: AtomicU32,
+}
+
+impl GroupCombiner {
+    /// Folding pays once rows average at least this many per group: each group costs its
+    /// instance a merge, about what a few rows cost it.
+    const ROWS_PER_GROUP: usize = 4;
+    /// Rows folded before the first look at the groups they made.
+    const PROBE_ROWS: usize = 16_384;
+    /// Calls passed up after folding did not pay, before trying again (the keys may change).
+    const SKIP_CALLS: u32 = 64;
+}
+
+impl Combiner for GroupCombiner {
+    fn table(&self) -> &str {
+        GROUPS
+    }
+
+    fn combine(&self, _input: usize, rows: &[RecordBatch]) -> Result<Option<Vec<RecordBatch>>> {
+        let skipped = self
+            .skip
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        if skipped.is_ok() {
+            return Ok(None);
+        }
+        let mut groups = KeyedTable::new(GROUPS, Box::new(self.folding.codec.clone()));
+        let total: usize = rows.iter().map(RecordBatch::num_rows).sum();
+        let mut seen = 0;
+        for batch in rows {
+            self.folding.fold(batch, &mut groups, |_| {})?;
+            seen += batch.num_rows();
+            if (seen >= Self::PROBE_ROWS || seen == total)
+                && groups.len() * Self::ROWS_PER_GROUP > seen
+            {
+                self.skip.store(Self::SKIP_CALLS, Ordering::Relaxed);
+                return Ok(None);
             }
+        }
+        Ok(Some(groups.snapshot()?))
+    }
+}
+
+/// Streaming `GROUP BY` with optional tumbling/hopping window.
+pub struct WindowAggregate {
+    folding: Arc<Folding>,
+    groups: KeyedTable<Group>,
+    /// Groups changed in this epoch (update mode emits them).
+    updated: Vec<Box<[u8]>>,
+    mode: AggregateMode,
+    output_schema: SchemaRef,
+    /// The partition key: for a tumbling window its start and the other `GROUP BY`
+    /// expressions; for a hopping window (a row is in several) the other expressions alone, so
+    /// that every window of a key is in one partition. `None` when there is nothing to split
+    /// by.
+    route: Option<Arc<KeyRoute>>,
+    /// Whether shares of the rows may be folded before they are routed: every aggregate
+    /// [`merges_exactly`].
+    combines: bool,
+}
+
+impl WindowAggregate {
+    /// Plans the operator for a logical `Aggregate`.
+    ///
+    /// # Errors
+    /// [`RiffleError::Unsupported`] for aggregates the streaming engine cannot run.
+    pub fn new(agg: &Aggregate, state: &SessionState, mode: AggregateMode) -> Result<Self> {
+        let keys = GroupKeys::plan(agg, state, true)?;
+        let windows = match &keys.window {
+            Some((_, WindowKind::Time(w), _)) => Some(*w),
+            Some((_, WindowKind::Session(_), _)) => {
+                return Err(RiffleError::Internal(
+                    "session windows are planned by SessionAggregate".into(),
+                ));
+            }
+            None => None,
+        };
+        let aggs = AggSpec::plan(agg, state)?;
+        let codec = GroupCodec::new(&aggs)?;
+        let route = match (&keys.window, windows) {
+            (Some((_, _, ts)), Some(w)) if w.size == w.slide => {
+                keys.keys.route_tumbling(ts.clone(), w)?
+            }
+            _ => keys.keys.route()?,
+        };
+        Ok(WindowAggregate {
+            route,
+            groups: KeyedTable::new(GROUPS, Box::new(codec.clone())),
+            combines: aggs.iter().all(merges_exactly),
+            folding: Arc::new(Folding {
+                codec,
+                evicts: windows.is_some()
+                    && mode.window_on_event_time
+                    && mode.output != OutputMode::Complete,
+                keys,
+                windows,
+                aggs,
+            }),
+            updated: Vec::new(),
+            mode,
+            output_schema: Arc::new(agg.schema.as_arrow().clone()),
+        })
+    }
+
+    /// Builds an output batch of `groups` (key bytes and group, in order).
+    fn emit<'a>(
+        &self,
+        groups: impl IntoIterator<Item = (&'a [u8], &'a mut Group)>,
+        out: &mut Output,
+    ) -> Result<()> {
+        let mut chosen: Vec<&[u8]> = Vec::new();
+        let mut accs: Vec<&mut Vec<Box<dyn Accumulator>>> = Vec::new();
+        for (key, group) in groups {
+            chosen.push(key);
+            accs.push(&mut group.accs);
+        }
+        if chosen.is_empty() {
+            return Ok(());
+        }
+        let f = &self.folding;
+        let size = f.windows.map(|w| w.size).unwrap_or(0);
+        let mut columns = f.keys.output_columns(&chosen, size)?;
+        append_aggregate_columns(&mut columns, &f.aggs, &mut accs, &self.output_schema)?;
+        out.push(RecordBatch::try_new(self.output_schema.clone(), columns)?);
+        Ok(())
+    }
+
+    /// Whether the watermark ever closes this aggregation's groups.
+    fn evicts(&self) -> bool {
+        self.folding.evicts
+    }
+}
+
+#[async_trait::async_trait]
+impl Operator for WindowAggregate {
+    fn kind(&self) -> &'static str {
+        "aggregate"
+    }
+
+    async fn process_batch(
+        &mut self,
+        _input: usize,
+        batch: RecordBatch,
+        _out: &mut Output,
+    ) -> Result<()> {
+        let updated = &mut self.updated;
+        let update = self.mode.output == OutputMode::Update;
+        self.folding.fold(&batch, &mut self.groups, |key| {
+            if update {
+                updated.push(key.into());
+            }
+        })
+    }
+
+    async fn process_combined(
+        &mut self,
+        _input: usize,
+        entries: RecordBatch,
+        _out: &mut Output,
+    ) -> Result<()> {
+        let codec = &self.folding.codec;
+        self.groups.merge_entries(&entries, |group, columns, row| {
+            codec.merge(group, columns, row)
+        })?;
+        if self.mode.output == OutputMode::Update {
+            let keys = entry_keys(&entries)?;
+            self.updated.extend(keys.iter().flatten().map(Box::from));
         }
         Ok(())
     }
@@ -619,7 +760,7 @@ impl Operator for WindowAggregate {
                     out,
                 );
                 let evicts = self.evicts();
-                let size = self.windows.map(|w| w.size).unwrap_or(0);
+                let size = self.folding.windows.map(|w| w.size).unwrap_or(0);
                 for (k, g) in taken {
                     let deadline = evicts.then_some(g.window_start + size - 1);
                     self.groups.insert(&k, g);
@@ -646,10 +787,11 @@ impl Operator for WindowAggregate {
                 let (chosen, groups): (Vec<Box<[u8]>>, Vec<&mut Group>) = all.into_iter().unzip();
                 let mut accs: Vec<&mut Vec<Box<dyn Accumulator>>> =
                     groups.into_iter().map(|g| &mut g.accs).collect();
-                let size = self.windows.map(|w| w.size).unwrap_or(0);
+                let f = &self.folding;
+                let size = f.windows.map(|w| w.size).unwrap_or(0);
                 let keys: Vec<&[u8]> = chosen.iter().map(|k| k.as_ref()).collect();
-                let mut columns = self.keys.output_columns(&keys, size)?;
-                append_aggregate_columns(&mut columns, &self.aggs, &mut accs, &self.output_schema)?;
+                let mut columns = f.keys.output_columns(&keys, size)?;
+                append_aggregate_columns(&mut columns, &f.aggs, &mut accs, &self.output_schema)?;
                 out.push(RecordBatch::try_new(self.output_schema.clone(), columns)?);
             }
         }
@@ -658,6 +800,15 @@ impl Operator for WindowAggregate {
 
     fn partitioning(&self) -> Partitioning {
         Partitioning::by_key(&self.route)
+    }
+
+    fn combiner(&self) -> Option<Arc<dyn Combiner>> {
+        self.combines.then(|| {
+            Arc::new(GroupCombiner {
+                folding: Arc::clone(&self.folding),
+                skip: AtomicU32::new(0),
+            }) as Arc<dyn Combiner>
+        })
     }
 
     fn tables(&mut self) -> Vec<&mut dyn StateTable> {
@@ -826,5 +977,151 @@ mod tests {
             ["2"],
             "the window was not evicted and restarted from 0"
         );
+    }
+
+    /// Instances of `sql`'s aggregation, and what turns rows into their input.
+    async fn instances(
+        sql: &str,
+        mode: AggregateMode,
+        n: usize,
+    ) -> (Vec<Box<dyn Operator>>, impl Fn(RecordBatch) -> RecordBatch) {
+        let (plan, state) = optimized(sql, &[("t", rows(&[], &[]))]).await;
+        let LogicalPlan::Aggregate(agg) = find(&plan, &|p| matches!(p, LogicalPlan::Aggregate(_)))
+        else {
+            unreachable!()
+        };
+        let input = agg.input.schema().as_arrow().clone();
+        let ops = (0..n)
+            .map(|_| Box::new(WindowAggregate::new(&agg, &state, mode).unwrap()) as _)
+            .collect();
+        (ops, move |b: RecordBatch| fit(&b, &input))
+    }
+
+    /// Every row of `outputs`, every column printed, sorted.
+    fn printed(outputs: &[Output]) -> Vec<String> {
+        let mut all = Vec::new();
+        for b in outputs.iter().flat_map(|o| &o.batches) {
+            let formatters: Vec<_> = b
+                .columns()
+                .iter()
+                .map(|c| {
+                    arrow::util::display::ArrayFormatter::try_new(c.as_ref(), &Default::default())
+                        .unwrap()
+                })
+                .collect();
+            for r in 0..b.num_rows() {
+                let row: Vec<String> = formatters.iter().map(|f| f.value(r).to_string()).collect();
+                all.push(row.join(" | "));
+            }
+        }
+        all.sort();
+        all
+    }
+
+    /// Shares of an epoch folded by the combiner, routed as entries and merged by the instance
+    /// that owns each key give, bit for bit, what one instance fed every row gives: in append
+    /// mode (windows closing over several epochs) and update mode, with distinct counts,
+    /// extremes of floats and an integer sum.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn folded_shares_give_what_one_instance_gives() {
+        use crate::exec::partition::{run_instances, split_by_key};
+        let sql = "SELECT window(ts, '1 minute') AS w, v > 50 AS big, count(*) AS n, \
+                   count(DISTINCT floor(v / 7)) AS d, max(v) AS hi, min(v) AS lo, \
+                   sum(CAST(v AS BIGINT)) AS total \
+                   FROM t GROUP BY window(ts, '1 minute'), v > 50";
+        for output in [OutputMode::Append, OutputMode::Update] {
+            let mode = AggregateMode {
+                output,
+                window_on_event_time: true,
+            };
+            let (mut one, input) = instances(sql, mode, 1).await;
+            let (mut three, _) = instances(sql, mode, 3).await;
+            let Partitioning::ByKey(key) = three[0].partitioning() else {
+                panic!("keyed by window and v > 50")
+            };
+            let combiner = three[0].combiner().expect("every aggregate merges exactly");
+            let mut combined = 0;
+            // Four epochs of 600 rows, one a second, in batches of 50: 20 groups an epoch.
+            for e in 0..4i64 {
+                let batches: Vec<RecordBatch> = (0..12)
+                    .map(|b| {
+                        let first = e * 600 + b * 50;
+                        let ts: Vec<i64> = (first..first + 50).collect();
+                        let v: Vec<f64> = ts.iter().map(|t| ((t * 37) % 101) as f64).collect();
+                        input(rows(&ts, &v))
+                    })
+                    .collect();
+                let watermark = Watermark((e + 1) * 600 * S - 30 * S);
+                let expected = epoch(
+                    one[0].as_mut(),
+                    batches.iter().map(|b| (0, b.clone())).collect(),
+                    watermark,
+                )
+                .await;
+                let (shares, _) = split_by_key(&key, Some(&combiner), vec![batches], 3)
+                    .await
+                    .unwrap();
+                combined += shares.iter().flatten().filter(|d| d.combined).count();
+                let (outputs, _) = run_instances(&mut three, shares, watermark).await.unwrap();
+                assert_eq!(
+                    printed(&outputs),
+                    printed(std::slice::from_ref(&expected)),
+                    "{output}, epoch {e}"
+                );
+                assert!(
+                    !expected.batches.is_empty(),
+                    "{output}, epoch {e}: windows closed"
+                );
+            }
+            assert!(combined > 0, "{output}: the shares were folded");
+        }
+    }
+
+    /// A float sum could round differently merged than added row by row: no combiner. Rows
+    /// that make nearly a group each are routed as they are, and the next calls do not try.
+    #[tokio::test]
+    async fn folding_is_left_out_where_it_could_change_a_result_or_would_not_pay() {
+        let append = AggregateMode {
+            output: OutputMode::Append,
+            window_on_event_time: true,
+        };
+        let (ops, _) = instances(
+            "SELECT window(ts, '1 minute') AS w, sum(v) AS s FROM t GROUP BY window(ts, '1 minute')",
+            append,
+            1,
+        )
+        .await;
+        assert!(ops[0].combiner().is_none());
+        let (ops, input) = instances(
+            "SELECT window(ts, '1 minute') AS w, v, count(*) AS n FROM t \
+             GROUP BY window(ts, '1 minute'), v",
+            append,
+            1,
+        )
+        .await;
+        let combiner = ops[0].combiner().unwrap();
+        let distinct = input(rows(&[1, 2, 3, 4], &[1.0, 2.0, 3.0, 4.0]));
+        assert!(combiner.combine(0, &[distinct]).unwrap().is_none());
+        let repeated = input(rows(&[1; 40], &[1.0; 40]));
+        assert!(
+            combiner
+                .combine(0, std::slice::from_ref(&repeated))
+                .unwrap()
+                .is_none(),
+            "passed up after a call that did not pay"
+        );
+        for _ in 1..GroupCombiner::SKIP_CALLS {
+            assert!(
+                combiner
+                    .combine(0, std::slice::from_ref(&repeated))
+                    .unwrap()
+                    .is_none()
+            );
+        }
+        let entries = combiner
+            .combine(0, &[repeated])
+            .unwrap()
+            .expect("tried again");
+        assert_eq!(entries.iter().map(RecordBatch::num_rows).sum::<usize>(), 1);
     }
 }

@@ -1,14 +1,17 @@
 //! The dataflow graph: operators with stable ids, wired to sources and to each other, run once
 //! per epoch in topological order.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use datafusion::execution::SessionState;
 
-use super::partition::{run_epoch, run_instances, split_by_hash, split_by_key, split_contiguous};
-use super::{Operator, OperatorMetrics, Output, Partitioning};
+use super::partition::{
+    Delivery, run_epoch, run_instances, split_by_hash, split_by_key, split_contiguous,
+};
+use super::{Combiner, Operator, OperatorMetrics, Output, Partitioning};
 use crate::common::Watermark;
 use crate::error::{Result, RiffleError};
 use crate::state::StateSize;
@@ -37,6 +40,9 @@ pub struct Node {
     /// The operator's instances (at least one); more than one only if it can be partitioned.
     instances: Vec<Box<dyn Operator>>,
     partitioning: Partitioning,
+    /// What folds shares of the rows before they are routed, when there are several instances
+    /// ([`Operator::combiner`]).
+    combiner: Option<Arc<dyn Combiner>>,
     /// Its inputs, in the order the operator numbers them.
     pub inputs: Vec<Edge>,
     /// Schema of what it emits.
@@ -58,6 +64,7 @@ impl Node {
             },
             instances: vec![operator],
             partitioning: Partitioning::Single,
+            combiner: None,
             inputs,
             schema,
             watermark: Watermark::NONE,
@@ -90,6 +97,9 @@ impl Node {
             )));
         }
         node.metrics.partitions = node.instances.len();
+        if node.instances.len() > 1 && matches!(partitioning, Partitioning::ByKey(_)) {
+            node.combiner = node.instances[0].combiner();
+        }
         node.partitioning = partitioning;
         Ok(node)
     }
@@ -246,27 +256,30 @@ impl Node {
             let input = inputs
                 .into_iter()
                 .enumerate()
-                .flat_map(|(k, batches)| batches.into_iter().map(move |b| (k, b)))
+                .flat_map(|(k, batches)| batches.into_iter().map(move |b| Delivery::rows(k, b)))
                 .collect();
             let started = Instant::now();
             out = run_epoch(self.instances[0].as_mut(), input, watermark).await?;
             self.metrics.add_time(started.elapsed());
         } else {
-            let started = Instant::now();
             let n = self.instances.len();
             let shares = match &self.partitioning {
-                Partitioning::ByKey(key) => split_by_key(key, inputs, n).await?,
+                Partitioning::ByKey(key) => {
+                    let (shares, busy) =
+                        split_by_key(key, self.combiner.as_ref(), inputs, n).await?;
+                    self.metrics.add_time(busy);
+                    shares
+                }
                 Partitioning::RowWise | Partitioning::Single => {
-                    let mut shares: Vec<Vec<(usize, RecordBatch)>> = vec![Vec::new(); n];
+                    let mut shares: Vec<Vec<Delivery>> = vec![Vec::new(); n];
                     for (k, batches) in inputs.into_iter().enumerate() {
                         for (share, part) in shares.iter_mut().zip(split_contiguous(batches, n)) {
-                            share.extend(part.into_iter().map(|b| (k, b)));
+                            share.extend(part.into_iter().map(|b| Delivery::rows(k, b)));
                         }
                     }
                     shares
                 }
             };
-            self.metrics.add_time(started.elapsed());
             let (outputs, busy) = run_instances(&mut self.instances, shares, watermark).await?;
             self.metrics.add_time(busy);
             for output in outputs {

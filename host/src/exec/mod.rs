@@ -41,6 +41,7 @@ pub mod stateless;
 #[cfg(test)]
 pub(crate) mod testing;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use arrow::array::RecordBatch;
@@ -48,10 +49,10 @@ use datafusion::execution::SessionState;
 use serde::Serialize;
 
 use crate::common::Watermark;
-use crate::error::Result;
+use crate::error::{Result, RiffleError};
 use crate::state::{StateSize, StateTable};
 
-pub use partition::{PartitionKey, Partitioning};
+pub use partition::{Combiner, PartitionKey, Partitioning};
 
 /// Where an operator puts what it emits.
 #[derive(Debug, Default)]
@@ -148,6 +149,28 @@ pub trait Operator: Send {
     /// graph splits its input within those rules.
     fn partitioning(&self) -> Partitioning {
         Partitioning::Single
+    }
+
+    /// For an operator partitioned [`ByKey`](Partitioning::ByKey): what folds shares of its
+    /// rows before they are routed to its instances ([`Combiner`]), or `None` to route the
+    /// rows as they are. Its instances then also receive folded rows, through
+    /// [`process_combined`](Self::process_combined).
+    fn combiner(&self) -> Option<Arc<dyn Combiner>> {
+        None
+    }
+
+    /// Takes entries the operator's [`combiner`](Self::combiner) folded from rows that
+    /// arrived on input `input`, in place of those rows.
+    async fn process_combined(
+        &mut self,
+        _input: usize,
+        _entries: RecordBatch,
+        _out: &mut Output,
+    ) -> Result<()> {
+        Err(RiffleError::Internal(format!(
+            "a {} operator was given combined rows, but has no combiner",
+            self.kind()
+        )))
     }
 
     /// The operator's state, for the checkpoint.

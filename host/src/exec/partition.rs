@@ -11,6 +11,9 @@
 //!   same order.
 //! - [`Partitioning::ByKey`] (keyed stateful operators): each row goes to the instance its
 //!   partition key's hash picks, so all rows of a key, and its state, meet in one instance.
+//!   An aggregation whose aggregates merge exactly first folds each contiguous share of the
+//!   epoch into one partial group per key ([`Combiner`]), and routes those instead: its
+//!   per-row work is then split evenly even over a handful of keys.
 //!
 //! # State does not depend on N
 //!
@@ -94,6 +97,54 @@ pub trait PartitionKey: Send + Sync {
     fn state_hashes(&self, table: &str, batch: &RecordBatch) -> Result<Vec<u64>>;
 }
 
+/// Folds a share of an epoch's rows into fewer rows before they are routed to an operator's
+/// instances: what MapReduce calls a combiner, Spark a partial aggregation and Flink a
+/// local-global aggregation.
+///
+/// Routing sends every row of a key to the one instance that owns the key, so the per-row
+/// work of a keyed aggregation (its arguments, Wasm calls included, and its accumulators)
+/// lands where the keys do: a handful of keys (eleven countries) can leave one core with
+/// two thirds of it. With a combiner each routing task first folds its contiguous share of
+/// the epoch into entries of the operator's state table, one per key it saw, and only those
+/// are routed; the owning instance merges them into its state
+/// ([`Operator::process_combined`]). The per-row work is then split evenly whatever the keys.
+///
+/// A combiner must not change results: the operator's output must be the same, bit for bit,
+/// whether its rows arrive folded or as they are, and however the epoch was cut into shares.
+pub trait Combiner: Send + Sync {
+    /// The state table whose entries [`combine`](Self::combine) makes (they are routed as its
+    /// entries are, by [`PartitionKey::state_hashes`]).
+    fn table(&self) -> &str;
+
+    /// Folds `rows`, a contiguous share of the rows that arrived on input `input` in one
+    /// epoch, into entries of [`table`](Self::table). `None` when folding would not leave
+    /// markedly fewer rows: the rows are then routed as they are.
+    ///
+    /// # Errors
+    /// Evaluation errors, as processing the rows would give.
+    fn combine(&self, input: usize, rows: &[RecordBatch]) -> Result<Option<Vec<RecordBatch>>>;
+}
+
+/// Rows for an operator instance: as they arrived on input `input`, or folded by the
+/// operator's [`Combiner`] from rows of that input.
+#[derive(Clone, Debug)]
+pub(crate) struct Delivery {
+    pub input: usize,
+    pub batch: RecordBatch,
+    pub combined: bool,
+}
+
+impl Delivery {
+    /// Rows as they arrived on `input`.
+    pub fn rows(input: usize, batch: RecordBatch) -> Self {
+        Delivery {
+            input,
+            batch,
+            combined: false,
+        }
+    }
+}
+
 /// The hash every partition key uses: fixed, so that a key maps to the same partition in
 /// every process (foldhash's quality hasher, as DataFusion's `create_hashes` applies it).
 const ROUTE: QualityRandomState = QualityRandomState::with_seed(0x7269_6666_6c65);
@@ -172,45 +223,85 @@ pub fn split_contiguous(batches: Vec<RecordBatch>, n: usize) -> Vec<Vec<RecordBa
 }
 
 /// Splits an epoch's rows (`inputs[k]`: input `k`'s batches) among `n` instances by `key`,
-/// returning each instance's rows as (input, batch) pairs. The hashing and copying run on `n`
-/// tasks at once, each over a contiguous share of every input, so that routing does not hold
-/// the other cores up. Each instance gets its rows input by input, and each input's rows in
-/// the order they arrived.
+/// returning each instance's rows. The hashing and copying run on `n` tasks at once, each
+/// over a contiguous share of every input, so that routing does not hold the other cores up;
+/// with a `combiner`, each task first folds its share ([`Combiner`]). Each instance gets its
+/// rows input by input, and each input's rows (or folded rows) in the order they arrived.
+/// Also returns the time the tasks took, added up.
 ///
 /// # Errors
-/// The key's evaluation errors.
+/// The key's (or the combiner's) evaluation errors.
 pub(crate) async fn split_by_key(
     key: &Arc<dyn PartitionKey>,
+    combiner: Option<&Arc<dyn Combiner>>,
     inputs: Vec<Vec<RecordBatch>>,
     n: usize,
-) -> Result<Vec<Vec<(usize, RecordBatch)>>> {
-    type Parts = Vec<Vec<(usize, RecordBatch)>>;
-    fn split(key: &dyn PartitionKey, rows: Vec<(usize, RecordBatch)>, n: usize) -> Result<Parts> {
-        let mut parts = vec![Vec::new(); n];
-        for (k, batch) in rows {
-            let hashes = key.input_hashes(k, &batch)?;
-            for (part, rows) in parts.iter_mut().zip(split_by_hash(&batch, &hashes, n)?) {
-                if rows.num_rows() > 0 {
-                    part.push((k, rows));
+) -> Result<(Vec<Vec<Delivery>>, Duration)> {
+    type Parts = Vec<Vec<Delivery>>;
+    /// Routes `batches` (all of input `input`) by `hashes` of each into `parts`.
+    fn route(
+        parts: &mut Parts,
+        input: usize,
+        batches: Vec<RecordBatch>,
+        combined: bool,
+        hashes: impl Fn(&RecordBatch) -> Result<Vec<u64>>,
+    ) -> Result<()> {
+        let n = parts.len();
+        for batch in batches {
+            let hashes = hashes(&batch)?;
+            for (part, batch) in parts.iter_mut().zip(split_by_hash(&batch, &hashes, n)?) {
+                if batch.num_rows() > 0 {
+                    part.push(Delivery {
+                        input,
+                        batch,
+                        combined,
+                    });
                 }
             }
         }
-        Ok(parts)
+        Ok(())
+    }
+    fn split(
+        key: &dyn PartitionKey,
+        combiner: Option<&dyn Combiner>,
+        inputs: Vec<Vec<RecordBatch>>,
+        n: usize,
+    ) -> Result<(Parts, Duration)> {
+        let started = Instant::now();
+        let mut parts = vec![Vec::new(); n];
+        for (k, batches) in inputs.into_iter().enumerate() {
+            if batches.is_empty() {
+                continue;
+            }
+            let combined = match combiner {
+                Some(c) => c.combine(k, &batches)?.map(|entries| (c.table(), entries)),
+                None => None,
+            };
+            match combined {
+                Some((table, entries)) => {
+                    route(&mut parts, k, entries, true, |b| key.state_hashes(table, b))?
+                }
+                None => route(&mut parts, k, batches, false, |b| key.input_hashes(k, b))?,
+            }
+        }
+        Ok((parts, started.elapsed()))
     }
 
-    let mut work: Vec<Vec<(usize, RecordBatch)>> = vec![Vec::new(); n];
-    for (k, batches) in inputs.into_iter().enumerate() {
+    // Task `w` takes the `w`th contiguous share of every input.
+    let mut work: Vec<Vec<Vec<RecordBatch>>> = vec![Vec::with_capacity(inputs.len()); n];
+    for batches in inputs {
         for (w, share) in work.iter_mut().zip(split_contiguous(batches, n)) {
-            w.extend(share.into_iter().map(|b| (k, b)));
+            w.push(share);
         }
     }
-    let split_shares: Vec<Result<Parts>> = match tokio::runtime::Handle::try_current() {
+    let split_shares: Vec<Result<(Parts, Duration)>> = match tokio::runtime::Handle::try_current() {
         Ok(runtime) if n > 1 => {
             let tasks: Vec<_> = work
                 .into_iter()
                 .map(|rows| {
                     let key = Arc::clone(key);
-                    runtime.spawn(async move { split(key.as_ref(), rows, n) })
+                    let combiner = combiner.cloned();
+                    runtime.spawn(async move { split(key.as_ref(), combiner.as_deref(), rows, n) })
                 })
                 .collect();
             let mut done = Vec::with_capacity(tasks.len());
@@ -229,35 +320,44 @@ pub(crate) async fn split_by_key(
         }
         _ => work
             .into_iter()
-            .map(|rows| split(key.as_ref(), rows, n))
+            .map(|rows| split(key.as_ref(), combiner.map(Arc::as_ref), rows, n))
             .collect(),
     };
-    let mut shares: Vec<Vec<(usize, RecordBatch)>> = vec![Vec::new(); n];
-    for parts in split_shares {
-        for (share, part) in shares.iter_mut().zip(parts?) {
+    let mut shares: Vec<Vec<Delivery>> = vec![Vec::new(); n];
+    let mut busy = Duration::ZERO;
+    for split in split_shares {
+        let (parts, took) = split?;
+        busy += took;
+        for (share, part) in shares.iter_mut().zip(parts) {
             share.extend(part);
         }
     }
     for share in &mut shares {
         // Stable: within an input, the contiguous shares' rows stay in arrival order.
-        share.sort_by_key(|(k, _)| *k);
+        share.sort_by_key(|d| d.input);
     }
-    Ok(shares)
+    Ok((shares, busy))
 }
 
-/// Runs one epoch of `operator`: `input` (input number and batch, in order), then the
-/// watermark.
+/// Runs one epoch of `operator`: `input` (rows or combined rows of each input, in order), then
+/// the watermark.
 ///
 /// # Errors
 /// The operator's first error.
 pub(crate) async fn run_epoch(
     operator: &mut dyn Operator,
-    input: Vec<(usize, RecordBatch)>,
+    input: Vec<Delivery>,
     watermark: Watermark,
 ) -> Result<Output> {
     let mut out = Output::default();
-    for (k, batch) in input {
-        operator.process_batch(k, batch, &mut out).await?;
+    for d in input {
+        if d.combined {
+            operator
+                .process_combined(d.input, d.batch, &mut out)
+                .await?;
+        } else {
+            operator.process_batch(d.input, d.batch, &mut out).await?;
+        }
     }
     operator.on_watermark(watermark, &mut out).await?;
     Ok(out)
@@ -280,12 +380,12 @@ struct InstanceRun {
 /// an instance resumes here, as it would have without partitions.
 pub(crate) async fn run_instances(
     instances: &mut Vec<Box<dyn Operator>>,
-    inputs: Vec<Vec<(usize, RecordBatch)>>,
+    inputs: Vec<Vec<Delivery>>,
     watermark: Watermark,
 ) -> Result<(Vec<Output>, Duration)> {
     async fn run(
         mut operator: Box<dyn Operator>,
-        input: Vec<(usize, RecordBatch)>,
+        input: Vec<Delivery>,
         watermark: Watermark,
     ) -> InstanceRun {
         let started = Instant::now();
@@ -467,20 +567,24 @@ mod tests {
         let other: Vec<RecordBatch> = rows[..50].chunks(7).map(keyed).collect();
         let key: Arc<dyn PartitionKey> = Arc::new(FirstColumn);
         for n in [1, 2, 3] {
-            let shares = split_by_key(&key, vec![input.clone(), other.clone()], n)
+            let (shares, _) = split_by_key(&key, None, vec![input.clone(), other.clone()], n)
                 .await
                 .unwrap();
             let mut seen_keys = std::collections::BTreeMap::new();
             let mut total = 0;
             for (s, share) in shares.iter().enumerate() {
-                let inputs: Vec<usize> = share.iter().map(|(k, _)| *k).collect();
+                let inputs: Vec<usize> = share.iter().map(|d| d.input).collect();
                 assert!(inputs.windows(2).all(|w| w[0] <= w[1]), "input by input");
                 for input in 0..2 {
                     let values: Vec<i64> = share
                         .iter()
-                        .filter(|(k, _)| *k == input)
-                        .flat_map(|(_, b)| {
-                            b.column(1).as_primitive::<Int64Type>().values().to_vec()
+                        .filter(|d| d.input == input)
+                        .flat_map(|d| {
+                            d.batch
+                                .column(1)
+                                .as_primitive::<Int64Type>()
+                                .values()
+                                .to_vec()
                         })
                         .collect();
                     total += values.len();

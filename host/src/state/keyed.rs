@@ -593,8 +593,45 @@ impl<V: Send> KeyedTable<V> {
         Ok(batches)
     }
 
-    /// Applies one batch of a snapshot or delta.
-    fn restore_one(&mut self, batch: &RecordBatch) -> Result<()> {
+    /// Folds the entries of `batch`, a snapshot batch of another table with this one's codec,
+    /// into this table: a key it lacks is added with the entry's value and deadline, and a key
+    /// it has gets `merge(value, value columns, row)` with the entry's row of the batch's
+    /// value columns (laid out as the codec's [`fields`](ValueCodec::fields)), keeping its
+    /// deadline. Every key of the batch
+    /// goes into the next delta. This is how an instance of a partitioned aggregation takes
+    /// the partial groups a [`Combiner`](crate::exec::Combiner) folded from a share of rows.
+    ///
+    /// # Errors
+    /// A batch of other columns, or `merge`'s error.
+    pub fn merge_entries(
+        &mut self,
+        batch: &RecordBatch,
+        mut merge: impl FnMut(&mut V, &[ArrayRef], usize) -> Result<()>,
+    ) -> Result<()> {
+        self.check_columns(batch)?;
+        let keys = batch.column(0).as_binary::<i32>();
+        let deadlines = batch.column(2).as_primitive::<Int64Type>();
+        let values = &batch.columns()[3..];
+        for row in 0..batch.num_rows() {
+            let key = keys.value(row);
+            let hash = self.hash(key);
+            match self.find_hashed(key, hash) {
+                Some(i) => merge(&mut self.touch(i).value, values, row)?,
+                None => {
+                    let value = self.codec.decode(values, row)?;
+                    let i = self.add(key, value, hash);
+                    self.touch(i);
+                    if deadlines.is_valid(row) {
+                        self.set_deadline_of(EntryId(i), Some(deadlines.value(row)));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that `batch` has this table's columns, as a snapshot or delta of it would.
+    fn check_columns(&self, batch: &RecordBatch) -> Result<()> {
         let expected = self.schema();
         if batch.schema().fields() != expected.fields() {
             return Err(RiffleError::Checkpoint(format!(
@@ -605,6 +642,12 @@ impl<V: Send> KeyedTable<V> {
                 describe(expected.fields())
             )));
         }
+        Ok(())
+    }
+
+    /// Applies one batch of a snapshot or delta.
+    fn restore_one(&mut self, batch: &RecordBatch) -> Result<()> {
+        self.check_columns(batch)?;
         let keys = batch.column(0).as_binary::<i32>();
         let deleted = batch.column(1).as_boolean();
         let deadlines = batch.column(2).as_primitive::<Int64Type>();
