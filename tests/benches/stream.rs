@@ -21,7 +21,7 @@
 //! 8. `modes`: the 1-minute tumbling aggregation with a UDF, a 5-minute/1-minute hopping
 //!    exact distinct count and a session window with a Wasm aggregate, each as a stream
 //!    (generator, checkpoints, Parquet sink) on one core and on two (partitions and runtime
-//!    workers; the session window is not partitioned yet), as a batch query over a Parquet file of the same
+//!    workers), as a batch query over a Parquet file of the same
 //!    rows (with no memory limit, and spilling beyond 128 MiB), and as that batch query with
 //!    its windows as plain DataFusion plans (how batch mode ran them before), each run in a
 //!    process of its own so that its peak RSS is its own; three rounds, in turn;
