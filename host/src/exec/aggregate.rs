@@ -298,16 +298,29 @@ impl GroupCodec {
         })
     }
 
+    /// Each aggregate's state columns at row `row` of `columns` (laid out as
+    /// [`fields`](ValueCodec::fields)), one row each.
+    fn states<'a>(
+        &'a self,
+        columns: &'a [ArrayRef],
+        row: usize,
+    ) -> impl Iterator<Item = Vec<ArrayRef>> + 'a {
+        let mut column = 1;
+        self.widths.iter().map(move |n| {
+            let state = columns[column..column + n]
+                .iter()
+                .map(|c| c.slice(row, 1))
+                .collect();
+            column += n;
+            state
+        })
+    }
+
     /// Merges the group of row `row` of `columns` (as [`decode`](ValueCodec::decode) reads
     /// them) into `group`, of the same window.
     fn merge(&self, group: &mut Group, columns: &[ArrayRef], row: usize) -> Result<()> {
-        let mut column = 1;
-        for (acc, n) in group.accs.iter_mut().zip(&self.widths) {
-            let state: Vec<ArrayRef> = (column..column + n)
-                .map(|c| columns[c].slice(row, 1))
-                .collect();
+        for (acc, state) in group.accs.iter_mut().zip(self.states(columns, row)) {
             acc.merge_batch(&state)?;
-            column += n;
         }
         Ok(())
     }
@@ -384,15 +397,12 @@ impl ValueCodec<Group> for GroupCodec {
     }
 
     fn decode(&self, columns: &[ArrayRef], row: usize) -> Result<Group> {
-        let mut accs = Vec::with_capacity(self.specs.len());
-        let mut column = 1;
-        for (spec, n) in self.specs.iter().zip(&self.widths) {
-            let arrays: Vec<ArrayRef> = (column..column + n)
-                .map(|c| columns[c].slice(row, 1))
-                .collect();
-            accs.push(restore_accumulator(spec, &arrays)?);
-            column += n;
-        }
+        let accs = self
+            .specs
+            .iter()
+            .zip(self.states(columns, row))
+            .map(|(spec, state)| restore_accumulator(spec, &state))
+            .collect::<Result<_>>()?;
         Ok(Group {
             window_start: columns[0].as_primitive::<Int64Type>().value(row),
             accs,

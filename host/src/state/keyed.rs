@@ -597,9 +597,9 @@ impl<V: Send> KeyedTable<V> {
     /// into this table: a key it lacks is added with the entry's value and deadline, and a key
     /// it has gets `merge(value, value columns, row)` with the entry's row of the batch's
     /// value columns (laid out as the codec's [`fields`](ValueCodec::fields)), keeping its
-    /// deadline. Every key of the batch
-    /// goes into the next delta. This is how an instance of a partitioned aggregation takes
-    /// the partial groups a [`Combiner`](crate::exec::Combiner) folded from a share of rows.
+    /// deadline. Every key of the batch goes into the next delta. This is how an instance of a
+    /// partitioned aggregation takes the partial groups a [`Combiner`](crate::exec::Combiner)
+    /// folded from a share of rows.
     ///
     /// # Errors
     /// A batch of other columns, or `merge`'s error.
