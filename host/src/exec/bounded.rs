@@ -24,7 +24,10 @@
 //! `OperatorExec` asks DataFusion for its input split by the hash of the other grouping keys
 //! (the `PARTITION BY`), each partition sorted by event time, which DataFusion's physical
 //! optimizer provides (a repartition and a sort per partition, spilling under a memory limit).
-//! Each partition runs an operator of its own, on a core of its own.
+//! Each partition runs an operator of its own, on a core of its own. Window aggregations over
+//! Parquet files skip the sort where the files' statistics allow: a
+//! [`FileOrderExec`](super::file_order::FileOrderExec) reads them in their own order and says
+//! how far back a row can reach (see [`super::file_order`]).
 //! Tumbling windows need none of this: a tumbling `window()` is a scalar, and DataFusion's own
 //! hash aggregation over it is the faster plan.
 //!
@@ -36,7 +39,7 @@ use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
-use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::array::{Array, AsArray, Int64Array, RecordBatch};
 use arrow::compute::{SortOptions, concat_batches};
 use arrow::datatypes::{Int64Type, SchemaRef};
 use datafusion::catalog::Session;
@@ -64,6 +67,7 @@ use datafusion::physical_planner::{DefaultPhysicalPlanner, ExtensionPlanner, Phy
 use futures::StreamExt;
 
 use super::aggregate::{AggregateMode, WindowAggregate, micros};
+use super::file_order::{Disorder, FileOrderExec};
 use super::over::OverWindow;
 use super::session::SessionAggregate;
 use super::{Operator, Output};
@@ -400,14 +404,17 @@ impl ExtensionPlanner for OperatorPlanner {
             .map(|k| planner.create_physical_expr(k, logical.schema(), session, ctx))
             .collect::<DfResult<Vec<_>>>()?;
         let schema = Arc::new(node.aggregate.schema.as_arrow().clone());
+        // Aggregations over Parquet files may go in the files' order (`file_order`). OVER
+        // windows do not: rows of one event time reach their frames in input order, which
+        // must be the order DataFusion's sort gives the reference.
+        let (input, disorder) = match FileOrderExec::try_new(input, &ts, &state.task_ctx()).await? {
+            Some((node, disorder)) => (Arc::new(node) as Arc<dyn ExecutionPlan>, Some(disorder)),
+            None => (Arc::clone(input), None),
+        };
         let (node, state) = (node.clone(), state.clone());
         let make: MakeOperator = Arc::new(move || node.operator(&state));
         Ok(Some(Arc::new(OperatorExec::new(
-            Arc::clone(input),
-            ts,
-            keys,
-            make,
-            schema,
+            input, ts, keys, make, schema, disorder,
         )?)))
     }
 }
@@ -453,6 +460,7 @@ async fn plan_over(
         keys,
         make,
         output,
+        None,
     )?)))
 }
 
@@ -478,13 +486,17 @@ impl QueryPlanner for BatchQueryPlanner {
 type MakeOperator = Arc<dyn Fn() -> Result<Box<dyn Operator>> + Send + Sync>;
 
 /// Runs a streaming operator over bounded input sorted by event time, advancing the watermark
-/// to the last event time of each input batch and to the end after the last one. With
-/// grouping keys, each input partition holds whole keys (DataFusion splits the input by their
-/// hash) and runs an operator of its own, so the partitions run on all cores.
+/// to the last event time of each input batch and to the end after the last one; or over
+/// input whose disorder a [`FileOrderExec`] bounds, advancing it to the largest event time
+/// read less that bound. With grouping keys, each input partition holds whole keys (DataFusion
+/// splits the input by their hash) and runs an operator of its own, so the partitions run on
+/// all cores.
 pub struct OperatorExec {
     input: Arc<dyn ExecutionPlan>,
-    /// The event time each partition is sorted by.
+    /// The event time each partition is ordered by.
     ts: Arc<dyn PhysicalExpr>,
+    /// Set when the input comes through a [`FileOrderExec`] (and is not sorted by DataFusion).
+    disorder: Option<Arc<Disorder>>,
     /// The grouping keys besides the window; none: one partition.
     keys: Vec<Arc<dyn PhysicalExpr>>,
     make: MakeOperator,
@@ -499,6 +511,7 @@ impl OperatorExec {
         keys: Vec<Arc<dyn PhysicalExpr>>,
         make: MakeOperator,
         schema: SchemaRef,
+        disorder: Option<Arc<Disorder>>,
     ) -> DfResult<Self> {
         // Built once now so that an aggregate the operators cannot run fails the query before
         // it reads anything.
@@ -507,6 +520,7 @@ impl OperatorExec {
         Ok(OperatorExec {
             input,
             ts,
+            disorder,
             keys,
             make,
             kind,
@@ -573,6 +587,9 @@ impl ExecutionPlan for OperatorExec {
     }
 
     fn required_input_ordering(&self) -> Vec<Option<OrderingRequirements>> {
+        if self.disorder.is_some() {
+            return vec![None];
+        }
         let by_time = PhysicalSortRequirement::new(
             Arc::clone(&self.ts),
             Some(SortOptions {
@@ -625,6 +642,7 @@ impl ExecutionPlan for OperatorExec {
         Ok(Arc::new(OperatorExec {
             input,
             ts: Arc::clone(&self.ts),
+            disorder: self.disorder.clone(),
             keys: self.keys.clone(),
             make: Arc::clone(&self.make),
             kind: self.kind,
@@ -655,6 +673,14 @@ impl ExecutionPlan for OperatorExec {
             input: self.input.execute(partition, context)?,
             operator: (self.make)().map_err(RiffleError::into_datafusion)?,
             ts: Arc::clone(&self.ts),
+            order: match &self.disorder {
+                Some(disorder) => InputOrder::File {
+                    disorder: Arc::clone(disorder),
+                    read: None,
+                    watermark: None,
+                },
+                None => InputOrder::Sorted,
+            },
             chunk_rows: if self.kind == SessionAggregate::KIND {
                 SESSION_CHUNK_ROWS
             } else {
@@ -684,11 +710,72 @@ impl ExecutionPlan for OperatorExec {
 /// way.)
 const SESSION_CHUNK_ROWS: usize = if cfg!(test) { 256 } else { 131_072 };
 
+/// How the rows of a [`Run`] come.
+enum InputOrder {
+    /// Sorted by event time.
+    Sorted,
+    /// Each at most `disorder`'s bound before any row read earlier.
+    File {
+        disorder: Arc<Disorder>,
+        /// The largest event time read.
+        read: Option<i64>,
+        /// The last watermark given to the operator.
+        watermark: Option<i64>,
+    },
+}
+
+impl InputOrder {
+    /// The watermark to give the operator after a batch with event times `ts`, if it moves.
+    ///
+    /// # Errors
+    /// [`RiffleError::Internal`] when a row of input in file order is older than the last
+    /// watermark: the statistics were wrong or the plan reordered the scan, and the operator
+    /// would drop the row as late.
+    fn watermark_after(&mut self, ts: &Int64Array) -> Result<Option<i64>> {
+        match self {
+            // No later row is older than this batch's last.
+            InputOrder::Sorted => Ok((0..ts.len())
+                .rev()
+                .find(|&i| ts.is_valid(i))
+                .map(|last| ts.value(last))),
+            InputOrder::File {
+                disorder,
+                read,
+                watermark,
+            } => {
+                let Some(bound) = disorder.bound() else {
+                    return Err(RiffleError::Internal(
+                        "batch window rows came before their disorder bound".into(),
+                    ));
+                };
+                if let (Some(w), Some(low)) = (*watermark, arrow::compute::min(ts))
+                    && low < w
+                {
+                    return Err(RiffleError::Internal(format!(
+                        "a batch window's input is out of the order its Parquet statistics \
+                         promised: event time {low} µs after the watermark {w} µs (bound \
+                         {bound} µs)"
+                    )));
+                }
+                *read = arrow::compute::max(ts).max(*read);
+                let next = read.map(|r| r.saturating_sub(bound));
+                Ok(if next > *watermark {
+                    *watermark = next;
+                    next
+                } else {
+                    None
+                })
+            }
+        }
+    }
+}
+
 /// One execution of an [`OperatorExec`].
 struct Run {
     input: SendableRecordBatchStream,
     operator: Box<dyn Operator>,
     ts: Arc<dyn PhysicalExpr>,
+    order: InputOrder,
     /// Input rows handed to the operator at a time, at least.
     chunk_rows: usize,
     /// Emitted and not yet returned.
@@ -727,14 +814,14 @@ impl Run {
             let mut out = Output::default();
             match self.next_chunk().await? {
                 Some(batch) => {
-                    // Sorted input: no later row is older than this batch's last.
                     let ts = micros(&self.ts, &batch)?;
                     let ts = ts.as_primitive::<Int64Type>();
-                    let last = (0..ts.len()).rev().find(|&i| ts.is_valid(i));
+                    let watermark = self.order.watermark_after(ts)?;
                     self.operator.process_batch(0, batch, &mut out).await?;
-                    if let Some(last) = last {
-                        let watermark = Watermark(ts.value(last));
-                        self.operator.on_watermark(watermark, &mut out).await?;
+                    if let Some(watermark) = watermark {
+                        self.operator
+                            .on_watermark(Watermark(watermark), &mut out)
+                            .await?;
                     }
                 }
                 None => {
@@ -941,6 +1028,44 @@ mod tests {
             own + plan.children().into_iter().map(spills).sum::<usize>()
         }
         assert!(spills(&plan) > 0, "nothing spilled");
+    }
+
+    #[test]
+    fn input_in_file_order_moves_the_watermark_by_its_bound_and_refuses_a_later_row() {
+        let disorder = Arc::new(Disorder::default());
+        let mut order = InputOrder::File {
+            disorder: Arc::clone(&disorder),
+            read: None,
+            watermark: None,
+        };
+        let batch = |ts: &[Option<i64>]| Int64Array::from(ts.to_vec());
+        assert!(
+            order.watermark_after(&batch(&[Some(5)])).is_err(),
+            "no bound yet"
+        );
+        disorder.set(10);
+        assert_eq!(order.watermark_after(&batch(&[None])).unwrap(), None);
+        assert_eq!(
+            order
+                .watermark_after(&batch(&[Some(100), Some(95)]))
+                .unwrap(),
+            Some(90)
+        );
+        // Within the bound of the latest row: no new watermark.
+        assert_eq!(
+            order
+                .watermark_after(&batch(&[Some(90), Some(99)]))
+                .unwrap(),
+            None
+        );
+        assert_eq!(
+            order.watermark_after(&batch(&[Some(120)])).unwrap(),
+            Some(110)
+        );
+        let err = order
+            .watermark_after(&batch(&[Some(115), Some(109)]))
+            .unwrap_err();
+        assert!(err.to_string().contains("out of the order"), "{err}");
     }
 
     #[tokio::test]

@@ -15,7 +15,9 @@
 //! | [`join::IntervalJoin`] | joins of two streams with an event-time range | key -> rows, per side |
 //!
 //! Batch mode runs [`aggregate::WindowAggregate`] and [`session::SessionAggregate`] too, for
-//! hopping and session windows, over bounded input sorted by event time ([`bounded`]).
+//! hopping and session windows, over bounded input sorted by event time ([`bounded`]), or
+//! over Parquet files in their own order when their statistics bound how far back a row can
+//! reach ([`file_order`]).
 //!
 //! Per epoch an operator receives every batch of each input
 //! ([`process_batch`](Operator::process_batch)), then the watermark of its inputs
@@ -31,6 +33,7 @@
 pub mod aggregate;
 pub mod bounded;
 pub mod dedup;
+pub mod file_order;
 pub mod graph;
 pub mod join;
 pub mod keys;

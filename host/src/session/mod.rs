@@ -86,6 +86,7 @@ impl RiffleSession {
             .with_default_features()
             .with_analyzer_rule(Arc::new(crate::exec::bounded::BoundedWindows))
             .with_query_planner(Arc::new(crate::exec::bounded::BatchQueryPlanner))
+            .with_physical_optimizer_rule(Arc::new(crate::exec::file_order::KeepFileOrder))
             .build();
         let ctx = SessionContext::new_with_state(state);
         for f in crate::window::functions() {
