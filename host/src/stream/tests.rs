@@ -272,11 +272,22 @@ async fn a_plan_the_checkpoint_lost_comes_back_from_the_sink_that_carried_it() {
     let (_dir, checkpoint, broker) = setup();
     let carrying = || Box::new(CarryingSink(broker.clone(), Vec::new()));
     run(&checkpoint, carrying()).await.unwrap();
-    // Each epoch carried its own plan, last, after any not yet durable.
+    // Each epoch carried the plans not yet durable when it was written, in order, its own
+    // last; or none, when the plan writer (a thread of its own) had already made its own plan
+    // durable, and with it every earlier one.
     let carried = broker.state.lock().unwrap().carried.clone();
+    assert_eq!(carried.len(), 4, "{carried:?}");
     for (epoch, plans) in &carried {
-        let last: EpochPlan = serde_json::from_value(plans.last().unwrap().clone()).unwrap();
-        assert_eq!(last.epoch, *epoch);
+        let epochs: Vec<u64> = plans
+            .iter()
+            .map(|p| {
+                serde_json::from_value::<EpochPlan>(p.clone())
+                    .unwrap()
+                    .epoch
+            })
+            .collect();
+        let from = epoch + 1 - epochs.len() as u64;
+        assert_eq!(epochs, (from..=*epoch).collect::<Vec<_>>(), "epoch {epoch}");
     }
 
     // A crash took epoch 4's plan and commit, and the sink recorded for epoch 4 a plan that
