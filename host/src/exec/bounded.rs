@@ -557,9 +557,14 @@ impl fmt::Debug for OperatorExec {
 
 impl DisplayAs for OperatorExec {
     fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        let order = if self.disorder.is_some() {
+            "in file order"
+        } else {
+            "sorted"
+        };
         write!(
             f,
-            "OperatorExec: {} over rows sorted by {}",
+            "OperatorExec: {} over rows {order} by {}",
             self.kind, self.ts
         )
     }
@@ -843,12 +848,12 @@ impl Run {
 mod tests {
     use arrow::array::{Float64Array, Int64Array, TimestampMicrosecondArray};
     use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
-    use arrow::util::pretty::pretty_format_batches;
     use datafusion::config::ExecutionOptions;
     use datafusion::datasource::MemTable;
     use rand::{Rng, SeedableRng};
 
     use super::*;
+    use crate::exec::testing::sorted_lines;
     use crate::session::{RiffleSession, SessionOptions};
 
     /// Rows in random event-time order over an hour, every 23rd without an event time, split
@@ -910,18 +915,6 @@ mod tests {
                 .options_mut()
                 .execution,
         );
-    }
-
-    fn sorted_lines(batches: &[RecordBatch]) -> Vec<String> {
-        let text = pretty_format_batches(batches).unwrap().to_string();
-        let mut lines: Vec<String> = text
-            .lines()
-            .filter(|l| l.starts_with('|'))
-            .skip(1)
-            .map(str::to_string)
-            .collect();
-        lines.sort();
-        lines
     }
 
     /// Batch mode's rows, its physical plan, and the reference formulation's rows.

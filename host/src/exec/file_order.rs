@@ -17,9 +17,12 @@
 //! Filters and projections only drop rows, and a hash split of one ordered stream gives each
 //! partition an ordered subsequence, so the bound holds at every operator partition.
 //!
-//! [`FileOrderExec`] delivers its input that way when its input is a chain of projections and
-//! filters over a Parquet scan and `D` is small beside the files' time span; otherwise it
-//! sorts (DataFusion's sort per scan partition and a merge, spilling under a memory limit) and
+//! Batch mode plans a [`FileOrderExec`] under the window operator when its input is a chain of
+//! projections and filters over a Parquet scan and `D` is small beside the files' time span
+//! (the footers and page indexes are read while planning, into the session's metadata cache
+//! the scan reads them from again). Otherwise DataFusion sorts each partition as before.
+//! When it runs, the node computes `D` again for the files as the optimized plan reads them;
+//! if that plan no longer reads them in order, it sorts (per scan partition, then a merge) and
 //! `D` is 0. The operator ([`super::bounded::OperatorExec`]) checks every row against the
 //! watermark it was promised and fails the query, never drops a row, if one is later.
 
@@ -484,7 +487,6 @@ mod tests {
 
     use arrow::array::{Int64Array, RecordBatch, TimestampMicrosecondArray};
     use arrow::datatypes::{Field, Schema};
-    use arrow::util::pretty::pretty_format_batches;
     use datafusion::prelude::ParquetReadOptions;
     use parquet::arrow::ArrowWriter;
     use parquet::file::properties::WriterProperties;
@@ -492,6 +494,7 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     use super::*;
+    use crate::exec::testing::sorted_lines;
     use crate::session::{RiffleSession, SessionOptions};
 
     /// Writes `files` Parquet files of `rows` rows each under `dir`, event times a second
@@ -566,18 +569,6 @@ mod tests {
         session
     }
 
-    fn sorted_lines(batches: &[RecordBatch]) -> Vec<String> {
-        let text = pretty_format_batches(batches).unwrap().to_string();
-        let mut lines: Vec<String> = text
-            .lines()
-            .filter(|l| l.starts_with('|'))
-            .skip(1)
-            .map(str::to_string)
-            .collect();
-        lines.sort();
-        lines
-    }
-
     /// The rows of `sql` in batch mode, the reference plan's, the physical plan as shown, and
     /// the disorder bound its window operator ran with (`None`: sorted by DataFusion).
     async fn run(
@@ -622,6 +613,7 @@ mod tests {
         for sql in QUERIES {
             let (got, expected, plan, bound) = run(&session, sql).await;
             assert!(plan.contains("FileOrderExec"), "{sql}: {plan}");
+            assert!(plan.contains("over rows in file order"), "{sql}: {plan}");
             assert!(!plan.contains("SortExec"), "{sql}: {plan}");
             // In file order: the pages' own spread (49 s) and jitter, not the files' hours.
             assert!(

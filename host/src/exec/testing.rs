@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use arrow::array::RecordBatch;
+use arrow::util::pretty::pretty_format_batches;
 use datafusion::datasource::MemTable;
 use datafusion::execution::SessionState;
 use datafusion::logical_expr::LogicalPlan;
@@ -81,4 +82,17 @@ pub(crate) fn fit(batch: &RecordBatch, schema: &arrow::datatypes::Schema) -> Rec
         .map(|f| batch.schema().index_of(f.name()).unwrap())
         .collect();
     batch.project(&indices).unwrap()
+}
+
+/// The printed rows of `batches`, sorted: results compared whatever the partitions' order.
+pub(crate) fn sorted_lines(batches: &[RecordBatch]) -> Vec<String> {
+    let text = pretty_format_batches(batches).unwrap().to_string();
+    let mut lines: Vec<String> = text
+        .lines()
+        .filter(|l| l.starts_with('|'))
+        .skip(1)
+        .map(str::to_string)
+        .collect();
+    lines.sort();
+    lines
 }
