@@ -21,9 +21,9 @@
 //! projections and filters over a Parquet scan and `D` is small beside the files' time span
 //! (the footers and page indexes are read while planning, into the session's metadata cache
 //! the scan reads them from again). Otherwise DataFusion sorts each partition as before.
-//! When it runs, the node computes `D` again for the files as the optimized plan reads them;
-//! if that plan no longer reads them in order, it sorts (per scan partition, then a merge) and
-//! `D` is 0. The operator ([`super::bounded::OperatorExec`]) checks every row against the
+//! When it runs, the node checks that the optimized plan still reads those files, in that
+//! order, through partition-preserving nodes; if not, it sorts (per scan partition, then a
+//! merge) and `D` is 0. The operator ([`super::bounded::OperatorExec`]) checks every row against the
 //! watermark it was promised and fails the query, never drops a row, if one is later.
 
 use std::any::Any;
@@ -36,6 +36,7 @@ use arrow::datatypes::{DataType, Int64Type, SchemaRef, TimeUnit};
 use datafusion::common::config::ConfigOptions;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::common::{Result as DfResult, internal_err};
+use datafusion::datasource::listing::PartitionedFile;
 use datafusion::datasource::physical_plan::parquet::metadata::DFParquetMetadata;
 use datafusion::datasource::physical_plan::{FileScanConfig, ParquetSource};
 use datafusion::datasource::source::DataSourceExec;
@@ -92,6 +93,8 @@ pub struct FileOrderExec {
     input: Arc<dyn ExecutionPlan>,
     /// The event time, over the input's rows.
     ts: Arc<dyn PhysicalExpr>,
+    /// The files as planning read them, in order, and the bound their statistics gave.
+    planned: Arc<(Vec<String>, i64)>,
     disorder: Arc<Disorder>,
     properties: Arc<PlanProperties>,
 }
@@ -107,13 +110,18 @@ impl FileOrderExec {
         ts: &Arc<dyn PhysicalExpr>,
         context: &TaskContext,
     ) -> DfResult<Option<(Self, Arc<Disorder>)>> {
-        if file_order_bound(input, ts, context).await?.is_none() {
+        let Some((config, column)) = scanned_ts(input, ts) else {
             return Ok(None);
-        }
+        };
+        let bound = match disorder_bound(config, &column, context).await? {
+            Some((bound, span)) if bound.saturating_mul(MAX_DISORDER_SHARE) <= span => bound,
+            _ => return Ok(None),
+        };
         let disorder = Arc::new(Disorder::default());
         let node = FileOrderExec {
             input: Arc::clone(input),
             ts: Arc::clone(ts),
+            planned: Arc::new((file_names(config), bound)),
             disorder: Arc::clone(&disorder),
             properties: properties(input.schema()),
         };
@@ -235,13 +243,7 @@ async fn disorder_bound(
         .runtime_env()
         .object_store(&config.object_store_url)?;
     let mut pages: Vec<(i64, i64)> = Vec::new();
-    let mut previous = None;
-    for file in config.file_groups.iter().flat_map(|g| g.iter()) {
-        // A file split into byte ranges appears once per range, in order.
-        if previous == Some(&file.object_meta.location) {
-            continue;
-        }
-        previous = Some(&file.object_meta.location);
+    for file in files_in_order(config) {
         // Through the session's metadata cache, which the scan then reads it from.
         let metadata = DFParquetMetadata::new(store.as_ref(), &file.object_meta)
             .with_page_index_policy(Some(PageIndexPolicy::Optional))
@@ -410,6 +412,7 @@ impl ExecutionPlan for FileOrderExec {
             properties: properties(input.schema()),
             input,
             ts: Arc::clone(&self.ts),
+            planned: Arc::clone(&self.planned),
             disorder: Arc::clone(&self.disorder),
         }))
     }
@@ -427,9 +430,14 @@ impl ExecutionPlan for FileOrderExec {
             Arc::clone(&self.ts),
             Arc::clone(&self.disorder),
         );
+        // The optimizer may have changed the plan since: the bound holds while the scan still
+        // reads the planned files in the planned order.
+        let (files, bound) = self.planned.as_ref();
+        let in_order = scanned_ts(&input, &ts).is_some_and(|(c, _)| file_names(c) == *files);
+        let bound = in_order.then_some(*bound);
         let schema = input.schema();
         let rows = futures::stream::once(async move {
-            let stream = match file_order_bound(&input, &ts, &context).await? {
+            let stream = match bound {
                 Some(bound) => {
                     disorder.set(bound);
                     tracing::debug!("batch window input in file order, disorder bound {bound} µs");
@@ -462,23 +470,36 @@ impl ExecutionPlan for FileOrderExec {
     }
 }
 
-/// `D` when `input` may be read in file order and `D` is small enough to pay (see
-/// [`MAX_DISORDER_SHARE`]).
-async fn file_order_bound(
-    input: &Arc<dyn ExecutionPlan>,
+/// The Parquet scan under `input` and its column that is the event time `ts`, when `input`
+/// may be read in file order (see [`scanned_column`]).
+fn scanned_ts<'a>(
+    input: &'a Arc<dyn ExecutionPlan>,
     ts: &Arc<dyn PhysicalExpr>,
-    context: &TaskContext,
-) -> DfResult<Option<i64>> {
-    let Some(column) = (ts.as_ref() as &dyn Any).downcast_ref::<Column>() else {
-        return Ok(None);
-    };
-    let Some((config, name)) = scanned_column(input, column.index()) else {
-        return Ok(None);
-    };
-    Ok(match disorder_bound(config, &name, context).await? {
-        Some((bound, span)) if bound.saturating_mul(MAX_DISORDER_SHARE) <= span => Some(bound),
-        _ => None,
-    })
+) -> Option<(&'a FileScanConfig, String)> {
+    let column = (ts.as_ref() as &dyn Any).downcast_ref::<Column>()?;
+    scanned_column(input, column.index())
+}
+
+/// The files `config` scans, in the order its partitions read them, each once (a file split
+/// into byte ranges appears once per range, one after another).
+fn files_in_order(config: &FileScanConfig) -> Vec<&PartitionedFile> {
+    let mut files: Vec<&PartitionedFile> = Vec::new();
+    for file in config.file_groups.iter().flat_map(|g| g.iter()) {
+        if files
+            .last()
+            .is_none_or(|f| f.object_meta.location != file.object_meta.location)
+        {
+            files.push(file);
+        }
+    }
+    files
+}
+
+fn file_names(config: &FileScanConfig) -> Vec<String> {
+    files_in_order(config)
+        .iter()
+        .map(|f| f.object_meta.location.to_string())
+        .collect()
 }
 
 #[cfg(test)]
@@ -583,16 +604,21 @@ mod tests {
         let got = datafusion::physical_plan::collect(plan.clone(), session.context().task_ctx())
             .await
             .unwrap();
-        fn bound(plan: &Arc<dyn ExecutionPlan>) -> Option<i64> {
-            match (plan.as_ref() as &dyn Any).downcast_ref::<FileOrderExec>() {
-                Some(node) => node.disorder.bound(),
-                None => plan.children().into_iter().find_map(bound),
-            }
-        }
-        let bound = bound(&plan);
+        let bound = find::<FileOrderExec>(&plan).and_then(|n| {
+            let node = (n.as_ref() as &dyn Any).downcast_ref::<FileOrderExec>()?;
+            node.disorder.bound()
+        });
         let df = session.dataframe(sql).await.unwrap();
         let expected = session.reference(df).unwrap().collect().await.unwrap();
         (sorted_lines(&got), sorted_lines(&expected), shown, bound)
+    }
+
+    /// The first node of type `T` in `plan`, top down.
+    fn find<T: 'static>(plan: &Arc<dyn ExecutionPlan>) -> Option<Arc<dyn ExecutionPlan>> {
+        if (plan.as_ref() as &dyn Any).is::<T>() {
+            return Some(Arc::clone(plan));
+        }
+        plan.children().into_iter().find_map(find::<T>)
     }
 
     const QUERIES: [&str; 3] = [
@@ -711,21 +737,12 @@ mod tests {
             let session = session(dir.path(), true).await;
             let df = session.dataframe("SELECT ts FROM p").await.unwrap();
             let plan = df.create_physical_plan().await.unwrap();
-            let scan = plan
-                .children()
-                .first()
-                .map(|c| Arc::clone(*c))
-                .unwrap_or(Arc::clone(&plan));
-            fn config(plan: &Arc<dyn ExecutionPlan>) -> Option<FileScanConfig> {
-                match (plan.as_ref() as &dyn Any).downcast_ref::<DataSourceExec>() {
-                    Some(s) => s
-                        .downcast_to_file_source::<ParquetSource>()
-                        .map(|(c, _)| c.clone()),
-                    None => plan.children().into_iter().find_map(config),
-                }
-            }
-            let config = config(&scan).expect("a Parquet scan");
-            let (bound, span) = disorder_bound(&config, "ts", &session.context().task_ctx())
+            let scan = find::<DataSourceExec>(&plan).expect("a scan");
+            let (config, _) = (scan.as_ref() as &dyn Any)
+                .downcast_ref::<DataSourceExec>()
+                .and_then(|s| s.downcast_to_file_source::<ParquetSource>())
+                .expect("a Parquet scan");
+            let (bound, span) = disorder_bound(config, "ts", &session.context().task_ctx())
                 .await
                 .unwrap()
                 .unwrap();
