@@ -2,15 +2,12 @@
 //! per epoch in topological order.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use datafusion::execution::SessionState;
 
-use super::partition::{
-    Delivery, run_epoch, run_instances, split_by_hash, split_by_key, split_contiguous,
-};
+use super::partition::{Delivery, run_instances, split_by_hash, split_by_key, split_contiguous};
 use super::{Combiner, Operator, OperatorMetrics, Output, Partitioning};
 use crate::common::Watermark;
 use crate::error::{Result, RiffleError};
@@ -251,19 +248,17 @@ impl Node {
         for batches in &inputs {
             self.metrics.rows_in += batches.iter().map(|b| b.num_rows() as u64).sum::<u64>();
         }
-        let mut out = Output::default();
-        if self.instances.len() == 1 {
-            let input = inputs
-                .into_iter()
-                .enumerate()
-                .flat_map(|(k, batches)| batches.into_iter().map(move |b| Delivery::rows(k, b)))
-                .collect();
-            let started = Instant::now();
-            out = run_epoch(self.instances[0].as_mut(), input, watermark).await?;
-            self.metrics.add_time(started.elapsed());
+        let n = self.instances.len();
+        let shares = if n == 1 {
+            vec![
+                inputs
+                    .into_iter()
+                    .enumerate()
+                    .flat_map(|(k, batches)| batches.into_iter().map(move |b| Delivery::rows(k, b)))
+                    .collect(),
+            ]
         } else {
-            let n = self.instances.len();
-            let shares = match &self.partitioning {
+            match &self.partitioning {
                 Partitioning::ByKey(key) => {
                     let (shares, busy) =
                         split_by_key(key, self.combiner.as_ref(), inputs, n).await?;
@@ -279,13 +274,14 @@ impl Node {
                     }
                     shares
                 }
-            };
-            let (outputs, busy) = run_instances(&mut self.instances, shares, watermark).await?;
-            self.metrics.add_time(busy);
-            for output in outputs {
-                out.batches.extend(output.batches);
-                out.late_rows += output.late_rows;
             }
+        };
+        let (outputs, busy) = run_instances(&mut self.instances, shares, watermark).await?;
+        self.metrics.add_time(busy);
+        let mut out = Output::default();
+        for output in outputs {
+            out.batches.extend(output.batches);
+            out.late_rows += output.late_rows;
         }
         Ok(out)
     }
