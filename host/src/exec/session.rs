@@ -11,10 +11,15 @@
 //! is emitted once, when the watermark passes its end: session windows run in append mode, as
 //! in Spark.
 //!
+//! A Wasm aggregate's accumulators are fed a batch's rows for all the sessions they touch in
+//! one guest call ([`update_wasm_groups`]), not one call per session: with a row or two per
+//! session and batch, each call's fixed cost was most of the time.
+//!
 //! Merging re-associates an aggregate's additions, as DataFusion's own partial and final
 //! aggregation does in batch mode: sums of floats agree with batch to rounding, everything
 //! else exactly.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, BinaryBuilder, RecordBatch, UInt32Array};
@@ -28,14 +33,15 @@ use datafusion::physical_plan::PhysicalExpr;
 
 use super::aggregate::{
     AggSpec, GroupKeys, accumulators, append_aggregate_columns, micros, restore_accumulator,
-    state_consumes, update,
+    state_consumes, update, update_wasm_groups,
 };
 use super::keys::{KeyEncoder, KeyRoute};
 use super::{Operator, Output, Partitioning};
 use crate::common::Watermark;
 use crate::error::{Result, RiffleError};
 use crate::state::bytes::{Decode, Encode, take};
-use crate::state::{KeyedTable, StateTable, ValueCodec, ValueEncoder};
+use crate::state::{EntryId, KeyedTable, StateTable, ValueCodec, ValueEncoder};
+use crate::udf::WasmAggregateUdf;
 use crate::window::{WindowKind, window_array};
 
 /// One open session of a key.
@@ -320,6 +326,16 @@ impl Operator for SessionAggregate {
                 .cmp(encoded.get(b))
                 .then(ts.value(a).cmp(&ts.value(b)))
         });
+        // A Wasm aggregate takes the batch's rows of every session in one guest call, after
+        // the sessions are settled (see `update_wasm_groups`); the others session by session.
+        let wasm: Vec<Option<&WasmAggregateUdf>> = self
+            .aggs
+            .iter()
+            .map(|a| a.expr.fun().inner().downcast_ref::<WasmAggregateUdf>())
+            .collect();
+        let has_wasm = wasm.iter().any(Option::is_some);
+        // The sessions that take rows, with their rows (a range of `order`).
+        let mut touched: Vec<(EntryId, usize, Range<usize>)> = Vec::new();
         let mut i = 0;
         while i < order.len() {
             let key = encoded.get(order[i] as usize);
@@ -329,7 +345,9 @@ impl Operator for SessionAggregate {
             }
             let entry = self.open.entry_of(key, Vec::new);
             let sessions = self.open.value_mut(entry);
-            // The key's rows in clusters: rows closer than the gap are one session.
+            // The key's rows in clusters: rows closer than the gap are one session. First the
+            // sessions the clusters make: the open sessions a cluster overlaps (a run, as they
+            // are sorted and disjoint) become one, spanning the cluster too.
             let mut c = i;
             while c < j {
                 let mut d = c + 1;
@@ -340,8 +358,6 @@ impl Operator for SessionAggregate {
                 }
                 let start = ts.value(order[c] as usize);
                 let end = ts.value(order[d - 1] as usize) + self.gap;
-                // The open sessions the cluster overlaps (a run, as they are sorted and
-                // disjoint) become one, with the cluster's rows folded in.
                 let first = sessions.partition_point(|s| s.end <= start);
                 let last = sessions.partition_point(|s| s.start < end);
                 let mut merged = Session {
@@ -364,17 +380,53 @@ impl Operator for SessionAggregate {
                         merged.accs = accumulators(self.aggs.iter().map(|a| &a.expr))?;
                     }
                 }
-                let rows = UInt32Array::from(order[c..d].to_vec());
-                for (acc, (args, mask)) in merged.accs.iter_mut().zip(&evaluated) {
-                    update(acc.as_mut(), args, mask.as_ref(), &rows)?;
-                }
                 sessions.insert(first, merged);
+                c = d;
+            }
+            // Then each session's rows: the key's rows are in time order, its sessions
+            // disjoint and in order, and each row lies in the session its cluster became part
+            // of.
+            let mut c = i;
+            while c < j {
+                let at = ts.value(order[c] as usize);
+                let s = sessions.partition_point(|s| s.end <= at);
+                let end = sessions[s].end;
+                let mut d = c + 1;
+                while d < j && ts.value(order[d] as usize) < end {
+                    d += 1;
+                }
+                let rows = UInt32Array::from(order[c..d].to_vec());
+                for (k, (acc, (args, mask))) in
+                    sessions[s].accs.iter_mut().zip(&evaluated).enumerate()
+                {
+                    if wasm[k].is_none() {
+                        update(acc.as_mut(), args, mask.as_ref(), &rows)?;
+                    }
+                }
+                if has_wasm {
+                    touched.push((entry, s, c..d));
+                }
                 c = d;
             }
             // A session [start, end) closes once the watermark reaches its end.
             let close = sessions.iter().map(|s| s.end).min();
             self.open.set_deadline_of(entry, close.map(|c| c - 1));
             i = j;
+        }
+        for (k, wasm) in wasm.iter().enumerate() {
+            let Some(wasm) = wasm else { continue };
+            let states = touched
+                .iter()
+                .map(|(entry, s, _)| self.open.value_mut(*entry)[*s].accs[k].state())
+                .collect::<datafusion::common::Result<Vec<_>>>()?;
+            let rows: Vec<&[u32]> = touched.iter().map(|(_, _, r)| &order[r.clone()]).collect();
+            let (args, mask) = &evaluated[k];
+            let updated = update_wasm_groups(wasm, &states, args, mask.as_ref(), &rows)?;
+            for ((entry, s, _), acc) in touched.iter().zip(updated) {
+                if let Some(acc) = acc {
+                    self.open.value_mut(*entry)[*s].accs[k] = acc;
+                }
+            }
         }
         Ok(())
     }
