@@ -1134,3 +1134,40 @@ fn wasm_over_windows_over_many_partitions_split_calls_and_agree_with_batch() {
     ));
     check(&g, &expected, &got, "one delivery over 20,000 cards");
 }
+
+/// One batch of 24,000 rows over 20,000 cards opens a session per card: the session window
+/// feeds its Wasm aggregate those sessions' rows in several calls of at most 8,192 rows each,
+/// and the sessions' values are those of plain DataFusion over the same rows.
+#[test]
+fn wasm_aggregates_over_many_sessions_in_one_batch_agree_with_batch() {
+    let rt = common::runtime();
+    let tx = FraudGenerator::new(FraudConfig {
+        cards: 20_000,
+        rows_per_second: 200.0,
+        ..FraudConfig::default()
+    })
+    .next_batch_of_ids(24_000);
+    let g = Golden {
+        name: "Wasm aggregate over many sessions",
+        sql: "SELECT session_window(ts, '20 seconds') AS s, card_id, count(*) AS n, \
+              dd_quantile(amount, 0.5) AS median, decayed_avg(amount, ts) AS recent \
+              FROM transactions GROUP BY session_window(ts, '20 seconds'), card_id",
+        mode: OutputMode::Append,
+        key_columns: 2,
+        approximate: true,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let logins = logins();
+    let expected = rt.block_on(batch_result(&g, &tx, &logins, dir.path(), true));
+    assert!(expected.len() > 16_000, "{} sessions", expected.len());
+    for partitions in [(1, 1), (2, 2)] {
+        let got = rt.block_on(stream_result(
+            &g,
+            delivery(&tx, 11, 1),
+            vec![logins.clone()],
+            None,
+            partitions,
+        ));
+        check(&g, &expected, &got, &format!("one batch, {partitions:?}"));
+    }
+}

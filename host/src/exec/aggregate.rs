@@ -154,10 +154,16 @@ pub(crate) fn update(
     Ok(())
 }
 
-/// Feeds rows of evaluated arguments into many groups of one Wasm aggregate with one guest
-/// call: group `g`, whose state is `states[g]` (as [`Accumulator::state`] gives it), takes rows
-/// `rows[g]`. Returns each group's accumulator holding its new state, or `None` for a group
-/// the mask left without rows (it keeps the accumulator it has).
+/// Rows a call of [`update_wasm_groups`] gives the guest at most (unless one group has more):
+/// DataFusion's batch size, so that the guest holds the states of as many groups at once as
+/// in a batch aggregation, within its memory limit.
+const WASM_CALL_ROWS: usize = 8192;
+
+/// Feeds rows of evaluated arguments into many groups of one Wasm aggregate, in one guest call
+/// per [`WASM_CALL_ROWS`] rows: group `g`, whose state is `states[g]` (as
+/// [`Accumulator::state`] gives it), takes rows `rows[g]`. Returns each group's accumulator
+/// holding its new state, or `None` for a group the mask left without rows (it keeps the
+/// accumulator it has).
 ///
 /// An operator that keeps an accumulator per group (a session window: one per open session)
 /// would otherwise call the guest once per group and batch, each call paying the guest's fixed
@@ -171,47 +177,51 @@ pub(crate) fn update_wasm_groups(
 ) -> Result<Vec<Option<Box<dyn Accumulator>>>> {
     // A NULL in the mask drops the row, as SQL's FILTER (WHERE ...) does.
     let keep = |row: u32| mask.is_none_or(|m| m.is_valid(row as usize) && m.value(row as usize));
-    // The groups left with rows, numbered densely, and every kept row's group.
-    let mut touched: Vec<usize> = Vec::new();
-    let mut kept: Vec<u32> = Vec::new();
-    let mut group_of: Vec<u32> = Vec::new();
-    for (g, group_rows) in rows.iter().enumerate() {
-        let before = kept.len();
-        kept.extend(group_rows.iter().copied().filter(|&r| keep(r)));
-        if kept.len() > before {
-            group_of.resize(kept.len(), touched.len() as u32);
-            touched.push(g);
-        }
-    }
     let mut out: Vec<Option<Box<dyn Accumulator>>> = (0..rows.len()).map(|_| None).collect();
-    if touched.is_empty() {
-        return Ok(out);
-    }
-    let fields = states[touched[0]].len();
-    let columns = (0..fields)
-        .map(|f| ScalarValue::iter_to_array(touched.iter().map(|&g| states[g][f].clone())))
-        .collect::<datafusion::common::Result<Vec<_>>>()?;
-    let kept = UInt32Array::from(kept);
-    let args = args
-        .iter()
-        .map(|a| take(a.as_ref(), &kept, None))
-        .collect::<std::result::Result<Vec<_>, _>>()?;
-    let next = wasm.calls().step(
-        AggregateStep::Update,
-        touched.len(),
-        &columns,
-        &group_of,
-        &args,
-    )?;
-    for (t, &g) in touched.iter().enumerate() {
-        // Each group's state is copied out of the call's columns: a slice would keep all of
-        // them alive for as long as any group of this batch stays open.
-        let at = UInt32Array::from(vec![t as u32]);
-        let state = next
+    let mut g = 0;
+    while g < rows.len() {
+        // The next groups with rows, numbered densely, and every kept row's group.
+        let mut touched: Vec<usize> = Vec::new();
+        let mut kept: Vec<u32> = Vec::new();
+        let mut group_of: Vec<u32> = Vec::new();
+        while g < rows.len() && (kept.is_empty() || kept.len() + rows[g].len() <= WASM_CALL_ROWS) {
+            let before = kept.len();
+            kept.extend(rows[g].iter().copied().filter(|&r| keep(r)));
+            if kept.len() > before {
+                group_of.resize(kept.len(), touched.len() as u32);
+                touched.push(g);
+            }
+            g += 1;
+        }
+        if touched.is_empty() {
+            continue;
+        }
+        let fields = states[touched[0]].len();
+        let columns = (0..fields)
+            .map(|f| ScalarValue::iter_to_array(touched.iter().map(|&g| states[g][f].clone())))
+            .collect::<datafusion::common::Result<Vec<_>>>()?;
+        let kept = UInt32Array::from(kept);
+        let args = args
             .iter()
-            .map(|c| take(c.as_ref(), &at, None))
+            .map(|a| take(a.as_ref(), &kept, None))
             .collect::<std::result::Result<Vec<_>, _>>()?;
-        out[g] = Some(wasm.accumulator_with_state(state));
+        let next = wasm.calls().step(
+            AggregateStep::Update,
+            touched.len(),
+            &columns,
+            &group_of,
+            &args,
+        )?;
+        for (t, &g) in touched.iter().enumerate() {
+            // Each group's state is copied out of the call's columns: a slice would keep all
+            // of them alive for as long as any group of this call stays open.
+            let at = UInt32Array::from(vec![t as u32]);
+            let state = next
+                .iter()
+                .map(|c| take(c.as_ref(), &at, None))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            out[g] = Some(wasm.accumulator_with_state(state));
+        }
     }
     Ok(out)
 }
