@@ -1100,15 +1100,20 @@ fn a_row_bridging_two_sessions_merges_their_wasm_aggregate_states() {
 
 /// An epoch that touches more partitions than one guest call carries (4,096) steps them in
 /// several calls per round, with the values batch mode gives, bit for bit.
-#[test]
-fn wasm_over_windows_over_many_partitions_split_calls_and_agree_with_batch() {
-    let rt = common::runtime();
-    let tx = FraudGenerator::new(FraudConfig {
+/// 24,000 transactions over 20,000 cards: one batch of them touches over 10,000 keys.
+fn many_cards() -> RecordBatch {
+    FraudGenerator::new(FraudConfig {
         cards: 20_000,
         rows_per_second: 200.0,
         ..FraudConfig::default()
     })
-    .next_batch_of_ids(24_000);
+    .next_batch_of_ids(24_000)
+}
+
+#[test]
+fn wasm_over_windows_over_many_partitions_split_calls_and_agree_with_batch() {
+    let rt = common::runtime();
+    let tx = many_cards();
     let g = Golden {
         name: "Wasm OVER over many partitions",
         sql: "SELECT tx_id, \
@@ -1136,21 +1141,18 @@ fn wasm_over_windows_over_many_partitions_split_calls_and_agree_with_batch() {
 }
 
 /// One batch of 24,000 rows over 20,000 cards opens a session per card: the session window
-/// feeds its Wasm aggregate those sessions' rows in several calls of at most 8,192 rows each,
-/// and the sessions' values are those of plain DataFusion over the same rows.
+/// feeds its Wasm aggregates those sessions' rows in several calls of at most 8,192 rows each
+/// (less the rows a FILTER drops), and the sessions' values are those of plain DataFusion over
+/// the same rows.
 #[test]
 fn wasm_aggregates_over_many_sessions_in_one_batch_agree_with_batch() {
     let rt = common::runtime();
-    let tx = FraudGenerator::new(FraudConfig {
-        cards: 20_000,
-        rows_per_second: 200.0,
-        ..FraudConfig::default()
-    })
-    .next_batch_of_ids(24_000);
+    let tx = many_cards();
     let g = Golden {
         name: "Wasm aggregate over many sessions",
         sql: "SELECT session_window(ts, '20 seconds') AS s, card_id, count(*) AS n, \
-              dd_quantile(amount, 0.5) AS median, decayed_avg(amount, ts) AS recent \
+              dd_quantile(amount, 0.5) AS median, decayed_avg(amount, ts) AS recent, \
+              dd_quantile(amount, 0.9) FILTER (WHERE amount > 50) AS p90_over_50 \
               FROM transactions GROUP BY session_window(ts, '20 seconds'), card_id",
         mode: OutputMode::Append,
         key_columns: 2,

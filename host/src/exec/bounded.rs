@@ -707,10 +707,11 @@ impl ExecutionPlan for OperatorExec {
 
 /// Rows a session window operator is handed at a time, about a stream epoch's worth. A key's
 /// session stays open across its rows whatever the chunk, and the operator pays per call for
-/// each session a call touches (a Wasm aggregate, one guest call): with DataFusion's 8,192-row
-/// batches a session window over 10,000 cards cost a guest call per row and ran at a third of
-/// the speed. Time windows take batches as they come: there a larger chunk only holds more
-/// windows open at once, and ran slower.
+/// each session a call touches (its entry, and an update of each accumulator with a row or
+/// two): with DataFusion's 8,192-row batches, when a Wasm aggregate still took a guest call
+/// per session, a session window over 10,000 cards cost a guest call per row and ran at a
+/// third of the speed. Time windows take batches as they come: there a larger chunk only holds
+/// more windows open at once, and ran slower.
 /// (The unit tests' inputs are small: they take chunks small enough to close sessions on the
 /// way.)
 const SESSION_CHUNK_ROWS: usize = if cfg!(test) { 256 } else { 131_072 };

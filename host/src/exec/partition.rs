@@ -1,9 +1,10 @@
 //! Partition-parallel operators: several instances of one operator, each given its share of
-//! an epoch's rows, run at the same time on the runtime's worker threads.
+//! an epoch's rows, run at the same time on threads of the runtime.
 //!
 //! A stream used to run every operator on one core while the others idled. The graph now keeps
 //! N instances of each operator that says how its rows may be split ([`Partitioning`]) and
-//! runs an epoch's instances as tasks of their own, so N cores work on one query:
+//! runs an epoch's instances on threads of their own ([`run_instances`]), so N cores work on
+//! one query:
 //!
 //! - [`Partitioning::RowWise`] (stateless stages of filters and projections, Wasm UDF calls
 //!   included): each instance takes a contiguous share of the epoch's rows, so their outputs,
@@ -377,16 +378,17 @@ struct InstanceRun {
 /// added up.
 ///
 /// On a multi-threaded runtime each instance runs on a thread of the runtime's blocking pool,
-/// not on a worker. An operator may call into Wasm thousands of times an epoch (a session
-/// window calls a Wasm aggregate per open session), and a call from a worker must first hand
-/// the worker's queue to another thread ([`tokio::task::block_in_place`], see
-/// `udf::module::outside_async_runtime`), which queues a thread of the blocking pool every
-/// call. With two instances calling at once, the pool kept starting and retiring threads (240
-/// over a 20,000,000-row session query), and the allocator holds on to the pages of every
-/// thread that exits until another thread reclaims them: the two-core stream of that query
-/// peaked at 1.1 GB against 0.24 GB on one core. A pool thread already may block, so a Wasm
-/// call there costs nothing extra, and the pool keeps the same few threads from epoch to
-/// epoch.
+/// not on a worker. An operator may call into Wasm many times an epoch, and a call from a
+/// worker must first hand the worker's queue to another thread
+/// ([`tokio::task::block_in_place`], see `udf::module::outside_async_runtime`), which queues
+/// a thread of the blocking pool every call. When a session window still called its Wasm
+/// aggregate once per session, two instances calling at once kept the pool starting and
+/// retiring threads (240 over a 20,000,000-row query, up to 53 at a time), and the allocator
+/// keeps pages for every thread: the two-core stream of that query peaked at 1.1 GB against
+/// 0.24 GB on one core. A pool thread may block already, so a Wasm call there costs nothing
+/// extra, and the pool reuses its idle threads from one epoch to the next. A lone instance
+/// called outside any task (the stream's driver runs in `Runtime::block_on`) runs where it is
+/// called: that thread may block too.
 ///
 /// # Errors
 /// The first instance's error; every instance is back in `instances` either way. A panic in
@@ -410,8 +412,11 @@ pub(crate) async fn run_instances(
         }
     }
 
+    // One instance, called outside any task (the driver runs in `Runtime::block_on`): there
+    // it may block already, and a hop to another thread would gain nothing.
+    let inline = instances.len() == 1 && tokio::task::try_id().is_none();
     let runs: Vec<InstanceRun> = match tokio::runtime::Handle::try_current() {
-        Ok(runtime) => {
+        Ok(runtime) if !inline => {
             let may_block = runtime.runtime_flavor() == RuntimeFlavor::MultiThread;
             let tasks: Vec<_> = instances
                 .drain(..)
@@ -449,8 +454,8 @@ pub(crate) async fn run_instances(
             }
             runs
         }
-        // Not on a Tokio runtime: one instance after another.
-        Err(_) => {
+        // Not on a Tokio runtime, or one instance inline: one instance after another.
+        _ => {
             let mut runs = Vec::with_capacity(instances.len());
             for (operator, input) in instances.drain(..).zip(inputs) {
                 runs.push(run(operator, input, watermark).await);

@@ -11,9 +11,10 @@
 //! is emitted once, when the watermark passes its end: session windows run in append mode, as
 //! in Spark.
 //!
-//! A Wasm aggregate's accumulators are fed a batch's rows for all the sessions they touch in
-//! one guest call ([`update_wasm_groups`]), not one call per session: with a row or two per
-//! session and batch, each call's fixed cost was most of the time.
+//! A Wasm aggregate's accumulators are fed a batch's rows for all the sessions they touch
+//! together, in guest calls of up to 8,192 rows ([`update_wasm_groups`]), not one call per
+//! session: with a row or two per session and batch, each call's fixed cost was most of the
+//! time.
 //!
 //! Merging re-associates an aggregate's additions, as DataFusion's own partial and final
 //! aggregation does in batch mode: sums of floats agree with batch to rounding, everything
@@ -326,8 +327,8 @@ impl Operator for SessionAggregate {
                 .cmp(encoded.get(b))
                 .then(ts.value(a).cmp(&ts.value(b)))
         });
-        // A Wasm aggregate takes the batch's rows of every session in one guest call, after
-        // the sessions are settled (see `update_wasm_groups`); the others session by session.
+        // A Wasm aggregate takes the batch's rows of all sessions together, after the sessions
+        // are settled (see `update_wasm_groups`); the others session by session.
         let wasm: Vec<Option<&WasmAggregateUdf>> = self
             .aggs
             .iter()
@@ -390,7 +391,11 @@ impl Operator for SessionAggregate {
             while c < j {
                 let at = ts.value(order[c] as usize);
                 let s = sessions.partition_point(|s| s.end <= at);
-                let end = sessions[s].end;
+                let Some(end) = sessions.get(s).map(|s| s.end) else {
+                    return Err(RiffleError::Internal(format!(
+                        "a row at {at} µs is in none of its key's sessions"
+                    )));
+                };
                 let mut d = c + 1;
                 while d < j && ts.value(order[d] as usize) < end {
                     d += 1;

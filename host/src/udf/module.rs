@@ -934,7 +934,11 @@ fn lower_all<'a>(
 /// runs operators, that panics ("Cannot start a runtime from within a runtime"), so one
 /// `println!` in a UDF would bring the host down. On a multi-threaded runtime `block_in_place`
 /// makes blocking legal (and hands the worker's other tasks to another thread); a
-/// current-thread runtime cannot do that, so the call hops to a scoped helper thread.
+/// current-thread runtime cannot do that, so the call hops to a scoped helper thread. Handing
+/// a worker's tasks over queues a thread of the blocking pool each time, so on a
+/// multi-threaded runtime streaming operators run off the workers already
+/// (`exec::partition::run_instances`), where `block_in_place` only marks the thread as
+/// outside the runtime.
 pub(crate) fn outside_async_runtime<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     use tokio::runtime::{Handle, RuntimeFlavor};
     match Handle::try_current() {
