@@ -154,6 +154,16 @@ pub(crate) fn update(
     Ok(())
 }
 
+/// Accumulators' states (`states[g]`: group `g`'s, one value per state field, as
+/// [`Accumulator::state`] gives them) as columns, one row per group: how a Wasm aggregate's
+/// guest takes many groups' states in one call.
+fn state_columns(states: &[&[ScalarValue]]) -> Result<Vec<ArrayRef>> {
+    let fields = states.first().map_or(0, |s| s.len());
+    Ok((0..fields)
+        .map(|f| ScalarValue::iter_to_array(states.iter().map(|s| s[f].clone())))
+        .collect::<datafusion::common::Result<Vec<_>>>()?)
+}
+
 /// Rows a call of [`update_wasm_groups`] gives the guest at most (unless one group has more):
 /// DataFusion's batch size, so that the guest holds the states of as many groups at once as
 /// in a batch aggregation, within its memory limit.
@@ -196,10 +206,7 @@ pub(crate) fn update_wasm_groups(
         if touched.is_empty() {
             continue;
         }
-        let fields = states[touched[0]].len();
-        let columns = (0..fields)
-            .map(|f| ScalarValue::iter_to_array(touched.iter().map(|&g| states[g][f].clone())))
-            .collect::<datafusion::common::Result<Vec<_>>>()?;
+        let columns = state_columns(&touched.iter().map(|&g| &states[g][..]).collect::<Vec<_>>())?;
         let kept = UInt32Array::from(kept);
         let args = args
             .iter()
@@ -248,9 +255,7 @@ pub(crate) fn evaluate_all<'a>(
         let states = accs
             .map(|acc| acc.state())
             .collect::<datafusion::common::Result<Vec<_>>>()?;
-        let columns = (0..states[0].len())
-            .map(|j| ScalarValue::iter_to_array(states.iter().map(|s| s[j].clone())))
-            .collect::<datafusion::common::Result<Vec<_>>>()?;
+        let columns = state_columns(&states.iter().map(Vec::as_slice).collect::<Vec<_>>())?;
         wasm.calls().finish(groups, &columns)?
     } else {
         let values = accs
