@@ -3,13 +3,13 @@
 //! acknowledgement is due, the epoch commits only once it came, and a failed one leaves that
 //! epoch and every later one uncommitted, to run again. And with a sink that carries the plans
 //! ([`Sink::carries_plans`], as the exactly-once Kafka sink's): a plan the checkpoint lost
-//! comes back from it.
+//! comes back from it. And the late-row split the driver makes before the operators.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use arrow::array::{AsArray, Int64Array, RecordBatch};
+use arrow::array::{Array, AsArray, Int64Array, RecordBatch};
 use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
 
 use super::*;
@@ -327,4 +327,42 @@ async fn a_plan_the_checkpoint_lost_comes_back_from_the_sink_that_carried_it() {
             .contains("plan differs from its sink's record"),
         "{err}"
     );
+}
+
+/// The late-row split against a row-by-row reference: on time is `t >= watermark`, a NULL
+/// time is on time, and `None` means every row is (no mask to build or apply).
+#[test]
+fn rows_on_time_are_those_at_or_after_the_watermark_and_untimed_ones() {
+    let reference = |ts: &Int64Array, w: Watermark| -> Vec<bool> {
+        ts.iter().map(|t| t.is_none_or(|t| !w.is_late(t))).collect()
+    };
+    let cases: Vec<(Vec<Option<i64>>, i64)> = vec![
+        (vec![Some(5), Some(9), Some(7)], 5),
+        (vec![Some(5), Some(4), None, Some(6)], 5),
+        (vec![None, None], 5),
+        (vec![], 5),
+        (vec![Some(1), Some(2)], 10),
+        (vec![None, Some(-3), Some(i64::MAX)], 0),
+    ];
+    for (times, w) in cases {
+        let ts = Int64Array::from(times.clone());
+        let w = Watermark(w);
+        let expected = reference(&ts, w);
+        match on_time(&ts, w).unwrap() {
+            None => assert!(
+                expected.iter().all(|k| *k),
+                "{times:?} at {w:?}: a row is late"
+            ),
+            Some(mask) => {
+                assert_eq!(
+                    mask.null_count(),
+                    0,
+                    "{times:?}: a NULL in the mask drops the row"
+                );
+                let got: Vec<bool> = mask.iter().map(|k| k.unwrap()).collect();
+                assert_eq!(got, expected, "{times:?} at {w:?}");
+                assert!(got.iter().any(|k| !k), "{times:?}: a mask with no late row");
+            }
+        }
+    }
 }
