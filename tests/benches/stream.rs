@@ -53,11 +53,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use arrow::datatypes::SchemaRef;
 use riffle::common::OutputMode;
 use riffle::connectors::files::ParquetDirSink;
 use riffle::connectors::generate::GeneratorSource;
 use riffle::connectors::generate::{FraudConfig, FraudGenerator, GeneratorConfig};
-use riffle::connectors::source::DeadLetter;
+use riffle::connectors::source::{DeadLetter, Input, StreamSource};
 use riffle::exec::graph::Graph;
 use riffle::server::{HttpServer, Monitor};
 use riffle::session::{RiffleSession, SessionOptions};
@@ -126,7 +127,7 @@ async fn run(
             StreamInput::register(
                 &session,
                 s.name,
-                Box::new(GeneratorSource::new(config, rate, Some(s.rows))),
+                Box::new(OneThread(GeneratorSource::new(config, rate, Some(s.rows)))),
             )
             .unwrap()
             .with_event_time("ts", 5_000_000)
@@ -876,6 +877,37 @@ fn mode_child(args: &[String]) {
             common::usage().ru_maxrss
         );
     });
+}
+
+/// The generator on one thread, whatever the query's partitions. The benchmark reports the
+/// engine's rows per second and per CPU-second without the generator's time (a source's read
+/// is timed by the wall clock): generating on several threads would leave CPU time of its
+/// own in what is counted as the engine's.
+struct OneThread(GeneratorSource);
+
+impl StreamSource for OneThread {
+    fn kind(&self) -> &'static str {
+        self.0.kind()
+    }
+    fn schema(&self) -> SchemaRef {
+        self.0.schema()
+    }
+    fn initial(&mut self) -> riffle::Result<serde_json::Value> {
+        self.0.initial()
+    }
+    fn available(
+        &mut self,
+        from: &serde_json::Value,
+        max_rows: usize,
+    ) -> riffle::Result<serde_json::Value> {
+        self.0.available(from, max_rows)
+    }
+    fn read(&mut self, from: &serde_json::Value, to: &serde_json::Value) -> riffle::Result<Input> {
+        self.0.read(from, to)
+    }
+    fn finished(&self, at: &serde_json::Value) -> bool {
+        self.0.finished(at)
+    }
 }
 
 fn fraud_config(s: &Source) -> FraudConfig {

@@ -86,6 +86,9 @@ pub trait StreamSource: Send {
     fn read(&mut self, from: &Value, to: &Value) -> Result<Input>;
     /// Whether the source has no more data after `at`, ever.
     fn finished(&self, at: &Value) -> bool;
+    /// The query runs on `partitions` cores: a source that can make an epoch's rows in parts
+    /// (the generator) may use as many threads for it. Others ignore it.
+    fn set_partitions(&mut self, _partitions: usize) {}
     /// Told after the epoch ending at `at` committed (for sources that report progress
     /// elsewhere, such as a Kafka consumer group).
     fn committed(&mut self, _at: &Value) {}

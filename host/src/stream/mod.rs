@@ -376,12 +376,13 @@ impl StreamingQuery {
             .unwrap_or_else(|| options.checkpoint.join("progress.jsonl"));
         let sources = inputs
             .into_iter()
-            .map(|i| {
+            .map(|mut i| {
                 let event_time = i
                     .spec
                     .event_time
                     .as_ref()
                     .and_then(|c| i.spec.schema.index_of(c).ok());
+                i.source.set_partitions(options.partitions);
                 SourceRuntime {
                     spec: i.spec,
                     source: Some(i.source),

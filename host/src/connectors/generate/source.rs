@@ -1,17 +1,19 @@
 //! A generator as a streaming source: the offset is the number of row ids generated so far,
 //! and reading between two offsets always gives the same rows.
 
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ClickConfig, FraudConfig, GeneratorConfig, RowGenerator};
+use super::{BLOCK_ROWS, ClickConfig, FraudConfig, GeneratorConfig, RowGenerator};
 use crate::common::time::SqlDuration;
 use crate::connectors::ConfigContext;
 use crate::connectors::source::{Input, StreamSource, row_of};
-use crate::error::Result;
+use crate::error::{Result, RiffleError};
 
 /// What a generator source generates.
 #[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -140,7 +142,54 @@ pub struct GeneratorSource {
     limit: Option<i64>,
     clock: Option<(Instant, i64)>,
     generator: Option<Box<dyn RowGenerator>>,
+    /// Threads an epoch's rows may be generated on (the query's partitions).
+    threads: usize,
+    /// Threads that generate the parts after the first, kept from epoch to epoch.
+    helpers: Vec<Helper>,
 }
+
+/// What a helper sends back: a part's rows and the generator that made them.
+type Part = (RecordBatch, Box<dyn RowGenerator>);
+
+/// A thread that generates the rows of the ranges it is asked for. It lives as long as its
+/// source, so that an epoch does not start a thread and warm its heap up again (20,000,000
+/// rows in 200,000-row epochs on two cores: reading took 7.1 s with a thread started per
+/// epoch, 6.8 s with kept threads, 11.6 s on one thread). It stops when its source is
+/// dropped.
+struct Helper {
+    asks: mpsc::Sender<((i64, i64), mpsc::Sender<Part>)>,
+}
+
+impl Helper {
+    fn start(config: GeneratorConfig) -> Result<Helper> {
+        let (asks, asked) = mpsc::channel::<((i64, i64), mpsc::Sender<Part>)>();
+        std::thread::Builder::new()
+            .name("riffle-generate".into())
+            .spawn(move || {
+                for ((from, to), reply) in asked {
+                    let mut g = config.starting_at(from);
+                    let batch = g.next_batch_of_ids((to - from) as usize);
+                    // The reader gave up only if it is failing already.
+                    let _ = reply.send((batch, g));
+                }
+            })
+            .map_err(|e| RiffleError::Internal(format!("cannot start a generator thread: {e}")))?;
+        Ok(Helper { asks })
+    }
+
+    /// Asks for the rows of `part`; they come on the returned channel, which closes without
+    /// them if the thread panicked.
+    fn ask(&self, part: (i64, i64)) -> mpsc::Receiver<Part> {
+        let (reply, replies) = mpsc::channel();
+        // A send fails only when the thread is gone; the receiver then reports it.
+        let _ = self.asks.send((part, reply));
+        replies
+    }
+}
+
+/// The fewest rows a thread generates: below this, starting a thread and a generator costs
+/// more than it saves.
+const ROWS_PER_THREAD: i64 = 8 * BLOCK_ROWS;
 
 impl GeneratorSource {
     /// A generator source.
@@ -151,7 +200,26 @@ impl GeneratorSource {
             limit,
             clock: None,
             generator: None,
+            threads: 1,
+            helpers: Vec::new(),
         }
+    }
+
+    /// The ranges of row ids `start..end` is generated in: up to `threads` of about equal
+    /// size, each after the first starting on a block's first row (where a generator starts
+    /// without generating rows to skip), none under [`ROWS_PER_THREAD`].
+    fn parts(&self, start: i64, end: i64) -> Vec<(i64, i64)> {
+        let rows = end - start;
+        let n = (rows / ROWS_PER_THREAD).clamp(1, self.threads.max(1) as i64);
+        let mut bounds = vec![start];
+        for i in 1..n {
+            let cut = (start + rows * i / n).div_euclid(BLOCK_ROWS) * BLOCK_ROWS;
+            if cut > *bounds.last().expect("non-empty") && cut < end {
+                bounds.push(cut);
+            }
+        }
+        bounds.push(end);
+        bounds.windows(2).map(|w| (w[0], w[1])).collect()
     }
 
     fn due(&self, row: i64) -> Option<Instant> {
@@ -190,25 +258,137 @@ impl StreamSource for GeneratorSource {
         Ok(json!({ "rows": end.max(start) }))
     }
 
+    /// Generates the epoch's rows on up to [`threads`](StreamSource::set_partitions) threads,
+    /// a contiguous range of ids each: a generator is deterministic by row id, so the rows
+    /// are the same however they are cut. Generating is slower per row than most queries
+    /// over its rows (about 1.7 M fraud rows/s on one core, against over 5 M for a tumbling
+    /// window with a UDF), so on one thread it held every partition of the query back.
     fn read(&mut self, from: &Value, to: &Value) -> Result<Input> {
         let (start, end) = (row_of(from, "rows")?, row_of(to, "rows")?);
+        let parts = self.parts(start, end);
+        let (first, rest) = parts.split_first().expect("at least one part");
+        let config = &self.config;
         let generator = match &mut self.generator {
             Some(g) if g.rows_generated() == start => g,
-            slot => slot.insert(self.config.starting_at(start)),
+            slot => slot.insert(config.starting_at(start)),
         };
-        let batch = generator.next_batch_of_ids((end - start) as usize);
+        while self.helpers.len() < rest.len() {
+            self.helpers.push(Helper::start(config.clone())?);
+        }
+        let replies: Vec<_> = rest
+            .iter()
+            .zip(&self.helpers)
+            .map(|(&part, helper)| helper.ask(part))
+            .collect();
+        let mut batches = vec![generator.next_batch_of_ids((first.1 - first.0) as usize)];
+        for reply in replies {
+            let (batch, g) = reply.recv().map_err(|_| {
+                RiffleError::Internal("a generator thread stopped (it panicked)".into())
+            })?;
+            batches.push(batch);
+            // The generator that made the last rows goes on from there next epoch.
+            self.generator = Some(g);
+        }
         let arrival = match (self.due(start), self.due(end - 1)) {
             (Some(a), Some(b)) if end > start => Some((a, b)),
             _ => None,
         };
         Ok(Input {
-            batches: vec![batch],
+            batches,
             arrival,
             ..Input::default()
         })
     }
 
+    fn set_partitions(&mut self, partitions: usize) {
+        self.threads = partitions.max(1);
+    }
+
     fn finished(&self, at: &Value) -> bool {
         matches!((self.limit, at["rows"].as_i64()), (Some(l), Some(r)) if r >= l)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::connectors::generate::SalesConfig;
+    use arrow::compute::concat_batches;
+
+    /// Rows read in epochs on several threads are the rows one generator makes from row 0,
+    /// in order, whatever the epochs' bounds (on a block's first row or not), for every
+    /// generator, duplicated deliveries included.
+    #[test]
+    fn rows_made_on_several_threads_are_one_generators_rows() {
+        let configs = [
+            GeneratorConfig::Fraud(FraudConfig {
+                duplicate_rate: 0.01,
+                max_disorder_micros: 2_000_000,
+                ..FraudConfig::default()
+            }),
+            GeneratorConfig::Clickstream(ClickConfig::default()),
+            GeneratorConfig::Sales(SalesConfig::default()),
+        ];
+        // Epoch bounds: a short first epoch, one that starts mid-block, one that ends on a
+        // block's first row, a long one.
+        let bounds = [
+            0,
+            1_000,
+            70_001,
+            4 * ROWS_PER_THREAD,
+            9 * ROWS_PER_THREAD + 17,
+        ];
+        let total = *bounds.last().unwrap();
+        for config in configs {
+            let expected = config.starting_at(0).next_batch_of_ids(total as usize);
+            let mut source = GeneratorSource::new(config.clone(), None, None);
+            source.set_partitions(3);
+            let mut got = Vec::new();
+            let mut threads_used = 0;
+            for w in bounds.windows(2) {
+                threads_used = threads_used.max(source.parts(w[0], w[1]).len());
+                let input = source
+                    .read(&json!({ "rows": w[0] }), &json!({ "rows": w[1] }))
+                    .unwrap();
+                got.extend(input.batches);
+            }
+            assert_eq!(threads_used, 3, "{config:?}: the long epochs were split");
+            let got = concat_batches(&config.schema(), &got).unwrap();
+            assert_eq!(got, expected, "{config:?}");
+        }
+    }
+
+    /// The parts cover the range in order, at most one per thread, each after the first
+    /// starting on a block's first row, none too small to be worth a thread.
+    #[test]
+    fn an_epoch_is_cut_into_contiguous_parts_on_block_bounds() {
+        let mut source =
+            GeneratorSource::new(GeneratorConfig::Fraud(FraudConfig::default()), None, None);
+        source.set_partitions(4);
+        for (start, end) in [
+            (0, 0),
+            (5, 6),
+            (3, 200_000),
+            (4_096, 1_000_000),
+            (10, ROWS_PER_THREAD * 2),
+        ] {
+            let parts = source.parts(start, end);
+            assert!(parts.len() <= 4);
+            assert_eq!(parts.first().unwrap().0, start);
+            assert_eq!(parts.last().unwrap().1, end);
+            for w in parts.windows(2) {
+                assert_eq!(w[0].1, w[1].0, "{parts:?}");
+                assert_eq!(w[1].0 % BLOCK_ROWS, 0, "{parts:?}");
+            }
+            if parts.len() > 1 {
+                assert!(
+                    parts.iter().all(|(a, b)| b - a >= ROWS_PER_THREAD / 2),
+                    "{parts:?}"
+                );
+            }
+        }
+        assert_eq!(source.parts(0, 1_000_000).len(), 4);
+        source.set_partitions(1);
+        assert_eq!(source.parts(0, 1_000_000), vec![(0, 1_000_000)]);
     }
 }
