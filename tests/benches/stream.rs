@@ -882,7 +882,8 @@ fn mode_child(args: &[String]) {
 /// The generator on one thread, whatever the query's partitions. The benchmark reports the
 /// engine's rows per second and per CPU-second without the generator's time (a source's read
 /// is timed by the wall clock): generating on several threads would leave CPU time of its
-/// own in what is counted as the engine's.
+/// own in what is counted as the engine's. It forwards what a generator source implements;
+/// a method the generator comes to implement must be forwarded here too.
 struct OneThread(GeneratorSource);
 
 impl StreamSource for OneThread {

@@ -619,3 +619,44 @@ fn clickstream_generator_streams_like_its_batch_file() {
         assert_eq!(lines(&sink.batches()), expected);
     });
 }
+
+/// On two partitions the generator makes each large epoch on two threads (a range of row ids
+/// each, with duplicated deliveries): the stream's result is the batch result over one
+/// generator's rows.
+#[test]
+fn generator_on_two_threads_streams_like_its_batch_file() {
+    let rt = common::runtime();
+    let config = GeneratorConfig::Fraud(FraudConfig {
+        rows_per_second: 1_000.0,
+        duplicate_rate: 0.01,
+        max_disorder_micros: 2_000_000,
+        ..FraudConfig::default()
+    });
+    let rows = 250_000;
+    let all = config.starting_at(0).next_batch_of_ids(rows);
+    let sql = "SELECT window(ts, '1 minute') AS w, country, count(*) AS n, \
+               count(DISTINCT card_id) AS cards, max(risk_score(amount, country)) AS worst \
+               FROM transactions GROUP BY window(ts, '1 minute'), country";
+    rt.block_on(async {
+        let expected = batch(&all, sql).await;
+        let dir = tempfile::tempdir().unwrap();
+        let sink = MemorySink::default();
+        let mut opts = options(dir.path(), Trigger::AvailableNow);
+        // Epochs of two parts and more (a part is at least 32,768 rows).
+        opts.max_rows_per_epoch = 100_000;
+        opts.partitions = 2;
+        let summary = stream(
+            &session(),
+            Box::new(GeneratorSource::new(config, None, Some(rows as i64))),
+            sql,
+            &sink,
+            opts,
+            &AtomicBool::new(false),
+        )
+        .await;
+        assert_eq!(summary.input_rows, all.num_rows() as u64);
+        assert!(all.num_rows() > rows, "some rows are delivered twice");
+        assert_eq!(summary.late_rows, 0);
+        assert_eq!(lines(&sink.batches()), expected);
+    });
+}

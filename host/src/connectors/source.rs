@@ -86,8 +86,10 @@ pub trait StreamSource: Send {
     fn read(&mut self, from: &Value, to: &Value) -> Result<Input>;
     /// Whether the source has no more data after `at`, ever.
     fn finished(&self, at: &Value) -> bool;
-    /// The query runs on `partitions` cores: a source that can make an epoch's rows in parts
-    /// (the generator) may use as many threads for it. Others ignore it.
+    /// The query runs its operators in `partitions` partitions, a core each: a source that can
+    /// make an epoch's rows in parts (the generator) may use as many threads for it. Others
+    /// ignore it. [`StreamingQuery::new`](crate::stream::StreamingQuery::new) calls it once,
+    /// before the first read; a source used without it keeps to one thread.
     fn set_partitions(&mut self, _partitions: usize) {}
     /// Told after the epoch ending at `at` committed (for sources that report progress
     /// elsewhere, such as a Kafka consumer group).

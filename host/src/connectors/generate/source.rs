@@ -148,8 +148,12 @@ pub struct GeneratorSource {
     helpers: Vec<Helper>,
 }
 
-/// What a helper sends back: a part's rows and the generator that made them.
-type Part = (RecordBatch, Box<dyn RowGenerator>);
+/// What a helper sends back: a part's rows and the generator that made them, or the message
+/// of the panic that stopped it.
+type Part = std::result::Result<(RecordBatch, Box<dyn RowGenerator>), String>;
+
+/// What a helper is asked: a range of row ids, and where to send its [`Part`].
+type Ask = ((i64, i64), mpsc::Sender<Part>);
 
 /// A thread that generates the rows of the ranges it is asked for. It lives as long as its
 /// source, so that an epoch does not start a thread and warm its heap up again (20,000,000
@@ -157,28 +161,41 @@ type Part = (RecordBatch, Box<dyn RowGenerator>);
 /// epoch, 6.8 s with kept threads, 11.6 s on one thread). It stops when its source is
 /// dropped.
 struct Helper {
-    asks: mpsc::Sender<((i64, i64), mpsc::Sender<Part>)>,
+    asks: mpsc::Sender<Ask>,
 }
 
 impl Helper {
     fn start(config: GeneratorConfig) -> Result<Helper> {
-        let (asks, asked) = mpsc::channel::<((i64, i64), mpsc::Sender<Part>)>();
+        let (asks, asked) = mpsc::channel::<Ask>();
         std::thread::Builder::new()
             .name("riffle-generate".into())
             .spawn(move || {
                 for ((from, to), reply) in asked {
-                    let mut g = config.starting_at(from);
-                    let batch = g.next_batch_of_ids((to - from) as usize);
+                    let part = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        let mut g = config.starting_at(from);
+                        (g.next_batch_of_ids((to - from) as usize), g)
+                    }))
+                    .map_err(|panic| {
+                        panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "a panic".into())
+                    });
+                    let failed = part.is_err();
                     // The reader gave up only if it is failing already.
-                    let _ = reply.send((batch, g));
+                    let _ = reply.send(part);
+                    if failed {
+                        return;
+                    }
                 }
             })
-            .map_err(|e| RiffleError::Internal(format!("cannot start a generator thread: {e}")))?;
+            .map_err(|e| RiffleError::External(format!("cannot start a generator thread: {e}")))?;
         Ok(Helper { asks })
     }
 
     /// Asks for the rows of `part`; they come on the returned channel, which closes without
-    /// them if the thread panicked.
+    /// them if the thread is gone.
     fn ask(&self, part: (i64, i64)) -> mpsc::Receiver<Part> {
         let (reply, replies) = mpsc::channel();
         // A send fails only when the thread is gone; the receiver then reports it.
@@ -187,8 +204,8 @@ impl Helper {
     }
 }
 
-/// The fewest rows a thread generates: below this, starting a thread and a generator costs
-/// more than it saves.
+/// The rows an epoch needs per thread before it is cut in parts: below this, handing a part
+/// over and starting a generator for it costs more than it saves.
 const ROWS_PER_THREAD: i64 = 8 * BLOCK_ROWS;
 
 impl GeneratorSource {
@@ -207,10 +224,11 @@ impl GeneratorSource {
 
     /// The ranges of row ids `start..end` is generated in: up to `threads` of about equal
     /// size, each after the first starting on a block's first row (where a generator starts
-    /// without generating rows to skip), none under [`ROWS_PER_THREAD`].
+    /// without generating rows to skip). When there are several, none is shorter than
+    /// [`ROWS_PER_THREAD`] less a block (the first part's end moves back to a block's start).
     fn parts(&self, start: i64, end: i64) -> Vec<(i64, i64)> {
         let rows = end - start;
-        let n = (rows / ROWS_PER_THREAD).clamp(1, self.threads.max(1) as i64);
+        let n = (rows / ROWS_PER_THREAD).clamp(1, self.threads as i64);
         let mut bounds = vec![start];
         for i in 1..n {
             let cut = (start + rows * i / n).div_euclid(BLOCK_ROWS) * BLOCK_ROWS;
@@ -282,9 +300,19 @@ impl StreamSource for GeneratorSource {
             .collect();
         let mut batches = vec![generator.next_batch_of_ids((first.1 - first.0) as usize)];
         for reply in replies {
-            let (batch, g) = reply.recv().map_err(|_| {
-                RiffleError::Internal("a generator thread stopped (it panicked)".into())
-            })?;
+            let part = reply
+                .recv()
+                .unwrap_or_else(|_| Err("its thread is gone".into()));
+            let (batch, g) = match part {
+                Ok(part) => part,
+                Err(panic) => {
+                    // A helper that failed has stopped: the next read starts new ones.
+                    self.helpers.clear();
+                    return Err(RiffleError::Internal(format!(
+                        "generating rows on a helper thread failed: {panic}"
+                    )));
+                }
+            };
             batches.push(batch);
             // The generator that made the last rows goes on from there next epoch.
             self.generator = Some(g);
@@ -351,6 +379,9 @@ mod tests {
                     .read(&json!({ "rows": w[0] }), &json!({ "rows": w[1] }))
                     .unwrap();
                 got.extend(input.batches);
+                // The generator kept for the next epoch is the one that made the last rows.
+                let kept = source.generator.as_ref().expect("a generator is kept");
+                assert_eq!(kept.rows_generated(), w[1], "{config:?}");
             }
             assert_eq!(threads_used, 3, "{config:?}: the long epochs were split");
             let got = concat_batches(&config.schema(), &got).unwrap();
@@ -365,12 +396,13 @@ mod tests {
         let mut source =
             GeneratorSource::new(GeneratorConfig::Fraud(FraudConfig::default()), None, None);
         source.set_partitions(4);
+        let odd = BLOCK_ROWS - 1;
         for (start, end) in [
             (0, 0),
             (5, 6),
             (3, 200_000),
             (4_096, 1_000_000),
-            (10, ROWS_PER_THREAD * 2),
+            (odd, odd + ROWS_PER_THREAD * 2),
         ] {
             let parts = source.parts(start, end);
             assert!(parts.len() <= 4);
@@ -381,12 +413,11 @@ mod tests {
                 assert_eq!(w[1].0 % BLOCK_ROWS, 0, "{parts:?}");
             }
             if parts.len() > 1 {
-                assert!(
-                    parts.iter().all(|(a, b)| b - a >= ROWS_PER_THREAD / 2),
-                    "{parts:?}"
-                );
+                let shortest = ROWS_PER_THREAD - BLOCK_ROWS;
+                assert!(parts.iter().all(|(a, b)| b - a >= shortest), "{parts:?}");
             }
         }
+        assert_eq!(source.parts(odd, odd + ROWS_PER_THREAD * 2).len(), 2);
         assert_eq!(source.parts(0, 1_000_000).len(), 4);
         source.set_partitions(1);
         assert_eq!(source.parts(0, 1_000_000), vec![(0, 1_000_000)]);
