@@ -229,14 +229,10 @@ impl GeneratorSource {
     fn parts(&self, start: i64, end: i64) -> Vec<(i64, i64)> {
         let rows = end - start;
         let n = (rows / ROWS_PER_THREAD).clamp(1, self.threads as i64);
-        let mut bounds = vec![start];
-        for i in 1..n {
-            let cut = (start + rows * i / n).div_euclid(BLOCK_ROWS) * BLOCK_ROWS;
-            if cut > *bounds.last().expect("non-empty") && cut < end {
-                bounds.push(cut);
-            }
-        }
-        bounds.push(end);
+        // A share is at least ROWS_PER_THREAD (eight blocks) and moving a cut back to a
+        // block's start takes less than one, so the cuts rise strictly between start and end.
+        let cuts = (1..n).map(|i| (start + rows * i / n).div_euclid(BLOCK_ROWS) * BLOCK_ROWS);
+        let bounds: Vec<i64> = std::iter::once(start).chain(cuts).chain([end]).collect();
         bounds.windows(2).map(|w| (w[0], w[1])).collect()
     }
 
