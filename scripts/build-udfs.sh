@@ -2,7 +2,9 @@
 # Builds every UDF crate under udfs/ into a wasm32-wasip2 component, and every Python UDF
 # (a directory under udfs/ with an app.py) into a component with componentize-py.
 #
-#   scripts/build-udfs.sh            # prints the directory holding the .wasm files
+#   scripts/build-udfs.sh                    # prints the directory holding the .wasm files
+#   scripts/build-udfs.sh --except NAME ...  # all but these udfs/NAME (the demo's first run
+#                                            # skips fraud_model_tract: 8 CPU-minutes of tract)
 #
 # Output goes to $RIFFLE_GUEST_TARGET_DIR (default: <cargo target dir>/wasm-guests), kept apart
 # from the host's target directory so this can run from a build script while the outer cargo
@@ -11,6 +13,23 @@
 # scripts/install-guest-toolchain.sh first on a new machine.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+declare -A except=() # udfs/NAME -> 1: not built
+while [ $# -gt 0 ]; do
+    case "$1" in
+    --except)
+        [ $# -ge 2 ] && [ -d "$root/udfs/$2" ] || {
+            echo "usage: scripts/build-udfs.sh [--except NAME]... (NAME: a directory under udfs/)" >&2
+            exit 2
+        }
+        except[$2]=1
+        shift 2
+        ;;
+    *)
+        echo "usage: scripts/build-udfs.sh [--except NAME]... (NAME: a directory under udfs/)" >&2
+        exit 2
+        ;;
+    esac
+done
 target_dir=${RIFFLE_GUEST_TARGET_DIR:-${CARGO_TARGET_DIR:-$root/target}/wasm-guests}
 
 # When run from a cargo build script, the outer build's settings must not leak in: they would
@@ -20,12 +39,13 @@ unset CARGO_ENCODED_RUSTFLAGS RUSTFLAGS RUSTC RUSTDOC RUSTC_WRAPPER RUSTC_WORKSP
     OPT_LEVEL DEBUG NUM_JOBS RUSTC_LINKER CARGO_MANIFEST_DIR CARGO_PRIMARY_PACKAGE
 
 # Crates of the main workspace go in one build; a crate with its own `[workspace]` (one whose
-# dependencies the host must not compile natively, like the ONNX runtime of udfs/fraud_model)
-# is built on its own, into the same directory.
+# dependencies the host must not compile natively, like the ONNX runtime of
+# udfs/fraud_model_tract) is built on its own, into the same directory.
 packages=()
 own_workspaces=()
 for manifest in "$root"/udfs/*/Cargo.toml; do
     [ -f "$manifest" ] || continue
+    [ -z "${except[$(basename "$(dirname "$manifest")")]:-}" ] || continue
     if grep -q '^\[workspace\]' "$manifest"; then
         own_workspaces+=("$manifest")
         continue
@@ -96,6 +116,7 @@ out="$target_dir/wasm32-wasip2/release"
 for app in "$root"/udfs/*/app.py; do
     [ -f "$app" ] || continue
     dir=$(dirname "$app")
+    [ -z "${except[$(basename "$dir")]:-}" ] || continue
     wasm="$out/riffle_udfs_$(basename "$dir").wasm"
     if [ -f "$wasm" ] && [ -z "$(find "$dir" "$root/guest-sdk-py" "$root/wit" -newer "$wasm" \
         -name '*.py' -o -newer "$wasm" -name '*.wit' | head -n1)" ]; then

@@ -243,7 +243,7 @@ fn serve(dir: &Path, history: u64) {
         report["live_rows"].as_u64().unwrap() > live - 60,
         "{report:#}"
     );
-    // tract in the sandbox and onnxruntime evaluate the same float32 trees.
+    // The module's tree evaluator and onnxruntime evaluate the same float32 trees.
     assert!(
         report["served_vs_onnxruntime"]["max_abs_diff"]
             .as_f64()
@@ -310,9 +310,15 @@ onnx.save(m, sys.argv[2])
 }
 
 /// A model that is not a tree ensemble (a logistic regression written as MatMul, Add and
-/// Sigmoid) goes through tract: its scores of the table's features equal the same formula
-/// computed by SQL, to float32 precision.
+/// Sigmoid) is refused by the tree-only module with the reason and the module that serves it,
+/// and goes through tract in that one (`fraud_model_tract`): its scores of the table's
+/// features equal the same formula computed by SQL, to float32 precision.
 fn any_model_is_served_by_tract(dir: &Path) {
+    std::fs::copy(
+        riffle_tests::udf("fraud_model_tract"),
+        dir.join("riffle_udfs_fraud_model_tract.wasm"),
+    )
+    .unwrap();
     let model = dir.join("logistic.onnx");
     let script = r#"
 import sys, numpy as np, onnx
@@ -339,8 +345,9 @@ onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
                     tx_10m, tx_1h, tx_24h, amount_10m, amount_1h, amount_24h, amount_vs_30d, \
                     risky_category, night";
     let sum = features.replace(", ", " + ");
-    let sql = format!(
-        "CREATE FUNCTIONS FROM 'riffle_udfs_fraud_model.wasm' WITH CONFIG 'logistic.onnx';\n\
+    let sql = |module: &str| {
+        format!(
+            "CREATE FUNCTIONS FROM '{module}' WITH CONFIG 'logistic.onnx';\n\
          SELECT count(*) AS n, max(abs(fraud_model_score({features}) \
                 - 1.0 / (1.0 + exp(-(1e-5 * ({sum}) - 1.0))))) AS diff, \
                 min(fraud_model_score({features})) AS low, \
@@ -348,20 +355,32 @@ onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
          FROM (SELECT * FROM scores WHERE amount IS NOT NULL AND rule_score IS NOT NULL \
                AND amount_vs_30d IS NOT NULL AND km_per_hour IS NOT NULL \
                LIMIT 5000) s;\n"
+        )
+    };
+    let run = |module: &str| {
+        std::fs::write(dir.join("logistic.sql"), sql(module)).unwrap();
+        riffle_in(
+            &[
+                "sql",
+                "--file",
+                "logistic.sql",
+                "--table",
+                "scores=scores",
+                "--output",
+                "logistic.csv",
+            ],
+            dir,
+        )
+    };
+    let out = run("riffle_udfs_fraud_model.wasm");
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("it is not a binary tree-ensemble classifier")
+            && stderr.contains("riffle_udfs_fraud_model_tract.wasm"),
+        "{stderr}"
     );
-    std::fs::write(dir.join("logistic.sql"), sql).unwrap();
-    let out = riffle_in(
-        &[
-            "sql",
-            "--file",
-            "logistic.sql",
-            "--table",
-            "scores=scores",
-            "--output",
-            "logistic.csv",
-        ],
-        dir,
-    );
+    let out = run("riffle_udfs_fraud_model_tract.wasm");
     assert!(out.status.success(), "{}", text(&out.stderr));
     let csv = std::fs::read_to_string(dir.join("logistic.csv")).unwrap();
     let values: Vec<&str> = csv.lines().nth(1).unwrap().split(',').collect();

@@ -7,7 +7,7 @@ package, a reader Riffle did not write.
 
 - The served scores against onnxruntime: the model's scores recomputed from the table's own
   feature columns by an ONNX runtime independent of the Wasm module that served them (its own
-  tree evaluator, or tract for other models). Both compare float32 features with float32
+  tree evaluator; fraud_model_tract runs other models with tract). Both compare float32 features with float32
   thresholds; the largest difference is reported (and must be tiny).
 - Live quality: on the live payments (the rows of LIVE.parquet, the ones produced to Kafka),
   ROC AUC and precision at the alert rate, model against the rule score.

@@ -13,7 +13,7 @@ model trained on history is then used on what comes after.
 Writes OUT_DIR/fraud_model.onnx (the model, for the scoring UDF udfs/fraud_model: its init
 configuration), OUT_DIR/fraud_model_report.json (the numbers below, for scripts and tests) and
 OUT_DIR/roc.png, and prints the report. The exported model is checked against scikit-learn's own
-predictions with onnxruntime, an ONNX runtime independent of the one that serves it (tract).
+predictions with onnxruntime, an ONNX runtime independent of the module that serves it.
 """
 
 import json

@@ -2,29 +2,38 @@
 //! the probability of fraud that a trained model gives a payment's features.
 //!
 //! The model is not in this code. It arrives as the module's init configuration, an ONNX file
-//! (`[[udfs]] config = "fraud_model.onnx"`), and is evaluated by tract, a pure-Rust ONNX
-//! runtime, so whatever the data scientist exported (scikit-learn's gradient-boosted trees
-//! through skl2onnx in our demo, a logistic regression, a small network) is served by the same
-//! module with no code change between training and serving. The features are this function's
-//! arguments, in the order the model was trained on them: the columns
+//! (`[[udfs]] config = "fraud_model.onnx"`), so whatever the data scientist retrains is served
+//! by the same module with no code change between training and serving. The features are this
+//! function's arguments, in the order the model was trained on them: the columns
 //! `scripts/demo/fraud_training.toml` computes and `scripts/demo/train_fraud.py` trains on.
 //!
-//! Scoring is one model run per Arrow batch (a `rows x 14` tensor), not per row: running a
-//! tract plan has a fixed cost that would otherwise dominate. A binary tree ensemble, the
-//! commonest export and the demo's, is evaluated directly instead ([`trees`]: tract looks up
-//! leaf weights in linear time); every other model is tract's. A NULL feature is NaN, as
-//! scikit-learn saw it in training (its trees send NaN down a learned branch, and ONNX's tree
-//! ensembles carry that branch).
+//! Two modules are built from this source:
+//! - `riffle_udfs_fraud_model.wasm` (this crate) serves binary tree-ensemble classifiers, the
+//!   commonest export (scikit-learn's gradient-boosted trees and forests through skl2onnx, the
+//!   demo's model), with its own evaluator ([`trees`]) and its own reader of the few ONNX
+//!   fields a tree ensemble needs ([`onnx`]). Any other model is refused when the pipeline
+//!   starts, with the reason.
+//! - `riffle_udfs_fraud_model_tract.wasm` (`udfs/fraud_model_tract`, the `tract` feature)
+//!   serves any model: tree ensembles the same way, everything else (a logistic regression, a
+//!   small network) with tract, a pure-Rust ONNX runtime. tract is ~130 crates and 8
+//!   CPU-minutes of compiling, which a first run of the demo should not pay for a model it
+//!   never runs.
+//!
+//! Scoring is one model run per Arrow batch (a `rows x 14` tensor), not per row. A NULL feature
+//! is NaN, as scikit-learn saw it in training (its trees send NaN down a learned branch, and
+//! ONNX's tree ensembles carry that branch).
 
+mod onnx;
+#[cfg(feature = "tract")]
+mod tract_plan;
 mod trees;
 
 use std::sync::OnceLock;
 
+use prost::Message;
 use riffle_udf::{
     ArgInfo, CallError, CallOutput, Column, DataType, FunctionInfo, Values, export_udfs,
 };
-use tract_onnx::prelude::tract_data::internal::{DimLike, bail, format_err};
-use tract_onnx::prelude::*;
 
 /// The model's inputs, in training order. Their names are the function's argument names, so
 /// `riffle udf inspect` shows what the model expects.
@@ -49,21 +58,9 @@ pub const FEATURES: [&str; 14] = [
 enum Scorer {
     /// A binary tree ensemble, evaluated directly (see [`trees`]).
     Forest(trees::Forest),
-    /// Anything else: tract's optimised plan and which of its outputs is the fraud score.
-    Tract {
-        plan: TypedRunnableModel<TypedModel>,
-        output: ScoreOutput,
-    },
-}
-
-/// Where the score is among a model's outputs.
-#[derive(Clone, Copy, Debug)]
-enum ScoreOutput {
-    /// A classifier's probabilities, `rows x classes`: the score is this output's last column
-    /// (class 1, fraud, of a binary classifier).
-    Probabilities(usize),
-    /// One value per row (`rows` or `rows x 1`): a regressor or a raw score.
-    Values(usize),
+    /// Anything else: tract's plan.
+    #[cfg(feature = "tract")]
+    Tract(tract_plan::Plan),
 }
 
 static SCORER: OnceLock<Scorer> = OnceLock::new();
@@ -76,51 +73,47 @@ pub fn configure(config: &[u8]) -> Result<(), String> {
                     (`[[udfs]] config = \"fraud_model.onnx\"`)"
             .into());
     }
-    let scorer = load(config).map_err(|e| format!("the ONNX model cannot be served: {e:#}"))?;
+    let scorer = load(config).map_err(|e| format!("the ONNX model cannot be served: {e}"))?;
     SCORER
         .set(scorer)
         .map_err(|_| "configured twice".to_string())
 }
 
-fn load(onnx: &[u8]) -> TractResult<Scorer> {
-    let framework = tract_onnx::onnx();
-    let mut proto = framework.proto_model_for_read(&mut &onnx[..])?;
-    check_features(&proto)?;
-    if let Some(graph) = &proto.graph
+fn load(bytes: &[u8]) -> Result<Scorer, String> {
+    let model =
+        onnx::ModelProto::decode(bytes).map_err(|e| format!("it is not an ONNX file: {e}"))?;
+    check_features(&model)?;
+    if let Some(graph) = &model.graph
         && graph.input.len() == 1
         && let Some(forest) = trees::Forest::from_graph(&graph.node, FEATURES.len())
     {
         return Ok(Scorer::Forest(forest));
     }
-    one_base_value_per_class(&mut proto);
-    let mut model = framework.model_for_proto_model(&proto)?;
-    if model.inputs.len() != 1 {
-        bail!(
-            "it has {} inputs; this module feeds one, a float tensor of {} features per row",
-            model.inputs.len(),
-            FEATURES.len()
-        );
+    #[cfg(feature = "tract")]
+    {
+        tract_plan::Plan::load(bytes)
+            .map(Scorer::Tract)
+            .map_err(|e| format!("{e:#}"))
     }
-    // Any number of rows per run: the batch size is a symbol, fixed per call.
-    let rows = model.sym("rows");
-    model.set_input_fact(
-        0,
-        f32::fact([rows.to_dim(), FEATURES.len().to_dim()]).into(),
-    )?;
-    let model = model.into_optimized()?;
-    let output = score_output(&model)?;
-    Ok(Scorer::Tract {
-        plan: model.into_runnable()?,
-        output,
-    })
+    #[cfg(not(feature = "tract"))]
+    {
+        Err(NOT_A_FOREST.into())
+    }
 }
+
+/// Why this build refuses a model that is not one binary tree ensemble, and what serves it.
+#[cfg(not(feature = "tract"))]
+pub const NOT_A_FOREST: &str = "it is not a binary tree-ensemble classifier (one \
+    `TreeEnsembleClassifier` node over one input, as skl2onnx exports scikit-learn's trees and \
+    forests), the one kind of model this module serves; riffle_udfs_fraud_model_tract.wasm \
+    (udfs/fraud_model_tract) serves any ONNX model";
 
 /// The features a model was trained on, in order, when its exporter recorded them
 /// (`train_fraud.py` writes them as the model's `riffle.features` metadata): they must be this
 /// function's arguments, or every score would be computed from the wrong columns without a
 /// word. A model without the entry is served as it is.
-fn check_features(proto: &tract_onnx::pb::ModelProto) -> TractResult<()> {
-    let Some(entry) = proto
+fn check_features(model: &onnx::ModelProto) -> Result<(), String> {
+    let Some(entry) = model
         .metadata_props
         .iter()
         .find(|e| e.key == "riffle.features")
@@ -129,64 +122,13 @@ fn check_features(proto: &tract_onnx::pb::ModelProto) -> TractResult<()> {
     };
     let trained: Vec<&str> = entry.value.split(',').map(str::trim).collect();
     if trained != FEATURES {
-        bail!(
+        return Err(format!(
             "it was trained on the features {}, but this module passes {} (in this order)",
             trained.join(", "),
             FEATURES.join(", ")
-        );
+        ));
     }
     Ok(())
-}
-
-/// A binary tree-ensemble classifier may give one base value (the ONNX operator's spec allows
-/// it, and skl2onnx writes scikit-learn's gradient-boosted trees that way), but tract reads
-/// one per class. Its binary layout only uses the first, so repeating it changes nothing.
-fn one_base_value_per_class(proto: &mut tract_onnx::pb::ModelProto) {
-    let Some(graph) = proto.graph.as_mut() else {
-        return;
-    };
-    for node in graph
-        .node
-        .iter_mut()
-        .filter(|n| n.op_type == "TreeEnsembleClassifier")
-    {
-        let classes = node
-            .attribute
-            .iter()
-            .find(|a| a.name == "classlabels_int64s" || a.name == "classlabels_strings")
-            .map(|a| a.ints.len().max(a.strings.len()));
-        if let (Some(2), Some(base)) = (
-            classes,
-            node.attribute.iter_mut().find(|a| a.name == "base_values"),
-        ) && base.floats.len() == 1
-        {
-            base.floats.push(base.floats[0]);
-        }
-    }
-}
-
-/// Finds the score among the model's outputs: a float output of two or more columns is a
-/// classifier's probabilities; otherwise a float output with one value per row.
-fn score_output(model: &TypedModel) -> TractResult<ScoreOutput> {
-    let mut values = None;
-    for (i, outlet) in model.output_outlets()?.iter().enumerate() {
-        let fact = model.outlet_fact(*outlet)?;
-        if !fact.datum_type.is_float() {
-            continue; // a classifier's labels
-        }
-        let shape = fact.shape.to_tvec();
-        match shape.len() {
-            2 if shape[1].to_usize().is_ok_and(|c| c >= 2) => {
-                return Ok(ScoreOutput::Probabilities(i));
-            }
-            2 if shape[1].to_usize().is_ok_and(|c| c == 1) => values = Some(i),
-            1 => values = Some(i),
-            _ => {}
-        }
-    }
-    values
-        .map(ScoreOutput::Values)
-        .ok_or_else(|| format_err!("no output gives one float score per row"))
 }
 
 /// The probability of fraud the configured model gives these features.
@@ -248,7 +190,7 @@ fn fraud_model_score_call(rows: usize, args: &[Column]) -> Result<CallOutput, Ca
             input[i * FEATURES.len() + j] = if valid(i) { *value as f32 } else { f32::NAN };
         }
     }
-    let scores = run(scorer, rows, input).map_err(|e| CallError::Failed(format!("{e:#}")))?;
+    let scores = run(scorer, rows, input).map_err(CallError::Failed)?;
     Ok(CallOutput {
         column: Column {
             len: rows as u32,
@@ -259,34 +201,15 @@ fn fraud_model_score_call(rows: usize, args: &[Column]) -> Result<CallOutput, Ca
     })
 }
 
-fn run(scorer: &Scorer, rows: usize, input: Vec<f32>) -> TractResult<Vec<f64>> {
+fn run(scorer: &Scorer, rows: usize, input: Vec<f32>) -> Result<Vec<f64>, String> {
     if rows == 0 {
         return Ok(Vec::new());
     }
-    let (plan, output) = match scorer {
-        Scorer::Forest(forest) => return Ok(forest.score(&input)),
-        Scorer::Tract { plan, output } => (plan, *output),
-    };
-    let input = tract_ndarray::Array2::from_shape_vec((rows, FEATURES.len()), input)?;
-    let outputs = plan.run(tvec!(Tensor::from(input).into()))?;
-    let (index, probabilities) = match output {
-        ScoreOutput::Probabilities(i) => (i, true),
-        ScoreOutput::Values(i) => (i, false),
-    };
-    let output = outputs[index].cast_to::<f64>()?;
-    let view = output.to_array_view::<f64>()?;
-    let columns = if probabilities { view.shape()[1] } else { 1 };
-    let values = view
-        .as_slice()
-        .ok_or_else(|| format_err!("the model's output is not contiguous"))?;
-    if values.len() != rows * columns {
-        bail!("the model gave {} values for {rows} rows", values.len());
+    match scorer {
+        Scorer::Forest(forest) => Ok(forest.score(&input)),
+        #[cfg(feature = "tract")]
+        Scorer::Tract(plan) => plan.run(rows, input).map_err(|e| format!("{e:#}")),
     }
-    // Class 1 (fraud) is the last column of a binary classifier's probabilities.
-    Ok(values
-        .chunks_exact(columns)
-        .map(|row| row[columns - 1])
-        .collect())
 }
 
 /// Registers `fraud_model_score` by hand rather than with `#[scalar]`: the macro calls a
@@ -299,3 +222,124 @@ mod fraud_model_score {
 }
 
 export_udfs!(fraud_model_score; init = configure);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use onnx::{AttributeProto, GraphProto, ModelProto, NodeProto, ValueInfoProto};
+
+    fn ints(name: &str, ints: &[i64]) -> AttributeProto {
+        AttributeProto {
+            name: name.into(),
+            ints: ints.to_vec(),
+            ..Default::default()
+        }
+    }
+
+    fn floats(name: &str, floats: &[f32]) -> AttributeProto {
+        AttributeProto {
+            name: name.into(),
+            floats: floats.to_vec(),
+            ..Default::default()
+        }
+    }
+
+    fn strings(name: &str, strings: &[&str]) -> AttributeProto {
+        AttributeProto {
+            name: name.into(),
+            strings: strings.iter().map(|s| s.as_bytes().to_vec()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn model(node: NodeProto, features: Option<&str>) -> Vec<u8> {
+        ModelProto {
+            graph: Some(GraphProto {
+                node: vec![node],
+                input: vec![ValueInfoProto {
+                    name: "features".into(),
+                }],
+            }),
+            metadata_props: features
+                .map(|f| onnx::StringStringEntryProto {
+                    key: "riffle.features".into(),
+                    value: f.into(),
+                })
+                .into_iter()
+                .collect(),
+        }
+        .encode_to_vec()
+    }
+
+    /// One tree as skl2onnx writes a binary classifier: `amount <= 100` (NaN goes that way
+    /// too) leads to a leaf of weight -2, otherwise +2; LOGISTIC, base 0.5.
+    fn one_tree() -> NodeProto {
+        NodeProto {
+            op_type: "TreeEnsembleClassifier".into(),
+            domain: "ai.onnx.ml".into(),
+            attribute: vec![
+                ints("classlabels_int64s", &[0, 1]),
+                AttributeProto {
+                    name: "post_transform".into(),
+                    s: b"LOGISTIC".to_vec(),
+                    ..Default::default()
+                },
+                ints("nodes_treeids", &[0, 0, 0]),
+                ints("nodes_nodeids", &[0, 1, 2]),
+                ints("nodes_featureids", &[0, 0, 0]),
+                floats("nodes_values", &[100.0, 0.0, 0.0]),
+                strings("nodes_modes", &["BRANCH_LEQ", "LEAF", "LEAF"]),
+                ints("nodes_truenodeids", &[1, 0, 0]),
+                ints("nodes_falsenodeids", &[2, 0, 0]),
+                ints("nodes_missing_value_tracks_true", &[1, 0, 0]),
+                ints("class_treeids", &[0, 0]),
+                ints("class_nodeids", &[1, 2]),
+                ints("class_ids", &[0, 0]),
+                floats("class_weights", &[-2.0, 2.0]),
+                floats("base_values", &[0.5]),
+            ],
+        }
+    }
+
+    fn sigmoid(x: f64) -> f64 {
+        1.0 / (1.0 + (-x).exp())
+    }
+
+    #[test]
+    fn a_tree_ensemble_read_from_its_onnx_bytes_scores_rows() {
+        let Ok(Scorer::Forest(forest)) = load(&model(one_tree(), Some(&FEATURES.join(",")))) else {
+            panic!("the tree ensemble was not read as one");
+        };
+        let mut rows = vec![0f32; 3 * FEATURES.len()];
+        rows[0] = 50.0;
+        rows[FEATURES.len()] = 500.0;
+        rows[2 * FEATURES.len()] = f32::NAN;
+        let scores = forest.score(&rows);
+        let expected = [sigmoid(0.5 - 2.0), sigmoid(0.5 + 2.0), sigmoid(0.5 - 2.0)];
+        for (score, expected) in scores.iter().zip(expected) {
+            assert!((score - expected).abs() < 1e-12, "{scores:?}");
+        }
+    }
+
+    #[test]
+    #[cfg(not(feature = "tract"))]
+    fn what_this_build_cannot_serve_is_refused_with_the_reason() {
+        let reason = |bytes: &[u8]| match load(bytes) {
+            Ok(_) => panic!("served"),
+            Err(reason) => reason,
+        };
+        assert!(reason(&[0xff, 0xff, 0xff]).starts_with("it is not an ONNX file"));
+        let mut swapped = FEATURES;
+        swapped.swap(0, 1);
+        assert!(
+            reason(&model(one_tree(), Some(&swapped.join(","))))
+                .starts_with("it was trained on the features rule_score, amount,")
+        );
+        // A logistic regression's first node: not a tree ensemble, so tract's build serves it.
+        let matmul = NodeProto {
+            op_type: "MatMul".into(),
+            ..Default::default()
+        };
+        assert_eq!(reason(&model(matmul, None)), NOT_A_FOREST);
+    }
+}

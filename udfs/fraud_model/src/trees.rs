@@ -9,9 +9,9 @@
 //! summed weight. The semantics are the ONNX operator's as tract and onnxruntime read them:
 //! a binary classifier whose weights are all for class 0 scores the positive class;
 //! `base_values[0]` is added; LOGISTIC applies the sigmoid. Sums are in f64 over the trees'
-//! f32 weights. Anything else goes to tract.
+//! f32 weights. Anything else is refused, or goes to tract in the `fraud_model_tract` build.
 
-use tract_onnx::pb::{AttributeProto, NodeProto};
+use crate::onnx::{AttributeProto, NodeProto};
 
 /// How a branch compares the feature with its threshold (true goes to `yes`).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -65,7 +65,7 @@ fn floats(node: &NodeProto, name: &str) -> Option<Vec<f32>> {
 impl Forest {
     /// The forest of a graph that is one binary `TreeEnsembleClassifier` this evaluator reads
     /// exactly as the operator's spec says, over `features` inputs; `None` for anything else
-    /// (tract then serves the model).
+    /// (refused, or served by tract in the `fraud_model_tract` build).
     pub fn from_graph(nodes: &[NodeProto], features: usize) -> Option<Forest> {
         let [node] = nodes else { return None };
         if node.op_type != "TreeEnsembleClassifier" || node.domain != "ai.onnx.ml" {
