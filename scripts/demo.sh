@@ -61,7 +61,7 @@ in_background() { # NAME COMMAND...
     "$@" > "$build_logs/$name.out" 2> "$build_logs/$name.log" &
     background[$name]=$!
 }
-echo "==> building riffle (the first build compiles DataFusion, wasmtime and deltalake: 25-35 minutes on 2 cores);" >&2
+echo "==> building riffle (the first build compiles DataFusion, wasmtime and deltalake: about 30 minutes on 2 cores);" >&2
 echo "    meanwhile the UDFs (udfs/*) into Wasm components, the Kafka broker and the Python packages" >&2
 echo "    (their logs: $build_logs)" >&2
 in_background udfs scripts/build-udfs.sh --except fraud_model_tract
