@@ -13,20 +13,22 @@
 # scripts/install-guest-toolchain.sh first on a new machine.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+usage() {
+    echo "usage: scripts/build-udfs.sh [--except NAME]... (NAME: a directory under udfs/)" >&2
+    exit 2
+}
 declare -A except=() # udfs/NAME -> 1: not built
 while [ $# -gt 0 ]; do
     case "$1" in
     --except)
-        [ $# -ge 2 ] && [ -d "$root/udfs/$2" ] || {
-            echo "usage: scripts/build-udfs.sh [--except NAME]... (NAME: a directory under udfs/)" >&2
-            exit 2
-        }
-        except[$2]=1
+        [ $# -ge 2 ] || usage
+        name=${2%/} # a tab-completed directory
+        [[ $name =~ ^[A-Za-z0-9_-]+$ ]] && [ -d "$root/udfs/$name" ] || usage
+        except[$name]=1
         shift 2
         ;;
     *)
-        echo "usage: scripts/build-udfs.sh [--except NAME]... (NAME: a directory under udfs/)" >&2
-        exit 2
+        usage
         ;;
     esac
 done
@@ -57,10 +59,11 @@ done
 # Guests are small: optimise them fully (the workspace release profile is tuned for host build time).
 export CARGO_PROFILE_RELEASE_OPT_LEVEL=3 CARGO_PROFILE_RELEASE_STRIP=debuginfo CARGO_PROFILE_RELEASE_DEBUG=false
 # ...in one codegen unit with whole-program LTO, except a crate with a workspace of its own: the
-# fraud model's ONNX runtime is ~240 crates, and tract-core alone in one unit took 230 s of one
-# core on a fresh machine. Thin LTO over 16 units built it in 4.2 min wall and 8.2 CPU-min
-# against 5.4 and 9.2 (the module: 20.8 MB against 21.3). Its per-row path is the crate's own
-# tree evaluator (udfs/fraud_model/src/trees.rs), optimised the same either way.
+# ONNX runtime of udfs/fraud_model_tract is ~150 crates, and tract-core alone in one unit took
+# 230 s of one core on a fresh machine. Thin LTO over 16 units built it in 4.2 min wall and 8.2
+# CPU-min against 5.4 and 9.2 (the module: 20.8 MB against 21.3). Its per-row path for tree
+# ensembles is the crate's own evaluator (udfs/fraud_model/src/trees.rs), optimised the same
+# either way.
 guest_profile() { # MANIFEST: the LTO and codegen-unit settings for it, as environment
     if [ "$1" = "$root/Cargo.toml" ]; then
         echo CARGO_PROFILE_RELEASE_LTO=fat CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1

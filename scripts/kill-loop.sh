@@ -20,7 +20,7 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$root/target}"
 dir="${RIFFLE_KILL_DIR:-$CARGO_TARGET_DIR/kill-loop}"
 
 echo "==> building the UDFs and riffle" >&2
-wasm_dir=$(scripts/build-udfs.sh)
+wasm_dir=$(scripts/build-udfs.sh --except fraud_model_tract)
 cargo build -q -p riffle --bin riffle
 riffle="$CARGO_TARGET_DIR/debug/riffle"
 

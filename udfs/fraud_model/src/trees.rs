@@ -1,6 +1,6 @@
 //! A direct evaluator for the most common exported model, a binary tree-ensemble classifier
 //! (scikit-learn's gradient-boosted trees and forests through skl2onnx: one
-//! `TreeEnsembleClassifier` node), used instead of tract's when a model is exactly that.
+//! `TreeEnsembleClassifier` node), used for a model that is exactly that.
 //!
 //! Why: tract 0.22/0.23 finds a reached leaf's weights by skipping through an iterator over all
 //! the ensemble's leaves (`tract-onnx-opl` `ml/tree.rs`, `outer_iter().skip(start_id)`: ndarray's
