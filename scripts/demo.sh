@@ -50,7 +50,7 @@ python_packages() {
 # second core idled for minutes. So the UDFs, the broker and the Python packages are built and
 # installed in the background while riffle builds, each with its output in a log that is shown
 # if it fails. The demo's model is a tree ensemble, which udfs/fraud_model serves without an
-# ONNX runtime, so fraud_model_tract (tract, ~130 crates: 11 minutes of the guests' 13 on a
+# ONNX runtime, so fraud_model_tract (tract, ~150 crates: 11 minutes of the guests' 13 on a
 # fresh machine, competing with riffle's build for the cores) is not built here.
 build_logs="$demo_dir/build-logs"
 mkdir -p "$build_logs"

@@ -15,7 +15,7 @@
 //!   starts, with the reason.
 //! - `riffle_udfs_fraud_model_tract.wasm` (`udfs/fraud_model_tract`, the `tract` feature)
 //!   serves any model: tree ensembles the same way, everything else (a logistic regression, a
-//!   small network) with tract, a pure-Rust ONNX runtime. tract is ~130 crates and 8
+//!   small network) with tract, a pure-Rust ONNX runtime. tract is ~150 crates and 8
 //!   CPU-minutes of compiling, which a first run of the demo should not pay for a model it
 //!   never runs.
 //!

@@ -2,7 +2,7 @@
 //! its nodes and their attributes, and the model's metadata.
 //!
 //! Why our own messages rather than an ONNX crate's: reading a tree ensemble needs only these
-//! few fields, and the crates that carry the whole schema come with a runtime (tract is ~130
+//! few fields, and the crates that carry the whole schema come with a runtime (tract is ~150
 //! crates and 8 CPU-minutes to build), which the demo's model never runs. Field numbers are
 //! the schema's; fields not listed here are skipped by the decoder, so any valid ONNX file
 //! decodes, whatever else it holds.

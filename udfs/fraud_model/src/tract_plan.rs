@@ -1,5 +1,5 @@
 //! Any other ONNX model, run by tract (a pure-Rust ONNX runtime) inside the sandbox: only in
-//! the `fraud_model_tract` build of this source (the `tract` feature), since tract is ~130
+//! the `fraud_model_tract` build of this source (the `tract` feature), since tract is ~150
 //! crates and most of this module's build time, and the tree ensembles most exports are
 //! (the demo's among them) never run on it.
 
