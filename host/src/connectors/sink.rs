@@ -40,7 +40,8 @@ pub trait Sink: Send {
     /// What must happen before epoch `epoch` commits, if [`Sink::write_epoch`] returned before
     /// the epoch's output was durable. Called right after it. The at-least-once Kafka sink
     /// returns once its records are queued, so that the next epoch reads and computes while
-    /// the broker acknowledges them; the checkpoint's commit writer runs the returned wait
+    /// the broker acknowledges them, and a Parquet directory publishes its epoch's file
+    /// there; the checkpoint's commit writer runs the returned wait
     /// before it commits the epoch, and a failed wait fails the query with the epoch
     /// uncommitted, to run again. `None`, the default: the output was durable on return.
     fn acknowledgement(&mut self, _epoch: u64) -> Option<Acknowledgement> {
