@@ -639,12 +639,20 @@ fn merges_exactly(spec: &AggSpec) -> bool {
     }
 }
 
+/// Whether a partial state of `spec`, an aggregate that [`merges_exactly`], stays a few
+/// bytes whatever its rows: not a distinct count's set nor `approx_distinct`'s sketch.
+fn partial_is_small(spec: &AggSpec) -> bool {
+    !spec.expr.is_distinct() && spec.expr.fun().name() != "approx_distinct"
+}
+
 /// Folds a contiguous share of an aggregation's rows into partial groups: entries of its
 /// `groups` table, which the instance that owns each key merges into its own ([`Combiner`]).
 struct GroupCombiner {
     folding: Arc<Folding>,
     /// Calls left to pass up after one whose rows made too many groups to be worth folding.
     skip: AtomicU32,
+    /// Every aggregate's partial state is a small accumulator ([`partial_is_small`]).
+    small_partials: bool,
 }
 
 impl GroupCombiner {
@@ -655,11 +663,27 @@ impl GroupCombiner {
     const PROBE_ROWS: usize = 16_384;
     /// Calls passed up after folding did not pay, before trying again (the keys may change).
     const SKIP_CALLS: u32 = 64;
+    /// Shares per routing task when the partial states are small. Measured on two cores
+    /// (1-minute tumbling `max` per country, 200,000-row epochs): the routing tasks were busy
+    /// 90% of their wall time with one share each, 95-96% with four or eight.
+    const SMALL_SHARES_PER_TASK: usize = 8;
 }
 
 impl Combiner for GroupCombiner {
     fn table(&self) -> &str {
         GROUPS
+    }
+
+    /// Several when each group's partial state is a few small accumulators. Not for distinct
+    /// counts: a share rebuilds its groups' distinct sets from empty, so more shares
+    /// rebuild and merge more (the 5-minute/1-minute hopping distinct count ran 4-8% slower
+    /// with four or eight).
+    fn shares_per_task(&self) -> usize {
+        if self.small_partials {
+            Self::SMALL_SHARES_PER_TASK
+        } else {
+            1
+        }
     }
 
     fn combine(&self, _input: usize, rows: &[RecordBatch]) -> Result<Option<Vec<RecordBatch>>> {
@@ -702,6 +726,8 @@ pub struct WindowAggregate {
     /// Whether shares of the rows may be folded before they are routed: every aggregate
     /// [`merges_exactly`].
     combines: bool,
+    /// Every aggregate's partial state is small ([`partial_is_small`]).
+    small_partials: bool,
 }
 
 impl WindowAggregate {
@@ -732,6 +758,7 @@ impl WindowAggregate {
             route,
             groups: KeyedTable::new(GROUPS, Box::new(codec.clone())),
             combines: aggs.iter().all(merges_exactly),
+            small_partials: aggs.iter().all(partial_is_small),
             folding: Arc::new(Folding {
                 codec,
                 evicts: windows.is_some()
@@ -894,6 +921,7 @@ impl Operator for WindowAggregate {
             Arc::new(GroupCombiner {
                 folding: Arc::clone(&self.folding),
                 skip: AtomicU32::new(0),
+                small_partials: self.small_partials,
             }) as Arc<dyn Combiner>
         })
     }

@@ -35,6 +35,7 @@
 //! order ties on the event time by arrival unless the `ORDER BY` is total.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use arrow::array::{ArrayRef, RecordBatch, UInt32Array};
@@ -125,7 +126,19 @@ pub trait Combiner: Send + Sync {
     /// # Errors
     /// Evaluation errors, as processing the rows would give.
     fn combine(&self, input: usize, rows: &[RecordBatch]) -> Result<Option<Vec<RecordBatch>>>;
+
+    /// Into how many shares per routing task an epoch's rows are cut ([`split_by_key`]).
+    /// More shares even out the tasks' time, and each costs its partial entries one more
+    /// merge: worth it when those entries are a few small accumulators whatever the share's
+    /// rows, not when they grow with the rows (distinct sets). One unless said otherwise.
+    fn shares_per_task(&self) -> usize {
+        1
+    }
 }
+
+/// The fewest rows a share of [`split_by_key`] is cut to when its combiner asks for several
+/// shares per task: below that, a share's fixed costs (a fold's table, its routing) add up.
+const MIN_SHARE_ROWS: usize = 8_192;
 
 /// Rows for an operator instance: as they arrived on input `input`, or folded by the
 /// operator's [`Combiner`] from rows of that input.
@@ -225,9 +238,9 @@ pub fn split_contiguous(batches: Vec<RecordBatch>, n: usize) -> Vec<Vec<RecordBa
 }
 
 /// Splits an epoch's rows (`inputs[k]`: input `k`'s batches) among `n` instances by `key`,
-/// returning each instance's rows. The hashing and copying run on `n` tasks at once, each
-/// over a contiguous share of every input, so that routing does not hold the other cores up;
-/// with a `combiner`, each task first folds its share ([`Combiner`]). Each instance gets its
+/// returning each instance's rows. The hashing and copying run on `n` tasks at once, over
+/// contiguous shares of every input, so that routing does not hold the other cores up; with a
+/// `combiner`, each task first folds each share it takes ([`Combiner`]). Each instance gets its
 /// rows input by input, and each input's rows (or folded rows) in the order they arrived.
 /// Also returns the time the tasks took, added up.
 ///
@@ -289,27 +302,48 @@ pub(crate) async fn split_by_key(
         Ok((parts, started.elapsed()))
     }
 
-    // Task `w` takes the `w`th contiguous share of every input.
-    let mut work: Vec<Vec<Vec<RecordBatch>>> = vec![Vec::with_capacity(inputs.len()); n];
+    // The epoch is cut into contiguous shares of every input, `shares_per_task` for each
+    // task, and the tasks take them in turn as each finishes one: equal rows do not take
+    // equal time (a core may be slowed by its sibling or the host), and with one share each
+    // the epoch waited for the slower task. Share `i` is `work[i]`; the tasks' results are
+    // put back in share order, so the instances get the same deliveries however the tasks
+    // took them.
+    let total: usize = inputs.iter().flatten().map(RecordBatch::num_rows).sum();
+    let per_task = combiner.map_or(1, |c| c.shares_per_task().max(1));
+    let cuts = (n * per_task).min(total.div_ceil(MIN_SHARE_ROWS)).max(n);
+    let mut work: Vec<Vec<Vec<RecordBatch>>> = vec![Vec::with_capacity(inputs.len()); cuts];
     for batches in inputs {
-        for (w, share) in work.iter_mut().zip(split_contiguous(batches, n)) {
+        for (w, share) in work.iter_mut().zip(split_contiguous(batches, cuts)) {
             w.push(share);
         }
     }
     let split_shares: Vec<Result<(Parts, Duration)>> = match tokio::runtime::Handle::try_current() {
         Ok(runtime) if n > 1 => {
-            let tasks: Vec<_> = work
-                .into_iter()
-                .map(|rows| {
-                    let key = Arc::clone(key);
-                    let combiner = combiner.cloned();
-                    runtime.spawn(async move { split(key.as_ref(), combiner.as_deref(), rows, n) })
+            let work = Arc::new(work);
+            let next = Arc::new(AtomicUsize::new(0));
+            let tasks: Vec<_> = (0..n)
+                .map(|_| {
+                    let (key, combiner) = (Arc::clone(key), combiner.cloned());
+                    let (work, next) = (Arc::clone(&work), Arc::clone(&next));
+                    runtime.spawn(async move {
+                        let mut done = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, Ordering::Relaxed);
+                            let Some(rows) = work.get(i) else {
+                                return done;
+                            };
+                            done.push((
+                                i,
+                                split(key.as_ref(), combiner.as_deref(), rows.clone(), n),
+                            ));
+                        }
+                    })
                 })
                 .collect();
-            let mut done = Vec::with_capacity(tasks.len());
+            let mut done = Vec::with_capacity(cuts);
             for task in tasks {
                 match task.await {
-                    Ok(parts) => done.push(parts),
+                    Ok(parts) => done.extend(parts),
                     Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
                     Err(e) => {
                         return Err(RiffleError::Internal(format!(
@@ -318,7 +352,8 @@ pub(crate) async fn split_by_key(
                     }
                 }
             }
-            done
+            done.sort_unstable_by_key(|(i, _)| *i);
+            done.into_iter().map(|(_, parts)| parts).collect()
         }
         _ => work
             .into_iter()
@@ -569,13 +604,32 @@ mod tests {
         }
     }
 
+    /// A combiner that never folds (its shares' rows are routed as they are) and asks for
+    /// several shares per task; counts its calls.
+    struct Cuts(std::sync::atomic::AtomicUsize);
+
+    impl Combiner for Cuts {
+        fn table(&self) -> &str {
+            "t"
+        }
+        fn combine(&self, _: usize, _: &[RecordBatch]) -> Result<Option<Vec<RecordBatch>>> {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            Ok(None)
+        }
+        fn shares_per_task(&self) -> usize {
+            4
+        }
+    }
+
     /// Rows of a key meet in one share whichever batch and contiguous share they were in,
-    /// input by input, each input's rows in arrival order.
+    /// input by input, each input's rows in arrival order; also when the epoch is cut into
+    /// more shares than tasks, which the tasks take as they come (the same deliveries every
+    /// time).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn split_by_key_keeps_each_keys_rows_together_and_in_order() {
-        // Value = key * 1000 + arrival position: keys 0..7, in many batches, two inputs.
-        let rows: Vec<i64> = (0..200).map(|i| (i * 7 % 8) * 1000 + i).collect();
-        let keys = |values: &[i64]| values.iter().map(|v| v / 1000).collect::<Vec<_>>();
+        // Value = key * 100,000 + arrival position: keys 0..7, in many batches, two inputs.
+        let rows: Vec<i64> = (0..40_000).map(|i| (i * 7 % 8) * 100_000 + i).collect();
+        let keys = |values: &[i64]| values.iter().map(|v| v / 100_000).collect::<Vec<_>>();
         let keyed = |values: &[i64]| {
             let schema = Arc::new(Schema::new(vec![
                 Field::new("k", DataType::Int64, false),
@@ -590,47 +644,85 @@ mod tests {
             )
             .unwrap()
         };
-        let input: Vec<RecordBatch> = rows.chunks(13).map(keyed).collect();
-        let other: Vec<RecordBatch> = rows[..50].chunks(7).map(keyed).collect();
+        let input: Vec<RecordBatch> = rows.chunks(1_300).map(keyed).collect();
+        let other: Vec<RecordBatch> = rows[..10_000].chunks(700).map(keyed).collect();
         let key: Arc<dyn PartitionKey> = Arc::new(FirstColumn);
-        for n in [1, 2, 3] {
-            let (shares, _) = split_by_key(&key, None, vec![input.clone(), other.clone()], n)
-                .await
-                .unwrap();
-            let mut seen_keys = std::collections::BTreeMap::new();
-            let mut total = 0;
-            for (s, share) in shares.iter().enumerate() {
-                let inputs: Vec<usize> = share.iter().map(|d| d.input).collect();
-                assert!(inputs.windows(2).all(|w| w[0] <= w[1]), "input by input");
-                for input in 0..2 {
-                    let values: Vec<i64> = share
+        let cuts = Arc::new(Cuts(std::sync::atomic::AtomicUsize::new(0)));
+        let as_combiner: Arc<dyn Combiner> = cuts.clone();
+        let deliveries = |shares: &[Vec<Delivery>]| -> Vec<Vec<(usize, Vec<i64>)>> {
+            shares
+                .iter()
+                .map(|share| {
+                    share
                         .iter()
-                        .filter(|d| d.input == input)
-                        .flat_map(|d| {
-                            d.batch
-                                .column(1)
-                                .as_primitive::<Int64Type>()
-                                .values()
-                                .to_vec()
+                        .map(|d| {
+                            let values = d.batch.column(1).as_primitive::<Int64Type>();
+                            (d.input, values.values().to_vec())
                         })
-                        .collect();
-                    total += values.len();
-                    for key in keys(&values) {
-                        assert_eq!(
-                            *seen_keys.entry(key).or_insert(s),
-                            s,
-                            "key {key} in one share"
-                        );
-                    }
-                    for key in 0..8 {
-                        let of_key: Vec<i64> =
-                            values.iter().copied().filter(|v| v / 1000 == key).collect();
-                        assert!(of_key.windows(2).all(|w| w[0] < w[1]), "arrival order");
+                        .collect()
+                })
+                .collect()
+        };
+        for combiner in [None, Some(&as_combiner)] {
+            for n in [1, 2, 3] {
+                cuts.0.store(0, Ordering::Relaxed);
+                let inputs = vec![input.clone(), other.clone()];
+                let (shares, _) = split_by_key(&key, combiner, inputs, n).await.unwrap();
+                if combiner.is_some() {
+                    // 50,000 rows: min(4 n, 50,000 / 8,192 rounded up) shares, both inputs
+                    // in each.
+                    let expected = (4 * n).min(7);
+                    assert_eq!(
+                        cuts.0.load(Ordering::Relaxed),
+                        2 * expected,
+                        "{n} partitions"
+                    );
+                    let inputs = vec![input.clone(), other.clone()];
+                    let (again, _) = split_by_key(&key, combiner, inputs, n).await.unwrap();
+                    assert_eq!(
+                        deliveries(&again),
+                        deliveries(&shares),
+                        "the same deliveries"
+                    );
+                }
+                let mut seen_keys = std::collections::BTreeMap::new();
+                let mut total = 0;
+                for (s, share) in shares.iter().enumerate() {
+                    let inputs: Vec<usize> = share.iter().map(|d| d.input).collect();
+                    assert!(inputs.windows(2).all(|w| w[0] <= w[1]), "input by input");
+                    for input in 0..2 {
+                        let values: Vec<i64> = share
+                            .iter()
+                            .filter(|d| d.input == input)
+                            .flat_map(|d| {
+                                d.batch
+                                    .column(1)
+                                    .as_primitive::<Int64Type>()
+                                    .values()
+                                    .to_vec()
+                            })
+                            .collect();
+                        total += values.len();
+                        for key in keys(&values) {
+                            assert_eq!(
+                                *seen_keys.entry(key).or_insert(s),
+                                s,
+                                "key {key} in one share"
+                            );
+                        }
+                        for key in 0..8 {
+                            let of_key: Vec<i64> = values
+                                .iter()
+                                .copied()
+                                .filter(|v| v / 100_000 == key)
+                                .collect();
+                            assert!(of_key.windows(2).all(|w| w[0] < w[1]), "arrival order");
+                        }
                     }
                 }
+                assert_eq!(total, 50_000, "{n} partitions: every row once");
+                assert_eq!(seen_keys.len(), 8);
             }
-            assert_eq!(total, 250, "{n} partitions: every row once");
-            assert_eq!(seen_keys.len(), 8);
         }
     }
 
