@@ -216,6 +216,7 @@ const CRASHES: &[Crash] = &[
     Crash::at("after-plan", 2),
     Crash::at("after-state", 4),
     Crash::at("after-sink", 6),
+    Crash::at("before-commit", 7),
     Crash::at("after-commit", 8),
     // Epochs 11 and 12 are planned and not committed too: the next run replays all three.
     Crash::at("after-sink", 13).with_commits_held_from(11),

@@ -766,10 +766,24 @@ impl StateWrite {
     ///
     /// # Errors
     /// I/O errors.
-    pub fn write(mut self) -> Result<(StateManifest, u64)> {
+    pub fn write(self) -> Result<(StateManifest, u64)> {
+        let (manifest, written, files) = self.write_unpublished()?;
+        files.publish()?;
+        Ok((manifest, written))
+    }
+
+    /// Writes each table's file under a temporary name, without syncing it, and returns the
+    /// new manifest, the bytes written and the files to publish before the epoch commits.
+    /// The stream driver publishes them on the commit writer's thread: the syncs, a
+    /// millisecond or more an epoch, then hold up only the commit, not the next epoch.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn write_unpublished(mut self) -> Result<(StateManifest, u64, UnpublishedState)> {
         let mut written = 0;
+        let mut files = UnpublishedState(Vec::with_capacity(self.files.len()));
         for file in &self.files {
-            let bytes = write_table(
+            let (bytes, tmp, path) = write_table(
                 &self.root,
                 &file.operator,
                 &file.table,
@@ -777,6 +791,7 @@ impl StateWrite {
                 file.snapshot,
                 &file.batches,
             )?;
+            files.0.push((tmp, path));
             written += bytes;
             let entry = self
                 .manifest
@@ -789,7 +804,26 @@ impl StateWrite {
                 entry.delta_bytes += bytes;
             }
         }
-        Ok((self.manifest, written))
+        Ok((self.manifest, written, files))
+    }
+}
+
+/// An epoch's state files, written under temporary names ([`StateWrite::write_unpublished`]).
+/// Until [`publish`](Self::publish)ed they are temporaries, which pruning leaves alone and the
+/// next open of the checkpoint sweeps away.
+#[must_use = "the state files are not in the checkpoint until they are published"]
+pub struct UnpublishedState(Vec<(PathBuf, PathBuf)>);
+
+impl UnpublishedState {
+    /// Syncs each file and renames it to its name in the checkpoint.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn publish(self) -> Result<()> {
+        for (tmp, path) in self.0 {
+            crate::common::fs::publish(&tmp, &path)?;
+        }
+        Ok(())
     }
 }
 
@@ -800,7 +834,7 @@ fn write_table(
     epoch: u64,
     snapshot: bool,
     batches: &[RecordBatch],
-) -> Result<u64> {
+) -> Result<(u64, PathBuf, PathBuf)> {
     let dir = table_dir(root, operator, table);
     create_dir_durable(&dir)?;
     let kind = if snapshot { "snapshot" } else { "delta" };
@@ -813,7 +847,7 @@ fn write_table(
     let schema =
         Arc::new(Schema::new(batches[0].schema().fields().clone()).with_metadata(metadata));
     // Written straight to the file (state can be tens of megabytes an epoch), then synced
-    // and renamed like every other checkpoint file.
+    // and renamed like every other checkpoint file ([`UnpublishedState::publish`]).
     let tmp = crate::common::fs::temp_path(&path);
     let file = fs::File::create(&tmp).map_err(|e| RiffleError::io("creating", &tmp, e))?;
     let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
@@ -845,8 +879,7 @@ fn write_table(
         .map_err(|e| RiffleError::io("writing", &tmp, e))?
         .len();
     drop(file);
-    crate::common::fs::publish(&tmp, &path)?;
-    Ok(bytes)
+    Ok((bytes, tmp, path))
 }
 
 #[cfg(test)]
@@ -1093,6 +1126,51 @@ mod tests {
         .unwrap();
         let error = ckpt.restore_state(&commit.state, &mut graph()).unwrap_err();
         assert!(error.to_string().contains("is not the delta"), "{error}");
+    }
+
+    /// State written for the commit writer to publish is only temporaries until it is
+    /// published (pruning and a restore do not see it); published, it restores.
+    #[test]
+    fn unpublished_state_is_only_temporaries_until_published() {
+        let dir = tempfile::tempdir().unwrap();
+        let ckpt = Checkpoint::open(dir.path(), &print()).unwrap();
+        let (mut live, commit) = run(&ckpt, 3);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(live.run_epoch(&[vec![input(&[42, 7])]], &[Watermark::NONE]))
+            .unwrap();
+        let (manifest, bytes, files) = ckpt
+            .encode_state(4, &mut live, &commit.state)
+            .unwrap()
+            .write_unpublished()
+            .unwrap();
+        assert!(bytes > 0);
+        let table = dir.path().join("state/0-counter/counts");
+        let delta = table.join(name(4, ".delta.arrow"));
+        let temporaries = || {
+            fs::read_dir(&table)
+                .unwrap()
+                .flatten()
+                .filter(|f| is_temporary(&f.path()))
+                .count()
+        };
+        assert!(!delta.exists());
+        assert_eq!(temporaries(), 1);
+        files.publish().unwrap();
+        assert!(delta.exists());
+        assert_eq!(temporaries(), 0);
+        ckpt.commit(&EpochCommit {
+            progress: None,
+            epoch: 4,
+            sources: BTreeMap::new(),
+            state: manifest.clone(),
+            last: false,
+        })
+        .unwrap();
+        let mut restored = graph();
+        ckpt.restore_state(&manifest, &mut restored).unwrap();
+        assert_eq!(contents(&mut restored), contents(&mut live));
     }
 
     #[test]

@@ -90,7 +90,12 @@ pub fn create_dir_durable(dir: &Path) -> Result<()> {
     }
 }
 
-fn sync_parent(path: &Path) -> Result<()> {
+/// Syncs the directory holding `path`, so that a change of its entries (a file created,
+/// renamed or removed) survives a power loss.
+///
+/// # Errors
+/// I/O errors, naming the directory.
+pub fn sync_parent(path: &Path) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         fs::File::open(dir)
             .and_then(|d| d.sync_all())

@@ -38,12 +38,13 @@ pub trait Sink: Send {
     ) -> Result<()>;
 
     /// What must happen before epoch `epoch` commits, if [`Sink::write_epoch`] returned before
-    /// the epoch's output was durable. Called right after it. The at-least-once Kafka sink
-    /// returns once its records are queued, so that the next epoch reads and computes while
-    /// the broker acknowledges them, and a Parquet directory publishes its epoch's file
-    /// there; the checkpoint's commit writer runs the returned wait
-    /// before it commits the epoch, and a failed wait fails the query with the epoch
-    /// uncommitted, to run again. `None`, the default: the output was durable on return.
+    /// the epoch's output was durable. Called right after every successful `write_epoch`. The
+    /// at-least-once Kafka sink returns once its records are queued, so that the next epoch
+    /// reads and computes while the broker acknowledges them; a Parquet directory leaves the
+    /// syncing and renaming of its epoch's file to the acknowledgement. The checkpoint's
+    /// commit writer runs the returned wait before it commits the epoch, and a failed wait
+    /// (or one never run, in a crash) leaves the epoch uncommitted, to run again. `None`, the
+    /// default: the output was durable on return.
     fn acknowledgement(&mut self, _epoch: u64) -> Option<Acknowledgement> {
         None
     }

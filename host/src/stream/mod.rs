@@ -1014,12 +1014,13 @@ impl StreamingQuery {
         phases.operators_ms = ms(t);
 
         // State changes are encoded here and written on a blocking thread while the sink
-        // writes the output; the commit below waits for both.
+        // writes the output; the commit below waits for both, and syncs the state files
+        // (and a Parquet directory's epoch file) on its own thread before it commits.
         let t = Instant::now();
         let state = self
             .checkpoint
             .encode_state(plan.epoch, &mut self.graph, &self.manifest)?;
-        let state = tokio::task::spawn_blocking(move || state.write());
+        let state = tokio::task::spawn_blocking(move || state.write_unpublished());
         phases.state_ms = ms(t);
 
         // A sink that keeps the epochs it holds needs the plan durable before it writes,
@@ -1068,7 +1069,7 @@ impl StreamingQuery {
             .await
             .map_err(|e| RiffleError::Internal(format!("the state writer failed: {e}")))?;
         let acknowledgements = written?;
-        let (manifest, state_bytes_written) = state?;
+        let (manifest, state_bytes_written, state_files) = state?;
         phases.state_ms += ms(t);
         if holds("after-state", plan.epoch) || holds("after-sink", plan.epoch) {
             // Whoever looks at the checkpoint during the hold sees what the point names: this
@@ -1146,10 +1147,13 @@ impl StreamingQuery {
                 if let Some(plan) = plan_written {
                     lane::wait_blocking(plan)?;
                 }
+                // The state files, written and not yet synced.
+                state_files.publish()?;
                 // The sinks that returned before their output was acknowledged.
                 for acknowledged in acknowledgements {
                     acknowledged()?;
                 }
+                crash_point("before-commit", epoch);
                 checkpoint.commit(&commit)?;
                 crash_point("after-commit", epoch);
                 // A crash before this line loses it; the next run writes it from the commit.
@@ -1326,10 +1330,13 @@ pub fn stop_on_signals() -> Arc<AtomicBool> {
 /// - `after-plan`: the offsets are durable, and nothing of the epoch is written (the driver
 ///   waits for the plan there when the failpoint is set, even if its sink would let it go on);
 /// - `after-state`: state written; the output is written at the same time, so the output is
-///   written here too;
+///   written here too (state files and a Parquet directory's file under temporary names, which
+///   the commit writer publishes);
 /// - `after-sink`: output written, not committed: the narrowest window of exactly-once, which
 ///   random kills rarely hit. For a sink that replaces or repeats epochs, the plan may still
 ///   be in flight here, so a crash tests the replanning of an epoch whose output is out;
+/// - `before-commit`: in the commit writer, the epoch's state files and output published
+///   (acknowledged), the commit not written: a replay must replace that output;
 /// - `after-commit`: the commit is durable. A crash comes from the commit writer, before the
 ///   progress line; a hold comes after the line and before the next epoch is planned.
 ///
