@@ -663,9 +663,13 @@ impl GroupCombiner {
     const PROBE_ROWS: usize = 16_384;
     /// Calls passed up after folding did not pay, before trying again (the keys may change).
     const SKIP_CALLS: u32 = 64;
-    /// Shares per routing task when the partial states are small. Measured on two cores
-    /// (1-minute tumbling `max` per country, 200,000-row epochs): the routing tasks were busy
-    /// 90% of their wall time with one share each, 95-96% with four or eight.
+    /// Shares per routing task when the partial states are small (each share at least
+    /// 32,768 rows). Measured on two cores (1-minute tumbling `max` per country, 200,000-row
+    /// epochs): the routing tasks were busy 90% of their wall time with one share each,
+    /// 95-96% with four or eight of 25,000 and 12,500 rows. A share folds only if its own
+    /// rows average [`ROWS_PER_GROUP`](Self::ROWS_PER_GROUP) a group, so keys with fewer
+    /// rows than that in a share go unfolded, and [`SKIP_CALLS`](Self::SKIP_CALLS) counts
+    /// shares, not epochs.
     const SMALL_SHARES_PER_TASK: usize = 8;
 }
 
@@ -1136,59 +1140,69 @@ mod tests {
     /// Shares of an epoch folded by the combiner, routed as entries and merged by the instance
     /// that owns each key give, bit for bit, what one instance fed every row gives: in append
     /// mode (windows closing over several epochs) and update mode, with distinct counts,
-    /// extremes of floats and an integer sum.
+    /// extremes of floats and an integer sum; and without the distinct count, whose epochs
+    /// are cut into more shares than routing tasks.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn folded_shares_give_what_one_instance_gives() {
         use crate::exec::partition::{run_instances, split_by_key};
-        let sql = "SELECT window(ts, '1 minute') AS w, v > 50 AS big, count(*) AS n, \
-                   count(DISTINCT floor(v / 7)) AS d, max(v) AS hi, min(v) AS lo, \
-                   sum(CAST(v AS BIGINT)) AS total \
-                   FROM t GROUP BY window(ts, '1 minute'), v > 50";
-        for output in [OutputMode::Append, OutputMode::Update] {
-            let mode = AggregateMode {
-                output,
-                window_on_event_time: true,
-            };
-            let (mut one, input) = instances(sql, mode, 1).await;
-            let (mut three, _) = instances(sql, mode, 3).await;
-            let Partitioning::ByKey(key) = three[0].partitioning() else {
-                panic!("keyed by window and v > 50")
-            };
-            let combiner = three[0].combiner().expect("every aggregate merges exactly");
-            let mut combined = 0;
-            // Four epochs of 600 rows, one a second, in batches of 50: 20 groups an epoch.
-            for e in 0..4i64 {
-                let batches: Vec<RecordBatch> = (0..12)
-                    .map(|b| {
-                        let first = e * 600 + b * 50;
-                        let ts: Vec<i64> = (first..first + 50).collect();
-                        let v: Vec<f64> = ts.iter().map(|t| ((t * 37) % 101) as f64).collect();
-                        input(rows(&ts, &v))
-                    })
-                    .collect();
-                let watermark = Watermark((e + 1) * 600 * S - 30 * S);
-                let expected = epoch(
-                    one[0].as_mut(),
-                    batches.iter().map(|b| (0, b.clone())).collect(),
-                    watermark,
-                )
-                .await;
-                let (shares, _) = split_by_key(&key, Some(&combiner), vec![batches], 3)
-                    .await
-                    .unwrap();
-                combined += shares.iter().flatten().filter(|d| d.combined).count();
-                let (outputs, _) = run_instances(&mut three, shares, watermark).await.unwrap();
-                assert_eq!(
-                    printed(&outputs),
-                    printed(std::slice::from_ref(&expected)),
-                    "{output}, epoch {e}"
-                );
-                assert!(
-                    !expected.batches.is_empty(),
-                    "{output}, epoch {e}: windows closed"
-                );
+        // With a distinct count (one share per routing task), epochs of 600 rows; with small
+        // accumulators only (several shares per task), epochs of 240,000.
+        let with_distinct = "SELECT window(ts, '1 minute') AS w, v > 50 AS big, \
+                             count(*) AS n, count(DISTINCT floor(v / 7)) AS d, max(v) AS hi, \
+                             min(v) AS lo, sum(CAST(v AS BIGINT)) AS total \
+                             FROM t GROUP BY window(ts, '1 minute'), v > 50";
+        let small = "SELECT window(ts, '1 minute') AS w, v > 50 AS big, count(*) AS n, \
+                     max(v) AS hi, min(v) AS lo, sum(CAST(v AS BIGINT)) AS total \
+                     FROM t GROUP BY window(ts, '1 minute'), v > 50";
+        for (sql, batch_rows, shares_per_task) in [(with_distinct, 50, 1), (small, 20_000, 8)] {
+            for output in [OutputMode::Append, OutputMode::Update] {
+                let mode = AggregateMode {
+                    output,
+                    window_on_event_time: true,
+                };
+                let (mut one, input) = instances(sql, mode, 1).await;
+                let (mut three, _) = instances(sql, mode, 3).await;
+                let Partitioning::ByKey(key) = three[0].partitioning() else {
+                    panic!("keyed by window and v > 50")
+                };
+                let combiner = three[0].combiner().expect("every aggregate merges exactly");
+                assert_eq!(combiner.shares_per_task(), shares_per_task, "{sql}");
+                let mut combined = 0;
+                // Four epochs of 12 batches, a row a second.
+                let epoch_rows = 12 * batch_rows;
+                for e in 0..4i64 {
+                    let batches: Vec<RecordBatch> = (0..12)
+                        .map(|b| {
+                            let first = e * epoch_rows + b * batch_rows;
+                            let ts: Vec<i64> = (first..first + batch_rows).collect();
+                            let v: Vec<f64> = ts.iter().map(|t| ((t * 37) % 101) as f64).collect();
+                            input(rows(&ts, &v))
+                        })
+                        .collect();
+                    let watermark = Watermark((e + 1) * epoch_rows * S - 30 * S);
+                    let expected = epoch(
+                        one[0].as_mut(),
+                        batches.iter().map(|b| (0, b.clone())).collect(),
+                        watermark,
+                    )
+                    .await;
+                    let (shares, _) = split_by_key(&key, Some(&combiner), vec![batches], 3)
+                        .await
+                        .unwrap();
+                    combined += shares.iter().flatten().filter(|d| d.combined).count();
+                    let (outputs, _) = run_instances(&mut three, shares, watermark).await.unwrap();
+                    assert_eq!(
+                        printed(&outputs),
+                        printed(std::slice::from_ref(&expected)),
+                        "{output}, epoch {e}: {sql}"
+                    );
+                    assert!(
+                        !expected.batches.is_empty(),
+                        "{output}, epoch {e}: windows closed"
+                    );
+                }
+                assert!(combined > 0, "{output}: the shares were folded");
             }
-            assert!(combined > 0, "{output}: the shares were folded");
         }
     }
 

@@ -107,8 +107,8 @@ pub trait PartitionKey: Send + Sync {
 /// Routing sends every row of a key to the one instance that owns the key, so the per-row
 /// work of a keyed aggregation (its arguments, Wasm calls included, and its accumulators)
 /// lands where the keys do: a handful of keys (eleven countries) can leave one core with
-/// two thirds of it. With a combiner each routing task first folds its contiguous share of
-/// the epoch into entries of the operator's state table, one per key it saw, and only those
+/// two thirds of it. With a combiner each routing task first folds each contiguous share of
+/// the epoch it takes into entries of the operator's state table, one per key it saw, and only those
 /// are routed; the owning instance merges them into its state
 /// ([`Operator::process_combined`]). The per-row work is then split evenly whatever the keys.
 ///
@@ -137,8 +137,10 @@ pub trait Combiner: Send + Sync {
 }
 
 /// The fewest rows a share of [`split_by_key`] is cut to when its combiner asks for several
-/// shares per task: below that, a share's fixed costs (a fold's table, its routing) add up.
-const MIN_SHARE_ROWS: usize = 8_192;
+/// shares per task: each share pays a fold's fixed costs and its partial entries' merges,
+/// and a combiner judges by a share's first rows whether folding pays (`GroupCombiner`
+/// looks after 16,384).
+const MIN_SHARE_ROWS: usize = 32_768;
 
 /// Rows for an operator instance: as they arrived on input `input`, or folded by the
 /// operator's [`Combiner`] from rows of that input.
@@ -302,15 +304,16 @@ pub(crate) async fn split_by_key(
         Ok((parts, started.elapsed()))
     }
 
-    // The epoch is cut into contiguous shares of every input, `shares_per_task` for each
-    // task, and the tasks take them in turn as each finishes one: equal rows do not take
+    // The epoch is cut into contiguous shares of every input, up to `shares_per_task` for
+    // each task, and the tasks take them in turn as each finishes one: equal rows do not take
     // equal time (a core may be slowed by its sibling or the host), and with one share each
     // the epoch waited for the slower task. Share `i` is `work[i]`; the tasks' results are
-    // put back in share order, so the instances get the same deliveries however the tasks
-    // took them.
+    // put back in share order, so each share's deliveries keep their place however the
+    // tasks took them (whether a share was folded may depend on its combiner's state, which
+    // a combiner must not let change results).
     let total: usize = inputs.iter().flatten().map(RecordBatch::num_rows).sum();
     let per_task = combiner.map_or(1, |c| c.shares_per_task().max(1));
-    let cuts = (n * per_task).min(total.div_ceil(MIN_SHARE_ROWS)).max(n);
+    let cuts = (n * per_task).min(total / MIN_SHARE_ROWS).max(n);
     let mut work: Vec<Vec<Vec<RecordBatch>>> = vec![Vec::with_capacity(inputs.len()); cuts];
     for batches in inputs {
         for (w, share) in work.iter_mut().zip(split_contiguous(batches, cuts)) {
@@ -627,9 +630,9 @@ mod tests {
     /// time).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn split_by_key_keeps_each_keys_rows_together_and_in_order() {
-        // Value = key * 100,000 + arrival position: keys 0..7, in many batches, two inputs.
-        let rows: Vec<i64> = (0..40_000).map(|i| (i * 7 % 8) * 100_000 + i).collect();
-        let keys = |values: &[i64]| values.iter().map(|v| v / 100_000).collect::<Vec<_>>();
+        // Value = key * 1,000,000 + arrival position: keys 0..7, in many batches, two inputs.
+        let rows: Vec<i64> = (0..200_000).map(|i| (i * 7 % 8) * 1_000_000 + i).collect();
+        let keys = |values: &[i64]| values.iter().map(|v| v / 1_000_000).collect::<Vec<_>>();
         let keyed = |values: &[i64]| {
             let schema = Arc::new(Schema::new(vec![
                 Field::new("k", DataType::Int64, false),
@@ -644,8 +647,8 @@ mod tests {
             )
             .unwrap()
         };
-        let input: Vec<RecordBatch> = rows.chunks(1_300).map(keyed).collect();
-        let other: Vec<RecordBatch> = rows[..10_000].chunks(700).map(keyed).collect();
+        let input: Vec<RecordBatch> = rows.chunks(6_500).map(keyed).collect();
+        let other: Vec<RecordBatch> = rows[..50_000].chunks(3_500).map(keyed).collect();
         let key: Arc<dyn PartitionKey> = Arc::new(FirstColumn);
         let cuts = Arc::new(Cuts(std::sync::atomic::AtomicUsize::new(0)));
         let as_combiner: Arc<dyn Combiner> = cuts.clone();
@@ -669,8 +672,8 @@ mod tests {
                 let inputs = vec![input.clone(), other.clone()];
                 let (shares, _) = split_by_key(&key, combiner, inputs, n).await.unwrap();
                 if combiner.is_some() {
-                    // 50,000 rows: min(4 n, 50,000 / 8,192 rounded up) shares, both inputs
-                    // in each.
+                    // 250,000 rows: min(4 n, 250,000 / 32,768 rounded down) shares, both
+                    // inputs in each.
                     let expected = (4 * n).min(7);
                     assert_eq!(
                         cuts.0.load(Ordering::Relaxed),
@@ -714,13 +717,13 @@ mod tests {
                             let of_key: Vec<i64> = values
                                 .iter()
                                 .copied()
-                                .filter(|v| v / 100_000 == key)
+                                .filter(|v| v / 1_000_000 == key)
                                 .collect();
                             assert!(of_key.windows(2).all(|w| w[0] < w[1]), "arrival order");
                         }
                     }
                 }
-                assert_eq!(total, 50_000, "{n} partitions: every row once");
+                assert_eq!(total, 250_000, "{n} partitions: every row once");
                 assert_eq!(seen_keys.len(), 8);
             }
         }
