@@ -473,9 +473,10 @@ impl Checkpoint {
     /// as Arrow batches, ready to be written.
     ///
     /// Encoding needs the operators; writing needs only the batches. The driver encodes on
-    /// its own thread and writes (and syncs) on a blocking thread while the sink writes the
-    /// epoch's output: state files are tens of megabytes an epoch for a million keys, and
-    /// neither job waits for the other.
+    /// its own thread and writes on a blocking thread while the sink writes the epoch's
+    /// output (state files are tens of megabytes an epoch for a million keys, and neither job
+    /// waits for the other); the commit writer syncs and renames the files
+    /// ([`StateWrite::write_unpublished`]).
     ///
     /// # Errors
     /// Encoding errors.

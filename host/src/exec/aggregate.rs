@@ -664,12 +664,13 @@ impl GroupCombiner {
     /// Calls passed up after folding did not pay, before trying again (the keys may change).
     const SKIP_CALLS: u32 = 64;
     /// Shares per routing task when the partial states are small (each share at least
-    /// 32,768 rows). Measured on two cores (1-minute tumbling `max` per country, 200,000-row
-    /// epochs): the routing tasks were busy 90% of their wall time with one share each,
-    /// 95-96% with four or eight of 25,000 and 12,500 rows. A share folds only if its own
-    /// rows average [`ROWS_PER_GROUP`](Self::ROWS_PER_GROUP) a group, so keys with fewer
-    /// rows than that in a share go unfolded, and [`SKIP_CALLS`](Self::SKIP_CALLS) counts
-    /// shares, not epochs.
+    /// 32,768 rows, so fewer in small epochs: three per task of 200,000 rows on two cores).
+    /// Measured on two cores (1-minute tumbling `max` per country, 200,000-row epochs): the
+    /// routing tasks were busy 90% of their wall time with one share each, 95-96% with four
+    /// or eight of 25,000 and 12,500 rows (before shares had a minimum). A share folds only
+    /// if its own rows average [`ROWS_PER_GROUP`](Self::ROWS_PER_GROUP) a group, so keys
+    /// with fewer rows than that in a share go unfolded, and
+    /// [`SKIP_CALLS`](Self::SKIP_CALLS) counts shares, not epochs.
     const SMALL_SHARES_PER_TASK: usize = 8;
 }
 

@@ -136,10 +136,10 @@ pub trait Combiner: Send + Sync {
     }
 }
 
-/// The fewest rows a share of [`split_by_key`] is cut to when its combiner asks for several
-/// shares per task: each share pays a fold's fixed costs and its partial entries' merges,
-/// and a combiner judges by a share's first rows whether folding pays (`GroupCombiner`
-/// looks after 16,384).
+/// The fewest rows (of all inputs together) a share of [`split_by_key`] is cut to when its
+/// combiner asks for several shares per task: each share pays a fold's fixed costs and its
+/// partial entries' merges, and a combiner judges by a share's first rows whether folding
+/// pays (`GroupCombiner` looks after 16,384).
 const MIN_SHARE_ROWS: usize = 32_768;
 
 /// Rows for an operator instance: as they arrived on input `input`, or folded by the
@@ -313,7 +313,9 @@ pub(crate) async fn split_by_key(
     // a combiner must not let change results).
     let total: usize = inputs.iter().flatten().map(RecordBatch::num_rows).sum();
     let per_task = combiner.map_or(1, |c| c.shares_per_task().max(1));
-    let cuts = (n * per_task).min(total / MIN_SHARE_ROWS).max(n);
+    // A multiple of `n`, so that every task gets as many shares (3 shares for 2 tasks would
+    // leave one of them two thirds of the epoch).
+    let cuts = ((n * per_task).min(total / MIN_SHARE_ROWS) / n).max(1) * n;
     let mut work: Vec<Vec<Vec<RecordBatch>>> = vec![Vec::with_capacity(inputs.len()); cuts];
     for batches in inputs {
         for (w, share) in work.iter_mut().zip(split_contiguous(batches, cuts)) {
@@ -672,9 +674,9 @@ mod tests {
                 let inputs = vec![input.clone(), other.clone()];
                 let (shares, _) = split_by_key(&key, combiner, inputs, n).await.unwrap();
                 if combiner.is_some() {
-                    // 250,000 rows: min(4 n, 250,000 / 32,768 rounded down) shares, both
-                    // inputs in each.
-                    let expected = (4 * n).min(7);
+                    // 250,000 rows: min(4 n, 250,000 / 32,768 rounded down) shares, rounded
+                    // down to a multiple of n, both inputs in each.
+                    let expected = ((4 * n).min(7) / n) * n;
                     assert_eq!(
                         cuts.0.load(Ordering::Relaxed),
                         2 * expected,

@@ -1,6 +1,7 @@
 //! Background writers that keep the checkpoint's syncs off an epoch's path.
 //!
-//! An epoch makes two small durable writes besides its state: its plan, and its commit. Each
+//! An epoch makes two small durable writes besides its state and output: its plan, and its
+//! commit (whose lane also syncs the state files and a Parquet directory's file). Each
 //! is a file sync and a directory sync, which take half a millisecond on an idle disk. On a
 //! disk the Kafka broker writes to as well, a sync waits for the journal commit that carries
 //! the broker's writes too, and took 45–240 ms at times: those waits were the tail of the

@@ -20,7 +20,8 @@
 //! and a restart takes back from it a plan the crash lost); the commit before the sources hear
 //! of it. The commit writer also waits for the output of a sink that returned before it was
 //! acknowledged ([`Sink::acknowledgement`]: at-least-once Kafka, and a Parquet directory,
-//! whose epoch file is synced and renamed into place there). The next epochs run
+//! whose epoch file is synced and renamed into place there), and syncs and renames the
+//! epoch's state files, written unsynced by the driver. The next epochs run
 //! meanwhile, up to 64 with commits in flight (more while they hold one epoch's rows or
 //! fewer). A failed commit fails every later one, so the commits made are always a prefix of
 //! the epochs.
