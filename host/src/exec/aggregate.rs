@@ -651,8 +651,6 @@ struct GroupCombiner {
     folding: Arc<Folding>,
     /// Calls left to pass up after one whose rows made too many groups to be worth folding.
     skip: AtomicU32,
-    /// Every aggregate's partial state is a small accumulator ([`partial_is_small`]).
-    small_partials: bool,
 }
 
 impl GroupCombiner {
@@ -684,7 +682,7 @@ impl Combiner for GroupCombiner {
     /// rebuild and merge more (the 5-minute/1-minute hopping distinct count ran 4-8% slower
     /// with four or eight).
     fn shares_per_task(&self) -> usize {
-        if self.small_partials {
+        if self.folding.aggs.iter().all(partial_is_small) {
             Self::SMALL_SHARES_PER_TASK
         } else {
             1
@@ -731,8 +729,6 @@ pub struct WindowAggregate {
     /// Whether shares of the rows may be folded before they are routed: every aggregate
     /// [`merges_exactly`].
     combines: bool,
-    /// Every aggregate's partial state is small ([`partial_is_small`]).
-    small_partials: bool,
 }
 
 impl WindowAggregate {
@@ -763,7 +759,6 @@ impl WindowAggregate {
             route,
             groups: KeyedTable::new(GROUPS, Box::new(codec.clone())),
             combines: aggs.iter().all(merges_exactly),
-            small_partials: aggs.iter().all(partial_is_small),
             folding: Arc::new(Folding {
                 codec,
                 evicts: windows.is_some()
@@ -926,7 +921,6 @@ impl Operator for WindowAggregate {
             Arc::new(GroupCombiner {
                 folding: Arc::clone(&self.folding),
                 skip: AtomicU32::new(0),
-                small_partials: self.small_partials,
             }) as Arc<dyn Combiner>
         })
     }

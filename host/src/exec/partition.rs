@@ -108,8 +108,8 @@ pub trait PartitionKey: Send + Sync {
 /// work of a keyed aggregation (its arguments, Wasm calls included, and its accumulators)
 /// lands where the keys do: a handful of keys (eleven countries) can leave one core with
 /// two thirds of it. With a combiner each routing task first folds each contiguous share of
-/// the epoch it takes into entries of the operator's state table, one per key it saw, and only those
-/// are routed; the owning instance merges them into its state
+/// the epoch it takes into entries of the operator's state table, one per key it saw, and
+/// only those are routed; the owning instance merges them into its state
 /// ([`Operator::process_combined`]). The per-row work is then split evenly whatever the keys.
 ///
 /// A combiner must not change results: the operator's output must be the same, bit for bit,
